@@ -1,0 +1,89 @@
+"""`xskbroker` command line: one entry point, subcommands imported only when used.
+
+Consumer-side commands (request, status) load only the client package; serve and demo load the
+privileged code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+examples:
+  xskbroker serve --socket /run/xskbroker/broker.sock --policy /etc/xskbroker/policy.toml
+  xskbroker request --interface eth1 --queues 2 --json
+  xskbroker policy check /etc/xskbroker/policy.toml
+  xskbroker policy explain --policy /etc/xskbroker/policy.toml --user qemu --interface eth1 --queue 0
+  xskbroker demo --packets 1000
+"""
+
+
+def _mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from client.connection import DEFAULT_SOCKET
+    from policy.cli import add_policy_parser
+
+    p = argparse.ArgumentParser(
+        prog="xskbroker", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Hand AF_XDP sockets to unprivileged programs, as a policy allows.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the broker in the foreground (root)",
+                       description="Run the broker in the foreground. Every decision is logged to stderr "
+                       "as one JSON object per line. SIGHUP reloads the policy (a bad file keeps the old "
+                       "one); SIGTERM/SIGINT stop it.")
+    s.add_argument("--socket", default=DEFAULT_SOCKET, help="listening socket path (default: %(default)s)")
+    s.add_argument("--policy", default="/etc/xskbroker/policy.toml",
+                   help="policy file; policy.d/*.toml beside it is merged (default: %(default)s)")
+    s.add_argument("--socket-mode", type=_mode, default=0o660, help="socket file mode (default: 0660)")
+    s.add_argument("--socket-group", help="group owning the socket file (name or gid)")
+    s.add_argument("--xdp-mode", choices=("auto", "native", "skb"), default="auto",
+                   help="how to attach the XSK program: native with fallback to skb (auto), or only one")
+    s.set_defaults(func=_serve)
+
+    from client.cli import add_client_parsers
+    add_client_parsers(sub)
+    add_policy_parser(sub)
+
+    d = sub.add_parser("demo", help="prove it works: a private namespace, a broker, an unprivileged consumer",
+                       description="Make a network namespace with a veth pair, start a broker on a private "
+                       "socket, run a consumer that dropped to an unprivileged uid before connecting, send it "
+                       "frames from the peer and capture its replies. Cleans up on success, failure and Ctrl-C.")
+    d.add_argument("--packets", type=int, default=1000, help="frames to send (default: %(default)s)")
+    d.add_argument("--uid", type=int, default=65534, help="consumer uid (default: %(default)s, nobody)")
+    d.add_argument("--umem", default="4MiB", help="UMEM size (default: %(default)s)")
+    d.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    d.add_argument("--keep-logs", action="store_true", help="print the broker's log at the end")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.daemon import serve
+    return serve(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from broker.demo import main
+    return main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

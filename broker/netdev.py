@@ -1,0 +1,54 @@
+"""Network-device facts the broker needs: ifindex, name and the real queue count."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_GCHANNELS = 0x3C
+
+
+class NoSuchInterface(LookupError):
+    pass
+
+
+def ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError as e:
+        raise NoSuchInterface(f"no interface named {name!r} in the broker's network namespace") from e
+
+
+def ifname(index: int) -> str:
+    try:
+        return socket.if_indextoname(index)
+    except OSError as e:
+        raise NoSuchInterface(f"no interface with index {index}") from e
+
+
+def queue_count(name: str) -> int:
+    """Queues the device really uses (ethtool channels), not the ones merely allocated.
+
+    Falls back to counting sysfs rx-* directories for drivers without get_channels.
+    """
+    channels = (ctypes.c_uint32 * 9)(ETHTOOL_GCHANNELS)
+    ifreq = struct.pack("16sP16x", name.encode()[:15], ctypes.addressof(channels))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        else:
+            # rx_count + combined_count: the RX queues an AF_XDP socket can bind to
+            if channels[5] + channels[8] > 0:
+                return channels[5] + channels[8]
+    try:
+        return max(1, sum(1 for d in os.listdir(f"/sys/class/net/{name}/queues") if d.startswith("rx-")))
+    except FileNotFoundError:
+        return 1

@@ -1,0 +1,72 @@
+"""Who is on the other end of a connection, as the kernel says (never as the message says)."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import socket
+import struct
+from dataclasses import dataclass, field
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+_UCRED = struct.Struct("=iII")
+MAX_GROUPS = 65536
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    pid: int
+    uid: int
+    gid: int
+    gids: frozenset[int]
+    user: str | None = None
+    groups: frozenset[str] = field(default_factory=frozenset)
+    exe: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user, "exe": self.exe}
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int]:
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+            return frozenset(struct.unpack(f"={len(raw) // 4}I", raw))
+        except OSError as e:
+            # ERANGE: the list is longer than the buffer; grow (bounded by NGROUPS_MAX)
+            if e.errno != 34 or size >= MAX_GROUPS * 4:
+                raise
+            size *= 4
+
+
+def peer_pidfd(sock: socket.socket, pid: int) -> int | None:
+    """A pidfd for the peer: SO_PEERPIDFD (race-free, kernel >= 6.5), else pidfd_open on its pid."""
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def _name(lookup, ident: int) -> str | None:  # type: ignore[no-untyped-def]
+    try:
+        return str(lookup(ident)[0])
+    except KeyError:
+        return None
+
+
+def identify(sock: socket.socket) -> PeerInfo:
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    gids = peer_groups(sock) | {gid}
+    exe = None
+    with contextlib.suppress(OSError):
+        exe = os.readlink(f"/proc/{pid}/exe")
+    names = frozenset(n for n in (_name(grp.getgrgid, g) for g in gids) if n)
+    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe)

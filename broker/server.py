@@ -1,0 +1,228 @@
+"""The broker's event loop: accept, read one request, reply (with fds), watch lease holders.
+
+Single-threaded over selectors; every socket is non-blocking, so a silent or half-written client
+never stalls the others. All decisions live in broker.service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from broker import peer as peers
+from broker.service import Outcome, Service
+from client import protocol as proto
+from policy import PolicyError, load_policy
+
+MAX_FDS_IN = 16  # fds a client might (wrongly) attach; more are dropped and closed by the kernel
+MAX_CONNECTIONS = 1024
+
+
+class JsonAudit:
+    """One JSON object per line: each decision, plus lifecycle events."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        line = json.dumps({"ts": round(time.time(), 6), **record}, separators=(",", ":"), default=str)
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.socket:
+    """A SEQPACKET listener at path; a stale socket file left by a dead broker is replaced."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        else:
+            raise FileExistsError(errno.EADDRINUSE, f"a broker is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        old = os.umask(0o777)  # no window where the socket is reachable with the default mode
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        if group is not None:
+            os.chown(path, -1, group)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    def __init__(self, listener: socket.socket, service: Service, audit: Callable[[dict[str, Any]], None],
+                 policy_path: str | None = None) -> None:
+        self.listener = listener
+        self.service = service
+        self.audit = audit
+        self.policy_path = policy_path
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, tuple[socket.socket, peers.PeerInfo]] = {}
+        self.pidfds: dict[int, int] = {}  # pid -> pidfd
+        self.stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        listener.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ, self._accept)
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._signals)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            while not self.stopping:
+                for key, _ in self.sel.select():
+                    key.data(key.fileobj)
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def close(self) -> None:
+        for conn, _ in list(self.conns.values()):
+            self._drop(conn)
+        for pidfd in self.pidfds.values():
+            os.close(pidfd)
+        self.pidfds.clear()
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _signals(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.audit({"event": "stopping", "signal": signal.Signals(signum).name})
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                self.reload()
+
+    def reload(self) -> None:
+        if not self.policy_path:
+            return
+        try:
+            policy = load_policy(self.policy_path)
+        except PolicyError as e:
+            self.audit({"event": "policy-reload-failed", "path": self.policy_path, "errors": e.errors,
+                        "kept": "previous policy"})
+            return
+        self.service.policy = policy
+        self.audit({"event": "policy-reloaded", "path": self.policy_path, "rules": len(policy.rules)})
+
+    # ---- connections ------------------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # EMFILE and friends: keep serving the connections we have
+            self.audit({"event": "accept-failed", "error": str(e)})
+            return
+        if len(self.conns) >= MAX_CONNECTIONS:
+            conn.close()
+            return
+        conn.setblocking(False)
+        try:
+            who = peers.identify(conn)
+        except OSError:
+            conn.close()
+            return
+        self.conns[conn.fileno()] = (conn, who)
+        self.sel.register(conn, selectors.EVENT_READ, self._readable)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.conns.pop(conn.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(conn)
+        conn.close()
+
+    def _readable(self, conn: socket.socket) -> None:
+        who = self.conns[conn.fileno()][1]
+        try:
+            data, anc, flags, _ = conn.recvmsg(proto.MAX_REQUEST + 1, socket.CMSG_SPACE(MAX_FDS_IN * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        nfds = _close_passed_fds(anc) + (1 if flags & socket.MSG_CTRUNC else 0)
+        if not data and not nfds:
+            self._drop(conn)  # orderly close
+            return
+        outcome = self.service.handle(who, data, truncated=bool(flags & socket.MSG_TRUNC), fds=nfds)
+        self._reply(conn, outcome, who)
+
+    def _reply(self, conn: socket.socket, outcome: Outcome, who: peers.PeerInfo) -> None:
+        try:
+            if outcome.fds:
+                socket.send_fds(conn, [outcome.reply], outcome.fds)
+            else:
+                conn.send(outcome.reply)
+        except OSError as e:
+            if outcome.lease_id:
+                self.service.abort(outcome.lease_id)
+            self.audit({"event": "reply-failed", "pid": who.pid, "error": str(e)})
+            self._drop(conn)
+        else:
+            if outcome.lease_id:
+                self._watch(who)
+        finally:
+            outcome.close_fds()  # the client has its own copies now; ours would keep the sockets alive
+
+    def _watch(self, who: peers.PeerInfo) -> None:
+        if who.pid in self.pidfds:
+            return
+        conn_sock = next((c for c, p in self.conns.values() if p.pid == who.pid), None)
+        pidfd = peers.peer_pidfd(conn_sock, who.pid) if conn_sock else None
+        if pidfd is None:
+            return
+        self.pidfds[who.pid] = pidfd
+        self.sel.register(pidfd, selectors.EVENT_READ, lambda fd, pid=who.pid: self._exited(pid))
+
+    def _exited(self, pid: int) -> None:
+        pidfd = self.pidfds.pop(pid)
+        self.sel.unregister(pidfd)
+        os.close(pidfd)
+        self.service.holder_exited(pid)
+
+
+def _close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
+    count = 0
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            for i in range(0, usable, 4):
+                with contextlib.suppress(OSError):
+                    os.close(int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True))
+                count += 1
+    return count

@@ -1,0 +1,180 @@
+"""Find or attach libxdp's default XSK redirect program on an interface.
+
+The program is libxdp's own `xsk_def_prog` (the one QEMU, DPDK and OVS use): it redirects each RX
+queue to xsks_map[queue] and passes the packet on when the slot is empty. A program some earlier broker
+attached is reused; any other program is refused, never replaced.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from broker import bpf
+
+XSK_PROG_NAME = "xsk_def_prog"
+XSK_MAP_NAME = "xsks_map"
+XSK_PROG_FILE = "xsk_def_xdp_prog.o"
+DISPATCHER_NAME = "xdp_dispatcher"
+MODES = ("auto", "native", "skb")
+
+
+class ForeignProgram(OSError):
+    """Another XDP program owns the interface."""
+
+
+@dataclass
+class XskProgram:
+    ifindex: int
+    prog_id: int
+    map_fd: int
+    mode: str  # "native" or "skb"
+    max_entries: int
+    attached_now: bool  # True when this call attached it, False when reused
+
+    def close(self) -> None:
+        if self.map_fd >= 0:
+            os.close(self.map_fd)
+            self.map_fd = -1
+
+
+def _quiet(level: int, fmt: bytes, args: int) -> int:
+    return 0
+
+
+_QUIET: object = None
+
+
+def _silence_libxdp() -> None:
+    # libxdp logs its dispatcher fallback to stderr; the broker reports outcomes itself.
+    global _QUIET
+    if _QUIET is None:
+        lib = bpf.libxdp()
+        _QUIET = lib.libxdp_set_print.argtypes[0](_quiet)
+        lib.libxdp_set_print(_QUIET)
+        bpf.libbpf().libbpf_set_print(_QUIET)
+
+
+def attached(ifindex: int) -> tuple[int, str | None]:
+    """(program id, mode) of the XDP program on the interface, (0, None) when there is none."""
+    q = bpf.xdp_query(ifindex)
+    if q.attach_mode == bpf.XDP_ATTACHED_NONE:
+        return 0, None
+    if q.attach_mode == bpf.XDP_ATTACHED_MULTI:
+        raise ForeignProgram(errno.EEXIST, f"ifindex {ifindex} has XDP programs attached in several modes")
+    mode = {bpf.XDP_ATTACHED_DRV: "native", bpf.XDP_ATTACHED_SKB: "skb", bpf.XDP_ATTACHED_HW: "hw"}[
+        q.attach_mode]
+    return q.prog_id, mode
+
+
+def _xsk_map_of(prog_id: int) -> tuple[str, int, int]:
+    """(program name, xsks_map fd or -1, map max_entries) of a loaded program."""
+    prog_fd = bpf.prog_fd_by_id(prog_id)
+    try:
+        info, map_ids = bpf.prog_info(prog_fd)
+    finally:
+        os.close(prog_fd)
+    name = info.name.decode(errors="replace")
+    for map_id in map_ids:
+        fd = bpf.map_fd_by_id(map_id)
+        minfo = bpf.map_info(fd)
+        if minfo.type == bpf.BPF_MAP_TYPE_XSKMAP and minfo.name.decode() == XSK_MAP_NAME:
+            return name, fd, minfo.max_entries
+        os.close(fd)
+    return name, -1, 0
+
+
+def _dispatcher_component(ifindex: int) -> int:
+    """Id of our program inside a libxdp multi-program dispatcher, 0 if absent."""
+    lib = bpf.libxdp()
+    mp = lib.xdp_multiprog__get_from_ifindex(ifindex)
+    if lib.libxdp_get_error(mp) or not mp:
+        return 0
+    try:
+        prog = lib.xdp_multiprog__next_prog(None, mp)
+        while prog:
+            if (lib.xdp_program__name(prog) or b"").decode() == XSK_PROG_NAME:
+                return int(lib.xdp_program__id(prog))
+            prog = lib.xdp_multiprog__next_prog(prog, mp)
+    finally:
+        lib.xdp_multiprog__close(mp)
+    return 0
+
+
+def adopt(ifindex: int, ifname: str, prog_id: int, mode: str) -> XskProgram:
+    name, map_fd, entries = _xsk_map_of(prog_id)
+    if name == DISPATCHER_NAME:
+        component = _dispatcher_component(ifindex)
+        if component:
+            name, map_fd, entries = _xsk_map_of(component)
+    if name != XSK_PROG_NAME or map_fd < 0:
+        if map_fd >= 0:
+            os.close(map_fd)
+        raise ForeignProgram(
+            errno.EEXIST,
+            f"{ifname} already has XDP program {name!r} (id {prog_id}, {mode} mode); xskbroker never "
+            f"replaces another program: detach it first (ip link set dev {ifname} xdp off) if it is unused")
+    return XskProgram(ifindex, prog_id, map_fd, mode, entries, attached_now=False)
+
+
+def _load_and_attach(ifindex: int, ifname: str, queues: int, mode: str) -> XskProgram:
+    lib, bpflib = bpf.libxdp(), bpf.libbpf()
+    _silence_libxdp()
+    tries = {"auto": [bpf.XDP_MODE_NATIVE, bpf.XDP_MODE_SKB], "native": [bpf.XDP_MODE_NATIVE],
+             "skb": [bpf.XDP_MODE_SKB]}[mode]
+    errors: list[str] = []
+    last_errno = errno.EOPNOTSUPP
+    for attach_mode in tries:
+        # A program object can be attached once: open a fresh one for every attempt.
+        prog = bpf.check_ptr(lib.xdp_program__find_file(XSK_PROG_FILE.encode(), b"xdp", None),
+                             f"open {XSK_PROG_FILE} (is libxdp1 installed?)")
+        try:
+            obj = lib.xdp_program__bpf_obj(prog)
+            xmap = bpflib.bpf_object__find_map_by_name(obj, XSK_MAP_NAME.encode())
+            if not xmap:
+                raise OSError(errno.ENOENT, f"{XSK_PROG_FILE} has no map {XSK_MAP_NAME}")
+            bpf.check(bpflib.bpf_map__set_max_entries(xmap, queues), "size xsks_map")
+            ret = lib.xdp_program__attach(prog, ifindex, attach_mode, 0)
+            if ret < 0:
+                errors.append(f"{bpf.LIBXDP_MODE_NAMES[attach_mode]}: {os.strerror(-ret)}")
+                last_errno = -ret
+                if -ret == errno.EEXIST:
+                    break  # someone attached a program meanwhile: report it, don't retry another mode
+                continue
+            try:
+                map_fd = os.dup(bpf.check(bpflib.bpf_object__find_map_fd_by_name(obj, XSK_MAP_NAME.encode()),
+                                          "find xsks_map fd"))
+                prog_id = int(lib.xdp_program__id(prog))
+            except BaseException:
+                lib.xdp_program__detach(prog, ifindex, attach_mode, 0)
+                raise
+            return XskProgram(ifindex, prog_id, map_fd, bpf.LIBXDP_MODE_NAMES[attach_mode], queues,
+                              attached_now=True)
+        finally:
+            lib.xdp_program__close(prog)
+    raise OSError(last_errno, f"cannot attach the XSK program to {ifname}: " + "; ".join(errors))
+
+
+def find_or_attach(ifindex: int, ifname: str, queues: int, mode: str = "auto") -> XskProgram:
+    """The XSK program on the interface with an owned xsks_map fd, attaching it when absent."""
+    if mode not in MODES:
+        raise ValueError(f"xdp mode must be one of {', '.join(MODES)}")
+    prog_id, current = attached(ifindex)
+    if prog_id:
+        prog = adopt(ifindex, ifname, prog_id, current or "?")
+        if mode != "auto" and prog.mode != mode:
+            prog.close()
+            raise ForeignProgram(errno.EEXIST, f"{ifname} has the XSK program in {current} mode, not {mode}")
+        return prog
+    try:
+        return _load_and_attach(ifindex, ifname, queues, mode)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+        # Lost a race with another attacher: adopt what is there now, or refuse it.
+        prog_id, current = attached(ifindex)
+        if not prog_id:
+            raise
+        return adopt(ifindex, ifname, prog_id, current or "?")
+

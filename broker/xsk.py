@@ -1,0 +1,163 @@
+"""Creating AF_XDP sockets for grants: sealed-memfd UMEM, rings, bind, xsks_map slot.
+
+This is the broker's only place that makes AF_XDP sockets. Every step is checked and every failure
+unwinds what the earlier steps made: no fd, mapping, or map slot outlives a failed call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from broker import bpf
+from client.protocol import Geometry
+from client.xdp_abi import (
+    AF_XDP,
+    SOCKADDR_XDP,
+    SOL_XDP,
+    XDP_COPY,
+    XDP_OPTIONS,
+    XDP_OPTIONS_ZEROCOPY,
+    XDP_RX_RING,
+    XDP_TX_RING,
+    XDP_UMEM_COMPLETION_RING,
+    XDP_UMEM_FILL_RING,
+    XDP_UMEM_REG,
+    XDP_UMEM_REG_STRUCT,
+    XDP_USE_NEED_WAKEUP,
+    XDP_ZEROCOPY,
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+# A queue whose socket just closed answers EBUSY until the kernel's deferred release runs (12-18 ms here).
+BUSY_RETRY_SECONDS = 0.25
+
+
+class QueueBusy(OSError):
+    """The queue is held by a live socket (its xsks_map slot is taken)."""
+
+
+@dataclass
+class BoundSocket:
+    xsk_fd: int
+    umem_fd: int
+    queue: int
+    bind_flags: int
+    zerocopy: bool
+
+    def close(self) -> None:
+        for fd in (self.xsk_fd, self.umem_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.xsk_fd = self.umem_fd = -1
+
+
+def _oserror(what: str) -> OSError:
+    err = ctypes.get_errno() or errno.EIO
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def sealed_memfd(size: int) -> int:
+    """Shared memory for the UMEM that neither side can shrink or grow once handed out."""
+    fd = os.memfd_create("xskbroker-umem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def register_umem(sock: socket.socket, umem_fd: int, g: Geometry) -> None:
+    """XDP_UMEM_REG pins the memfd's pages; the broker's own mapping is not needed afterwards."""
+    addr = _libc.mmap(None, g.umem_size, 0x1 | 0x2, 0x01, umem_fd, 0)  # PROT_READ|WRITE, MAP_SHARED
+    if addr in (None, _MAP_FAILED):
+        raise _oserror("mmap of UMEM memfd")
+    try:
+        reg = XDP_UMEM_REG_STRUCT.pack(addr, g.umem_size, g.frame_size, g.headroom, 0, 0)
+        sock.setsockopt(SOL_XDP, XDP_UMEM_REG, reg)
+    finally:
+        _libc.munmap(addr, g.umem_size)
+
+
+def set_rings(sock: socket.socket, g: Geometry) -> None:
+    for opt, size in ((XDP_UMEM_FILL_RING, g.fill), (XDP_UMEM_COMPLETION_RING, g.completion),
+                      (XDP_RX_RING, g.rx), (XDP_TX_RING, g.tx)):
+        sock.setsockopt(SOL_XDP, opt, size.to_bytes(4, "little"))
+
+
+def bind(fd: int, ifindex: int, queue: int, flags: int) -> None:
+    addr = SOCKADDR_XDP.pack(AF_XDP, flags, ifindex, queue, 0)
+    if _libc.bind(fd, addr, len(addr)) != 0:
+        raise _oserror(f"bind to ifindex {ifindex} queue {queue}")
+
+
+def bind_with_retry(fd: int, ifindex: int, queue: int, flags: int,
+                    budget: float = BUSY_RETRY_SECONDS) -> None:
+    """Bind, retrying EBUSY with backoff while a just-closed socket's release is still pending."""
+    deadline = time.monotonic() + budget
+    delay = 0.001
+    while True:
+        try:
+            bind(fd, ifindex, queue, flags)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def bind_flags_for(bind_mode: str, need_wakeup: bool) -> int:
+    flags = XDP_USE_NEED_WAKEUP if need_wakeup else 0
+    # "auto" passes neither flag: the kernel tries zero-copy and falls back to copy by itself.
+    return flags | {"auto": 0, "copy": XDP_COPY, "zerocopy": XDP_ZEROCOPY}[bind_mode]
+
+
+def is_zerocopy(sock: socket.socket) -> bool:
+    raw = sock.getsockopt(SOL_XDP, XDP_OPTIONS, 4)
+    return bool(int.from_bytes(raw[:4], "little") & XDP_OPTIONS_ZEROCOPY)
+
+
+def create_bound(ifindex: int, queue: int, map_fd: int, g: Geometry, bind_mode: str = "auto",
+                 need_wakeup: bool = True) -> BoundSocket:
+    """A socket bound to (ifindex, queue) with its own UMEM, placed in xsks_map[queue].
+
+    The map slot is claimed first with BPF_NOEXIST: a live holder makes this fail at once with
+    QueueBusy instead of waiting out the bind retry.
+    """
+    with contextlib.ExitStack() as undo:
+        sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        undo.callback(sock.close)
+        try:
+            bpf.map_update(map_fd, queue, sock.fileno(), bpf.BPF_NOEXIST)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket") from None
+            raise
+        undo.callback(bpf.map_delete, map_fd, queue)
+        umem_fd = sealed_memfd(g.umem_size)
+        undo.callback(os.close, umem_fd)
+        register_umem(sock, umem_fd, g)
+        set_rings(sock, g)
+        flags = bind_flags_for(bind_mode, need_wakeup)
+        bind_with_retry(sock.fileno(), ifindex, queue, flags)
+        zc = is_zerocopy(sock)
+        undo.pop_all()
+        return BoundSocket(sock.detach(), umem_fd, queue, flags | (XDP_ZEROCOPY if zc else XDP_COPY), zc)
+    raise AssertionError("unreachable")

@@ -1,0 +1,104 @@
+"""Consumer-side subcommands: request and status. Imports nothing privileged."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from client import protocol as proto
+from client.connection import DEFAULT_SOCKET, Connection
+from policy.sizes import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_client_parsers(sub: Any) -> None:
+    r = sub.add_parser(
+        "request", help="ask the broker for bound AF_XDP sockets and print the grant",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ask the broker for a bound grant and print it. The sockets are released when the "
+        "command exits (after --hold seconds); programs use the library (client.grant.request) or "
+        "`xskbroker exec` to keep them.",
+        epilog="example:\n  xskbroker request --interface eth1 --queues 2 --start-queue 0 --umem 8MiB --json")
+    r.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
+    r.add_argument("--interface", "-i", required=True, help="interface name")
+    r.add_argument("--queues", "-q", type=int, default=1, help="number of queues (default: 1)")
+    r.add_argument("--start-queue", type=int, default=0, help="first queue id (default: 0)")
+    r.add_argument("--umem", type=_size, default=4 << 20, help="UMEM bytes per socket (default: 4MiB)")
+    r.add_argument("--frame-size", type=int, choices=(2048, 4096), default=4096)
+    r.add_argument("--ring-size", type=int, default=2048, help="entries of each of the four rings")
+    r.add_argument("--bind-mode", choices=proto.BIND_MODES, default="auto",
+                   help="zero-copy when the driver can (auto), or force copy/zerocopy")
+    r.add_argument("--hold", type=float, default=0.0, help="seconds to hold the grant before releasing")
+    r.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
+    r.set_defaults(func=cmd_request)
+
+    s = sub.add_parser("status", help="show the leases this user holds (root: all) and attached programs")
+    s.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
+    s.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
+    s.set_defaults(func=cmd_status)
+
+
+def _fail(err: Exception, as_json: bool) -> int:
+    code = getattr(err, "code", "connection-error")
+    message = getattr(err, "message", str(err))
+    if as_json:
+        print(json.dumps({"ok": False, "error": {"code": code, "message": message}}))
+    else:
+        print(f"xskbroker: {code}: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    from client.grant import request
+
+    ring = args.ring_size
+    geometry = proto.Geometry(args.umem, args.frame_size, 0, ring, ring, ring, ring)
+    started = time.perf_counter()
+    try:
+        grant = request(args.interface, args.queues, start_queue=args.start_queue, geometry=geometry,
+                        bind_mode=args.bind_mode, socket_path=args.socket)
+    except (proto.BrokerError, ConnectionError, OSError) as e:
+        return _fail(e, args.json)
+    elapsed = (time.perf_counter() - started) * 1000
+    with grant:
+        if args.json:
+            print(json.dumps({**grant.reply, "latency_ms": round(elapsed, 3)}))
+        else:
+            print(f"lease {grant.lease}: {grant.interface} (ifindex {grant.ifindex}), XDP {grant.xdp_mode} mode, "
+                  f"{len(grant.sockets)} socket(s) in {elapsed:.1f} ms")
+            for s in grant.reply["sockets"]:
+                mode = "zero-copy" if s["zerocopy"] else "copy"
+                print(f"  queue {s['queue']}: {mode}, UMEM {s['umem']['size']} bytes "
+                      f"({s['umem']['frame_size']}-byte frames), rings {s['rings']}")
+        sys.stdout.flush()
+        if args.hold > 0:
+            time.sleep(args.hold)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        with Connection(args.socket) as conn:
+            reply, _ = conn.call(proto.Status())
+    except (proto.BrokerError, ConnectionError, OSError) as e:
+        return _fail(e, args.json)
+    if args.json:
+        print(json.dumps(reply))
+        return 0
+    print(f"{len(reply['interfaces'])} interface(s) with the XSK program:")
+    for i in reply["interfaces"]:
+        print(f"  ifindex {i['ifindex']}: program {i['xdp_prog_id']} ({i['xdp_mode']}), {i['map_entries']} slots")
+    print(f"{len(reply['leases'])} lease(s):")
+    for lease in reply["leases"]:
+        print(f"  {lease['lease']}: uid {lease['uid']} pid {lease['pid']} {lease['interface']} queues "
+              f"{lease['queues']} {lease['kind']} {lease['umem_bytes']} bytes, {lease['age_s']:.0f}s old")
+    return 0

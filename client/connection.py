@@ -1,0 +1,53 @@
+"""Talking to the broker: one SEQPACKET connection, one request per message, fds in replies."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any
+
+from client import protocol as proto
+
+DEFAULT_SOCKET = os.environ.get("XSKBROKER_SOCKET", "/run/xskbroker/broker.sock")
+MAX_FDS = 2 * proto.MAX_QUEUES
+
+
+class Connection:
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 30.0) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise ConnectionError(f"cannot reach the broker at {path}: {e.strerror or e}") from e
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, request: proto.Request) -> tuple[dict[str, Any], list[int]]:
+        """Send a request; return the reply and the fds it carried (the caller owns them)."""
+        return self.call_raw(proto.encode_request(request))
+
+    def call_raw(self, data: bytes) -> tuple[dict[str, Any], list[int]]:
+        self.sock.send(data)
+        msg, fds, flags, _ = socket.recv_fds(self.sock, proto.MAX_REPLY, MAX_FDS)
+        try:
+            if not msg:
+                raise ConnectionError("the broker closed the connection without a reply")
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise proto.BrokerError("bad-reply", "broker reply was truncated")
+            return proto.decode_reply(msg), fds
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise

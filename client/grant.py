@@ -1,0 +1,83 @@
+"""The library call: ask the broker for sockets on an interface's queues and get them ready to use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from client import protocol as proto
+from client.connection import DEFAULT_SOCKET, Connection
+from client.xsk import XskSocket
+
+
+@dataclass
+class Grant:
+    lease: str
+    interface: str
+    ifindex: int
+    kind: str
+    xdp_mode: str
+    sockets: list[XskSocket]
+    reply: dict[str, Any]
+    connection: Connection | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Close the sockets (the kernel frees their queues) and end the lease at the broker."""
+        for s in self.sockets:
+            s.close()
+        if self.connection is not None:
+            with contextlib.suppress(OSError, proto.BrokerError, ConnectionError):
+                self.connection.call(proto.Release(self.lease))
+            self.connection.close()
+            self.connection = None
+
+    def __enter__(self) -> Grant:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def request(interface: str, queues: int | Sequence[int] = 1, *, start_queue: int = 0,
+            geometry: proto.Geometry | None = None, bind_mode: str = "auto", need_wakeup: bool = True,
+            socket_path: str = DEFAULT_SOCKET, timeout: float | None = 30.0) -> Grant:
+    """A bound grant on `queues` (a count from start_queue, or explicit ids), rings mapped.
+
+    Raises protocol.BrokerError with the broker's code (e.g. "queue-not-allowed") when refused.
+    """
+    ids = tuple(range(start_queue, start_queue + queues)) if isinstance(queues, int) else tuple(queues)
+    req = proto.Grant(interface=interface, queues=ids, geometry=geometry or proto.Geometry(),
+                      bind_mode=bind_mode, need_wakeup=need_wakeup)
+    conn = Connection(socket_path, timeout)
+    try:
+        reply, fds = conn.call(req)
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        sockets = open_sockets(reply, fds)
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        conn.close()
+        raise
+    return Grant(reply["lease"], reply["interface"], reply["ifindex"], reply["kind"], reply["xdp_mode"],
+                 sockets, reply, conn)
+
+
+def open_sockets(reply: dict[str, Any], fds: list[int]) -> list[XskSocket]:
+    """Map every socket of a bound grant reply; on failure nothing stays mapped (fds stay the caller's)."""
+    out: list[XskSocket] = []
+    try:
+        for s in reply["sockets"]:
+            out.append(XskSocket(fds[s["fd"]], fds[s["umem_fd"]], s["queue"], proto.geometry_from_wire(s),
+                                 s["bind_flags"]))
+    except BaseException:
+        for x in out:
+            x.detach()
+        raise
+    return out

@@ -1,0 +1,304 @@
+"""xskbroker wire protocol v1, sans-IO: bytes in, typed requests/replies out, and back.
+
+Transport (not handled here): AF_UNIX SOCK_SEQPACKET, one JSON object per message, fds only in replies
+via SCM_RIGHTS. Both the broker and the client use this module; it does no I/O. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+VERSION = 1
+MAX_REQUEST = 8192  # bytes; a larger request is refused unread
+MAX_REPLY = 1 << 20
+MAX_QUEUES = 256
+MAX_UMEM = 1 << 32
+MAX_RING = 1 << 16
+IFNAMSIZ = 16
+KINDS = ("bound", "bare", "map")
+BIND_MODES = ("auto", "copy", "zerocopy")
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served as sent; code is one of the documented error codes."""
+
+    def __init__(self, code: str, message: str, op: str | None = None, req_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.op = op
+        self.req_id = req_id
+
+
+class BrokerError(Exception):
+    """An error reply, as the client sees it."""
+
+    def __init__(self, code: str, message: str, reply: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.reply = reply or {}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """UMEM and ring sizes of one bound socket."""
+
+    umem_size: int = 4 << 20
+    frame_size: int = 4096
+    headroom: int = 0
+    fill: int = 2048
+    completion: int = 2048
+    rx: int = 2048
+    tx: int = 2048
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"umem": {"size": self.umem_size, "frame_size": self.frame_size, "headroom": self.headroom},
+                "rings": {"fill": self.fill, "completion": self.completion, "rx": self.rx, "tx": self.tx}}
+
+
+@dataclass(frozen=True)
+class Hello:
+    req_id: Any = None
+    op: str = "hello"
+
+
+@dataclass(frozen=True)
+class Status:
+    req_id: Any = None
+    op: str = "status"
+
+
+@dataclass(frozen=True)
+class Release:
+    lease: str
+    req_id: Any = None
+    op: str = "release"
+
+
+@dataclass(frozen=True)
+class Grant:
+    interface: str
+    queues: tuple[int, ...]
+    kind: str = "bound"
+    geometry: Geometry = field(default_factory=Geometry)
+    bind_mode: str = "auto"
+    need_wakeup: bool = True
+    req_id: Any = None
+    op: str = "grant"
+
+    @property
+    def umem_bytes(self) -> int:
+        return self.geometry.umem_size * len(self.queues) if self.kind == "bound" else 0
+
+
+Request = Hello | Status | Release | Grant
+
+
+# ---- encoding ---------------------------------------------------------------------------------------
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps({"v": VERSION, **message}, separators=(",", ":")).encode()
+
+
+def encode_request(req: Request) -> bytes:
+    msg: dict[str, Any] = {"op": req.op}
+    if req.req_id is not None:
+        msg["id"] = req.req_id
+    if isinstance(req, Release):
+        msg["lease"] = req.lease
+    elif isinstance(req, Grant):
+        msg.update(interface=req.interface, queues=list(req.queues), kind=req.kind, bind_mode=req.bind_mode,
+                   need_wakeup=req.need_wakeup, **req.geometry.to_wire())
+    return encode(msg)
+
+
+def ok_reply(op: str, req_id: Any = None, **fields: Any) -> bytes:
+    msg: dict[str, Any] = {"ok": True, "op": op}
+    if req_id is not None:
+        msg["id"] = req_id
+    msg.update(fields)
+    return encode(msg)
+
+
+def error_reply(code: str, message: str, op: str | None = None, req_id: Any = None,
+                **extra: Any) -> bytes:
+    msg: dict[str, Any] = {"ok": False, "op": op, "error": {"code": code, "message": message, **extra}}
+    if req_id is not None:
+        msg["id"] = req_id
+    return encode(msg)
+
+
+def error_reply_for(err: ProtocolError) -> bytes:
+    return error_reply(err.code, err.message, err.op, err.req_id)
+
+
+# ---- decoding (broker side) ------------------------------------------------------------------------
+
+def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in msg:
+        if default is ...:
+            raise ProtocolError("bad-request", f"missing field {name!r}")
+        return default
+    value = msg[name]
+    # bool is an int subclass: never accept it where a number is meant
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise ProtocolError("bad-request", f"field {name!r} must be {_type_name(kind)}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", str: "a string", bool: "true or false", list: "a list", dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def _bounded(name: str, value: int, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise ProtocolError("bad-request", f"{name} must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _power_of_two(name: str, value: int, hi: int) -> int:
+    _bounded(name, value, 1, hi)
+    if value & (value - 1):
+        raise ProtocolError("bad-request", f"{name} must be a power of two, not {value}")
+    return value
+
+
+def _queues(msg: dict[str, Any]) -> tuple[int, ...]:
+    if "queues" in msg:
+        raw = msg["queues"]
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            count = _bounded("queues", raw, 1, MAX_QUEUES)
+            start = _bounded("start_queue", _field(msg, "start_queue", int, 0), 0, 65535)
+            return tuple(range(start, start + count))
+        if not isinstance(raw, list) or not raw:
+            raise ProtocolError("bad-request", "queues must be a non-empty list of queue ids or a count")
+        if len(raw) > MAX_QUEUES:
+            raise ProtocolError("bad-request", f"at most {MAX_QUEUES} queues per grant")
+        if any(not isinstance(q, int) or isinstance(q, bool) or not 0 <= q <= 65535 for q in raw):
+            raise ProtocolError("bad-request", "queue ids must be integers between 0 and 65535")
+        if len(set(raw)) != len(raw):
+            raise ProtocolError("bad-request", "queue ids must be distinct")
+        return tuple(raw)
+    raise ProtocolError("bad-request", "missing field 'queues'")
+
+
+def _geometry(msg: dict[str, Any]) -> Geometry:
+    d = Geometry()
+    umem = _field(msg, "umem", dict, {})
+    rings = _field(msg, "rings", dict, {})
+    frame = _field(umem, "frame_size", int, d.frame_size)
+    if frame not in (2048, 4096):
+        raise ProtocolError("bad-request", f"umem.frame_size must be 2048 or 4096, not {frame}")
+    size = _bounded("umem.size", _field(umem, "size", int, d.umem_size), frame, MAX_UMEM)
+    if size % 4096:
+        raise ProtocolError("bad-request", "umem.size must be a multiple of 4096 (the page size)")
+    headroom = _bounded("umem.headroom", _field(umem, "headroom", int, d.headroom), 0, frame - 256)
+    ring = {k: _power_of_two(f"rings.{k}", _field(rings, k, int, getattr(d, k)), MAX_RING)
+            for k in ("fill", "completion", "rx", "tx")}
+    for key in set(umem) - {"size", "frame_size", "headroom"}:
+        raise ProtocolError("bad-request", f"unknown field 'umem.{key}'")
+    for key in set(rings) - set(ring):
+        raise ProtocolError("bad-request", f"unknown field 'rings.{key}'")
+    return Geometry(size, frame, headroom, **ring)
+
+
+_GRANT_FIELDS = {"v", "op", "id", "interface", "queues", "start_queue", "kind", "umem", "rings",
+                 "bind_mode", "need_wakeup"}
+_FIELDS = {"hello": {"v", "op", "id", "client"}, "status": {"v", "op", "id"},
+           "release": {"v", "op", "id", "lease"}, "grant": _GRANT_FIELDS}
+
+
+def _parse_json(data: bytes) -> dict[str, Any]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError("bad-json", f"request is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    try:
+        msg = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.pos >= len(text.rstrip()):
+            raise ProtocolError("truncated", f"request ends in the middle of a JSON value: {e.msg}") from None
+        raise ProtocolError("bad-json", f"request is not JSON: {e.msg} at character {e.pos}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("bad-json", "a request must be a JSON object")
+    return msg
+
+
+def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Request:
+    """Validate one request message. Raises ProtocolError with the code to reply with."""
+    if truncated or len(data) > MAX_REQUEST:
+        raise ProtocolError("too-large", f"requests are limited to {MAX_REQUEST} bytes")
+    msg = _parse_json(data)
+    op = msg.get("op") if isinstance(msg.get("op"), str) else None
+    req_id = msg.get("id") if isinstance(msg.get("id"), int | str) else None
+    try:
+        if fds:
+            raise ProtocolError("fds-not-allowed", f"requests carry no file descriptors ({fds} received, closed)")
+        if msg.get("v") != VERSION:
+            raise ProtocolError("bad-version", f"unsupported protocol version {msg.get('v')!r}; this broker "
+                                f"speaks version {VERSION}")
+        if op not in _FIELDS:
+            raise ProtocolError("unknown-op", f"unknown op {msg.get('op')!r}; expected one of "
+                                + ", ".join(sorted(_FIELDS)))
+        for key in set(msg) - _FIELDS[op]:
+            raise ProtocolError("bad-request", f"unknown field {key!r} in {op} request")
+        if "id" in msg and req_id is None:
+            raise ProtocolError("bad-request", "field 'id' must be an integer or a string")
+        if op == "hello":
+            return Hello(req_id)
+        if op == "status":
+            return Status(req_id)
+        if op == "release":
+            return Release(_field(msg, "lease", str), req_id)
+        return _grant(msg, req_id)
+    except ProtocolError as e:
+        e.op, e.req_id = op, req_id
+        raise
+
+
+def _grant(msg: dict[str, Any], req_id: Any) -> Grant:
+    interface = _field(msg, "interface", str)
+    if not 0 < len(interface.encode()) < IFNAMSIZ or "/" in interface or interface.strip() != interface:
+        raise ProtocolError("bad-request", f"{interface!r} is not a valid interface name")
+    kind = _field(msg, "kind", str, "bound")
+    if kind not in KINDS:
+        raise ProtocolError("bad-request", f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    bind_mode = _field(msg, "bind_mode", str, "auto")
+    if bind_mode not in BIND_MODES:
+        raise ProtocolError("bad-request", f"bind_mode must be one of {', '.join(BIND_MODES)}")
+    return Grant(interface=interface, queues=_queues(msg), kind=kind, geometry=_geometry(msg),
+                 bind_mode=bind_mode, need_wakeup=_field(msg, "need_wakeup", bool, True), req_id=req_id)
+
+
+# ---- decoding (client side) ------------------------------------------------------------------------
+
+def decode_reply(data: bytes) -> dict[str, Any]:
+    """Parse a reply; raise BrokerError for an error reply."""
+    try:
+        msg = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BrokerError("bad-reply", f"broker reply is not JSON: {e}") from None
+    if not isinstance(msg, dict) or msg.get("v") != VERSION:
+        raise BrokerError("bad-reply", f"broker reply has no version {VERSION} object")
+    if not msg.get("ok"):
+        err = msg.get("error") or {}
+        raise BrokerError(str(err.get("code", "unknown")), str(err.get("message", "")), msg)
+    return msg
+
+
+def geometry_from_wire(sock: dict[str, Any]) -> Geometry:
+    umem, rings = sock["umem"], sock["rings"]
+    return Geometry(umem["size"], umem["frame_size"], umem["headroom"], rings["fill"], rings["completion"],
+                    rings["rx"], rings["tx"])
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    return asdict(obj)

@@ -1,0 +1,222 @@
+"""A granted AF_XDP socket, ready to use from Python: the four rings and the UMEM, mmapped.
+
+Single-producer/single-consumer rings shared with the kernel. Loads of the producer index happen
+before the descriptor reads and descriptor writes before the producer store, which is what x86's
+memory order gives plain loads and stores (the kernel side supplies its own barriers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import select
+import socket
+from collections import deque
+
+from client.protocol import Geometry
+from client.xdp_abi import (
+    AF_XDP,
+    SOL_XDP,
+    XDP_MMAP_OFFSETS,
+    XDP_PGOFF_RX_RING,
+    XDP_PGOFF_TX_RING,
+    XDP_RING_NEED_WAKEUP,
+    XDP_STATISTICS,
+    XDP_STATISTICS_STRUCT,
+    XDP_UMEM_PGOFF_COMPLETION_RING,
+    XDP_UMEM_PGOFF_FILL_RING,
+    MmapOffsets,
+    RingOffsets,
+)
+
+_U32 = 0xFFFFFFFF
+# sendto() kicks can fail transiently while the kernel drains the TX ring: those are not errors
+_KICK_TRANSIENT = (errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ENETDOWN)
+
+
+class _Ring:
+    """Indices and descriptor array of one ring. `desc_words` is 1 for u64 addresses, 2 for xdp_desc."""
+
+    def __init__(self, fd: int, pgoff: int, off: RingOffsets, size: int, desc_words: int) -> None:
+        length = off.desc + size * 8 * desc_words
+        self.mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=pgoff)
+        view = memoryview(self.mm)
+        self.words = view.cast("I")
+        self.prod_i, self.cons_i, self.flags_i = off.producer // 4, off.consumer // 4, off.flags // 4
+        self.q = view[off.desc:length].cast("Q")  # addr of entry i at q[i * desc_words]
+        self.d = view[off.desc:length].cast("I")  # len of xdp_desc i at d[4 * i + 2]
+        self.size = size
+        self.mask = size - 1
+        self.views = [view, self.words, self.q, self.d]
+
+    @property
+    def producer(self) -> int:
+        return self.words[self.prod_i]
+
+    @property
+    def consumer(self) -> int:
+        return self.words[self.cons_i]
+
+    def needs_wakeup(self) -> bool:
+        return bool(self.words[self.flags_i] & XDP_RING_NEED_WAKEUP)
+
+    def close(self) -> None:
+        for v in reversed(self.views):
+            v.release()
+        self.mm.close()
+
+
+class XskSocket:
+    """One granted socket: fill/RX/TX/completion rings plus the UMEM frames, with batch operations."""
+
+    def __init__(self, xsk_fd: int, umem_fd: int, queue: int, geometry: Geometry, bind_flags: int = 0) -> None:
+        self.fd = xsk_fd
+        self.umem_fd = umem_fd
+        self.queue = queue
+        self.geometry = geometry
+        self.bind_flags = bind_flags
+        self.sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0, fileno=xsk_fd)
+        self._rings: list[_Ring] = []
+        try:
+            off = MmapOffsets.unpack(self.sock.getsockopt(SOL_XDP, XDP_MMAP_OFFSETS, 128))
+            g = geometry
+            self.rx = self._map(XDP_PGOFF_RX_RING, off.rx, g.rx, 2)
+            self.tx = self._map(XDP_PGOFF_TX_RING, off.tx, g.tx, 2)
+            self.fr = self._map(XDP_UMEM_PGOFF_FILL_RING, off.fill, g.fill, 1)
+            self.cr = self._map(XDP_UMEM_PGOFF_COMPLETION_RING, off.completion, g.completion, 1)
+            self.umem = mmap.mmap(umem_fd, g.umem_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self._unmap()
+            self.sock.detach()
+            raise
+        self.frames = memoryview(self.umem)
+        self.free: deque[int] = deque(range(0, g.umem_size - g.frame_size + 1, g.frame_size))
+
+    def _map(self, pgoff: int, off: RingOffsets, size: int, words: int) -> _Ring:
+        ring = _Ring(self.fd, pgoff, off, size, words)
+        self._rings.append(ring)
+        return ring
+
+    def _unmap(self) -> None:
+        for ring in self._rings:
+            ring.close()
+        self._rings = []
+
+    def detach(self) -> None:
+        """Unmap everything but leave both fds open: their owner closes them."""
+        if self.fd < 0:
+            return
+        self.frames.release()
+        self.umem.close()
+        self._unmap()
+        self.sock.detach()
+        self.fd = self.umem_fd = -1
+
+    def close(self) -> None:
+        """Unmap everything and close both fds: the kernel then frees the queue and its map slot."""
+        fds = (self.fd, self.umem_fd)
+        self.detach()
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> XskSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- producer rings: fill and TX ----------------------------------------------------------------
+
+    def fill(self, count: int | None = None) -> int:
+        """Give up to `count` free frames (all free ones by default) to the kernel for RX."""
+        r = self.fr
+        prod = r.producer
+        room = r.size - ((prod - r.consumer) & _U32)
+        n = min(room, len(self.free) if count is None else min(count, len(self.free)))
+        q, mask, free = r.q, r.mask, self.free
+        for i in range(n):
+            q[(prod + i) & mask] = free.popleft()
+        r.words[r.prod_i] = (prod + n) & _U32
+        return n
+
+    def transmit(self, descs: list[tuple[int, int]]) -> int:
+        """Queue (addr, len) frames for TX; returns how many fit. Call kick() afterwards."""
+        r = self.tx
+        prod = r.producer
+        n = min(len(descs), r.size - ((prod - r.consumer) & _U32))
+        q, d, mask = r.q, r.d, r.mask
+        for i in range(n):
+            idx = (prod + i) & mask
+            addr, length = descs[i]
+            q[2 * idx] = addr
+            d[4 * idx + 2] = length
+            d[4 * idx + 3] = 0
+        r.words[r.prod_i] = (prod + n) & _U32
+        return n
+
+    def kick(self) -> None:
+        """Tell the kernel there is TX work (copy mode needs it for every batch)."""
+        try:
+            self.sock.send(b"", socket.MSG_DONTWAIT)
+        except OSError as e:
+            if e.errno not in _KICK_TRANSIENT:
+                raise
+
+    # ---- consumer rings: RX and completion ------------------------------------------------------------
+
+    def receive(self, max_count: int = 64) -> list[tuple[int, int]]:
+        """Take up to max_count received (addr, len) descriptors. Return frames with recycle()."""
+        r = self.rx
+        cons = r.consumer
+        n = min(max_count, (r.producer - cons) & _U32)
+        q, d, mask = r.q, r.d, r.mask
+        out = []
+        for i in range(n):
+            idx = (cons + i) & mask
+            out.append((q[2 * idx], d[4 * idx + 2]))
+        r.words[r.cons_i] = (cons + n) & _U32
+        return out
+
+    def complete(self, max_count: int | None = None) -> int:
+        """Reap finished TX frames back into the free pool; returns how many."""
+        r = self.cr
+        cons = r.consumer
+        avail = (r.producer - cons) & _U32
+        n = avail if max_count is None else min(max_count, avail)
+        q, mask, free = r.q, r.mask, self.free
+        for i in range(n):
+            free.append(q[(cons + i) & mask])
+        r.words[r.cons_i] = (cons + n) & _U32
+        return n
+
+    # ---- frames -------------------------------------------------------------------------------------
+
+    def frame(self, addr: int, length: int) -> memoryview:
+        return self.frames[addr:addr + length]
+
+    def recycle(self, addrs: list[int]) -> None:
+        """Return frames (by address, offsets within a frame allowed) to the free pool."""
+        base = self.geometry.frame_size
+        self.free.extend(a - a % base for a in addrs)
+
+    def alloc(self) -> int | None:
+        return self.free.popleft() if self.free else None
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until RX data is ready (poll), waking the kernel first if the fill ring asks for it."""
+        if self.fr.needs_wakeup():
+            with contextlib.suppress(BlockingIOError):
+                self.sock.recv(0, socket.MSG_DONTWAIT)
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        return bool(p.poll(None if timeout is None else int(timeout * 1000)))
+
+    def statistics(self) -> dict[str, int]:
+        raw = self.sock.getsockopt(SOL_XDP, XDP_STATISTICS, XDP_STATISTICS_STRUCT.size)
+        names = ("rx_dropped", "rx_invalid_descs", "tx_invalid_descs", "rx_ring_full",
+                 "rx_fill_ring_empty_descs", "tx_ring_empty_descs")
+        return dict(zip(names, XDP_STATISTICS_STRUCT.unpack(raw.ljust(XDP_STATISTICS_STRUCT.size, b"\0")),
+                        strict=True))

@@ -1,0 +1,169 @@
+"""The decision: (policy, peer, request) -> Decision. Pure: no files, no pwd/grp, no clock.
+
+Deny rules are checked first and any match wins. Otherwise the first allow rule that accepts the
+whole request grants it; if none does, the answer explains the allow rule that came closest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .model import KINDS, Policy, Rule
+from .sizes import format_size
+
+OK = "ok"
+DENIED_BY_RULE = "denied-by-rule"
+USER_NOT_ALLOWED = "user-not-allowed"
+INTERFACE_NOT_ALLOWED = "interface-not-allowed"
+KIND_NOT_ALLOWED = "kind-not-allowed"
+QUEUE_NOT_ALLOWED = "queue-not-allowed"
+TOO_MANY_QUEUES = "too-many-queues"
+UMEM_TOO_LARGE = "umem-too-large"
+CODES = (
+    OK,
+    DENIED_BY_RULE,
+    USER_NOT_ALLOWED,
+    INTERFACE_NOT_ALLOWED,
+    KIND_NOT_ALLOWED,
+    QUEUE_NOT_ALLOWED,
+    TOO_MANY_QUEUES,
+    UMEM_TOO_LARGE,
+)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is asking, as the kernel reported it; names are resolved by the caller (or absent)."""
+
+    uid: int
+    gids: frozenset[int]  # primary and supplementary
+    user: str | None = None
+    groups: frozenset[str] = field(default_factory=frozenset)
+
+    def __str__(self) -> str:
+        return f"uid {self.uid} ({self.user})" if self.user else f"uid {self.uid}"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What is asked for; the caller has already rejected malformed requests (e.g. no queues)."""
+
+    interface: str
+    queues: tuple[int, ...]
+    kind: str = "bound"
+    umem_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "interface": self.interface,
+            "queues": list(self.queues),
+            "kind": self.kind,
+            "umem_bytes": self.umem_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    code: str
+    rule: Rule | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "allowed": self.allowed,
+            "code": self.code,
+            "rule": self.rule.name if self.rule else None,
+            "source": self.rule.source if self.rule else None,
+            "reason": self.reason,
+        }
+
+
+def principal_matches(rule: Rule, peer: Peer) -> bool:
+    """Users and groups are alternatives: matching either list is enough."""
+    if "*" in rule.users or "*" in rule.groups:
+        return True
+    if str(peer.uid) in rule.users or (peer.user is not None and peer.user in rule.users):
+        return True
+    return any(g in rule.groups for g in peer.groups) or any(str(g) in rule.groups for g in peer.gids)
+
+
+def interface_matches(rule: Rule, interface: str) -> bool:
+    # Case-sensitive on every platform: interface names are.
+    return any(fnmatchcase(interface, glob) for glob in rule.interfaces)
+
+
+def _queue_list(queues: tuple[int, ...]) -> str:
+    return ",".join(map(str, queues))
+
+
+def _summary(request: Request) -> str:
+    return f"{request.kind} on {request.interface} queues {_queue_list(request.queues)}"
+
+
+def _deny_applies(rule: Rule, peer: Peer, request: Request) -> bool:
+    return (
+        principal_matches(rule, peer)
+        and interface_matches(rule, request.interface)
+        and (rule.queues.is_any or any(rule.queues.contains(q) for q in request.queues))
+        and request.kind in rule.kinds
+    )
+
+
+def _check_allow(rule: Rule, peer: Peer, request: Request) -> tuple[int, str, str]:
+    """How far `rule` gets through the ordered checks: (checks passed, failure code, reason).
+
+    A rule that passes all six returns (6, OK, ...).
+    """
+    if not principal_matches(rule, peer):
+        return 0, USER_NOT_ALLOWED, f"{rule.describe()} does not name {peer} or its groups"
+    if not interface_matches(rule, request.interface):
+        globs = ", ".join(rule.interfaces)
+        reason = f"{rule.describe()} allows interfaces {globs}, not {request.interface}"
+        return 1, INTERFACE_NOT_ALLOWED, reason
+    if request.kind not in rule.kinds:
+        kinds = ", ".join(k for k in KINDS if k in rule.kinds)
+        return 2, KIND_NOT_ALLOWED, f"{rule.describe()} allows kinds {kinds}, not {request.kind}"
+    missing = rule.queues.missing(request.queues)
+    if missing:
+        reason = f"{rule.describe()} allows queues {rule.queues}, not {_queue_list(missing)}"
+        return 3, QUEUE_NOT_ALLOWED, reason
+    if rule.max_queues is not None and len(request.queues) > rule.max_queues:
+        return (
+            4,
+            TOO_MANY_QUEUES,
+            f"{rule.describe()} allows at most {rule.max_queues} queues per grant, not {len(request.queues)}",
+        )
+    if rule.max_umem is not None and request.umem_bytes > rule.max_umem:
+        return (
+            5,
+            UMEM_TOO_LARGE,
+            f"{rule.describe()} allows at most {format_size(rule.max_umem)} of UMEM per grant, "
+            f"not {format_size(request.umem_bytes)}",
+        )
+    return 6, OK, f"{rule.describe()} allows {_summary(request)} for {peer}"
+
+
+def decide(policy: Policy, peer: Peer, request: Request) -> Decision:
+    for rule in policy.deny_rules:
+        if _deny_applies(rule, peer, request):
+            reason = f"{rule.describe()} denies {_summary(request)} to {peer}"
+            return Decision(False, DENIED_BY_RULE, rule, reason)
+
+    best: tuple[int, str, str, Rule] | None = None
+    for rule in policy.allow_rules:
+        passed, code, reason = _check_allow(rule, peer, request)
+        if code == OK:
+            return Decision(True, OK, rule, reason)
+        if best is None or passed > best[0]:  # strictly greater: ties go to the earlier rule
+            best = (passed, code, reason, rule)
+
+    if best is None:
+        reason = "the policy has no allow rules, so everything is denied"
+        return Decision(False, USER_NOT_ALLOWED, None, reason)
+    passed, code, reason, rule = best
+    if passed == 0:
+        return Decision(False, USER_NOT_ALLOWED, None, f"no allow rule names {peer} or any of its groups")
+    return Decision(False, code, rule, reason)

@@ -1,0 +1,358 @@
+"""Read policy TOML (version 1) into a `Policy`, reporting every problem as "FILE:LINE: message".
+
+This is the only policy module that touches the filesystem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model import KINDS, Action, Policy, QueueSet, Rule
+from .sizes import parse_size
+
+__all__ = ["DEFAULT_POLICY_PATH", "PolicyError", "load_policy", "parse_policy", "parse_size"]
+
+DEFAULT_POLICY_PATH = "/etc/xskbroker/policy.toml"
+DROPIN_DIR = "policy.d"
+
+_TOP_KEYS = ("version", "allow", "deny")
+_PRINCIPAL_KEYS = ("users", "groups")
+_DENY_KEYS = ("name", *_PRINCIPAL_KEYS, "interfaces", "queues", "kinds")
+_ALLOW_KEYS = (*_DENY_KEYS, "max_queues", "max_umem", "exclusive")
+_IFNAMSIZ = 16  # includes the NUL, so names have at most 15 characters
+
+# A table header line: [name] or [[name]], name possibly quoted; used only to find line numbers.
+_HEADER_RE = re.compile(r"""^\s*(\[\[?)\s*["']?([^\]"']*?)["']?\s*\]""")
+_SYNTAX_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_RANGE_RE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
+
+
+class PolicyError(Exception):
+    """A policy that cannot be used; `errors` holds every problem found, each "FILE:LINE: message"."""
+
+    def __init__(self, errors: str | Iterable[str]) -> None:
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class _Invalid(Exception):
+    """A value failed validation; the caller adds file, line and rule."""
+
+
+@dataclass
+class _Parsed:
+    """One file's result: the rules that validated, every rule's name and where, and the errors."""
+
+    filename: str
+    rules: list[Rule] = field(default_factory=list)
+    names: list[tuple[str, int]] = field(default_factory=list)  # (name, line of its name key)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (line, message)
+
+
+class _Lines:
+    """Line numbers for tables and keys, found by scanning the raw text (tomllib keeps no positions)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.split("\n")  # tomllib counts only "\n" as a line break
+        self.headers: list[tuple[int, str, bool]] = []  # (1-based line, table name, is array of tables)
+        for no, line in enumerate(self.lines, 1):
+            m = _HEADER_RE.match(line)
+            if m:
+                self.headers.append((no, m.group(2).strip(), m.group(1) == "[["))
+
+    def rule_header(self, action: str, index: int) -> int | None:
+        found = [no for no, name, is_array in self.headers if is_array and name == action]
+        return found[index] if index < len(found) else None
+
+    def key(self, key: str, after: int = 0) -> int | None:
+        """First line after line `after` (a header, or 0 for top level) and before the next header
+        that assigns `key`."""
+        key_re = re.compile(rf"""^\s*["']?{re.escape(key)}["']?\s*=""")
+        for no in range(after + 1, len(self.lines) + 1):
+            line = self.lines[no - 1]
+            if _HEADER_RE.match(line):
+                return None
+            if key_re.match(line):
+                return no
+        return None
+
+    def top_level(self, key: str) -> int:
+        found = self.key(key)
+        if found is not None:
+            return found
+        # A top-level key may also be spelled as a table, e.g. a mistaken [allow].
+        return next((no for no, name, _ in self.headers if name == key), 1)
+
+    @property
+    def last(self) -> int:
+        return max(1, len(self.lines) - (self.lines[-1] == ""))
+
+
+def _suggest(key: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _principals(value: Any, what: str) -> frozenset[str]:
+    if not isinstance(value, list):
+        raise _Invalid(f'must be a list of {what} names or numeric ids, e.g. ["xsk", 1000], or ["*"]')
+    out: set[str] = set()
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            out.add(str(item))
+        elif isinstance(item, str) and item and item.strip() == item and item.isprintable():
+            out.add(item)
+        else:
+            raise _Invalid(f'bad {what} {item!r}: use a name, a non-negative numeric id, or "*"')
+    return frozenset(out)
+
+
+def _interfaces(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid('must be a non-empty list of interface names or globs, e.g. ["veth*", "eth1"]')
+    for item in value:
+        if not isinstance(item, str) or not item or not item.isprintable() or any(c.isspace() for c in item):
+            raise _Invalid(f"bad interface {item!r}: use an interface name or an fnmatch glob")
+        if not any(c in item for c in "*?[") and len(item) >= _IFNAMSIZ:
+            raise _Invalid(f"interface {item!r} is longer than 15 characters, so no interface can match it")
+    return tuple(value)
+
+
+def _queues(value: Any) -> QueueSet:
+    if not isinstance(value, list) or not value:
+        raise _Invalid('must be a non-empty list of queue ids and "a-b" ranges, e.g. ["0-3", 7]')
+    ranges: list[tuple[int, int]] = []
+    for item in value:
+        if isinstance(item, int) and not isinstance(item, bool):
+            if item < 0:
+                raise _Invalid(f"queue {item} is negative")
+            ranges.append((item, item))
+            continue
+        m = _RANGE_RE.fullmatch(item) if isinstance(item, str) else None
+        if m is None:
+            raise _Invalid(f'bad queue {item!r}: use a non-negative integer or an "a-b" range')
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if lo > hi:
+            raise _Invalid(f"range {item!r} runs backwards (start > end)")
+        ranges.append((lo, hi))
+    return QueueSet(tuple(ranges))
+
+
+def _kinds(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f"must be a non-empty list drawn from {', '.join(KINDS)}")
+    for item in value:
+        if item not in KINDS:
+            raise _Invalid(f"unknown kind {item!r} (known: {', '.join(KINDS)})")
+    return frozenset(value)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _Invalid(f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _umem(value: Any) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    if size <= 0:
+        raise _Invalid("must be more than zero bytes (omit it for no limit)")
+    return size
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {value!r}")
+    return value
+
+
+def _name(value: Any) -> str:
+    # Names end up in audit logs and replies, so keep them to one printable line.
+    if not isinstance(value, str) or not value or not value.isprintable():
+        raise _Invalid(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "name": _name,
+    "users": lambda v: _principals(v, "user"),
+    "groups": lambda v: _principals(v, "group"),
+    "interfaces": _interfaces,
+    "queues": _queues,
+    "kinds": _kinds,
+    "max_queues": _positive_int,
+    "max_umem": _umem,
+    "exclusive": _bool,
+}
+
+
+def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines, out: _Parsed) -> None:
+    header = lines.rule_header(action, index) or lines.top_level(action)
+    label = f"[[{action}]] #{index + 1}"
+    errors: list[tuple[int, str]] = []
+
+    def line_of(key: str) -> int:
+        return lines.key(key, header) or header
+
+    allowed = _ALLOW_KEYS if action == "allow" else _DENY_KEYS
+    values: dict[str, Any] = {}
+    for key in sorted(table, key=lambda k: k != "name"):  # name first, so later messages can use it
+        if key not in allowed:
+            if key in _ALLOW_KEYS:
+                msg = f"{key!r} is only valid in [[allow]] rules"
+            else:
+                msg = f"unknown key {key!r}{_suggest(key, allowed)}"
+            errors.append((line_of(key), f"{label}: {msg}"))
+            continue
+        try:
+            values[key] = _FIELDS[key](table[key])
+        except _Invalid as e:
+            errors.append((line_of(key), f"{label}: {key}: {e}"))
+            continue
+        if key == "name":
+            label = f"rule {values['name']!r}"
+            out.names.append((values["name"], line_of("name")))
+
+    if "name" not in table:
+        if action == "allow":
+            errors.append((header, f"{label}: missing required key 'name'"))
+        else:
+            # Unnamed deny rules are allowed; a name derived from the location keeps logs unambiguous.
+            values["name"] = f"deny@{out.filename}:{header}"
+            out.names.append((values["name"], header))
+    given = [k for k in _PRINCIPAL_KEYS if k in table]
+    if not given:
+        errors.append((header, f"{label}: needs 'users' or 'groups' (users = [\"*\"] means anyone)"))
+    elif all(k in values for k in given) and not any(values[k] for k in given):
+        errors.append((header, f"{label}: 'users' and 'groups' are empty, so the rule matches no one"))
+    if "interfaces" not in table:
+        errors.append((header, f"{label}: missing required key 'interfaces'"))
+
+    if errors:
+        out.errors.extend(errors)
+        return
+    out.rules.append(
+        Rule(
+            name=values["name"],
+            action=action,
+            users=values.get("users", frozenset()),
+            groups=values.get("groups", frozenset()),
+            interfaces=values["interfaces"],
+            queues=values.get("queues", QueueSet(None)),
+            # A deny without kinds covers every kind; an allow without kinds grants only the safest.
+            kinds=values.get("kinds", frozenset(KINDS) if action == "deny" else frozenset({"bound"})),
+            max_queues=values.get("max_queues"),
+            max_umem=values.get("max_umem"),
+            exclusive=values.get("exclusive", False),
+            source=f"{out.filename}:{header}",
+        )
+    )
+
+
+def _parse_text(text: str, filename: str) -> _Parsed:
+    out = _Parsed(filename)
+    lines = _Lines(text)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = _SYNTAX_POS_RE.search(msg)
+        if m:
+            line, column = int(m.group(1)), m.group(2)
+            out.errors.append((line, f"TOML syntax error: {msg[: m.start()]} (column {column})"))
+        else:
+            out.errors.append((lines.last, f"TOML syntax error: {msg}"))
+        return out
+
+    for key in doc:
+        if key not in _TOP_KEYS:
+            msg = f"unknown top-level key {key!r}{_suggest(key, _TOP_KEYS)}"
+            out.errors.append((lines.top_level(key), msg))
+    version = doc.get("version")
+    if "version" not in doc:
+        out.errors.append((1, "missing 'version = 1' at the top of the file"))
+    elif type(version) is not int or version != 1:  # bool and float 1.0 compare equal to 1
+        msg = f"unsupported version {version!r} (this broker reads version 1)"
+        out.errors.append((lines.top_level("version"), msg))
+
+    for action in ("allow", "deny"):
+        tables = doc.get(action, [])
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            out.errors.append((lines.top_level(action), f"'{action}' must be written as [[{action}]] tables"))
+            continue
+        for index, table in enumerate(tables):
+            _parse_rule(table, action, index, lines, out)
+    # Rules were parsed allow-first; put them back in file order for listings and "first deny" reports.
+    out.rules.sort(key=lambda r: int(r.source.rsplit(":", 1)[1]))
+    return out
+
+
+def _merge(files: list[_Parsed], errors: list[str], sources: list[str]) -> Policy:
+    first_seen: dict[str, str] = {}
+    for parsed in files:
+        found = list(parsed.errors)
+        for name, line in parsed.names:
+            where = f"{parsed.filename}:{line}"
+            if name in first_seen:
+                found.append((line, f"duplicate rule name {name!r} (first defined at {first_seen[name]})"))
+            else:
+                first_seen[name] = where
+        errors.extend(f"{parsed.filename}:{line}: {msg}" for line, msg in sorted(found, key=lambda e: e[0]))
+    if errors:
+        raise PolicyError(errors)
+    return Policy(rules=tuple(r for p in files for r in p.rules), sources=tuple(sources))
+
+
+def parse_policy(text: str, filename: str = "<policy>") -> Policy:
+    """Parse one policy document; raises PolicyError listing every problem."""
+    return _merge([_parse_text(text, filename)], [], [filename])
+
+
+def _read(path: Path, errors: list[str]) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        errors.append(f"{path}: cannot read: {e.strerror or e}")
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        errors.append(f"{path}:{line}: not valid UTF-8 (byte {e.start})")
+        return None
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read `path` and then, if present, the sibling policy.d/*.toml files in name order.
+
+    Rule names must be unique across all files. Raises PolicyError listing every problem in every file.
+    """
+    main = Path(path)
+    files = [main]
+    errors: list[str] = []
+    dropin = main.parent / DROPIN_DIR
+    if dropin.is_dir():
+        try:
+            # Hidden files are skipped: editors and atomic writers leave them behind half-written.
+            files += sorted(p for p in dropin.iterdir() if p.suffix == ".toml" and not p.name.startswith("."))
+        except OSError as e:
+            errors.append(f"{dropin}: cannot read: {e.strerror or e}")
+    parsed: list[_Parsed] = []
+    sources: list[str] = []
+    for file in files:
+        text = _read(file, errors)
+        if text is not None:
+            parsed.append(_parse_text(text, str(file)))
+            sources.append(str(file))
+    return _merge(parsed, errors, sources)

@@ -1,0 +1,101 @@
+"""The policy as data: frozen, validated values that the loader builds and `decide` reads.
+
+Nothing here reads files or resolves names; see loader.py and decide.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["bound", "bare", "map"]
+KINDS: tuple[Kind, ...] = ("bound", "bare", "map")
+Action = Literal["allow", "deny"]
+
+
+@dataclass(frozen=True)
+class QueueSet:
+    """A set of queue ids as inclusive ranges; ``ranges=None`` means any queue."""
+
+    ranges: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ranges is None:
+            return
+        # Normalise once (sorted, merged) so equality, printing and membership stay simple.
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(self.ranges):
+            if lo < 0 or lo > hi:
+                raise ValueError(f"bad queue range {lo}-{hi}")
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        object.__setattr__(self, "ranges", tuple(merged))
+
+    @property
+    def is_any(self) -> bool:
+        return self.ranges is None
+
+    def contains(self, queue: int) -> bool:
+        if self.ranges is None:
+            return True
+        return any(lo <= queue <= hi for lo, hi in self.ranges)
+
+    def covers(self, queues: Iterable[int]) -> bool:
+        return all(self.contains(q) for q in queues)
+
+    def missing(self, queues: Iterable[int]) -> tuple[int, ...]:
+        """The queues (in the given order) that are not in the set."""
+        return tuple(q for q in queues if not self.contains(q))
+
+    def __str__(self) -> str:
+        if self.ranges is None:
+            return "any"
+        if not self.ranges:
+            return "none"
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+
+ANY_QUEUE = QueueSet(None)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One [[allow]] or [[deny]] table.
+
+    users/groups hold names, str(uid)/str(gid) for numbers, or "*" for anyone.
+    """
+
+    name: str
+    action: Action
+    users: frozenset[str]
+    groups: frozenset[str]
+    interfaces: tuple[str, ...]
+    queues: QueueSet = ANY_QUEUE
+    kinds: frozenset[str] = frozenset({"bound"})
+    max_queues: int | None = None
+    max_umem: int | None = None
+    exclusive: bool = False
+    source: str = "<policy>"
+
+    def describe(self) -> str:
+        """How reasons and tools name this rule: "rule 'x' (file:line)"."""
+        return f"rule {self.name!r} ({self.source})"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Rules in file order (main file first, then policy.d/*.toml sorted) and the files they came from."""
+
+    rules: tuple[Rule, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    @property
+    def allow_rules(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.action == "allow")
+
+    @property
+    def deny_rules(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.action == "deny")
