@@ -109,7 +109,10 @@ class XskSocket:
         if self.fd < 0:
             return
         self.frames.release()
-        self.umem.close()
+        try:
+            self.umem.close()
+        except BufferError:
+            pass  # a caller still holds a frame view: the mapping goes when that view does
         self._unmap()
         self.sock.detach()
         self.fd = self.umem_fd = -1

@@ -186,7 +186,7 @@ def resolve_peer(user: str, groups: list[str] | None = None) -> Peer:
     Groups come from the system unless `groups` is given. Raises LookupError for unknown names.
     """
     entry: pwd.struct_passwd | None
-    if user.isdigit():
+    if user.isascii() and user.isdigit():
         try:
             entry = pwd.getpwuid(int(user))
         except KeyError:
@@ -204,7 +204,7 @@ def resolve_peer(user: str, groups: list[str] | None = None) -> Peer:
     gids: set[int] = set()
     if groups is not None:
         for group in groups:
-            if group.isdigit():
+            if group.isascii() and group.isdigit():
                 gids.add(int(group))
                 continue
             try:
@@ -234,12 +234,13 @@ def _print_decision(decision: Decision, peer: Peer, request: Request, as_json: b
             "groups": sorted(peer.groups),
         }
         print(json.dumps(out))
-    elif decision.allowed and decision.rule is not None:
+        return
+    if decision.allowed and decision.rule is not None:
         print(f"ALLOW by rule {decision.rule.name!r} ({decision.rule.source})")
     else:
         print(f"DENY ({decision.code}): {decision.reason}")
-    if not as_json:
-        print(f"  peer: {_describe_peer(peer)}")
+    # Group membership is the usual surprise, so show what the decision was based on.
+    print(f"  peer: {_describe_peer(peer)}")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -198,7 +198,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
 
 
 def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines, out: _Parsed) -> None:
-    header = lines.rule_header(action, index) or lines.top_level(action)
+    found = lines.rule_header(action, index)
+    header = found or lines.top_level(action)  # inline arrays of tables have no [[...]] header
     label = f"[[{action}]] #{index + 1}"
     errors: list[tuple[int, str]] = []
 
@@ -229,7 +230,7 @@ def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines
             errors.append((header, f"{label}: missing required key 'name'"))
         else:
             # Unnamed deny rules are allowed; a name derived from the location keeps logs unambiguous.
-            values["name"] = f"deny@{out.filename}:{header}"
+            values["name"] = f"deny@{out.filename}:{header}" + ("" if found else f"#{index + 1}")
             out.names.append((values["name"], header))
     given = [k for k in _PRINCIPAL_KEYS if k in table]
     if not given:

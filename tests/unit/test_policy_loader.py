@@ -197,7 +197,9 @@ def test_empty_principals_are_an_error():
 
 
 def test_empty_users_with_groups_is_fine():
-    policy = parse_policy('version = 1\n[[allow]]\nname = "a"\nusers = []\ngroups = ["g"]\ninterfaces = ["e"]\n')
+    policy = parse_policy(
+        'version = 1\n[[allow]]\nname = "a"\nusers = []\ngroups = ["g"]\ninterfaces = ["e"]\n'
+    )
     assert policy.rules[0].groups == frozenset({"g"})
 
 

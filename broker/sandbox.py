@@ -1,0 +1,447 @@
+"""Private test beds for the demo, the tests and the benchmarks.
+
+A network namespace with a veth pair, a broker process inside it, a consumer forked off and dropped
+to an unprivileged uid with no capabilities, and a raw-packet peer. Everything here cleans up after
+itself, on failure too. Root only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Imported here, while still root: after the drop, modules under a 0700 home cannot be loaded.
+from client.grant import request
+from client.protocol import Geometry
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+PR_SET_NO_NEW_PRIVS = 38
+ETH_P_DEMO = 0x88B5  # IEEE "local experimental": nothing else on the veth speaks it
+FRAME = struct.Struct("!6s6sH4sIB")  # dst, src, ethertype, magic, seq, direction
+MAGIC = b"XSKB"
+PING = b"PING"  # readiness probe: answered like data, never counted
+TO_CONSUMER, TO_PEER = 0, 1
+_DATA = struct.pack("!H4s", ETH_P_DEMO, MAGIC)
+_PROBE = struct.pack("!H4s", ETH_P_DEMO, PING)
+
+
+def ip(*args: str, netns: str | None = None) -> None:
+    cmd = ["ip", *(["-n", netns] if netns else []), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
+
+
+def setns(name: str) -> None:
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run a block inside a namespace; sockets made there keep it after the block."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(name)
+        yield
+    finally:
+        _libc.setns(home, CLONE_NEWNET)
+        os.close(home)
+
+
+@dataclass
+class VethNamespace:
+    """A namespace holding a veth pair: `inside` for the broker's consumers, `peer` for traffic."""
+
+    name: str
+    inside: str = "xsk0"
+    peer: str = "xsk0p"
+    queues: int = 1
+
+    def __enter__(self) -> VethNamespace:
+        ip("netns", "add", self.name)
+        try:
+            q = str(self.queues)
+            ip("link", "add", self.inside, "numtxqueues", q, "numrxqueues", q, "type", "veth", "peer", "name",
+               self.peer, "numtxqueues", q, "numrxqueues", q, netns=self.name)
+            for dev in (self.inside, self.peer):
+                ip("link", "set", dev, "up", netns=self.name)
+            if self.queues > 1:
+                self._steer_by_cpu()
+        except BaseException:
+            self.delete()
+            raise
+        return self
+
+    def _steer_by_cpu(self) -> None:
+        # XPS: a frame sent from CPU i leaves the peer on TX queue i and so arrives on RX queue i,
+        # which lets a test aim traffic at one queue by pinning its sender.
+        ncpu = os.cpu_count() or 1
+        for q in range(self.queues):
+            mask = format(1 << (q % ncpu), "x")
+            subprocess.run(["ip", "netns", "exec", self.name, "sh", "-c",
+                            f"echo {mask} > /sys/class/net/{self.peer}/queues/tx-{q}/xps_cpus"],
+                           check=True, capture_output=True)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+    def mac(self, dev: str) -> bytes:
+        with in_netns(self.name):
+            return _mac(dev)
+
+
+def _mac(dev: str) -> bytes:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((dev, 0))
+        return s.getsockname()[4]
+
+
+@dataclass
+class BrokerProcess:
+    """`xskbroker serve` inside a namespace on a private socket, with its log in a file."""
+
+    netns: str
+    policy_text: str
+    extra_args: list[str] = field(default_factory=list)
+    workdir: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.workdir, "broker.sock")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, "broker.log")
+
+    @property
+    def policy_path(self) -> str:
+        return os.path.join(self.workdir, "policy.toml")
+
+    def __enter__(self) -> BrokerProcess:
+        self.workdir = tempfile.mkdtemp(prefix="xskbroker-")
+        os.chmod(self.workdir, 0o711)  # others may reach the socket by its path, not list the folder
+        Path(self.policy_path).write_text(self.policy_text)
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start(self, timeout: float = 10.0) -> None:
+        cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "broker", "serve", "--socket",
+               self.socket_path, "--policy", self.policy_path, "--socket-mode", "0666", *self.extra_args]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+               "LIBXDP_SKIP_DISPATCHER": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(r.get("event") == "ready" for r in self.records()):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.01)
+        raise TimeoutError(f"broker not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text()
+        except FileNotFoundError:
+            return ""
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    @property
+    def pid(self) -> int:
+        """The broker's own pid (`ip netns exec` execs it, so it is the child's pid)."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.workdir:
+            for name in ("broker.sock", "broker.log", "policy.toml"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.workdir, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.workdir)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---- unprivileged consumers --------------------------------------------------------------------
+
+def drop_privileges(uid: int, gid: int | None = None) -> dict[str, str]:
+    """Become uid/gid for good: no supplementary groups, no capabilities, no way back."""
+    gid = uid if gid is None else gid
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    caps = {k: v.strip() for k, v in (line.split(":", 1) for line in
+            Path("/proc/self/status").read_text().splitlines() if line.startswith("Cap"))}
+    if int(caps["CapEff"], 16) or int(caps["CapPrm"], 16) or os.getuid() == 0:
+        raise PermissionError(f"privileges not dropped: {caps}")
+    return caps
+
+
+@dataclass
+class Child:
+    """A forked consumer; result() waits for the value its function returned (or its error)."""
+
+    pid: int
+    rfd: int
+    uid: int
+
+    def result(self, timeout: float = 30.0) -> Any:
+        chunks = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
+                    raise TimeoutError(f"consumer {self.pid} gave no result in {timeout}s")
+                chunk = os.read(self.rfd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            self.kill()
+        if not chunks:
+            raise RuntimeError(f"consumer {self.pid} died without a result")
+        ok, value = pickle.loads(b"".join(chunks))
+        if not ok:
+            raise RuntimeError(f"consumer failed:\n{value}")
+        return value
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            self.rfd = -1
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(self.pid, sig)
+            os.waitpid(self.pid, 0)
+
+    def alive(self) -> bool:
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return pid == 0
+
+
+def spawn_unprivileged(fn: Callable[..., Any], *args: Any, uid: int = 65534, gid: int | None = None) -> Child:
+    """Fork, drop to uid (no capabilities) before anything else, then run fn(*args) and send back its result.
+
+    Forking rather than exec'ing lets the child run code from a tree an unprivileged uid may not read.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(rfd)
+            caps = drop_privileges(uid, gid)
+            try:
+                value = (True, fn(*args))
+            except BaseException:
+                value = (False, traceback.format_exc())
+                code = 1
+            if isinstance(value[1], dict):
+                value[1].setdefault("capabilities", caps)
+            data = pickle.dumps(value)
+            with os.fdopen(wfd, "wb") as w:
+                w.write(data)
+        except BaseException:
+            traceback.print_exc()
+            code = 2
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    return Child(pid, rfd, uid)
+
+
+# ---- the traffic peer --------------------------------------------------------------------------------
+
+class PacketPeer:
+    """A raw AF_PACKET socket on the veth's peer end: sends numbered frames, collects the replies."""
+
+    def __init__(self, netns: str, dev: str, dst: bytes) -> None:
+        with in_netns(netns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_DEMO))
+            self.sock.bind((dev, ETH_P_DEMO))
+        self.src = self.sock.getsockname()[4]
+        self.dst = dst
+        self.sock.setblocking(False)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def frame(self, seq: int, tag: bytes = MAGIC, size: int = 64) -> bytes:
+        return FRAME.pack(self.dst, self.src, ETH_P_DEMO, tag, seq, TO_CONSUMER).ljust(size, b"\0")
+
+    def send(self, seq: int, tag: bytes = MAGIC) -> None:
+        self.sock.send(self.frame(seq, tag))
+
+    def replies(self, timeout: float) -> list[tuple[bytes, int]]:
+        """(tag, seq) of every consumer reply that arrives within timeout (returns at the first lull)."""
+        out = []
+        ready = select.select([self.sock], [], [], timeout)[0]
+        while ready:
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except BlockingIOError:
+                break
+            if addr[2] == socket.PACKET_OUTGOING or len(data) < FRAME.size:
+                continue
+            _, _, _, tag, seq, direction = FRAME.unpack_from(data)
+            if direction == TO_PEER:
+                out.append((tag, seq))
+        return out
+
+    def wait_ready(self, timeout: float = 10.0, cpu: int | None = None) -> float:
+        """Probe until the consumer answers (its fill ring is stocked); returns the seconds it took."""
+        started = time.monotonic()
+        with self._on_cpu(cpu):
+            seq = 0
+            while time.monotonic() - started < timeout:
+                self.send(seq, PING)
+                seq += 1
+                if any(t == PING for t, _ in self.replies(0.02)):
+                    return time.monotonic() - started
+        raise TimeoutError(f"no consumer answered on {self.dst.hex(':')} within {timeout}s")
+
+    @contextlib.contextmanager
+    def _on_cpu(self, cpu: int | None) -> Iterator[None]:
+        old = os.sched_getaffinity(0)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, old)
+
+    def exchange(self, count: int, window: int = 64, idle: float = 2.0, tag: bytes = MAGIC,
+                 cpu: int | None = None) -> dict[str, Any]:
+        """Send `count` frames, at most `window` unanswered at a time; count the distinct replies.
+
+        Stops when all are answered or nothing came back for `idle` seconds (a frame was lost).
+        """
+        with self._on_cpu(cpu):
+            sent, got = 0, set()
+            started = last = time.monotonic()
+            while len(got) < count and time.monotonic() - last < idle:
+                while sent < count and sent - len(got) < window:
+                    self.send(sent, tag)
+                    sent += 1
+                before = len(got)
+                got.update(seq for t, seq in self.replies(0.1) if t == tag)
+                if len(got) > before:
+                    last = time.monotonic()
+            elapsed = time.monotonic() - started
+        return {"sent": sent, "replies": len(got), "seconds": elapsed}
+
+
+# ---- the consumer side of the demo (runs unprivileged) ---------------------------------------------
+
+def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem: int,
+                  timeout: float = 20.0) -> dict[str, Any]:
+    """Take a grant, answer `count` demo frames by sending each back to its sender, report counts."""
+    ring = 1024
+    started = time.perf_counter()
+    grant = request(interface, [queue], geometry=Geometry(umem, 4096, 0, ring, ring, ring, ring),
+                    socket_path=socket_path)
+    latency_ms = (time.perf_counter() - started) * 1000
+    with grant:
+        xs = grant.sockets[0]
+        rx = tx = done = foreign = probes = 0
+        xs.fill()
+        deadline = time.monotonic() + timeout
+        while rx < count and time.monotonic() < deadline:
+            descs = xs.receive(64)
+            if not descs:
+                done += xs.complete()
+                xs.fill()
+                xs.wait(0.05)
+                continue
+            out = []
+            for addr, length in descs:
+                f = xs.frame(addr, length)
+                head = bytes(f[12:18])
+                if length >= FRAME.size and head in (_DATA, _PROBE):
+                    # swap MACs and flip the direction byte: the frame goes back the way it came
+                    f[0:12] = bytes(f[6:12]) + bytes(f[0:6])
+                    f[22] = TO_PEER
+                    out.append((addr, length))
+                    rx += head == _DATA
+                    probes += head == _PROBE
+                else:
+                    foreign += 1
+                    xs.recycle([addr])
+                del f
+            while out:  # the TX ring has room for the batch once completions are reaped
+                sent = xs.transmit(out)
+                tx += sent
+                out = out[sent:]
+                xs.kick()
+                done += xs.complete()
+            xs.fill()
+        settle = time.monotonic() + 2
+        while done < tx and time.monotonic() < settle:  # until the kernel has sent every reply
+            xs.kick()
+            n = xs.complete()
+            done += n
+            if not n:
+                time.sleep(0.001)
+        stats = xs.statistics()
+        return {"rx_packets": rx, "tx_packets": tx - probes, "probes_answered": probes, "foreign_packets": foreign, "grant_latency_ms": latency_ms,
+                "xdp_mode": grant.xdp_mode, "bind_mode": "zerocopy" if xs.bind_flags & 4 else "copy",
+                "consumer_uid": os.getuid(), "lease": grant.lease, "tx_completed": done, "xsk_stats": stats}
