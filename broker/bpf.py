@@ -34,7 +34,7 @@ XDP_ATTACHED_MULTI = 4
 
 
 class XdpQueryOpts(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 - ctypes layout
+    _fields_ = [
         ("sz", ctypes.c_size_t),
         ("prog_id", ctypes.c_uint32),
         ("drv_prog_id", ctypes.c_uint32),
@@ -47,7 +47,7 @@ class XdpQueryOpts(ctypes.Structure):
 class ProgInfo(ctypes.Structure):
     """Leading part of struct bpf_prog_info; the kernel fills at most info_len bytes."""
 
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("type", ctypes.c_uint32),
         ("id", ctypes.c_uint32),
         ("tag", ctypes.c_uint8 * 8),
@@ -64,7 +64,7 @@ class ProgInfo(ctypes.Structure):
 
 
 class MapInfo(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("type", ctypes.c_uint32),
         ("id", ctypes.c_uint32),
         ("key_size", ctypes.c_uint32),

@@ -442,6 +442,7 @@ def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem
             if not n:
                 time.sleep(0.001)
         stats = xs.statistics()
-        return {"rx_packets": rx, "tx_packets": tx - probes, "probes_answered": probes, "foreign_packets": foreign, "grant_latency_ms": latency_ms,
+        return {"rx_packets": rx, "tx_packets": tx - probes, "probes_answered": probes,
+                "foreign_packets": foreign, "grant_latency_ms": latency_ms,
                 "xdp_mode": grant.xdp_mode, "bind_mode": "zerocopy" if xs.bind_flags & 4 else "copy",
                 "consumer_uid": os.getuid(), "lease": grant.lease, "tx_completed": done, "xsk_stats": stats}

@@ -109,10 +109,8 @@ class XskSocket:
         if self.fd < 0:
             return
         self.frames.release()
-        try:
+        with contextlib.suppress(BufferError):  # a caller still holds a frame view: unmapped when it goes
             self.umem.close()
-        except BufferError:
-            pass  # a caller still holds a frame view: the mapping goes when that view does
         self._unmap()
         self.sock.detach()
         self.fd = self.umem_fd = -1

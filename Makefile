@@ -1,0 +1,48 @@
+# Everything the project needs, from a fresh Debian 12 machine (as root), idempotently.
+#   make demo   set up, then run `xskbroker demo`
+#   make test   set up, then ruff and the whole test suite (unit + integration)
+#   make bench  set up, then the benchmarks
+
+SHELL := /bin/bash
+APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2
+# Debian's interpreter, not one under a 0700 home: unprivileged consumers must be able to run it.
+PYTHON := /usr/bin/python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup apt demo test unit lint bench clean
+
+setup: apt $(STAMP)
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/xskbroker demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+unit: setup
+	$(VENV)/bin/python -m pytest tests/unit
+
+test: setup lint
+	$(VENV)/bin/python -m pytest
+
+bench: setup
+	$(VENV)/bin/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
