@@ -38,8 +38,7 @@ FRAME = struct.Struct("!6s6sH4sIB")  # dst, src, ethertype, magic, seq, directio
 MAGIC = b"XSKB"
 PING = b"PING"  # readiness probe: answered like data, never counted
 TO_CONSUMER, TO_PEER = 0, 1
-_DATA = struct.pack("!H4s", ETH_P_DEMO, MAGIC)
-_PROBE = struct.pack("!H4s", ETH_P_DEMO, PING)
+_ETHERTYPE = struct.pack("!H", ETH_P_DEMO)
 
 
 def ip(*args: str, netns: str | None = None) -> None:
@@ -394,7 +393,11 @@ class PacketPeer:
 
 def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem: int,
                   timeout: float = 20.0) -> dict[str, Any]:
-    """Take a grant, answer `count` demo frames by sending each back to its sender, report counts."""
+    """Take a grant, answer `count` demo frames by sending each back to its sender, report counts.
+
+    Every frame of the demo ethertype is answered; readiness probes are not counted, and `tags`
+    counts data frames by their 4-byte tag (tests aim differently tagged traffic at each queue).
+    """
     ring = 1024
     started = time.perf_counter()
     grant = request(interface, [queue], geometry=Geometry(umem, 4096, 0, ring, ring, ring, ring),
@@ -403,6 +406,7 @@ def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem
     with grant:
         xs = grant.sockets[0]
         rx = tx = done = foreign = probes = 0
+        tags: dict[str, int] = {}
         xs.fill()
         deadline = time.monotonic() + timeout
         while rx < count and time.monotonic() < deadline:
@@ -415,14 +419,18 @@ def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem
             out = []
             for addr, length in descs:
                 f = xs.frame(addr, length)
-                head = bytes(f[12:18])
-                if length >= FRAME.size and head in (_DATA, _PROBE):
+                if length >= FRAME.size and bytes(f[12:14]) == _ETHERTYPE:
                     # swap MACs and flip the direction byte: the frame goes back the way it came
                     f[0:12] = bytes(f[6:12]) + bytes(f[0:6])
                     f[22] = TO_PEER
                     out.append((addr, length))
-                    rx += head == _DATA
-                    probes += head == _PROBE
+                    tag = bytes(f[14:18])
+                    if tag == PING:
+                        probes += 1
+                    else:
+                        rx += 1
+                        key = tag.decode(errors="replace")
+                        tags[key] = tags.get(key, 0) + 1
                 else:
                     foreign += 1
                     xs.recycle([addr])
@@ -443,6 +451,6 @@ def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem
                 time.sleep(0.001)
         stats = xs.statistics()
         return {"rx_packets": rx, "tx_packets": tx - probes, "probes_answered": probes,
-                "foreign_packets": foreign, "grant_latency_ms": latency_ms,
+                "foreign_packets": foreign, "tags": tags, "grant_latency_ms": latency_ms,
                 "xdp_mode": grant.xdp_mode, "bind_mode": "zerocopy" if xs.bind_flags & 4 else "copy",
                 "consumer_uid": os.getuid(), "lease": grant.lease, "tx_completed": done, "xsk_stats": stats}

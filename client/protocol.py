@@ -224,7 +224,8 @@ def _parse_json(data: bytes) -> dict[str, Any]:
     try:
         msg = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.pos >= len(text.rstrip()):
+        # a message cut short fails at its very end, or inside a string that never closes
+        if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
             raise ProtocolError("truncated", f"request ends in the middle of a JSON value: {e.msg}") from None
         raise ProtocolError("bad-json", f"request is not JSON: {e.msg} at character {e.pos}") from None
     if not isinstance(msg, dict):

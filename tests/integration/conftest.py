@@ -1,0 +1,91 @@
+"""Integration fixtures: a private namespace with a veth pair and a broker in it, all really made.
+
+Needs root and a kernel with AF_XDP and BPF; without them the whole directory is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import itertools
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker.sandbox import BrokerProcess, VethNamespace
+
+CONSUMER_UID = 65534  # nobody: allowed by the test policy
+STRANGER_UID = 65533  # no rule names it
+
+POLICY = """\
+version = 1
+
+[[allow]]
+name = "tests"
+users = [{uid}]
+interfaces = ["xsk*"]
+queues = ["0-7"]
+kinds = ["bound"]
+max_queues = 2
+max_umem = "16MiB"
+
+[[deny]]
+name = "never-the-peer"
+users = ["*"]
+interfaces = ["*p"]
+"""
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "integration tests need root (network namespaces, XDP, AF_XDP)"
+    try:
+        socket.socket(44, socket.SOCK_RAW).close()
+    except OSError as e:
+        return f"this kernel cannot make AF_XDP sockets: {e}"
+    if not ctypes.util.find_library("xdp"):
+        return "libxdp is not installed (apt-get install libxdp1)"
+    if not os.path.exists("/usr/sbin/ip") and not os.path.exists("/sbin/ip"):
+        return "iproute2 is not installed"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _missing()
+    if reason:
+        for item in items:
+            if "integration" in str(item.fspath):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+_ids = itertools.count()
+
+
+def ns_name() -> str:
+    return f"xskt{os.getpid()}-{next(_ids)}"
+
+
+@pytest.fixture
+def veth() -> Iterator[VethNamespace]:
+    """Two queues on each end, so tests can aim traffic at queue 0 or 1."""
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns:
+        yield ns
+
+
+@pytest.fixture
+def broker(veth: VethNamespace) -> Iterator[BrokerProcess]:
+    with BrokerProcess(veth.name, POLICY.format(uid=CONSUMER_UID)) as b:
+        yield b
+        assert b.proc is not None and b.proc.poll() is None, f"broker died:\n{b.log()}"
+
+
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,62 @@
+"""What unprivileged consumers do in the integration tests. Each runs in a child that has already
+dropped to an unprivileged uid with no capabilities (broker.sandbox.spawn_unprivileged)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from typing import Any
+
+from broker import xsk as kernel_xsk  # only its thin bind() wrapper is used, unprivileged
+from client import protocol as proto
+from client.grant import request
+from client.xdp_abi import (
+    AF_XDP,
+    SOL_XDP,
+    XDP_RX_RING,
+    XDP_UMEM_REG,
+    XDP_UMEM_REG_STRUCT,
+)
+
+
+def try_grant(path: str, iface: str, queues: list[int], umem: int = 4 << 20) -> dict[str, Any]:
+    try:
+        with request(iface, queues, geometry=proto.Geometry(umem_size=umem), socket_path=path) as g:
+            return {"ok": True, "lease": g.lease, "queues": [s.queue for s in g.sockets], "uid": os.getuid()}
+    except proto.BrokerError as e:
+        return {"ok": False, "code": e.code, "message": e.message, "uid": os.getuid()}
+
+
+def hold_grant(path: str, iface: str, queues: list[int], seconds: float) -> dict[str, Any]:
+    with request(iface, queues, socket_path=path) as g:
+        time.sleep(seconds)
+        return {"lease": g.lease}
+
+
+def _errno_of(fn) -> str:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e.errno))
+    return "allowed"
+
+
+def attempt_escapes(path: str, iface: str, queue: int) -> dict[str, str]:
+    """With a bound grant in hand, try everything a consumer must not be able to do."""
+    with request(iface, [queue], socket_path=path) as g:
+        xs = g.sockets[0]
+        other = 1 - queue
+        ifindex = g.ifindex
+        reg = XDP_UMEM_REG_STRUCT.pack(0, 4096 * 16, 4096, 0, 0, 0)
+        results = {
+            "rebind_same_queue": _errno_of(lambda: kernel_xsk.bind(xs.fd, ifindex, queue, 0)),
+            "rebind_other_queue": _errno_of(lambda: kernel_xsk.bind(xs.fd, ifindex, other, 0)),
+            "reregister_umem": _errno_of(lambda: xs.sock.setsockopt(SOL_XDP, XDP_UMEM_REG, reg)),
+            "resize_rx_ring": _errno_of(lambda: xs.sock.setsockopt(SOL_XDP, XDP_RX_RING, (64).to_bytes(4, "little"))),
+            "own_af_xdp_socket": _errno_of(lambda: socket.socket(AF_XDP, socket.SOCK_RAW).close()),
+            "grow_umem_memfd": _errno_of(lambda: os.ftruncate(xs.umem_fd, xs.geometry.umem_size * 2)),
+            "shrink_umem_memfd": _errno_of(lambda: os.ftruncate(xs.umem_fd, 4096)),
+        }
+        return results
