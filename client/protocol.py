@@ -13,7 +13,8 @@ from typing import Any
 VERSION = 1
 MAX_REQUEST = 8192  # bytes; a larger request is refused unread
 MAX_REPLY = 1 << 20
-MAX_QUEUES = 256
+SCM_MAX_FD = 253  # the kernel refuses an SCM_RIGHTS message with more fds (EINVAL)
+MAX_QUEUES = SCM_MAX_FD // 2  # a bound socket takes two fds (socket, UMEM memfd): 126 per grant
 MAX_UMEM = 1 << 32
 MAX_RING = 1 << 16
 IFNAMSIZ = 16
@@ -176,7 +177,7 @@ def _queues(msg: dict[str, Any]) -> tuple[int, ...]:
         raw = msg["queues"]
         if isinstance(raw, int) and not isinstance(raw, bool):
             count = _bounded("queues", raw, 1, MAX_QUEUES)
-            start = _bounded("start_queue", _field(msg, "start_queue", int, 0), 0, 65535)
+            start = _bounded("start_queue", _field(msg, "start_queue", int, 0), 0, 65536 - count)
             return tuple(range(start, start + count))
         if not isinstance(raw, list) or not raw:
             raise ProtocolError("bad-request", "queues must be a non-empty list of queue ids or a count")
@@ -228,6 +229,8 @@ def _parse_json(data: bytes) -> dict[str, Any]:
         if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
             raise ProtocolError("truncated", f"request ends in the middle of a JSON value: {e.msg}") from None
         raise ProtocolError("bad-json", f"request is not JSON: {e.msg} at character {e.pos}") from None
+    except (ValueError, RecursionError):  # an integer of more than 4300 digits; nesting deeper than the stack
+        raise ProtocolError("bad-json", "request has a number too long or nesting too deep") from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad-json", "a request must be a JSON object")
     return msg
@@ -237,13 +240,20 @@ def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Req
     """Validate one request message. Raises ProtocolError with the code to reply with."""
     if truncated or len(data) > MAX_REQUEST:
         raise ProtocolError("too-large", f"requests are limited to {MAX_REQUEST} bytes")
-    msg = _parse_json(data)
+    fds_error = ProtocolError("fds-not-allowed", f"requests carry no file descriptors ({fds} received, closed)")
+    try:
+        msg = _parse_json(data)
+    except ProtocolError:
+        if fds:  # the fds are the first thing wrong with a message that has them, JSON or not
+            raise fds_error from None
+        raise
     op = msg.get("op") if isinstance(msg.get("op"), str) else None
-    req_id = msg.get("id") if isinstance(msg.get("id"), int | str) else None
+    raw_id = msg.get("id")
+    req_id = raw_id if isinstance(raw_id, int | str) and not isinstance(raw_id, bool) else None
     try:
         if fds:
-            raise ProtocolError("fds-not-allowed", f"requests carry no file descriptors ({fds} received, closed)")
-        if msg.get("v") != VERSION:
+            raise fds_error
+        if type(msg.get("v")) is not int or msg["v"] != VERSION:  # not true, not 1.0
             raise ProtocolError("bad-version", f"unsupported protocol version {msg.get('v')!r}; this broker "
                                 f"speaks version {VERSION}")
         if op not in _FIELDS:
@@ -267,7 +277,11 @@ def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Req
 
 def _grant(msg: dict[str, Any], req_id: Any) -> Grant:
     interface = _field(msg, "interface", str)
-    if not 0 < len(interface.encode()) < IFNAMSIZ or "/" in interface or interface.strip() != interface:
+    try:
+        size = len(interface.encode())
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): no name, and a lookup would raise
+        size = 0
+    if not 0 < size < IFNAMSIZ or "/" in interface or "\0" in interface or interface.strip() != interface:
         raise ProtocolError("bad-request", f"{interface!r} is not a valid interface name")
     kind = _field(msg, "kind", str, "bound")
     if kind not in KINDS:
@@ -285,12 +299,12 @@ def decode_reply(data: bytes) -> dict[str, Any]:
     """Parse a reply; raise BrokerError for an error reply."""
     try:
         msg = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BrokerError("bad-reply", f"broker reply is not JSON: {e}") from None
     if not isinstance(msg, dict) or msg.get("v") != VERSION:
         raise BrokerError("bad-reply", f"broker reply has no version {VERSION} object")
     if not msg.get("ok"):
-        err = msg.get("error") or {}
+        err = msg.get("error") if isinstance(msg.get("error"), dict) else {}
         raise BrokerError(str(err.get("code", "unknown")), str(err.get("message", "")), msg)
     return msg
 
