@@ -8,7 +8,8 @@ import grp
 import os
 import sys
 
-from broker.server import JsonAudit, Server, listen
+from broker.audit import JsonAudit
+from broker.server import Server, listen
 from broker.service import Service
 from policy import PolicyError, load_policy
 

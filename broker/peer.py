@@ -25,9 +25,11 @@ class PeerInfo:
     user: str | None = None
     groups: frozenset[str] = field(default_factory=frozenset)
     exe: str | None = None
+    cgroup: str | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user, "exe": self.exe}
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user, "exe": self.exe,
+                "cgroup": self.cgroup}
 
 
 def peer_groups(sock: socket.socket) -> frozenset[int]:
@@ -65,8 +67,11 @@ def _name(lookup, ident: int) -> str | None:  # type: ignore[no-untyped-def]
 def identify(sock: socket.socket) -> PeerInfo:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     gids = peer_groups(sock) | {gid}
-    exe = None
+    exe = cgroup = None
     with contextlib.suppress(OSError):
         exe = os.readlink(f"/proc/{pid}/exe")
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cgroup") as f:
+        # the unified (v2) hierarchy line "0::/path"; the audit trail names the service or scope
+        cgroup = next((line[3:].strip() for line in f if line.startswith("0::")), None)
     names = frozenset(n for n in (_name(grp.getgrgid, g) for g in gids) if n)
-    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe)
+    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup)

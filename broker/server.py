@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import selectors
 import signal
 import socket
 import stat
 import sys
-import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 from broker import peer as peers
 from broker.service import Outcome, Service
@@ -26,18 +24,6 @@ from policy import PolicyError, load_policy
 
 MAX_FDS_IN = 16  # fds a client might (wrongly) attach; more are dropped and closed by the kernel
 MAX_CONNECTIONS = 1024
-
-
-class JsonAudit:
-    """One JSON object per line: each decision, plus lifecycle events."""
-
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        line = json.dumps({"ts": round(time.time(), 6), **record}, separators=(",", ":"), default=str)
-        self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.socket:
@@ -74,8 +60,9 @@ def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.soc
 
 class Server:
     def __init__(self, listener: socket.socket, service: Service, audit: Callable[[dict[str, Any]], None],
-                 policy_path: str | None = None) -> None:
+                 policy_path: str | None = None, idle_timeout: float | None = None) -> None:
         self.listener = listener
+        self.idle_timeout = idle_timeout  # exit after this long with no connection and no lease
         self.service = service
         self.audit = audit
         self.policy_path = policy_path
@@ -97,12 +84,20 @@ class Server:
         handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while not self.stopping:
-                for key, _ in self.sel.select():
+                events = self.sel.select(self.idle_timeout)
+                for key, _ in events:
                     key.data(key.fileobj)
+                if not events and self.idle():
+                    self.audit({"event": "idle-exit", "after_s": self.idle_timeout})
+                    self.stopping = True
         finally:
             signal.set_wakeup_fd(old_fd)
             for s, h in handlers.items():
                 signal.signal(s, h)
+
+    def idle(self) -> bool:
+        """Nothing would be lost by exiting: no client connected, no lease to watch."""
+        return not self.conns and not len(self.service.leases)
 
     def close(self) -> None:
         for conn, _ in list(self.conns.values()):
