@@ -15,7 +15,6 @@ import pickle
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -27,18 +26,14 @@ from pathlib import Path
 from typing import Any
 
 # Imported here, while still root: after the drop, modules under a 0700 home cannot be loaded.
+from client.echo import ETH_P_DEMO, FRAME, MAGIC, PING, TO_CONSUMER, TO_PEER, Reflector
 from client.grant import request
 from client.protocol import Geometry
+from client.xdp_abi import XDP_ZEROCOPY
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 PR_SET_NO_NEW_PRIVS = 38
-ETH_P_DEMO = 0x88B5  # IEEE "local experimental": nothing else on the veth speaks it
-FRAME = struct.Struct("!6s6sH4sIB")  # dst, src, ethertype, magic, seq, direction
-MAGIC = b"XSKB"
-PING = b"PING"  # readiness probe: answered like data, never counted
-TO_CONSUMER, TO_PEER = 0, 1
-_ETHERTYPE = struct.pack("!H", ETH_P_DEMO)
 
 
 def ip(*args: str, netns: str | None = None) -> None:
@@ -393,11 +388,7 @@ class PacketPeer:
 
 def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem: int,
                   timeout: float = 20.0) -> dict[str, Any]:
-    """Take a grant, answer `count` demo frames by sending each back to its sender, report counts.
-
-    Every frame of the demo ethertype is answered; readiness probes are not counted, and `tags`
-    counts data frames by their 4-byte tag (tests aim differently tagged traffic at each queue).
-    """
+    """Take a bound grant and answer `count` demo frames by sending each back to its sender."""
     ring = 1024
     started = time.perf_counter()
     grant = request(interface, [queue], geometry=Geometry(umem, 4096, 0, ring, ring, ring, ring),
@@ -405,52 +396,9 @@ def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem
     latency_ms = (time.perf_counter() - started) * 1000
     with grant:
         xs = grant.sockets[0]
-        rx = tx = done = foreign = probes = 0
-        tags: dict[str, int] = {}
-        xs.fill()
-        deadline = time.monotonic() + timeout
-        while rx < count and time.monotonic() < deadline:
-            descs = xs.receive(64)
-            if not descs:
-                done += xs.complete()
-                xs.fill()
-                xs.wait(0.05)
-                continue
-            out = []
-            for addr, length in descs:
-                f = xs.frame(addr, length)
-                if length >= FRAME.size and bytes(f[12:14]) == _ETHERTYPE:
-                    # swap MACs and flip the direction byte: the frame goes back the way it came
-                    f[0:12] = bytes(f[6:12]) + bytes(f[0:6])
-                    f[22] = TO_PEER
-                    out.append((addr, length))
-                    tag = bytes(f[14:18])
-                    if tag == PING:
-                        probes += 1
-                    else:
-                        rx += 1
-                        key = tag.decode(errors="replace")
-                        tags[key] = tags.get(key, 0) + 1
-                else:
-                    foreign += 1
-                    xs.recycle([addr])
-                del f
-            while out:  # the TX ring has room for the batch once completions are reaped
-                sent = xs.transmit(out)
-                tx += sent
-                out = out[sent:]
-                xs.kick()
-                done += xs.complete()
-            xs.fill()
-        settle = time.monotonic() + 2
-        while done < tx and time.monotonic() < settle:  # until the kernel has sent every reply
-            xs.kick()
-            n = xs.complete()
-            done += n
-            if not n:
-                time.sleep(0.001)
-        stats = xs.statistics()
-        return {"rx_packets": rx, "tx_packets": tx - probes, "probes_answered": probes,
-                "foreign_packets": foreign, "tags": tags, "grant_latency_ms": latency_ms,
-                "xdp_mode": grant.xdp_mode, "bind_mode": "zerocopy" if xs.bind_flags & 4 else "copy",
-                "consumer_uid": os.getuid(), "lease": grant.lease, "tx_completed": done, "xsk_stats": stats}
+        result = Reflector([xs]).run(count, timeout)
+        result["tags"] = result["tags"][str(queue)]
+        result["xsk_stats"] = result["xsk_stats"][str(queue)]
+        return {**result, "grant_latency_ms": latency_ms, "xdp_mode": grant.xdp_mode,
+                "bind_mode": "zerocopy" if xs.bind_flags & XDP_ZEROCOPY else "copy",
+                "consumer_uid": os.getuid(), "lease": grant.lease}

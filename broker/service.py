@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,8 @@ from broker import bpf, netdev, xdp_prog, xsk
 from broker.leases import LeaseTable
 from broker.peer import PeerInfo
 from client import protocol as proto
-from policy import Peer, Policy, Request, decide
+from client.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
+from policy import Peer, Policy, Request, Rule, decide
 
 SERVER_NAME = "xskbroker"
 AuditFn = Callable[[dict[str, Any]], None]
@@ -76,13 +78,16 @@ class Service:
 
     def _grant(self, peer: PeerInfo, req: proto.Grant) -> Outcome:
         record: dict[str, Any] = {"event": "grant", "peer": peer.as_dict(), "request": _describe(req)}
+        # a map grant is judged on every queue of the device (a deny on any of them applies)
+        queues = req.queues or _all_queues(req.interface)
         decision = decide(self.policy, Peer(peer.uid, peer.gids, peer.user, peer.groups),
-                          Request(req.interface, req.queues, req.kind, req.umem_bytes))
+                          Request(req.interface, queues, req.kind, req.umem_bytes))
         record["rule"] = decision.rule.name if decision.rule else None
         try:
-            if not decision.allowed:
+            if not decision.allowed or decision.rule is None:
                 raise Refused(decision.code, decision.reason)
-            outcome = self._make_bound(peer, req)
+            maker = {"bound": self._make_bound, "bare": self._make_bare, "map": self._make_map}[req.kind]
+            outcome = maker(peer, req, decision.rule)
         except Refused as e:
             record.update(decision="deny", code=e.code, reason=e.message)
             self.audit(record)
@@ -91,9 +96,8 @@ class Service:
         self.audit(record)
         return outcome
 
-    def _make_bound(self, peer: PeerInfo, req: proto.Grant) -> Outcome:
-        if req.kind != "bound":
-            raise Refused("unsupported-kind", f"this broker does not make {req.kind!r} grants yet")
+    def _target(self, req: proto.Grant) -> tuple[int, xdp_prog.XskProgram]:
+        """The interface's index and XSK program, after checking every requested queue exists."""
         try:
             ifindex = netdev.ifindex(req.interface)
         except netdev.NoSuchInterface as e:
@@ -103,11 +107,19 @@ class Service:
         if bad:
             raise Refused("no-such-queue", f"{req.interface} has {nqueues} queue(s) (0-{nqueues - 1}); "
                           f"queue {bad[0]} does not exist")
+        sole = next((lease for lease in self.leases if lease.ifindex == ifindex and lease.kind == "map"), None)
+        if sole:
+            raise Refused("interface-exclusive", f"{req.interface} is held whole by lease {sole.id} (a map grant "
+                          f"to uid {sole.uid}) until it ends")
         prog = self._program(ifindex, req.interface, nqueues)
         over = [q for q in req.queues if q >= prog.max_entries]
         if over:
             raise Refused("no-such-queue", f"the XSK program on {req.interface} has {prog.max_entries} "
                           f"map slots; queue {over[0]} is beyond it (the device grew after it was attached)")
+        return ifindex, prog
+
+    def _make_bound(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
+        ifindex, prog = self._target(req)
         made: list[xsk.BoundSocket] = []
         try:
             for q in req.queues:
@@ -117,23 +129,78 @@ class Service:
             for s in made:
                 bpf.map_delete(prog.map_fd, s.queue)
                 s.close()
-            if isinstance(e, xsk.QueueBusy):
-                raise Refused("queue-busy", f"{req.interface} queue {q} is held by another socket") from None
-            if isinstance(e, OSError):
-                raise Refused("kernel-error", f"{req.interface} queue {q}: {e.strerror or e}",
-                              errno=errno.errorcode.get(e.errno or 0, str(e.errno))) from None
-            raise
-        lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, req.queues, req.kind,
-                                req.umem_bytes)
+            raise _refusal(e, req.interface, q) from None
         fds: list[int] = []
         sockets = []
         for s in made:
             sockets.append({"queue": s.queue, "fd": len(fds), "umem_fd": len(fds) + 1,
                             "bind_flags": s.bind_flags, "zerocopy": s.zerocopy, **req.geometry.to_wire()})
             fds += [s.xsk_fd, s.umem_fd]
+        return self._lease(peer, req, ifindex, prog, fds, sockets=sockets)
+
+    def _make_bare(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
+        if not xsk.kernel_enforces_bindtodevice():
+            raise Refused("unsupported-kind", f"bare grants need Linux 6.5 or later, where SO_BINDTODEVICE confines "
+                          f"an AF_XDP bind to the device; this is {os.uname().release}")
+        ifindex, prog = self._target(req)
+        fds: list[int] = []
+        try:
+            for q in req.queues:
+                fds.append(xsk.create_bare(req.interface, q, prog.map_fd))
+        except BaseException as e:
+            for q_done, fd in zip(req.queues, fds, strict=False):
+                bpf.map_delete(prog.map_fd, q_done)
+                os.close(fd)
+            raise _refusal(e, req.interface, q) from None
+        sockets = [{"queue": q, "fd": i} for i, q in enumerate(req.queues)]
+        memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
+        return self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
+                           bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
+
+    def _make_map(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
+        if not rule.exclusive:  # the loader already insists on it; a decision must never rely on that alone
+            raise Refused("kind-not-allowed", f"{rule.describe()} is not exclusive: map grants need the whole "
+                          "interface")
+        ifindex, prog = self._target(req)
+        others = [lease for lease in self.leases if lease.ifindex == ifindex]
+        taken = xsk.occupied_slots(prog.map_fd, prog.max_entries)
+        if others or taken:
+            raise Refused("interface-busy", f"{req.interface} is in use (leases {[x.id for x in others]}, occupied "
+                          f"queues {taken}); a map grant needs it unused")
+        fd = os.dup(prog.map_fd)
+        return self._lease(peer, req, ifindex, prog, [fd], map_fd=0, map_entries=prog.max_entries)
+
+    def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: xdp_prog.XskProgram, fds: list[int],
+               **fields: Any) -> Outcome:
+        lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, req.queues, req.kind, req.umem_bytes)
         reply = proto.ok_reply("grant", req.req_id, lease=lease.id, kind=req.kind, interface=req.interface,
-                               ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, sockets=sockets)
+                               ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, **fields)
         return Outcome(reply, fds, lease.id)
+
+    def _memlock(self, peer: PeerInfo, needed: int, rule: Rule) -> dict[str, Any]:
+        """Give a bare-grant holder the RLIMIT_MEMLOCK its own UMEM needs, where policy and privilege allow.
+
+        Never lowers a limit. When it cannot raise it, the reply says exactly what is missing.
+        """
+        soft, hard = resource.prlimit(peer.pid, resource.RLIMIT_MEMLOCK)
+        info: dict[str, Any] = {"needed": needed, "soft": soft, "hard": hard, "raised": False}
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return {**info, "ok": True}
+        hint = (f"raise the limit of the process that will register the UMEM to at least {needed} bytes: "
+                f"LimitMEMLOCK={needed} in its systemd unit, `prlimit --pid {peer.pid} --memlock={needed}:{needed}` "
+                f"as root, a memlock line in limits.conf, or CAP_IPC_LOCK")
+        if rule.raise_memlock is None or needed > rule.raise_memlock:
+            allowed = "no raise" if rule.raise_memlock is None else f"raises up to {rule.raise_memlock} bytes"
+            return {**info, "ok": False, "reason": f"{rule.describe()} allows {allowed}", "hint": hint}
+        try:
+            resource.prlimit(peer.pid, resource.RLIMIT_MEMLOCK,
+                             (needed, hard if hard == resource.RLIM_INFINITY else max(hard, needed)))
+        except OSError as e:
+            reason = ("the broker lacks CAP_SYS_RESOURCE to raise another process's hard limit"
+                      if e.errno == errno.EPERM else f"prlimit failed: {e.strerror}")
+            return {**info, "ok": False, "reason": reason, "hint": hint}
+        self.audit({"event": "memlock-raised", "pid": peer.pid, "from": soft, "to": needed})
+        return {**info, "ok": True, "raised": True}
 
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> xdp_prog.XskProgram:
         """The cached XSK program of the interface, re-found when someone changed what is attached."""
@@ -191,6 +258,23 @@ class Service:
         return proto.ok_reply("status", req.req_id, leases=leases, interfaces=interfaces)
 
 
+def _all_queues(ifname: str) -> tuple[int, ...]:
+    try:
+        netdev.ifindex(ifname)
+    except netdev.NoSuchInterface:
+        return (0,)  # judged as if for one queue; the grant then fails as no-such-interface
+    return tuple(range(netdev.queue_count(ifname)))
+
+
+def _refusal(e: BaseException, ifname: str, queue: int) -> BaseException:
+    if isinstance(e, xsk.QueueBusy):
+        return Refused("queue-busy", f"{ifname} queue {queue} is held by another socket")
+    if isinstance(e, OSError):
+        return Refused("kernel-error", f"{ifname} queue {queue}: {e.strerror or e}",
+                       errno=errno.errorcode.get(e.errno or 0, str(e.errno)))
+    return e
+
+
 def _describe(req: proto.Grant) -> dict[str, Any]:
     return {"interface": req.interface, "queues": list(req.queues), "kind": req.kind,
-            "umem_bytes": req.umem_bytes, "bind_mode": req.bind_mode}
+            "umem_bytes": req.umem_bytes, "bind_mode": req.bind_mode, "memlock": req.memlock}

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -161,3 +162,47 @@ def create_bound(ifindex: int, queue: int, map_fd: int, g: Geometry, bind_mode: 
         undo.pop_all()
         return BoundSocket(sock.detach(), umem_fd, queue, flags | (XDP_ZEROCOPY if zc else XDP_COPY), zc)
     raise AssertionError("unreachable")
+
+
+def create_bare(ifname: str, queue: int, map_fd: int) -> int:
+    """An unbound socket confined to one device and placed in xsks_map[queue]: QEMU's sock-fds= input.
+
+    SO_BINDTODEVICE is enforced at bind (kernel >= 6.5) and the consumer cannot clear it without
+    CAP_NET_RAW; the queue is the consumer's to choose (the slot decides what it receives).
+    """
+    sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        try:
+            bpf.map_update(map_fd, queue, sock.fileno(), bpf.BPF_NOEXIST)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket") from None
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+def occupied_slots(map_fd: int, entries: int) -> list[int]:
+    """Slots that hold a socket. XSKMAP lookups are not allowed from user space, so each slot is
+    probed with a BPF_NOEXIST insert of a throw-away socket, undone at once when it succeeds."""
+    taken = []
+    with socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as probe:
+        for q in range(entries):
+            try:
+                bpf.map_update(map_fd, q, probe.fileno(), bpf.BPF_NOEXIST)
+            except OSError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                taken.append(q)
+            else:
+                bpf.map_delete(map_fd, q)
+    return taken
+
+
+def kernel_enforces_bindtodevice() -> bool:
+    """SO_BINDTODEVICE confines AF_XDP bind from Linux 6.5 on."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return m is not None and (int(m[1]), int(m[2])) >= (6, 5)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -40,6 +42,35 @@ def add_client_parsers(sub: Any) -> None:
     r.add_argument("--hold", type=float, default=0.0, help="seconds to hold the grant before releasing")
     r.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
     r.set_defaults(func=cmd_request)
+
+    e = sub.add_parser(
+        "exec", help="take a grant and run a command that inherits the sockets (QEMU, an app)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Take a grant, make exactly its fds inheritable, substitute placeholders in the command's "
+        "arguments, export XSKBROKER_GRANT (JSON with every fd) and exec the command, which then holds the "
+        "sockets: the lease ends when it exits.\n\nplaceholders: {sock_fds} (colon-separated socket fds, "
+        "QEMU's sock-fds=), {umem_fds}, {map_fd}, {queues}, {start_queue}, {ifname}, {ifindex}, {xdp_mode}, "
+        "{lease}; {{ and }} are literal braces.",
+        epilog="example (QEMU >= 8.2, no capabilities needed):\n"
+        "  xskbroker exec --interface eth1 --queues 2 --start-queue 0 -- \\\n"
+        "    qemu-system-x86_64 ... -netdev af-xdp,id=n0,ifname={ifname},queues={queues},"
+        "start-queue={start_queue},inhibit=on,sock-fds={sock_fds},mode={xdp_mode} \\\n"
+        "    -device virtio-net-pci,netdev=n0")
+    e.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
+    e.add_argument("--interface", "-i", required=True, help="interface name")
+    e.add_argument("--queues", "-q", type=int, default=1, help="number of queues (default: 1)")
+    e.add_argument("--start-queue", type=int, default=0, help="first queue id (default: 0)")
+    e.add_argument("--kind", choices=("bare", "bound", "map"), default="bare",
+                   help="bare: unbound sockets for QEMU/libxdp (default); bound: ready sockets + UMEM memfds; "
+                   "map: the xsks_map fd (exclusive rules only)")
+    e.add_argument("--umem", type=_size, default=4 << 20, help="bound kind: UMEM bytes per socket (default 4MiB)")
+    e.add_argument("--memlock", type=_size, default=None,
+                   help="bare kind: RLIMIT_MEMLOCK the command needs for its own UMEM (default: 32MiB per queue, "
+                   "what QEMU registers; 0: don't ask); the broker raises it where policy and privilege allow")
+    e.add_argument("--require-memlock", action="store_true",
+                   help="fail instead of warning when the broker could not provide the memlock limit")
+    e.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    e.set_defaults(func=cmd_exec)
 
     s = sub.add_parser("status", help="show the leases this user holds (root: all) and attached programs")
     s.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
@@ -102,3 +133,41 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {lease['lease']}: uid {lease['uid']} pid {lease['pid']} {lease['interface']} queues "
               f"{lease['queues']} {lease['kind']} {lease['umem_bytes']} bytes, {lease['age_s']:.0f}s old")
     return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from client.grant import request_fds
+    from client.launch import QEMU_UMEM_PER_QUEUE, exec_with_grant, memlock_warning
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("xskbroker exec: no command given (put it after --)", file=sys.stderr)
+        return 2
+    memlock = args.memlock
+    if memlock is None:
+        memlock = QEMU_UMEM_PER_QUEUE * args.queues if args.kind == "bare" else 0
+    geometry = proto.Geometry(umem_size=args.umem)
+    queues = 0 if args.kind == "map" else args.queues
+    try:
+        reply, fds = request_fds(args.interface, queues, kind=args.kind, start_queue=args.start_queue,
+                                 geometry=geometry, socket_path=args.socket, memlock=memlock)
+    except (proto.BrokerError, ConnectionError, OSError) as e:
+        return _fail(e, False)
+    warning = memlock_warning(reply)
+    try:
+        if warning:
+            print(warning, file=sys.stderr)
+            if args.require_memlock:
+                return 1
+        exec_with_grant(reply, fds, command)
+    except KeyError as e:
+        print(f"xskbroker exec: {e.args[0]}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"xskbroker exec: cannot run {command[0]!r}: {e.strerror or e}", file=sys.stderr)
+        return 127
+    finally:
+        for fd in fds:  # reached only when exec failed: nothing may keep the sockets alive
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    return 127

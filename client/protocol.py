@@ -17,6 +17,7 @@ SCM_MAX_FD = 253  # the kernel refuses an SCM_RIGHTS message with more fds (EINV
 MAX_QUEUES = SCM_MAX_FD // 2  # a bound socket takes two fds (socket, UMEM memfd): 126 per grant
 MAX_UMEM = 1 << 32
 MAX_RING = 1 << 16
+MAX_MEMLOCK = 1 << 40
 IFNAMSIZ = 16
 KINDS = ("bound", "bare", "map")
 BIND_MODES = ("auto", "copy", "zerocopy")
@@ -87,6 +88,7 @@ class Grant:
     geometry: Geometry = field(default_factory=Geometry)
     bind_mode: str = "auto"
     need_wakeup: bool = True
+    memlock: int = 0  # bare grants: RLIMIT_MEMLOCK the holder needs for its own UMEM (0: don't ask)
     req_id: Any = None
     op: str = "grant"
 
@@ -111,8 +113,12 @@ def encode_request(req: Request) -> bytes:
     if isinstance(req, Release):
         msg["lease"] = req.lease
     elif isinstance(req, Grant):
-        msg.update(interface=req.interface, queues=list(req.queues), kind=req.kind, bind_mode=req.bind_mode,
+        msg.update(interface=req.interface, kind=req.kind, bind_mode=req.bind_mode,
                    need_wakeup=req.need_wakeup, **req.geometry.to_wire())
+        if req.queues:
+            msg["queues"] = list(req.queues)
+        if req.memlock:
+            msg["memlock"] = req.memlock
     return encode(msg)
 
 
@@ -212,7 +218,7 @@ def _geometry(msg: dict[str, Any]) -> Geometry:
 
 
 _GRANT_FIELDS = {"v", "op", "id", "interface", "queues", "start_queue", "kind", "umem", "rings",
-                 "bind_mode", "need_wakeup"}
+                 "bind_mode", "need_wakeup", "memlock"}
 _FIELDS = {"hello": {"v", "op", "id", "client"}, "status": {"v", "op", "id"},
            "release": {"v", "op", "id", "lease"}, "grant": _GRANT_FIELDS}
 
@@ -289,8 +295,14 @@ def _grant(msg: dict[str, Any], req_id: Any) -> Grant:
     bind_mode = _field(msg, "bind_mode", str, "auto")
     if bind_mode not in BIND_MODES:
         raise ProtocolError("bad-request", f"bind_mode must be one of {', '.join(BIND_MODES)}")
-    return Grant(interface=interface, queues=_queues(msg), kind=kind, geometry=_geometry(msg),
-                 bind_mode=bind_mode, need_wakeup=_field(msg, "need_wakeup", bool, True), req_id=req_id)
+    # a map grant is the whole interface: it names no queues
+    queues = () if kind == "map" and "queues" not in msg else _queues(msg)
+    if kind == "map" and queues:
+        raise ProtocolError("bad-request", "a map grant covers the whole interface: omit 'queues'")
+    memlock = _bounded("memlock", _field(msg, "memlock", int, 0), 0, MAX_MEMLOCK)
+    return Grant(interface=interface, queues=queues, kind=kind, geometry=_geometry(msg),
+                 bind_mode=bind_mode, need_wakeup=_field(msg, "need_wakeup", bool, True), memlock=memlock,
+                 req_id=req_id)
 
 
 # ---- decoding (client side) ------------------------------------------------------------------------

@@ -206,11 +206,15 @@ class XskSocket:
     def alloc(self) -> int | None:
         return self.free.popleft() if self.free else None
 
-    def wait(self, timeout: float | None) -> bool:
-        """Sleep until RX data is ready (poll), waking the kernel first if the fill ring asks for it."""
+    def wake_rx(self) -> None:
+        """Wake the kernel's RX processing when the fill ring asks for it (need-wakeup)."""
         if self.fr.needs_wakeup():
             with contextlib.suppress(BlockingIOError):
                 self.sock.recv(0, socket.MSG_DONTWAIT)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until RX data is ready (poll), waking the kernel first if the fill ring asks for it."""
+        self.wake_rx()
         p = select.poll()
         p.register(self.fd, select.POLLIN)
         return bool(p.poll(None if timeout is None else int(timeout * 1000)))

@@ -25,7 +25,7 @@ DROPIN_DIR = "policy.d"
 _TOP_KEYS = ("version", "allow", "deny")
 _PRINCIPAL_KEYS = ("users", "groups")
 _DENY_KEYS = ("name", *_PRINCIPAL_KEYS, "interfaces", "queues", "kinds")
-_ALLOW_KEYS = (*_DENY_KEYS, "max_queues", "max_umem", "exclusive")
+_ALLOW_KEYS = (*_DENY_KEYS, "max_queues", "max_umem", "exclusive", "raise_memlock")
 _IFNAMSIZ = 16  # includes the NUL, so names have at most 15 characters
 
 # A table header line: [name] or [[name]], name possibly quoted; used only to find line numbers.
@@ -194,6 +194,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_queues": _positive_int,
     "max_umem": _umem,
     "exclusive": _bool,
+    "raise_memlock": _umem,
 }
 
 
@@ -239,6 +240,12 @@ def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines
         errors.append((header, f"{label}: 'users' and 'groups' are empty, so the rule matches no one"))
     if "interfaces" not in table:
         errors.append((header, f"{label}: missing required key 'interfaces'"))
+    if action == "allow" and "map" in values.get("kinds", ()) and not values.get("exclusive"):
+        # whoever holds the xsks_map fd can rewrite every slot: only a sole tenant may have it
+        errors.append((line_of("kinds"), f"{label}: kind 'map' needs exclusive = true (the map holder can "
+                       "rewrite any queue's slot, so the rule must give the whole interface to one tenant)"))
+    if values.get("exclusive") and "queues" in values:
+        errors.append((line_of("queues"), f"{label}: an exclusive rule gives whole interfaces; drop 'queues'"))
 
     if errors:
         out.errors.extend(errors)
@@ -256,6 +263,7 @@ def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines
             max_queues=values.get("max_queues"),
             max_umem=values.get("max_umem"),
             exclusive=values.get("exclusive", False),
+            raise_memlock=values.get("raise_memlock"),
             source=f"{out.filename}:{header}",
         )
     )

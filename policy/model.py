@@ -78,6 +78,7 @@ class Rule:
     max_queues: int | None = None
     max_umem: int | None = None
     exclusive: bool = False
+    raise_memlock: int | None = None  # RLIMIT_MEMLOCK the broker may raise a bare-grant holder to
     source: str = "<policy>"
 
     def describe(self) -> str:

@@ -20,7 +20,7 @@ queues = ["0-3", 7]
 kinds = ["bound", "bare"]
 max_queues = 2
 max_umem = "16MiB"
-exclusive = true
+raise_memlock = "64MiB"
 
 [[deny]]
 name = "never-eth0"
@@ -54,7 +54,8 @@ def test_every_key_parsed():
     assert allow.kinds == frozenset({"bound", "bare"})
     assert allow.max_queues == 2
     assert allow.max_umem == 16 << 20
-    assert allow.exclusive is True
+    assert allow.exclusive is False
+    assert allow.raise_memlock == 64 << 20
     assert allow.source == "/etc/x.toml:3"
 
     assert deny.name == "never-eth0" and deny.action == "deny"
@@ -375,3 +376,33 @@ def test_not_utf8(tmp_path):
 
 def test_policy_error_from_string():
     assert PolicyError("f: cannot read: x").errors == ["f: cannot read: x"]
+
+
+def test_map_kind_needs_an_exclusive_rule():
+    errors = errors_of("""\
+        version = 1
+        [[allow]]
+        name = "dpdk"
+        users = ["*"]
+        interfaces = ["eth1"]
+        kinds = ["map"]
+        """)
+    assert errors == ["p.toml:6: rule 'dpdk': kind 'map' needs exclusive = true (the map holder can rewrite any "
+                      "queue's slot, so the rule must give the whole interface to one tenant)"]
+
+
+def test_exclusive_rule_cannot_narrow_queues():
+    errors = errors_of("""\
+        version = 1
+        [[allow]]
+        name = "dpdk"
+        users = ["*"]
+        interfaces = ["eth1"]
+        kinds = ["map"]
+        exclusive = true
+        queues = [0]
+        """)
+    assert errors == ["p.toml:8: rule 'dpdk': an exclusive rule gives whole interfaces; drop 'queues'"]
+    policy = parse_policy('version = 1\n[[allow]]\nname = "d"\nusers = ["*"]\ninterfaces = ["e"]\n'
+                          'kinds = ["map"]\nexclusive = true\n')
+    assert policy.rules[0].exclusive and policy.rules[0].kinds == frozenset({"map"})
