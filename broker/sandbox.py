@@ -67,12 +67,18 @@ def in_netns(name: str) -> Iterator[None]:
 
 @dataclass
 class VethNamespace:
-    """A namespace holding a veth pair: `inside` for the broker's consumers, `peer` for traffic."""
+    """A namespace holding a veth pair: `inside` for the broker's consumers, `peer` for traffic.
+
+    With several queues, XPS steers the peer's transmissions by sending CPU: a frame sent from CPU c
+    leaves the peer on the TX queue mapped to c and so arrives on the same RX queue inside, which lets
+    a test aim traffic at a queue by pinning its sender. `xps` maps queue -> CPU (default: q % ncpu).
+    """
 
     name: str
     inside: str = "xsk0"
     peer: str = "xsk0p"
     queues: int = 1
+    xps: dict[int, int] | None = None
 
     def __enter__(self) -> VethNamespace:
         ip("netns", "add", self.name)
@@ -90,14 +96,12 @@ class VethNamespace:
         return self
 
     def _steer_by_cpu(self) -> None:
-        # XPS: a frame sent from CPU i leaves the peer on TX queue i and so arrives on RX queue i,
-        # which lets a test aim traffic at one queue by pinning its sender.
         ncpu = os.cpu_count() or 1
-        for q in range(self.queues):
-            mask = format(1 << (q % ncpu), "x")
-            subprocess.run(["ip", "netns", "exec", self.name, "sh", "-c",
-                            f"echo {mask} > /sys/class/net/{self.peer}/queues/tx-{q}/xps_cpus"],
-                           check=True, capture_output=True)
+        xps = self.xps if self.xps is not None else {q: q % ncpu for q in range(self.queues)}
+        script = "; ".join(
+            f"echo {format(1 << xps[q], 'x') if q in xps else '0'} > /sys/class/net/{self.peer}/queues/tx-{q}/xps_cpus"
+            for q in range(self.queues))
+        subprocess.run(["ip", "netns", "exec", self.name, "sh", "-c", script], check=True, capture_output=True)
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
@@ -186,6 +190,27 @@ class BrokerProcess:
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def settled_fds(self, quiet: float = 0.15, timeout: float = 5.0) -> int:
+        """The fd count once it has stopped changing (closed client connections are reaped)."""
+        deadline = time.monotonic() + timeout
+        last, since = self.open_fds(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            now = self.open_fds()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+        return last
+
+    def fd_targets(self) -> list[str]:
+        """What each open fd of the broker is, for messages about leaks."""
+        out = []
+        for fd in sorted(os.listdir(f"/proc/{self.pid}/fd"), key=int):
+            with contextlib.suppress(OSError):
+                out.append(f"{fd}->{os.readlink(f'/proc/{self.pid}/fd/{fd}')}")
+        return out
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

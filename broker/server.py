@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -174,7 +175,12 @@ class Server:
         if not data and not nfds:
             self._drop(conn)  # orderly close
             return
-        outcome = self.service.handle(who, data, truncated=bool(flags & socket.MSG_TRUNC), fds=nfds)
+        try:
+            outcome = self.service.handle(who, data, truncated=bool(flags & socket.MSG_TRUNC), fds=nfds)
+        except Exception as e:  # a bug must cost one request, never the broker and everyone's leases
+            self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
+                        "trace": traceback.format_exc(limit=8)})
+            outcome = Outcome(proto.error_reply("internal-error", f"the broker failed to handle this request: {e!r}"))
         self._reply(conn, outcome, who)
 
     def _reply(self, conn: socket.socket, outcome: Outcome, who: peers.PeerInfo) -> None:

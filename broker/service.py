@@ -182,7 +182,7 @@ class Service:
 
         Never lowers a limit. When it cannot raise it, the reply says exactly what is missing.
         """
-        soft, hard = resource.prlimit(peer.pid, resource.RLIMIT_MEMLOCK)
+        soft, hard = _memlock_of(peer.pid)
         info: dict[str, Any] = {"needed": needed, "soft": soft, "hard": hard, "raised": False}
         if soft == resource.RLIM_INFINITY or soft >= needed:
             return {**info, "ok": True}
@@ -256,6 +256,18 @@ class Service:
         interfaces = [{"ifindex": p.ifindex, "xdp_prog_id": p.prog_id, "xdp_mode": p.mode,
                        "map_entries": p.max_entries} for p in self.programs.values()]
         return proto.ok_reply("status", req.req_id, leases=leases, interfaces=interfaces)
+
+
+def _memlock_of(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_MEMLOCK of a process. /proc is read because prlimit(2) on another user's
+    process needs CAP_SYS_RESOURCE even to read."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max locked memory"):
+                soft, hard = line[len("Max locked memory"):].split()[:2]
+                return tuple(resource.RLIM_INFINITY if v == "unlimited" else int(v)  # type: ignore[return-value]
+                             for v in (soft, hard))
+    raise OSError(errno.ENOENT, f"no memlock limit in /proc/{pid}/limits")
 
 
 def _all_queues(ifname: str) -> tuple[int, ...]:

@@ -81,7 +81,7 @@ DENIALS = [
 def test_each_denial_has_its_own_code_and_leaves_nothing(broker: BrokerProcess, veth: VethNamespace, uid: int,
                                                           iface: str, queues: list[int], umem: int,
                                                           code: str) -> None:
-    fds_before = broker.open_fds()
+    fds_before = broker.settled_fds()
     got = spawn_unprivileged(try_grant, broker.socket_path, iface, queues, umem, uid=uid).result()
     assert got["ok"] is False and got["code"] == code, got
     assert got["message"]
@@ -113,7 +113,7 @@ def _raw_exchange(path: str, payload: bytes, fds: list[int] | None = None) -> di
 def test_bad_messages_get_errors_and_leave_the_broker_healthy(broker: BrokerProcess) -> None:
     hello = proto.encode_request(proto.Hello())
     _raw_exchange(broker.socket_path, hello)  # warm-up: libraries and caches loaded once
-    fds_before = broker.open_fds()
+    fds_before = broker.settled_fds()
     r, w = os.pipe()
     try:
         cases = {
@@ -132,7 +132,8 @@ def test_bad_messages_get_errors_and_leave_the_broker_healthy(broker: BrokerProc
         assert reply["ok"] is False and reply["error"]["code"] == code, (code, reply)
         assert reply["error"]["message"]
     assert _raw_exchange(broker.socket_path, hello)["ok"] is True
-    wait_for(lambda: broker.open_fds() == fds_before, what=f"broker fd count back at {fds_before}")
+    wait_for(lambda: broker.open_fds() == fds_before,
+             what=f"broker fd count back at {fds_before}: {broker.fd_targets()}")
     # the fds the client attached were closed by the broker: the pipe has no writer left anywhere
     assert broker.proc is not None and broker.proc.poll() is None
 
