@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policy file; policy.d/*.toml beside it is merged (default: %(default)s)")
     s.add_argument("--socket-mode", type=_mode, default=0o660, help="socket file mode (default: 0660)")
     s.add_argument("--socket-group", help="group owning the socket file (name or gid)")
+    s.add_argument("--state-dir", help="where leases are recorded for restart recovery "
+                   "(default: $RUNTIME_DIRECTORY or /run/xskbroker)")
     s.add_argument("--xdp-mode", choices=("auto", "native", "skb"), default="auto",
                    help="how to attach the XSK program: native with fallback to skb (auto), or only one")
     s.set_defaults(func=_serve)

@@ -39,7 +39,10 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"xskbroker: cannot listen on {args.socket}: {e.strerror or e}", file=sys.stderr)
         return 1
-    service = Service(policy, audit, args.xdp_mode)
+    state_dir = getattr(args, "state_dir", None) or os.environ.get("RUNTIME_DIRECTORY", "/run/xskbroker")
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.json"))
+    service.recover()
     server = Server(listener, service, audit, args.policy)
     audit({"event": "ready", "socket": args.socket, "policy": list(policy.sources), "rules": len(policy.rules),
            "pid": os.getpid()})

@@ -45,12 +45,11 @@ def peer_groups(sock: socket.socket) -> frozenset[int]:
             size *= 4
 
 
-def peer_pidfd(sock: socket.socket, pid: int) -> int | None:
+def peer_pidfd(sock: socket.socket | None, pid: int) -> int | None:
     """A pidfd for the peer: SO_PEERPIDFD (race-free, kernel >= 6.5), else pidfd_open on its pid."""
-    try:
-        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
-    except OSError:
-        pass
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
     try:
         return os.pidfd_open(pid)
     except OSError:

@@ -155,7 +155,8 @@ class BrokerProcess:
 
     def start(self, timeout: float = 10.0) -> None:
         cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "broker", "serve", "--socket",
-               self.socket_path, "--policy", self.policy_path, "--socket-mode", "0666", *self.extra_args]
+               self.socket_path, "--policy", self.policy_path, "--socket-mode", "0666", "--state-dir", self.workdir,
+               *self.extra_args]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
                "LIBXDP_SKIP_DISPATCHER": "1"}
         with open(self.log_path, "ab") as log:
@@ -225,7 +226,7 @@ class BrokerProcess:
                 self.proc.kill()
                 self.proc.wait()
         if self.workdir:
-            for name in ("broker.sock", "broker.log", "policy.toml"):
+            for name in ("broker.sock", "broker.log", "policy.toml", "leases.json"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.workdir, name))
             with contextlib.suppress(OSError):

@@ -18,10 +18,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from broker import faults, linkwatch
 from broker import peer as peers
-from broker.service import Outcome, Service
+from broker.service import Outcome, Service, policy_peer
 from client import protocol as proto
-from policy import PolicyError, load_policy
+from policy import Holding, PolicyError, load_policy
+from policy import quota as quotas
 
 MAX_FDS_IN = 16  # fds a client might (wrongly) attach; more are dropped and closed by the kernel
 MAX_CONNECTIONS = 1024
@@ -77,6 +79,15 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._signals)
+        service.signal_holder = self.signal_holder
+        self.links: socket.socket | None = None
+        try:
+            self.links = linkwatch.open_socket()
+            self.sel.register(self.links, selectors.EVENT_READ, self._link_events)
+        except OSError as e:  # lifecycle tracking is lost, grants still work: say so and go on
+            self.audit({"event": "linkwatch-unavailable", "error": str(e)})
+        for lease in service.leases:
+            self.watch_pid(lease.pid)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -106,6 +117,8 @@ class Server:
         for pidfd in self.pidfds.values():
             os.close(pidfd)
         self.pidfds.clear()
+        if self.links is not None:
+            self.links.close()
         self.sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -153,6 +166,15 @@ class Server:
         except OSError:
             conn.close()
             return
+        held = [Holding(p.uid, p.gids, p.groups, connections=1) for _, p in self.conns.values()]
+        refused = quotas.check(self.service.policy, policy_peer(who), held, connections=1)
+        if refused:
+            self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": refused.code,
+                        "reason": refused.reason})
+            with contextlib.suppress(OSError):
+                conn.send(proto.error_reply(refused.code, refused.reason))
+            conn.close()
+            return
         self.conns[conn.fileno()] = (conn, who)
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
 
@@ -185,6 +207,7 @@ class Server:
 
     def _reply(self, conn: socket.socket, outcome: Outcome, who: peers.PeerInfo) -> None:
         try:
+            faults.point("before-send")
             if outcome.fds:
                 socket.send_fds(conn, [outcome.reply], outcome.fds)
             else:
@@ -196,25 +219,56 @@ class Server:
             self._drop(conn)
         else:
             if outcome.lease_id:
-                self._watch(who)
+                faults.point("after-send")
+                self.watch_pid(who.pid, conn)
         finally:
             outcome.close_fds()  # the client has its own copies now; ours would keep the sockets alive
 
-    def _watch(self, who: peers.PeerInfo) -> None:
-        if who.pid in self.pidfds:
+    def watch_pid(self, pid: int, conn: socket.socket | None = None) -> None:
+        """Learn when a lease holder exits: its pidfd becomes readable."""
+        if pid in self.pidfds:
             return
-        conn_sock = next((c for c, p in self.conns.values() if p.pid == who.pid), None)
-        pidfd = peers.peer_pidfd(conn_sock, who.pid) if conn_sock else None
+        pidfd = peers.peer_pidfd(conn, pid) if conn is not None else _pidfd_open(pid)
         if pidfd is None:
+            self.service.holder_exited(pid)  # already gone
             return
-        self.pidfds[who.pid] = pidfd
-        self.sel.register(pidfd, selectors.EVENT_READ, lambda fd, pid=who.pid: self._exited(pid))
+        self.pidfds[pid] = pidfd
+        self.sel.register(pidfd, selectors.EVENT_READ, lambda fd, pid=pid: self._exited(pid))
 
     def _exited(self, pid: int) -> None:
         pidfd = self.pidfds.pop(pid)
         self.sel.unregister(pidfd)
         os.close(pidfd)
         self.service.holder_exited(pid)
+
+    def signal_holder(self, pid: int, signame: str) -> bool:
+        pidfd = self.pidfds.get(pid)
+        if pidfd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(pidfd, signal.Signals[signame])
+        except OSError:
+            return False
+        return True
+
+    def _link_events(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:  # ENOBUFS: events were lost; the next grant re-checks the kernel anyway
+                self.audit({"event": "linkwatch-overrun", "error": str(e)})
+                return
+            for ev in linkwatch.parse(data):
+                self.service.link_event(ev)
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
 
 
 def _close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:

@@ -10,16 +10,19 @@ import contextlib
 import errno
 import os
 import resource
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import bpf, netdev, xdp_prog, xsk
-from broker.leases import LeaseTable
+from broker import bpf, faults, netdev, xdp_prog, xsk
+from broker.leases import Lease, LeaseTable
+from broker.linkwatch import LinkEvent
 from broker.peer import PeerInfo
 from client import protocol as proto
 from client.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
-from policy import Peer, Policy, Request, Rule, decide
+from policy import Holding, Peer, Policy, RateLimiter, Request, Rule, decide
+from policy import quota as quotas
 
 SERVER_NAME = "xskbroker"
 AuditFn = Callable[[dict[str, Any]], None]
@@ -44,13 +47,21 @@ class Refused(Exception):
         self.code, self.message, self.extra = code, message, extra
 
 
+SignalFn = Callable[[int, str], bool]
+
+
 class Service:
-    def __init__(self, policy: Policy, audit: AuditFn, xdp_mode: str = "auto") -> None:
+    def __init__(self, policy: Policy, audit: AuditFn, xdp_mode: str = "auto", state_file: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.audit = audit
         self.xdp_mode = xdp_mode
-        self.leases = LeaseTable()
+        self.leases = LeaseTable(state_file)
         self.programs: dict[int, xdp_prog.XskProgram] = {}
+        self.names: dict[int, str] = {}  # ifindex -> name as last seen, to notice renames
+        self.limiter = RateLimiter()
+        self.clock = clock
+        self.signal_holder: SignalFn = lambda pid, sig: False  # the server, which holds the pidfds, sets it
 
     def close(self) -> None:
         for prog in self.programs.values():
@@ -65,6 +76,10 @@ class Service:
         except proto.ProtocolError as e:
             self.audit({"event": "bad-request", "peer": peer.as_dict(), "code": e.code, "message": e.message})
             return Outcome(proto.error_reply_for(e))
+        limited = self.limiter.allow(self.policy, policy_peer(peer), self.clock())
+        if limited:
+            self.audit({"event": "rate-limited", "peer": peer.as_dict(), "op": req.op, "reason": limited.reason})
+            return Outcome(proto.error_reply(limited.code, limited.reason, req.op, req.req_id))
         if isinstance(req, proto.Hello):
             return Outcome(proto.ok_reply("hello", req.req_id, server=SERVER_NAME, versions=[proto.VERSION],
                                           peer={"uid": peer.uid, "gid": peer.gid, "pid": peer.pid}))
@@ -72,6 +87,8 @@ class Service:
             return Outcome(self._status(peer, req))
         if isinstance(req, proto.Release):
             return Outcome(self._release(peer, req))
+        if isinstance(req, proto.Revoke):
+            return Outcome(self._revoke(peer, req))
         return self._grant(peer, req)
 
     # ---- grant -----------------------------------------------------------------------------------
@@ -80,12 +97,16 @@ class Service:
         record: dict[str, Any] = {"event": "grant", "peer": peer.as_dict(), "request": _describe(req)}
         # a map grant is judged on every queue of the device (a deny on any of them applies)
         queues = req.queues or _all_queues(req.interface)
-        decision = decide(self.policy, Peer(peer.uid, peer.gids, peer.user, peer.groups),
-                          Request(req.interface, queues, req.kind, req.umem_bytes))
+        who = policy_peer(peer)
+        decision = decide(self.policy, who, Request(req.interface, queues, req.kind, req.umem_bytes))
         record["rule"] = decision.rule.name if decision.rule else None
         try:
             if not decision.allowed or decision.rule is None:
                 raise Refused(decision.code, decision.reason)
+            over = quotas.check(self.policy, who, self.holdings(), queues=len(req.queues), umem=req.umem_bytes)
+            if over:
+                record["quota"] = over.reason
+                raise Refused(over.code, over.reason)
             maker = {"bound": self._make_bound, "bare": self._make_bare, "map": self._make_map}[req.kind]
             outcome = maker(peer, req, decision.rule)
         except Refused as e:
@@ -172,7 +193,11 @@ class Service:
 
     def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: xdp_prog.XskProgram, fds: list[int],
                **fields: Any) -> Outcome:
-        lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, req.queues, req.kind, req.umem_bytes)
+        # recorded (and persisted) before the fds leave: a crash after this line leaves a record that
+        # recovery checks against the kernel, never a socket nobody accounts for
+        lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, req.queues, req.kind, req.umem_bytes,
+                                tuple(sorted(peer.gids)), tuple(sorted(peer.groups)))
+        faults.point("after-lease-saved")
         reply = proto.ok_reply("grant", req.req_id, lease=lease.id, kind=req.kind, interface=req.interface,
                                ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, **fields)
         return Outcome(reply, fds, lease.id)
@@ -218,6 +243,7 @@ class Service:
         except OSError as e:
             raise Refused("xdp-attach-failed", e.strerror or str(e)) from None
         self.programs[ifindex] = prog
+        self.names[ifindex] = ifname
         if prog.attached_now:
             self.audit({"event": "xdp-attach", "interface": ifname, "ifindex": ifindex, "prog_id": prog.prog_id,
                         "mode": prog.mode, "map_entries": prog.max_entries})
@@ -233,7 +259,7 @@ class Service:
 
     def _release(self, peer: PeerInfo, req: proto.Release) -> bytes:
         lease = self.leases.get(req.lease)
-        if lease is None or (lease.uid != peer.uid and peer.uid != 0):
+        if lease is None or (lease.uid != peer.uid and not self.is_admin(peer)):
             return proto.error_reply("unknown-lease", f"no lease {req.lease!r} held by uid {peer.uid}",
                                      "release", req.req_id)
         prog = self.programs.get(lease.ifindex)
@@ -251,11 +277,145 @@ class Service:
             self.leases.remove(lease.id)
             self.audit({"event": "lease-ended", "lease": lease.id, "pid": pid, "reason": "holder exited"})
 
+    def holdings(self) -> list[Holding]:
+        return [Holding(lease.uid, frozenset(lease.gids), frozenset(lease.groups), len(lease.queues),
+                        lease.umem_bytes) for lease in self.leases]
+
+    def is_admin(self, peer: PeerInfo) -> bool:
+        admin = self.policy.admin
+        return (str(peer.uid) in admin.users or (peer.user is not None and peer.user in admin.users)
+                or any(g in admin.groups for g in peer.groups) or any(str(g) in admin.groups for g in peer.gids))
+
+    # ---- revoke ----------------------------------------------------------------------------------------
+
+    def _revoke(self, peer: PeerInfo, req: proto.Revoke) -> bytes:
+        if not self.is_admin(peer):
+            self.audit({"event": "revoke", "peer": peer.as_dict(), "decision": "deny", "code": "not-admin"})
+            return proto.error_reply("not-admin", f"uid {peer.uid} is not an admin in the policy's [admin] table",
+                                     "revoke", req.req_id)
+        if req.lease is not None:
+            chosen = [x for x in [self.leases.get(req.lease)] if x is not None]
+        else:
+            chosen = [x for x in self.leases if x.ifname == req.interface
+                      and (req.queue is None or req.queue in x.queues)]
+        if not chosen:
+            return proto.error_reply("unknown-lease", "no lease matches", "revoke", req.req_id)
+        signal_name = self.policy.admin.revoke_signal if req.signal else None
+        if req.signal and signal_name is None:
+            return proto.error_reply("signal-not-allowed", "the policy's [admin] table sets no revoke_signal",
+                                     "revoke", req.req_id)
+        done = []
+        for lease in chosen:
+            done.append(self.revoke_lease(lease, peer, signal_name))
+        return proto.ok_reply("revoke", req.req_id, revoked=done,
+                              note="RX stopped: the map slots are empty. The kernel cannot unbind a socket, so "
+                              "a holder that keeps its fds can still transmit until it closes them.")
+
+    def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> dict[str, Any]:
+        """Empty the lease's map slots so RX stops, and mark it revoked; it ends when the holder closes."""
+        prog = self.programs.get(lease.ifindex)
+        emptied = []
+        if prog and lease.kind != "map":
+            for q in lease.queues:
+                with contextlib.suppress(OSError):
+                    if bpf.map_delete(prog.map_fd, q):
+                        emptied.append(q)
+        lease.revoked = True
+        self.leases.save()
+        signalled = self.signal_holder(lease.pid, signal_name) if signal_name else False
+        self.audit({"event": "revoke", "peer": by.as_dict() if by else None, "decision": "allow", "lease": lease.id,
+                    "holder_pid": lease.pid, "emptied_queues": emptied, "signal": signal_name,
+                    "signalled": signalled})
+        return {"lease": lease.id, "emptied_queues": emptied, "signalled": signalled, "holder_pid": lease.pid}
+
+    # ---- interfaces come and go ------------------------------------------------------------------------
+
+    def link_event(self, ev: LinkEvent) -> None:
+        old_name = self.names.get(ev.ifindex)
+        if ev.removed:
+            prog = self.programs.pop(ev.ifindex, None)
+            if prog:
+                prog.close()
+            self.names.pop(ev.ifindex, None)
+            for lease in self.leases.on_interface(ev.ifindex):
+                self.leases.remove(lease.id)
+                self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
+                            "reason": f"interface {lease.ifname} removed"})
+            if prog or old_name:
+                self.audit({"event": "interface-removed", "ifindex": ev.ifindex, "interface": old_name})
+            return
+        if ev.name and old_name and ev.name != old_name:
+            self.names[ev.ifindex] = ev.name
+            for lease in self.leases.on_interface(ev.ifindex):
+                lease.ifname = ev.name  # leases follow the ifindex; new grants follow policy by the new name
+            self.leases.save()
+            self.audit({"event": "interface-renamed", "ifindex": ev.ifindex, "from": old_name, "to": ev.name})
+        prog = self.programs.get(ev.ifindex)
+        if prog and ev.xdp_prog_id is not None and ev.xdp_prog_id != prog.prog_id:
+            self.programs.pop(ev.ifindex).close()
+            self.audit({"event": "xdp-program-changed", "ifindex": ev.ifindex, "interface": ev.name or old_name,
+                        "expected": prog.prog_id, "now": ev.xdp_prog_id or None,
+                        "leases": [x.id for x in self.leases.on_interface(ev.ifindex)]})
+
+    # ---- restart recovery -----------------------------------------------------------------------------
+
+    def recover(self) -> list[Lease]:
+        """Take back the leases a previous broker recorded whose holders still hold their sockets."""
+        kept = []
+        for lease in self.leases.load():
+            why = self._stale(lease)
+            if why:
+                self.audit({"event": "lease-dropped", "lease": lease.id, "reason": why})
+                continue
+            self.leases.adopt(lease)
+            kept.append(lease)
+            self.audit({"event": "lease-recovered", "lease": lease.id, "pid": lease.pid, "interface": lease.ifname,
+                        "queues": list(lease.queues)})
+        self.leases.save()
+        return kept
+
+    def _stale(self, lease: Lease) -> str | None:
+        if not lease.holder_alive():
+            return f"holder pid {lease.pid} is gone"
+        try:
+            name = netdev.ifname(lease.ifindex)
+        except netdev.NoSuchInterface:
+            return f"interface {lease.ifname} (ifindex {lease.ifindex}) is gone"
+        lease.ifname = name
+        self.names[lease.ifindex] = name
+        if lease.kind == "map":
+            return None
+        try:
+            prog = self._program(lease.ifindex, name, netdev.queue_count(name))
+        except Refused as e:
+            return e.message
+        taken = set(xsk.occupied_slots(prog.map_fd, prog.max_entries))
+        if not taken.intersection(lease.queues):
+            return "none of its queues holds a socket any more"
+        return None
+
     def _status(self, peer: PeerInfo, req: proto.Status) -> bytes:
-        leases = [lease.as_dict() for lease in self.leases if peer.uid in (0, lease.uid)]
-        interfaces = [{"ifindex": p.ifindex, "xdp_prog_id": p.prog_id, "xdp_mode": p.mode,
-                       "map_entries": p.max_entries} for p in self.programs.values()]
-        return proto.ok_reply("status", req.req_id, leases=leases, interfaces=interfaces)
+        admin = self.is_admin(peer)
+        leases = [lease.as_dict() for lease in self.leases if admin or lease.uid == peer.uid]
+        interfaces = []
+        for p in self.programs.values():
+            interfaces.append({"ifindex": p.ifindex, "interface": self.names.get(p.ifindex), "xdp_prog_id": p.prog_id,
+                               "xdp_mode": p.mode, "map_entries": p.max_entries,
+                               "leases": len(self.leases.on_interface(p.ifindex))})
+        me = policy_peer(peer)
+        held = self.holdings()
+        usage = []
+        for q in self.policy.quotas:
+            for scope in quotas.scopes(q, me):
+                used = quotas.usage(scope, held)
+                usage.append({"quota": q.name, "scope": f"{scope[0]} {scope[1]}", "queues": used.queues,
+                              "max_queues": q.max_queues, "umem": used.umem, "max_umem": q.max_umem})
+        return proto.ok_reply("status", req.req_id, leases=leases, interfaces=interfaces, quotas=usage,
+                              admin=admin)
+
+
+def policy_peer(peer: PeerInfo) -> Peer:
+    return Peer(peer.uid, peer.gids, peer.user, peer.groups)
 
 
 def _memlock_of(pid: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from broker import bpf
+from broker import bpf, faults
 from client.protocol import Geometry
 from client.xdp_abi import (
     AF_XDP,
@@ -145,6 +145,7 @@ def create_bound(ifindex: int, queue: int, map_fd: int, g: Geometry, bind_mode: 
     with contextlib.ExitStack() as undo:
         sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
         undo.callback(sock.close)
+        faults.point("after-socket")
         try:
             bpf.map_update(map_fd, queue, sock.fileno(), bpf.BPF_NOEXIST)
         except OSError as e:
@@ -152,12 +153,15 @@ def create_bound(ifindex: int, queue: int, map_fd: int, g: Geometry, bind_mode: 
                 raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket") from None
             raise
         undo.callback(bpf.map_delete, map_fd, queue)
+        faults.point("after-map-claim")
         umem_fd = sealed_memfd(g.umem_size)
         undo.callback(os.close, umem_fd)
         register_umem(sock, umem_fd, g)
+        faults.point("after-umem-reg")
         set_rings(sock, g)
         flags = bind_flags_for(bind_mode, need_wakeup)
         bind_with_retry(sock.fileno(), ifindex, queue, flags)
+        faults.point("after-bind")
         zc = is_zerocopy(sock)
         undo.pop_all()
         return BoundSocket(sock.detach(), umem_fd, queue, flags | (XDP_ZEROCOPY if zc else XDP_COPY), zc)

@@ -81,6 +81,18 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Revoke:
+    """Admin: end leases by id, or every lease on an interface (optionally one queue of it)."""
+
+    lease: str | None = None
+    interface: str | None = None
+    queue: int | None = None
+    signal: bool = False
+    req_id: Any = None
+    op: str = "revoke"
+
+
+@dataclass(frozen=True)
 class Grant:
     interface: str
     queues: tuple[int, ...]
@@ -97,7 +109,7 @@ class Grant:
         return self.geometry.umem_size * len(self.queues) if self.kind == "bound" else 0
 
 
-Request = Hello | Status | Release | Grant
+Request = Hello | Status | Release | Revoke | Grant
 
 
 # ---- encoding ---------------------------------------------------------------------------------------
@@ -112,6 +124,9 @@ def encode_request(req: Request) -> bytes:
         msg["id"] = req.req_id
     if isinstance(req, Release):
         msg["lease"] = req.lease
+    elif isinstance(req, Revoke):
+        msg.update({k: v for k, v in (("lease", req.lease), ("interface", req.interface), ("queue", req.queue))
+                    if v is not None}, signal=req.signal)
     elif isinstance(req, Grant):
         msg.update(interface=req.interface, kind=req.kind, bind_mode=req.bind_mode,
                    need_wakeup=req.need_wakeup, **req.geometry.to_wire())
@@ -220,7 +235,8 @@ def _geometry(msg: dict[str, Any]) -> Geometry:
 _GRANT_FIELDS = {"v", "op", "id", "interface", "queues", "start_queue", "kind", "umem", "rings",
                  "bind_mode", "need_wakeup", "memlock"}
 _FIELDS = {"hello": {"v", "op", "id", "client"}, "status": {"v", "op", "id"},
-           "release": {"v", "op", "id", "lease"}, "grant": _GRANT_FIELDS}
+           "release": {"v", "op", "id", "lease"}, "grant": _GRANT_FIELDS,
+           "revoke": {"v", "op", "id", "lease", "interface", "queue", "signal"}}
 
 
 def _parse_json(data: bytes) -> dict[str, Any]:
@@ -275,10 +291,25 @@ def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Req
             return Status(req_id)
         if op == "release":
             return Release(_field(msg, "lease", str), req_id)
+        if op == "revoke":
+            return _revoke(msg, req_id)
         return _grant(msg, req_id)
     except ProtocolError as e:
         e.op, e.req_id = op, req_id
         raise
+
+
+def _revoke(msg: dict[str, Any], req_id: Any) -> Revoke:
+    lease = _field(msg, "lease", str, None)
+    interface = _field(msg, "interface", str, None)
+    queue = _field(msg, "queue", int, None)
+    if (lease is None) == (interface is None):
+        raise ProtocolError("bad-request", "revoke names either a lease or an interface")
+    if queue is not None and interface is None:
+        raise ProtocolError("bad-request", "revoke of a queue needs its interface")
+    if queue is not None:
+        _bounded("queue", queue, 0, 65535)
+    return Revoke(lease, interface, queue, _field(msg, "signal", bool, False), req_id)
 
 
 def _grant(msg: dict[str, Any], req_id: Any) -> Grant:

@@ -24,7 +24,8 @@ from .decide import (
     principal_matches,
 )
 from .loader import DEFAULT_POLICY_PATH, PolicyError, load_policy, parse_policy
-from .model import ANY_QUEUE, KINDS, Kind, Policy, QueueSet, Rule
+from .model import ANY_QUEUE, KINDS, Admin, Kind, Policy, QueueSet, Quota, Rule
+from .quota import Holding, RateLimiter
 from .sizes import format_size, parse_size
 
 __all__ = [
@@ -40,12 +41,16 @@ __all__ = [
     "TOO_MANY_QUEUES",
     "UMEM_TOO_LARGE",
     "USER_NOT_ALLOWED",
+    "Admin",
     "Decision",
+    "Holding",
     "Kind",
     "Peer",
     "Policy",
     "PolicyError",
     "QueueSet",
+    "Quota",
+    "RateLimiter",
     "Request",
     "Rule",
     "decide",

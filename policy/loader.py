@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model import KINDS, Action, Policy, QueueSet, Rule
+from .model import KINDS, Action, Admin, Policy, QueueSet, Quota, Rule
 from .sizes import parse_size
 
 __all__ = ["DEFAULT_POLICY_PATH", "PolicyError", "load_policy", "parse_policy", "parse_size"]
@@ -22,10 +22,13 @@ __all__ = ["DEFAULT_POLICY_PATH", "PolicyError", "load_policy", "parse_policy", 
 DEFAULT_POLICY_PATH = "/etc/xskbroker/policy.toml"
 DROPIN_DIR = "policy.d"
 
-_TOP_KEYS = ("version", "allow", "deny")
+_TOP_KEYS = ("version", "allow", "deny", "quota", "admin")
 _PRINCIPAL_KEYS = ("users", "groups")
 _DENY_KEYS = ("name", *_PRINCIPAL_KEYS, "interfaces", "queues", "kinds")
 _ALLOW_KEYS = (*_DENY_KEYS, "max_queues", "max_umem", "exclusive", "raise_memlock")
+_QUOTA_KEYS = ("name", *_PRINCIPAL_KEYS, "max_queues", "max_umem", "max_connections", "max_requests_per_second")
+_ADMIN_KEYS = (*_PRINCIPAL_KEYS, "revoke_signal")
+_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
 _IFNAMSIZ = 16  # includes the NUL, so names have at most 15 characters
 
 # A table header line: [name] or [[name]], name possibly quoted; used only to find line numbers.
@@ -52,6 +55,8 @@ class _Parsed:
 
     filename: str
     rules: list[Rule] = field(default_factory=list)
+    quotas: list[Quota] = field(default_factory=list)
+    admin: Admin | None = None
     names: list[tuple[str, int]] = field(default_factory=list)  # (name, line of its name key)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (line, message)
 
@@ -195,7 +200,77 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_umem": _umem,
     "exclusive": _bool,
     "raise_memlock": _umem,
+    "max_connections": _positive_int,
+    "max_requests_per_second": lambda v: _rate(v),
+    "revoke_signal": lambda v: _signal(v),
 }
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise _Invalid(f"must be a positive number of requests per second, got {value!r}")
+    return float(value)
+
+
+def _signal(value: Any) -> str | None:
+    if value in ("none", ""):
+        return None
+    if value not in _SIGNALS:
+        raise _Invalid(f"must be one of {', '.join(_SIGNALS)} or \"none\", got {value!r}")
+    return str(value)
+
+
+def _parse_table(table: dict[str, Any], allowed: tuple[str, ...], label: str, line_of: Callable[[str], int],
+                 errors: list[tuple[int, str]]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in table:
+        if key not in allowed:
+            errors.append((line_of(key), f"{label}: unknown key {key!r}{_suggest(key, allowed)}"))
+            continue
+        try:
+            values[key] = _FIELDS[key](table[key])
+        except _Invalid as e:
+            errors.append((line_of(key), f"{label}: {key}: {e}"))
+    return values
+
+
+def _parse_quota(table: dict[str, Any], index: int, lines: _Lines, out: _Parsed) -> None:
+    header = lines.rule_header("quota", index) or lines.top_level("quota")
+    errors: list[tuple[int, str]] = []
+    label = f"[[quota]] #{index + 1}"
+
+    def line_of(key: str) -> int:
+        return lines.key(key, header) or header
+
+    values = _parse_table(table, _QUOTA_KEYS, label, line_of, errors)
+    if "name" in values:
+        out.names.append((values["name"], line_of("name")))
+    else:
+        errors.append((header, f"{label}: missing required key 'name'"))
+    if not values.get("users") and not values.get("groups"):
+        errors.append((header, f"{label}: needs 'users' or 'groups' (users = [\"*\"]: every user, each separately)"))
+    if not any(k in values for k in _QUOTA_KEYS[3:]):
+        errors.append((header, f"{label}: sets no limit ({', '.join(_QUOTA_KEYS[3:])})"))
+    if errors:
+        out.errors.extend(errors)
+        return
+    limits = {k: values[k] for k in _QUOTA_KEYS[3:] if k in values}
+    out.quotas.append(Quota(name=values["name"], users=values.get("users", frozenset()),
+                            groups=values.get("groups", frozenset()), source=f"{out.filename}:{header}", **limits))
+
+
+def _parse_admin(table: Any, lines: _Lines, out: _Parsed) -> None:
+    header = next((no for no, name, is_array in lines.headers if name == "admin" and not is_array), 1)
+    if not isinstance(table, dict):
+        out.errors.append((header, "'admin' must be written as an [admin] table"))
+        return
+    errors: list[tuple[int, str]] = []
+    values = _parse_table(table, _ADMIN_KEYS, "[admin]", lambda k: lines.key(k, header) or header, errors)
+    if errors:
+        out.errors.extend(errors)
+        return
+    out.admin = Admin(users=values.get("users", frozenset({"0"})), groups=values.get("groups", frozenset()),
+                      revoke_signal=values.get("revoke_signal"), source=f"{out.filename}:{header}")
 
 
 def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines, out: _Parsed) -> None:
@@ -302,6 +377,14 @@ def _parse_text(text: str, filename: str) -> _Parsed:
             continue
         for index, table in enumerate(tables):
             _parse_rule(table, action, index, lines, out)
+    quotas = doc.get("quota", [])
+    if not isinstance(quotas, list) or not all(isinstance(t, dict) for t in quotas):
+        out.errors.append((lines.top_level("quota"), "'quota' must be written as [[quota]] tables"))
+    else:
+        for index, table in enumerate(quotas):
+            _parse_quota(table, index, lines, out)
+    if "admin" in doc:
+        _parse_admin(doc["admin"], lines, out)
     # Rules were parsed allow-first; put them back in file order for listings and "first deny" reports.
     out.rules.sort(key=lambda r: int(r.source.rsplit(":", 1)[1]))
     return out
@@ -318,9 +401,14 @@ def _merge(files: list[_Parsed], errors: list[str], sources: list[str]) -> Polic
             else:
                 first_seen[name] = where
         errors.extend(f"{parsed.filename}:{line}: {msg}" for line, msg in sorted(found, key=lambda e: e[0]))
+    admins = [p for p in files if p.admin is not None]
+    if len(admins) > 1:
+        errors.append(f"{admins[1].filename}: a second [admin] table (the first is in {admins[0].filename})")
     if errors:
         raise PolicyError(errors)
-    return Policy(rules=tuple(r for p in files for r in p.rules), sources=tuple(sources))
+    return Policy(rules=tuple(r for p in files for r in p.rules), sources=tuple(sources),
+                  quotas=tuple(q for p in files for q in p.quotas),
+                  admin=admins[0].admin if admins and admins[0].admin else Admin())
 
 
 def parse_policy(text: str, filename: str = "<policy>") -> Policy:

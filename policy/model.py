@@ -87,11 +87,44 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """One [[quota]] table: limits on what the peers it names hold at once.
+
+    A quota that names users applies to each matching user separately; one that names groups is a
+    budget shared by all members of each matching group. Every quota that matches a peer applies.
+    """
+
+    name: str
+    users: frozenset[str]
+    groups: frozenset[str]
+    max_queues: int | None = None  # queues held at once
+    max_umem: int | None = None  # UMEM bytes pinned at once
+    max_connections: int | None = None  # broker connections open at once
+    max_requests_per_second: float | None = None
+    source: str = "<policy>"
+
+    def describe(self) -> str:
+        return f"quota {self.name!r} ({self.source})"
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The [admin] table: who may revoke leases and see every lease, and how a revoked holder is told."""
+
+    users: frozenset[str] = frozenset({"0"})
+    groups: frozenset[str] = frozenset()
+    revoke_signal: str | None = None  # e.g. "SIGTERM", sent through the holder's pidfd; None: no signal
+    source: str = "<default>"
+
+
+@dataclass(frozen=True)
 class Policy:
     """Rules in file order (main file first, then policy.d/*.toml sorted) and the files they came from."""
 
     rules: tuple[Rule, ...] = ()
     sources: tuple[str, ...] = ()
+    quotas: tuple[Quota, ...] = ()
+    admin: Admin = Admin()
 
     @property
     def allow_rules(self) -> tuple[Rule, ...]:

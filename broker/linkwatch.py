@@ -1,0 +1,82 @@
+"""Link events from rtnetlink (RTMGRP_LINK): interfaces removed or renamed, XDP programs changed.
+
+The parser is pure (bytes in, events out); `open_socket` is the only I/O. Three attributes are all the
+broker needs, which is why this is not pulled in from a netlink library (whose import alone would
+cost more than the broker's whole cold start).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 1
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+IFLA_IFNAME = 3
+IFLA_XDP = 43
+IFLA_XDP_PROG_ID = 4
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_IFINFOMSG = struct.Struct("=BxHiII")
+_RTATTR = struct.Struct("=HH")
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    removed: bool
+    ifindex: int
+    name: str | None
+    xdp_prog_id: int | None  # None when the message carries no XDP attribute
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    pos = start
+    while pos + _RTATTR.size <= end:
+        length, kind = _RTATTR.unpack_from(data, pos)
+        if length < _RTATTR.size or pos + length > end:
+            break
+        out[kind & 0x3FFF] = data[pos + _RTATTR.size:pos + length]  # strip NLA_F_NESTED/NET_BYTEORDER
+        pos += _align(length)
+    return out
+
+
+def parse(data: bytes) -> list[LinkEvent]:
+    """Every RTM_NEWLINK/RTM_DELLINK in a datagram; anything else (or anything malformed) is skipped."""
+    events = []
+    pos = 0
+    while pos + _NLMSGHDR.size <= len(data):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, pos)
+        if length < _NLMSGHDR.size or pos + length > len(data):
+            break
+        body = pos + _NLMSGHDR.size
+        if kind in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFOMSG.size <= pos + length:
+            _, _, ifindex, _, _ = _IFINFOMSG.unpack_from(data, body)
+            attrs = _attrs(data, body + _IFINFOMSG.size, pos + length)
+            name = attrs[IFLA_IFNAME].split(b"\0", 1)[0].decode(errors="replace") if IFLA_IFNAME in attrs else None
+            prog_id = None
+            if IFLA_XDP in attrs:
+                xdp = _attrs(attrs[IFLA_XDP], 0, len(attrs[IFLA_XDP]))
+                prog_id = struct.unpack("=I", xdp[IFLA_XDP_PROG_ID][:4])[0] if IFLA_XDP_PROG_ID in xdp else 0
+            events.append(LinkEvent(kind == RTM_DELLINK, ifindex, name, prog_id))
+        pos += _align(length)
+    return events
+
+
+def open_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                         NETLINK_ROUTE)
+    try:
+        sock.bind((0, RTMGRP_LINK))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

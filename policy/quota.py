@@ -1,0 +1,107 @@
+"""Quota decisions, pure: what peers hold now plus what they ask for, against the [[quota]] tables.
+
+The broker supplies the holdings (from its leases and connections) and the clock; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .decide import Decision, Peer
+from .model import Policy, Quota
+from .sizes import format_size
+
+QUOTA_QUEUES = "quota-queues"
+QUOTA_UMEM = "quota-umem"
+QUOTA_CONNECTIONS = "quota-connections"
+RATE_LIMITED = "rate-limited"
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What one holder has now: its identity, the queues it holds and the UMEM pinned for it."""
+
+    uid: int
+    gids: frozenset[int] = frozenset()
+    groups: frozenset[str] = frozenset()  # group names, as the caller resolved them
+    queues: int = 0
+    umem: int = 0
+    connections: int = 0
+
+    def in_group(self, group: str) -> bool:
+        return group in self.groups or (group.isdigit() and int(group) in self.gids)
+
+
+Scope = tuple[str, str]  # ("user", "<uid>") or ("group", "<name or gid as the quota spells it>")
+
+
+def scopes(quota: Quota, peer: Peer) -> list[Scope]:
+    """The budgets of `quota` that `peer` draws on: its own as a user, and each matching group's."""
+    out: list[Scope] = []
+    if "*" in quota.users or str(peer.uid) in quota.users or (peer.user is not None and peer.user in quota.users):
+        out.append(("user", str(peer.uid)))
+    me = Holding(peer.uid, peer.gids, peer.groups)
+    for group in sorted(quota.groups):
+        if group == "*":
+            out += [("group", str(gid)) for gid in sorted(peer.gids) if ("group", str(gid)) not in out]
+        elif me.in_group(group) and ("group", group) not in out:
+            out.append(("group", group))
+    return out
+
+
+def usage(scope: Scope, holdings: list[Holding]) -> Holding:
+    kind, ident = scope
+    mine = [h for h in holdings if (str(h.uid) == ident if kind == "user" else h.in_group(ident))]
+    return Holding(-1, queues=sum(h.queues for h in mine), umem=sum(h.umem for h in mine),
+                   connections=sum(h.connections for h in mine))
+
+
+def check(policy: Policy, peer: Peer, holdings: Iterable[Holding], queues: int = 0, umem: int = 0,
+          connections: int = 0) -> Decision | None:
+    """None when every matching quota still fits after adding the request; else the first refusal."""
+    held = list(holdings)
+    for quota in policy.quotas:
+        for scope in scopes(quota, peer):
+            used = usage(scope, held)
+            who = f"{scope[0]} {scope[1]}"
+            if quota.max_queues is not None and queues and used.queues + queues > quota.max_queues:
+                return Decision(False, QUOTA_QUEUES, None,
+                                f"{quota.describe()} allows {who} {quota.max_queues} queues at once; it holds "
+                                f"{used.queues} and asks for {queues} more")
+            if quota.max_umem is not None and umem and used.umem + umem > quota.max_umem:
+                return Decision(False, QUOTA_UMEM, None,
+                                f"{quota.describe()} allows {who} {format_size(quota.max_umem)} of UMEM at once; "
+                                f"it holds {format_size(used.umem)} and asks for {format_size(umem)} more")
+            if (quota.max_connections is not None and connections
+                    and used.connections + connections > quota.max_connections):
+                return Decision(False, QUOTA_CONNECTIONS, None,
+                                f"{quota.describe()} allows {who} {quota.max_connections} connections at once")
+    return None
+
+
+@dataclass
+class RateLimiter:
+    """Token buckets per (scope, quota): `rate` requests per second with a burst of one second's worth."""
+
+    buckets: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
+
+    def allow(self, policy: Policy, peer: Peer, now: float) -> Decision | None:
+        for quota in policy.quotas:
+            rate = quota.max_requests_per_second
+            if rate is None:
+                continue
+            for scope in scopes(quota, peer):
+                key = (quota.name, *scope)
+                tokens, last = self.buckets.get(key, (rate, now))
+                tokens = min(rate, tokens + (now - last) * rate)
+                if tokens < 1.0:
+                    self.buckets[key] = (tokens, now)
+                    return Decision(False, RATE_LIMITED, None,
+                                    f"{quota.describe()} allows {rate:g} requests per second; slow down")
+                self.buckets[key] = (tokens - 1.0, now)
+        return None
+
+    def forget_idle(self, now: float, older_than: float = 60.0) -> None:
+        """Drop buckets untouched for a while: they are full again anyway, and the table stays bounded."""
+        self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < older_than}
