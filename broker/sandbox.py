@@ -127,6 +127,7 @@ class BrokerProcess:
     netns: str
     policy_text: str
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. XSKBROKER_FAULT
     workdir: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
@@ -158,12 +159,13 @@ class BrokerProcess:
                self.socket_path, "--policy", self.policy_path, "--socket-mode", "0666", "--state-dir", self.workdir,
                *self.extra_args]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-               "LIBXDP_SKIP_DISPATCHER": "1"}
+               "LIBXDP_SKIP_DISPATCHER": "1", **self.env}
+        readies = sum(r.get("event") == "ready" for r in self.records())  # a restart appends to the same log
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(r.get("event") == "ready" for r in self.records()):
+            if sum(r.get("event") == "ready" for r in self.records()) > readies:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
@@ -226,7 +228,7 @@ class BrokerProcess:
                 self.proc.kill()
                 self.proc.wait()
         if self.workdir:
-            for name in ("broker.sock", "broker.log", "policy.toml", "leases.json"):
+            for name in ("broker.sock", "broker.log", "policy.toml", "leases.json", "leases.json.tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.workdir, name))
             with contextlib.suppress(OSError):

@@ -72,6 +72,24 @@ def add_client_parsers(sub: Any) -> None:
     e.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     e.set_defaults(func=cmd_exec)
 
+    v = sub.add_parser(
+        "revoke", help="admin: take queues back from a lease, an interface or one queue",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Empty the map slots of the chosen leases so they receive nothing more, and mark them "
+        "revoked. The kernel cannot unbind an AF_XDP socket: a holder that keeps its fds can still transmit "
+        "until it closes them, and the lease (and its quota) lasts until then. --signal also sends the "
+        "policy's [admin] revoke_signal to the holder through its pidfd.",
+        epilog="examples:\n  xskbroker revoke --lease 3f2a9c0d4e5b6a71\n  xskbroker revoke --interface eth1 --queue 2 "
+        "--signal")
+    target = v.add_mutually_exclusive_group(required=True)
+    target.add_argument("--lease", help="lease id (see `xskbroker status`)")
+    target.add_argument("--interface", "-i", help="every lease on this interface")
+    v.add_argument("--queue", type=int, help="with --interface: only leases holding this queue")
+    v.add_argument("--signal", action="store_true", help="also signal the holder (policy's revoke_signal)")
+    v.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
+    v.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
+    v.set_defaults(func=cmd_revoke)
+
     s = sub.add_parser("status", help="show the leases this user holds (root: all) and attached programs")
     s.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
     s.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
@@ -127,11 +145,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"{len(reply['interfaces'])} interface(s) with the XSK program:")
     for i in reply["interfaces"]:
-        print(f"  ifindex {i['ifindex']}: program {i['xdp_prog_id']} ({i['xdp_mode']}), {i['map_entries']} slots")
-    print(f"{len(reply['leases'])} lease(s):")
+        print(f"  {i.get('interface') or '?'} (ifindex {i['ifindex']}): program {i['xdp_prog_id']} ({i['xdp_mode']}), "
+              f"{i['map_entries']} slots, {i.get('leases', 0)} lease(s)")
+    scope = "all" if reply.get("admin") else "yours"
+    print(f"{len(reply['leases'])} lease(s) ({scope}):")
     for lease in reply["leases"]:
+        flag = " REVOKED" if lease.get("revoked") else ""
         print(f"  {lease['lease']}: uid {lease['uid']} pid {lease['pid']} {lease['interface']} queues "
-              f"{lease['queues']} {lease['kind']} {lease['umem_bytes']} bytes, {lease['age_s']:.0f}s old")
+              f"{lease['queues']} {lease['kind']} {lease['umem_bytes']} bytes, {lease['age_s']:.0f}s old{flag}")
+    for q in reply.get("quotas", []):
+        print(f"  quota {q['quota']} ({q['scope']}): queues {q['queues']}/{q['max_queues'] or '-'}, "
+              f"UMEM {q['umem']}/{q['max_umem'] or '-'} bytes")
     return 0
 
 
@@ -171,3 +195,22 @@ def cmd_exec(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.close(fd)
     return 127
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    if args.queue is not None and not args.interface:
+        print("xskbroker revoke: --queue needs --interface", file=sys.stderr)
+        return 2
+    try:
+        with Connection(args.socket) as conn:
+            reply, _ = conn.call(proto.Revoke(args.lease, args.interface, args.queue, args.signal))
+    except (proto.BrokerError, ConnectionError, OSError) as e:
+        return _fail(e, args.json)
+    if args.json:
+        print(json.dumps(reply))
+        return 0
+    for r in reply["revoked"]:
+        signalled = ", holder signalled" if r["signalled"] else ""
+        print(f"revoked {r['lease']} (pid {r['holder_pid']}): emptied queues {r['emptied_queues']}{signalled}")
+    print(reply["note"])
+    return 0

@@ -3,6 +3,7 @@ dropped to an unprivileged uid with no capabilities (broker.sandbox.spawn_unpriv
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -27,6 +28,8 @@ def try_grant(path: str, iface: str, queues: list[int], umem: int = 4 << 20) -> 
             return {"ok": True, "lease": g.lease, "queues": [s.queue for s in g.sockets], "uid": os.getuid()}
     except proto.BrokerError as e:
         return {"ok": False, "code": e.code, "message": e.message, "uid": os.getuid()}
+    except (ConnectionError, OSError) as e:
+        return {"ok": False, "code": "connection-error", "message": str(e), "uid": os.getuid()}
 
 
 def hold_grant(path: str, iface: str, queues: list[int], seconds: float) -> dict[str, Any]:
@@ -60,3 +63,62 @@ def attempt_escapes(path: str, iface: str, queue: int) -> dict[str, str]:
             "shrink_umem_memfd": _errno_of(lambda: os.ftruncate(xs.umem_fd, 4096)),
         }
         return results
+
+
+def exchange_raw(path: str, messages: list[bytes], connections: int = 1) -> list[str]:
+    """Open `connections` connections, send every message on the last one; the error code (or "ok") of each
+    reply, or "closed" when the broker hung up on a connection."""
+    import json
+
+    socks = []
+    codes = []
+    try:
+        for _ in range(connections):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(5)
+            s.connect(path)
+            socks.append(s)
+        for msg in messages:
+            socks[-1].send(msg)
+            data = socks[-1].recv(1 << 20)
+            if not data:
+                codes.append("closed")
+                break
+            reply = json.loads(data)
+            codes.append("ok" if reply["ok"] else reply["error"]["code"])
+    finally:
+        for s in socks:
+            s.close()
+    return codes
+
+
+def probe_connections(path: str, count: int) -> list[str]:
+    """Open `count` connections at once and say hello on each: what each one answers."""
+    import json
+
+    hello = proto.encode_request(proto.Hello())
+    socks, out = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(5)
+            s.connect(path)
+            socks.append(s)
+        for s in socks:
+            # a refused connection has its error reply queued and is closed: the send may fail (EPIPE),
+            # the reply is still there to read
+            with contextlib.suppress(OSError):
+                s.send(hello)
+            try:
+                data = s.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                out.append("closed")
+                continue
+            reply = json.loads(data)
+            out.append("ok" if reply["ok"] else reply["error"]["code"])
+    finally:
+        for s in socks:
+            s.close()
+    return out

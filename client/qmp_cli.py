@@ -1,0 +1,272 @@
+"""`xskbroker qmp-attach` and `qmp-detach`: hot-plug broker-made AF_XDP sockets into a running QEMU over QMP.
+
+Imports nothing privileged. Registered by broker/cli.py; also runs alone as `python -m client.qmp_cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from client import qmp as q
+from client.connection import DEFAULT_SOCKET
+
+ATTACH_DESCRIPTION = """\
+Take a bare grant from the broker (unbound AF_XDP sockets already in the interface's xsks_map) and hand it to
+a running QEMU over its QMP socket: getfd per socket (the fd travels with SCM_RIGHTS), then netdev_add of
+type af-xdp naming those fds, then device_add with --device. QEMU then holds the only copies of the sockets:
+they live until qmp-detach or QEMU's exit.
+
+Before asking the broker, it checks with query-qmp-schema that this QEMU has the af-xdp backend (QEMU >= 8.2
+built with libxdp) and refuses if not, unless --force. QEMU's own error text is shown as it is. On any
+failure, QEMU is left holding nothing of the attempt and the grant is released.
+
+QEMU registers a 32 MiB UMEM per queue in its own process: its RLIMIT_MEMLOCK must allow that (a warning
+says when it does not look like it)."""
+
+ATTACH_EPILOG = """\
+examples:
+  # QEMU started with: -qmp unix:/run/vm1.qmp,server=on,wait=off
+  xskbroker qmp-attach --qmp /run/vm1.qmp --id xdp0 --interface eth1 --queues 1 --device virtio-net-pci
+  xskbroker qmp-attach --qmp /run/vm1.qmp --id xdp1 -i eth1 -q 2 --start-queue 2 \\
+      --device virtio-net-pci --device-props '{"mq": true, "vectors": 6}' --json
+  xskbroker qmp-detach --qmp /run/vm1.qmp --id xdp1
+
+what it sends (docs/qemu.md has the whole exchange):
+  getfd {"fdname": "xdp1-q2"}   + the queue 2 socket (SCM_RIGHTS), then the same for xdp1-q3
+  netdev_add {"type": "af-xdp", "id": "xdp1", "ifname": "eth1", "queues": 2, "start-queue": 2,
+              "inhibit": true, "sock-fds": "xdp1-q2:xdp1-q3"}      (+ "mode": "skb" if XDP runs in skb mode)
+  device_add {"mq": true, "vectors": 6, "driver": "virtio-net-pci", "netdev": "xdp1", "id": "xdp1-dev"}
+"""
+
+DETACH_DESCRIPTION = """\
+Remove what qmp-attach plugged: device_del of ID-dev (if there is one), waiting up to --timeout seconds for
+QEMU's DEVICE_DELETED event (the guest has to release a PCI device), then netdev_del of ID. QEMU then closes
+the AF_XDP sockets and the broker's lease ends. A device the guest does not release in time keeps its netdev;
+run qmp-detach again later."""
+
+DETACH_EPILOG = """\
+examples:
+  xskbroker qmp-detach --qmp /run/vm1.qmp --id xdp0
+  xskbroker qmp-detach --qmp /run/vm1.qmp --id xdp0 --timeout 30 --json
+"""
+
+
+def _props(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"mq\": true, \"vectors\": 6}'")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def add_qmp_parsers(sub: Any) -> None:
+    a = sub.add_parser("qmp-attach", help="hot-plug a bare grant into a running QEMU as an af-xdp netdev (QMP)",
+                       description=ATTACH_DESCRIPTION, epilog=ATTACH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket (-qmp unix:PATH,server=on)")
+    a.add_argument("--id", required=True, help="netdev id; fds are named ID-qN and the device ID-dev")
+    a.add_argument("--interface", "-i", required=True, help="host interface whose queues to hand over")
+    a.add_argument("--queues", "-q", type=_positive, required=True, metavar="N", help="number of queues")
+    a.add_argument("--start-queue", type=_non_negative, default=0, metavar="M", help="first queue (default: 0)")
+    a.add_argument("--device", metavar="MODEL", help="also device_add a NIC of this model, e.g. virtio-net-pci")
+    a.add_argument("--device-props", type=_props, metavar="JSON",
+                   help="extra device_add properties as a JSON object, e.g. '{\"mq\": true, \"vectors\": 6}' "
+                   "for a multi-queue virtio-net (vectors = 2*queues+2)")
+    a.add_argument("--socket", default=DEFAULT_SOCKET, metavar="BROKER", help="broker socket (default: %(default)s)")
+    a.add_argument("--force", action="store_true",
+                   help="try even if this QEMU does not list the af-xdp backend, and show QEMU's own error")
+    a.add_argument("--timeout", type=float, default=q.DEFAULT_TIMEOUT, metavar="S",
+                   help="seconds to wait for QEMU and for the broker (default: %(default)s)")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.set_defaults(func=cmd_qmp_attach)
+
+    d = sub.add_parser("qmp-detach", help="remove a netdev (and its device) that qmp-attach plugged into QEMU",
+                       description=DETACH_DESCRIPTION, epilog=DETACH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
+    d.add_argument("--id", required=True, help="the netdev id given to qmp-attach")
+    d.add_argument("--device-id", help="device to remove first (default: ID-dev, skipped if absent)")
+    d.add_argument("--timeout", type=float, default=q.DEFAULT_TIMEOUT, metavar="S",
+                   help="seconds to wait for QEMU and for the guest to release the device (default: %(default)s)")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=cmd_qmp_detach)
+
+
+# ---- output --------------------------------------------------------------------------------------------
+
+def _fail(as_json: bool, code: str, message: str, notes: Sequence[str] = (), **extra: Any) -> int:
+    if as_json:
+        err = {"code": code, "message": message, **extra}
+        if notes:
+            err["notes"] = list(notes)
+        print(json.dumps({"ok": False, "error": err}))
+    else:
+        print(f"xskbroker: {message}", file=sys.stderr)
+        for note in notes:
+            print(f"  {note}", file=sys.stderr)
+    return 1
+
+
+def _fail_qmp(as_json: bool, e: BaseException, notes: Sequence[str] = (), **extra: Any) -> int:
+    notes = [*getattr(e, "__notes__", ()), *notes]
+    if isinstance(e, q.QMPError):
+        # QEMU's desc goes out untouched: in JSON as the message, in text after the command it answered
+        text = e.desc if as_json else f"QEMU refused {e.command}: {e.desc}"
+        return _fail(as_json, "qmp-error", text, notes, command=e.command, qmp_class=e.error_class, **extra)
+    code = "qmp-timeout" if isinstance(e, q.QMPTimeout) else "qmp-unreachable"
+    return _fail(as_json, code, str(e), notes, **extra)
+
+
+def _warn(as_json: bool, warnings: list[str], text: str) -> None:
+    warnings.append(text)
+    if not as_json:
+        print(f"xskbroker: warning: {text}", file=sys.stderr)
+
+
+def _queues(queues: Sequence[int]) -> str:
+    return str(queues[0]) if len(queues) == 1 else f"{queues[0]}-{queues[-1]}"
+
+
+# ---- qmp-attach ----------------------------------------------------------------------------------------
+
+def grant_fds(reply: dict[str, Any], fds: Sequence[int], start_queue: int, count: int) -> list[int]:
+    """The grant's socket fds in queue order start_queue.., checked against what was asked."""
+    try:
+        by_queue = {int(s["queue"]): fds[int(s["fd"])] for s in reply["sockets"]}
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ValueError("the broker's grant reply does not describe its sockets as expected") from None
+    wanted = list(range(start_queue, start_queue + count))
+    if sorted(by_queue) != wanted:
+        raise ValueError(f"the broker granted queues {sorted(by_queue)}, not {wanted}")
+    return [by_queue[x] for x in wanted]
+
+
+def cmd_qmp_attach(args: argparse.Namespace) -> int:
+    from client import protocol as proto
+    from client.grant import request_fds
+
+    as_json = args.json
+    try:
+        q.check_id(args.id)
+    except ValueError as e:
+        return _fail(as_json, "bad-argument", str(e))
+    if args.device_props and not args.device:
+        return _fail(as_json, "bad-argument", "--device-props needs --device")
+    try:
+        qmp = q.QMP(args.qmp, args.timeout)
+    except (q.QMPConnectionError, q.QMPTimeout, q.QMPError) as e:
+        return _fail_qmp(as_json, e)
+    warnings: list[str] = []
+    with qmp:
+        try:
+            qmp.check_af_xdp()
+        except q.AfXdpUnsupported as e:
+            if not args.force:
+                return _fail(as_json, "af-xdp-unsupported", str(e),
+                             ["nothing was asked of the broker; --force tries anyway and shows QEMU's own error"],
+                             qemu=str(qmp.version))
+            _warn(as_json, warnings, f"{e}; trying anyway (--force)")
+        except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
+            return _fail_qmp(as_json, e)
+        shortfall = q.memlock_shortfall(qmp.pid, args.queues)
+        if shortfall:
+            _warn(as_json, warnings, shortfall)
+
+        seen = {"warnings": warnings} if warnings else {}  # JSON errors carry the warnings given so far
+        try:
+            reply, fds = request_fds(args.interface, args.queues, kind="bare", start_queue=args.start_queue,
+                                     socket_path=args.socket, timeout=args.timeout)
+        except proto.BrokerError as e:
+            return _fail(as_json, e.code, f"{e.code}: {e.message}", **seen)
+        except (ConnectionError, OSError) as e:
+            return _fail(as_json, "connection-error", str(e), **seen)
+        released = "the grant's sockets were closed here: the broker's lease ends with them"
+        try:
+            sockets = grant_fds(reply, fds, args.start_queue, args.queues)
+            att = q.attach(qmp, args.id, reply.get("interface", args.interface), sockets,
+                           start_queue=args.start_queue, xdp_mode=reply.get("xdp_mode"), device=args.device,
+                           device_props=args.device_props)
+        except ValueError as e:
+            return _fail(as_json, "bad-reply", str(e), [released], **seen)
+        except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
+            return _fail_qmp(as_json, e, [released], **seen)
+        finally:
+            q.close_fds(fds)  # QEMU has its own copies now (or the attempt was undone)
+
+    result = {"ok": True, "qemu": str(qmp.version), "qmp": args.qmp, "lease": reply.get("lease"),
+              "interface": att.ifname, "queues": list(att.queues), "xdp_mode": reply.get("xdp_mode"),
+              "fd_names": list(att.fd_names), "netdev": att.netdev, "device": att.device, "warnings": warnings}
+    if as_json:
+        print(json.dumps(result))
+        return 0
+    device = f", device {att.device_id!r} ({args.device})" if att.device_id else " (no device: add one with device_add)"
+    print(f"QEMU {qmp.version} at {args.qmp}: af-xdp netdev {att.netdev_id!r} on {att.ifname} queue(s) "
+          f"{_queues(att.queues)}, XDP {reply.get('xdp_mode')} mode{device}")
+    print(f"lease {reply.get('lease')}: QEMU holds the only copies of the sockets; they are released by "
+          f"`xskbroker qmp-detach --qmp {args.qmp} --id {att.netdev_id}` or when QEMU exits")
+    return 0
+
+
+# ---- qmp-detach ----------------------------------------------------------------------------------------
+
+def cmd_qmp_detach(args: argparse.Namespace) -> int:
+    as_json = args.json
+    try:
+        q.check_id(args.id)
+        if args.device_id:
+            q.check_id(args.device_id)
+    except ValueError as e:
+        return _fail(as_json, "bad-argument", str(e))
+    try:
+        with q.QMP(args.qmp, args.timeout) as qmp:
+            done = q.detach(qmp, args.id, device_id=args.device_id, timeout=args.timeout)
+    except (q.QMPConnectionError, q.QMPTimeout, q.QMPError) as e:
+        return _fail_qmp(as_json, e)
+    if as_json:
+        print(json.dumps({"ok": True, "qmp": args.qmp, "netdev": done.netdev_id,
+                          "device": done.device_id if done.device_removed else None}))
+        return 0
+    device = f"device {done.device_id!r} and " if done.device_removed else f"(no device {done.device_id!r}) "
+    print(f"QEMU at {args.qmp}: removed {device}netdev {done.netdev_id!r}; QEMU closed its AF_XDP sockets")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xskbroker", description="QMP hot-plug of AF_XDP sockets into QEMU.")
+    add_qmp_parsers(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Leases over time: quotas, restart recovery, revocation, interfaces that change, faults mid-grant."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from broker.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, ip, spawn_unprivileged
+from client import protocol as proto
+from client.connection import Connection
+
+from .conftest import CONSUMER_UID, wait_for
+from .consumers import exchange_raw, hold_grant, probe_connections, try_grant
+
+MiB = 1 << 20
+BASE = f"""\
+version = 1
+
+[[allow]]
+name = "tenants"
+users = [{CONSUMER_UID}]
+interfaces = ["xsk*"]
+max_umem = "64MiB"
+"""
+
+
+def _status(b: BrokerProcess) -> dict:
+    with Connection(b.socket_path) as c:
+        return c.call(proto.Status())[0]
+
+
+def _events(b: BrokerProcess, event: str) -> list[dict]:
+    return [r for r in b.records() if r.get("event") == event]
+
+
+def _hold(b: BrokerProcess, iface: str, queues: list[int], seconds: float = 60.0):  # type: ignore[no-untyped-def]
+    before = len(_status(b)["leases"])
+    child = spawn_unprivileged(hold_grant, b.socket_path, iface, queues, seconds, uid=CONSUMER_UID)
+    wait_for(lambda: len(_status(b)["leases"]) > before or not child.alive(), what="the holder's lease")
+    assert child.alive(), "holder could not take its grant"
+    return child
+
+
+# ---- quotas ----------------------------------------------------------------------------------------------
+
+def test_queue_and_umem_quotas_count_what_is_held(veth: VethNamespace, figures) -> None:  # type: ignore[no-untyped-def]
+    policy = BASE + f"""
+[[quota]]
+name = "per-tenant"
+users = [{CONSUMER_UID}]
+max_queues = 1
+max_umem = "6MiB"
+"""
+    with BrokerProcess(veth.name, policy) as b:
+        holder = _hold(b, veth.inside, [0])  # 4 MiB, one queue
+        try:
+            more_queues = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [1], 1 * MiB,
+                                             uid=CONSUMER_UID).result()
+            assert more_queues["code"] == "quota-queues", more_queues
+            status = _status(b)
+            assert status["quotas"] == [] or status["admin"] is True  # root asked: its own scope has no quota
+        finally:
+            holder.kill()
+        wait_for(lambda: not _status(b)["leases"], what="the lease to end")
+        ok = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [1], 4 * MiB, uid=CONSUMER_UID).result()
+        assert ok["ok"], ok
+        too_much = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], 8 * MiB, uid=CONSUMER_UID).result()
+        assert too_much["code"] == "quota-umem" and "6 MiB" in too_much["message"], too_much
+        figures(quota_refusals=2)
+
+
+def test_connection_quota_and_rate_limit(veth: VethNamespace) -> None:
+    policy = BASE + f"""
+[[quota]]
+name = "conns"
+users = [{CONSUMER_UID}]
+max_connections = 3
+
+[[quota]]
+name = "rate"
+groups = ["65534"]
+max_requests_per_second = 5
+"""
+    with BrokerProcess(veth.name, policy) as b:
+        answers = spawn_unprivileged(probe_connections, b.socket_path, 5, uid=CONSUMER_UID).result()
+        assert answers[:3] == ["ok", "ok", "ok"] and set(answers[3:]) == {"quota-connections"}, answers
+        hello = proto.encode_request(proto.Hello())
+        time.sleep(1.1)  # the hellos above drew on the same bucket: let it refill
+        codes = spawn_unprivileged(exchange_raw, b.socket_path, [hello] * 20, uid=CONSUMER_UID).result()
+        assert codes[:5] == ["ok"] * 5 and "rate-limited" in codes, codes
+        # root is in no group the quota names, so it is never limited
+        assert set(exchange_raw(b.socket_path, [hello] * 20)) == {"ok"}
+
+
+# ---- restart recovery --------------------------------------------------------------------------------------
+
+def test_live_consumer_keeps_working_across_a_broker_crash(veth: VethNamespace, figures) -> None:  # type: ignore[no-untyped-def]
+    with BrokerProcess(veth.name, BASE) as b:
+        peer = PacketPeer(veth.name, veth.peer, veth.mac(veth.inside))
+        child = spawn_unprivileged(echo_consumer, b.socket_path, veth.inside, 0, 600, 4 * MiB, 30.0,
+                                   uid=CONSUMER_UID)
+        try:
+            peer.wait_ready(cpu=0)
+            before = peer.exchange(300, cpu=0)
+            lease = _status(b)["leases"][0]["lease"]
+            b.proc.kill()  # type: ignore[union-attr]
+            b.proc.wait()  # type: ignore[union-attr]
+            b.start()
+            assert _events(b, "lease-recovered")[-1]["lease"] == lease
+            assert [x["lease"] for x in _status(b)["leases"]] == [lease]
+            # the held queue is not granted twice by the new broker
+            busy = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
+            assert busy["code"] == "queue-busy"
+            after = peer.exchange(300, cpu=0)
+            result = child.result()
+        finally:
+            child.kill()
+            peer.close()
+        assert before["replies"] == 300 and after["replies"] == 300 and result["rx_packets"] == 600
+        # the recovered lease ends when its holder exits, watched by the new broker
+        wait_for(lambda: not _status(b)["leases"], what="the recovered lease to end")
+        assert spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()["ok"]
+        figures(packets_before_crash=300, packets_after_restart=300)
+
+
+FAULT_POINTS = ["after-socket", "after-map-claim", "after-umem-reg", "after-bind", "after-lease-saved",
+                "before-send", "after-send"]
+
+
+def test_broker_killed_at_every_step_of_a_grant_leaves_nothing_stale(veth: VethNamespace,
+                                                                       figures) -> None:  # type: ignore[no-untyped-def]
+    for point in FAULT_POINTS:
+        with BrokerProcess(veth.name, BASE, env={"XSKBROKER_FAULT": point}) as b:
+            got = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
+            assert b.proc.wait(5) == -signal.SIGKILL, (point, b.log())  # type: ignore[union-attr]
+            if point == "after-send":
+                assert got["ok"] is True  # the fds had left; the consumer then closed them
+            else:
+                assert got["ok"] is False, (point, got)
+            b.env = {}
+            b.start()
+            assert _status(b)["leases"] == [], (point, b.log())
+            # no stale slot, no lost queue: the queue is granted at once, and only once
+            first = spawn_unprivileged(hold_grant, b.socket_path, veth.inside, [0], 30.0, uid=CONSUMER_UID)
+            try:
+                wait_for(lambda: _status(b)["leases"], what=f"a grant after a crash at {point}")
+                again = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
+                assert again["code"] == "queue-busy", (point, again)
+            finally:
+                first.kill()
+    figures(faults_injected=len(FAULT_POINTS))
+
+
+def test_interface_deleted_mid_grant(veth: VethNamespace) -> None:
+    ip("link", "add", "xsk1", "type", "veth", "peer", "name", "xsk1p", netns=veth.name)
+    ip("link", "set", "xsk1", "up", netns=veth.name)
+    with BrokerProcess(veth.name, BASE, env={"XSKBROKER_FAULT": "after-map-claim:pause"}) as b:
+        baseline = b.settled_fds()
+        child = spawn_unprivileged(try_grant, b.socket_path, "xsk1", [0], uid=CONSUMER_UID)
+        wait_for(lambda: _events(b, "xdp-attach"), what="the grant to reach the kernel")
+        ip("link", "del", "xsk1", netns=veth.name)
+        got = child.result()
+        assert got["ok"] is False and got["code"] in ("kernel-error", "no-such-interface"), got
+        assert b.proc.poll() is None  # type: ignore[union-attr]
+        wait_for(lambda: not _status(b)["leases"], what="no lease on a deleted interface")
+        assert b.settled_fds() <= baseline + 0, b.fd_targets()
+        assert _events(b, "interface-removed")
+
+
+# ---- revocation ----------------------------------------------------------------------------------------------
+
+def test_revoke_stops_rx_and_is_admin_only(veth: VethNamespace) -> None:
+    policy = BASE + '\n[admin]\nusers = [0]\nrevoke_signal = "SIGTERM"\n'
+    with BrokerProcess(veth.name, policy) as b:
+        peer = PacketPeer(veth.name, veth.peer, veth.mac(veth.inside))
+        child = spawn_unprivileged(echo_consumer, b.socket_path, veth.inside, 0, 10_000, 4 * MiB, 30.0,
+                                   uid=CONSUMER_UID)
+        try:
+            peer.wait_ready(cpu=0)
+            assert peer.exchange(100, cpu=0)["replies"] == 100
+            lease = _status(b)["leases"][0]["lease"]
+            denied = spawn_unprivileged(exchange_raw, b.socket_path,
+                                        [proto.encode_request(proto.Revoke(lease=lease))], uid=CONSUMER_UID).result()
+            assert denied == ["not-admin"]
+            with Connection(b.socket_path) as c:
+                reply, _ = c.call(proto.Revoke(lease=lease))
+            assert reply["revoked"][0]["emptied_queues"] == [0] and "transmit" in reply["note"]
+            assert peer.exchange(50, cpu=0, idle=0.5)["replies"] == 0  # RX stopped
+            status = _status(b)
+            assert status["leases"][0]["revoked"] is True  # held (and counted) until the holder closes
+            with Connection(b.socket_path) as c:
+                reply, _ = c.call(proto.Revoke(interface=veth.inside, queue=0, signal=True))
+            assert reply["revoked"][0]["signalled"] is True
+            wait_for(lambda: not child.alive(), what="the signalled holder to exit")
+        finally:
+            child.kill()
+            peer.close()
+        wait_for(lambda: not _status(b)["leases"], what="the revoked lease to end")
+
+
+def test_revoke_cli_prints_what_happened(veth: VethNamespace) -> None:
+    with BrokerProcess(veth.name, BASE) as b:
+        holder = _hold(b, veth.inside, [0])
+        try:
+            done = subprocess.run(["xskbroker" if False else os.sys.executable, "-m", "broker", "revoke",
+                                   "--socket", b.socket_path, "--interface", veth.inside, "--queue", "0"],
+                                  capture_output=True, text=True, timeout=30, check=False,
+                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+            assert done.returncode == 0, done.stderr
+            assert "emptied queues [0]" in done.stdout and "transmit" in done.stdout
+            shown = subprocess.run([os.sys.executable, "-m", "broker", "status", "--socket", b.socket_path],
+                                   capture_output=True, text=True, timeout=30, check=False,
+                                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+            assert "REVOKED" in shown.stdout, shown.stdout
+        finally:
+            holder.kill()
+
+
+# ---- interfaces that change ------------------------------------------------------------------------------
+
+def test_interface_removed_ends_its_leases(veth: VethNamespace) -> None:
+    ip("link", "add", "xsk1", "type", "veth", "peer", "name", "xsk1p", netns=veth.name)
+    ip("link", "set", "xsk1", "up", netns=veth.name)
+    with BrokerProcess(veth.name, BASE) as b:
+        holder = _hold(b, "xsk1", [0])
+        try:
+            ip("link", "del", "xsk1", netns=veth.name)
+            wait_for(lambda: not _status(b)["leases"], what="the lease to end with its interface")
+        finally:
+            holder.kill()
+        ended = _events(b, "lease-ended")
+        assert ended and "removed" in ended[0]["reason"]
+        assert _events(b, "interface-removed")[0]["interface"] == "xsk1"
+
+
+def test_rename_keeps_leases_and_new_grants_follow_policy_by_name(veth: VethNamespace) -> None:
+    ip("link", "add", "xsk1", "numtxqueues", "2", "numrxqueues", "2", "type", "veth", "peer", "name", "xsk1p",
+       "numtxqueues", "2", "numrxqueues", "2", netns=veth.name)
+    ip("link", "set", "xsk1", "up", netns=veth.name)
+    with BrokerProcess(veth.name, BASE) as b:
+        holder = _hold(b, "xsk1", [0])
+        try:
+            ip("link", "set", "xsk1", "name", "other1", netns=veth.name)
+            wait_for(lambda: _events(b, "interface-renamed"), what="the rename to be noticed")
+            (lease,) = _status(b)["leases"]
+            assert lease["interface"] == "other1"
+            refused = spawn_unprivileged(try_grant, b.socket_path, "other1", [1], uid=CONSUMER_UID).result()
+            assert refused["code"] == "interface-not-allowed"
+            ip("link", "set", "other1", "name", "xsk9", netns=veth.name)
+            ok = spawn_unprivileged(try_grant, b.socket_path, "xsk9", [1], uid=CONSUMER_UID).result()
+            assert ok["ok"], ok
+            assert _status(b)["leases"][0]["interface"] == "xsk9"
+        finally:
+            holder.kill()
+
+
+def test_xdp_program_removed_by_someone_else_is_reported(veth: VethNamespace) -> None:
+    with BrokerProcess(veth.name, BASE) as b:
+        holder = _hold(b, veth.inside, [0])
+        try:
+            subprocess.run(["ip", "-n", veth.name, "link", "set", "dev", veth.inside, "xdp", "off"], check=True)
+            changed = wait_for(lambda: _events(b, "xdp-program-changed"), what="the change to be reported")
+            assert changed[0]["now"] is None and changed[0]["leases"]
+        finally:
+            holder.kill()
+
+
+# ---- policy reload ----------------------------------------------------------------------------------------------
+
+def test_corrupted_policy_on_reload_keeps_the_old_one(veth: VethNamespace) -> None:
+    with BrokerProcess(veth.name, BASE) as b:
+        Path(b.policy_path).write_text("version = 1\n[[allow]\nname = broken")
+        b.signal(signal.SIGHUP)
+        failed = wait_for(lambda: _events(b, "policy-reload-failed"), what="the failed reload")
+        assert any(":2:" in e for e in failed[0]["errors"]), failed
+        assert spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()["ok"]
+        Path(b.policy_path).write_text("version = 1\n")
+        b.signal(signal.SIGHUP)
+        wait_for(lambda: _events(b, "policy-reloaded"), what="the good reload")
+        denied = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
+        assert denied["code"] == "user-not-allowed"
