@@ -163,11 +163,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             "rules": allow + deny,
             "allow": allow,
             "deny": deny,
+            "quotas": len(policy.quotas),
             "sources": list(policy.sources),
         }
         print(json.dumps(result))
         return 0
-    print(f"{args.file}: OK ({allow} allow rules, {deny} deny rules)")
+    quotas = f", {len(policy.quotas)} quotas" if policy.quotas else ""
+    print(f"{args.file}: OK ({allow} allow rules, {deny} deny rules{quotas})")
     if not allow:
         print(f"{args.file}: note: there are no allow rules, so every request is denied", file=sys.stderr)
     return 0
