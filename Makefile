@@ -4,7 +4,7 @@
 #   make bench  set up, then the benchmarks
 
 SHELL := /bin/bash
-APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2
+APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 qemu-system-x86
 # Debian's interpreter, not one under a 0700 home: unprivileged consumers must be able to run it.
 PYTHON := /usr/bin/python3
 VENV := .venv
@@ -20,7 +20,7 @@ apt:
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 $(STAMP): pyproject.toml
@@ -42,6 +42,7 @@ test: setup lint
 	$(VENV)/bin/python -m pytest
 
 bench: setup
+	$(VENV)/bin/python -m pip install -q -e '.[test,bench]'
 	$(VENV)/bin/python -m bench
 
 clean:

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     from client.cli import add_client_parsers
+    from client.qmp_cli import add_qmp_parsers
     add_client_parsers(sub)
+    add_qmp_parsers(sub)
     add_policy_parser(sub)
 
     d = sub.add_parser("demo", help="prove it works: a private namespace, a broker, an unprivileged consumer",

@@ -41,7 +41,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     state_dir = getattr(args, "state_dir", None) or os.environ.get("RUNTIME_DIRECTORY", "/run/xskbroker")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.json"))
+    service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"))
     service.recover()
     server = Server(listener, service, audit, args.policy)
     audit({"event": "ready", "socket": args.socket, "policy": list(policy.sources), "rules": len(policy.rules),

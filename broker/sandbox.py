@@ -228,7 +228,7 @@ class BrokerProcess:
                 self.proc.kill()
                 self.proc.wait()
         if self.workdir:
-            for name in ("broker.sock", "broker.log", "policy.toml", "leases.json", "leases.json.tmp"):
+            for name in ("broker.sock", "broker.log", "policy.toml", "leases.jsonl", "leases.jsonl.tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.workdir, name))
             with contextlib.suppress(OSError):

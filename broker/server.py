@@ -20,6 +20,7 @@ from typing import Any
 
 from broker import faults, linkwatch
 from broker import peer as peers
+from broker.closer import Closer
 from broker.service import Outcome, Service, policy_peer
 from client import protocol as proto
 from policy import Holding, PolicyError, load_policy
@@ -73,6 +74,7 @@ class Server:
         self.conns: dict[int, tuple[socket.socket, peers.PeerInfo]] = {}
         self.pidfds: dict[int, int] = {}  # pid -> pidfd
         self.stopping = False
+        self.closer = Closer()
         self._wake_r, self._wake_w = socket.socketpair()
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
@@ -84,6 +86,7 @@ class Server:
         try:
             self.links = linkwatch.open_socket()
             self.sel.register(self.links, selectors.EVENT_READ, self._link_events)
+            service.link_events = True
         except OSError as e:  # lifecycle tracking is lost, grants still work: say so and go on
             self.audit({"event": "linkwatch-unavailable", "error": str(e)})
         for lease in service.leases:
@@ -119,6 +122,7 @@ class Server:
         self.pidfds.clear()
         if self.links is not None:
             self.links.close()
+        self.closer.stop()
         self.sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -222,7 +226,9 @@ class Server:
                 faults.point("after-send")
                 self.watch_pid(who.pid, conn)
         finally:
-            outcome.close_fds()  # the client has its own copies now; ours would keep the sockets alive
+            # the client has its own copies now; ours would keep the sockets alive
+            self.closer.close(outcome.fds)
+            outcome.fds = []
 
     def watch_pid(self, pid: int, conn: socket.socket | None = None) -> None:
         """Learn when a lease holder exits: its pidfd becomes readable."""
@@ -257,8 +263,9 @@ class Server:
                 data = sock.recv(1 << 16)
             except BlockingIOError:
                 return
-            except OSError as e:  # ENOBUFS: events were lost; the next grant re-checks the kernel anyway
+            except OSError as e:  # ENOBUFS: events were lost: forget what they might have changed
                 self.audit({"event": "linkwatch-overrun", "error": str(e)})
+                self.service.forget_programs()
                 return
             for ev in linkwatch.parse(data):
                 self.service.link_event(ev)

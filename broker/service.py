@@ -62,11 +62,19 @@ class Service:
         self.limiter = RateLimiter()
         self.clock = clock
         self.signal_holder: SignalFn = lambda pid, sig: False  # the server, which holds the pidfds, sets it
+        # With link events watched, a change of XDP program drops the cached one as it happens, so a grant
+        # need not ask the kernel again; without them every grant re-checks (a netlink round trip).
+        self.link_events = False
 
-    def close(self) -> None:
+    def forget_programs(self) -> None:
+        """Drop the cached XSK programs: the next grant on each interface finds its program anew."""
         for prog in self.programs.values():
             prog.close()
         self.programs.clear()
+
+    def close(self) -> None:
+        self.forget_programs()
+        self.leases.close()
 
     # ---- entry point ---------------------------------------------------------------------------
 
@@ -94,6 +102,7 @@ class Service:
     # ---- grant -----------------------------------------------------------------------------------
 
     def _grant(self, peer: PeerInfo, req: proto.Grant) -> Outcome:
+        started = time.perf_counter()
         record: dict[str, Any] = {"event": "grant", "peer": peer.as_dict(), "request": _describe(req)}
         # a map grant is judged on every queue of the device (a deny on any of them applies)
         queues = req.queues or _all_queues(req.interface)
@@ -110,10 +119,12 @@ class Service:
             maker = {"bound": self._make_bound, "bare": self._make_bare, "map": self._make_map}[req.kind]
             outcome = maker(peer, req, decision.rule)
         except Refused as e:
-            record.update(decision="deny", code=e.code, reason=e.message)
+            record.update(decision="deny", code=e.code, reason=e.message,
+                          ms=round((time.perf_counter() - started) * 1000, 3))
             self.audit(record)
             return Outcome(proto.error_reply(e.code, e.message, "grant", req.req_id, **e.extra))
-        record.update(decision="allow", code="ok", lease=outcome.lease_id)
+        record.update(decision="allow", code="ok", lease=outcome.lease_id,
+                      ms=round((time.perf_counter() - started) * 1000, 3))
         self.audit(record)
         return outcome
 
@@ -230,6 +241,8 @@ class Service:
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> xdp_prog.XskProgram:
         """The cached XSK program of the interface, re-found when someone changed what is attached."""
         cached = self.programs.get(ifindex)
+        if cached and self.link_events:
+            return cached
         try:
             current, _ = xdp_prog.attached(ifindex)
             if cached and cached.prog_id == current:
@@ -321,7 +334,7 @@ class Service:
                     if bpf.map_delete(prog.map_fd, q):
                         emptied.append(q)
         lease.revoked = True
-        self.leases.save()
+        self.leases.record(lease)
         signalled = self.signal_holder(lease.pid, signal_name) if signal_name else False
         self.audit({"event": "revoke", "peer": by.as_dict() if by else None, "decision": "allow", "lease": lease.id,
                     "holder_pid": lease.pid, "emptied_queues": emptied, "signal": signal_name,
@@ -348,7 +361,7 @@ class Service:
             self.names[ev.ifindex] = ev.name
             for lease in self.leases.on_interface(ev.ifindex):
                 lease.ifname = ev.name  # leases follow the ifindex; new grants follow policy by the new name
-            self.leases.save()
+                self.leases.record(lease)
             self.audit({"event": "interface-renamed", "ifindex": ev.ifindex, "from": old_name, "to": ev.name})
         prog = self.programs.get(ev.ifindex)
         if prog and ev.xdp_prog_id is not None and ev.xdp_prog_id != prog.prog_id:
@@ -371,7 +384,7 @@ class Service:
             kept.append(lease)
             self.audit({"event": "lease-recovered", "lease": lease.id, "pid": lease.pid, "interface": lease.ifname,
                         "queues": list(lease.queues)})
-        self.leases.save()
+        self.leases.compact()
         return kept
 
     def _stale(self, lease: Lease) -> str | None:

@@ -135,7 +135,7 @@ def is_zerocopy(sock: socket.socket) -> bool:
     return bool(int.from_bytes(raw[:4], "little") & XDP_OPTIONS_ZEROCOPY)
 
 
-def create_bound(ifindex: int, queue: int, map_fd: int, g: Geometry, bind_mode: str = "auto",
+def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
                  need_wakeup: bool = True) -> BoundSocket:
     """A socket bound to (ifindex, queue) with its own UMEM, placed in xsks_map[queue].
 
@@ -146,13 +146,14 @@ def create_bound(ifindex: int, queue: int, map_fd: int, g: Geometry, bind_mode: 
         sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
         undo.callback(sock.close)
         faults.point("after-socket")
-        try:
-            bpf.map_update(map_fd, queue, sock.fileno(), bpf.BPF_NOEXIST)
-        except OSError as e:
-            if e.errno == errno.EEXIST:
-                raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket") from None
-            raise
-        undo.callback(bpf.map_delete, map_fd, queue)
+        if map_fd is not None:  # None: a TX-only socket (traffic generators) that claims no slot
+            try:
+                bpf.map_update(map_fd, queue, sock.fileno(), bpf.BPF_NOEXIST)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket") from None
+                raise
+            undo.callback(bpf.map_delete, map_fd, queue)
         faults.point("after-map-claim")
         umem_fd = sealed_memfd(g.umem_size)
         undo.callback(os.close, umem_fd)

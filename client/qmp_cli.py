@@ -45,8 +45,8 @@ what it sends (docs/qemu.md has the whole exchange):
 DETACH_DESCRIPTION = """\
 Remove what qmp-attach plugged: device_del of ID-dev (if there is one), waiting up to --timeout seconds for
 QEMU's DEVICE_DELETED event (the guest has to release a PCI device), then netdev_del of ID. QEMU then closes
-the AF_XDP sockets and the broker's lease ends. A device the guest does not release in time keeps its netdev;
-run qmp-detach again later."""
+the AF_XDP sockets and the kernel empties their xsks_map slots. A device the guest does not release in time
+keeps its netdev; run qmp-detach again later."""
 
 DETACH_EPILOG = """\
 examples:

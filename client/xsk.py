@@ -193,6 +193,52 @@ class XskSocket:
         r.words[r.cons_i] = (cons + n) & _U32
         return n
 
+    # ---- bulk operations: whole batches move as slice copies, no per-packet Python work ------------------
+
+    def recycle_rx(self, max_count: int = 1 << 16) -> int:
+        """Move received frames straight back to the fill ring (a packet sink); returns how many."""
+        rx, fr = self.rx, self.fr
+        rcons, fprod = rx.consumer, fr.producer
+        n = min(max_count, (rx.producer - rcons) & _U32, fr.size - ((fprod - fr.consumer) & _U32))
+        if n:
+            _copy(rx.q, 2, rcons & rx.mask, rx.size, fr.q, 1, fprod & fr.mask, fr.size, n)
+            fr.words[fr.prod_i] = (fprod + n) & _U32
+            rx.words[rx.cons_i] = (rcons + n) & _U32
+        return n
+
+    def prime_tx(self, length: int) -> list[int]:
+        """Point every TX slot at a frame of its own (taken from the free pool) holding `length` bytes.
+
+        For traffic generators: write the frames once, then resend() and reap() move whole batches.
+        """
+        r = self.tx
+        if len(self.free) < r.size:
+            raise ValueError(f"priming {r.size} TX slots needs as many free frames, have {len(self.free)}")
+        addrs = [self.free.popleft() for _ in range(r.size)]
+        base = r.producer
+        for i, addr in enumerate(addrs):
+            idx = (base + i) & r.mask
+            r.q[2 * idx] = addr
+            r.d[4 * idx + 2] = length
+            r.d[4 * idx + 3] = 0
+        return addrs
+
+    def resend(self, max_count: int = 1 << 16) -> int:
+        """Publish up to max_count primed TX slots again (their descriptors are unchanged); returns how many."""
+        r = self.tx
+        prod = r.producer
+        n = min(max_count, r.size - ((prod - r.consumer) & _U32))
+        r.words[r.prod_i] = (prod + n) & _U32
+        return n
+
+    def reap(self) -> int:
+        """Count and drop TX completions (for primed frames, which stay where they are)."""
+        r = self.cr
+        cons = r.consumer
+        n = (r.producer - cons) & _U32
+        r.words[r.cons_i] = (cons + n) & _U32
+        return n
+
     # ---- frames -------------------------------------------------------------------------------------
 
     def frame(self, addr: int, length: int) -> memoryview:
@@ -225,3 +271,15 @@ class XskSocket:
                  "rx_fill_ring_empty_descs", "tx_ring_empty_descs")
         return dict(zip(names, XDP_STATISTICS_STRUCT.unpack(raw.ljust(XDP_STATISTICS_STRUCT.size, b"\0")),
                         strict=True))
+
+
+def _copy(src: memoryview, src_stride: int, s: int, src_size: int, dst: memoryview, dst_stride: int, d: int,
+          dst_size: int, n: int) -> None:
+    """Copy n u64 entries between rings, each a circular array with its own stride; at most three slices."""
+    while n:
+        chunk = min(n, src_size - s, dst_size - d)
+        src_slice = src[s * src_stride:(s + chunk) * src_stride:src_stride]
+        dst[d * dst_stride:(d + chunk) * dst_stride:dst_stride] = src_slice
+        n -= chunk
+        s = (s + chunk) % src_size
+        d = (d + chunk) % dst_size

@@ -1,0 +1,163 @@
+"""Data path: packets/s through a brokered bound socket against a socket the benchmark made itself with
+the same consumer code, and the client library's bulk RX/TX loops against raw AF_PACKET on the same veth.
+
+The traffic comes from a TX-only AF_XDP socket on the veth's peer, in another process on another CPU,
+which republishes primed frames in bulk (a Python sender could not keep up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from bench.common import bed
+from broker import netdev, xsk
+from broker.sandbox import in_netns, setns
+from client.echo import ETH_P_DEMO
+from client.grant import open_sockets, request_fds
+from client.protocol import Geometry
+from client.xsk import XskSocket
+
+GEOMETRY = Geometry(umem_size=8 << 20, fill=4096, completion=4096, rx=4096, tx=2048)
+FRAME_LEN = 64
+
+
+def _frame(dst: bytes, src: bytes) -> bytes:
+    return (dst + src + ETH_P_DEMO.to_bytes(2, "big")).ljust(FRAME_LEN, b"\0")
+
+
+def _own_socket(ifindex: int, queue: int, map_fd: int | None) -> XskSocket:
+    s = xsk.create_bound(ifindex, queue, map_fd, GEOMETRY)
+    return XskSocket(s.xsk_fd, s.umem_fd, queue, GEOMETRY, s.bind_flags)
+
+
+def _blast(netns: str, dev: str, frame: bytes, cpu: int) -> int:
+    """Fork a sender that floods `dev` with `frame` until killed; returns its pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.sched_setaffinity(0, {cpu})
+        setns(netns)
+        tx = _own_socket(netdev.ifindex(dev), 0, None)
+        for addr in tx.prime_tx(len(frame)):
+            tx.frame(addr, len(frame))[:] = frame
+        while True:
+            tx.resend()
+            tx.kick()
+            tx.reap()
+    finally:
+        os._exit(0)
+
+
+def _rx_rate(xs: XskSocket, seconds: float) -> float:
+    xs.fill()
+    end = time.monotonic() + 0.2  # warm-up
+    while time.monotonic() < end:
+        xs.recycle_rx()
+    got, start = 0, time.monotonic()
+    end = start + seconds
+    while time.monotonic() < end:
+        n = xs.recycle_rx()
+        got += n
+        if not n:
+            xs.wake_rx()
+    return got / (time.monotonic() - start)
+
+
+def _tx_rate(xs: XskSocket, frame: bytes, seconds: float) -> float:
+    for addr in xs.prime_tx(len(frame)):
+        xs.frame(addr, len(frame))[:] = frame
+    sent, start = 0, time.monotonic()
+    end = start + seconds
+    while time.monotonic() < end:
+        xs.resend()
+        xs.kick()
+        sent += xs.reap()
+    return sent / (time.monotonic() - start)
+
+
+def _packet_rx_rate(netns: str, dev: str, seconds: float) -> float:
+    with in_netns(netns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_DEMO))
+    s.bind((dev, ETH_P_DEMO))
+    s.settimeout(0.5)
+    buf = bytearray(2048)
+    got, start = 0, time.monotonic()
+    end = start + seconds
+    with s:
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                s.recv_into(buf)
+                got += 1
+    return got / (time.monotonic() - start)
+
+
+def _packet_tx_rate(netns: str, dev: str, frame: bytes, seconds: float) -> float:
+    with in_netns(netns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((dev, 0))
+    sent, start = 0, time.monotonic()
+    end = start + seconds
+    with s:
+        while time.monotonic() < end:
+            for _ in range(64):
+                with contextlib.suppress(BlockingIOError, OSError):
+                    s.send(frame)
+                    sent += 1
+    return sent / (time.monotonic() - start)
+
+
+def run(seconds: float = 2.0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with bed(f"xskbench{os.getpid()}d", 1) as b:
+        ns = b.ns
+        frame = _frame(ns.mac(ns.inside), ns.mac(ns.peer))
+        reverse = _frame(ns.mac(ns.peer), ns.mac(ns.inside))
+        os.sched_setaffinity(0, {0})
+        try:
+            sender = _blast(ns.name, ns.peer, frame, cpu=1)
+            try:
+                rates: dict[str, float] = {}
+                for label in ("brokered", "self-made", "brokered"):
+                    if label == "brokered":
+                        reply, fds = request_fds("xsk0", [0], kind="bound", geometry=GEOMETRY,
+                                                 socket_path=b.broker.socket_path)
+                        xs = open_sockets(reply, fds)[0]
+                    else:
+                        with in_netns(ns.name):
+                            xs = _own_socket(b.ifindex, 0, b.program.map_fd)
+                    rate = _rx_rate(xs, seconds)
+                    rates[label] = max(rates.get(label, 0.0), rate)
+                    xs.close()
+                    time.sleep(0.05)  # the kernel releases the queue ~20 ms after close
+                packet_rx = _packet_rx_rate(ns.name, ns.inside, seconds)
+            finally:
+                os.kill(sender, signal.SIGKILL)
+                os.waitpid(sender, 0)
+            out["rx_pps"] = {"brokered": rates["brokered"], "self_made": rates["self-made"],
+                             "ratio": rates["brokered"] / rates["self-made"], "af_packet": packet_rx,
+                             "library_over_af_packet": rates["brokered"] / packet_rx}
+            tx: dict[str, float] = {}
+            for label in ("brokered", "self-made", "brokered"):
+                time.sleep(0.05)
+                if label == "brokered":
+                    reply, fds = request_fds("xsk0", [0], kind="bound", geometry=GEOMETRY,
+                                             socket_path=b.broker.socket_path)
+                    xs = open_sockets(reply, fds)[0]
+                else:
+                    with in_netns(ns.name):
+                        xs = _own_socket(b.ifindex, 0, b.program.map_fd)
+                tx[label] = max(tx.get(label, 0.0), _tx_rate(xs, reverse, seconds))
+                xs.close()
+            packet_tx = _packet_tx_rate(ns.name, ns.inside, reverse, seconds)
+            out["tx_pps"] = {"brokered": tx["brokered"], "self_made": tx["self-made"],
+                             "ratio": tx["brokered"] / tx["self-made"], "af_packet": packet_tx,
+                             "library_over_af_packet": tx["brokered"] / packet_tx}
+        finally:
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return out

@@ -1,0 +1,50 @@
+"""Grant latency: a client's request until the fds are in its hand, against the same kernel work done
+in-process by a privileged program (sealed memfd, UMEM registration, rings, bind, map slot)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from bench.common import bed, summary
+from broker import xsk
+from broker.sandbox import in_netns
+from client.grant import request_fds
+from client.protocol import Geometry
+
+SIZES_MIB = (1, 4, 16)
+
+
+def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with bed(f"xskbench{os.getpid()}l", queues) as b:
+        path = b.broker.socket_path
+        for mib in SIZES_MIB:
+            g = Geometry(umem_size=mib << 20)
+            brokered: list[float] = []
+            direct: list[float] = []
+            # alternate the two so a noisy neighbour hurts both alike; rotate queues so none is reused
+            # within the ~20 ms the kernel takes to release a closed one
+            for i in range(samples + 5):
+                q = (2 * i) % queues
+                t = time.perf_counter()
+                _, fds = request_fds("xsk0", [q], kind="bound", geometry=g, socket_path=path)
+                elapsed = time.perf_counter() - t
+                for fd in fds:
+                    os.close(fd)
+                if i >= 5:
+                    brokered.append(elapsed * 1000)
+                q = (2 * i + 1) % queues
+                with in_netns(b.ns.name):
+                    t = time.perf_counter()
+                    s = xsk.create_bound(b.ifindex, q, b.program.map_fd, g)
+                    elapsed = time.perf_counter() - t
+                s.close()
+                if i >= 5:
+                    direct.append(elapsed * 1000)
+            bs, ds = summary(brokered), summary(direct)
+            out[f"{mib}MiB"] = {"brokered_ms": bs, "direct_ms": ds, "ratio_p50": bs["p50"] / ds["p50"],
+                                "ratio_p99": bs["p99"] / ds["p99"], "p99_over_p50": bs["p99"] / bs["p50"],
+                                "samples_brokered": brokered, "samples_direct": direct}
+    return out

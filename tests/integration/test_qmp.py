@@ -1,0 +1,345 @@
+"""QMP hot-plug against the real QEMU binary (Debian's qemu-system-x86, no KVM, machine paused with -S).
+
+Debian 12's QEMU (7.2) has no af-xdp backend, so these tests prove what can be proved with it: fds really
+reach QEMU through getfd, the capability check says af-xdp is absent, QEMU's own error text comes through
+untouched, the unwind leaves QEMU holding nothing, and detach waits for the guest's DEVICE_DELETED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.sandbox import BrokerProcess, VethNamespace
+from client import qmp as q
+from client import qmp_cli
+
+from .conftest import wait_for
+
+QEMU = shutil.which("qemu-system-x86_64")
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed "
+                                "(apt-get install qemu-system-x86; `make test` does)")
+
+NOT_AF_XDP = "Parameter 'type' does not accept value 'af-xdp'"  # QEMU 7.2's own words for an unknown netdev type
+
+
+@dataclass
+class Qemu:
+    proc: subprocess.Popen[bytes]
+    qmp_path: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fd_links(self) -> list[str]:
+        out = []
+        for name in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                out.append(os.readlink(f"/proc/{self.pid}/fd/{name}"))
+        return out
+
+    def connect(self, timeout: float = 5.0) -> q.QMP:
+        return q.QMP(self.qmp_path, timeout)
+
+
+@contextlib.contextmanager
+def qemu(*machine: str, user: int | None = None) -> Iterator[Qemu]:
+    """A paused QEMU with a QMP socket in a fresh directory (0777 when QEMU runs as `user`, to make it there)."""
+    assert QEMU is not None
+    workdir = tempfile.mkdtemp(prefix="xskqmp-")
+    os.chmod(workdir, 0o777 if user is not None else 0o700)
+    path = os.path.join(workdir, "vm.qmp")
+    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user is not None else []
+    cmd = [*prefix, QEMU, *machine, "-nodefaults", "-display", "none", "-S", "-qmp", f"unix:{path},server=on,wait=off"]
+    log = open(os.path.join(workdir, "qemu.log"), "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU did not start ({' '.join(cmd)}):\n{Path(log.name).read_text()}")
+            time.sleep(0.005)
+        vm = Qemu(proc, path)
+        # the socket exists before QEMU has finished starting (it makes more fds after): one answered
+        # command proves it is up, then its connection's socket must be gone before tests count fds
+        listening = [x for x in vm.fd_links() if x.startswith("socket:")]  # made before the file is bound
+        while True:  # bound before it listens: ECONNREFUSED for a moment
+            try:
+                with vm.connect() as m:
+                    m.execute("query-status")
+                break
+            except q.QMPConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+        wait_for(lambda: [x for x in vm.fd_links() if x.startswith("socket:")] == listening, 5.0,
+                 "QEMU to drop the start-up QMP connection")
+        yield vm
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def vm() -> Iterator[Qemu]:
+    with qemu("-M", "none") as v:
+        yield v
+
+
+def binary_version() -> str:
+    assert QEMU is not None
+    out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.match(r"QEMU emulator version (\S+)", out)
+    assert m, out
+    return m.group(1)
+
+
+def inode(s: socket.socket) -> str:
+    return f"socket:[{os.fstat(s.fileno()).st_ino}]"
+
+
+def eof(s: socket.socket) -> bool:
+    """True once no process (this one or QEMU) holds the other end of the pair."""
+    s.settimeout(2.0)
+    return s.recv(1) == b""
+
+
+def held(s: socket.socket) -> bool:
+    s.settimeout(0.05)
+    try:
+        s.recv(1)
+    except TimeoutError:
+        return True
+    return False
+
+
+# ---- the QMP client against QEMU -----------------------------------------------------------------------
+
+def test_greeting_version_and_pid_are_those_of_the_binary(vm: Qemu) -> None:
+    with vm.connect() as m:
+        assert f"{m.version.major}.{m.version.minor}.{m.version.micro}" == binary_version()
+        assert m.pid == vm.pid  # from SO_PEERCRED: what the memlock check reads /proc of
+        assert m.execute("query-status")["status"] == "prelaunch"
+
+
+def test_getfd_really_hands_qemu_the_socket(vm: Qemu) -> None:
+    a, b = socket.socketpair()
+    with vm.connect() as m:
+        before = len(vm.fd_links())  # with the monitor connection's own socket
+        m.execute("getfd", {"fdname": "n0-q0"}, fds=[a.fileno()])
+        assert len(vm.fd_links()) == before + 1 and inode(a) in vm.fd_links()
+        a.close()
+        assert held(b)  # QEMU's copy keeps the socket open after ours is gone
+        m.execute("closefd", {"fdname": "n0-q0"})  # QEMU knows it by that name…
+        assert eof(b) and len(vm.fd_links()) == before
+        with pytest.raises(q.QMPError) as gone:  # …and by no other: a name it does not hold fails
+            m.execute("closefd", {"fdname": "n0-q0"})
+        assert str(gone.value) == "File descriptor named 'n0-q0' not found"
+        with pytest.raises(q.QMPError, match="No file descriptor supplied via SCM_RIGHTS"):
+            m.execute("getfd", {"fdname": "n0-q1"})  # the fd must come with the command itself
+
+
+def test_af_xdp_is_reported_absent_with_a_clear_message(vm: Qemu) -> None:
+    with vm.connect() as m:
+        support = m.netdev_support()
+        assert {"user", "tap", "socket", "hubport", "vhost-user"} <= support.types  # the enum really was read
+        with pytest.raises(q.AfXdpUnsupported) as e:
+            m.check_af_xdp()
+        assert str(e.value) == (f"QEMU {m.version} at {vm.qmp_path} has no af-xdp netdev backend "
+                                "(needs QEMU ≥ 8.2 built with libxdp)")
+        assert str(m.version).startswith(binary_version())
+
+
+def test_netdev_add_fails_with_qemus_own_text_and_the_unwind_leaves_no_fd(vm: Qemu) -> None:
+    pairs = [socket.socketpair() for _ in range(2)]
+    with vm.connect() as m:
+        before = sorted(vm.fd_links())
+        with pytest.raises(q.QMPError) as e:
+            q.attach(m, "xdp0", "lo", [a.fileno() for a, _ in pairs], start_queue=1, xdp_mode="skb",
+                     device="virtio-net-pci")
+        assert (str(e.value), e.value.command, e.value.error_class) == (NOT_AF_XDP, "netdev_add", "GenericError")
+        assert e.value.__notes__ == ["unwound: closed fd(s) xdp0-q1, xdp0-q2 in QEMU"]
+        for name in ("xdp0-q1", "xdp0-q2"):
+            with pytest.raises(q.QMPError, match="not found"):
+                m.execute("closefd", {"fdname": name})
+        assert sorted(vm.fd_links()) == before
+    for a, b in pairs:
+        a.close()
+        assert eof(b)
+
+
+def test_detach_waits_for_qemus_device_deleted_event() -> None:
+    # usb-net unplugs without the guest, and QEMU sends DEVICE_DELETED after device_del has answered
+    with qemu("-M", "pc", "-device", "qemu-xhci,id=xhci") as v, v.connect() as m:
+        m.execute("netdev_add", {"type": "hubport", "id": "n0", "hubid": 0})
+        m.execute("device_add", {"driver": "usb-net", "netdev": "n0", "id": "n0-dev"})
+        assert q.detach(m, "n0", timeout=5) == q.Detached("n0", "n0-dev", True)
+        assert any(e["event"] == "DEVICE_DELETED" and e["data"].get("device") == "n0-dev" for _, e in m.events)
+        assert "n0-dev" not in [p["name"] for p in m.execute("qom-list", {"path": "/machine/peripheral"})]
+        with pytest.raises(q.QMPError, match="Device 'n0' not found"):
+            m.execute("netdev_del", {"id": "n0"})
+
+
+def test_detach_keeps_the_netdev_while_the_guest_holds_the_device() -> None:
+    # a PCI NIC on i440fx needs the guest's ACPI ack, which a paused guest never gives
+    with qemu("-M", "pc") as v, v.connect() as m:
+        m.execute("netdev_add", {"type": "hubport", "id": "n0", "hubid": 0})
+        m.execute("device_add", {"driver": "virtio-net-pci", "netdev": "n0", "id": "n0-dev"})
+        with pytest.raises(q.QMPTimeout, match=r"'n0-dev' is still present 0\.3 s after device_del"):
+            q.detach(m, "n0", timeout=0.3)
+        assert "n0-dev" in [p["name"] for p in m.execute("qom-list", {"path": "/machine/peripheral"})]
+        with pytest.raises(q.QMPError, match="Duplicate ID 'n0'"):  # the netdev is still there
+            m.execute("netdev_add", {"type": "hubport", "id": "n0", "hubid": 0})
+
+
+# ---- the commands against QEMU -------------------------------------------------------------------------
+
+def fake_grant(monkeypatch: pytest.MonkeyPatch, queues: list[int]) -> list[socket.socket]:
+    """Stand in for the broker with socketpair ends; returns the other ends, to watch who holds the sockets."""
+    pairs = [socket.socketpair() for _ in queues]
+    fds = [a.detach() for a, _ in pairs]
+
+    def request_fds(interface: str, count: int, **kw: Any) -> tuple[dict[str, Any], list[int]]:
+        return ({"lease": "L1", "kind": "bare", "interface": interface, "xdp_mode": "skb",
+                 "sockets": [{"queue": x, "fd": i} for i, x in enumerate(queues)]}, fds)
+
+    monkeypatch.setattr("client.grant.request_fds", request_fds)
+    return [b for _, b in pairs]
+
+
+def test_qmp_attach_refuses_this_qemu_before_asking_the_broker(vm: Qemu, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("client.grant.request_fds", lambda *a, **k: pytest.fail("the broker was asked"))
+    rc = qmp_cli.main(["qmp-attach", "--qmp", vm.qmp_path, "--id", "xdp0", "-i", "lo", "-q", "1"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 1
+    assert err[0].startswith(f"xskbroker: QEMU {binary_version()}")
+    assert err[0].endswith(f"at {vm.qmp_path} has no af-xdp netdev backend (needs QEMU ≥ 8.2 built with libxdp)")
+    assert "--force tries anyway" in err[1]
+
+
+def test_qmp_attach_force_shows_qemus_error_and_qemu_keeps_nothing(
+        vm: Qemu, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    peers = fake_grant(monkeypatch, [0, 1])
+    before = sorted(vm.fd_links())
+    rc = qmp_cli.main(["qmp-attach", "--qmp", vm.qmp_path, "--id", "xdp0", "-i", "lo", "-q", "2", "--force",
+                       "--device", "virtio-net-pci"])
+    # (a root without CAP_IPC_LOCK also gets the memlock warning: that is tested below)
+    err = [line for line in capsys.readouterr().err.splitlines() if "RLIMIT_MEMLOCK" not in line]
+    assert rc == 1
+    assert err[0].startswith("xskbroker: warning: QEMU ") and err[0].endswith("; trying anyway (--force)")
+    assert err[1] == f"xskbroker: QEMU refused netdev_add: {NOT_AF_XDP}"
+    assert err[2:] == ["  unwound: closed fd(s) xdp0-q0, xdp0-q1 in QEMU",
+                       "  the grant's sockets were closed here: the broker's lease ends with them"]
+    # QEMU drops the monitor connection's socket a moment after the command hangs up
+    wait_for(lambda: sorted(vm.fd_links()) == before, 2.0, "QEMU's fds back to what they were")
+    assert all(eof(b) for b in peers)  # neither the command nor QEMU holds a granted socket any more
+
+
+def test_unprivileged_qemu_takes_fds_and_its_memlock_limit_is_flagged(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    peers = fake_grant(monkeypatch, [0])
+    with qemu("-M", "none", user=65534) as v:
+        status = Path(f"/proc/{v.pid}/status").read_text()
+        assert "Uid:\t65534" in status and not q.has_cap(status, q.CAP_IPC_LOCK)
+        rc = qmp_cli.main(["qmp-attach", "--qmp", v.qmp_path, "--id", "xdp0", "-i", "lo", "-q", "1", "--force",
+                           "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert rc == 1 and out["error"]["message"] == NOT_AF_XDP and out["error"]["command"] == "netdev_add"
+        assert eof(peers[0])
+        limit = q.memlock_limit(Path(f"/proc/{v.pid}/limits").read_text())
+        warnings = out["error"]["warnings"]
+        assert "has no af-xdp netdev backend" in warnings[0]
+        if limit is not None and limit < q.AF_XDP_UMEM_BYTES:  # 8 MiB on these machines
+            assert warnings[1].startswith(f"QEMU (pid {v.pid}) may lock {limit >> 20} MiB (RLIMIT_MEMLOCK) but its "
+                                          "af-xdp UMEM needs 32 MiB for 1 queue(s)")
+            assert f"prlimit --pid {v.pid} --memlock=33554432:33554432" in warnings[1]
+
+
+# ---- through a real broker -----------------------------------------------------------------------------
+
+BARE_POLICY = """\
+version = 1
+
+[[allow]]
+name = "qmp-tests"
+users = [0]
+interfaces = ["xsk*"]
+queues = ["0-7"]
+kinds = ["bare"]
+max_queues = 2
+"""
+
+
+def test_qmp_attach_with_a_real_bare_grant(veth: VethNamespace, vm: Qemu, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(vm.fd_links())  # nobody connected yet
+    with BrokerProcess(veth.name, BARE_POLICY) as broker:
+        # without --force: refused before the broker is asked
+        assert qmp_cli.main(["qmp-attach", "--qmp", vm.qmp_path, "--id", "xdp0", "-i", veth.inside, "-q", "2",
+                             "--socket", broker.socket_path, "--json"]) == 1
+        assert json.loads(capsys.readouterr().out)["error"]["code"] == "af-xdp-unsupported"
+        assert not [r for r in broker.records() if r.get("event") == "grant"]
+
+        rc = qmp_cli.main(["qmp-attach", "--qmp", vm.qmp_path, "--id", "xdp0", "-i", veth.inside, "-q", "2",
+                           "--socket", broker.socket_path, "--force", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        if out["error"]["code"] == "unsupported-kind":
+            pytest.skip(f"the broker does not make bare grants yet: {out['error']['message']}")
+        assert rc == 1 and out["error"]["code"] == "qmp-error", out
+        assert out["error"]["message"] == NOT_AF_XDP
+        wait_for(lambda: sorted(vm.fd_links()) == before, 2.0, "QEMU's fds back to what they were")
+        grant = [r for r in broker.records() if r.get("event") == "grant"][-1]
+        assert grant["decision"] == "allow" and grant["request"]["kind"] == "bare"
+
+
+def test_real_bare_sockets_reach_qemu_and_qemu_alone_keeps_them_in_the_map(veth: VethNamespace, vm: Qemu) -> None:
+    from client import protocol as proto
+    from client.grant import request_fds
+
+    with BrokerProcess(veth.name, BARE_POLICY) as broker:
+        try:
+            reply, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path)
+        except proto.BrokerError as e:
+            if e.code == "unsupported-kind":
+                pytest.skip(f"the broker does not make bare grants yet: {e.message}")
+            raise
+        with vm.connect() as m:
+            before = len(vm.fd_links())
+            links = []
+            for s in reply["sockets"]:
+                fd = fds[s["fd"]]
+                links.append(f"socket:[{os.fstat(fd).st_ino}]")
+                m.execute("getfd", {"fdname": q.fd_name("xdp0", s["queue"])}, fds=[fd])
+            q.close_fds(fds)
+            assert len(vm.fd_links()) == before + 2 and set(links) <= set(vm.fd_links())
+            # QEMU's copies alone keep the sockets in xsks_map: the queues are still taken
+            with pytest.raises(proto.BrokerError) as busy:
+                request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path)
+            assert busy.value.code == "queue-busy", busy.value
+            for s in reply["sockets"]:
+                m.execute("closefd", {"fdname": q.fd_name("xdp0", s["queue"])})
+            assert len(vm.fd_links()) == before and not set(links) & set(vm.fd_links())
+        # closed in QEMU too: the kernel emptied the slots, so the same queues can be granted again
+        again, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path)
+        q.close_fds(fds)
+        assert [s["queue"] for s in again["sockets"]] == [0, 1]
