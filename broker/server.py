@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from policy import quota as quotas
 
 MAX_FDS_IN = 16  # fds a client might (wrongly) attach; more are dropped and closed by the kernel
 MAX_CONNECTIONS = 1024
+ORPHAN_POLL_SECONDS = 2.0
 
 
 def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.socket:
@@ -74,6 +76,7 @@ class Server:
         self.conns: dict[int, tuple[socket.socket, peers.PeerInfo]] = {}
         self.pidfds: dict[int, int] = {}  # pid -> pidfd
         self.stopping = False
+        self._next_orphan_check = 0.0
         self.closer = Closer()
         self._wake_r, self._wake_w = socket.socketpair()
         listener.setblocking(False)
@@ -99,9 +102,15 @@ class Server:
         handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while not self.stopping:
-                events = self.sel.select(self.idle_timeout)
+                # orphaned leases give no event when their sockets close: look at them every few seconds
+                poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() else None
+                timeout = min((t for t in (poll, self.idle_timeout) if t is not None), default=None)
+                events = self.sel.select(timeout)
                 for key, _ in events:
                     key.data(key.fileobj)
+                if poll is not None and time.monotonic() >= self._next_orphan_check:
+                    self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
+                    self.service.check_orphans()
                 if not events and self.idle():
                     self.audit({"event": "idle-exit", "after_s": self.idle_timeout})
                     self.stopping = True
@@ -224,7 +233,8 @@ class Server:
         else:
             if outcome.lease_id:
                 faults.point("after-send")
-                self.watch_pid(who.pid, conn)
+                # SO_PEERPIDFD names the requester race-free; a holder it named gets pidfd_open
+                self.watch_pid(outcome.holder_pid or who.pid, conn if outcome.holder_pid in (0, who.pid) else None)
         finally:
             # the client has its own copies now; ours would keep the sockets alive
             self.closer.close(outcome.fds)

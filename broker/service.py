@@ -33,6 +33,7 @@ class Outcome:
     reply: bytes
     fds: list[int] = field(default_factory=list)
     lease_id: str | None = None
+    holder_pid: int = 0  # whose exit ends the lease (the requester unless it named another process)
 
     def close_fds(self) -> None:
         for fd in self.fds:
@@ -116,8 +117,9 @@ class Service:
             if over:
                 record["quota"] = over.reason
                 raise Refused(over.code, over.reason)
+            holder = self._holder(peer, req.holder_pid) if req.holder_pid else peer
             maker = {"bound": self._make_bound, "bare": self._make_bare, "map": self._make_map}[req.kind]
-            outcome = maker(peer, req, decision.rule)
+            outcome = maker(holder, req, decision.rule)
         except Refused as e:
             record.update(decision="deny", code=e.code, reason=e.message,
                           ms=round((time.perf_counter() - started) * 1000, 3))
@@ -127,6 +129,18 @@ class Service:
                       ms=round((time.perf_counter() - started) * 1000, 3))
         self.audit(record)
         return outcome
+
+    def _holder(self, peer: PeerInfo, pid: int) -> PeerInfo:
+        """The process a launcher hands the sockets to (QEMU behind a QMP socket): it must be the
+        requester's own (same real uid), so nobody can pin a lease or a memlock raise on someone else's."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration, ValueError):
+            raise Refused("bad-holder", f"holder_pid {pid} is not a running process") from None
+        if uid != peer.uid and not self.is_admin(peer):
+            raise Refused("bad-holder", f"holder_pid {pid} belongs to uid {uid}, not to the requester (uid {peer.uid})")
+        return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup)
 
     def _target(self, req: proto.Grant) -> tuple[int, xdp_prog.XskProgram]:
         """The interface's index and XSK program, after checking every requested queue exists."""
@@ -210,8 +224,9 @@ class Service:
                                 tuple(sorted(peer.gids)), tuple(sorted(peer.groups)))
         faults.point("after-lease-saved")
         reply = proto.ok_reply("grant", req.req_id, lease=lease.id, kind=req.kind, interface=req.interface,
-                               ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, **fields)
-        return Outcome(reply, fds, lease.id)
+                               ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, holder_pid=peer.pid,
+                               **fields)
+        return Outcome(reply, fds, lease.id, peer.pid)
 
     def _memlock(self, peer: PeerInfo, needed: int, rule: Rule) -> dict[str, Any]:
         """Give a bare-grant holder the RLIMIT_MEMLOCK its own UMEM needs, where policy and privilege allow.
@@ -285,10 +300,39 @@ class Service:
         return proto.ok_reply("release", req.req_id, lease=lease.id)
 
     def holder_exited(self, pid: int) -> None:
-        # The kernel already emptied the slots when the sockets closed; only bookkeeping is left.
+        """A holder is gone. Its sockets usually died with it (and the kernel emptied their slots), but it
+        may have passed them on (a launcher to QEMU over QMP): a slot still taken means they live on."""
         for lease in self.leases.of_pid(pid):
+            if lease.orphaned:
+                continue
+            if self._still_held(lease):
+                lease.orphaned = True
+                self.leases.record(lease)
+                self.audit({"event": "lease-orphaned", "lease": lease.id, "pid": pid,
+                            "reason": "holder exited but its sockets are still open elsewhere"})
+                continue
             self.leases.remove(lease.id)
             self.audit({"event": "lease-ended", "lease": lease.id, "pid": pid, "reason": "holder exited"})
+
+    def check_orphans(self) -> None:
+        """End the orphaned leases whose sockets have finally been closed (called periodically)."""
+        for lease in self.leases.orphans():
+            if not self._still_held(lease):
+                self.leases.remove(lease.id)
+                self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
+                            "reason": "its sockets were closed"})
+
+    def _still_held(self, lease: Lease) -> bool:
+        # a revoked lease's slots were emptied on purpose: they tell nothing about its sockets
+        if lease.kind == "map" or lease.revoked:
+            return False
+        prog = self.programs.get(lease.ifindex)
+        if prog is None:
+            return False
+        try:
+            return bool(xsk.occupied_slots(prog.map_fd, lease.queues))
+        except OSError:
+            return False
 
     def holdings(self) -> list[Holding]:
         return [Holding(lease.uid, frozenset(lease.gids), frozenset(lease.groups), len(lease.queues),
@@ -388,7 +432,8 @@ class Service:
         return kept
 
     def _stale(self, lease: Lease) -> str | None:
-        if not lease.holder_alive():
+        alive = lease.holder_alive()
+        if not alive and (lease.kind == "map" or lease.revoked):
             return f"holder pid {lease.pid} is gone"
         try:
             name = netdev.ifname(lease.ifindex)
@@ -402,9 +447,10 @@ class Service:
             prog = self._program(lease.ifindex, name, netdev.queue_count(name))
         except Refused as e:
             return e.message
-        taken = set(xsk.occupied_slots(prog.map_fd, prog.max_entries))
-        if not taken.intersection(lease.queues):
+        if not xsk.occupied_slots(prog.map_fd, lease.queues):
             return "none of its queues holds a socket any more"
+        if not alive:
+            lease.orphaned = True  # passed on before the holder exited; polled until the sockets close
         return None
 
     def _status(self, peer: PeerInfo, req: proto.Status) -> bytes:

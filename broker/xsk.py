@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from broker import bpf, faults
@@ -190,12 +191,12 @@ def create_bare(ifname: str, queue: int, map_fd: int) -> int:
     return sock.detach()
 
 
-def occupied_slots(map_fd: int, entries: int) -> list[int]:
+def occupied_slots(map_fd: int, slots: int | Iterable[int]) -> list[int]:
     """Slots that hold a socket. XSKMAP lookups are not allowed from user space, so each slot is
     probed with a BPF_NOEXIST insert of a throw-away socket, undone at once when it succeeds."""
     taken = []
     with socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as probe:
-        for q in range(entries):
+        for q in range(slots) if isinstance(slots, int) else slots:
             try:
                 bpf.map_update(map_fd, q, probe.fileno(), bpf.BPF_NOEXIST)
             except OSError as e:

@@ -71,7 +71,8 @@ def request(interface: str, queues: int | Sequence[int] = 1, *, start_queue: int
 
 def request_fds(interface: str, queues: int | Sequence[int] = 1, *, kind: str = "bare", start_queue: int = 0,
                 geometry: proto.Geometry | None = None, socket_path: str = DEFAULT_SOCKET,
-                timeout: float | None = 30.0, memlock: int = 0) -> tuple[dict[str, Any], list[int]]:
+                timeout: float | None = 30.0, memlock: int = 0,
+                holder_pid: int = 0) -> tuple[dict[str, Any], list[int]]:
     """A grant as raw material: the reply and its fds (the caller owns and must close them).
 
     For launchers that pass the fds on (QEMU's sock-fds=, QMP getfd) instead of using them.
@@ -79,7 +80,7 @@ def request_fds(interface: str, queues: int | Sequence[int] = 1, *, kind: str = 
     """
     ids = tuple(range(start_queue, start_queue + queues)) if isinstance(queues, int) else tuple(queues)
     req = proto.Grant(interface=interface, queues=ids, kind=kind, geometry=geometry or proto.Geometry(),
-                      memlock=memlock)
+                      memlock=memlock, holder_pid=holder_pid)
     with Connection(socket_path, timeout) as conn:
         return conn.call(req)
 

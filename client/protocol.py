@@ -18,6 +18,7 @@ MAX_QUEUES = SCM_MAX_FD // 2  # a bound socket takes two fds (socket, UMEM memfd
 MAX_UMEM = 1 << 32
 MAX_RING = 1 << 16
 MAX_MEMLOCK = 1 << 40
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
 IFNAMSIZ = 16
 KINDS = ("bound", "bare", "map")
 BIND_MODES = ("auto", "copy", "zerocopy")
@@ -101,6 +102,7 @@ class Grant:
     bind_mode: str = "auto"
     need_wakeup: bool = True
     memlock: int = 0  # bare grants: RLIMIT_MEMLOCK the holder needs for its own UMEM (0: don't ask)
+    holder_pid: int = 0  # the process that will hold the sockets, when not the requester (0: the requester)
     req_id: Any = None
     op: str = "grant"
 
@@ -134,6 +136,8 @@ def encode_request(req: Request) -> bytes:
             msg["queues"] = list(req.queues)
         if req.memlock:
             msg["memlock"] = req.memlock
+        if req.holder_pid:
+            msg["holder_pid"] = req.holder_pid
     return encode(msg)
 
 
@@ -233,7 +237,7 @@ def _geometry(msg: dict[str, Any]) -> Geometry:
 
 
 _GRANT_FIELDS = {"v", "op", "id", "interface", "queues", "start_queue", "kind", "umem", "rings",
-                 "bind_mode", "need_wakeup", "memlock"}
+                 "bind_mode", "need_wakeup", "memlock", "holder_pid"}
 _FIELDS = {"hello": {"v", "op", "id", "client"}, "status": {"v", "op", "id"},
            "release": {"v", "op", "id", "lease"}, "grant": _GRANT_FIELDS,
            "revoke": {"v", "op", "id", "lease", "interface", "queue", "signal"}}
@@ -331,9 +335,10 @@ def _grant(msg: dict[str, Any], req_id: Any) -> Grant:
     if kind == "map" and queues:
         raise ProtocolError("bad-request", "a map grant covers the whole interface: omit 'queues'")
     memlock = _bounded("memlock", _field(msg, "memlock", int, 0), 0, MAX_MEMLOCK)
+    holder_pid = _bounded("holder_pid", _field(msg, "holder_pid", int, 0), 0, PID_MAX)
     return Grant(interface=interface, queues=queues, kind=kind, geometry=_geometry(msg),
                  bind_mode=bind_mode, need_wakeup=_field(msg, "need_wakeup", bool, True), memlock=memlock,
-                 req_id=req_id)
+                 holder_pid=holder_pid, req_id=req_id)
 
 
 # ---- decoding (client side) ------------------------------------------------------------------------

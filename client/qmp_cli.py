@@ -170,6 +170,7 @@ def grant_fds(reply: dict[str, Any], fds: Sequence[int], start_queue: int, count
 def cmd_qmp_attach(args: argparse.Namespace) -> int:
     from client import protocol as proto
     from client.grant import request_fds
+    from client.launch import QEMU_UMEM_PER_QUEUE
 
     as_json = args.json
     try:
@@ -200,8 +201,11 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
 
         seen = {"warnings": warnings} if warnings else {}  # JSON errors carry the warnings given so far
         try:
+            # QEMU, not this command, will hold the sockets: the lease follows QEMU's pid, and so does the
+            # memlock raise the broker makes where policy and privilege allow it
             reply, fds = request_fds(args.interface, args.queues, kind="bare", start_queue=args.start_queue,
-                                     socket_path=args.socket, timeout=args.timeout)
+                                     socket_path=args.socket, timeout=args.timeout, holder_pid=qmp.pid or 0,
+                                     memlock=QEMU_UMEM_PER_QUEUE * args.queues if qmp.pid else 0)
         except proto.BrokerError as e:
             return _fail(as_json, e.code, f"{e.code}: {e.message}", **seen)
         except (ConnectionError, OSError) as e:

@@ -343,3 +343,78 @@ def test_real_bare_sockets_reach_qemu_and_qemu_alone_keeps_them_in_the_map(veth:
         again, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path)
         q.close_fds(fds)
         assert [s["queue"] for s in again["sockets"]] == [0, 1]
+
+
+# ---- whose lease: the requester's, the holder it names, or an orphan -----------------------------------
+
+def _status(path: str) -> list[dict]:
+    from client import protocol as proto
+    from client.connection import Connection
+
+    with Connection(path) as c:
+        return c.call(proto.Status())[0]["leases"]
+
+
+def _hand_to_qemu(qmp_path: str, reply: dict, fds: list[int]) -> None:
+    with q.QMP(qmp_path, 5.0) as m:
+        for s in reply["sockets"]:
+            m.execute("getfd", {"fdname": q.fd_name("xdp0", s["queue"])}, fds=[fds[s["fd"]]])
+    q.close_fds(fds)
+
+
+def test_the_lease_follows_the_qemu_a_launcher_names_as_holder(veth: VethNamespace) -> None:
+    from client.grant import request_fds
+
+    with qemu("-M", "none") as vm, BrokerProcess(veth.name, BARE_POLICY) as broker:
+        reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path, holder_pid=vm.pid)
+        _hand_to_qemu(vm.qmp_path, reply, fds)
+        assert reply["holder_pid"] == vm.pid
+        (lease,) = _status(broker.socket_path)
+        assert lease["pid"] == vm.pid and not lease["orphaned"]
+        vm.proc.kill()
+        vm.proc.wait()
+        wait_for(lambda: not _status(broker.socket_path), 5.0, "the lease to end with QEMU")
+        ended = [r for r in broker.records() if r.get("event") == "lease-ended"]
+        assert ended[-1]["pid"] == vm.pid and ended[-1]["reason"] == "holder exited"
+
+
+def test_a_launcher_that_exits_after_passing_the_sockets_leaves_an_orphan_until_they_close(
+        veth: VethNamespace) -> None:
+    from client.grant import request_fds
+
+    with qemu("-M", "none") as vm, BrokerProcess(veth.name, BARE_POLICY) as broker:
+        pid = os.fork()
+        if pid == 0:  # a launcher that names no holder, hands the sockets over and exits
+            code = 1
+            try:
+                reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path)
+                _hand_to_qemu(vm.qmp_path, reply, fds)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        wait_for(lambda: [x for x in _status(broker.socket_path) if x["orphaned"]], 5.0, "the lease to be orphaned")
+        with vm.connect() as m:
+            m.execute("closefd", {"fdname": q.fd_name("xdp0", 0)})
+        wait_for(lambda: not _status(broker.socket_path), 10.0, "the orphan to end once QEMU closed the socket")
+        reasons = [r["reason"] for r in broker.records() if r.get("event") in ("lease-orphaned", "lease-ended")]
+        assert reasons == ["holder exited but its sockets are still open elsewhere", "its sockets were closed"]
+
+
+def test_a_holder_of_another_user_is_refused(veth: VethNamespace) -> None:
+    from broker.sandbox import spawn_unprivileged
+
+    def ask(path: str, iface: str) -> str:
+        from client import protocol as proto
+        from client.grant import request_fds
+
+        try:
+            _, fds = request_fds(iface, 1, kind="bare", socket_path=path, holder_pid=1)
+        except proto.BrokerError as e:
+            return e.code
+        q.close_fds(fds)
+        return "granted"
+
+    with BrokerProcess(veth.name, BARE_POLICY.replace("users = [0]", "users = [0, 65534]")) as broker:
+        assert spawn_unprivileged(ask, broker.socket_path, veth.inside, uid=65534).result() == "bad-holder"
