@@ -214,14 +214,16 @@ class Service:
             raise Refused("interface-busy", f"{req.interface} is in use (leases {[x.id for x in others]}, occupied "
                           f"queues {taken}); a map grant needs it unused")
         fd = os.dup(prog.map_fd)
-        return self._lease(peer, req, ifindex, prog, [fd], map_fd=0, map_entries=prog.max_entries)
+        # every slot is the holder's to write: the lease (and the quota) counts them all
+        return self._lease(peer, req, ifindex, prog, [fd], queues=tuple(range(prog.max_entries)), map_fd=0,
+                           map_entries=prog.max_entries)
 
     def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: xdp_prog.XskProgram, fds: list[int],
-               **fields: Any) -> Outcome:
+               queues: tuple[int, ...] | None = None, **fields: Any) -> Outcome:
         # recorded (and persisted) before the fds leave: a crash after this line leaves a record that
         # recovery checks against the kernel, never a socket nobody accounts for
-        lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, req.queues, req.kind, req.umem_bytes,
-                                tuple(sorted(peer.gids)), tuple(sorted(peer.groups)))
+        lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
+                                req.umem_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)))
         faults.point("after-lease-saved")
         reply = proto.ok_reply("grant", req.req_id, lease=lease.id, kind=req.kind, interface=req.interface,
                                ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, holder_pid=peer.pid,
@@ -290,6 +292,12 @@ class Service:
         if lease is None or (lease.uid != peer.uid and not self.is_admin(peer)):
             return proto.error_reply("unknown-lease", f"no lease {req.lease!r} held by uid {peer.uid}",
                                      "release", req.req_id)
+        if lease.kind == "map":
+            # the map fd cannot be taken back: the interface stays reserved until its holder exits
+            self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id, "pending": True})
+            return proto.ok_reply("release", req.req_id, lease=lease.id, pending=True,
+                                  note=f"a map lease ends when its holder (pid {lease.pid}) exits: the xsks_map "
+                                  "fd it received cannot be taken back")
         prog = self.programs.get(lease.ifindex)
         if prog:
             for q in lease.queues:

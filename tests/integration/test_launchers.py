@@ -220,3 +220,46 @@ def test_map_grants_need_an_exclusive_rule_and_an_unused_interface() -> None:
             finally:
                 holder.kill()
             assert try_grant  # the bound path itself is covered in test_grants
+
+
+def _hold_map(path: str, iface: str, seconds: float) -> dict:
+    from client import protocol as proto
+    from client.connection import Connection
+
+    with Connection(path) as c:
+        reply, fds = c.call(proto.Grant(iface, (), kind="map"))
+        released, _ = c.call(proto.Release(reply["lease"]))
+        time.sleep(seconds)
+    return {"pending": released.get("pending"), "fds": fds}
+
+
+def test_a_map_lease_holds_the_whole_interface_until_its_holder_exits() -> None:
+    from .consumers import try_grant as bound_grant
+
+    ns = VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2)
+    with ns:
+        from broker.sandbox import ip
+        ip("link", "add", "xsk1", "numtxqueues", "2", "numrxqueues", "2", "type", "veth", "peer", "name", "xsk1p",
+           "numtxqueues", "2", "numrxqueues", "2", netns=ns.name)
+        ip("link", "set", "xsk1", "up", netns=ns.name)
+        with BrokerProcess(ns.name, MAP_POLICY) as b:
+            holder = spawn_unprivileged(_hold_map, b.socket_path, "xsk1", 30.0, uid=CONSUMER_UID)
+            try:
+                deadline = time.monotonic() + 5
+                while not any(r.get("event") == "release" for r in b.records()):
+                    assert time.monotonic() < deadline and holder.alive()
+                    time.sleep(0.01)
+                # released, but the holder may still write the map: nothing else is granted on xsk1
+                refused = spawn_unprivileged(bound_grant, b.socket_path, "xsk1", [1], uid=CONSUMER_UID).result()
+                assert refused["code"] == "interface-exclusive", refused
+            finally:
+                holder.kill()
+            deadline = time.monotonic() + 5
+            while True:
+                got = spawn_unprivileged(bound_grant, b.socket_path, "xsk1", [1], uid=CONSUMER_UID).result()
+                if got["ok"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert got["ok"], got
+            releases = [r for r in b.records() if r.get("event") == "release"]
+            assert releases[0]["pending"] is True
