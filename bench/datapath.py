@@ -22,7 +22,7 @@ from client.grant import open_sockets, request_fds
 from client.protocol import Geometry
 from client.xsk import XskSocket
 
-GEOMETRY = Geometry(umem_size=8 << 20, fill=4096, completion=4096, rx=4096, tx=2048)
+GEOMETRY = Geometry(umem_size=32 << 20, fill=8192, completion=4096, rx=8192, tx=2048)
 FRAME_LEN = 64
 
 

@@ -8,6 +8,7 @@ import os
 import pwd
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -56,11 +57,24 @@ def peer_pidfd(sock: socket.socket | None, pid: int) -> int | None:
         return None
 
 
+NAME_TTL = 30.0  # seconds a resolved user/group name is trusted: NSS (files, LDAP, sssd) is slow to ask
+_names: dict[tuple[str, int], tuple[float, str | None]] = {}
+
+
 def _name(lookup, ident: int) -> str | None:  # type: ignore[no-untyped-def]
+    key = (lookup.__name__, ident)
+    now = time.monotonic()
+    hit = _names.get(key)
+    if hit and now - hit[0] < NAME_TTL:
+        return hit[1]
     try:
-        return str(lookup(ident)[0])
+        name: str | None = str(lookup(ident)[0])
     except KeyError:
-        return None
+        name = None
+    if len(_names) > 4096:  # bounded: a flood of distinct ids cannot grow it without end
+        _names.clear()
+    _names[key] = (now, name)
+    return name
 
 
 def identify(sock: socket.socket) -> PeerInfo:
