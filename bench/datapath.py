@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-from bench.common import bed
+from bench.common import Bed, bed
 from broker import netdev, xsk
 from broker.sandbox import in_netns, setns
 from client.echo import ETH_P_DEMO
@@ -33,6 +33,15 @@ def _frame(dst: bytes, src: bytes) -> bytes:
 def _own_socket(ifindex: int, queue: int, map_fd: int | None) -> XskSocket:
     s = xsk.create_bound(ifindex, queue, map_fd, GEOMETRY)
     return XskSocket(s.xsk_fd, s.umem_fd, queue, GEOMETRY, s.bind_flags)
+
+
+def _socket(b: Bed, label: str) -> XskSocket:
+    """Queue 0's socket, from the broker or made here with the same kernel work."""
+    if label == "brokered":
+        reply, fds = request_fds("xsk0", [0], kind="bound", geometry=GEOMETRY, socket_path=b.broker.socket_path)
+        return open_sockets(reply, fds)[0]
+    with in_netns(b.ns.name):
+        return _own_socket(b.ifindex, 0, b.program.map_fd)
 
 
 def _blast(netns: str, dev: str, frame: bytes, cpu: int) -> int:
@@ -124,13 +133,7 @@ def run(seconds: float = 2.0) -> dict[str, Any]:
             try:
                 rates: dict[str, float] = {}
                 for label in ("brokered", "self-made", "brokered"):
-                    if label == "brokered":
-                        reply, fds = request_fds("xsk0", [0], kind="bound", geometry=GEOMETRY,
-                                                 socket_path=b.broker.socket_path)
-                        xs = open_sockets(reply, fds)[0]
-                    else:
-                        with in_netns(ns.name):
-                            xs = _own_socket(b.ifindex, 0, b.program.map_fd)
+                    xs = _socket(b, label)
                     rate = _rx_rate(xs, seconds)
                     rates[label] = max(rates.get(label, 0.0), rate)
                     xs.close()
@@ -145,13 +148,7 @@ def run(seconds: float = 2.0) -> dict[str, Any]:
             tx: dict[str, float] = {}
             for label in ("brokered", "self-made", "brokered"):
                 time.sleep(0.05)
-                if label == "brokered":
-                    reply, fds = request_fds("xsk0", [0], kind="bound", geometry=GEOMETRY,
-                                             socket_path=b.broker.socket_path)
-                    xs = open_sockets(reply, fds)[0]
-                else:
-                    with in_netns(ns.name):
-                        xs = _own_socket(b.ifindex, 0, b.program.map_fd)
+                xs = _socket(b, label)
                 tx[label] = max(tx.get(label, 0.0), _tx_rate(xs, reverse, seconds))
                 xs.close()
             packet_tx = _packet_tx_rate(ns.name, ns.inside, reverse, seconds)

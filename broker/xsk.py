@@ -136,6 +136,16 @@ def is_zerocopy(sock: socket.socket) -> bool:
     return bool(int.from_bytes(raw[:4], "little") & XDP_OPTIONS_ZEROCOPY)
 
 
+def claim_slot(map_fd: int, queue: int, fd: int) -> None:
+    """Put the socket in xsks_map[queue] only if the slot is free: an atomic claim on the queue."""
+    try:
+        bpf.map_update(map_fd, queue, fd, bpf.BPF_NOEXIST)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket") from None
+        raise
+
+
 def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
                  need_wakeup: bool = True) -> BoundSocket:
     """A socket bound to (ifindex, queue) with its own UMEM, placed in xsks_map[queue].
@@ -148,12 +158,7 @@ def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind
         undo.callback(sock.close)
         faults.point("after-socket")
         if map_fd is not None:  # None: a TX-only socket (traffic generators) that claims no slot
-            try:
-                bpf.map_update(map_fd, queue, sock.fileno(), bpf.BPF_NOEXIST)
-            except OSError as e:
-                if e.errno == errno.EEXIST:
-                    raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket") from None
-                raise
+            claim_slot(map_fd, queue, sock.fileno())
             undo.callback(bpf.map_delete, map_fd, queue)
         faults.point("after-map-claim")
         umem_fd = sealed_memfd(g.umem_size)
@@ -179,12 +184,7 @@ def create_bare(ifname: str, queue: int, map_fd: int) -> int:
     sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-        try:
-            bpf.map_update(map_fd, queue, sock.fileno(), bpf.BPF_NOEXIST)
-        except OSError as e:
-            if e.errno == errno.EEXIST:
-                raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket") from None
-            raise
+        claim_slot(map_fd, queue, sock.fileno())
     except BaseException:
         sock.close()
         raise
