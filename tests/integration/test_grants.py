@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -234,3 +235,44 @@ def test_demo_command_reports_every_packet_both_ways() -> None:
     assert result["grant_latency_ms"] > 0
     with contextlib.suppress(FileNotFoundError):
         assert result["namespace"] not in os.listdir("/run/netns")
+
+
+def _cli_json(argv: list[str]) -> dict:
+    """Run the xskbroker command line in-process (this child has already dropped privileges)."""
+    import contextlib as _contextlib
+    import io
+
+    import broker.cli
+
+    out = io.StringIO()
+    with _contextlib.redirect_stdout(out):
+        code = broker.cli.main(argv)
+    return {"code": code, "reply": json.loads(out.getvalue())}
+
+
+def test_request_command_prints_the_grant_as_json(broker: BrokerProcess, veth: VethNamespace) -> None:
+    got = spawn_unprivileged(_cli_json, ["request", "--socket", broker.socket_path, "--interface", veth.inside,
+                                         "--queues", "2", "--umem", "2MiB", "--json"], uid=CONSUMER_UID).result()
+    assert got["code"] == 0
+    reply = got["reply"]
+    assert reply["ok"] is True and reply["kind"] == "bound" and reply["latency_ms"] > 0
+    assert [s["queue"] for s in reply["sockets"]] == [0, 1]
+    assert all(s["umem"]["size"] == 2 << 20 for s in reply["sockets"])
+    refused = spawn_unprivileged(_cli_json, ["request", "--socket", broker.socket_path, "--interface", "eth0",
+                                             "--json"], uid=CONSUMER_UID).result()
+    assert refused["code"] == 1 and refused["reply"]["error"]["code"] == "interface-not-allowed"
+
+
+def test_demo_cleans_up_its_namespace_when_interrupted() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "broker", "demo", "--packets", "100000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    name = f"xskdemo-{proc.pid}"
+    deadline = time.monotonic() + 20
+    while not os.path.exists(f"/run/netns/{name}"):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    time.sleep(0.5)  # let the broker and the consumer get going
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode in (1, 130)
+    assert not os.path.exists(f"/run/netns/{name}")
