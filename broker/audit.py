@@ -1,11 +1,41 @@
-"""Audit records: every decision and lifecycle event as one structured record."""
+"""Audit records: every decision and lifecycle event as one structured record.
+
+Two sinks with the same content: JSON lines on stderr (any host), or native journal entries through
+systemd-python (the optional `journal` extra) where every field is queryable with journalctl:
+MESSAGE for people, XSKBROKER_EVENT, PEER_UID, PEER_PID, PEER_EXE, PEER_CGROUP, DECISION, RULE, LEASE,
+CODE, ... for matching, and XSKBROKER_RECORD with the whole record as the JSON line would carry it.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
+
+AuditFn = Callable[[dict[str, Any]], None]
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+MODES = ("auto", "journal", "json")
+
+# syslog priorities: what an operator filters on with journalctl -p
+INFO, NOTICE, WARNING, ERR = 6, 5, 4, 3
+_PRIORITY = {
+    "internal-error": ERR, "policy-reload-failed": WARNING, "accept-failed": WARNING, "reply-failed": WARNING,
+    "linkwatch-unavailable": WARNING, "linkwatch-overrun": WARNING, "lease-orphaned": WARNING,
+    "bad-request": NOTICE, "rate-limited": NOTICE, "connection-refused": NOTICE, "revoke": NOTICE,
+}
+_FIELD_OK = re.compile(r"[^A-Z0-9_]")
+# Top-level keys whose plain journal name would mislead: a record's "pid" is the peer's (the lease
+# holder's), except in the broker's own lifecycle records; MESSAGE and PRIORITY are the journal's.
+_RENAME = {"pid": "PEER_PID", "message": "ERROR_MESSAGE", "priority": "XSKBROKER_PRIORITY"}
+_OWN_EVENTS = ("ready", "stopped", "stopping", "idle-exit")
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), default=str)
 
 
 class JsonAudit:
@@ -15,6 +45,126 @@ class JsonAudit:
         self.stream = stream
 
     def __call__(self, record: dict[str, Any]) -> None:
-        line = json.dumps({"ts": round(time.time(), 6), **record}, separators=(",", ":"), default=str)
-        self.stream.write(line + "\n")
+        self.stream.write(_json_line({"ts": round(time.time(), 6), **record}) + "\n")
         self.stream.flush()
+
+
+def field_name(*parts: str) -> str:
+    """A valid journal field name: upper case, [A-Z0-9_], not starting with '_' or a digit, <= 64."""
+    name = _FIELD_OK.sub("_", "_".join(parts).upper()).lstrip("_")
+    if not name or name[0].isdigit():
+        name = "X_" + name
+    return name[:64]
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, list | tuple | set | frozenset):
+        return ",".join(_value(v) for v in value)
+    if isinstance(value, dict):
+        return _json_line(value)
+    if value is True or value is False:
+        return "1" if value else "0"
+    return str(value)
+
+
+def journal_fields(record: dict[str, Any]) -> dict[str, str]:
+    """The record as journal fields (pure): MESSAGE, PRIORITY and one upper-case field per value.
+
+    Nested objects are flattened one level ({"peer": {"uid": 1}} -> PEER_UID=1); lists become
+    comma-separated; null values are left out, so a missing field means "unknown", never "None".
+    """
+    fields: dict[str, str] = {
+        "MESSAGE": message(record),
+        "PRIORITY": str(priority(record)),
+        "SYSLOG_IDENTIFIER": "xskbroker",
+        "XSKBROKER_EVENT": str(record.get("event", "")),
+        "XSKBROKER_RECORD": _json_line(record),
+    }
+    for key, value in record.items():
+        if key == "event" or value is None:
+            continue
+        if isinstance(value, dict) and key in ("peer", "request", "by"):
+            for sub, v in value.items():
+                if v is not None:
+                    fields[field_name(key, sub)] = _value(v)
+            continue
+        if key == "pid" and record.get("event") in _OWN_EVENTS:
+            fields["BROKER_PID"] = _value(value)
+            continue
+        fields[_RENAME.get(key) or field_name(key)] = _value(value)
+    return fields
+
+
+def priority(record: dict[str, Any]) -> int:
+    event = record.get("event")
+    if event in ("grant", "revoke") and record.get("decision") == "deny":
+        return NOTICE
+    return _PRIORITY.get(str(event), INFO)
+
+
+def message(record: dict[str, Any]) -> str:
+    """One line for people (journalctl's default output); the fields carry the detail."""
+    event = str(record.get("event", "record"))
+    peer = record.get("peer") if isinstance(record.get("peer"), dict) else None
+    who = ""
+    if peer:
+        exe = f" {peer['exe']}" if peer.get("exe") else ""
+        who = f" for uid {peer.get('uid')} pid {peer.get('pid')}{exe}"
+    if event == "grant":
+        req = record.get("request") or {}
+        what = f"{req.get('kind', '?')} {req.get('interface', '?')} queues {_value(req.get('queues', []))}"
+        if record.get("decision") == "allow":
+            return f"grant allowed{who}: {what} by rule {record.get('rule')}, lease {record.get('lease')}"
+        return (f"grant denied{who}: {what}: {record.get('code')}: {record.get('reason')}"
+                + (f" (rule {record['rule']})" if record.get("rule") else ""))
+    details = [f"{k}={_value(v)}" for k, v in record.items()
+               if k not in ("event", "peer", "trace") and v is not None and not isinstance(v, dict)]
+    return f"{event}{who}" + (f": {' '.join(details)}" if details else "")
+
+
+class JournalAudit:
+    """Native journal entries. A record the journal refuses goes to the fallback as a JSON line, so a
+    decision is never lost because journald is down."""
+
+    def __init__(self, send: Callable[..., None], fallback: AuditFn | None = None) -> None:
+        self.send = send
+        self.fallback = fallback or JsonAudit(sys.stderr)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        fields = journal_fields(record)
+        text = fields.pop("MESSAGE")
+        try:
+            self.send(text, **fields)
+        except (OSError, ValueError, TypeError) as e:
+            self.fallback({**record, "journal_error": str(e)})
+
+
+def journal_send() -> Callable[..., None] | None:
+    """systemd.journal.send when systemd-python is importable, else None."""
+    try:
+        from systemd import journal  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return journal.send  # type: ignore[no-any-return]
+
+
+class AuditSetupError(Exception):
+    pass
+
+
+def make_audit(mode: str = "auto", stream: TextIO = sys.stderr, journal_socket: str = JOURNAL_SOCKET) -> AuditFn:
+    """auto: the journal when systemd-python is installed and journald is listening, else JSON lines;
+    journal: the journal or an error saying what is missing; json: JSON lines on the stream."""
+    if mode not in MODES:
+        raise AuditSetupError(f"audit mode must be one of {', '.join(MODES)}")
+    if mode == "json":
+        return JsonAudit(stream)
+    send = journal_send()
+    if mode == "journal":
+        if send is None:
+            raise AuditSetupError("--audit journal needs systemd-python: pip install 'xskbroker[journal]' "
+                                  "or apt-get install python3-systemd")
+        return JournalAudit(send, JsonAudit(stream))
+    if send is not None and os.path.exists(journal_socket):
+        return JournalAudit(send, JsonAudit(stream))
+    return JsonAudit(stream)

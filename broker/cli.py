@@ -26,6 +26,16 @@ def _mode(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from client.connection import DEFAULT_SOCKET
     from policy.cli import add_policy_parser
@@ -36,10 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the broker in the foreground (root)",
-                       description="Run the broker in the foreground. Every decision is logged to stderr "
-                       "as one JSON object per line. SIGHUP reloads the policy (a bad file keeps the old "
-                       "one); SIGTERM/SIGINT stop it.")
-    s.add_argument("--socket", default=DEFAULT_SOCKET, help="listening socket path (default: %(default)s)")
+                       description="Run the broker in the foreground. Every decision is one audit record: a "
+                       "JSON line on stderr, or a journal entry (--audit). SIGHUP reloads the policy (a bad file "
+                       "keeps the old one); SIGTERM/SIGINT stop it. Started by systemd socket activation it "
+                       "serves the passed socket and notifies the manager (READY=1, STATUS=, STOPPING=1).")
+    s.add_argument("--socket", default=DEFAULT_SOCKET,
+                   help="listening socket path, unless systemd passed one (default: %(default)s)")
     s.add_argument("--policy", default="/etc/xskbroker/policy.toml",
                    help="policy file; policy.d/*.toml beside it is merged (default: %(default)s)")
     s.add_argument("--socket-mode", type=_mode, default=0o660, help="socket file mode (default: 0660)")
@@ -48,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $RUNTIME_DIRECTORY or /run/xskbroker)")
     s.add_argument("--xdp-mode", choices=("auto", "native", "skb"), default="auto",
                    help="how to attach the XSK program: native with fallback to skb (auto), or only one")
+    s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS",
+                   help="exit after this long with no connection and no lease (for socket activation; "
+                   "default: never)")
+    s.add_argument("--audit", choices=("auto", "journal", "json"), default="auto",
+                   help="audit records as journal entries (needs systemd-python) or JSON lines on stderr; "
+                   "auto: the journal when systemd-python is installed and journald runs (default: auto)")
     s.set_defaults(func=_serve)
 
     from client.cli import add_client_parsers

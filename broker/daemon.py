@@ -1,4 +1,8 @@
-"""`xskbroker serve`: load the policy, listen, run the loop, clean up."""
+"""`xskbroker serve`: load the policy, listen (or take the socket systemd passed), run the loop, clean up.
+
+Under systemd it reports READY=1, a STATUS= line that follows the leases, and STOPPING=1; with
+--idle-timeout it exits when nothing needs it, and the socket unit starts it again at the next connection.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,12 @@ import argparse
 import contextlib
 import grp
 import os
+import socket
 import sys
+from typing import Any
 
-from broker.audit import JsonAudit
+from broker import systemd
+from broker.audit import AuditFn, AuditSetupError, make_audit
 from broker.server import Server, listen
 from broker.service import Service
 from policy import PolicyError, load_policy
@@ -33,26 +40,90 @@ def serve(args: argparse.Namespace) -> int:
         for line in e.errors:
             print(f"  {line}", file=sys.stderr)
         return 1
-    audit = JsonAudit(sys.stderr)
     try:
-        listener = listen(args.socket, args.socket_mode, _gid(args.socket_group))
-    except OSError as e:
-        print(f"xskbroker: cannot listen on {args.socket}: {e.strerror or e}", file=sys.stderr)
+        sink = make_audit(getattr(args, "audit", "auto"), sys.stderr)
+    except AuditSetupError as e:
+        print(f"xskbroker: {e}", file=sys.stderr)
         return 1
+    notifier = systemd.Notifier()
+    status = _Status(sink, notifier)
+    audit: AuditFn = status
+    try:
+        listener = systemd.seqpacket_listener(systemd.listen_fds())
+    except (ValueError, OSError, systemd.ActivationError) as e:
+        print(f"xskbroker: socket activation: {e}", file=sys.stderr)
+        return 1
+    activated = listener is not None
+    if listener is None:
+        try:
+            listener = listen(args.socket, args.socket_mode, _gid(args.socket_group))
+        except OSError as e:
+            print(f"xskbroker: cannot listen on {args.socket}: {e.strerror or e}", file=sys.stderr)
+            return 1
+    sock_path = _path_of(listener) or args.socket
     state_dir = getattr(args, "state_dir", None) or os.environ.get("RUNTIME_DIRECTORY", "/run/xskbroker")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"))
     service.recover()
-    server = Server(listener, service, audit, args.policy)
-    audit({"event": "ready", "socket": args.socket, "policy": list(policy.sources), "rules": len(policy.rules),
-           "pid": os.getpid()})
+    server = Server(listener, service, audit, args.policy, idle_timeout=getattr(args, "idle_timeout", None))
+    status.service = service
+    audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
+           "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid()})
+    notifier.ready(status.text())
     try:
         server.run()
     finally:
+        notifier.stopping(status.stopping_text())
         server.close()
         service.close()
         listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(args.socket)
+        if not activated:  # an activated socket belongs to the manager, which keeps it for the next start
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.socket)
         audit({"event": "stopped"})
+        notifier.close()
     return 0
+
+
+def _path_of(sock: socket.socket) -> str | None:
+    with contextlib.suppress(OSError):
+        name = sock.getsockname()
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+class _Status:
+    """The audit sink, plus a STATUS= line for the service manager kept current as leases come and go
+    (`systemctl status xskbroker` shows it). Sent only when it changes."""
+
+    def __init__(self, sink: AuditFn, notifier: systemd.Notifier) -> None:
+        self.sink = sink
+        self.notifier = notifier
+        self.service: Service | None = None
+        self.allowed = self.denied = 0
+        self.stop_reason = "stopping"
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.sink(record)
+        event = record.get("event")
+        if event == "grant":
+            if record.get("decision") == "allow":
+                self.allowed += 1
+            else:
+                self.denied += 1
+        elif event == "idle-exit":
+            self.stop_reason = f"idle for {record.get('after_s')}s, exiting until the next connection"
+        elif event == "stopping":
+            self.stop_reason = f"stopping on {record.get('signal')}"
+        if self.service is not None and self.notifier.enabled and event not in ("ready", "stopped"):
+            self.notifier.status(self.text())
+
+    def text(self) -> str:
+        leases = list(self.service.leases) if self.service is not None else []
+        where = sorted({lease.ifname for lease in leases})
+        held = f"{len(leases)} lease{'' if len(leases) == 1 else 's'}" + (f" on {', '.join(where)}" if where else "")
+        return f"{held}; {self.allowed} granted, {self.denied} denied since start"
+
+    def stopping_text(self) -> str:
+        return f"{self.stop_reason}; {self.text()}"

@@ -38,7 +38,8 @@ def queue_count(name: str) -> int:
     """
     channels = (ctypes.c_uint32 * 9)(ETHTOOL_GCHANNELS)
     ifreq = struct.pack("16sP16x", name.encode()[:15], ctypes.addressof(channels))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    # Any socket carries SIOCETHTOOL to the device; AF_UNIX lets the unit forbid AF_INET altogether.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         try:
             fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
         except OSError as e:

@@ -1,0 +1,133 @@
+#!/bin/sh
+# Install or remove xskbroker's systemd units, sysusers.d and tmpfiles.d entries, the example policy
+# and the systemd notes. Idempotent: running it again changes nothing; an edited policy is never
+# replaced or removed.
+#
+#   deploy/install.sh [install|uninstall] [--prefix DIR] [--bindir DIR] [--root DESTDIR] [--quiet]
+#
+#   --prefix DIR   where systemd looks for vendor files: DIR/lib/systemd/system, DIR/lib/sysusers.d,
+#                  DIR/lib/tmpfiles.d (default /usr/local; systemd searches /usr/local and /usr)
+#   --bindir DIR   where the `xskbroker` command is (default PREFIX/bin): ExecStart= points there
+#   --root DIR     install below DIR instead of / (packaging, tests); nothing is started then
+#
+# The Python package itself is installed by pip (docs/systemd.md). Installing into / on a host that
+# runs systemd also creates the group, the directories and reloads systemd; enabling is left to you:
+#   systemctl enable --now xskbroker.socket
+set -eu
+
+action=install
+prefix=/usr/local
+bindir=
+root=
+quiet=
+
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        install|uninstall) action=$1 ;;
+        --prefix) prefix=${2:?--prefix needs a directory}; shift ;;
+        --prefix=*) prefix=${1#*=} ;;
+        --bindir) bindir=${2:?--bindir needs a directory}; shift ;;
+        --bindir=*) bindir=${1#*=} ;;
+        --root|--destdir) root=${2:?--root needs a directory}; shift ;;
+        --root=*|--destdir=*) root=${1#*=} ;;
+        --quiet|-q) quiet=1 ;;
+        -h|--help) usage 0 ;;
+        *) echo "install.sh: unknown argument: $1" >&2; usage 2 >&2 ;;
+    esac
+    shift
+done
+
+case "$prefix" in /*) ;; *) echo "install.sh: --prefix must be absolute: $prefix" >&2; exit 2 ;; esac
+prefix=${prefix%/}
+bindir=${bindir:-$prefix/bin}
+bindir=${bindir%/}
+root=${root%/}
+
+here=$(cd "$(dirname "$0")" && pwd)
+src=$(dirname "$here")
+unitdir=$prefix/lib/systemd/system
+sysusersdir=$prefix/lib/sysusers.d
+tmpfilesdir=$prefix/lib/tmpfiles.d
+docdir=$prefix/share/doc/xskbroker
+confdir=/etc/xskbroker
+
+say() { [ -n "$quiet" ] || echo "$@"; }
+
+# systemd is managing this host (sd_booted(3)), and we are installing into it
+live() { [ -z "$root" ] && [ -d /run/systemd/system ]; }
+
+# install SRC to DEST with MODE, rewriting the paths that depend on where things are installed;
+# an unchanged file is left alone
+put() {
+    mode=$1 from=$2 to=$root$3
+    tmp=$(mktemp)
+    sed -e "s|/usr/local/bin/xskbroker|$bindir/xskbroker|g" \
+        -e "s|/usr/local/share/doc/xskbroker|$docdir|g" "$from" > "$tmp"
+    if [ -f "$to" ] && cmp -s "$tmp" "$to"; then
+        rm -f "$tmp"
+        return 0
+    fi
+    mkdir -p "$(dirname "$to")"
+    install -m "$mode" "$tmp" "$to"
+    rm -f "$tmp"
+    say "installed $to"
+}
+
+drop() {
+    if [ -e "$root$1" ] || [ -L "$root$1" ]; then
+        rm -f "$root$1"
+        say "removed $root$1"
+    fi
+}
+
+do_install() {
+    put 0644 "$here/systemd/xskbroker.socket" "$unitdir/xskbroker.socket"
+    put 0644 "$here/systemd/xskbroker.service" "$unitdir/xskbroker.service"
+    put 0644 "$here/sysusers.d/xskbroker.conf" "$sysusersdir/xskbroker.conf"
+    put 0644 "$here/tmpfiles.d/xskbroker.conf" "$tmpfilesdir/xskbroker.conf"
+    put 0644 "$src/docs/systemd.md" "$docdir/systemd.md"
+    mkdir -p "$root$confdir/policy.d"
+    if [ -e "$root$confdir/policy.toml" ]; then
+        say "kept $root$confdir/policy.toml"
+    else
+        # world-readable: the broker runs as a dynamic user; the policy holds no secret
+        install -m 0644 "$here/policy.example.toml" "$root$confdir/policy.toml"
+        say "installed $root$confdir/policy.toml (the example: edit it, then systemctl reload xskbroker)"
+    fi
+    if [ ! -x "$root$bindir/xskbroker" ]; then
+        say "note: $root$bindir/xskbroker does not exist yet: install the package there (docs/systemd.md)"
+    fi
+    if live; then
+        systemd-sysusers "$sysusersdir/xskbroker.conf"
+        systemd-tmpfiles --create "$tmpfilesdir/xskbroker.conf"
+        systemctl daemon-reload
+        say "next: systemctl enable --now xskbroker.socket"
+    fi
+}
+
+do_uninstall() {
+    if live; then
+        systemctl disable --now xskbroker.socket xskbroker.service 2>/dev/null || true
+    fi
+    drop "$unitdir/xskbroker.socket"
+    drop "$unitdir/xskbroker.service"
+    drop "$sysusersdir/xskbroker.conf"
+    drop "$tmpfilesdir/xskbroker.conf"
+    drop "$docdir/systemd.md"
+    rmdir "$root$docdir" 2>/dev/null || true
+    if [ -f "$root$confdir/policy.toml" ] && cmp -s "$here/policy.example.toml" "$root$confdir/policy.toml"; then
+        drop "$confdir/policy.toml"
+    elif [ -e "$root$confdir/policy.toml" ]; then
+        say "kept $root$confdir/policy.toml (edited; remove it yourself if it is no longer wanted)"
+    fi
+    rmdir "$root$confdir/policy.d" "$root$confdir" 2>/dev/null || true
+    if live; then
+        systemctl daemon-reload
+        # groups are never removed automatically (files may still carry the gid)
+        say "the group xskbroker is kept; groupdel xskbroker if nothing uses it"
+    fi
+}
+
+"do_$action"

@@ -1,0 +1,77 @@
+"""deploy/install.sh into a temporary root: what it puts where, idempotence, the policy it never clobbers,
+uninstall; and, as root, that systemd-sysusers and systemd-tmpfiles accept what it installed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTALL = ROOT / "deploy" / "install.sh"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["sh", str(INSTALL), *args], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_install_is_complete_and_idempotent(tmp_path: Path) -> None:
+    run("--root", str(tmp_path))
+    first = tree(tmp_path)
+    assert set(first) == {
+        "usr/local/lib/systemd/system/xskbroker.socket", "usr/local/lib/systemd/system/xskbroker.service",
+        "usr/local/lib/sysusers.d/xskbroker.conf", "usr/local/lib/tmpfiles.d/xskbroker.conf",
+        "usr/local/share/doc/xskbroker/systemd.md", "etc/xskbroker/policy.toml"}
+    assert (tmp_path / "etc/xskbroker/policy.toml").read_text() == (ROOT / "deploy/policy.example.toml").read_text()
+    assert (tmp_path / "etc/xskbroker/policy.d").is_dir()
+    assert oct((tmp_path / "etc/xskbroker/policy.toml").stat().st_mode & 0o777) == "0o644"
+    again = run("--root", str(tmp_path))
+    assert tree(tmp_path) == first
+    assert "installed" not in again.stdout  # nothing rewritten
+
+
+def test_prefix_and_bindir_reach_the_units(tmp_path: Path) -> None:
+    run("install", "--prefix", "/usr", "--bindir", "/opt/xskbroker/bin", "--root", str(tmp_path), "--quiet")
+    service = (tmp_path / "usr/lib/systemd/system/xskbroker.service").read_text()
+    assert "ExecStart=/opt/xskbroker/bin/xskbroker serve " in service
+    assert "Documentation=file:/usr/share/doc/xskbroker/systemd.md" in service
+    assert "/usr/local" not in service
+
+
+def test_an_edited_policy_is_kept_and_an_unedited_one_removed(tmp_path: Path) -> None:
+    run("--root", str(tmp_path))
+    policy = tmp_path / "etc/xskbroker/policy.toml"
+    policy.write_text("version = 1\n")
+    assert "kept" in run("--root", str(tmp_path)).stdout
+    assert policy.read_text() == "version = 1\n"
+    out = run("uninstall", "--root", str(tmp_path)).stdout
+    assert "kept" in out and policy.exists()
+    assert tree(tmp_path) == {"etc/xskbroker/policy.toml": tree(tmp_path)["etc/xskbroker/policy.toml"]}
+    policy.unlink()
+    run("--root", str(tmp_path))
+    run("uninstall", "--root", str(tmp_path))
+    assert tree(tmp_path) == {} and not (tmp_path / "etc/xskbroker").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a group and root-owned directories needs root")
+@pytest.mark.skipif(not shutil.which("systemd-sysusers") or not shutil.which("systemd-tmpfiles"),
+                    reason="systemd-sysusers/systemd-tmpfiles are not installed (apt-get install systemd)")
+def test_sysusers_and_tmpfiles_apply_in_the_installed_root(tmp_path: Path) -> None:
+    run("--root", str(tmp_path), "--quiet")
+    for cmd in (["systemd-sysusers", f"--root={tmp_path}"], ["systemd-tmpfiles", f"--root={tmp_path}", "--create"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    assert any(line.startswith("xskbroker:x:") for line in (tmp_path / "etc/group").read_text().splitlines())
+    st = (tmp_path / "run/xskbroker").stat()
+    assert st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o755"

@@ -1,0 +1,108 @@
+"""The shipped units: what they promise, that systemd accepts them, and how exposed the service is."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = ROOT / "deploy" / "systemd"
+MAX_EXPOSURE = 2.0
+needs_analyze = pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed "
+                                   "(apt-get install systemd)")
+
+
+def unit(name: str) -> dict[str, list[str]]:
+    """KEY -> every value it is given, across sections (the units use each key in one section only)."""
+    out: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def one(u: dict[str, list[str]], key: str) -> str:
+    values = u[key]
+    assert len(values) == 1, f"{key} given {len(values)} times"
+    return values[0]
+
+
+def test_socket_unit() -> None:
+    s = unit("xskbroker.socket")
+    assert one(s, "ListenSequentialPacket") == "/run/xskbroker/broker.sock"
+    assert one(s, "SocketGroup") == "xskbroker" and one(s, "SocketMode") == "0660"
+    assert one(s, "FileDescriptorName") == "broker"
+    assert re.search(r"^g xskbroker ", (ROOT / "deploy" / "sysusers.d" / "xskbroker.conf").read_text(), re.M)
+
+
+def test_service_unit_runs_serve_as_the_cli_understands_it() -> None:
+    s = unit("xskbroker.service")
+    assert one(s, "Type") == "notify"
+    argv = shlex.split(one(s, "ExecStart"))
+    assert argv[0] == "/usr/local/bin/xskbroker"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve" and args.policy == "/etc/xskbroker/policy.toml"
+    assert args.idle_timeout and args.idle_timeout > 0
+
+
+def test_service_unit_hardening() -> None:
+    s = unit("xskbroker.service")
+    kept = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"}
+    assert set(one(s, "CapabilityBoundingSet").split()) == kept
+    assert set(one(s, "AmbientCapabilities").split()) == kept
+    assert set(one(s, "RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_NETLINK", "AF_XDP"}
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes", "ProtectHome": "yes",
+                       "DynamicUser": "yes", "MemoryDenyWriteExecute": "yes", "LimitMEMLOCK": "infinity",
+                       "RuntimeDirectoryPreserve": "yes"}.items():
+        assert one(s, key) == value, key
+    # a dynamic user may not be named like an existing group: not like the clients' one
+    assert one(s, "User") != one(unit("xskbroker.socket"), "SocketGroup")
+    # the socket's own directory must not be a RuntimeDirectory: systemd would re-own or remove the socket
+    assert all(not d.rstrip("/").endswith("xskbroker") for d in one(s, "RuntimeDirectory").split())
+    filters = s["SystemCallFilter"]
+    assert filters[0].startswith("@system-service") and filters[-1] == "bpf"  # bpf(2) is in @privileged
+
+
+def exposure(service: Path) -> tuple[float, str]:
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(service)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert m, f"no overall exposure in:\n{done.stdout}\n{done.stderr}"
+    return float(m.group(1)), done.stdout
+
+
+@needs_analyze
+def test_security_exposure_is_at_most_2() -> None:
+    score, report = exposure(UNITS / "xskbroker.service")
+    open_items = [line for line in report.splitlines() if line.startswith("✗")]
+    print(f"\nsystemd-analyze security --offline=true xskbroker.service: overall exposure {score} "
+          f"({len(open_items)} items not fully hardened)")
+    assert score <= MAX_EXPOSURE, f"exposure {score} > {MAX_EXPOSURE}:\n" + "\n".join(open_items)
+    # the same judgement by systemd's own threshold (exposure x 10)
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--threshold={int(MAX_EXPOSURE * 10)}",
+                           str(UNITS / "xskbroker.service")], capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, f"exposure {score}"
+
+
+@needs_analyze
+def test_systemd_accepts_both_units(tmp_path: Path) -> None:
+    xskbroker = Path(sys.executable).parent / "xskbroker"
+    if not xskbroker.exists():
+        pytest.skip(f"no {xskbroker} to point ExecStart= at (pip install -e .)")
+    for name in ("xskbroker.socket", "xskbroker.service"):
+        text = (UNITS / name).read_text().replace("/usr/local/bin/xskbroker", str(xskbroker))
+        (tmp_path / name).write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "xskbroker.socket"),
+                           str(tmp_path / "xskbroker.service")], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
