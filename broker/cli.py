@@ -19,6 +19,14 @@ examples:
 """
 
 
+def _size(text: str) -> int:
+    from policy.sizes import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _mode(text: str) -> int:
     try:
         return int(text, 8)
@@ -58,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--socket-group", help="group owning the socket file (name or gid)")
     s.add_argument("--state-dir", help="where leases are recorded for restart recovery "
                    "(default: $RUNTIME_DIRECTORY or /run/xskbroker)")
+    s.add_argument("--umem-pool", type=_size, default=64 << 20, metavar="SIZE",
+                   help="memory kept ready (allocated, zeroed, never used) for the UMEMs of coming grants, "
+                   "which then only need pinning; 0 turns it off (default: 64MiB)")
     s.add_argument("--xdp-mode", choices=("auto", "native", "skb"), default="auto",
                    help="how to attach the XSK program: native with fallback to skb (auto), or only one")
     s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS",

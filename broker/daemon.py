@@ -63,7 +63,8 @@ def serve(args: argparse.Namespace) -> int:
     sock_path = _path_of(listener) or args.socket
     state_dir = getattr(args, "state_dir", None) or os.environ.get("RUNTIME_DIRECTORY", "/run/xskbroker")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"))
+    service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
+                      umem_pool=args.umem_pool)
     service.recover()
     server = Server(listener, service, audit, args.policy, idle_timeout=getattr(args, "idle_timeout", None))
     status.service = service

@@ -19,6 +19,7 @@ from broker import bpf, faults, netdev, xdp_prog, xsk
 from broker.leases import Lease, LeaseTable
 from broker.linkwatch import LinkEvent
 from broker.peer import PeerInfo
+from broker.umem_pool import UmemPool
 from client import protocol as proto
 from client.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
 from policy import Holding, Peer, Policy, RateLimiter, Request, Rule, decide
@@ -53,7 +54,7 @@ SignalFn = Callable[[int, str], bool]
 
 class Service:
     def __init__(self, policy: Policy, audit: AuditFn, xdp_mode: str = "auto", state_file: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, umem_pool: int = 0) -> None:
         self.policy = policy
         self.audit = audit
         self.xdp_mode = xdp_mode
@@ -62,6 +63,7 @@ class Service:
         self.names: dict[int, str] = {}  # ifindex -> name as last seen, to notice renames
         self.limiter = RateLimiter()
         self.clock = clock
+        self.pool = UmemPool(umem_pool)
         self.signal_holder: SignalFn = lambda pid, sig: False  # the server, which holds the pidfds, sets it
         # With link events watched, a change of XDP program drops the cached one as it happens, so a grant
         # need not ask the kernel again; without them every grant re-checks (a netlink round trip).
@@ -76,6 +78,7 @@ class Service:
     def close(self) -> None:
         self.forget_programs()
         self.leases.close()
+        self.pool.close()
 
     # ---- entry point ---------------------------------------------------------------------------
 
@@ -170,7 +173,7 @@ class Service:
         try:
             for q in req.queues:
                 made.append(xsk.create_bound(ifindex, q, prog.map_fd, req.geometry, req.bind_mode,
-                                             req.need_wakeup))
+                                             req.need_wakeup, self.pool.take))
         except BaseException as e:
             for s in made:
                 bpf.map_delete(prog.map_fd, s.queue)

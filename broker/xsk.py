@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from broker import bpf, faults
@@ -147,11 +147,12 @@ def claim_slot(map_fd: int, queue: int, fd: int) -> None:
 
 
 def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
-                 need_wakeup: bool = True) -> BoundSocket:
+                 need_wakeup: bool = True, memfd: Callable[[int], int] | None = None) -> BoundSocket:
     """A socket bound to (ifindex, queue) with its own UMEM, placed in xsks_map[queue].
 
     The map slot is claimed first with BPF_NOEXIST: a live holder makes this fail at once with
-    QueueBusy instead of waiting out the bind retry.
+    QueueBusy instead of waiting out the bind retry. `memfd(size)` supplies the sealed UMEM memory
+    (default: a fresh one).
     """
     with contextlib.ExitStack() as undo:
         sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
@@ -161,7 +162,7 @@ def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind
             claim_slot(map_fd, queue, sock.fileno())
             undo.callback(bpf.map_delete, map_fd, queue)
         faults.point("after-map-claim")
-        umem_fd = sealed_memfd(g.umem_size)
+        umem_fd = (memfd or sealed_memfd)(g.umem_size)
         undo.callback(os.close, umem_fd)
         register_umem(sock, umem_fd, g)
         faults.point("after-umem-reg")

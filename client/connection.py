@@ -11,6 +11,7 @@ from client import protocol as proto
 
 DEFAULT_SOCKET = os.environ.get("XSKBROKER_SOCKET", "/run/xskbroker/broker.sock")
 MAX_FDS = 2 * proto.MAX_QUEUES
+SMALL_REPLY = 1 << 16  # any reply but status: a grant of MAX_QUEUES sockets is about 32 KiB
 
 
 class Connection:
@@ -35,11 +36,14 @@ class Connection:
 
     def call(self, request: proto.Request) -> tuple[dict[str, Any], list[int]]:
         """Send a request; return the reply and the fds it carried (the caller owns them)."""
-        return self.call_raw(proto.encode_request(request))
+        # only a status reply (every lease) can be large; a 1 MiB receive buffer costs a page-mapping
+        # round trip per call, which a grant need not pay
+        size = proto.MAX_REPLY if isinstance(request, proto.Status) else SMALL_REPLY
+        return self.call_raw(proto.encode_request(request), size)
 
-    def call_raw(self, data: bytes) -> tuple[dict[str, Any], list[int]]:
+    def call_raw(self, data: bytes, reply_size: int = proto.MAX_REPLY) -> tuple[dict[str, Any], list[int]]:
         self.sock.send(data)
-        msg, fds, flags, _ = socket.recv_fds(self.sock, proto.MAX_REPLY, MAX_FDS)
+        msg, fds, flags, _ = socket.recv_fds(self.sock, reply_size, MAX_FDS)
         try:
             if not msg:
                 raise ConnectionError("the broker closed the connection without a reply")
