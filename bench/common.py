@@ -45,7 +45,7 @@ class Bed:
 def bed(name: str, queues: int) -> Iterator[Bed]:
     """A namespace with a many-queue veth, a broker in it, and the XSK program already attached."""
     with VethNamespace(name, inside="xsk0", peer="xsk0p", queues=queues) as ns, \
-            BrokerProcess(name, ROOT_POLICY) as broker:
+            BrokerProcess(name, ROOT_POLICY, umem_pool="64MiB") as broker:
         with in_netns(name):
             ifindex = netdev.ifindex("xsk0")
             program = xdp_prog.find_or_attach(ifindex, "xsk0", netdev.queue_count("xsk0"))

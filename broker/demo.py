@@ -34,7 +34,7 @@ def run(packets: int, uid: int, umem: int) -> tuple[dict[str, Any], BrokerProces
     name = f"xskdemo-{os.getpid()}"
     with VethNamespace(name, inside="xskd0", peer="xskd0p") as ns:
         policy = POLICY.format(uid=uid, ifname=ns.inside, umem=umem)
-        with BrokerProcess(name, policy) as broker:
+        with BrokerProcess(name, policy, umem_pool="64MiB") as broker:
             peer = PacketPeer(name, ns.peer, ns.mac(ns.inside))
             child = spawn_unprivileged(echo_consumer, broker.socket_path, ns.inside, 0, packets, umem, uid=uid)
             try:

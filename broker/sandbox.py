@@ -128,6 +128,8 @@ class BrokerProcess:
     policy_text: str
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. XSKBROKER_FAULT
+    # off unless asked: the pool's ready memfds would blur the fd counts that leak checks compare
+    umem_pool: str = "0"
     workdir: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
@@ -157,7 +159,7 @@ class BrokerProcess:
     def start(self, timeout: float = 10.0) -> None:
         cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "broker", "serve", "--socket",
                self.socket_path, "--policy", self.policy_path, "--socket-mode", "0666", "--state-dir", self.workdir,
-               *self.extra_args]
+               "--umem-pool", self.umem_pool, *self.extra_args]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
                "LIBXDP_SKIP_DISPATCHER": "1", **self.env}
         readies = sum(r.get("event") == "ready" for r in self.records())  # a restart appends to the same log
