@@ -4,7 +4,7 @@
 #   make bench  set up, then the benchmarks
 
 SHELL := /bin/bash
-APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 qemu-system-x86 systemd util-linux python3-systemd
+APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 qemu-system-x86 systemd util-linux python3-systemd libvirt-daemon-system libvirt-clients
 # Debian's interpreter, not one under a 0700 home: unprivileged consumers must be able to run it.
 PYTHON := /usr/bin/python3
 VENV := .venv

@@ -20,7 +20,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_TIMEOUT = 10.0
 MAX_MESSAGE = 64 << 20  # query-qmp-schema is ~0.3 MiB on QEMU 7.2-10.0; anything huge is a broken peer
@@ -362,6 +362,13 @@ class QMP:
 
 # ---- hot-plug ------------------------------------------------------------------------------------------
 
+class Monitor(Protocol):
+    """What attach() needs of a monitor: QMP above, or another transport (the libvirt hook's virsh)."""
+
+    def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
+                fds: Sequence[int] | None = None) -> Any: ...
+
+
 @dataclass(frozen=True)
 class Attachment:
     netdev_id: str
@@ -373,7 +380,7 @@ class Attachment:
     device: dict[str, Any] | None = None  # the device_add arguments as sent
 
 
-def attach(qmp: QMP, netdev_id: str, ifname: str, fds: Sequence[int], *, start_queue: int = 0,
+def attach(qmp: Monitor, netdev_id: str, ifname: str, fds: Sequence[int], *, start_queue: int = 0,
            xdp_mode: str | None = None, device: str | None = None,
            device_props: Mapping[str, Any] | None = None) -> Attachment:
     """Give QEMU bare sockets for queues start_queue.. and plug an af-xdp netdev (and a device) onto them.
@@ -409,7 +416,7 @@ def attach(qmp: QMP, netdev_id: str, ifname: str, fds: Sequence[int], *, start_q
     return Attachment(netdev_id, ifname, queues, names, netdev_args, device_args and device_args["id"], device_args)
 
 
-def _unwind(qmp: QMP, netdev_id: str | None, names: Sequence[str]) -> list[str]:
+def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str]) -> list[str]:
     """Best effort: undo a partial attach. Returns one note per step, for the error report."""
     notes: list[str] = []
     if netdev_id:  # QEMU owns the fds once netdev_add succeeded; deleting the netdev closes them

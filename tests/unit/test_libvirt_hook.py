@@ -1,0 +1,539 @@
+"""The libvirt hook's pure parts: the <metadata> declaration, the configuration, argv dispatch, virsh replies,
+/proc parsing, and the worker's plug sequence against a fake QEMU monitor and a fake broker (no root).
+
+The worker against the real QEMU binary, a real broker and a real libvirtd: tests/integration/test_libvirt.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import libvirt_hook as lh
+from client import protocol as proto
+from client import qmp as q
+
+from .test_qmp_client import FakeQemu
+
+ROOT = Path(__file__).resolve().parents[2]
+HOOK = ROOT / "deploy" / "libvirt" / "xskbroker"
+NS = "urn:xskbroker:libvirt:1"
+
+
+def domain(metadata: str = "", name: str = "vm1") -> str:
+    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+            f"{f'<metadata>{metadata}</metadata>' if metadata else ''}<devices/></domain>")
+
+
+def ours(*interfaces: str, ns: str = NS) -> str:
+    return f'<xsk:interfaces xmlns:xsk="{ns}">{"".join(interfaces)}</xsk:interfaces>'
+
+
+def iface(**attrs: str) -> str:
+    attrs = {"id": "xdp0", "name": "eth1", **attrs}
+    return "<xsk:interface " + " ".join(f'{k.replace("_", "-")}="{v}"' for k, v in attrs.items()) + "/>"
+
+
+def error_of(xml: str) -> str:
+    with pytest.raises(lh.MetadataError) as e:
+        lh.parse_interfaces(xml)
+    return str(e.value)
+
+
+# ---- metadata ------------------------------------------------------------------------------------------
+
+def test_the_documented_example_parses() -> None:
+    xml = domain(ours('<xsk:interface id="xdp0" name="eth1" queues="2" start-queue="0" device="virtio-net-pci"/>'))
+    (x,) = lh.parse_interfaces(xml)
+    assert x == lh.Interface("xdp0", "eth1", 2, 0, "virtio-net-pci")
+    assert list(x.queue_ids) == [0, 1]
+    assert x.device_props() == {"mq": True, "vectors": 6}  # virtio-net multiqueue defaults
+
+
+def test_defaults_several_interfaces_properties_and_other_metadata_left_alone() -> None:
+    xml = domain(
+        '<app:thing xmlns:app="http://example.org/app"><app:interface id="nope"/></app:thing>'
+        + ours(iface(id="a", name="eth1"),
+               '<xsk:interface id="b" name="eth1" queues="2" start-queue="1" device="e1000e" mac="52:54:00:AA:BB:01">'
+               '<!-- a comment -->'
+               '<xsk:property name="bus" value="pcie.1"/><xsk:property name="addr" value="0x0"/>'
+               '<xsk:property name="x-flag" value="true"/><xsk:property name="n" value="-3"/>'
+               '<xsk:property name="label" value="42" type="string"/>'
+               '</xsk:interface>'))
+    a, b = lh.parse_interfaces(xml)
+    assert a == lh.Interface("a", "eth1")  # one queue from 0, no device, no mac
+    assert a.device_props() == {}
+    assert (b.queues, b.start_queue, b.device, b.mac) == (2, 1, "e1000e", "52:54:00:aa:bb:01")
+    assert b.device_props() == {"mac": "52:54:00:aa:bb:01", "bus": "pcie.1", "addr": "0x0", "x-flag": True,
+                                "n": -3, "label": "42"}  # not virtio: no mq defaults
+
+
+def test_declared_properties_win_over_the_virtio_defaults() -> None:
+    xml = domain(ours('<xsk:interface id="x" name="eth1" queues="4" device="virtio-net-pci">'
+                      '<xsk:property name="vectors" value="4"/><xsk:property name="mq" value="false"/>'
+                      '</xsk:interface>'))
+    assert lh.parse_interfaces(xml)[0].device_props() == {"mq": False, "vectors": 4}
+
+
+@pytest.mark.parametrize("xml", [
+    domain(),
+    domain('<app:x xmlns:app="urn:other"/>'),
+    "<domain><name>x</name></domain>",
+    domain(ours()),  # declared, but empty
+])
+def test_no_declaration_means_no_interfaces(xml: str) -> None:
+    assert lh.parse_interfaces(xml) == []
+
+
+@pytest.mark.parametrize(("xml", "message"), [
+    ("<domain><metadata>", "the domain XML is not well-formed: no element found: line 1, column 18"),
+    ("<network/>", "expected a <domain> document, got <network>"),
+    (domain(ours(ns="urn:xskbroker:libvirt:2")),
+     "<metadata> uses namespace 'urn:xskbroker:libvirt:2', which this hook does not know (it reads "
+     "'urn:xskbroker:libvirt:1')"),
+    (domain(ours() + '<y:interfaces xmlns:y="urn:xskbroker:libvirt:1"/>'),
+     "<metadata> has more than one element in the xskbroker namespace: declare every <xsk:interface> inside a "
+     "single <xsk:interfaces>"),
+    (domain(f'<xsk:interface xmlns:xsk="{NS}" id="a" name="eth1"/>'),
+     f'expected <xsk:interfaces xmlns:xsk="{NS}"> in <metadata>, got <xsk:interface>'),
+    (domain(f'<xsk:interfaces xmlns:xsk="{NS}" socket="/x"/>'),
+     "<xsk:interfaces>: unknown attribute socket (known: )"),
+    (domain(ours("<xsk:nic/>")), "unexpected element <xsk:nic> in <xsk:interfaces>: only <xsk:interface> may "
+     "appear there"),
+    (domain(ours('<interface id="a" name="eth1"/>')), "unexpected element <interface> in <xsk:interfaces>: only "
+     "<xsk:interface> may appear there"),
+    (domain(ours('<xsk:interface name="eth1"/>')), "<xsk:interface> #1: id= is required (the QEMU netdev id, e.g. "
+     'id="xdp0")'),
+    (domain(ours(iface(id="a"), iface(id="0bad"))), "<xsk:interface> #2: id='0bad' is not a valid QEMU id: it must "
+     "start with a letter and contain only letters, digits, '-', '.' and '_'"),
+    (domain(ours('<xsk:interface id="a"/>')), "<xsk:interface id='a'>: name= is required (the host interface, "
+     'e.g. name="eth1")'),
+    (domain(ours(iface(id="a", name="a-very-long-ifname")), ), "<xsk:interface id='a'>: name='a-very-long-ifname' is "
+     "not a valid interface name (1-15 bytes, no '/', no surrounding spaces)"),
+    (domain(ours(iface(queues="two"))), "<xsk:interface id='xdp0'>: queues='two' is not a whole number from 1 to "
+     "126"),
+    (domain(ours(iface(queues="0"))), "<xsk:interface id='xdp0'>: queues='0' is not a whole number from 1 to 126"),
+    (domain(ours(iface(queues="127"))), "<xsk:interface id='xdp0'>: queues='127' is not a whole number from 1 to "
+     "126"),
+    (domain(ours(iface(queues=" 2"))), "<xsk:interface id='xdp0'>: queues=' 2' is not a whole number from 1 to 126"),
+    (domain(ours(iface(start_queue="-1"))), "<xsk:interface id='xdp0'>: start-queue='-1' is not a whole number "
+     "from 0 to 65535"),
+    (domain(ours(iface(start_queue="65535", queues="2"))), "<xsk:interface id='xdp0'>: start-queue=65535 with "
+     "queues=2 goes past queue 65535"),
+    (domain(ours(iface(queue="2"))), "<xsk:interface id='xdp0'>: unknown attribute queue (known: id, name, queues, "
+     "start-queue, device, mac)"),
+    (domain(ours(iface(device="virtio net"))), "<xsk:interface id='xdp0'>: device='virtio net' is not a QEMU "
+     "device model name (e.g. virtio-net-pci)"),
+    (domain(ours(iface(mac="52:54:00:12:34"))), "<xsk:interface id='xdp0'>: mac='52:54:00:12:34' is not a MAC "
+     "address like 52:54:00:12:34:56"),
+    (domain(ours(iface(mac="01:00:5e:00:00:01"))), "<xsk:interface id='xdp0'>: mac='01:00:5e:00:00:01' is a "
+     "multicast address: a NIC needs a unicast one"),
+    (domain(ours('<xsk:interface id="a" name="eth1"><xsk:property name="bus" value="pci.0"/></xsk:interface>')),
+     "<xsk:interface id='a'>: <xsk:property> sets device properties, but there is no device= to add"),
+    (domain(ours('<xsk:interface id="a" name="eth1" device="e1000"><xsk:property name="netdev" value="n"/>'
+                 '</xsk:interface>')),
+     "<xsk:interface id='a'>: property 'netdev' is set by the hook (driver from device=, netdev and id from id=)"),
+    (domain(ours('<xsk:interface id="a" name="eth1" device="e1000"><xsk:property name="x"/></xsk:interface>')),
+     "<xsk:interface id='a'>: <xsk:property> needs both name= and value="),
+    (domain(ours('<xsk:interface id="a" name="eth1" device="e1000"><xsk:property name="x" value="y" type="bool"/>'
+                 '</xsk:interface>')), "<xsk:interface id='a'>: property 'x': 'y' is not a bool (true or false)"),
+    (domain(ours('<xsk:interface id="a" name="eth1" device="e1000"><xsk:property name="x" value="1" type="u8"/>'
+                 '</xsk:interface>')),
+     "<xsk:interface id='a'>: property 'x': type='u8' is not one of string, int, bool"),
+    (domain(ours('<xsk:interface id="a" name="eth1" device="e1000"><xsk:property name="x" value="1"/>'
+                 '<xsk:property name="x" value="2"/></xsk:interface>')),
+     "<xsk:interface id='a'>: property 'x' is given more than once"),
+    (domain(ours('<xsk:interface id="a" name="eth1" device="e1000" mac="52:54:00:00:00:01">'
+                 '<xsk:property name="mac" value="52:54:00:00:00:02"/></xsk:interface>')),
+     "<xsk:interface id='a'>: mac is given both as mac= and as an <xsk:property>"),
+    (domain(ours('<xsk:interface id="a" name="eth1"><xsk:bus/></xsk:interface>')),
+     "<xsk:interface id='a'>: unexpected element <xsk:bus>; only <xsk:property> may appear inside <xsk:interface>"),
+    (domain(ours(iface(id="a"), iface(id="a", start_queue="1"))),
+     "<xsk:interface> id 'a' is declared more than once"),
+    (domain(ours(iface(id="a", queues="2"), iface(id="b", start_queue="1"))),
+     "<xsk:interface id='a'> and <xsk:interface id='b'> both claim eth1 queue 1"),
+    (domain(ours(iface(id="a", mac="52:54:00:00:00:01"), iface(id="b", name="eth2", mac="52:54:00:00:00:01"))),
+     "<xsk:interface id='a'> and <xsk:interface id='b'> have the same mac 52:54:00:00:00:01"),
+])
+def test_bad_declarations_say_where_and_why(xml: str, message: str) -> None:
+    assert error_of(xml) == message
+
+
+def test_the_same_queues_of_different_interfaces_do_not_clash() -> None:
+    xml = domain(ours(iface(id="a", name="eth1", queues="2"), iface(id="b", name="eth2", queues="2")))
+    assert [x.name for x in lh.parse_interfaces(xml)] == ["eth1", "eth2"]
+
+
+# ---- configuration -------------------------------------------------------------------------------------
+
+def test_config_defaults_and_a_full_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(lh.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(lh, "DEFAULT_CONFIG", str(tmp_path / "absent.conf"))
+    assert lh.load_config() == lh.Config()  # no file at the default path: the defaults
+    conf = tmp_path / "libvirt.conf"
+    conf.write_text('# the hook\nsocket = "/run/b.sock"\nstate_dir = "/run/s"\nmonitor = "qmp:/run/{domain}.qmp"\n'
+                    'virsh = "/usr/bin/virsh"\nuri = "qemu+unix:///system"\npid_dir = "/run/p"\ntimeout = 7\n')
+    want = lh.Config("/run/b.sock", "/run/s", "qmp:/run/{domain}.qmp", "/usr/bin/virsh", "qemu+unix:///system",
+                     "/run/p", 7.0)
+    assert lh.load_config(str(conf)) == want
+    monkeypatch.setenv(lh.CONFIG_ENV, str(conf))
+    assert lh.load_config() == want
+    monkeypatch.setenv(lh.CONFIG_ENV, str(tmp_path / "missing.conf"))
+    with pytest.raises(lh.ConfigError, match=r"missing\.conf: no such file"):
+        lh.load_config()  # a file named explicitly must exist
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("socket = ", "<config>: Invalid value (at end of document)"),
+    ("sock = '/x'", "<config>: unknown key 'sock' (known: socket, state_dir, monitor, virsh, uri, pid_dir, "
+     "timeout)"),
+    ("timeout = '5'", "<config>: timeout must be a number, not '5'"),
+    ("timeout = true", "<config>: timeout must be a number, not True"),
+    ("timeout = 0", "<config>: timeout must be more than 0 and at most 3600 seconds"),
+    ("socket = 5", "<config>: socket must be a string, not 5"),
+    ("socket = 'broker.sock'", "<config>: socket must be an absolute path"),
+    ("monitor = 'qmp:'", "<config>: monitor must be \"virsh\" or \"qmp:PATH\", not 'qmp:'"),
+    ("monitor = 'ssh'", "<config>: monitor must be \"virsh\" or \"qmp:PATH\", not 'ssh'"),
+])
+def test_config_errors(text: str, message: str) -> None:
+    with pytest.raises(lh.ConfigError) as e:
+        lh.parse_config(text)
+    assert str(e.value) == message
+
+
+def test_make_monitor_picks_the_transport() -> None:
+    v = lh.make_monitor(lh.Config(uri="qemu:///x", virsh="/v", pid_dir="/p", timeout=3), "vm1")
+    assert isinstance(v, lh.VirshMonitor) and (v.domain, v.uri, v.virsh, v.pid_dir, v.timeout) == (
+        "vm1", "qemu:///x", "/v", "/p", 3)
+    m = lh.make_monitor(lh.Config(monitor="qmp:/run/{domain}/qmp.sock"), "vm1")
+    assert isinstance(m, lh.QMPMonitor) and m.path == "/run/vm1/qmp.sock"
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("op", "sub", "action"), [
+    ("prepare", "begin", "check"), ("start", "begin", None), ("started", "begin", "plug"),
+    ("stopped", "end", "forget"), ("release", "end", "forget"), ("migrate", "begin", None),
+    ("restore", "begin", None), ("reconnect", "begin", None), ("attach", "begin", None),
+    ("started", "end", None), ("prepare", "end", None), ("", "", None),
+])
+def test_action_for_each_libvirt_operation(op: str, sub: str, action: str | None) -> None:
+    assert lh.action_for(op, sub) == action
+
+
+class Spawned:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[lh.Interface], lh.Config]] = []
+
+    def __call__(self, domain: str, interfaces: Sequence[lh.Interface], cfg: lh.Config) -> int:
+        self.calls.append((domain, list(interfaces), cfg))
+        return 4242
+
+
+class Unreadable(io.StringIO):
+    def read(self, *a: Any) -> str:
+        raise AssertionError("stdin was read")
+
+
+@pytest.fixture
+def conf(tmp_path: Path) -> str:
+    path = tmp_path / "libvirt.conf"
+    path.write_text(f'state_dir = "{tmp_path / "state"}"\nsocket = "{tmp_path / "broker.sock"}"\n')
+    return str(path)
+
+
+def run_main(argv: list[str], stdin: str | io.StringIO, conf: str, spawn: Spawned,
+             capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    stream = io.StringIO(stdin) if isinstance(stdin, str) else stdin
+    rc = lh.main(argv, stream, conf, spawn)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+GOOD = domain(ours(iface(queues="2", device="virtio-net-pci")))
+BAD = domain(ours(iface(queues="many")))
+
+
+def test_started_spawns_the_worker_with_the_declaration(conf: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spawn = Spawned()
+    assert run_main(["vm1", "started", "begin", "-"], GOOD, conf, spawn, capsys) == (0, "", "")
+    ((name, interfaces, cfg),) = spawn.calls
+    assert name == "vm1" and interfaces == lh.parse_interfaces(GOOD) and cfg == lh.load_config(conf)
+
+
+def test_undeclared_domains_and_other_operations_are_left_alone(conf: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spawn = Spawned()
+    for op, sub in [("migrate", "begin"), ("restore", "begin"), ("reconnect", "begin"), ("attach", "begin"),
+                    ("start", "begin"), ("started", "end")]:
+        assert run_main(["vm1", op, sub, "-"], Unreadable(), conf, spawn, capsys) == (0, "", "")
+    assert run_main(["vm1", "started", "begin", "-"], domain(), conf, spawn, capsys) == (0, "", "")
+    assert run_main(["vm1", "prepare", "begin", "-"], domain(), "/nonexistent.conf", spawn, capsys) == (0, "", "")
+    assert spawn.calls == []
+
+
+def test_prepare_refuses_a_bad_declaration_with_the_reason(conf: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spawn = Spawned()
+    rc, out, err = run_main(["vm1", "prepare", "begin", "-"], BAD, conf, spawn, capsys)
+    assert (rc, out) == (1, "")
+    assert err == "xskbroker: domain vm1: <xsk:interface id='xdp0'>: queues='many' is not a whole number from 1 " \
+                  "to 126\n"
+    assert run_main(["vm1", "prepare", "begin", "-"], GOOD, conf, spawn, capsys) == (0, "", "")
+    rc, _, err = run_main(["vm1", "prepare", "begin", "-"], GOOD, conf + ".missing", spawn, capsys)
+    assert rc == 1 and err == f"xskbroker: domain vm1: {conf}.missing: no such file\n"
+    assert spawn.calls == []
+
+
+def test_started_never_fails_the_domain(conf: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spawn = Spawned()
+    rc, _, err = run_main(["vm1", "started", "begin", "-"], BAD, conf, spawn, capsys)
+    assert rc == 0 and "queues='many'" in err and spawn.calls == []
+
+    def broken(*a: Any) -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    rc = lh.main(["vm1", "started", "begin", "-"], io.StringIO(GOOD), conf, broken)
+    assert rc == 0 and "cannot start the worker: [Errno 11]" in capsys.readouterr().err
+
+
+def test_usage_without_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert lh.main([], io.StringIO(""), None, Spawned()) == 2
+    assert capsys.readouterr().err.startswith("usage: ")
+
+
+def test_release_without_state_is_quiet_and_creates_nothing(conf: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    for op in ("stopped", "release"):
+        assert run_main(["vm1", op, "end", "-"], GOOD, conf, Spawned(), capsys) == (0, "", "")
+    assert not (tmp_path / "state").exists()
+
+
+def test_release_forgets_the_state_of_a_finished_worker(conf: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    released = {"id": "xdp0", "lease": "aa", "released": True, "status": "failed"}
+    lh.write_state(str(state_dir / "vm%2F1.json"), {"domain": "vm/1", "finished": True, "interfaces": [released],
+                                                     "identity": {"uid": 0, "gid": 0, "groups": []}})
+    assert run_main(["vm/1", "release", "end", "-"], GOOD, conf, Spawned(), capsys) == (0, "", "")
+    assert sorted(p.name for p in state_dir.iterdir()) == ["vm%2F1.log"]  # no lease left to release
+    assert (state_dir / "vm%2F1.log").read_text().rstrip().endswith("vm/1: release: state forgotten")
+
+
+def test_domain_files_stay_in_the_state_dir() -> None:
+    assert lh.domain_file("/run/s", "vm1", ".json") == "/run/s/vm1.json"
+    assert lh.domain_file("/run/s", "../../etc/x", ".log") == "/run/s/..%2F..%2Fetc%2Fx.log"
+
+
+def test_the_installed_hook_runs_main(tmp_path: Path, conf: str) -> None:
+    """deploy/libvirt/xskbroker is executable and hands argv and stdin to main()."""
+    assert os.access(HOOK, os.X_OK)
+    env = {**os.environ, lh.CONFIG_ENV: conf, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(HOOK), "vm1", "prepare", "begin", "-"], input=BAD, text=True,
+                          capture_output=True, env=env, timeout=30, check=False)
+    assert (done.returncode, done.stdout) == (1, "") and "queues='many'" in done.stderr
+    done = subprocess.run([sys.executable, str(HOOK), "vm1", "migrate", "begin", "-"], input=GOOD, text=True,
+                          capture_output=True, env=env, timeout=30, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    first = HOOK.read_text().splitlines()[0]
+    assert first == "#!/usr/bin/python3"  # what install rewrites to the package's interpreter
+
+
+def test_the_hook_steps_aside_when_the_package_is_missing(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-I", "-S", str(HOOK), "vm1", "prepare", "begin", "-"], input=BAD,
+                          text=True, capture_output=True, timeout=30, check=False, cwd=tmp_path)
+    assert done.returncode == 0
+    assert "cannot import the xskbroker package: No module named 'client'" in done.stderr
+
+
+# ---- virsh and /proc -----------------------------------------------------------------------------------
+
+def test_virsh_command_line() -> None:
+    v = lh.VirshMonitor("vm 1", virsh="/usr/bin/virsh", uri="qemu:///system")
+    assert v.argv("getfd", {"fdname": "xdp0-q0"}, [7]) == [
+        "/usr/bin/virsh", "-q", "-c", "qemu:///system", "qemu-monitor-command", "--domain", "vm 1", "--pass-fds",
+        "7", "--cmd", '{"execute":"getfd","arguments":{"fdname":"xdp0-q0"}}']
+    assert v.argv("query-status")[-2:] == ["--cmd", '{"execute":"query-status"}']
+    assert "--pass-fds" not in v.argv("closefd", {"fdname": "a"}, [])
+    assert v.argv("x", None, [3, 4])[7:9] == ["--pass-fds", "3,4"]
+
+
+def test_virsh_replies_are_qemus_own() -> None:
+    assert lh.parse_virsh_reply("query-status", '{"return":{"status":"running"},"id":"libvirt-410"}\n\n') == {
+        "status": "running"}
+    with pytest.raises(q.QMPError) as e:
+        lh.parse_virsh_reply("netdev_add", '{"id":"libvirt-411","error":{"class":"GenericError","desc":'
+                                           '"Parameter \'type\' does not accept value \'af-xdp\'"}}\n')
+    assert (str(e.value), e.value.command, e.value.error_class) == (
+        "Parameter 'type' does not accept value 'af-xdp'", "netdev_add", "GenericError")
+    for junk in ("", "[]", "not json", '{"id": 1}'):
+        with pytest.raises(q.QMPConnectionError):
+            lh.parse_virsh_reply("x", junk)
+
+
+def test_virsh_failures() -> None:
+    busy = lh.virsh_failure("query-status", "error: Timed out during operation: cannot acquire state change lock "
+                                            "(held by monitor=remoteDispatchDomainCreateXML)\n")
+    assert isinstance(busy, q.QMPTimeout)
+    gone = lh.virsh_failure("getfd", "error: failed to get domain 'vm1'\n")
+    assert isinstance(gone, q.QMPConnectionError)
+    assert str(gone) == "virsh qemu-monitor-command (getfd) failed: failed to get domain 'vm1'"
+
+
+def test_a_fake_virsh_gets_the_fd(tmp_path: Path) -> None:
+    """--pass-fds N names an fd that virsh really inherits: a stand-in virsh reads the socket's inode there."""
+    fake = tmp_path / "virsh"
+    fake.write_text('#!/bin/sh\nfd=$(echo "$@" | sed -n "s/.*--pass-fds \\([0-9]*\\).*/\\1/p")\n'
+                    'ino=$(stat -L -c %i /proc/self/fd/$fd)\necho "{\\"return\\": {\\"ino\\": $ino}}"\n')
+    fake.chmod(0o755)
+    a, b = socket.socketpair()
+    with a, b:
+        got = lh.VirshMonitor("vm1", virsh=str(fake)).execute("getfd", {"fdname": "n"}, [a.fileno()])
+        assert got == {"ino": os.fstat(a.fileno()).st_ino}
+
+
+def test_proc_parsing() -> None:
+    status = "Name:\tqemu\nUid:\t64055\t64055\t64055\t64055\nGid:\t1000\t64055\t64055\t64055\nGroups:\t108 64055 \n"
+    assert lh.identity_from_status(status) == lh.Identity(64055, 64055, (108, 64055))
+    assert lh.identity_from_status("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\n") == lh.Identity(0, 0, ())
+    with pytest.raises(ValueError):
+        lh.identity_from_status("Name: x\n")
+    stat = "42 (qemu (x) 1) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 123456 0 0"
+    assert lh.start_time_from_stat(stat) == 123456
+    assert lh.process_start_time(os.getpid()) == lh.start_time_from_stat(Path("/proc/self/stat").read_text())
+    assert lh.same_process(os.getpid(), lh.process_start_time(os.getpid()))
+    assert not lh.same_process(os.getpid(), 1) and not lh.same_process(None, 1)
+
+
+# ---- the worker against a fake QEMU and a fake broker ---------------------------------------------------
+
+class FakeBroker:
+    """Stands in for BrokerAgent: socketpair ends as the granted sockets; the other ends show who holds them."""
+
+    def __init__(self, ident: lh.Identity, socket_path: str, timeout: float, refuse: str | None = None) -> None:
+        self.ident, self.socket_path, self.refuse = ident, socket_path, refuse
+        self.peers: list[socket.socket] = []
+        self.calls: list[tuple[str, Any]] = []
+        self.closed = False
+
+    def grant(self, interface: str, queues: int, start_queue: int, holder_pid: int,
+              memlock: int) -> tuple[dict[str, Any], list[int]]:
+        self.calls.append(("grant", (interface, queues, start_queue, holder_pid, memlock)))
+        if self.refuse:
+            raise proto.BrokerError(self.refuse, "no rule names uid 64055")
+        pairs = [socket.socketpair() for _ in range(queues)]
+        self.peers += [b for _, b in pairs]
+        reply = {"lease": f"L{len(self.calls)}", "interface": interface, "xdp_mode": "skb",
+                 "sockets": [{"queue": start_queue + i, "fd": i} for i in range(queues)],
+                 "memlock": {"ok": False, "raised": False, "reason": "too low", "hint": "raise it"}}
+        return reply, [a.detach() for a, _ in pairs]
+
+    def release(self, lease: str) -> dict[str, Any]:
+        self.calls.append(("release", lease))
+        return {"lease": lease}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeMonitor(lh.QMPMonitor):
+    def pid(self) -> int:
+        return os.getpid()  # the fake QEMU is this process
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path) -> Iterator[FakeQemu]:
+    f = FakeQemu(str(tmp_path / "vm.qmp"))
+    yield f
+    f.close()
+
+
+def worker(fake_qemu: FakeQemu, tmp_path: Path, interfaces: list[lh.Interface],
+           **broker: Any) -> tuple[dict[str, Any], list[FakeBroker], list[str]]:
+    brokers: list[FakeBroker] = []
+
+    def factory(ident: lh.Identity, path: str, timeout: float) -> FakeBroker:
+        brokers.append(FakeBroker(ident, path, timeout, **broker))
+        return brokers[-1]
+
+    lines: list[str] = []
+    cfg = lh.Config(socket="/run/b.sock", state_dir=str(tmp_path), timeout=2.0)
+    state = lh.run_worker("vm1", interfaces, cfg, FakeMonitor(str(tmp_path / "vm.qmp"), 2.0), lines.append,
+                          str(tmp_path / "vm1.json"), factory)
+    assert state == lh.read_state(str(tmp_path / "vm1.json"))
+    return state, brokers, lines
+
+
+def test_worker_plugs_every_interface(fake_qemu: FakeQemu, tmp_path: Path) -> None:
+    interfaces = [lh.Interface("xdp0", "eth1", 2, 2, "virtio-net-pci", "52:54:00:00:00:01"),
+                  lh.Interface("xdp1", "eth2")]
+    state, (broker,), lines = worker(fake_qemu, tmp_path, interfaces)
+    me = lh.Identity.of_process(os.getpid())
+    assert broker.ident == me and broker.closed
+    assert broker.calls == [("grant", ("eth1", 2, 2, os.getpid(), 64 << 20)), ("grant", ("eth2", 1, 0, os.getpid(),
+                                                                                           32 << 20))]
+    assert [c for c in fake_qemu.commands()] == ["getfd", "getfd", "netdev_add", "device_add", "getfd", "netdev_add"]
+    netdev = {"type": "af-xdp", "id": "xdp0", "ifname": "eth1", "queues": 2, "start-queue": 2, "inhibit": True,
+              "sock-fds": "xdp0-q2:xdp0-q3", "mode": "skb"}
+    device = {"mac": "52:54:00:00:00:01", "mq": True, "vectors": 6, "driver": "virtio-net-pci", "netdev": "xdp0",
+              "id": "xdp0-dev"}
+    assert [a for c, a, _ in fake_qemu.log if c in ("netdev_add", "device_add")][:2] == [netdev, device]
+    assert state["finished"] and state["qemu_pid"] == os.getpid() and state["identity"] == {
+        "uid": me.uid, "gid": me.gid, "groups": list(me.groups)}
+    a, b = state["interfaces"]
+    assert (a["status"], a["lease"], a["netdev"], a["device_args"], a["released"]) == ("attached", "L1", netdev,
+                                                                                        device, False)
+    assert (b["status"], b["lease"], b["device_id"]) == ("attached", "L2", None)
+    for s in broker.peers:  # QEMU (the fake) holds the sockets; the worker kept no copy
+        s.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            s.recv(1)
+    assert any("xdp0: warning: QEMU's RLIMIT_MEMLOCK looks too low for its UMEM: too low; raise it" in x for x in lines)
+    assert lines[-1] == "done: 2 of 2 interface(s) attached"
+
+
+def test_a_refused_device_add_is_unwound_and_released(fake_qemu: FakeQemu, tmp_path: Path) -> None:
+    fake_qemu.fail["device_add"] = ("GenericError", "Bus 'pci.7' not found")
+    state, (broker,), lines = worker(fake_qemu, tmp_path, [lh.Interface("xdp0", "eth1", 1, 0, "virtio-net-pci")])
+    (rec,) = state["interfaces"]
+    assert rec["status"] == "failed" and rec["released"]
+    assert rec["error"] == {"stage": "device_add", "qmp_class": "GenericError", "message": "Bus 'pci.7' not found",
+                            "notes": ["unwound: deleted netdev 'xdp0' (QEMU closed its sockets)"]}
+    assert broker.calls[-1] == ("release", "L1")
+    assert fake_qemu.commands()[-1] == "netdev_del" and fake_qemu.netdevs == {"existing": []}
+    broker.peers[0].settimeout(1)
+    assert broker.peers[0].recv(1) == b""  # closed everywhere
+    assert "xdp0: QEMU refused device_add: Bus 'pci.7' not found" in lines
+
+
+def test_a_broker_refusal_is_recorded_and_qemu_is_not_touched(fake_qemu: FakeQemu, tmp_path: Path) -> None:
+    state, _, lines = worker(fake_qemu, tmp_path, [lh.Interface("xdp0", "eth1")], refuse="user-not-allowed")
+    assert state["interfaces"][0]["error"] == {"stage": "grant", "code": "user-not-allowed",
+                                               "message": "no rule names uid 64055"}
+    assert fake_qemu.commands() == []
+    assert "xdp0: the broker refused: user-not-allowed: no rule names uid 64055" in lines
+
+
+def test_an_unreachable_monitor_is_recorded(tmp_path: Path) -> None:
+    lines: list[str] = []
+    cfg = lh.Config(state_dir=str(tmp_path), timeout=0.1)
+    state = lh.run_worker("vm1", [lh.Interface("xdp0", "eth1")], cfg, lh.QMPMonitor(str(tmp_path / "none"), 0.1),
+                          lines.append, str(tmp_path / "vm1.json"), lambda *a: pytest.fail("the broker was asked"))
+    assert state["finished"] and "No such file or directory" in state["error"] and state["interfaces"] == []
+    assert json.loads((tmp_path / "vm1.json").read_text())["error"] == state["error"]
+
+
+def test_the_example_config_documents_the_defaults() -> None:
+    text = (ROOT / "deploy" / "libvirt" / "libvirt.conf").read_text()
+    assert lh.parse_config(text) == lh.Config()
+    settings = [line[1:] for line in text.splitlines() if line.startswith("#") and not line.startswith("# ")]
+    assert lh.parse_config("\n".join(settings)) == lh.Config()
+    assert [line.split(" = ")[0] for line in settings] == list(lh.CONFIG_TYPES)
