@@ -1,6 +1,6 @@
 #!/bin/sh
-# Install or remove xskbroker's systemd units, sysusers.d and tmpfiles.d entries, the example policy
-# and the systemd notes. Idempotent: running it again changes nothing; an edited policy is never
+# Install or remove xskbroker's systemd units, sysusers.d and tmpfiles.d entries, the example policy,
+# the libvirt hook and the notes. Idempotent: running it again changes nothing; an edited policy is never
 # replaced or removed.
 #
 #   deploy/install.sh [install|uninstall] [--prefix DIR] [--bindir DIR] [--root DESTDIR] [--quiet]
@@ -52,6 +52,7 @@ sysusersdir=$prefix/lib/sysusers.d
 tmpfilesdir=$prefix/lib/tmpfiles.d
 docdir=$prefix/share/doc/xskbroker
 confdir=/etc/xskbroker
+hookdir=/etc/libvirt/hooks/qemu.d
 
 say() { [ -n "$quiet" ] || echo "$@"; }
 
@@ -88,6 +89,8 @@ do_install() {
     put 0644 "$here/sysusers.d/xskbroker.conf" "$sysusersdir/xskbroker.conf"
     put 0644 "$here/tmpfiles.d/xskbroker.conf" "$tmpfilesdir/xskbroker.conf"
     put 0644 "$src/docs/systemd.md" "$docdir/systemd.md"
+    put 0644 "$src/docs/libvirt.md" "$docdir/libvirt.md"
+    install_hook
     mkdir -p "$root$confdir/policy.d"
     if [ -e "$root$confdir/policy.toml" ]; then
         say "kept $root$confdir/policy.toml"
@@ -107,6 +110,29 @@ do_install() {
     fi
 }
 
+# The libvirt hook runs as its own script: its first line must name the interpreter that has the
+# xskbroker package, which is the one the installed `xskbroker` command starts with.
+install_hook() {
+    interp=
+    if [ -r "$root$bindir/xskbroker" ]; then
+        interp=$(sed -n '1s/^#! *//p' "$root$bindir/xskbroker")
+    fi
+    interp=${interp:-/usr/bin/python3}
+    tmp=$(mktemp)
+    { echo "#!$interp"; sed 1d "$here/libvirt/xskbroker"; } > "$tmp"
+    if ! { [ -f "$root$hookdir/xskbroker" ] && cmp -s "$tmp" "$root$hookdir/xskbroker"; }; then
+        mkdir -p "$root$hookdir"
+        install -m 0755 "$tmp" "$root$hookdir/xskbroker"
+        say "installed $root$hookdir/xskbroker (libvirt reads hooks when it starts: restart libvirtd)"
+    fi
+    rm -f "$tmp"
+    if [ ! -e "$root$confdir/libvirt.conf" ]; then
+        mkdir -p "$root$confdir"
+        install -m 0644 "$here/libvirt/libvirt.conf" "$root$confdir/libvirt.conf"
+        say "installed $root$confdir/libvirt.conf"
+    fi
+}
+
 do_uninstall() {
     if live; then
         systemctl disable --now xskbroker.socket xskbroker.service 2>/dev/null || true
@@ -116,6 +142,12 @@ do_uninstall() {
     drop "$sysusersdir/xskbroker.conf"
     drop "$tmpfilesdir/xskbroker.conf"
     drop "$docdir/systemd.md"
+    drop "$docdir/libvirt.md"
+    drop "$hookdir/xskbroker"
+    rmdir "$root$hookdir" 2>/dev/null || true
+    if [ -f "$root$confdir/libvirt.conf" ] && cmp -s "$here/libvirt/libvirt.conf" "$root$confdir/libvirt.conf"; then
+        drop "$confdir/libvirt.conf"
+    fi
     rmdir "$root$docdir" 2>/dev/null || true
     if [ -f "$root$confdir/policy.toml" ] && cmp -s "$here/policy.example.toml" "$root$confdir/policy.toml"; then
         drop "$confdir/policy.toml"

@@ -32,7 +32,12 @@ def test_install_is_complete_and_idempotent(tmp_path: Path) -> None:
     assert set(first) == {
         "usr/local/lib/systemd/system/xskbroker.socket", "usr/local/lib/systemd/system/xskbroker.service",
         "usr/local/lib/sysusers.d/xskbroker.conf", "usr/local/lib/tmpfiles.d/xskbroker.conf",
-        "usr/local/share/doc/xskbroker/systemd.md", "etc/xskbroker/policy.toml"}
+        "usr/local/share/doc/xskbroker/systemd.md", "usr/local/share/doc/xskbroker/libvirt.md",
+        "etc/xskbroker/policy.toml", "etc/libvirt/hooks/qemu.d/xskbroker", "etc/xskbroker/libvirt.conf"}
+    hook = tmp_path / "etc/libvirt/hooks/qemu.d/xskbroker"
+    assert oct(hook.stat().st_mode & 0o777) == "0o755"
+    # no installed command to copy an interpreter from: the system's python3
+    assert hook.read_text().splitlines()[0] == "#!/usr/bin/python3"
     assert (tmp_path / "etc/xskbroker/policy.toml").read_text() == (ROOT / "deploy/policy.example.toml").read_text()
     assert (tmp_path / "etc/xskbroker/policy.d").is_dir()
     assert oct((tmp_path / "etc/xskbroker/policy.toml").stat().st_mode & 0o777) == "0o644"
@@ -42,7 +47,13 @@ def test_install_is_complete_and_idempotent(tmp_path: Path) -> None:
 
 
 def test_prefix_and_bindir_reach_the_units(tmp_path: Path) -> None:
+    command = tmp_path / "opt/xskbroker/bin/xskbroker"
+    command.parent.mkdir(parents=True)
+    command.write_text("#!/opt/xskbroker/venv/bin/python\nimport sys\n")
     run("install", "--prefix", "/usr", "--bindir", "/opt/xskbroker/bin", "--root", str(tmp_path), "--quiet")
+    # the libvirt hook runs with the interpreter the installed command uses
+    hook = (tmp_path / "etc/libvirt/hooks/qemu.d/xskbroker").read_text()
+    assert hook.splitlines()[0] == "#!/opt/xskbroker/venv/bin/python"
     service = (tmp_path / "usr/lib/systemd/system/xskbroker.service").read_text()
     assert "ExecStart=/opt/xskbroker/bin/xskbroker serve " in service
     assert "Documentation=file:/usr/share/doc/xskbroker/systemd.md" in service
