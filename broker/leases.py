@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,7 +94,7 @@ class LeaseTable:
 
     def add(self, uid: int, pid: int, ifindex: int, ifname: str, queues: tuple[int, ...], kind: str,
             umem_bytes: int, gids: tuple[int, ...] = (), groups: tuple[str, ...] = ()) -> Lease:
-        lease = Lease(secrets.token_hex(8), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
+        lease = Lease(os.urandom(8).hex(), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
                       process_start(pid))
         # A fresh grant on a slot proves the old holder's socket is gone (the kernel freed the slot).
         for q in queues:

@@ -5,13 +5,11 @@ This is the only policy module that touches the filesystem.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .model import KINDS, Action, Admin, Policy, QueueSet, Quota, Rule
@@ -101,6 +99,8 @@ class _Lines:
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:
+    import difflib  # only for error messages: kept off the broker's start-up
+
     close = difflib.get_close_matches(key, list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -416,9 +416,10 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
     return _merge([_parse_text(text, filename)], [], [filename])
 
 
-def _read(path: Path, errors: list[str]) -> str | None:
+def _read(path: str, errors: list[str]) -> str | None:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         errors.append(f"{path}: cannot read: {e.strerror or e}")
         return None
@@ -435,14 +436,16 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
     Rule names must be unique across all files. Raises PolicyError listing every problem in every file.
     """
-    main = Path(path)
+    # os.path rather than pathlib, whose import would add a tenth to the broker's start-up
+    main = os.fspath(path)
     files = [main]
     errors: list[str] = []
-    dropin = main.parent / DROPIN_DIR
-    if dropin.is_dir():
+    dropin = os.path.join(os.path.dirname(main), DROPIN_DIR)
+    if os.path.isdir(dropin):
         try:
             # Hidden files are skipped: editors and atomic writers leave them behind half-written.
-            files += sorted(p for p in dropin.iterdir() if p.suffix == ".toml" and not p.name.startswith("."))
+            files += [os.path.join(dropin, n) for n in sorted(os.listdir(dropin))
+                      if n.endswith(".toml") and not n.startswith(".")]
         except OSError as e:
             errors.append(f"{dropin}: cannot read: {e.strerror or e}")
     parsed: list[_Parsed] = []
@@ -450,6 +453,6 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     for file in files:
         text = _read(file, errors)
         if text is not None:
-            parsed.append(_parse_text(text, str(file)))
-            sources.append(str(file))
+            parsed.append(_parse_text(text, file))
+            sources.append(file)
     return _merge(parsed, errors, sources)
