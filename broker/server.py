@@ -22,7 +22,7 @@ from typing import Any
 from broker import faults, linkwatch
 from broker import peer as peers
 from broker.closer import Closer
-from broker.service import Outcome, Service, policy_peer
+from broker.service import Deferred, Outcome, Service, policy_peer
 from client import protocol as proto
 from policy import Holding, PolicyError, load_policy
 from policy import quota as quotas
@@ -30,6 +30,7 @@ from policy import quota as quotas
 MAX_FDS_IN = 16  # fds a client might (wrongly) attach; more are dropped and closed by the kernel
 MAX_CONNECTIONS = 1024
 ORPHAN_POLL_SECONDS = 2.0
+RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
 
 
 def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.socket:
@@ -75,6 +76,9 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, tuple[socket.socket, peers.PeerInfo]] = {}
         self.pidfds: dict[int, int] = {}  # pid -> pidfd
+        # requests waiting for the kernel: (when to retry, the request, its connection, its peer);
+        # their connections are not read meanwhile, so each client still gets its replies in order
+        self.waiting: list[tuple[float, Deferred, socket.socket, peers.PeerInfo]] = []
         self.stopping = False
         self._next_orphan_check = 0.0
         self.closer = Closer()
@@ -104,10 +108,13 @@ class Server:
             while not self.stopping:
                 # orphaned leases give no event when their sockets close: look at them every few seconds
                 poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() else None
-                timeout = min((t for t in (poll, self.idle_timeout) if t is not None), default=None)
+                retry = max(0.0, min(w[0] for w in self.waiting) - time.monotonic()) if self.waiting else None
+                timeout = min((t for t in (poll, self.idle_timeout, retry) if t is not None), default=None)
                 events = self.sel.select(timeout)
                 for key, _ in events:
                     key.data(key.fileobj)
+                if self.waiting:
+                    self._retry_waiting()
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
@@ -121,9 +128,12 @@ class Server:
 
     def idle(self) -> bool:
         """Nothing would be lost by exiting: no client connected, no lease to watch."""
-        return not self.conns and not len(self.service.leases)
+        return not self.conns and not len(self.service.leases) and not self.waiting
 
     def close(self) -> None:
+        for _, deferred, _, _ in self.waiting:  # nothing half-made survives the broker
+            deferred.cancel()
+        self.waiting = []
         for conn, _ in list(self.conns.values()):
             self._drop(conn)
         for pidfd in self.pidfds.values():
@@ -212,11 +222,37 @@ class Server:
             return
         try:
             outcome = self.service.handle(who, data, truncated=bool(flags & socket.MSG_TRUNC), fds=nfds)
+            self._prune_pidfds()
         except Exception as e:  # a bug must cost one request, never the broker and everyone's leases
             self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
                         "trace": traceback.format_exc(limit=8)})
             outcome = Outcome(proto.error_reply("internal-error", f"the broker failed to handle this request: {e!r}"))
+        if isinstance(outcome, Deferred):
+            self.sel.unregister(conn)
+            self.waiting.append((time.monotonic() + outcome.delay, outcome, conn, who))
+            return
         self._reply(conn, outcome, who)
+
+    def _retry_waiting(self) -> None:
+        now = time.monotonic()
+        still = []
+        for due, deferred, conn, who in self.waiting:
+            if due > now:
+                still.append((due, deferred, conn, who))
+                continue
+            try:
+                outcome = deferred.step()
+            except Exception as e:  # as in _readable: one request fails, the broker goes on
+                self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
+                            "trace": traceback.format_exc(limit=8)})
+                outcome = Outcome(proto.error_reply("internal-error", f"the broker failed this request: {e!r}"))
+            if outcome is None:
+                deferred.delay = min(deferred.delay * 2, RETRY_CAP)
+                still.append((now + deferred.delay, deferred, conn, who))
+                continue
+            self.sel.register(conn, selectors.EVENT_READ, self._readable)
+            self._reply(conn, outcome, who)
+        self.waiting = still
 
     def _reply(self, conn: socket.socket, outcome: Outcome, who: peers.PeerInfo) -> None:
         try:
@@ -250,6 +286,14 @@ class Server:
             return
         self.pidfds[pid] = pidfd
         self.sel.register(pidfd, selectors.EVENT_READ, lambda fd, pid=pid: self._exited(pid))
+
+    def _prune_pidfds(self) -> None:
+        """Stop watching processes that no longer hold a lease (they released, or were revoked and ended)."""
+        held = {lease.pid for lease in self.service.leases}
+        for pid in [p for p in self.pidfds if p not in held]:
+            pidfd = self.pidfds.pop(pid)
+            self.sel.unregister(pidfd)
+            os.close(pidfd)
 
     def _exited(self, pid: int) -> None:
         pidfd = self.pidfds.pop(pid)

@@ -43,6 +43,16 @@ class Outcome:
         self.fds = []
 
 
+@dataclass
+class Deferred:
+    """A request that waits for the kernel: the server calls step() on a timer until it returns the
+    Outcome (step() may also end the wait with a refusal Outcome)."""
+
+    step: Callable[[], Outcome | None]
+    cancel: Callable[[], None]  # give up (the broker is stopping): undo what was made
+    delay: float = 0.001  # first retry; the server backs off to RETRY_CAP
+
+
 class Refused(Exception):
     def __init__(self, code: str, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -64,6 +74,7 @@ class Service:
         self.limiter = RateLimiter()
         self.clock = clock
         self.pool = UmemPool(umem_pool)
+        self.pending: dict[int, Holding] = {}  # grants waiting for a queue's release, by their identity
         self.signal_holder: SignalFn = lambda pid, sig: False  # the server, which holds the pidfds, sets it
         # With link events watched, a change of XDP program drops the cached one as it happens, so a grant
         # need not ask the kernel again; without them every grant re-checks (a netlink round trip).
@@ -82,7 +93,7 @@ class Service:
 
     # ---- entry point ---------------------------------------------------------------------------
 
-    def handle(self, peer: PeerInfo, data: bytes, *, truncated: bool = False, fds: int = 0) -> Outcome:
+    def handle(self, peer: PeerInfo, data: bytes, *, truncated: bool = False, fds: int = 0) -> Outcome | Deferred:
         try:
             req = proto.decode_request(data, truncated=truncated, fds=fds)
         except proto.ProtocolError as e:
@@ -105,7 +116,7 @@ class Service:
 
     # ---- grant -----------------------------------------------------------------------------------
 
-    def _grant(self, peer: PeerInfo, req: proto.Grant) -> Outcome:
+    def _grant(self, peer: PeerInfo, req: proto.Grant) -> Outcome | Deferred:
         started = time.perf_counter()
         record: dict[str, Any] = {"event": "grant", "peer": peer.as_dict(), "request": _describe(req)}
         # a map grant is judged on every queue of the device (a deny on any of them applies)
@@ -113,6 +124,18 @@ class Service:
         who = policy_peer(peer)
         decision = decide(self.policy, who, Request(req.interface, queues, req.kind, req.umem_bytes))
         record["rule"] = decision.rule.name if decision.rule else None
+
+        def settle(result: Outcome | Deferred | None = None, refused: Refused | None = None) -> Outcome:
+            ms = round((time.perf_counter() - started) * 1000, 3)
+            if refused is not None:
+                record.update(decision="deny", code=refused.code, reason=refused.message, ms=ms)
+                self.audit(record)
+                return Outcome(proto.error_reply(refused.code, refused.message, "grant", req.req_id, **refused.extra))
+            assert isinstance(result, Outcome)
+            record.update(decision="allow", code="ok", lease=result.lease_id, ms=ms)
+            self.audit(record)
+            return result
+
         try:
             if not decision.allowed or decision.rule is None:
                 raise Refused(decision.code, decision.reason)
@@ -122,16 +145,23 @@ class Service:
                 raise Refused(over.code, over.reason)
             holder = self._holder(peer, req.holder_pid) if req.holder_pid else peer
             maker = {"bound": self._make_bound, "bare": self._make_bare, "map": self._make_map}[req.kind]
-            outcome = maker(holder, req, decision.rule)
+            result = maker(holder, req, decision.rule)
         except Refused as e:
-            record.update(decision="deny", code=e.code, reason=e.message,
-                          ms=round((time.perf_counter() - started) * 1000, 3))
-            self.audit(record)
-            return Outcome(proto.error_reply(e.code, e.message, "grant", req.req_id, **e.extra))
-        record.update(decision="allow", code="ok", lease=outcome.lease_id,
-                      ms=round((time.perf_counter() - started) * 1000, 3))
-        self.audit(record)
-        return outcome
+            return settle(refused=e)
+        if isinstance(result, Outcome):
+            return settle(result)
+        # waiting for the kernel to release a queue: the decision is recorded when the wait ends
+        inner = result.step
+
+        def step() -> Outcome | None:
+            try:
+                done = inner()
+            except Refused as e:
+                return settle(refused=e)
+            return None if done is None else settle(done)
+
+        result.step = step
+        return result  # its cancel() needs no record: nobody was granted or told anything
 
     def _holder(self, peer: PeerInfo, pid: int) -> PeerInfo:
         """The process a launcher hands the sockets to (QEMU behind a QMP socket): it must be the
@@ -167,18 +197,53 @@ class Service:
                           f"map slots; queue {over[0]} is beyond it (the device grew after it was attached)")
         return ifindex, prog
 
-    def _make_bound(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
+    def _make_bound(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome | Deferred:
         ifindex, prog = self._target(req)
-        made: list[xsk.BoundSocket] = []
+        prepared: list[xsk.PreparedSocket] = []
+
+        def abort(e: BaseException, queue: int) -> BaseException:
+            for p in prepared:
+                p.abort()
+            self.pending.pop(id(prepared), None)
+            return _refusal(e, req.interface, queue)
+
+        q = req.queues[0]
         try:
             for q in req.queues:
-                made.append(xsk.create_bound(ifindex, q, prog.map_fd, req.geometry, req.bind_mode,
-                                             req.need_wakeup, self.pool.take))
+                prepared.append(xsk.prepare_bound(ifindex, q, prog.map_fd, req.geometry, req.bind_mode,
+                                                  req.need_wakeup, self.pool.take))
+            waiting = [p for p in prepared if not p.try_bind()]
         except BaseException as e:
-            for s in made:
-                bpf.map_delete(prog.map_fd, s.queue)
-                s.close()
-            raise _refusal(e, req.interface, q) from None
+            raise abort(e, q) from None
+        if not waiting:
+            return self._finish_bound(peer, req, ifindex, prog, prepared)
+        # A queue whose last socket just closed answers EBUSY until the kernel's deferred release runs.
+        # The grant waits for it on the server's timer, never in the event loop, and its claimed slots
+        # and pinned UMEM count against the quota meanwhile.
+        self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.umem_bytes)
+        deadline = self.clock() + xsk.BUSY_RETRY_SECONDS
+
+        def step() -> Outcome | None:
+            try:
+                waiting[:] = [p for p in waiting if not p.try_bind()]
+            except BaseException as e:
+                raise abort(e, waiting[0].queue) from None
+            if waiting:
+                if self.clock() < deadline:
+                    return None
+                raise abort(OSError(errno.EBUSY, f"still bound by a released socket after {xsk.BUSY_RETRY_SECONDS} s"),
+                            waiting[0].queue)
+            self.pending.pop(id(prepared), None)
+            return self._finish_bound(peer, req, ifindex, prog, prepared)
+
+        def cancel() -> None:  # the broker is stopping: the wait ends with nothing made
+            abort(OSError(errno.ECANCELED, "the broker is stopping"), req.queues[0])
+
+        return Deferred(step, cancel)
+
+    def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: xdp_prog.XskProgram,
+                      prepared: list[xsk.PreparedSocket]) -> Outcome:
+        made = [p.finish() for p in prepared]
         fds: list[int] = []
         sockets = []
         for s in made:
@@ -346,8 +411,8 @@ class Service:
             return False
 
     def holdings(self) -> list[Holding]:
-        return [Holding(lease.uid, frozenset(lease.gids), frozenset(lease.groups), len(lease.queues),
-                        lease.umem_bytes) for lease in self.leases]
+        return [*(Holding(lease.uid, frozenset(lease.gids), frozenset(lease.groups), len(lease.queues),
+                          lease.umem_bytes) for lease in self.leases), *self.pending.values()]
 
     def is_admin(self, peer: PeerInfo) -> bool:
         admin = self.policy.admin

@@ -45,8 +45,9 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
-# A queue whose socket just closed answers EBUSY until the kernel's deferred release runs (12-18 ms here).
-BUSY_RETRY_SECONDS = 0.25
+# A queue whose socket just closed answers EBUSY until the kernel's deferred release runs: 12-20 ms on a
+# quiet machine, much longer under load. Waiting costs others nothing (the broker retries on a timer).
+BUSY_RETRY_SECONDS = 1.0
 
 
 class QueueBusy(OSError):
@@ -109,22 +110,6 @@ def bind(fd: int, ifindex: int, queue: int, flags: int) -> None:
         raise _oserror(f"bind to ifindex {ifindex} queue {queue}")
 
 
-def bind_with_retry(fd: int, ifindex: int, queue: int, flags: int,
-                    budget: float = BUSY_RETRY_SECONDS) -> None:
-    """Bind, retrying EBUSY with backoff while a just-closed socket's release is still pending."""
-    deadline = time.monotonic() + budget
-    delay = 0.001
-    while True:
-        try:
-            bind(fd, ifindex, queue, flags)
-            return
-        except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.002)  # the release lands within ~20 ms: poll it closely
-
-
 def bind_flags_for(bind_mode: str, need_wakeup: bool) -> int:
     flags = XDP_USE_NEED_WAKEUP if need_wakeup else 0
     # "auto" passes neither flag: the kernel tries zero-copy and falls back to copy by itself.
@@ -146,19 +131,60 @@ def claim_slot(map_fd: int, queue: int, fd: int) -> None:
         raise
 
 
-def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
-                 need_wakeup: bool = True, memfd: Callable[[int], int] | None = None) -> BoundSocket:
-    """A socket bound to (ifindex, queue) with its own UMEM, placed in xsks_map[queue].
+@dataclass
+class PreparedSocket:
+    """A socket with its slot claimed, UMEM registered and rings sized: everything but the bind.
+
+    Split from the bind so that a broker can wait out EBUSY (a just-closed socket's queue is released
+    12-20 ms later, longer under load) without stopping for everyone else.
+    """
+
+    sock: socket.socket
+    umem_fd: int
+    ifindex: int
+    queue: int
+    flags: int
+    map_fd: int | None
+
+    def try_bind(self) -> bool:
+        """Bind; False while the queue is still held by a socket being released (EBUSY)."""
+        try:
+            bind(self.sock.fileno(), self.ifindex, self.queue, self.flags)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return False
+            raise
+        return True
+
+    def finish(self) -> BoundSocket:
+        faults.point("after-bind")
+        zc = is_zerocopy(self.sock)
+        flags = self.flags | (XDP_ZEROCOPY if zc else XDP_COPY)
+        return BoundSocket(self.sock.detach(), self.umem_fd, self.queue, flags, zc)
+
+    def abort(self) -> None:
+        """Undo everything: empty the slot, close the socket and the UMEM memfd."""
+        if self.map_fd is not None:
+            with contextlib.suppress(OSError):
+                bpf.map_delete(self.map_fd, self.queue)
+        with contextlib.suppress(OSError):
+            os.close(self.umem_fd)
+        self.sock.close()
+
+
+def prepare_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
+                  need_wakeup: bool = True, memfd: Callable[[int], int] | None = None) -> PreparedSocket:
+    """Socket, xsks_map[queue] claim, UMEM and rings for a bound socket; bind() is the caller's next step.
 
     The map slot is claimed first with BPF_NOEXIST: a live holder makes this fail at once with
-    QueueBusy instead of waiting out the bind retry. `memfd(size)` supplies the sealed UMEM memory
-    (default: a fresh one).
+    QueueBusy. `memfd(size)` supplies the sealed UMEM memory (default: a fresh one). map_fd None makes a
+    TX-only socket (a traffic generator) that claims no slot.
     """
     with contextlib.ExitStack() as undo:
         sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
         undo.callback(sock.close)
         faults.point("after-socket")
-        if map_fd is not None:  # None: a TX-only socket (traffic generators) that claims no slot
+        if map_fd is not None:
             claim_slot(map_fd, queue, sock.fileno())
             undo.callback(bpf.map_delete, map_fd, queue)
         faults.point("after-map-claim")
@@ -167,13 +193,29 @@ def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind
         register_umem(sock, umem_fd, g)
         faults.point("after-umem-reg")
         set_rings(sock, g)
-        flags = bind_flags_for(bind_mode, need_wakeup)
-        bind_with_retry(sock.fileno(), ifindex, queue, flags)
-        faults.point("after-bind")
-        zc = is_zerocopy(sock)
         undo.pop_all()
-        return BoundSocket(sock.detach(), umem_fd, queue, flags | (XDP_ZEROCOPY if zc else XDP_COPY), zc)
+        return PreparedSocket(sock, umem_fd, ifindex, queue, bind_flags_for(bind_mode, need_wakeup), map_fd)
     raise AssertionError("unreachable")
+
+
+def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
+                 need_wakeup: bool = True, memfd: Callable[[int], int] | None = None,
+                 budget: float = BUSY_RETRY_SECONDS) -> BoundSocket:
+    """A bound socket in one blocking call (for programs that own their thread, e.g. the benchmarks'
+    direct baseline): prepare, bind retrying EBUSY for up to `budget` seconds, finish."""
+    p = prepare_bound(ifindex, queue, map_fd, g, bind_mode, need_wakeup, memfd)
+    try:
+        deadline = time.monotonic() + budget
+        delay = 0.001
+        while not p.try_bind():
+            if time.monotonic() + delay > deadline:
+                raise OSError(errno.EBUSY, f"bind to ifindex {ifindex} queue {queue}: {os.strerror(errno.EBUSY)}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
+        return p.finish()
+    except BaseException:
+        p.abort()
+        raise
 
 
 def create_bare(ifname: str, queue: int, map_fd: int) -> int:

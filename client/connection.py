@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 from typing import Any
 
 from client import protocol as proto
@@ -18,9 +19,16 @@ class Connection:
     def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 30.0) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
         try:
+            # A Python timeout would make connect non-blocking, and a full accept backlog (a busy or
+            # flooded broker) would then fail at once with EAGAIN. A blocking connect waits its turn,
+            # bounded by SO_SNDTIMEO.
+            if timeout is not None:
+                sec = int(timeout)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                     struct.pack("ll", sec, int((timeout - sec) * 1e6)))
             self.sock.connect(path)
+            self.sock.settimeout(timeout)
         except OSError as e:
             self.sock.close()
             raise ConnectionError(f"cannot reach the broker at {path}: {e.strerror or e}") from e

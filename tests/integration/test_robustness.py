@@ -7,8 +7,8 @@ summary). Every client runs in a child that dropped to an unprivileged uid befor
 XSKBROKER_FUZZ_EXAMPLES=<n> fuzzes n messages instead of the default 10,000 (a longer mode), and
 XSKBROKER_FUZZ_SEED=<seed> replays the messages of an earlier run (its seed is among the figures).
 
-The last two tests are reproducers of known problems, marked xfail(strict=True): when a fix lands they
-pass, and the marker must go.
+The last two tests began as reproducers of problems these suites found (a library connect that failed at
+once against a full accept backlog; a bind retry that stalled the event loop) and now guard their fixes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis
-import pytest
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 
@@ -1088,11 +1087,8 @@ def test_abusive_clients_never_block_a_well_behaved_one(figures) -> None:  # typ
     assert abuse["flood_connects"] >= 500 and abuse["hangup_messages"] >= 100 and abuse["blast_messages"] >= 100
 
 
-# ---- known problems, each with its reproducer ----------------------------------------------------------------
+# ---- problems these suites found, kept fixed --------------------------------------------------------------
 
-@pytest.mark.xfail(reason="client.connection.Connection connects with a Python timeout, i.e. non-blocking: while a "
-                   "connection flood keeps the broker's accept backlog (128) full, connect fails at once with EAGAIN "
-                   "instead of waiting for room", strict=True)
 def test_library_client_gets_through_a_connection_flood(figures) -> None:  # type: ignore[no-untyped-def]
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=8) as ns, \
             BrokerProcess(ns.name, ABUSE_POLICY, umem_pool=UMEM_POOL) as b:
@@ -1140,8 +1136,6 @@ def hello_pinger(path: str, seconds: float) -> dict[str, Any]:
     return {"times": times}
 
 
-@pytest.mark.xfail(reason="bind_with_retry sleeps up to 0.25 s inside the single-threaded event loop: a tenant that "
-                   "keeps a released socket bound and asks for its queue again stalls every other client", strict=True)
 def test_a_tenant_regranting_a_queue_it_still_holds_does_not_stall_others(figures) -> None:  # type: ignore[no-untyped-def]
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
             BrokerProcess(ns.name, ABUSE_POLICY, umem_pool=UMEM_POOL) as b:
