@@ -22,6 +22,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _grant_target(parser: argparse.ArgumentParser) -> None:
+    """What a grant is for and where the broker is: the arguments request and exec share."""
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
+    parser.add_argument("--interface", "-i", required=True, help="interface name")
+    parser.add_argument("--queues", "-q", type=int, default=1, help="number of queues (default: 1)")
+    parser.add_argument("--start-queue", type=int, default=0, help="first queue id (default: 0)")
+
+
 def add_client_parsers(sub: Any) -> None:
     r = sub.add_parser(
         "request", help="ask the broker for bound AF_XDP sockets and print the grant",
@@ -30,10 +38,7 @@ def add_client_parsers(sub: Any) -> None:
         "command exits (after --hold seconds); programs use the library (client.grant.request) or "
         "`xskbroker exec` to keep them.",
         epilog="example:\n  xskbroker request --interface eth1 --queues 2 --start-queue 0 --umem 8MiB --json")
-    r.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
-    r.add_argument("--interface", "-i", required=True, help="interface name")
-    r.add_argument("--queues", "-q", type=int, default=1, help="number of queues (default: 1)")
-    r.add_argument("--start-queue", type=int, default=0, help="first queue id (default: 0)")
+    _grant_target(r)
     r.add_argument("--umem", type=_size, default=4 << 20, help="UMEM bytes per socket (default: 4MiB)")
     r.add_argument("--frame-size", type=int, choices=(2048, 4096), default=4096)
     r.add_argument("--ring-size", type=int, default=2048, help="entries of each of the four rings")
@@ -56,10 +61,7 @@ def add_client_parsers(sub: Any) -> None:
         "    qemu-system-x86_64 ... -netdev af-xdp,id=n0,ifname={ifname},queues={queues},"
         "start-queue={start_queue},inhibit=on,sock-fds={sock_fds},mode={xdp_mode} \\\n"
         "    -device virtio-net-pci,netdev=n0")
-    e.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
-    e.add_argument("--interface", "-i", required=True, help="interface name")
-    e.add_argument("--queues", "-q", type=int, default=1, help="number of queues (default: 1)")
-    e.add_argument("--start-queue", type=int, default=0, help="first queue id (default: 0)")
+    _grant_target(e)
     e.add_argument("--kind", choices=("bare", "bound", "map"), default="bare",
                    help="bare: unbound sockets for QEMU/libxdp (default); bound: ready sockets + UMEM memfds; "
                    "map: the xsks_map fd (exclusive rules only)")

@@ -221,11 +221,14 @@ def _signal(value: Any) -> str | None:
 
 
 def _parse_table(table: dict[str, Any], allowed: tuple[str, ...], label: str, line_of: Callable[[str], int],
-                 errors: list[tuple[int, str]]) -> dict[str, Any]:
+                 errors: list[tuple[int, str]], allow_only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Validate each key of a table with its _FIELDS parser; problems go to `errors` with their line."""
     values: dict[str, Any] = {}
     for key in table:
         if key not in allowed:
-            errors.append((line_of(key), f"{label}: unknown key {key!r}{_suggest(key, allowed)}"))
+            msg = (f"{key!r} is only valid in [[allow]] rules" if key in allow_only
+                   else f"unknown key {key!r}{_suggest(key, allowed)}")
+            errors.append((line_of(key), f"{label}: {msg}"))
             continue
         try:
             values[key] = _FIELDS[key](table[key])
@@ -284,22 +287,13 @@ def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines
 
     allowed = _ALLOW_KEYS if action == "allow" else _DENY_KEYS
     values: dict[str, Any] = {}
-    for key in sorted(table, key=lambda k: k != "name"):  # name first, so later messages can use it
-        if key not in allowed:
-            if key in _ALLOW_KEYS:
-                msg = f"{key!r} is only valid in [[allow]] rules"
-            else:
-                msg = f"unknown key {key!r}{_suggest(key, allowed)}"
-            errors.append((line_of(key), f"{label}: {msg}"))
-            continue
-        try:
-            values[key] = _FIELDS[key](table[key])
-        except _Invalid as e:
-            errors.append((line_of(key), f"{label}: {key}: {e}"))
-            continue
-        if key == "name":
+    if "name" in table:  # first, so later messages can use it
+        values = _parse_table({"name": table["name"]}, allowed, label, line_of, errors)
+        if "name" in values:
             label = f"rule {values['name']!r}"
             out.names.append((values["name"], line_of("name")))
+    rest = {k: v for k, v in table.items() if k != "name"}
+    values.update(_parse_table(rest, allowed, label, line_of, errors, allow_only=_ALLOW_KEYS))
 
     if "name" not in table:
         if action == "allow":
