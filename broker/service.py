@@ -31,16 +31,12 @@ AuditFn = Callable[[dict[str, Any]], None]
 
 @dataclass
 class Outcome:
+    """A reply and the fds it carries; the server sends them and then closes its copies."""
+
     reply: bytes
     fds: list[int] = field(default_factory=list)
     lease_id: str | None = None
     holder_pid: int = 0  # whose exit ends the lease (the requester unless it named another process)
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds = []
 
 
 @dataclass
