@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from broker import xsk as kernel_xsk  # only its thin bind() wrapper is used, unprivileged
@@ -65,60 +67,50 @@ def attempt_escapes(path: str, iface: str, queue: int) -> dict[str, str]:
         return results
 
 
-def exchange_raw(path: str, messages: list[bytes], connections: int = 1) -> list[str]:
-    """Open `connections` connections, send every message on the last one; the error code (or "ok") of each
-    reply, or "closed" when the broker hung up on a connection."""
-    import json
-
-    socks = []
-    codes = []
-    try:
-        for _ in range(connections):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            s.settimeout(5)
-            s.connect(path)
-            socks.append(s)
-        for msg in messages:
-            socks[-1].send(msg)
-            data = socks[-1].recv(1 << 20)
-            if not data:
-                codes.append("closed")
-                break
-            reply = json.loads(data)
-            codes.append("ok" if reply["ok"] else reply["error"]["code"])
-    finally:
-        for s in socks:
-            s.close()
-    return codes
-
-
-def probe_connections(path: str, count: int) -> list[str]:
-    """Open `count` connections at once and say hello on each: what each one answers."""
-    import json
-
-    hello = proto.encode_request(proto.Hello())
-    socks, out = [], []
+@contextlib.contextmanager
+def _connections(path: str, count: int) -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
     try:
         for _ in range(count):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             s.settimeout(5)
             s.connect(path)
             socks.append(s)
-        for s in socks:
-            # a refused connection has its error reply queued and is closed: the send may fail (EPIPE),
-            # the reply is still there to read
-            with contextlib.suppress(OSError):
-                s.send(hello)
-            try:
-                data = s.recv(1 << 16)
-            except OSError:
-                data = b""
-            if not data:
-                out.append("closed")
-                continue
-            reply = json.loads(data)
-            out.append("ok" if reply["ok"] else reply["error"]["code"])
+        yield socks
     finally:
         for s in socks:
             s.close()
-    return out
+
+
+def _ask(s: socket.socket, msg: bytes) -> str:
+    """The reply's error code (or "ok"), or "closed" when the broker hung up. A refused connection has its
+    error reply queued and is closed: the send may fail (EPIPE), the reply is still there to read."""
+    with contextlib.suppress(OSError):
+        s.send(msg)
+    try:
+        data = s.recv(1 << 20)
+    except OSError:
+        data = b""
+    if not data:
+        return "closed"
+    reply = json.loads(data)
+    return "ok" if reply["ok"] else reply["error"]["code"]
+
+
+def exchange_raw(path: str, messages: list[bytes], connections: int = 1) -> list[str]:
+    """Open `connections` connections, send every message on the last one; the error code (or "ok") of each
+    reply, or "closed" (and no more) when the broker hung up."""
+    codes: list[str] = []
+    with _connections(path, connections) as socks:
+        for msg in messages:
+            codes.append(_ask(socks[-1], msg))
+            if codes[-1] == "closed":
+                break
+    return codes
+
+
+def probe_connections(path: str, count: int) -> list[str]:
+    """Open `count` connections at once and say hello on each: what each one answers."""
+    hello = proto.encode_request(proto.Hello())
+    with _connections(path, count) as socks:
+        return [_ask(s, hello) for s in socks]
