@@ -21,9 +21,12 @@ STATE_VERSION = 1
 
 def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot: with the pid, it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+    try:  # raw os calls: this read is on the grant path, and text-mode open() doubles its cost
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stat = os.read(fd, 4096).decode(errors="replace")
+        finally:
+            os.close(fd)
     except OSError:
         return None
     # the command name may hold spaces and parentheses: fields are counted after its last ')'
