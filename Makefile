@@ -4,6 +4,8 @@
 #   make bench  set up, then the benchmarks
 
 SHELL := /bin/bash
+# ip, tc and friends live in sbin, which a non-login root environment may leave off PATH
+export PATH := $(PATH):/usr/local/sbin:/usr/sbin:/sbin
 APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 qemu-system-x86 systemd util-linux python3-systemd libvirt-daemon-system libvirt-clients
 # Debian's interpreter, not one under a 0700 home: unprivileged consumers must be able to run it.
 PYTHON := /usr/bin/python3
