@@ -29,6 +29,9 @@ from policy import quota as quotas
 
 MAX_FDS_IN = 16  # fds a client might (wrongly) attach; more are dropped and closed by the kernel
 MAX_CONNECTIONS = 1024
+# Without a [[quota]] max_connections, one user could still take every connection and lock the others
+# out: no single non-admin uid gets more than half.
+MAX_CONNECTIONS_PER_UID = MAX_CONNECTIONS // 2
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
 
@@ -191,11 +194,15 @@ class Server:
             return
         held = [Holding(p.uid, p.gids, p.groups, connections=1) for _, p in self.conns.values()]
         refused = quotas.check(self.service.policy, policy_peer(who), held, connections=1)
-        if refused:
-            self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": refused.code,
-                        "reason": refused.reason})
+        code, reason = (refused.code, refused.reason) if refused else ("", "")
+        if not refused and not self.service.is_admin(who) \
+                and sum(1 for h in held if h.uid == who.uid) >= MAX_CONNECTIONS_PER_UID:
+            code = "too-many-connections"
+            reason = f"uid {who.uid} already has {MAX_CONNECTIONS_PER_UID} connections open to the broker"
+        if code:
+            self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": code, "reason": reason})
             with contextlib.suppress(OSError):
-                conn.send(proto.error_reply(refused.code, refused.reason))
+                conn.send(proto.error_reply(code, reason))
             conn.close()
             return
         self.conns[conn.fileno()] = (conn, who)

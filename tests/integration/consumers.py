@@ -73,9 +73,9 @@ def _connections(path: str, count: int) -> Iterator[list[socket.socket]]:
     try:
         for _ in range(count):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            s.settimeout(5)
-            s.connect(path)
             socks.append(s)
+            s.connect(path)  # blocking: a full accept backlog makes it wait its turn, not fail
+            s.settimeout(5)
         yield socks
     finally:
         for s in socks:

@@ -282,3 +282,15 @@ def test_corrupted_policy_on_reload_keeps_the_old_one(veth: VethNamespace) -> No
         wait_for(lambda: _events(b, "policy-reloaded"), what="the good reload")
         denied = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
         assert denied["code"] == "user-not-allowed"
+
+
+def test_one_user_cannot_take_every_connection(veth: VethNamespace) -> None:
+    from broker.server import MAX_CONNECTIONS_PER_UID
+
+    with BrokerProcess(veth.name, BASE) as b:
+        answers = spawn_unprivileged(probe_connections, b.socket_path, MAX_CONNECTIONS_PER_UID + 3,
+                                     uid=CONSUMER_UID).result(60)
+        assert answers[:MAX_CONNECTIONS_PER_UID] == ["ok"] * MAX_CONNECTIONS_PER_UID
+        assert answers[MAX_CONNECTIONS_PER_UID:] == ["too-many-connections"] * 3
+        # meanwhile everyone else is served
+        assert exchange_raw(b.socket_path, [proto.encode_request(proto.Hello())]) == ["ok"]
