@@ -230,15 +230,19 @@ class Server:
         try:
             outcome = self.service.handle(who, data, truncated=bool(flags & socket.MSG_TRUNC), fds=nfds)
             self._prune_pidfds()
-        except Exception as e:  # a bug must cost one request, never the broker and everyone's leases
-            self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
-                        "trace": traceback.format_exc(limit=8)})
-            outcome = Outcome(proto.error_reply("internal-error", f"the broker failed to handle this request: {e!r}"))
+        except Exception as e:
+            outcome = self._internal_error(who, e)
         if isinstance(outcome, Deferred):
             self.sel.unregister(conn)
             self.waiting.append((time.monotonic() + outcome.delay, outcome, conn, who))
             return
         self._reply(conn, outcome, who)
+
+    def _internal_error(self, who: peers.PeerInfo, e: Exception) -> Outcome:
+        """A bug must cost one request, never the broker and everyone's leases: record it, answer it."""
+        self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
+                    "trace": traceback.format_exc(limit=8)})
+        return Outcome(proto.error_reply("internal-error", f"the broker failed to handle this request: {e!r}"))
 
     def _retry_waiting(self) -> None:
         now = time.monotonic()
@@ -249,10 +253,8 @@ class Server:
                 continue
             try:
                 outcome = deferred.step()
-            except Exception as e:  # as in _readable: one request fails, the broker goes on
-                self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
-                            "trace": traceback.format_exc(limit=8)})
-                outcome = Outcome(proto.error_reply("internal-error", f"the broker failed this request: {e!r}"))
+            except Exception as e:
+                outcome = self._internal_error(who, e)
             if outcome is None:
                 deferred.delay = min(deferred.delay * 2, RETRY_CAP)
                 still.append((now + deferred.delay, deferred, conn, who))

@@ -21,6 +21,7 @@ from broker.linkwatch import LinkEvent
 from broker.peer import PeerInfo
 from broker.umem_pool import UmemPool
 from client import protocol as proto
+from client.launch import memlock_limits
 from client.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
 from policy import Holding, Peer, Policy, RateLimiter, Request, Rule, decide
 from policy import quota as quotas
@@ -550,15 +551,13 @@ def policy_peer(peer: PeerInfo) -> Peer:
 
 
 def _memlock_of(pid: int) -> tuple[int, int]:
-    """(soft, hard) RLIMIT_MEMLOCK of a process. /proc is read because prlimit(2) on another user's
-    process needs CAP_SYS_RESOURCE even to read."""
+    """(soft, hard) RLIMIT_MEMLOCK of a process, RLIM_INFINITY for unlimited."""
     with open(f"/proc/{pid}/limits") as f:
-        for line in f:
-            if line.startswith("Max locked memory"):
-                soft, hard = line[len("Max locked memory"):].split()[:2]
-                return tuple(resource.RLIM_INFINITY if v == "unlimited" else int(v)  # type: ignore[return-value]
-                             for v in (soft, hard))
-    raise OSError(errno.ENOENT, f"no memlock limit in /proc/{pid}/limits")
+        limits = memlock_limits(f.read())
+    if limits is None:
+        raise OSError(errno.ENOENT, f"no memlock limit in /proc/{pid}/limits")
+    soft, hard = (resource.RLIM_INFINITY if v is None else v for v in limits)
+    return soft, hard
 
 
 def _all_queues(ifname: str) -> tuple[int, ...]:

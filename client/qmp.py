@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from client.launch import memlock_limits
+
 DEFAULT_TIMEOUT = 10.0
 MAX_MESSAGE = 64 << 20  # query-qmp-schema is ~0.3 MiB on QEMU 7.2-10.0; anything huge is a broken peer
 MAX_EVENTS = 1024  # events kept for wait_event; older ones are dropped
@@ -182,11 +184,8 @@ def parse_message(line: bytes) -> dict[str, Any]:
 
 def memlock_limit(limits_text: str) -> int | None:
     """The soft RLIMIT_MEMLOCK from /proc/<pid>/limits text; None for unlimited or not found."""
-    for line in limits_text.splitlines():
-        if line.startswith("Max locked memory"):
-            soft = line[len("Max locked memory"):].split()[0]
-            return None if soft == "unlimited" else int(soft)
-    return None
+    limits = memlock_limits(limits_text)
+    return limits[0] if limits else None
 
 
 def has_cap(status_text: str, cap: int, field: str = "CapEff") -> bool:
