@@ -69,6 +69,7 @@ class Service:
         self.programs: dict[int, xdp_prog.XskProgram] = {}
         self.names: dict[int, str] = {}  # ifindex -> name as last seen, to notice renames
         self.limiter = RateLimiter()
+        self._buckets_swept = 0.0
         self.clock = clock
         self.pool = UmemPool(umem_pool)
         self.pending: dict[int, Holding] = {}  # grants waiting for a queue's release, by their identity
@@ -96,7 +97,11 @@ class Service:
         except proto.ProtocolError as e:
             self.audit({"event": "bad-request", "peer": peer.as_dict(), "code": e.code, "message": e.message})
             return Outcome(proto.error_reply_for(e))
-        limited = self.limiter.allow(self.policy, policy_peer(peer), self.clock())
+        now = self.clock()
+        if now - self._buckets_swept > 60.0:  # idle buckets are full again: drop them, the table stays small
+            self.limiter.forget_idle(now)
+            self._buckets_swept = now
+        limited = self.limiter.allow(self.policy, policy_peer(peer), now)
         if limited:
             self.audit({"event": "rate-limited", "peer": peer.as_dict(), "op": req.op, "reason": limited.reason})
             return Outcome(proto.error_reply(limited.code, limited.reason, req.op, req.req_id))

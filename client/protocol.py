@@ -7,7 +7,7 @@ via SCM_RIGHTS. Both the broker and the client use this module; it does no I/O. 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 VERSION = 1
@@ -361,7 +361,3 @@ def geometry_from_wire(sock: dict[str, Any]) -> Geometry:
     umem, rings = sock["umem"], sock["rings"]
     return Geometry(umem["size"], umem["frame_size"], umem["headroom"], rings["fill"], rings["completion"],
                     rings["rx"], rings["tx"])
-
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    return asdict(obj)

@@ -44,9 +44,6 @@ XDP_DESC = struct.Struct("=QII")  # addr, len, options
 XDP_RING_OFFSET = struct.Struct("=QQQQ")  # producer, consumer, desc, flags
 XDP_STATISTICS_STRUCT = struct.Struct("=6Q")
 
-BIND_FLAG_NAMES = {XDP_SHARED_UMEM: "shared-umem", XDP_COPY: "copy", XDP_ZEROCOPY: "zerocopy",
-                   XDP_USE_NEED_WAKEUP: "need-wakeup"}
-
 
 @dataclass(frozen=True)
 class RingOffsets:
@@ -71,10 +68,3 @@ class MmapOffsets:
         rings = [RingOffsets(*XDP_RING_OFFSET.unpack_from(raw, i * size)) for i in range(4)]
         return cls(*rings)
 
-
-def bind_flag_names(flags: int) -> list[str]:
-    return [name for bit, name in BIND_FLAG_NAMES.items() if flags & bit]
-
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
