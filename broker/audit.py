@@ -168,3 +168,57 @@ def make_audit(mode: str = "auto", stream: TextIO = sys.stderr, journal_socket: 
     if send is not None and os.path.exists(journal_socket):
         return JournalAudit(send, JsonAudit(stream))
     return JsonAudit(stream)
+
+
+# Events a client can cause at will, many times a second. Past a small burst per (event, uid, code) in each
+# window they are counted instead of written, and one "suppressed" record per window says how many were left
+# out: journald's own rate limit (10,000 per 30 s by default) then never drops a grant or revoke record.
+NOISY = frozenset({"bad-request", "rate-limited", "connection-refused", "accept-failed", "reply-failed",
+                   "connection-evicted"})
+BURST = 5
+WINDOW = 10.0
+
+
+class Throttle:
+    """An audit sink in front of another: noisy events summarised per window, everything else passed on."""
+
+    def __init__(self, sink: AuditFn, clock: Callable[[], float] = time.monotonic, burst: int = BURST,
+                 window: float = WINDOW) -> None:
+        self.sink, self.clock, self.burst, self.window = sink, clock, burst, window
+        self.started = clock()
+        self.seen: dict[tuple[str, Any, Any], int] = {}
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        event = record.get("event")
+        if event in NOISY:
+            self.flush_if_due()
+            peer = record.get("peer")
+            uid = peer.get("uid") if isinstance(peer, dict) else record.get("uid")
+            key = (str(event), uid, record.get("code") or record.get("errno"))
+            n = self.seen.get(key, 0) + 1
+            self.seen[key] = n
+            if n > self.burst:
+                return
+        self.sink(record)
+
+    def next_flush(self) -> float | None:
+        """When the current window's summary is due (None while nothing was left out)."""
+        if any(n > self.burst for n in self.seen.values()):
+            return self.started + self.window
+        return None
+
+    def flush_if_due(self) -> None:
+        if self.clock() - self.started >= self.window:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the summary of what the window left out, and start a new window."""
+        left_out = [(k, n - self.burst) for k, n in self.seen.items() if n > self.burst]
+        if left_out:
+            counts: dict[str, int] = {}
+            for (event, _, _), n in left_out:
+                counts[event] = counts.get(event, 0) + n
+            self.sink({"event": "suppressed", "window_s": round(self.clock() - self.started, 3), "counts": counts,
+                       "detail": [{"event": e, "uid": u, "code": c, "left_out": n} for (e, u, c), n in left_out]})
+        self.seen.clear()
+        self.started = self.clock()

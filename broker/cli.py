@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS",
                    help="exit after this long with no connection and no lease (for socket activation; "
                    "default: never)")
+    s.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="client connections open at once, shared fairly between users, 1/16 kept for admins; "
+                   "lowered to what the fd limit (LimitNOFILE) leaves room for (default: %(default)s)")
+    # Tests only: act as on a kernel without SO_PASSRIGHTS, where clients' fds do arrive and must be discarded.
+    s.add_argument("--accept-passed-fds", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--audit", choices=("auto", "journal", "json"), default="auto",
                    help="audit records as journal entries (needs systemd-python) or JSON lines on stderr; "
                    "auto: the journal when systemd-python is installed and journald runs (default: auto)")

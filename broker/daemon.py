@@ -10,13 +10,14 @@ import argparse
 import contextlib
 import grp
 import os
+import resource
 import socket
 import sys
 from typing import Any
 
 from broker import systemd
-from broker.audit import AuditFn, AuditSetupError, make_audit
-from broker.server import Server, listen
+from broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
+from broker.server import MAX_CONNECTIONS, Server, listen
 from broker.service import Service
 from policy import PolicyError, load_policy
 
@@ -47,7 +48,8 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     notifier = systemd.Notifier()
     status = _Status(sink, notifier)
-    audit: AuditFn = status
+    audit: AuditFn = Throttle(status)
+    _raise_fd_limit()
     try:
         listener = systemd.seqpacket_listener(systemd.listen_fds())
     except (ValueError, OSError, systemd.ActivationError) as e:
@@ -66,7 +68,9 @@ def serve(args: argparse.Namespace) -> int:
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
                       umem_pool=args.umem_pool)
     service.recover()
-    server = Server(listener, service, audit, args.policy, idle_timeout=getattr(args, "idle_timeout", None))
+    server = Server(listener, service, audit, args.policy, idle_timeout=getattr(args, "idle_timeout", None),
+                    refuse_fds=not getattr(args, "accept_passed_fds", False),
+                    max_connections=getattr(args, "max_connections", MAX_CONNECTIONS))
     status.service = service
     audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
            "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid()})
@@ -84,6 +88,14 @@ def serve(args: argparse.Namespace) -> int:
         audit({"event": "stopped"})
         notifier.close()
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Use the whole fd limit we were given (the soft limit is often 1024 below a far higher hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _path_of(sock: socket.socket) -> str | None:

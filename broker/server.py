@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -29,11 +30,28 @@ from policy import quota as quotas
 
 MAX_FDS_IN = 16  # fds a client might (wrongly) attach; more are dropped and closed by the kernel
 MAX_CONNECTIONS = 1024
-# Without a [[quota]] max_connections, one user could still take every connection and lock the others
-# out: no single non-admin uid gets more than half.
-MAX_CONNECTIONS_PER_UID = MAX_CONNECTIONS // 2
+FDS_PER_CONNECTION = 2  # a connection, plus room for what its holder may need (a pidfd, fds in flight)
+FD_HEADROOM = 64  # listener, netlink, wake-up pair, journal, the UMEM pool, a grant being made
+SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS at the socket
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
+
+
+def connection_capacity(limit: int = MAX_CONNECTIONS) -> int:
+    """Connections the fd limit leaves room for (RLIMIT_NOFILE, as systemd's LimitNOFILE= sets it)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limit
+    return max(16, min(limit, (soft - FD_HEADROOM) // FDS_PER_CONNECTION))
+
+
+def refuse_passed_fds(sock: socket.socket) -> bool:
+    """Make the kernel refuse fds sent to this socket (the sender gets EPERM); False where it can't."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
+    except OSError:
+        return False
+    return True
 
 
 def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.socket:
@@ -70,9 +88,18 @@ def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.soc
 
 class Server:
     def __init__(self, listener: socket.socket, service: Service, audit: Callable[[dict[str, Any]], None],
-                 policy_path: str | None = None, idle_timeout: float | None = None) -> None:
+                 policy_path: str | None = None, idle_timeout: float | None = None, *,
+                 refuse_fds: bool = True, max_connections: int = MAX_CONNECTIONS) -> None:
         self.listener = listener
         self.idle_timeout = idle_timeout  # exit after this long with no connection and no lease
+        self._idle_since: float | None = None
+        # Refused at the socket, a client's fds never reach us; where the kernel can't (or for messages queued
+        # before we set it on the listener), they are closed on a thread of their own, never on the loop.
+        self.refuse_fds = refuse_fds and refuse_passed_fds(listener)
+        self.untrusted = Closer(workers=1, name="untrusted", defuse=True)
+        self.max_connections = max_connections
+        # one fd kept spare: when accept fails for want of fds, freeing it lets us take the connection and say why
+        self._spare: int | None = _open_spare()
         self.service = service
         self.audit = audit
         self.policy_path = policy_path
@@ -112,7 +139,9 @@ class Server:
                 # orphaned leases give no event when their sockets close: look at them every few seconds
                 poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() else None
                 retry = max(0.0, min(w[0] for w in self.waiting) - time.monotonic()) if self.waiting else None
-                timeout = min((t for t in (poll, self.idle_timeout, retry) if t is not None), default=None)
+                idle_left = self._idle_left()
+                summary = _flush_due(self.audit)
+                timeout = min((t for t in (poll, idle_left, retry, summary) if t is not None), default=None)
                 events = self.sel.select(timeout)
                 for key, _ in events:
                     key.data(key.fileobj)
@@ -121,7 +150,9 @@ class Server:
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
-                if not events and self.idle():
+                if summary is not None:
+                    _flush_if_due(self.audit)
+                if self._idle_left() == 0.0:
                     self.audit({"event": "idle-exit", "after_s": self.idle_timeout})
                     self.stopping = True
         finally:
@@ -132,6 +163,17 @@ class Server:
     def idle(self) -> bool:
         """Nothing would be lost by exiting: no client connected, no lease to watch."""
         return not self.conns and not len(self.service.leases) and not self.waiting
+
+    def _idle_left(self) -> float | None:
+        """Seconds until an idle exit is due (0.0: now), None when there is none to come: only a configured
+        timeout, counted from when the broker last became idle, ever ends it."""
+        if self.idle_timeout is None or not self.idle():
+            self._idle_since = None
+            return None
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        return max(0.0, self._idle_since + self.idle_timeout - now)
 
     def close(self) -> None:
         for _, deferred, _, _ in self.waiting:  # nothing half-made survives the broker
@@ -145,6 +187,13 @@ class Server:
         if self.links is not None:
             self.links.close()
         self.closer.stop()
+        self.untrusted.stop(wait=False)  # a close an attacker made block must not hold up our exit
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        flush = getattr(self.audit, "flush", None)
+        if flush is not None:
+            flush()
         self.sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -176,16 +225,41 @@ class Server:
     # ---- connections ------------------------------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):  # a few per wake-up: a flood of connects must not starve the clients we have
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE) and self._spare is not None:
+                    self._refuse_for_want_of_fds(listener, e)
+                    continue
+                self.audit({"event": "accept-failed", "error": str(e), "errno": e.errno})
+                return
+            self._admit(conn)
+
+    def _refuse_for_want_of_fds(self, listener: socket.socket, e: OSError) -> None:
+        """Out of fds, the listener stays readable and accept keeps failing: a loop that only logged would spin.
+        Free the spare fd, take the connection, tell it why, close it, and take the spare back."""
+        assert self._spare is not None
+        os.close(self._spare)
+        self._spare = None
         try:
             conn, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:  # EMFILE and friends: keep serving the connections we have
-            self.audit({"event": "accept-failed", "error": str(e)})
-            return
-        if len(self.conns) >= MAX_CONNECTIONS:
+        except OSError:
+            conn = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(proto.error_reply("too-many-connections", "the broker has no file descriptors left "
+                                            "for another connection; try again later"))
             conn.close()
-            return
+        self._spare = _open_spare()
+        self.audit({"event": "accept-failed", "error": str(e), "errno": e.errno})
+
+    def _admit(self, conn: socket.socket) -> None:
+        if self.refuse_fds:
+            refuse_passed_fds(conn)  # inherited from the listener, but one accepted before we set it may not have
         conn.setblocking(False)
         try:
             who = peers.identify(conn)
@@ -195,18 +269,44 @@ class Server:
         held = [Holding(p.uid, p.gids, p.groups, connections=1) for _, p in self.conns.values()]
         refused = quotas.check(self.service.policy, policy_peer(who), held, connections=1)
         code, reason = (refused.code, refused.reason) if refused else ("", "")
-        if not refused and not self.service.is_admin(who) \
-                and sum(1 for h in held if h.uid == who.uid) >= MAX_CONNECTIONS_PER_UID:
-            code = "too-many-connections"
-            reason = f"uid {who.uid} already has {MAX_CONNECTIONS_PER_UID} connections open to the broker"
+        evict: int | None = None
+        if not refused:
+            counts: dict[int, int] = {}
+            admins: set[int] = set()
+            for _, p in self.conns.values():
+                counts[p.uid] = counts.get(p.uid, 0) + 1
+                if p.uid not in admins and self.service.is_admin(p):
+                    admins.add(p.uid)
+            # the fd limit may have been lowered under us (prlimit): read it now, a syscall is cheap
+            capacity = connection_capacity(self.max_connections)
+            admission = quotas.admit_connection(counts, who.uid, capacity, admin=self.service.is_admin(who),
+                                                admins=frozenset(admins))
+            if not admission.admit:
+                code, reason = quotas.TOO_MANY_CONNECTIONS, admission.reason
+            evict = admission.evict_uid
         if code:
             self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": code, "reason": reason})
             with contextlib.suppress(OSError):
                 conn.send(proto.error_reply(code, reason))
             conn.close()
             return
+        if evict is not None:
+            self._evict_one(evict, who)
         self.conns[conn.fileno()] = (conn, who)
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
+
+    def _evict_one(self, uid: int, newcomer: peers.PeerInfo) -> None:
+        """Close the oldest connection of uid that has no request in flight, to make room for another user."""
+        busy = {id(w[2]) for w in self.waiting}
+        for conn, who in self.conns.values():
+            if who.uid == uid and id(conn) not in busy:
+                self.audit({"event": "connection-evicted", "peer": who.as_dict(), "code": "too-many-connections",
+                            "for_uid": newcomer.uid})
+                with contextlib.suppress(OSError):
+                    conn.send(proto.error_reply("too-many-connections", f"the connection table is full: this "
+                                                f"connection made room for another user's (uid {uid} held the most)"))
+                self._drop(conn)
+                return
 
     def _drop(self, conn: socket.socket) -> None:
         self.conns.pop(conn.fileno(), None)
@@ -223,7 +323,7 @@ class Server:
         except OSError:
             self._drop(conn)
             return
-        nfds = _close_passed_fds(anc) + (1 if flags & socket.MSG_CTRUNC else 0)
+        nfds = self._discard_passed_fds(anc) + (1 if flags & socket.MSG_CTRUNC else 0)
         if not data and not nfds:
             self._drop(conn)  # orderly close
             return
@@ -320,6 +420,13 @@ class Server:
             return False
         return True
 
+    def _discard_passed_fds(self, ancdata: list[tuple[int, int, bytes]]) -> int:
+        """Count the fds a client attached and hand them to the untrusted closer: closing one can block for as
+        long as its sender likes (a lingering socket that can never drain, a FUSE file)."""
+        fds = _passed_fds(ancdata)
+        self.untrusted.close(fds)
+        return len(fds)
+
     def _link_events(self, sock: socket.socket) -> None:
         while True:
             try:
@@ -341,13 +448,30 @@ def _pidfd_open(pid: int) -> int | None:
         return None
 
 
-def _close_passed_fds(ancdata: list[tuple[int, int, bytes]]) -> int:
-    count = 0
+def _passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(payload) - len(payload) % 4
-            for i in range(0, usable, 4):
-                with contextlib.suppress(OSError):
-                    os.close(int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True))
-                count += 1
-    return count
+            fds += [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
+    return fds
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _flush_if_due(audit: Callable[[dict[str, Any]], None]) -> None:
+    flush = getattr(audit, "flush_if_due", None)
+    if flush is not None:
+        flush()
+
+
+def _flush_due(audit: Callable[[dict[str, Any]], None]) -> float | None:
+    """Seconds until the audit throttle's next summary is due, if it has one to write."""
+    next_flush = getattr(audit, "next_flush", None)
+    due = next_flush() if next_flush is not None else None
+    return None if due is None else max(0.0, due - time.monotonic())

@@ -92,19 +92,25 @@ class Service:
     # ---- entry point ---------------------------------------------------------------------------
 
     def handle(self, peer: PeerInfo, data: bytes, *, truncated: bool = False, fds: int = 0) -> Outcome | Deferred:
+        # every message counts against the peer's rate, malformed ones too
+        bad: proto.ProtocolError | None = None
         try:
             req = proto.decode_request(data, truncated=truncated, fds=fds)
         except proto.ProtocolError as e:
-            self.audit({"event": "bad-request", "peer": peer.as_dict(), "code": e.code, "message": e.message})
-            return Outcome(proto.error_reply_for(e))
+            bad = e
         now = self.clock()
         if now - self._buckets_swept > 60.0:  # idle buckets are full again: drop them, the table stays small
             self.limiter.forget_idle(now)
             self._buckets_swept = now
         limited = self.limiter.allow(self.policy, policy_peer(peer), now)
         if limited:
-            self.audit({"event": "rate-limited", "peer": peer.as_dict(), "op": req.op, "reason": limited.reason})
-            return Outcome(proto.error_reply(limited.code, limited.reason, req.op, req.req_id))
+            op, req_id = (bad.op, bad.req_id) if bad else (req.op, req.req_id)
+            self.audit({"event": "rate-limited", "peer": peer.as_dict(), "op": op, "code": limited.code,
+                        "reason": limited.reason})
+            return Outcome(proto.error_reply(limited.code, limited.reason, op, req_id))
+        if bad:
+            self.audit({"event": "bad-request", "peer": peer.as_dict(), "code": bad.code, "message": bad.message})
+            return Outcome(proto.error_reply_for(bad))
         if isinstance(req, proto.Hello):
             return Outcome(proto.ok_reply("hello", req.req_id, server=SERVER_NAME, versions=[proto.VERSION],
                                           peer={"uid": peer.uid, "gid": peer.gid, "pid": peer.pid}))

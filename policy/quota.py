@@ -105,3 +105,42 @@ class RateLimiter:
     def forget_idle(self, now: float, older_than: float = 60.0) -> None:
         """Drop buckets untouched for a while: they are full again anyway, and the table stays bounded."""
         self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < older_than}
+
+
+TOO_MANY_CONNECTIONS = "too-many-connections"
+ADMIN_RESERVE_FRACTION = 16  # 1/16 of the connection table is kept for admins
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether a new connection is taken, and whose connection makes room for it (a uid, or None)."""
+
+    admit: bool
+    evict_uid: int | None = None
+    reason: str = ""
+
+
+def admit_connection(counts: dict[int, int], uid: int, capacity: int, *, admin: bool = False,
+                     admins: frozenset[int] = frozenset()) -> Admission:
+    """Max-min fair shares of the connection table: nobody can lock anybody out.
+
+    Non-admins share `capacity` minus a reserve kept for admins. When their share is full, a newcomer whose uid
+    holds fewer connections than the biggest holder takes one of that holder's (the server closes it), so every
+    uid can always reach at least an equal share however many connections others opened. Admins may use the
+    whole table and make room the same way, taking from non-admins only.
+    """
+    reserve = max(1, capacity // ADMIN_RESERVE_FRACTION)
+    limit = capacity if admin else capacity - reserve
+    counted = {u: n for u, n in counts.items() if n}
+    total = sum(counted.values())
+    non_admin_total = sum(n for u, n in counted.items() if u not in admins)
+    if total < capacity and (admin or non_admin_total < limit):
+        return Admission(True)
+    mine = counted.get(uid, 0)
+    candidates = {u: n for u, n in counted.items() if u not in admins}  # an admin's connection is never taken
+    if candidates:
+        hog, most = max(candidates.items(), key=lambda kv: (kv[1], kv[0]))
+        if most > mine + 1:
+            return Admission(True, hog)
+    return Admission(False, None, f"the broker's connection table is full and uid {uid} already holds {mine} "
+                     f"connection(s), as many as any other user")

@@ -1,0 +1,436 @@
+"""Hostile clients against the event loop: each attack runs while a root probe measures the broker's answers.
+
+Attacks (security findings 1, 3, 5 and 7): an fd passed on a request whose close would block (a lingering TCP
+socket that can never drain), a deferred grant abandoned to make a hand-started broker idle out, connection
+floods from several uids (and under a low fd limit, where accept fails with EMFILE), and floods of malformed
+requests under a rate quota. Every attacker is a forked child that dropped to an unprivileged uid first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from broker.sandbox import BrokerProcess, VethNamespace, in_netns, spawn_unprivileged
+from client import protocol as proto
+from client.grant import request_fds
+
+from .conftest import CONSUMER_UID, STRANGER_UID, ns_name
+
+MiB = 1 << 20
+PROBE_LIMIT = 2.0  # seconds: the broker answers every well-behaved client within this during any attack
+ATTACKERS = (4100, 4101, 4102)
+SMALL = proto.Geometry(umem_size=MiB, fill=512, completion=512, rx=512, tx=512)
+
+POLICY = f"""\
+version = 1
+
+[[allow]]
+name = "tenants"
+users = [0, {CONSUMER_UID}, {STRANGER_UID}]
+interfaces = ["xsk0"]
+queues = ["0-1"]
+kinds = ["bound"]
+max_umem = "4MiB"
+"""
+
+RATE_POLICY = POLICY + f"""
+[[quota]]
+name = "slow"
+users = [{CONSUMER_UID}]
+max_requests_per_second = 5
+"""
+
+
+# ---- the root probe ---------------------------------------------------------------------------------------
+
+def _probe_conn(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s.settimeout(PROBE_LIMIT)
+    s.connect(path)
+    return s
+
+
+def probe(b: BrokerProcess, iface: str = "xsk0", queue: int = 1) -> dict[str, float]:
+    """A root client's hello round trip and a real 1 MiB bound grant + release, in ms; raises if either takes
+    longer than PROBE_LIMIT."""
+    started = time.perf_counter()
+    with _probe_conn(b.socket_path) as s:
+        s.send(proto.encode_request(proto.Hello()))
+        reply = json.loads(s.recv(1 << 16))
+    hello = time.perf_counter() - started
+    assert reply["ok"], reply
+    started = time.perf_counter()
+    grant, fds = request_fds(iface, [queue], kind="bound", geometry=SMALL, socket_path=b.socket_path)
+    try:
+        with _probe_conn(b.socket_path) as s:
+            s.send(proto.encode_request(proto.Release(grant["lease"])))
+            released = json.loads(s.recv(1 << 16))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    took = time.perf_counter() - started
+    assert released["ok"], released
+    assert hello < PROBE_LIMIT and took < PROBE_LIMIT, (hello, took)
+    return {"hello_ms": round(hello * 1000, 2), "grant_release_ms": round(took * 1000, 2)}
+
+
+def probe_figures(samples: list[dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for key in ("hello_ms", "grant_release_ms"):
+        values = sorted(s[key] for s in samples)
+        out[f"probe_{key[:-3]}_p50_ms"] = values[len(values) // 2]
+        out[f"probe_{key[:-3]}_max_ms"] = values[-1]
+    return out
+
+
+@contextmanager
+def bed(policy: str = POLICY, extra: list[str] | None = None) -> Iterator[tuple[VethNamespace, BrokerProcess]]:
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
+            BrokerProcess(ns.name, policy, extra_args=extra or []) as b:
+        yield ns, b
+
+
+def _recv_reply(s: socket.socket) -> dict[str, Any]:
+    return json.loads(s.recv(1 << 16))
+
+
+# ---- 1. an fd whose close blocks -----------------------------------------------------------------------------
+
+def lingering_fd_attack(path: str, tcp_fd: int, hellos: int) -> dict[str, Any]:
+    """Queue many hellos, then attach a TCP socket that can never drain and lingers ~68 years on close."""
+    tcp = socket.socket(fileno=tcp_fd)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 2**31 - 1))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.setblocking(False)
+    sent = 0
+    for _ in range(hellos):
+        try:
+            s.send(proto.encode_request(proto.Hello()))
+            sent += 1
+        except BlockingIOError:
+            break
+    outcome = "sent"
+    try:
+        socket.send_fds(s, [proto.encode_request(proto.Hello())], [tcp.fileno()])
+    except OSError as e:
+        outcome = f"refused: {os.strerror(e.errno or 0)}"
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # our own close must not block
+    tcp.close()  # the broker's copy (if it got one) is now the last: its close would block
+    time.sleep(3.0)  # keep the connection while the root probe runs
+    s.close()
+    return {"hellos": sent, "fd": outcome}
+
+
+def _stuck_tcp(netns: str) -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on the namespace's loopback whose receiver never reads, with the sender's queue
+    full: a lingering close of the sender blocks until the linger time runs out."""
+    with in_netns(netns):
+        os.system("ip link set lo up")
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        cli.connect(srv.getsockname())
+    cli.setblocking(False)
+    try:
+        while True:
+            cli.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    return srv, cli
+
+
+def test_a_passed_fd_whose_close_blocks_cannot_freeze_the_broker(figures) -> None:  # type: ignore[no-untyped-def]
+    with bed() as (ns, b):
+        probe(b)  # the XSK program is attached and cached: what the broker holds from now on
+        before = b.settled_fds()
+        srv, cli = _stuck_tcp(ns.name)
+        try:
+            attacker = spawn_unprivileged(lingering_fd_attack, b.socket_path, cli.fileno(), 100, uid=CONSUMER_UID)
+            cli.close()
+            time.sleep(0.5)  # the broker has read the queued hellos and the fd-carrying request by now
+            samples = [probe(b) for _ in range(3)]
+            result = attacker.result(30)
+        finally:
+            srv.close()
+        figures(**probe_figures(samples), attacker_fd=result["fd"], queued_hellos=result["hellos"])
+        assert b.settled_fds() == before
+        assert result["fd"].startswith("refused"), result  # refused at the socket (SO_PASSRIGHTS)
+
+
+def test_fds_queued_before_accept_are_closed_off_the_event_loop(figures) -> None:  # type: ignore[no-untyped-def]
+    """Under a kernel without SO_PASSRIGHTS (the broker is told to act as if so) fds do arrive: closing one must
+    still never stall the loop, nor the closer threads that release grant fds."""
+    with bed(extra=["--accept-passed-fds"]) as (ns, b):
+        probe(b)  # the XSK program is attached and cached: what the broker holds from now on
+        before = b.settled_fds()
+        srv, cli = _stuck_tcp(ns.name)
+        try:
+            attacker = spawn_unprivileged(lingering_fd_attack, b.socket_path, cli.fileno(), 100, uid=CONSUMER_UID)
+            cli.close()
+            time.sleep(0.5)
+            samples = [probe(b) for _ in range(3)]
+            result = attacker.result(30)
+        finally:
+            srv.close()
+        figures(**probe_figures(samples), attacker_fd=result["fd"])
+        assert result["fd"] == "sent", result
+        assert b.settled_fds() == before
+
+
+# ---- 3. idle exit --------------------------------------------------------------------------------------------
+
+def abandoned_deferred_grant(path: str) -> dict[str, Any]:
+    """Take queue 0, release it but keep the socket (the queue stays bound), ask again (the grant waits for the
+    kernel) and hang up at once."""
+    grant, fds = request_fds("xsk0", [0], kind="bound", geometry=SMALL, socket_path=path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.send(proto.encode_request(proto.Release(grant["lease"])))
+    _recv_reply(s)
+    s.send(proto.encode_request(proto.Grant("xsk0", (0,), geometry=SMALL)))
+    time.sleep(0.05)
+    s.close()
+    time.sleep(2.0)  # the broker's bind retry gives up after a second; then nothing is left for it to do
+    for fd in fds:
+        os.close(fd)
+    return {"ok": True}
+
+
+def test_a_user_cannot_make_a_hand_started_broker_exit(figures) -> None:  # type: ignore[no-untyped-def]
+    with bed() as (_, b):
+        spawn_unprivileged(abandoned_deferred_grant, b.socket_path, uid=CONSUMER_UID).result(30)
+        time.sleep(0.5)
+        assert b.proc is not None and b.proc.poll() is None, f"broker exited:\n{b.log()[-2000:]}"
+        samples = [probe(b) for _ in range(3)]
+        figures(**probe_figures(samples))
+        assert not [r for r in b.records() if r.get("event") == "idle-exit"]
+
+
+def test_idle_exit_waits_for_the_whole_timeout(figures) -> None:  # type: ignore[no-untyped-def]
+    with bed(extra=["--idle-timeout", "4"]) as (_, b):
+        spawn_unprivileged(abandoned_deferred_grant, b.socket_path, uid=CONSUMER_UID).result(30)
+        assert b.proc is not None
+        b.proc.wait(10)
+        records = b.records()
+        # the broker became idle when the abandoned grant gave up and its reply found nobody
+        last_work = next(r["ts"] for r in reversed(records) if r.get("event") == "reply-failed")
+        idle_exit = next(r["ts"] for r in records if r.get("event") == "idle-exit")
+        figures(exited_after_idle_s=round(idle_exit - last_work, 2))
+        assert idle_exit - last_work >= 4.0 - 0.05, records[-4:]
+
+
+# ---- 5. connection-table lockout -----------------------------------------------------------------------------
+
+def connection_hog(path: str, limit: int, hold: float) -> dict[str, Any]:
+    """Open as many connections as the broker accepts (up to limit) and hold them."""
+    held, refused = [], 0
+    for _ in range(limit):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(2.0)
+        try:
+            s.connect(path)
+            s.send(proto.encode_request(proto.Hello()))
+            reply = _recv_reply(s)
+        except (OSError, ValueError):
+            s.close()
+            refused += 1
+            continue
+        if not reply.get("ok"):
+            s.close()
+            refused += 1
+            continue
+        held.append(s)
+    time.sleep(hold)
+    alive = 0
+    for s in held:  # the broker may have closed some to make room for others
+        s.setblocking(False)
+        try:
+            alive += s.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+        s.close()
+    return {"held": len(held), "refused": refused, "alive_at_end": alive}
+
+
+def _hello_as(path: str) -> dict[str, Any]:
+    with _probe_conn(path) as s:
+        s.send(proto.encode_request(proto.Hello()))
+        return _recv_reply(s)
+
+
+def test_two_uids_cannot_lock_everyone_out_of_the_connection_table(figures) -> None:  # type: ignore[no-untyped-def]
+    with bed() as (_, b):
+        hogs = [spawn_unprivileged(connection_hog, b.socket_path, 700, 4.0, uid=u) for u in ATTACKERS[:2]]
+        try:
+            time.sleep(3.0)  # both hogs have opened what they can
+            samples = [probe(b) for _ in range(3)]
+            other = spawn_unprivileged(_hello_as, b.socket_path, uid=STRANGER_UID).result(10)
+            results = [h.result(30) for h in hogs]
+        finally:
+            for h in hogs:
+                h.kill()
+        figures(**probe_figures(samples), hog_held=[r["held"] for r in results])
+        assert other["ok"], other
+
+
+def test_accept_under_a_low_fd_limit_neither_spins_nor_floods_the_log(figures) -> None:  # type: ignore[no-untyped-def]
+    with bed() as (_, b):
+        os.system(f"prlimit --pid {b.pid} --nofile=64:64")
+        utime0 = _cpu_ticks(b.pid)
+        hog = spawn_unprivileged(connection_hog, b.socket_path, 120, 3.0, uid=ATTACKERS[0])
+        try:
+            time.sleep(2.0)
+            cpu = (_cpu_ticks(b.pid) - utime0) / os.sysconf("SC_CLK_TCK") / 2.0
+            samples = [probe(b) for _ in range(3)]
+            hog.result(30)
+        finally:
+            hog.kill()
+        records = [r for r in b.records() if r.get("event") in ("accept-failed", "connection-refused")]
+        figures(**probe_figures(samples), broker_cpu_share=round(cpu, 2), refusal_records=len(records))
+        assert cpu < 0.5, f"the broker used {cpu:.0%} of a CPU while accept failed"
+        assert len(records) < 50, f"{len(records)} records for one flood"
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+# ---- 7. floods that bypass limits ----------------------------------------------------------------------------
+
+def malformed_flood(path: str, count: int) -> dict[str, Any]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5.0)
+    s.connect(path)
+    codes: dict[str, int] = {}
+    started = time.monotonic()
+    for i in range(count):
+        s.send(b"{not json" if i % 2 else b'{"v":1,"op":"nope"}')
+        reply = _recv_reply(s)
+        code = "ok" if reply.get("ok") else reply["error"]["code"]
+        codes[code] = codes.get(code, 0) + 1
+    s.close()
+    return {"codes": codes, "seconds": time.monotonic() - started}
+
+
+def test_malformed_requests_count_against_the_rate_limit_and_are_summarised(figures) -> None:  # type: ignore[no-untyped-def]
+    with bed(RATE_POLICY) as (_, b):
+        result = spawn_unprivileged(malformed_flood, b.socket_path, 2000, uid=CONSUMER_UID).result(60)
+        samples = [probe(b) for _ in range(3)]
+        codes = result["codes"]
+        answered = sum(v for k, v in codes.items() if k != "rate-limited")
+        allowed = 5 + 5 * result["seconds"] + 1  # a burst of one second's worth, then the rate
+        records = b.records()
+        noisy = [r for r in records if r.get("event") in ("bad-request", "rate-limited")]
+        figures(**probe_figures(samples), answered=answered, rate_limited=codes.get("rate-limited", 0),
+                records=len(noisy), flood_s=round(result["seconds"], 2))
+        assert answered <= allowed, f"{answered} malformed requests judged in {result['seconds']:.1f}s: {codes}"
+        assert len(noisy) < 100, f"{len(noisy)} audit records for one peer's flood"
+
+
+def refused_connection_flood(path: str, count: int) -> dict[str, Any]:
+    """Hold the one connection the quota allows, then knock count more times."""
+    first = _probe_conn(path)
+    refused = 0
+    for _ in range(count):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(5.0)
+            s.connect(path)
+            reply = _recv_reply(s)  # refused on connect: the broker speaks first
+            refused += not reply.get("ok")
+    first.close()
+    return {"refused": refused}
+
+
+def test_refused_connections_are_summarised_not_logged_one_by_one(figures) -> None:  # type: ignore[no-untyped-def]
+    policy = POLICY + f"""
+[[quota]]
+name = "none"
+users = [{ATTACKERS[0]}]
+max_connections = 1
+"""
+    with bed(policy) as (_, b):
+        result = spawn_unprivileged(refused_connection_flood, b.socket_path, 2000, uid=ATTACKERS[0]).result(60)
+        samples = [probe(b) for _ in range(3)]
+        time.sleep(0.2)
+        records = [r for r in b.records() if r.get("event") == "connection-refused"]
+        summaries = [r for r in b.records() if r.get("event") == "suppressed"]
+        figures(**probe_figures(samples), refused=result["refused"], records=len(records))
+        assert result["refused"] == 2000
+        assert len(records) < 50, f"{len(records)} records for 2000 refused connections"
+        b.signal(signal.SIGTERM)  # the summary of what was left out is written at the latest when it stops
+        assert b.proc is not None
+        b.proc.wait(5)
+        summaries = [r for r in b.records() if r.get("event") == "suppressed"]
+        counted = sum(s["counts"].get("connection-refused", 0) for s in summaries)
+        assert counted + len(records) == 2000, (counted, len(records))
+
+
+def test_out_of_fds_the_broker_answers_refusals_and_does_not_spin(figures) -> None:  # type: ignore[no-untyped-def]
+    """The fd limit lowered below what the broker already holds plus a few: accept fails with EMFILE. The
+    listener stays readable; the broker must neither spin nor write a record per attempt, must tell each
+    refused client why, and must serve again once fds are free."""
+    with bed() as (_, b):
+        probe(b)
+        os.system(f"prlimit --pid {b.pid} --nofile={b.settled_fds() + 4}:{20000}")
+        utime0 = _cpu_ticks(b.pid)
+        hog = spawn_unprivileged(connection_hog, b.socket_path, 300, 2.5, uid=ATTACKERS[0])
+        try:
+            time.sleep(2.0)
+            cpu = (_cpu_ticks(b.pid) - utime0) / os.sysconf("SC_CLK_TCK") / 2.0
+            refused = _hello_as(b.socket_path)  # root too: there is no fd for it
+            got = hog.result(30)
+        finally:
+            hog.kill()
+        time.sleep(0.2)
+        samples = [probe(b) for _ in range(3)]  # the hog is gone: its fds are free again
+        records = [r for r in b.records() if r.get("event") == "accept-failed"]
+        figures(**probe_figures(samples), broker_cpu_share=round(cpu, 2), accept_failed_records=len(records),
+                hog_held=got["held"], hog_refused=got["refused"])
+        assert refused["error"]["code"] == "too-many-connections", refused
+        assert got["refused"] > 200, got
+        assert cpu < 0.5, f"the broker used {cpu:.0%} of a CPU while accept failed"
+        assert 0 < len(records) < 20, f"{len(records)} accept-failed records"
+
+
+def test_without_so_passrights_attached_fds_are_closed_and_refused(figures) -> None:  # type: ignore[no-untyped-def]
+    """The fallback path: fds that do arrive are counted, closed (off the loop) and the request refused."""
+    with bed(extra=["--accept-passed-fds"]) as (_, b):
+        r, w = os.pipe()
+        try:
+            with _probe_conn(b.socket_path) as s:
+                socket.send_fds(s, [proto.encode_request(proto.Hello())], [w])
+                reply = _recv_reply(s)
+        finally:
+            os.close(w)
+        try:
+            os.set_blocking(r, False)
+            # the broker closed its copy of the write end: the pipe has no writer left anywhere
+            assert reply["error"]["code"] == "fds-not-allowed", reply
+            deadline = time.monotonic() + 2.0
+            while True:
+                try:
+                    eof = os.read(r, 1) == b""
+                except BlockingIOError:
+                    eof = False
+                if eof or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            assert eof, "the broker kept the fd it was sent"
+        finally:
+            os.close(r)
