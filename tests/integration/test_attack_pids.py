@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from broker.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from client import protocol as proto
 from client.connection import Connection
-from client.grant import request
+from client.grant import request, request_fds
 
 from .conftest import CONSUMER_UID, wait_for
 
@@ -87,6 +87,25 @@ def connect_then_fork(path: str, iface: str, queue: int, seconds: float) -> dict
         finally:
             os._exit(0)
     return {"connector": os.getpid(), "sender": sender}
+
+
+def grant_for_an_exited_holder(path: str, iface: str, queue: int) -> dict[str, str]:
+    """Name as holder_pid a child that has exited but is not reaped yet (a zombie: its /proc/<pid>/status
+    still reads, with this uid): the state a holder is in just before its pid is freed for reuse."""
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    try:
+        while alive(child):
+            time.sleep(0.001)
+        reply, fds = request_fds(iface, [queue], kind="bound", socket_path=path, holder_pid=child)
+        for fd in fds:
+            os.close(fd)
+        return {"code": "ok", "lease": reply["lease"]}
+    except proto.BrokerError as e:
+        return {"code": e.code, "message": e.message}
+    finally:
+        os.waitpid(child, 0)
 
 
 # ---- the root-owned victim ---------------------------------------------------------------------------------
@@ -273,3 +292,17 @@ def _journalled(b: BrokerProcess, lease_id: str) -> dict:
 def _events_status(b: BrokerProcess) -> list[dict]:
     with Connection(b.socket_path) as c:
         return c.call(proto.Status())[0]["leases"]
+
+
+def test_a_holder_pid_that_has_exited_is_refused(veth: VethNamespace, figures) -> None:
+    """holder_pid is pinned by a pidfd before its uid and start time are read: an exited holder (here a
+    zombie, whose /proc entry still reads) is refused, never recorded with whatever start time its pid has
+    when the lease is written."""
+    with BrokerProcess(veth.name, POLICY) as b:
+        probe = Probe(b.socket_path, veth.inside)
+        probe.run()
+        got = spawn_unprivileged(grant_for_an_exited_holder, b.socket_path, veth.inside, 0, uid=CONSUMER_UID).result()
+        probe.run()
+        assert got["code"] == "bad-holder" and "not a running process" in got["message"], got
+        assert _events_status(b) == []
+        figures(refused=got["message"], **probe.figures())
