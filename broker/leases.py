@@ -9,14 +9,18 @@ of a grant); a torn last line from a crash is ignored, and the journal is compac
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import select
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 STATE_VERSION = 1
+PIDFS_MAGIC = 0x50494446
+_pidfs: bool | None = None  # whether pidfds live on pidfs (Linux 6.9+), found on first use
 
 
 def process_start(pid: int) -> int | None:
@@ -31,6 +35,39 @@ def process_start(pid: int) -> int | None:
         return None
     # the command name may hold spaces and parentheses: fields are counted after its last ')'
     return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def pinned_start(pidfd: int, pid: int) -> int | None:
+    """The start time of the process pidfd refers to (pid is its pid), or None if it has exited.
+
+    A pidfd pins a process, not its pid number: once the process is reaped the pid can name another one.
+    /proc/<pid>/stat is read first, then the pidfd is polled: still running after the read means the pid
+    named the pinned process during the read, so the start time read is its own.
+    """
+    start = process_start(pid)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    if start is None or poller.poll(0):  # readable: the process has exited (a zombie, or reaped)
+        return None
+    return start
+
+
+def pidfd_ino(pidfd: int) -> int | None:
+    """The pidfd's inode number on pidfs (Linux 6.9+): unique to one process for the whole boot, where a
+    start time is only as fine as a clock tick (10 ms). None on older kernels (one shared anon inode)."""
+    global _pidfs
+    if _pidfs is None:
+        buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field, a C long
+        ok = ctypes.CDLL(None, use_errno=True).fstatfs(pidfd, buf) == 0
+        _pidfs = ok and ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == PIDFS_MAGIC
+    return os.fstat(pidfd).st_ino if _pidfs else None
+
+
+def is_process(pidfd: int, pid: int, start: int | None, ino: int | None) -> bool:
+    """Whether the live process pidfd pins is the one recorded as (pid, start, ino); never without a start."""
+    if start is None or (ino is not None and pidfd_ino(pidfd) != ino):
+        return False
+    return pinned_start(pidfd, pid) == start
 
 
 @dataclass
@@ -49,6 +86,7 @@ class Lease:
     created: float = field(default_factory=time.time)
     revoked: bool = False
     orphaned: bool = False  # its holder exited but passed the sockets on: held by a process we can't name
+    pid_ino: int | None = None  # the holder's pidfs inode (see pidfd_ino), when the kernel has one
 
     def as_dict(self) -> dict[str, Any]:
         return {"lease": self.id, "uid": self.uid, "pid": self.pid, "interface": self.ifname,
@@ -61,10 +99,17 @@ class Lease:
         return {"id": self.id, "uid": self.uid, "pid": self.pid, "ifindex": self.ifindex, "ifname": self.ifname,
                 "queues": list(self.queues), "kind": self.kind, "umem_bytes": self.umem_bytes,
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
-                "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned}
+                "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino}
 
     def holder_alive(self) -> bool:
-        return self.pid_start is not None and process_start(self.pid) == self.pid_start
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            return False
+        try:
+            return is_process(pidfd, self.pid, self.pid_start, self.pid_ino)
+        finally:
+            os.close(pidfd)
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Lease:
@@ -96,9 +141,12 @@ class LeaseTable:
         return self._by_id.get(lease_id) if lease_id else None
 
     def add(self, uid: int, pid: int, ifindex: int, ifname: str, queues: tuple[int, ...], kind: str,
-            umem_bytes: int, gids: tuple[int, ...] = (), groups: tuple[str, ...] = ()) -> Lease:
+            umem_bytes: int, gids: tuple[int, ...] = (), groups: tuple[str, ...] = (),
+            pid_start: int | None = None, pid_ino: int | None = None) -> Lease:
+        # pid_start must have been read while the holder was pinned by a pidfd (broker.peer): read here,
+        # from the bare pid, it could be the start time of a process that reused the pid
         lease = Lease(os.urandom(8).hex(), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
-                      process_start(pid))
+                      pid_start, pid_ino=pid_ino)
         # A fresh grant on a slot proves the old holder's socket is gone (the kernel freed the slot).
         for q in queues:
             old = self.holder(ifindex, q)

@@ -11,6 +11,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from broker.leases import pidfd_ino, pinned_start
+
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _UCRED = struct.Struct("=iII")
@@ -27,6 +29,8 @@ class PeerInfo:
     groups: frozenset[str] = field(default_factory=frozenset)
     exe: str | None = None
     cgroup: str | None = None
+    start: int | None = None  # start time, proven through a pidfd; None: this process can never be signalled
+    ino: int | None = None  # its pidfs inode (broker.leases.pidfd_ino)
 
     def as_dict(self) -> dict[str, object]:
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user, "exe": self.exe,
@@ -87,4 +91,18 @@ def identify(sock: socket.socket) -> PeerInfo:
         # the unified (v2) hierarchy line "0::/path"; the audit trail names the service or scope
         cgroup = next((line[3:].strip() for line in f if line.startswith("0::")), None)
     names = frozenset(n for n in (_name(grp.getgrgid, g) for g in gids) if n)
-    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup)
+    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup, *_peer_identity(sock, pid))
+
+
+def _peer_identity(sock: socket.socket, pid: int) -> tuple[int | None, int | None]:
+    """The connecting process's start time and pidfs inode, read through SO_PEERPIDFD (which names it
+    race-free); no start time if it has exited (its pid may already name another process) or the kernel
+    has no SO_PEERPIDFD (< 6.5)."""
+    try:
+        pidfd = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
+    except OSError:
+        return None, None
+    try:
+        return pinned_start(pidfd, pid), pidfd_ino(pidfd)
+    finally:
+        os.close(pidfd)

@@ -23,6 +23,7 @@ from typing import Any
 from broker import faults, linkwatch
 from broker import peer as peers
 from broker.closer import Closer
+from broker.leases import Lease, is_process, pinned_start
 from broker.service import Deferred, Outcome, Service, policy_peer
 from client import protocol as proto
 from policy import Holding, PolicyError, load_policy
@@ -127,7 +128,8 @@ class Server:
         except OSError as e:  # lifecycle tracking is lost, grants still work: say so and go on
             self.audit({"event": "linkwatch-unavailable", "error": str(e)})
         for lease in service.leases:
-            self.watch_pid(lease.pid)
+            if not lease.orphaned:  # an orphan's holder is gone: its pid may name anyone now
+                self.watch_pid(lease.pid, start=lease.pid_start, ino=lease.pid_ino)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -378,18 +380,26 @@ class Server:
         else:
             if outcome.lease_id:
                 faults.point("after-send")
-                # SO_PEERPIDFD names the requester race-free; a holder it named gets pidfd_open
-                self.watch_pid(outcome.holder_pid or who.pid, conn if outcome.holder_pid in (0, who.pid) else None)
+                # SO_PEERPIDFD names the requester race-free; a holder it named gets pidfd_open, checked
+                # against the start time the grant pinned it with
+                lease = self.service.leases.get(outcome.lease_id)
+                self.watch_pid(outcome.holder_pid or who.pid, conn if outcome.holder_pid in (0, who.pid) else None,
+                               lease.pid_start if lease else None, lease.pid_ino if lease else None)
         finally:
             # the client has its own copies now; ours would keep the sockets alive
             self.closer.close(outcome.fds)
             outcome.fds = []
 
-    def watch_pid(self, pid: int, conn: socket.socket | None = None) -> None:
-        """Learn when a lease holder exits: its pidfd becomes readable."""
+    def watch_pid(self, pid: int, conn: socket.socket | None = None, start: int | None = None,
+                  ino: int | None = None) -> None:
+        """Learn when a lease holder exits: its pidfd becomes readable. Without the connection, the pid is
+        opened bare: it is the holder only if the process has the start time (and inode) the lease recorded."""
         if pid in self.pidfds:
             return
         pidfd = peers.peer_pidfd(conn, pid) if conn is not None else _pidfd_open(pid)
+        if pidfd is not None and conn is None and not is_process(pidfd, pid, start, ino):
+            os.close(pidfd)  # the holder exited and the pid names another process
+            pidfd = None
         if pidfd is None:
             self.service.holder_exited(pid)  # already gone
             return
@@ -410,15 +420,34 @@ class Server:
         os.close(pidfd)
         self.service.holder_exited(pid)
 
-    def signal_holder(self, pid: int, signame: str) -> bool:
+    def signal_holder(self, lease: Lease, signame: str) -> str | None:
+        """Signal a lease's holder through a pidfd proven to be it (the start time and pidfs inode recorded
+        at grant): None when sent, else why nothing was sent."""
+        pid, start = lease.pid, lease.pid_start
+        if start is None:
+            return f"no start time was recorded for holder pid {pid}: nothing was signalled"
         pidfd = self.pidfds.get(pid)
+        opened = pidfd is None
         if pidfd is None:
-            return False
+            pidfd = _pidfd_open(pid)
+            if pidfd is None:
+                return f"holder pid {pid} has exited: nothing was signalled"
         try:
+            if pinned_start(pidfd, pid) is None:
+                return f"holder pid {pid} has exited: nothing was signalled"
+            if not is_process(pidfd, pid, start, lease.pid_ino):
+                return (f"holder pid {pid} has exited and the pid now names another process (another start time "
+                        "or pidfs inode): nothing was signalled")
             signal.pidfd_send_signal(pidfd, signal.Signals[signame])
-        except OSError:
-            return False
-        return True
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                return (f"the broker (uid {os.geteuid()}) may not signal holder pid {pid} of another user: that needs "
+                        "CAP_KILL, which the shipped systemd unit does not keep (docs/systemd.md)")
+            return f"pidfd_send_signal to holder pid {pid} failed: {e.strerror}"
+        finally:
+            if opened:
+                os.close(pidfd)
+        return None
 
     def _discard_passed_fds(self, ancdata: list[tuple[int, int, bytes]]) -> int:
         """Count the fds a client attached and hand them to the untrusted closer: closing one can block for as

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import bpf, faults, netdev, xdp_prog, xsk
-from broker.leases import Lease, LeaseTable
+from broker.leases import Lease, LeaseTable, pidfd_ino, pinned_start
 from broker.linkwatch import LinkEvent
 from broker.peer import PeerInfo
 from broker.umem_pool import UmemPool
@@ -56,7 +56,8 @@ class Refused(Exception):
         self.code, self.message, self.extra = code, message, extra
 
 
-SignalFn = Callable[[int, str], bool]
+# (lease, signal name) -> None when its holder was sent the signal, else why it was not
+SignalFn = Callable[[Lease, str], str | None]
 
 
 class Service:
@@ -73,7 +74,8 @@ class Service:
         self.clock = clock
         self.pool = UmemPool(umem_pool)
         self.pending: dict[int, Holding] = {}  # grants waiting for a queue's release, by their identity
-        self.signal_holder: SignalFn = lambda pid, sig: False  # the server, which holds the pidfds, sets it
+        # the server, which holds the pidfds, sets it
+        self.signal_holder: SignalFn = lambda lease, sig: "the broker has no way to signal processes"
         # With link events watched, a change of XDP program drops the cached one as it happens, so a grant
         # need not ask the kernel again; without them every grant re-checks (a netlink round trip).
         self.link_events = False
@@ -173,15 +175,27 @@ class Service:
 
     def _holder(self, peer: PeerInfo, pid: int) -> PeerInfo:
         """The process a launcher hands the sockets to (QEMU behind a QMP socket): it must be the
-        requester's own (same real uid), so nobody can pin a lease or a memlock raise on someone else's."""
+        requester's own (same real uid), so nobody can pin a lease or a memlock raise on someone else's.
+        The process is pinned by a pidfd first: its uid and start time are then read from the process
+        itself, never from one that took its pid in between."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            raise Refused("bad-holder", f"holder_pid {pid} is not a running process") from None
         try:
             with open(f"/proc/{pid}/status") as f:
                 uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+            start = pinned_start(pidfd, pid)  # after the uid: still running then, so both reads were its own
+            ino = pidfd_ino(pidfd)
         except (OSError, StopIteration, ValueError):
-            raise Refused("bad-holder", f"holder_pid {pid} is not a running process") from None
+            start = None
+        finally:
+            os.close(pidfd)
+        if start is None:
+            raise Refused("bad-holder", f"holder_pid {pid} is not a running process")
         if uid != peer.uid and not self.is_admin(peer):
             raise Refused("bad-holder", f"holder_pid {pid} belongs to uid {uid}, not to the requester (uid {peer.uid})")
-        return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup)
+        return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup, start, ino)
 
     def _target(self, req: proto.Grant) -> tuple[int, xdp_prog.XskProgram]:
         """The interface's index and XSK program, after checking every requested queue exists."""
@@ -299,7 +313,8 @@ class Service:
         # recorded (and persisted) before the fds leave: a crash after this line leaves a record that
         # recovery checks against the kernel, never a socket nobody accounts for
         lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
-                                req.umem_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)))
+                                req.umem_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)), peer.start,
+                                peer.ino)
         faults.point("after-lease-saved")
         reply = proto.ok_reply("grant", req.req_id, lease=lease.id, kind=req.kind, interface=req.interface,
                                ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, holder_pid=peer.pid,
@@ -463,11 +478,15 @@ class Service:
                         emptied.append(q)
         lease.revoked = True
         self.leases.record(lease)
-        signalled = self.signal_holder(lease.pid, signal_name) if signal_name else False
+        why_not = None
+        if signal_name:
+            why_not = _unsignallable(lease) or self.signal_holder(lease, signal_name)
+        signalled = signal_name is not None and why_not is None
+        said = {"not_signalled": why_not} if why_not else {}
         self.audit({"event": "revoke", "peer": by.as_dict() if by else None, "decision": "allow", "lease": lease.id,
                     "holder_pid": lease.pid, "emptied_queues": emptied, "signal": signal_name,
-                    "signalled": signalled})
-        return {"lease": lease.id, "emptied_queues": emptied, "signalled": signalled, "holder_pid": lease.pid}
+                    "signalled": signalled, **said})
+        return {"lease": lease.id, "emptied_queues": emptied, "signalled": signalled, "holder_pid": lease.pid, **said}
 
     # ---- interfaces come and go ------------------------------------------------------------------------
 
@@ -569,6 +588,17 @@ def _memlock_of(pid: int) -> tuple[int, int]:
         raise OSError(errno.ENOENT, f"no memlock limit in /proc/{pid}/limits")
     soft, hard = (resource.RLIM_INFINITY if v is None else v for v in limits)
     return soft, hard
+
+
+def _unsignallable(lease: Lease) -> str | None:
+    """Why the lease's holder must not be signalled whatever its pid names now, or None."""
+    if lease.orphaned:
+        return (f"holder pid {lease.pid} has exited and its sockets live on in a process the broker cannot "
+                "name: nothing was signalled")
+    if lease.pid_start is None:
+        return (f"the lease recorded no start time for holder pid {lease.pid}, so the holder cannot be told "
+                "from a process that reused its pid: nothing was signalled")
+    return None
 
 
 def _all_queues(ifname: str) -> tuple[int, ...]:

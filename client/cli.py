@@ -213,6 +213,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         return 0
     for r in reply["revoked"]:
         signalled = ", holder signalled" if r["signalled"] else ""
+        if r.get("not_signalled"):
+            signalled = f", holder NOT signalled: {r['not_signalled']}"
         print(f"revoked {r['lease']} (pid {r['holder_pid']}): emptied queues {r['emptied_queues']}{signalled}")
     print(reply["note"])
     return 0

@@ -263,6 +263,47 @@ def test_grant_and_adoption_with_only_the_units_capabilities(veth: VethNamespace
 
 
 @pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv is not installed (apt-get install util-linux)")
+def test_revoke_signal_under_the_units_capabilities(veth: VethNamespace, figures) -> None:
+    """The unit keeps no CAP_KILL, so the broker's dynamic user may not signal a holder of another uid:
+    `revoke --signal` says so and signals nobody. With the drop-in docs/systemd.md shows (CAP_KILL), it
+    signals the real holder."""
+    caps = unit_capabilities()
+    assert "kill" not in caps
+    with workdir() as wd:
+        policy = POLICY.format(uid=CONSUMER_UID) + '\n[admin]\nusers = [0]\nrevoke_signal = "SIGTERM"\n'
+        (wd / "policy.toml").write_text(policy)
+        (wd / "policy.toml").chmod(0o644)
+        state = wd / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, SANDBOX_UID, SANDBOX_UID)
+        code = _readable_copy(wd / "code")
+        args = ["--policy", str(wd / "policy.toml"), "--state-dir", str(state), "--audit", "json"]
+        outcomes: dict[str, dict[str, Any]] = {}
+        for name, with_caps in (("unit", caps), ("unit + CAP_KILL drop-in", sorted([*caps, "kill"]))):
+            act = Activation(veth.name, wd, args, sandbox=_unit_like(with_caps),
+                             python=os.path.realpath(sys.executable), pythonpath=code,
+                             wrapper=_private_proc("subset=pid"))
+            holder = spawn_unprivileged(hold_grant, act.path, veth.inside, [0], 30.0, uid=CONSUMER_UID)
+            try:
+                wait_for(lambda act=act: any(r.get("decision") == "allow" for r in act.records()), 10, "the grant")
+                with Connection(act.path) as c:
+                    reply, _ = c.call(proto.Revoke(interface=veth.inside, queue=0, signal=True))
+                outcomes[name] = reply["revoked"][0]
+                if "kill" in with_caps:
+                    wait_for(lambda h=holder: not h.alive(), 5, "the signalled holder to exit")
+                else:
+                    time.sleep(0.3)
+                    assert holder.alive(), "a holder the broker says it did not signal has exited"
+            finally:
+                holder.kill()
+                act.stop()
+        unit = outcomes["unit"]
+        assert unit["signalled"] is False and "CAP_KILL" in unit["not_signalled"], unit
+        assert outcomes["unit + CAP_KILL drop-in"]["signalled"] is True, outcomes
+        figures(unit_revoke_signal=unit["not_signalled"])
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv is not installed (apt-get install util-linux)")
 @pytest.mark.parametrize(("proc_options", "holder_known"),
                          [("subset=pid", True), ("subset=pid,hidepid=invisible", False)],
                          ids=["ProtectProc=default", "ProtectProc=invisible"])
