@@ -109,8 +109,9 @@ class Server:
         handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while not self.stopping:
-                # orphaned leases give no event when their sockets close: look at them every few seconds
-                poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() else None
+                # orphaned leases give no event when their sockets close, nor does a bare socket bound by its
+                # holder to a queue it was not granted: look at them every few seconds
+                poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() or self.service.has_bare() else None
                 retry = max(0.0, min(w[0] for w in self.waiting) - time.monotonic()) if self.waiting else None
                 timeout = min((t for t in (poll, self.idle_timeout, retry) if t is not None), default=None)
                 events = self.sel.select(timeout)
@@ -121,6 +122,7 @@ class Server:
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
+                    self.service.check_bare()
                 if not events and self.idle():
                     self.audit({"event": "idle-exit", "after_s": self.idle_timeout})
                     self.stopping = True
