@@ -16,47 +16,31 @@ from broker.leases import Lease
 
 
 class SquatWatch:
-    def __init__(self) -> None:
-        self._probes: dict[int, tuple[int, xskdiag.SlotProbe | None]] = {}  # ifindex -> (prog id, probe)
+    """Loads the slot probe for each look (about 60 us) and closes it after: the broker keeps no fd for it,
+    and looks only while bare leases live."""
 
     def probe(self, prog: xdp_prog.XskProgram) -> xskdiag.SlotProbe | None:
-        """The slot probe of the interface's current XSK program; None where it cannot be loaded."""
-        cached = self._probes.get(prog.ifindex)
-        if cached and cached[0] == prog.prog_id:
-            return cached[1]
-        if cached and cached[1]:
-            cached[1].close()
-        probe: xskdiag.SlotProbe | None = None
-        with contextlib.suppress(OSError):
-            probe = xskdiag.SlotProbe(prog.map_fd)
-        self._probes[prog.ifindex] = (prog.prog_id, probe)
-        return probe
-
-    def drop(self, ifindex: int) -> None:
-        _, probe = self._probes.pop(ifindex, (0, None))
-        if probe:
-            probe.close()
-
-    def close(self) -> None:
-        for _, probe in self._probes.values():
-            if probe:
-                probe.close()
-        self._probes.clear()
+        try:
+            return xskdiag.SlotProbe(prog.map_fd)
+        except OSError:
+            return None
 
     def misbound(self, prog: xdp_prog.XskProgram, leases: Iterable[Lease]) -> list[tuple[Lease, int, int]]:
         """(lease, granted slot, queue it is bound to) for the live bare sockets bound off their slot."""
-        probe = self.probe(prog)
+        bare = [x for x in leases if x.kind == "bare" and not x.revoked and x.ifindex == prog.ifindex]
+        probe = self.probe(prog) if bare else None
+        if probe is None:
+            return []
         out = []
-        for lease in leases:
-            if probe is None or lease.kind != "bare" or lease.revoked or lease.ifindex != prog.ifindex:
-                continue
-            for slot in lease.queues:
-                try:
-                    queue = probe.queue_of(slot)
-                except OSError:
-                    continue
-                if queue is not None and queue not in (0, slot):
-                    out.append((lease, slot, queue))
+        try:
+            for lease in bare:
+                for slot in lease.queues:
+                    with contextlib.suppress(OSError):
+                        queue = probe.queue_of(slot)
+                        if queue is not None and queue not in (0, slot):
+                            out.append((lease, slot, queue))
+        finally:
+            probe.close()
         return out
 
     def culprit(self, prog: xdp_prog.XskProgram, leases: Iterable[Lease], queue: int) -> Lease | None:
