@@ -31,7 +31,7 @@ def _brokered(path: str, queues: list[int], deadline: float, counts: list[int], 
             try:
                 reply, fds = conn.call(proto.Grant("xsk0", (q,), geometry=GEOMETRY))
             except proto.BrokerError as e:  # a queue still releasing: move on, count only grants
-                if e.code in ("queue-busy", "kernel-error"):
+                if e.code in ("queue-busy", "kernel-error", "queue-squatted"):
                     continue
                 raise
             for fd in fds:

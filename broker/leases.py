@@ -87,19 +87,21 @@ class Lease:
     revoked: bool = False
     orphaned: bool = False  # its holder exited but passed the sockets on: held by a process we can't name
     pid_ino: int | None = None  # the holder's pidfs inode (see pidfd_ino), when the kernel has one
+    misbound: int | None = None  # a bare socket found bound to this queue, not one it was granted
 
     def as_dict(self) -> dict[str, Any]:
         return {"lease": self.id, "uid": self.uid, "pid": self.pid, "interface": self.ifname,
                 "ifindex": self.ifindex, "queues": list(self.queues), "kind": self.kind,
                 "umem_bytes": self.umem_bytes, "age_s": round(time.time() - self.created, 3),
-                "revoked": self.revoked, "orphaned": self.orphaned}
+                "revoked": self.revoked, "orphaned": self.orphaned, "misbound": self.misbound}
 
     def record(self) -> dict[str, Any]:
         """The journal form (dataclasses.asdict is several times slower, and this is on the grant path)."""
         return {"id": self.id, "uid": self.uid, "pid": self.pid, "ifindex": self.ifindex, "ifname": self.ifname,
                 "queues": list(self.queues), "kind": self.kind, "umem_bytes": self.umem_bytes,
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
-                "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino}
+                "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino,
+                "misbound": self.misbound}
 
     def holder_alive(self) -> bool:
         try:

@@ -138,8 +138,9 @@ class Server:
         handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while not self.stopping:
-                # orphaned leases give no event when their sockets close: look at them every few seconds
-                poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() else None
+                # orphaned leases give no event when their sockets close, nor does a bare socket bound by its
+                # holder to a queue it was not granted: look at them every few seconds
+                poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() or self.service.has_bare() else None
                 retry = max(0.0, min(w[0] for w in self.waiting) - time.monotonic()) if self.waiting else None
                 idle_left = self._idle_left()
                 summary = _flush_due(self.audit)
@@ -152,6 +153,7 @@ class Server:
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
+                    self.service.check_bare()
                 if summary is not None:
                     _flush_if_due(self.audit)
                 if self._idle_left() == 0.0:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import bpf, faults, netdev, xdp_prog, xsk
+from broker import bpf, faults, netdev, squat, xdp_prog, xsk, xskdiag
 from broker.leases import Lease, LeaseTable, pidfd_ino, pinned_start
 from broker.linkwatch import LinkEvent
 from broker.peer import PeerInfo
@@ -79,6 +79,7 @@ class Service:
         # With link events watched, a change of XDP program drops the cached one as it happens, so a grant
         # need not ask the kernel again; without them every grant re-checks (a netlink round trip).
         self.link_events = False
+        self.squat = squat.SquatWatch()  # reads where bare sockets are bound (their holders bind them)
 
     def forget_programs(self) -> None:
         """Drop the cached XSK programs: the next grant on each interface finds its program anew."""
@@ -213,6 +214,7 @@ class Service:
             raise Refused("interface-exclusive", f"{req.interface} is held whole by lease {sole.id} (a map grant "
                           f"to uid {sole.uid}) until it ends")
         prog = self._program(ifindex, req.interface, nqueues)
+        self.check_bare(prog)
         over = [q for q in req.queues if q >= prog.max_entries]
         if over:
             raise Refused("no-such-queue", f"the XSK program on {req.interface} has {prog.max_entries} "
@@ -239,6 +241,11 @@ class Service:
             raise abort(e, q) from None
         if not waiting:
             return self._finish_bound(peer, req, ifindex, prog, prepared)
+        for p in waiting:  # a bare socket squatting the queue will not let go: no point in waiting for it
+            culprit = self.squat.culprit(prog, self.leases, p.queue)
+            if culprit:
+                raise abort(Refused("queue-squatted", squat.squatter_message(req.interface, p.queue, culprit),
+                                    lease=culprit.id), p.queue)
         # A queue whose last socket just closed answers EBUSY until the kernel's deferred release runs.
         # The grant waits for it on the server's timer, never in the event loop, and its claimed slots
         # and pinned UMEM count against the quota meanwhile.
@@ -253,8 +260,7 @@ class Service:
             if waiting:
                 if self.clock() < deadline:
                     return None
-                raise abort(OSError(errno.EBUSY, f"still bound by a released socket after {xsk.BUSY_RETRY_SECONDS} s"),
-                            waiting[0].queue)
+                raise abort(self._squatted(req.interface, prog, waiting[0].queue), waiting[0].queue)
             self.pending.pop(id(prepared), None)
             return self._finish_bound(peer, req, ifindex, prog, prepared)
 
@@ -262,6 +268,36 @@ class Service:
             abort(OSError(errno.ECANCELED, "the broker is stopping"), req.queues[0])
 
         return Deferred(step, cancel)
+
+    def _squatted(self, ifname: str, prog: xdp_prog.XskProgram, queue: int) -> BaseException:
+        """Why a queue stayed EBUSY: a bare socket bound off its lease, a stranger's socket, or a slow release."""
+        culprit = self.squat.culprit(prog, self.leases, queue)
+        with contextlib.suppress(OSError):
+            if culprit or queue in xskdiag.xsk_queues(prog.ifindex):
+                return Refused("queue-squatted", squat.squatter_message(ifname, queue, culprit), errno="EBUSY",
+                               **({"lease": culprit.id} if culprit else {}))
+        return OSError(errno.EBUSY, f"still bound by a released socket after {xsk.BUSY_RETRY_SECONDS} s")
+
+    def check_bare(self, prog: xdp_prog.XskProgram | None = None) -> None:
+        """Revoke the bare leases whose sockets are bound to a queue they were not granted (squatting it).
+
+        Called on each grant on the interface and on the server's poll timer while bare leases live;
+        costs loading a probe program (about 60 us) and one BPF_PROG_TEST_RUN (about 3 us) per bare slot."""
+        for p in [prog] if prog else list(self.programs.values()):
+            bare = [x for x in self.leases.on_interface(p.ifindex) if x.kind == "bare" and not x.revoked]
+            if not bare:
+                continue
+            for lease, slot, queue in self.squat.misbound(p, bare):
+                if lease.revoked:
+                    continue  # two misbound slots of one lease: revoked once
+                lease.misbound = queue
+                self.audit({"event": "bare-misbound", "lease": lease.id, "uid": lease.uid, "pid": lease.pid,
+                            "interface": lease.ifname, "granted_queues": list(lease.queues), "slot": slot,
+                            "bound_queue": queue})
+                self.revoke_lease(lease, None, self.policy.admin.revoke_signal)
+
+    def has_bare(self) -> bool:
+        return any(x.kind == "bare" and not x.revoked for x in self.leases)
 
     def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: xdp_prog.XskProgram,
                       prepared: list[xsk.PreparedSocket]) -> Outcome:
