@@ -117,6 +117,8 @@ def libxdp() -> ctypes.CDLL:
     lib.xdp_program__bpf_obj.restype = ptr
     lib.xdp_program__attach.argtypes = [ptr, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
     lib.xdp_program__detach.argtypes = [ptr, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+    lib.xdp_program__from_id.argtypes = [ctypes.c_uint32]
+    lib.xdp_program__from_id.restype = ptr
     lib.xdp_program__fd.argtypes = [ptr]
     lib.xdp_program__id.argtypes = [ptr]
     lib.xdp_program__id.restype = ctypes.c_uint32

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -49,6 +49,7 @@ class Lease:
     created: float = field(default_factory=time.time)
     revoked: bool = False
     orphaned: bool = False  # its holder exited but passed the sockets on: held by a process we can't name
+    map_id: int = 0  # map grants: the xsks_map handed out, whose program is detached when the lease ends
 
     def as_dict(self) -> dict[str, Any]:
         return {"lease": self.id, "uid": self.uid, "pid": self.pid, "interface": self.ifname,
@@ -61,7 +62,7 @@ class Lease:
         return {"id": self.id, "uid": self.uid, "pid": self.pid, "ifindex": self.ifindex, "ifname": self.ifname,
                 "queues": list(self.queues), "kind": self.kind, "umem_bytes": self.umem_bytes,
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
-                "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned}
+                "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "map_id": self.map_id}
 
     def holder_alive(self) -> bool:
         return self.pid_start is not None and process_start(self.pid) == self.pid_start
@@ -81,6 +82,8 @@ class LeaseTable:
         self.state_file = state_file
         self._journal: TextIO | None = None
         self._lines = 0
+        # every lease ends through remove(): the service undoes there what the lease did outside the table
+        self.on_end: Callable[[Lease], None] = lambda lease: None
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -120,6 +123,7 @@ class LeaseTable:
                 if self._by_slot.get((lease.ifindex, q)) == lease_id:
                     del self._by_slot[(lease.ifindex, q)]
             self._append({"end": lease_id})
+            self.on_end(lease)
         return lease
 
     def orphans(self) -> list[Lease]:

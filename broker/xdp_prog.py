@@ -178,3 +178,35 @@ def find_or_attach(ifindex: int, ifname: str, queues: int, mode: str = "auto") -
             raise
         return adopt(ifindex, ifname, prog_id, current or "?")
 
+
+
+def detach(ifindex: int, map_id: int = 0) -> int:
+    """Detach the XSK program whose xsks_map has id map_id (any XSK program for 0) from the interface,
+    through libxdp, which also takes it out of a dispatcher. Returns its id, 0 when it is not attached
+    (another program there is never touched)."""
+    prog_id, mode = attached(ifindex)
+    if not prog_id or mode not in ("native", "skb"):
+        return 0
+    name, map_fd, _ = _xsk_map_of(prog_id)
+    if name == DISPATCHER_NAME:
+        if map_fd >= 0:
+            os.close(map_fd)
+        prog_id = _dispatcher_component(ifindex)
+        name, map_fd, _ = _xsk_map_of(prog_id) if prog_id else (name, -1, 0)
+    try:
+        if name != XSK_PROG_NAME or map_fd < 0 or (map_id and bpf.map_info(map_fd).id != map_id):
+            return 0
+    finally:
+        if map_fd >= 0:
+            os.close(map_fd)
+    lib = bpf.libxdp()
+    _silence_libxdp()
+    prog = bpf.check_ptr(lib.xdp_program__from_id(prog_id), f"open XDP program {prog_id}")
+    try:
+        mode_flag = {"native": bpf.XDP_MODE_NATIVE, "skb": bpf.XDP_MODE_SKB}[mode]
+        ret = lib.xdp_program__detach(prog, ifindex, mode_flag, 0)
+    finally:
+        lib.xdp_program__close(prog)
+    if ret < 0:
+        raise OSError(-ret, f"detach XDP program {prog_id} from ifindex {ifindex}: {os.strerror(-ret)}")
+    return prog_id
