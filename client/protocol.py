@@ -10,8 +10,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy.ifname import ifname_problem
-
 VERSION = 1
 MAX_REQUEST = 8192  # bytes; a larger request is refused unread
 MAX_REPLY = 1 << 20
@@ -21,6 +19,7 @@ MAX_UMEM = 1 << 32
 MAX_RING = 1 << 16
 MAX_MEMLOCK = 1 << 40
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
+IFNAMSIZ = 16  # with the terminating NUL: 15 bytes of name at most
 KINDS = ("bound", "bare", "map")
 BIND_MODES = ("auto", "copy", "zerocopy")
 
@@ -125,6 +124,29 @@ class Grant:
 
 
 Request = Hello | Status | Release | Revoke | Grant
+
+
+# ---- interface names ---------------------------------------------------------------------------------
+
+# The kernel's rule (net/core/dev.c dev_valid_name). A name it would never give an interface must never
+# reach a policy glob or a name lookup: "eth0:1" matches "eth*", and the ioctl paths cut it at ':' (old
+# alias syntax) to "eth0", so a deny on eth0 would be judged on one name while the kernel acts on another.
+def ifname_problem(name: str) -> str | None:
+    """Why `name` cannot be a real interface's name, or None when it can."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:  # a lone surrogate: no name, and a lookup would raise
+        return "it is not valid UTF-8"
+    if size == 0:
+        return "it is empty"
+    if size >= IFNAMSIZ:
+        return f"it is {size} bytes long; the kernel allows {IFNAMSIZ - 1}"
+    if name in (".", ".."):
+        return "'.' and '..' are not interface names"
+    for c in name:
+        if c in "/:\0" or c.isspace():
+            return f"it contains {c!r}, which the kernel forbids in interface names"
+    return None
 
 
 # ---- encoding ---------------------------------------------------------------------------------------

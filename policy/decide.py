@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-from .ifname import ifname_problem
 from .model import KINDS, Policy, Rule
 from .sizes import format_size
 
@@ -148,11 +147,6 @@ def _check_allow(rule: Rule, peer: Peer, request: Request) -> tuple[int, str, st
 
 
 def decide(policy: Policy, peer: Peer, request: Request) -> Decision:
-    # A glob judges the name as given: one the kernel would never give ("eth0:1") is refused outright.
-    problem = ifname_problem(request.interface)
-    if problem:
-        return Decision(False, INTERFACE_NOT_ALLOWED, None,
-                        f"{request.interface!r} is not an interface name: {problem}")
     for rule in policy.deny_rules:
         if _deny_applies(rule, peer, request):
             reason = f"{rule.describe()} denies {_summary(request)} to {peer}"
