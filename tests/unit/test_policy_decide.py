@@ -224,4 +224,3 @@ def test_glob_character_classes():
     r = rule(interfaces=("eth[0-3]", "ens?"))
     assert interface_matches(r, "eth2") and interface_matches(r, "ens5")
     assert not interface_matches(r, "eth4") and not interface_matches(r, "ens10")
-
