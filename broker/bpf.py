@@ -44,6 +44,13 @@ class XdpQueryOpts(ctypes.Structure):
     ]
 
 
+class XdpAttachOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int), ("_pad", ctypes.c_int)]
+
+
+XDP_FLAGS_REPLACE = 1 << 4
+
+
 class ProgInfo(ctypes.Structure):
     """Leading part of struct bpf_prog_info; the kernel fills at most info_len bytes."""
 
@@ -94,6 +101,7 @@ def libbpf() -> ctypes.CDLL:
     lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
     lib.bpf_xdp_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(XdpQueryOpts)]
+    lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.POINTER(XdpAttachOpts)]
     lib.bpf_object__find_map_by_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.bpf_object__find_map_by_name.restype = ctypes.c_void_p
     lib.bpf_map__set_max_entries.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
@@ -117,6 +125,8 @@ def libxdp() -> ctypes.CDLL:
     lib.xdp_program__bpf_obj.restype = ptr
     lib.xdp_program__attach.argtypes = [ptr, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
     lib.xdp_program__detach.argtypes = [ptr, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+    lib.xdp_program__from_id.argtypes = [ctypes.c_uint32]
+    lib.xdp_program__from_id.restype = ptr
     lib.xdp_program__fd.argtypes = [ptr]
     lib.xdp_program__id.argtypes = [ptr]
     lib.xdp_program__id.restype = ctypes.c_uint32
@@ -210,3 +220,15 @@ def xdp_query(ifindex: int) -> XdpQueryOpts:
     opts = XdpQueryOpts(sz=ctypes.sizeof(XdpQueryOpts))
     check(libbpf().bpf_xdp_query(ifindex, 0, ctypes.byref(opts)), f"XDP query of ifindex {ifindex}")
     return opts
+
+
+def xdp_detach(ifindex: int, prog_id: int, mode_flags: int) -> None:
+    """Detach the XDP program prog_id, and only it (XDP_FLAGS_REPLACE: the kernel checks it is the one
+    attached, so a program someone attached meanwhile stays)."""
+    prog_fd = prog_fd_by_id(prog_id)
+    try:
+        opts = XdpAttachOpts(sz=ctypes.sizeof(XdpAttachOpts), old_prog_fd=prog_fd)
+        check(libbpf().bpf_xdp_attach(ifindex, -1, mode_flags | XDP_FLAGS_REPLACE, ctypes.byref(opts)),
+              f"detach XDP program {prog_id} from ifindex {ifindex}")
+    finally:
+        os.close(prog_fd)

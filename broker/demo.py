@@ -33,7 +33,8 @@ def _terminate(signum: int, frame: object) -> None:
 def run(packets: int, uid: int, umem: int) -> tuple[dict[str, Any], BrokerProcess]:
     name = f"xskdemo-{os.getpid()}"
     with VethNamespace(name, inside="xskd0", peer="xskd0p") as ns:
-        policy = POLICY.format(uid=uid, ifname=ns.inside, umem=umem)
+        # the rings count with the UMEM against max_umem: room for the largest (4 x 65536 entries, 3 MiB)
+        policy = POLICY.format(uid=uid, ifname=ns.inside, umem=umem + (3 << 20))
         with BrokerProcess(name, policy, umem_pool="64MiB") as broker:
             peer = PacketPeer(name, ns.peer, ns.mac(ns.inside))
             child = spawn_unprivileged(echo_consumer, broker.socket_path, ns.inside, 0, packets, umem, uid=uid)

@@ -14,7 +14,7 @@ import json
 import os
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -88,6 +88,7 @@ class Lease:
     orphaned: bool = False  # its holder exited but passed the sockets on: held by a process we can't name
     pid_ino: int | None = None  # the holder's pidfs inode (see pidfd_ino), when the kernel has one
     misbound: int | None = None  # a bare socket found bound to this queue, not one it was granted
+    map_id: int = 0  # map grants: the xsks_map handed out, whose program is detached when the lease ends
 
     def as_dict(self) -> dict[str, Any]:
         return {"lease": self.id, "uid": self.uid, "pid": self.pid, "interface": self.ifname,
@@ -101,7 +102,7 @@ class Lease:
                 "queues": list(self.queues), "kind": self.kind, "umem_bytes": self.umem_bytes,
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
                 "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino,
-                "misbound": self.misbound}
+                "misbound": self.misbound, "map_id": self.map_id}
 
     def holder_alive(self) -> bool:
         try:
@@ -128,6 +129,8 @@ class LeaseTable:
         self.state_file = state_file
         self._journal: TextIO | None = None
         self._lines = 0
+        # every lease ends through remove(): the service undoes there what the lease did outside the table
+        self.on_end: Callable[[Lease], None] = lambda lease: None
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -170,6 +173,7 @@ class LeaseTable:
                 if self._by_slot.get((lease.ifindex, q)) == lease_id:
                     del self._by_slot[(lease.ifindex, q)]
             self._append({"end": lease_id})
+            self.on_end(lease)
         return lease
 
     def orphans(self) -> list[Lease]:

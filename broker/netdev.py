@@ -24,6 +24,28 @@ def ifindex(name: str) -> int:
         raise NoSuchInterface(f"no interface named {name!r} in the broker's network namespace") from e
 
 
+class NotCanonical(NoSuchInterface):
+    """The name reaches an interface whose own name differs (an altname): the policy judged another name."""
+
+    def __init__(self, name: str, canonical: str, index: int) -> None:
+        super().__init__(f"{name!r} is not the name of interface {index}: its name is {canonical!r} (an "
+                         f"alternative name is never resolved: ask for {canonical!r}, which the policy judges)")
+        self.canonical = canonical
+
+
+def resolve(name: str) -> int:
+    """The ifindex of the interface whose own name is exactly `name`.
+
+    if_nametoindex also finds altnames (`ip link property add ... altname`) and cuts at ':' (old alias
+    syntax): either would let a policy judge one name while the kernel acts on another interface.
+    """
+    index = ifindex(name)
+    canonical = ifname(index)
+    if canonical != name:
+        raise NotCanonical(name, canonical, index)
+    return index
+
+
 def ifname(index: int) -> str:
     try:
         return socket.if_indextoname(index)

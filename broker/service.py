@@ -50,6 +50,16 @@ class Deferred:
     delay: float = 0.001  # first retry; the server backs off to RETRY_CAP
 
 
+@dataclass
+class MemlockRaise:
+    """A holder's RLIMIT_MEMLOCK as it was before the broker raised it, restored when its last lease that
+    needed the raise ends (if the process still runs and nobody changed the limit meanwhile)."""
+
+    before: tuple[int, int]
+    now: tuple[int, int]
+    leases: set[str] = field(default_factory=set)
+
+
 class Refused(Exception):
     def __init__(self, code: str, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -67,6 +77,8 @@ class Service:
         self.audit = audit
         self.xdp_mode = xdp_mode
         self.leases = LeaseTable(state_file)
+        self.leases.on_end = self._lease_ended
+        self.raised: dict[int, MemlockRaise] = {}  # pid -> its memlock limits before the broker raised them
         self.programs: dict[int, xdp_prog.XskProgram] = {}
         self.names: dict[int, str] = {}  # ifindex -> name as last seen, to notice renames
         self.limiter = RateLimiter()
@@ -133,7 +145,7 @@ class Service:
         # a map grant is judged on every queue of the device (a deny on any of them applies)
         queues = req.queues or _all_queues(req.interface)
         who = policy_peer(peer)
-        decision = decide(self.policy, who, Request(req.interface, queues, req.kind, req.umem_bytes))
+        decision = decide(self.policy, who, Request(req.interface, queues, req.kind, req.pinned_bytes))
         record["rule"] = decision.rule.name if decision.rule else None
 
         def settle(result: Outcome | Deferred | None = None, refused: Refused | None = None) -> Outcome:
@@ -150,7 +162,8 @@ class Service:
         try:
             if not decision.allowed or decision.rule is None:
                 raise Refused(decision.code, decision.reason)
-            over = quotas.check(self.policy, who, self.holdings(), queues=len(req.queues), umem=req.umem_bytes)
+            # a map grant holds every queue of the device: it counts them all (req.queues is empty)
+            over = quotas.check(self.policy, who, self.holdings(), queues=len(queues), umem=req.pinned_bytes)
             if over:
                 record["quota"] = over.reason
                 raise Refused(over.code, over.reason)
@@ -198,10 +211,14 @@ class Service:
             raise Refused("bad-holder", f"holder_pid {pid} belongs to uid {uid}, not to the requester (uid {peer.uid})")
         return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup, start, ino)
 
-    def _target(self, req: proto.Grant) -> tuple[int, xdp_prog.XskProgram]:
-        """The interface's index and XSK program, after checking every requested queue exists."""
+    def _checked(self, req: proto.Grant) -> tuple[int, int]:
+        """The interface's index and queue count, after every check that changes nothing in the kernel:
+        the name is the interface's own (the one the policy judged), every requested queue exists, and no
+        map lease holds the interface whole."""
         try:
-            ifindex = netdev.ifindex(req.interface)
+            ifindex = netdev.resolve(req.interface)
+        except netdev.NotCanonical as e:
+            raise Refused("not-canonical-name", str(e), canonical=e.canonical) from None
         except netdev.NoSuchInterface as e:
             raise Refused("no-such-interface", str(e)) from None
         nqueues = netdev.queue_count(req.interface)
@@ -213,6 +230,11 @@ class Service:
         if sole:
             raise Refused("interface-exclusive", f"{req.interface} is held whole by lease {sole.id} (a map grant "
                           f"to uid {sole.uid}) until it ends")
+        return ifindex, nqueues
+
+    def _target(self, req: proto.Grant) -> tuple[int, xdp_prog.XskProgram]:
+        """The interface's index and XSK program (attached now if need be) once every check has passed."""
+        ifindex, nqueues = self._checked(req)
         prog = self._program(ifindex, req.interface, nqueues)
         self.check_bare(prog)
         over = [q for q in req.queues if q >= prog.max_entries]
@@ -249,7 +271,7 @@ class Service:
         # A queue whose last socket just closed answers EBUSY until the kernel's deferred release runs.
         # The grant waits for it on the server's timer, never in the event loop, and its claimed slots
         # and pinned UMEM count against the quota meanwhile.
-        self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.umem_bytes)
+        self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
         deadline = self.clock() + xsk.BUSY_RETRY_SECONDS
 
         def step() -> Outcome | None:
@@ -326,30 +348,43 @@ class Service:
             raise _refusal(e, req.interface, q) from None
         sockets = [{"queue": q, "fd": i} for i, q in enumerate(req.queues)]
         memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
-        return self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
-                           bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
+        out = self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
+                          bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
+        if memlock and memlock["raised"] and out.lease_id and peer.pid in self.raised:
+            self.raised[peer.pid].leases.add(out.lease_id)  # restored when the last such lease ends
+        return out
 
     def _make_map(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
         if not rule.exclusive:  # the loader already insists on it; a decision must never rely on that alone
             raise Refused("kind-not-allowed", f"{rule.describe()} is not exclusive: map grants need the whole "
                           "interface")
-        ifindex, prog = self._target(req)
+        ifindex, nqueues = self._checked(req)
         others = [lease for lease in self.leases if lease.ifindex == ifindex]
+        if others:  # checked before anything is attached
+            raise Refused("interface-busy", f"{req.interface} is in use (leases {[x.id for x in others]}); a map "
+                          "grant needs it unused")
+        prog = self._program(ifindex, req.interface, nqueues)
         taken = xsk.occupied_slots(prog.map_fd, prog.max_entries)
-        if others or taken:
-            raise Refused("interface-busy", f"{req.interface} is in use (leases {[x.id for x in others]}, occupied "
-                          f"queues {taken}); a map grant needs it unused")
+        if taken:
+            raise Refused("interface-busy", f"{req.interface} is in use (occupied queues {taken}); a map grant "
+                          "needs it unused")
+        map_id = bpf.map_info(prog.map_fd).id
         fd = os.dup(prog.map_fd)
         # every slot is the holder's to write: the lease (and the quota) counts them all
-        return self._lease(peer, req, ifindex, prog, [fd], queues=tuple(range(prog.max_entries)), map_fd=0,
-                           map_entries=prog.max_entries)
+        out = self._lease(peer, req, ifindex, prog, [fd], queues=tuple(range(prog.max_entries)), map_fd=0,
+                          map_entries=prog.max_entries)
+        lease = self.leases.get(out.lease_id or "")
+        if lease:  # the map whose program is detached when the lease ends, even after a broker restart
+            lease.map_id = map_id
+            self.leases.record(lease)
+        return out
 
     def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: xdp_prog.XskProgram, fds: list[int],
                queues: tuple[int, ...] | None = None, **fields: Any) -> Outcome:
         # recorded (and persisted) before the fds leave: a crash after this line leaves a record that
         # recovery checks against the kernel, never a socket nobody accounts for
         lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
-                                req.umem_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)), peer.start,
+                                req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)), peer.start,
                                 peer.ino)
         faults.point("after-lease-saved")
         reply = proto.ok_reply("grant", req.req_id, lease=lease.id, kind=req.kind, interface=req.interface,
@@ -362,7 +397,10 @@ class Service:
 
         Never lowers a limit. When it cannot raise it, the reply says exactly what is missing.
         """
-        soft, hard = _memlock_of(peer.pid)
+        try:
+            soft, hard = _memlock_of(peer.pid)
+        except OSError as e:  # the holder is gone: its sockets are made, so answer rather than fail the grant
+            return {"needed": needed, "ok": False, "raised": False, "reason": f"cannot read its limit: {e}"}
         info: dict[str, Any] = {"needed": needed, "soft": soft, "hard": hard, "raised": False}
         if soft == resource.RLIM_INFINITY or soft >= needed:
             return {**info, "ok": True}
@@ -372,14 +410,18 @@ class Service:
         if rule.raise_memlock is None or needed > rule.raise_memlock:
             allowed = "no raise" if rule.raise_memlock is None else f"raises up to {rule.raise_memlock} bytes"
             return {**info, "ok": False, "reason": f"{rule.describe()} allows {allowed}", "hint": hint}
+        # only what is needed: the soft limit to `needed`, the hard one only when it is below (soft <= hard)
+        new = (needed, hard if hard == resource.RLIM_INFINITY else max(hard, needed))
         try:
-            resource.prlimit(peer.pid, resource.RLIMIT_MEMLOCK,
-                             (needed, hard if hard == resource.RLIM_INFINITY else max(hard, needed)))
+            resource.prlimit(peer.pid, resource.RLIMIT_MEMLOCK, new)
         except OSError as e:
             reason = ("the broker lacks CAP_SYS_RESOURCE to raise another process's hard limit"
                       if e.errno == errno.EPERM else f"prlimit failed: {e.strerror}")
             return {**info, "ok": False, "reason": reason, "hint": hint}
-        self.audit({"event": "memlock-raised", "pid": peer.pid, "from": soft, "to": needed})
+        earlier = self.raised.get(peer.pid)
+        self.raised[peer.pid] = MemlockRaise(earlier.before if earlier else (soft, hard), new,
+                                             earlier.leases if earlier else set())
+        self.audit({"event": "memlock-raised", "pid": peer.pid, "from": soft, "to": needed, "hard": new[1]})
         return {**info, "ok": True, "raised": True}
 
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> xdp_prog.XskProgram:
@@ -419,20 +461,55 @@ class Service:
         if lease is None or (lease.uid != peer.uid and not self.is_admin(peer)):
             return proto.error_reply("unknown-lease", f"no lease {req.lease!r} held by uid {peer.uid}",
                                      "release", req.req_id)
-        if lease.kind == "map":
-            # the map fd cannot be taken back: the interface stays reserved until its holder exits
-            self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id, "pending": True})
-            return proto.ok_reply("release", req.req_id, lease=lease.id, pending=True,
-                                  note=f"a map lease ends when its holder (pid {lease.pid}) exits: the xsks_map "
-                                  "fd it received cannot be taken back")
         prog = self.programs.get(lease.ifindex)
-        if prog:
+        if prog and lease.kind != "map":  # a map lease's program is detached as it ends (_lease_ended)
             for q in lease.queues:
                 with contextlib.suppress(OSError):
                     bpf.map_delete(prog.map_fd, q)
         self.leases.remove(lease.id)
         self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
         return proto.ok_reply("release", req.req_id, lease=lease.id)
+
+    def _lease_ended(self, lease: Lease) -> None:
+        """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
+        if lease.kind == "map":
+            self._detach_map(lease)
+        raised = self.raised.get(lease.pid)
+        if raised and lease.id in raised.leases:
+            raised.leases.discard(lease.id)
+            if not raised.leases:
+                self._restore_memlock(lease, raised)
+
+    def _detach_map(self, lease: Lease) -> None:
+        """The broker cannot take back a map fd, and its holder may have passed it on: detach the program
+        that uses the map, so leftover copies redirect nothing. The next grant attaches a fresh program with
+        a fresh map (the cached one is dropped here)."""
+        prog = self.programs.pop(lease.ifindex, None)
+        map_id = lease.map_id or (bpf.map_info(prog.map_fd).id if prog else 0)
+        if prog:
+            prog.close()
+        try:
+            detached = xdp_prog.detach(lease.ifindex, map_id)
+        except OSError as e:  # ForeignProgram included
+            if e.errno != errno.ENODEV:  # the interface is gone, and its program with it
+                self.audit({"event": "xdp-detach-failed", "lease": lease.id, "ifindex": lease.ifindex,
+                            "interface": lease.ifname, "error": str(e)})
+            return
+        if detached:
+            self.audit({"event": "xdp-detach", "interface": lease.ifname, "ifindex": lease.ifindex,
+                        "prog_id": detached, "lease": lease.id, "reason": "map lease ended"})
+
+    def _restore_memlock(self, lease: Lease, raised: MemlockRaise) -> None:
+        del self.raised[lease.pid]
+        if not lease.holder_alive():
+            return
+        try:
+            if _memlock_of(lease.pid) != raised.now:  # changed since by someone else: theirs to keep
+                return
+            resource.prlimit(lease.pid, resource.RLIMIT_MEMLOCK, raised.before)
+        except OSError:
+            return
+        self.audit({"event": "memlock-restored", "pid": lease.pid, "to": raised.before[0], "hard": raised.before[1]})
 
     def holder_exited(self, pid: int) -> None:
         """A holder is gone. Its sockets usually died with it (and the kernel emptied their slots), but it
@@ -505,9 +582,17 @@ class Service:
 
     def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> dict[str, Any]:
         """Empty the lease's map slots so RX stops, and mark it revoked; it ends when the holder closes."""
+        if lease.kind == "map":  # ends at once: its program is detached, the map fd left redirects nothing
+            self.leases.remove(lease.id)
+            signalled = self.signal_holder(lease.pid, signal_name) if signal_name else False
+            self.audit({"event": "revoke", "peer": by.as_dict() if by else None, "decision": "allow",
+                        "lease": lease.id, "holder_pid": lease.pid, "ended": True, "signal": signal_name,
+                        "signalled": signalled})
+            return {"lease": lease.id, "emptied_queues": [], "signalled": signalled, "holder_pid": lease.pid,
+                    "ended": True}
         prog = self.programs.get(lease.ifindex)
         emptied = []
-        if prog and lease.kind != "map":
+        if prog:
             for q in lease.queues:
                 with contextlib.suppress(OSError):
                     if bpf.map_delete(prog.map_fd, q):
@@ -562,6 +647,8 @@ class Service:
             why = self._stale(lease)
             if why:
                 self.audit({"event": "lease-dropped", "lease": lease.id, "reason": why})
+                if lease.kind == "map":
+                    self._detach_map(lease)
                 continue
             self.leases.adopt(lease)
             kept.append(lease)
@@ -639,7 +726,7 @@ def _unsignallable(lease: Lease) -> str | None:
 
 def _all_queues(ifname: str) -> tuple[int, ...]:
     try:
-        netdev.ifindex(ifname)
+        netdev.resolve(ifname)  # the exact name only: an altname's device is not the one the policy judges
     except netdev.NoSuchInterface:
         return (0,)  # judged as if for one queue; the grant then fails as no-such-interface
     return tuple(range(netdev.queue_count(ifname)))

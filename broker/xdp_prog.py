@@ -7,8 +7,10 @@ attached is reused; any other program is refused, never replaced.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from broker import bpf
@@ -178,3 +180,67 @@ def find_or_attach(ifindex: int, ifname: str, queues: int, mode: str = "auto") -
             raise
         return adopt(ifindex, ifname, prog_id, current or "?")
 
+
+
+
+def _bpf_prog_fds() -> set[int]:
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:bpf-prog":
+                out.add(int(name))
+    return out
+
+
+@contextlib.contextmanager
+def _closing_leaks() -> Iterator[None]:
+    """libxdp's program-by-id objects leave a program fd open after they are closed (libxdp 1.x): close the
+    program fds a libxdp call left behind (the broker holds no libxdp object across calls)."""
+    before = _bpf_prog_fds()
+    try:
+        yield
+    finally:
+        for fd in _bpf_prog_fds() - before:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def detach(ifindex: int, map_id: int = 0) -> int:
+    """Detach the XSK program whose xsks_map has id map_id (any XSK program for 0) from the interface.
+    Returns its id, 0 when it is not attached (another program there is never touched).
+
+    Attached alone, it goes with an atomic replace-by-nothing; inside libxdp's dispatcher, libxdp takes it
+    out (and removes the dispatcher with its last program)."""
+    prog_id, mode = attached(ifindex)
+    if not prog_id or mode not in ("native", "skb"):
+        return 0
+    name, map_fd, _ = _xsk_map_of(prog_id)
+    component = 0
+    if name == DISPATCHER_NAME:
+        if map_fd >= 0:
+            os.close(map_fd)
+        with _closing_leaks():
+            component = _dispatcher_component(ifindex)
+        name, map_fd, _ = _xsk_map_of(component) if component else (name, -1, 0)
+    try:
+        if name != XSK_PROG_NAME or map_fd < 0 or (map_id and bpf.map_info(map_fd).id != map_id):
+            return 0
+    finally:
+        if map_fd >= 0:
+            os.close(map_fd)
+    if not component:
+        flags = bpf.XDP_FLAGS_DRV_MODE if mode == "native" else bpf.XDP_FLAGS_SKB_MODE
+        bpf.xdp_detach(ifindex, prog_id, flags)
+        return prog_id
+    lib = bpf.libxdp()
+    _silence_libxdp()
+    with _closing_leaks():
+        prog = bpf.check_ptr(lib.xdp_program__from_id(component), f"open XDP program {component}")
+        try:
+            mode_flag = {"native": bpf.XDP_MODE_NATIVE, "skb": bpf.XDP_MODE_SKB}[mode]
+            ret = lib.xdp_program__detach(prog, ifindex, mode_flag, 0)
+        finally:
+            lib.xdp_program__close(prog)
+    if ret < 0:
+        raise OSError(-ret, f"detach XDP program {component} from ifindex {ifindex}: {os.strerror(-ret)}")
+    return component

@@ -133,9 +133,9 @@ def _uint(el: ET.Element, attr: str, default: int, lo: int, hi: int, where: str)
 
 def check_ifname(name: str) -> str:
     """The broker's rule for interface names (docs/protocol.md), checked before anything is asked."""
-    size = len(name.encode("utf-8", "replace"))
-    if not 0 < size < proto.IFNAMSIZ or "/" in name or "\0" in name or name.strip() != name:
-        raise ValueError(f"{name!r} is not a valid interface name (1-15 bytes, no '/', no surrounding spaces)")
+    problem = proto.ifname_problem(name)
+    if problem:
+        raise ValueError(f"{name!r} is not a valid interface name: {problem}")
     return name
 
 

@@ -19,7 +19,7 @@ MAX_UMEM = 1 << 32
 MAX_RING = 1 << 16
 MAX_MEMLOCK = 1 << 40
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
-IFNAMSIZ = 16
+IFNAMSIZ = 16  # with the terminating NUL: 15 bytes of name at most
 KINDS = ("bound", "bare", "map")
 BIND_MODES = ("auto", "copy", "zerocopy")
 
@@ -56,6 +56,13 @@ class Geometry:
     completion: int = 2048
     rx: int = 2048
     tx: int = 2048
+
+    @property
+    def ring_bytes(self) -> int:
+        """Kernel memory of the four rings: 8-byte addresses (fill, completion), 16-byte descriptors (rx, tx).
+        Not charged to anyone's memlock by the kernel (65536-entry rings are 3 MiB a socket): the broker
+        counts it with the UMEM."""
+        return 8 * (self.fill + self.completion) + 16 * (self.rx + self.tx)
 
     def to_wire(self) -> dict[str, Any]:
         return {"umem": {"size": self.umem_size, "frame_size": self.frame_size, "headroom": self.headroom},
@@ -110,8 +117,36 @@ class Grant:
     def umem_bytes(self) -> int:
         return self.geometry.umem_size * len(self.queues) if self.kind == "bound" else 0
 
+    @property
+    def pinned_bytes(self) -> int:
+        """What the grant makes the kernel hold: UMEM plus ring memory; rule max_umem and quotas count this."""
+        return (self.geometry.umem_size + self.geometry.ring_bytes) * len(self.queues) if self.kind == "bound" else 0
+
 
 Request = Hello | Status | Release | Revoke | Grant
+
+
+# ---- interface names ---------------------------------------------------------------------------------
+
+# The kernel's rule (net/core/dev.c dev_valid_name). A name it would never give an interface must never
+# reach a policy glob or a name lookup: "eth0:1" matches "eth*", and the ioctl paths cut it at ':' (old
+# alias syntax) to "eth0", so a deny on eth0 would be judged on one name while the kernel acts on another.
+def ifname_problem(name: str) -> str | None:
+    """Why `name` cannot be a real interface's name, or None when it can."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:  # a lone surrogate: no name, and a lookup would raise
+        return "it is not valid UTF-8"
+    if size == 0:
+        return "it is empty"
+    if size >= IFNAMSIZ:
+        return f"it is {size} bytes long; the kernel allows {IFNAMSIZ - 1}"
+    if name in (".", ".."):
+        return "'.' and '..' are not interface names"
+    for c in name:
+        if c in "/:\0" or c.isspace():
+            return f"it contains {c!r}, which the kernel forbids in interface names"
+    return None
 
 
 # ---- encoding ---------------------------------------------------------------------------------------
@@ -305,7 +340,7 @@ def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Req
 
 def _revoke(msg: dict[str, Any], req_id: Any) -> Revoke:
     lease = _field(msg, "lease", str, None)
-    interface = _field(msg, "interface", str, None)
+    interface = _interface(msg, None)
     queue = _field(msg, "queue", int, None)
     if (lease is None) == (interface is None):
         raise ProtocolError("bad-request", "revoke names either a lease or an interface")
@@ -316,14 +351,16 @@ def _revoke(msg: dict[str, Any], req_id: Any) -> Revoke:
     return Revoke(lease, interface, queue, _field(msg, "signal", bool, False), req_id)
 
 
+def _interface(msg: dict[str, Any], default: Any = ...) -> Any:
+    interface = _field(msg, "interface", str, default)
+    problem = None if interface is None else ifname_problem(interface)
+    if problem:
+        raise ProtocolError("bad-request", f"{interface!r} is not a valid interface name: {problem}")
+    return interface
+
+
 def _grant(msg: dict[str, Any], req_id: Any) -> Grant:
-    interface = _field(msg, "interface", str)
-    try:
-        size = len(interface.encode())
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): no name, and a lookup would raise
-        size = 0
-    if not 0 < size < IFNAMSIZ or "/" in interface or "\0" in interface or interface.strip() != interface:
-        raise ProtocolError("bad-request", f"{interface!r} is not a valid interface name")
+    interface = _interface(msg)
     kind = _field(msg, "kind", str, "bound")
     if kind not in KINDS:
         raise ProtocolError("bad-request", f"kind must be one of {', '.join(KINDS)}, not {kind!r}")

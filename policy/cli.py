@@ -257,6 +257,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except LookupError as e:
         print(f"xskbroker policy explain: {e.args[0]}", file=sys.stderr)
         return EXIT_USAGE
+    # the broker refuses a name the kernel never gives ("veth0:1" matches "veth*") before any rule sees it
+    from client.protocol import ifname_problem
+
+    problem = ifname_problem(args.interface)
+    if problem:
+        print(f"xskbroker policy explain: {args.interface!r} is not a valid interface name: {problem}; the broker "
+              "refuses it (bad-request) before any rule is consulted", file=sys.stderr)
+        return EXIT_USAGE
     request = Request(
         interface=args.interface, queues=tuple(args.queues), kind=args.kind, umem_bytes=args.umem
     )

@@ -772,7 +772,7 @@ name = "load"
 users = [{CONSUMER_UID}]
 interfaces = ["xsk0"]
 max_queues = {LOAD_QUEUES}
-max_umem = "{LOAD_QUEUES * 64}KiB"
+max_umem = "{LOAD_QUEUES * (64 + 3)}KiB"  # SMALL: 64 KiB of UMEM and 3 KiB of rings a queue
 """
 
 

@@ -162,6 +162,14 @@ def test_explain_deny_codes(policy_file, capsys):
         assert capsys.readouterr().out.startswith(f"DENY ({code}): rule '")
 
 
+@pytest.mark.parametrize("name", ["veth0:1", "veth0:", "veth 0", "veth/0", "..", "veth0123456789ab"])
+def test_explain_refuses_a_name_the_kernel_never_gives(policy_file, capsys, name):
+    # "veth0:1" matches "veth*" but name lookups cut it to veth0: the broker refuses it at decode (finding 2)
+    assert explain(policy_file, "--user", "root", "--interface", name, "--queue", "0") == 2
+    err = capsys.readouterr().err
+    assert "not a valid interface name" in err and "bad-request" in err
+
+
 def test_explain_reason_text(policy_file, capsys):
     assert explain(policy_file, "--user", "root", "--interface", "veth1", "--queue", "5") == 1
     first = capsys.readouterr().out.splitlines()[0]
