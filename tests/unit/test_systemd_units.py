@@ -55,6 +55,16 @@ def test_service_unit_runs_serve_as_the_cli_understands_it() -> None:
     assert args.idle_timeout and args.idle_timeout > 0
 
 
+def test_service_unit_fd_limit_fits_the_connection_cap() -> None:
+    from broker.server import FD_HEADROOM, FDS_PER_CONNECTION
+
+    s = unit("xskbroker.service")
+    args = build_parser().parse_args(shlex.split(one(s, "ExecStart"))[1:])
+    limit = int(one(s, "LimitNOFILE"))
+    assert limit >= args.max_connections * FDS_PER_CONNECTION + FD_HEADROOM
+    assert limit <= 4 * (args.max_connections * FDS_PER_CONNECTION + FD_HEADROOM)  # not a blank cheque either
+
+
 def test_service_unit_hardening() -> None:
     s = unit("xskbroker.service")
     kept = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"}
