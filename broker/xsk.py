@@ -136,7 +136,8 @@ class PreparedSocket:
     """A socket with its slot claimed, UMEM registered and rings sized: everything but the bind.
 
     Split from the bind so that a broker can wait out EBUSY (a just-closed socket's queue is released
-    12-20 ms later, longer under load) without stopping for everyone else.
+    12-20 ms later, longer under load) without stopping for everyone else. Made in two halves: claim()
+    is cheap; add_umem() pins every UMEM page (seconds for a GiB), so a broker may run it on a thread.
     """
 
     sock: socket.socket
@@ -145,6 +146,13 @@ class PreparedSocket:
     queue: int
     flags: int
     map_fd: int | None
+
+    def add_umem(self, g: Geometry, memfd: Callable[[int], int] | None = None) -> None:
+        """The expensive half: sealed memfd, UMEM registration (pins its pages) and ring sizes."""
+        self.umem_fd = (memfd or sealed_memfd)(g.umem_size)
+        register_umem(self.sock, self.umem_fd, g)
+        faults.point("after-umem-reg")
+        set_rings(self.sock, g)
 
     def try_bind(self) -> bool:
         """Bind; False while the queue is still held by a socket being released (EBUSY)."""
@@ -162,14 +170,32 @@ class PreparedSocket:
         flags = self.flags | (XDP_ZEROCOPY if zc else XDP_COPY)
         return BoundSocket(self.sock.detach(), self.umem_fd, self.queue, flags, zc)
 
-    def abort(self) -> None:
-        """Undo everything: empty the slot, close the socket and the UMEM memfd."""
-        if self.map_fd is not None:
+    def abort(self, empty_slot: bool = True) -> None:
+        """Undo everything: empty the slot, close the socket and the UMEM memfd. Closing the socket
+        empties its slot too: a worker thread that may outlive the map's fd passes empty_slot=False."""
+        if self.map_fd is not None and empty_slot:
             with contextlib.suppress(OSError):
                 bpf.map_delete(self.map_fd, self.queue)
-        with contextlib.suppress(OSError):
-            os.close(self.umem_fd)
+        if self.umem_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.umem_fd)
+            self.umem_fd = -1
         self.sock.close()
+
+
+def claim(ifindex: int, queue: int, map_fd: int | None, bind_mode: str = "auto",
+          need_wakeup: bool = True) -> PreparedSocket:
+    """The cheap half of prepare_bound: the socket and its xsks_map[queue] claim, no UMEM yet."""
+    sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    try:
+        faults.point("after-socket")
+        if map_fd is not None:
+            claim_slot(map_fd, queue, sock.fileno())
+        faults.point("after-map-claim")
+    except BaseException:
+        sock.close()
+        raise
+    return PreparedSocket(sock, -1, ifindex, queue, bind_flags_for(bind_mode, need_wakeup), map_fd)
 
 
 def prepare_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
@@ -180,22 +206,13 @@ def prepare_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bin
     QueueBusy. `memfd(size)` supplies the sealed UMEM memory (default: a fresh one). map_fd None makes a
     TX-only socket (a traffic generator) that claims no slot.
     """
-    with contextlib.ExitStack() as undo:
-        sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-        undo.callback(sock.close)
-        faults.point("after-socket")
-        if map_fd is not None:
-            claim_slot(map_fd, queue, sock.fileno())
-            undo.callback(bpf.map_delete, map_fd, queue)
-        faults.point("after-map-claim")
-        umem_fd = (memfd or sealed_memfd)(g.umem_size)
-        undo.callback(os.close, umem_fd)
-        register_umem(sock, umem_fd, g)
-        faults.point("after-umem-reg")
-        set_rings(sock, g)
-        undo.pop_all()
-        return PreparedSocket(sock, umem_fd, ifindex, queue, bind_flags_for(bind_mode, need_wakeup), map_fd)
-    raise AssertionError("unreachable")
+    p = claim(ifindex, queue, map_fd, bind_mode, need_wakeup)
+    try:
+        p.add_umem(g, memfd)
+    except BaseException:
+        p.abort()
+        raise
+    return p
 
 
 def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
