@@ -230,15 +230,15 @@ class Service:
             self.pending.pop(id(prepared), None)
             return _refusal(e, req.interface, queue)
 
-        def work(cancelled: Callable[[], bool]) -> None:  # on a worker thread: nothing shared but `prepared`
+        def work(job: Job) -> None:  # on a worker thread: nothing shared but `prepared`
             for p in prepared:
-                if cancelled():
+                if job.cancelled:
                     return
                 where[0] = p.queue
-                p.add_umem(req.geometry, self.pool.take)
+                p.add_umem(req.geometry, self.pool.take, apart=job.watch)
             for p in prepared:  # the first bind too: zero-copy maps every UMEM page for DMA there
                 where[0] = p.queue
-                if not cancelled() and p.try_bind():
+                if not job.cancelled and p.try_bind():
                     bound.append(p)
 
         job: Job | None = None

@@ -3,14 +3,16 @@
 A few threads run such jobs (the syscalls release the GIL) while the loop keeps serving; a finished job
 writes a byte to a socketpair the loop watches, and the loop completes the request there, so leases and
 quotas stay single-threaded. A job the broker gives up on (it is stopping) is undone by whoever sees
-it last: the loop if the job had finished, else the worker as soon as its syscall returns. A process
-that exits meanwhile loses nothing either: its fds close, which unpins the pages and empties the slots.
+it last: the loop if the job had finished, else the worker once its step ends (a child process pinning
+pages is killed, which ends it at once). A broker that exits meanwhile loses nothing either: its fds
+close, which unpins the pages and empties the slots, and a child dies with the thread that forked it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import socket
 import threading
 import time
@@ -20,16 +22,29 @@ THREADS = 4
 
 
 class Job:
-    def __init__(self, work: Callable[[Callable[[], bool]], None], undo: Callable[[], None]) -> None:
+    def __init__(self, work: Callable[[Job], None], undo: Callable[[], None]) -> None:
         self.work, self.undo = work, undo
         self.done = False
         self.error: BaseException | None = None
-        self.cancelled = False
+        self.cancelled = False  # work looks at it between steps
+        self._child: int | None = None  # pidfd of a child process doing a step
         self._lock = threading.Lock()
+
+    def watch(self, pidfd: int | None) -> None:
+        """A child process does a step (pidfd), or no longer (None): cancel() kills it meanwhile."""
+        with self._lock:
+            self._child = pidfd
+            if pidfd is not None and self.cancelled:
+                self._kill()
+
+    def _kill(self) -> None:
+        if self._child is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._child, signal.SIGKILL)
 
     def run(self) -> None:
         try:
-            self.work(lambda: self.cancelled)  # work may stop early when told it was cancelled
+            self.work(self)
         except BaseException as e:
             self.error = e
         with self._lock:
@@ -39,10 +54,11 @@ class Job:
             self.undo()
 
     def cancel(self) -> None:
-        """Give up: undo now if the work is over, else when it is."""
+        """Give up: undo now if the work is over, else when it is (a child doing a step is killed)."""
         with self._lock:
             self.cancelled = True
             over = self.done
+            self._kill()
         if over:
             self.undo()
 

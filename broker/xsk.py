@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -41,7 +42,9 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_PR_SET_PDEATHSIG = 1
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -93,9 +96,49 @@ def register_umem(sock: socket.socket, umem_fd: int, g: Geometry) -> None:
         raise _oserror("mmap of UMEM memfd")
     try:
         reg = XDP_UMEM_REG_STRUCT.pack(addr, g.umem_size, g.frame_size, g.headroom, 0, 0)
-        sock.setsockopt(SOL_XDP, XDP_UMEM_REG, reg)
+        # through ctypes, which lets go of the GIL: socket.setsockopt holds it, and this call pins every
+        # page (seconds for a GiB), so a broker thread doing it would stop the event loop all the same
+        if _libc.setsockopt(sock.fileno(), SOL_XDP, XDP_UMEM_REG, reg, len(reg)) != 0:
+            raise _oserror("XDP_UMEM_REG")
     finally:
         _libc.munmap(addr, g.umem_size)
+
+
+def register_umem_apart(sock: socket.socket, umem_fd: int, g: Geometry,
+                        watch: Callable[[int | None], None] = lambda pidfd: None) -> None:
+    """register_umem in a child process, which exits once the pages are pinned (the pins stay with the
+    socket). Pinning holds the caller's mmap_lock the whole time (seconds for a GiB): in the broker's own
+    process, every mmap and munmap meanwhile, any other grant's or malloc's, would wait for it.
+    watch(pidfd) lets the caller kill the child (SIGKILL ends the pinning at once) until watch(None)."""
+    keep = sorted((sock.fileno(), umem_fd))
+    pid = os.fork()
+    if pid == 0:  # only async-signal-safe work and this module's ctypes calls until _exit
+        code = 0
+        try:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the broker (this thread) gone: stop
+            os.nice(19)
+            os.closerange(3, keep[0])  # no copy of another client's fds outlives the broker's own
+            os.closerange(keep[0] + 1, keep[1])
+            os.closerange(keep[1] + 1, 1 << 20)
+            if os.getppid() == 1:
+                raise OSError(errno.ECANCELED, "the broker is gone")
+            register_umem(sock, umem_fd, g)
+        except OSError as e:
+            code = e.errno or errno.EIO
+        except BaseException:
+            code = errno.EIO
+        os._exit(code)
+    pidfd = os.pidfd_open(pid)
+    watch(pidfd)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        watch(None)
+        os.close(pidfd)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        err = code if code > 0 else errno.EINTR  # killed by a signal
+        raise OSError(err, f"XDP_UMEM_REG: {os.strerror(err)}")
 
 
 def set_rings(sock: socket.socket, g: Geometry) -> None:
@@ -147,10 +190,15 @@ class PreparedSocket:
     flags: int
     map_fd: int | None
 
-    def add_umem(self, g: Geometry, memfd: Callable[[int], int] | None = None) -> None:
-        """The expensive half: sealed memfd, UMEM registration (pins its pages) and ring sizes."""
+    def add_umem(self, g: Geometry, memfd: Callable[[int], int] | None = None,
+                 apart: Callable[[int | None], None] | None = None) -> None:
+        """The expensive half: sealed memfd, UMEM registration (pins its pages; with apart, in a child
+        process that apart is told of) and ring sizes."""
         self.umem_fd = (memfd or sealed_memfd)(g.umem_size)
-        register_umem(self.sock, self.umem_fd, g)
+        if apart is None:
+            register_umem(self.sock, self.umem_fd, g)
+        else:
+            register_umem_apart(self.sock, self.umem_fd, g, apart)
         faults.point("after-umem-reg")
         set_rings(self.sock, g)
 
