@@ -29,10 +29,12 @@ from policy import Holding, Peer, Policy, RateLimiter, Request, Rule, decide
 from policy import quota as quotas
 
 SERVER_NAME = "xskbroker"
-# A grant whose UMEM (all its sockets together) is at most this is made on the event loop: pinning 4 MiB
-# costs others about 3 ms, no more than a handoff to a worker would cost this grant. Larger ones (pinning
-# 1 GiB takes seconds) are made on a worker thread while the loop serves everyone else.
+# A grant whose UMEM (all its sockets together) is at most INLINE_UMEM, or INLINE_POOLED when the UMEM pool
+# has every memfd it needs prefaulted, is made on the event loop: that pins in about 3 or 6 ms, while a
+# worker and the child process that pins (broker.xsk.register_umem_apart) add 2-5 ms to the grant. Larger
+# ones (1 GiB takes seconds) are made on a worker thread while the loop serves everyone else.
 INLINE_UMEM = 4 << 20
+INLINE_POOLED = 16 << 20
 # Large grants being made (running or queued for a worker) at once, in all and per uid: one user cannot
 # keep every worker busy, and nobody can queue unbounded work.
 MAX_JOBS = 16
@@ -215,7 +217,8 @@ class Service:
         return ifindex, prog
 
     def _make_bound(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome | Deferred:
-        big = req.umem_bytes > INLINE_UMEM
+        big = req.umem_bytes > INLINE_UMEM and not (
+            req.umem_bytes <= INLINE_POOLED and self.pool.ready(req.geometry.umem_size) >= len(req.queues))
         if big and (self.jobs[peer.uid] >= MAX_JOBS_PER_UID or self.jobs.total() >= MAX_JOBS):
             raise Refused("grants-in-progress", f"the broker is already making {self.jobs.total()} large grants "
                           f"({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
