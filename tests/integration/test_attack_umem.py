@@ -193,3 +193,58 @@ def test_a_broker_stopped_during_a_large_grant_leaves_nothing_behind(figures) ->
 def _small_grant(path: str) -> list[int]:
     with request("xsk0", [0], geometry=SMALL, socket_path=path, timeout=10) as g:
         return [s.queue for s in g.sockets]
+
+
+BOUND_POLICY = f"""\
+version = 1
+
+[[allow]]
+name = "mid-umem"
+users = [{CONSUMER_UID}]
+interfaces = ["xsk0"]
+max_umem = "64MiB"
+
+[[quota]]
+name = "per-user"
+users = [{CONSUMER_UID}]
+max_umem = "100MiB"
+"""
+
+
+def _parallel_grants(path: str, queues: list[int], umem: int) -> list[str]:
+    """One grant per queue, each on its own connection, all sent before any reply is read."""
+    conns = []
+    for q in queues:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        s.connect(path)
+        s.settimeout(20)
+        s.send(proto.encode_request(proto.Grant("xsk0", (q,), geometry=proto.Geometry(umem_size=umem))))
+        conns.append(s)
+        time.sleep(0.05)  # in this order at the broker
+    codes = []
+    for s in conns:
+        data, fds, _, _ = socket.recv_fds(s, 1 << 16, 8)
+        reply = json.loads(data)
+        codes.append("ok" if reply["ok"] else reply["error"]["code"])
+        for fd in fds:
+            os.close(fd)
+        s.close()
+    return codes
+
+
+def test_large_grants_in_flight_count_against_quotas_and_per_uid_bounds(figures) -> None:  # type: ignore[no-untyped-def]
+    # each large grant pauses a second on its worker after pinning: they are all in flight at once
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=4) as ns, \
+            BrokerProcess(ns.name, BOUND_POLICY, env={"XSKBROKER_FAULT": "after-umem-reg:pause"}) as b:
+        # 3 x 32 MiB: the third is over the per-uid bound of 2 large grants being made (not the quota)
+        codes = spawn_unprivileged(_parallel_grants, b.socket_path, [0, 1, 2], 32 * MiB, uid=CONSUMER_UID).result(30)
+        assert codes == ["ok", "ok", "grants-in-progress"], codes
+        refused = [r for r in b.records() if r.get("event") == "grant" and r.get("code") == "grants-in-progress"]
+        assert refused and "uid 65534" in refused[0]["reason"]
+        # 2 x 64 MiB: the second is over the 100 MiB quota because the first, still being made, counts
+        before = len(b.records())
+        codes2 = spawn_unprivileged(_parallel_grants, b.socket_path, [0, 1], 64 * MiB, uid=CONSUMER_UID).result(30)
+        assert codes2 == ["ok", "quota-umem"], codes2
+        decided = [r.get("code") for r in b.records()[before:] if r.get("event") == "grant"]
+        assert decided == ["quota-umem", "ok"], decided  # refused while the first was not yet a lease
+        figures(per_uid_bound=codes, quota=codes2)
