@@ -111,16 +111,18 @@ def register_umem_apart(sock: socket.socket, umem_fd: int, g: Geometry,
     process, every mmap and munmap meanwhile, any other grant's or malloc's, would wait for it.
     watch(pidfd) lets the caller kill the child (SIGKILL ends the pinning at once) until watch(None)."""
     keep = sorted((sock.fileno(), umem_fd))
+    last, parent = os.sysconf("SC_OPEN_MAX"), os.getpid()
     pid = os.fork()
-    if pid == 0:  # only async-signal-safe work and this module's ctypes calls until _exit
+    if pid == 0:  # only this until _exit: nothing that takes a lock another broker thread may have held
         code = 0
         try:
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the broker (this thread) gone: stop
-            os.nice(19)
+            with contextlib.suppress(OSError):  # the unit's seccomp filter may refuse (~@resources)
+                os.nice(19)  # others first: the pinning is slow anyway
             os.closerange(3, keep[0])  # no copy of another client's fds outlives the broker's own
             os.closerange(keep[0] + 1, keep[1])
-            os.closerange(keep[1] + 1, 1 << 20)
-            if os.getppid() == 1:
+            os.closerange(keep[1] + 1, last)
+            if os.getppid() != parent:
                 raise OSError(errno.ECANCELED, "the broker is gone")
             register_umem(sock, umem_fd, g)
         except OSError as e:
@@ -128,13 +130,17 @@ def register_umem_apart(sock: socket.socket, umem_fd: int, g: Geometry,
         except BaseException:
             code = errno.EIO
         os._exit(code)
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError:  # out of fds: the child cannot be killed early, it is still reaped
+        pidfd = None
     watch(pidfd)
     try:
         _, status = os.waitpid(pid, 0)
     finally:
         watch(None)
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
     code = os.waitstatus_to_exitcode(status)
     if code:
         err = code if code > 0 else errno.EINTR  # killed by a signal
