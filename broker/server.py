@@ -119,6 +119,8 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._signals)
+        # a worker finished a request's kernel work: _retry_waiting (after the events) completes it
+        self.sel.register(service.workers.wake, selectors.EVENT_READ, lambda _: service.workers.drain())
         service.signal_holder = self.signal_holder
         self.links: socket.socket | None = None
         try:
@@ -141,7 +143,8 @@ class Server:
                 # orphaned leases give no event when their sockets close, nor does a bare socket bound by its
                 # holder to a queue it was not granted: look at them every few seconds
                 poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() or self.service.has_bare() else None
-                retry = max(0.0, min(w[0] for w in self.waiting) - time.monotonic()) if self.waiting else None
+                due = [w[0] for w in self.waiting if not w[1].parked()]
+                retry = max(0.0, min(due) - time.monotonic()) if due else None
                 idle_left = self._idle_left()
                 summary = _flush_due(self.audit)
                 timeout = min((t for t in (poll, idle_left, retry, summary) if t is not None), default=None)
@@ -352,7 +355,7 @@ class Server:
         now = time.monotonic()
         still = []
         for due, deferred, conn, who in self.waiting:
-            if due > now:
+            if due > now or deferred.parked():
                 still.append((due, deferred, conn, who))
                 continue
             try:

@@ -6,6 +6,7 @@ returns. Every decision is reported to the audit callback.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -20,6 +21,7 @@ from broker.leases import Lease, LeaseTable, pidfd_ino, pinned_start
 from broker.linkwatch import LinkEvent
 from broker.peer import PeerInfo
 from broker.umem_pool import UmemPool
+from broker.workers import Job, Workers
 from client import protocol as proto
 from client.launch import memlock_limits
 from client.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
@@ -27,6 +29,16 @@ from policy import Holding, Peer, Policy, RateLimiter, Request, Rule, decide
 from policy import quota as quotas
 
 SERVER_NAME = "xskbroker"
+# A grant whose UMEM (all its sockets together) is at most INLINE_UMEM, or INLINE_POOLED when the UMEM pool
+# has every memfd it needs prefaulted, is made on the event loop: that pins in about 3 or 6 ms, while a
+# worker and the child process that pins (broker.xsk.register_umem_apart) add 2-5 ms to the grant. Larger
+# ones (1 GiB takes seconds) are made on a worker thread while the loop serves everyone else.
+INLINE_UMEM = 4 << 20
+INLINE_POOLED = 16 << 20
+# Large grants being made (running or queued for a worker) at once, in all and per uid: one user cannot
+# keep every worker busy, and nobody can queue unbounded work.
+MAX_JOBS = 16
+MAX_JOBS_PER_UID = 2
 AuditFn = Callable[[dict[str, Any]], None]
 
 
@@ -48,6 +60,8 @@ class Deferred:
     step: Callable[[], Outcome | None]
     cancel: Callable[[], None]  # give up (the broker is stopping): undo what was made
     delay: float = 0.001  # first retry; the server backs off to RETRY_CAP
+    # True while a worker thread does the request's kernel work: no timer, the worker's wake-up ends it
+    parked: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -85,7 +99,9 @@ class Service:
         self._buckets_swept = 0.0
         self.clock = clock
         self.pool = UmemPool(umem_pool)
-        self.pending: dict[int, Holding] = {}  # grants waiting for a queue's release, by their identity
+        self.pending: dict[int, Holding] = {}  # grants waiting (for a queue's release, a worker), by identity
+        self.workers = Workers()
+        self.jobs: collections.Counter[int] = collections.Counter()  # large grants being made, by uid
         # the server, which holds the pidfds, sets it
         self.signal_holder: SignalFn = lambda lease, sig: "the broker has no way to signal processes"
         # With link events watched, a change of XDP program drops the cached one as it happens, so a grant
@@ -102,6 +118,7 @@ class Service:
     def close(self) -> None:
         self.forget_programs()
         self.leases.close()
+        self.workers.stop()
         self.pool.close()
 
     # ---- entry point ---------------------------------------------------------------------------
@@ -244,8 +261,15 @@ class Service:
         return ifindex, prog
 
     def _make_bound(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome | Deferred:
+        big = req.umem_bytes > INLINE_UMEM and not (
+            req.umem_bytes <= INLINE_POOLED and self.pool.ready(req.geometry.umem_size) >= len(req.queues))
+        if big and (self.jobs[peer.uid] >= MAX_JOBS_PER_UID or self.jobs.total() >= MAX_JOBS):
+            raise Refused("grants-in-progress", f"the broker is already making {self.jobs.total()} large grants "
+                          f"({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
         ifindex, prog = self._target(req)
         prepared: list[xsk.PreparedSocket] = []
+        bound: list[xsk.PreparedSocket] = []  # bound by the worker
+        where = [req.queues[0]]  # the queue a failure is about
 
         def abort(e: BaseException, queue: int) -> BaseException:
             for p in prepared:
@@ -253,15 +277,34 @@ class Service:
             self.pending.pop(id(prepared), None)
             return _refusal(e, req.interface, queue)
 
-        q = req.queues[0]
+        def work(job: Job) -> None:  # on a worker thread: nothing shared but `prepared`
+            for p in prepared:
+                if job.cancelled:
+                    return
+                where[0] = p.queue
+                p.add_umem(req.geometry, self.pool.take, apart=job.watch)
+            for p in prepared:  # the first bind too: zero-copy maps every UMEM page for DMA there
+                where[0] = p.queue
+                if not job.cancelled and p.try_bind():
+                    bound.append(p)
+
+        job: Job | None = None
         try:
-            for q in req.queues:
-                prepared.append(xsk.prepare_bound(ifindex, q, prog.map_fd, req.geometry, req.bind_mode,
-                                                  req.need_wakeup, self.pool.take))
-            waiting = [p for p in prepared if not p.try_bind()]
+            for p_queue in req.queues:
+                where[0] = p_queue
+                prepared.append(xsk.claim(ifindex, p_queue, prog.map_fd, req.bind_mode, req.need_wakeup))
+            if big:
+                job = self.workers.submit(Job(work, lambda: [p.abort(empty_slot=False) for p in prepared]))
+                self.jobs[peer.uid] += 1
+                waiting = []
+            else:
+                for p in prepared:
+                    where[0] = p.queue
+                    p.add_umem(req.geometry, self.pool.take)
+                waiting = [p for p in prepared if not p.try_bind()]
         except BaseException as e:
-            raise abort(e, q) from None
-        if not waiting:
+            raise abort(e, where[0]) from None
+        if job is None and not waiting:
             return self._finish_bound(peer, req, ifindex, prog, prepared)
         for p in waiting:  # a bare socket squatting the queue will not let go: no point in waiting for it
             culprit = self.squat.culprit(prog, self.leases, p.queue)
@@ -270,11 +313,29 @@ class Service:
                                     lease=culprit.id), p.queue)
         # A queue whose last socket just closed answers EBUSY until the kernel's deferred release runs.
         # The grant waits for it on the server's timer, never in the event loop, and its claimed slots
-        # and pinned UMEM count against the quota meanwhile.
+        # and pinned UMEM count against the quota meanwhile (as they do while a worker makes them).
         self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
         deadline = self.clock() + xsk.BUSY_RETRY_SECONDS
 
+        def job_over() -> None:
+            nonlocal job
+            if job is not None:
+                self.jobs[peer.uid] -= 1
+                if not self.jobs[peer.uid]:
+                    del self.jobs[peer.uid]
+                job = None
+
         def step() -> Outcome | None:
+            nonlocal deadline
+            if job is not None:
+                if not job.done:
+                    return None
+                error = job.error
+                job_over()
+                if error is not None:
+                    raise abort(error, where[0]) from None
+                waiting[:] = [p for p in prepared if p not in bound]
+                deadline = self.clock() + xsk.BUSY_RETRY_SECONDS
             try:
                 waiting[:] = [p for p in waiting if not p.try_bind()]
             except BaseException as e:
@@ -287,9 +348,14 @@ class Service:
             return self._finish_bound(peer, req, ifindex, prog, prepared)
 
         def cancel() -> None:  # the broker is stopping: the wait ends with nothing made
+            if job is not None:  # the worker may still be pinning: it undoes the job when it is done
+                job.cancel()
+                job_over()
+                self.pending.pop(id(prepared), None)
+                return
             abort(OSError(errno.ECANCELED, "the broker is stopping"), req.queues[0])
 
-        return Deferred(step, cancel)
+        return Deferred(step, cancel, parked=lambda: job is not None and not job.done)
 
     def _squatted(self, ifname: str, prog: xdp_prog.XskProgram, queue: int) -> BaseException:
         """Why a queue stayed EBUSY: a bare socket bound off its lease, a stranger's socket, or a slow release."""

@@ -46,6 +46,11 @@ class UmemPool:
             self._wanted.put(size)
         return fd if fd is not None else xsk.sealed_memfd(size)
 
+    def ready(self, size: int) -> int:
+        """How many prefaulted memfds of `size` bytes are ready now."""
+        with self._lock:
+            return len(self._ready.get(size, ()))
+
     def _fill(self) -> None:
         while (size := self._wanted.get()) is not None:
             with self._lock:

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -41,7 +42,9 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_PR_SET_PDEATHSIG = 1
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -93,9 +96,55 @@ def register_umem(sock: socket.socket, umem_fd: int, g: Geometry) -> None:
         raise _oserror("mmap of UMEM memfd")
     try:
         reg = XDP_UMEM_REG_STRUCT.pack(addr, g.umem_size, g.frame_size, g.headroom, 0, 0)
-        sock.setsockopt(SOL_XDP, XDP_UMEM_REG, reg)
+        # through ctypes, which lets go of the GIL: socket.setsockopt holds it, and this call pins every
+        # page (seconds for a GiB), so a broker thread doing it would stop the event loop all the same
+        if _libc.setsockopt(sock.fileno(), SOL_XDP, XDP_UMEM_REG, reg, len(reg)) != 0:
+            raise _oserror("XDP_UMEM_REG")
     finally:
         _libc.munmap(addr, g.umem_size)
+
+
+def register_umem_apart(sock: socket.socket, umem_fd: int, g: Geometry,
+                        watch: Callable[[int | None], None] = lambda pidfd: None) -> None:
+    """register_umem in a child process, which exits once the pages are pinned (the pins stay with the
+    socket). Pinning holds the caller's mmap_lock the whole time (seconds for a GiB): in the broker's own
+    process, every mmap and munmap meanwhile, any other grant's or malloc's, would wait for it.
+    watch(pidfd) lets the caller kill the child (SIGKILL ends the pinning at once) until watch(None)."""
+    keep = sorted((sock.fileno(), umem_fd))
+    last, parent = os.sysconf("SC_OPEN_MAX"), os.getpid()
+    pid = os.fork()
+    if pid == 0:  # only this until _exit: nothing that takes a lock another broker thread may have held
+        code = 0
+        try:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the broker (this thread) gone: stop
+            with contextlib.suppress(OSError):  # the unit's seccomp filter may refuse (~@resources)
+                os.nice(19)  # others first: the pinning is slow anyway
+            os.closerange(3, keep[0])  # no copy of another client's fds outlives the broker's own
+            os.closerange(keep[0] + 1, keep[1])
+            os.closerange(keep[1] + 1, last)
+            if os.getppid() != parent:
+                raise OSError(errno.ECANCELED, "the broker is gone")
+            register_umem(sock, umem_fd, g)
+        except OSError as e:
+            code = e.errno or errno.EIO
+        except BaseException:
+            code = errno.EIO
+        os._exit(code)
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError:  # out of fds: the child cannot be killed early, it is still reaped
+        pidfd = None
+    watch(pidfd)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        watch(None)
+        if pidfd is not None:
+            os.close(pidfd)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        err = code if code > 0 else errno.EINTR  # killed by a signal
+        raise OSError(err, f"XDP_UMEM_REG: {os.strerror(err)}")
 
 
 def set_rings(sock: socket.socket, g: Geometry) -> None:
@@ -136,7 +185,8 @@ class PreparedSocket:
     """A socket with its slot claimed, UMEM registered and rings sized: everything but the bind.
 
     Split from the bind so that a broker can wait out EBUSY (a just-closed socket's queue is released
-    12-20 ms later, longer under load) without stopping for everyone else.
+    12-20 ms later, longer under load) without stopping for everyone else. Made in two halves: claim()
+    is cheap; add_umem() pins every UMEM page (seconds for a GiB), so a broker may run it on a thread.
     """
 
     sock: socket.socket
@@ -145,6 +195,18 @@ class PreparedSocket:
     queue: int
     flags: int
     map_fd: int | None
+
+    def add_umem(self, g: Geometry, memfd: Callable[[int], int] | None = None,
+                 apart: Callable[[int | None], None] | None = None) -> None:
+        """The expensive half: sealed memfd, UMEM registration (pins its pages; with apart, in a child
+        process that apart is told of) and ring sizes."""
+        self.umem_fd = (memfd or sealed_memfd)(g.umem_size)
+        if apart is None:
+            register_umem(self.sock, self.umem_fd, g)
+        else:
+            register_umem_apart(self.sock, self.umem_fd, g, apart)
+        faults.point("after-umem-reg")
+        set_rings(self.sock, g)
 
     def try_bind(self) -> bool:
         """Bind; False while the queue is still held by a socket being released (EBUSY)."""
@@ -162,14 +224,32 @@ class PreparedSocket:
         flags = self.flags | (XDP_ZEROCOPY if zc else XDP_COPY)
         return BoundSocket(self.sock.detach(), self.umem_fd, self.queue, flags, zc)
 
-    def abort(self) -> None:
-        """Undo everything: empty the slot, close the socket and the UMEM memfd."""
-        if self.map_fd is not None:
+    def abort(self, empty_slot: bool = True) -> None:
+        """Undo everything: empty the slot, close the socket and the UMEM memfd. Closing the socket
+        empties its slot too: a worker thread that may outlive the map's fd passes empty_slot=False."""
+        if self.map_fd is not None and empty_slot:
             with contextlib.suppress(OSError):
                 bpf.map_delete(self.map_fd, self.queue)
-        with contextlib.suppress(OSError):
-            os.close(self.umem_fd)
+        if self.umem_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.umem_fd)
+            self.umem_fd = -1
         self.sock.close()
+
+
+def claim(ifindex: int, queue: int, map_fd: int | None, bind_mode: str = "auto",
+          need_wakeup: bool = True) -> PreparedSocket:
+    """The cheap half of prepare_bound: the socket and its xsks_map[queue] claim, no UMEM yet."""
+    sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    try:
+        faults.point("after-socket")
+        if map_fd is not None:
+            claim_slot(map_fd, queue, sock.fileno())
+        faults.point("after-map-claim")
+    except BaseException:
+        sock.close()
+        raise
+    return PreparedSocket(sock, -1, ifindex, queue, bind_flags_for(bind_mode, need_wakeup), map_fd)
 
 
 def prepare_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",
@@ -180,22 +260,13 @@ def prepare_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bin
     QueueBusy. `memfd(size)` supplies the sealed UMEM memory (default: a fresh one). map_fd None makes a
     TX-only socket (a traffic generator) that claims no slot.
     """
-    with contextlib.ExitStack() as undo:
-        sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-        undo.callback(sock.close)
-        faults.point("after-socket")
-        if map_fd is not None:
-            claim_slot(map_fd, queue, sock.fileno())
-            undo.callback(bpf.map_delete, map_fd, queue)
-        faults.point("after-map-claim")
-        umem_fd = (memfd or sealed_memfd)(g.umem_size)
-        undo.callback(os.close, umem_fd)
-        register_umem(sock, umem_fd, g)
-        faults.point("after-umem-reg")
-        set_rings(sock, g)
-        undo.pop_all()
-        return PreparedSocket(sock, umem_fd, ifindex, queue, bind_flags_for(bind_mode, need_wakeup), map_fd)
-    raise AssertionError("unreachable")
+    p = claim(ifindex, queue, map_fd, bind_mode, need_wakeup)
+    try:
+        p.add_umem(g, memfd)
+    except BaseException:
+        p.abort()
+        raise
+    return p
 
 
 def create_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",

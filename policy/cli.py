@@ -16,7 +16,7 @@ import sys
 from .decide import Decision, Peer, Request, decide
 from .loader import DEFAULT_POLICY_PATH, PolicyError, load_policy
 from .model import KINDS, Policy
-from .sizes import parse_size
+from .sizes import format_size, parse_size
 
 EXIT_ALLOW = 0
 EXIT_DENY = 1
@@ -235,6 +235,9 @@ def _print_decision(decision: Decision, peer: Peer, request: Request, as_json: b
             "gids": sorted(peer.gids),
             "groups": sorted(peer.groups),
         }
+        rule = decision.rule
+        if rule is not None and rule.action == "allow":  # the UMEM cap in force, a default one included
+            out["max_umem"], out["max_umem_default"] = rule.umem_limit, rule.max_umem is None
         print(json.dumps(out))
         return
     if decision.allowed and decision.rule is not None:
@@ -243,6 +246,9 @@ def _print_decision(decision: Decision, peer: Peer, request: Request, as_json: b
         print(f"DENY ({decision.code}): {decision.reason}")
     # Group membership is the usual surprise, so show what the decision was based on.
     print(f"  peer: {_describe_peer(peer)}")
+    if decision.rule is not None and decision.rule.action == "allow":
+        default = " (the default: the rule sets no max_umem)" if decision.rule.max_umem is None else ""
+        print(f"  max_umem: {format_size(decision.rule.umem_limit)} per grant{default}")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

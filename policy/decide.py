@@ -136,11 +136,12 @@ def _check_allow(rule: Rule, peer: Peer, request: Request) -> tuple[int, str, st
             TOO_MANY_QUEUES,
             f"{rule.describe()} allows at most {rule.max_queues} queues per grant, not {len(request.queues)}",
         )
-    if rule.max_umem is not None and request.umem_bytes > rule.max_umem:
+    if request.umem_bytes > rule.umem_limit:
+        default = " (the default: it sets no max_umem)" if rule.max_umem is None else ""
         return (
             5,
             UMEM_TOO_LARGE,
-            f"{rule.describe()} allows at most {format_size(rule.max_umem)} of UMEM per grant, "
+            f"{rule.describe()} allows at most {format_size(rule.umem_limit)} of UMEM per grant{default}, "
             f"not {format_size(request.umem_bytes)}",
         )
     return 6, OK, f"{rule.describe()} allows {_summary(request)} for {peer}"

@@ -172,7 +172,7 @@ def _umem(value: Any) -> int:
     except ValueError as e:
         raise _Invalid(str(e)) from None
     if size <= 0:
-        raise _Invalid("must be more than zero bytes (omit it for no limit)")
+        raise _Invalid("must be more than zero bytes (omit it for the default)")
     return size
 
 

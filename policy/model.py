@@ -13,6 +13,11 @@ Kind = Literal["bound", "bare", "map"]
 KINDS: tuple[Kind, ...] = ("bound", "bare", "map")
 Action = Literal["allow", "deny"]
 
+# The UMEM a grant may pin (all its sockets together) under an allow rule that sets no max_umem: 16 queues
+# of the 16 MiB UMEM that libxdp's samples use, or 64 of the broker's default 4 MiB. Unbounded, one request
+# could pin 126 x 4 GiB of the broker's (unlimited, root) memlock, and the pinning alone takes seconds.
+DEFAULT_MAX_UMEM = 256 << 20
+
 
 @dataclass(frozen=True)
 class QueueSet:
@@ -84,6 +89,11 @@ class Rule:
     def describe(self) -> str:
         """How reasons and tools name this rule: "rule 'x' (file:line)"."""
         return f"rule {self.name!r} ({self.source})"
+
+    @property
+    def umem_limit(self) -> int:
+        """The UMEM bytes one grant may have under this rule: max_umem, or the default when unset."""
+        return DEFAULT_MAX_UMEM if self.max_umem is None else self.max_umem
 
 
 @dataclass(frozen=True)

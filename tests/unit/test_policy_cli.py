@@ -266,3 +266,18 @@ def test_resolve_peer():
 
 def test_loads_what_it_checks(policy_file):
     assert [r.name for r in load_policy(policy_file).rules] == ["root-veths", "group-4242", "never-eth0"]
+
+
+def test_explain_shows_the_umem_cap_in_force(policy_file, capsys):
+    argv = ["--user", UNKNOWN_UID, "--group", "4242", "--interface", "eth1", "--queue", "3", "--kind", "bare"]
+    assert explain(policy_file, *argv) == 0
+    third = capsys.readouterr().out.splitlines()[2]
+    assert third == "  max_umem: 256 MiB per grant (the default: the rule sets no max_umem)"
+    assert explain(policy_file, *argv, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["max_umem"], result["max_umem_default"]) == (256 << 20, True)
+    assert explain(policy_file, "--user", "root", "--interface", "veth0", "--queue", "0", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["max_umem"], result["max_umem_default"]) == (1 << 20, False)
+    assert explain(policy_file, "--user", "root", "--interface", "veth0", "--queue", "0", "--umem", "2MiB") == 1
+    assert capsys.readouterr().out.splitlines()[2] == "  max_umem: 1 MiB per grant"

@@ -4,7 +4,7 @@ import pytest
 
 from policy.decide import CODES, Decision, Peer, Request, decide, interface_matches, principal_matches
 from policy.loader import parse_policy
-from policy.model import KINDS, Policy, QueueSet, Rule
+from policy.model import DEFAULT_MAX_UMEM, KINDS, Policy, QueueSet, Rule
 
 ALICE = Peer(uid=1000, gids=frozenset({1000, 27}), user="alice", groups=frozenset({"alice", "sudo"}))
 
@@ -176,12 +176,34 @@ def test_only_principal_failures_report_no_rule():
     assert (d.code, d.rule) == ("user-not-allowed", None)
 
 
-def test_umem_limit_is_inclusive_and_absent_limits_are_unbounded():
+def test_umem_limit_is_inclusive():
     capped = Policy((rule("capped", max_umem=4096),))
     assert check(capped, Request("eth1", (0,), umem_bytes=4096)).allowed
     assert check(capped, Request("eth1", (0,), umem_bytes=4097)).code == "umem-too-large"
-    free = Policy((rule("free"),))
-    assert check(free, Request("eth1", tuple(range(64)), umem_bytes=1 << 40)).allowed
+
+
+def test_a_rule_without_max_umem_caps_a_grant_at_the_default():
+    unset = Policy((rule("unset"),))
+    assert rule("unset").umem_limit == DEFAULT_MAX_UMEM == 256 << 20
+    assert check(unset, Request("eth1", tuple(range(64)), umem_bytes=DEFAULT_MAX_UMEM)).allowed
+    d = check(unset, Request("eth1", tuple(range(126)), umem_bytes=126 << 32))  # 126 queues x 4 GiB
+    assert d.code == "umem-too-large"
+    assert "at most 256 MiB of UMEM per grant (the default: it sets no max_umem), not 504 GiB" in d.reason
+    d = check(unset, Request("eth1", (0,), umem_bytes=DEFAULT_MAX_UMEM + 4096))
+    assert d.code == "umem-too-large"
+
+
+def test_a_rule_may_allow_more_umem_than_the_default():
+    big = Policy((rule("big", max_umem=1 << 30),))
+    assert rule("big", max_umem=1 << 30).umem_limit == 1 << 30
+    assert check(big, Request("eth1", (0,), umem_bytes=1 << 30)).allowed
+    assert check(big, Request("eth1", (0, 1), umem_bytes=2 << 30)).code == "umem-too-large"  # the total counts
+
+
+def test_the_default_umem_cap_applies_to_files_that_omit_max_umem():
+    policy = parse_policy('version = 1\n[[allow]]\nname = "a"\nusers = ["*"]\ninterfaces = ["eth1"]\n', "p.toml")
+    assert policy.rules[0].max_umem is None and policy.rules[0].umem_limit == DEFAULT_MAX_UMEM
+    assert check(policy, Request("eth1", (0,), umem_bytes=1 << 30)).code == "umem-too-large"
 
 
 def test_default_kind_is_bound_only():

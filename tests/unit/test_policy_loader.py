@@ -127,7 +127,7 @@ def test_every_rule_error_points_at_its_key_line():
         "p.toml:7: rule 'a': queues: range '5-3' runs backwards (start > end)",
         "p.toml:8: rule 'a': kinds: unknown kind 'weird' (known: bound, bare, map)",
         "p.toml:9: rule 'a': max_queues: must be a positive integer, got 0",
-        "p.toml:10: rule 'a': max_umem: must be more than zero bytes (omit it for no limit)",
+        "p.toml:10: rule 'a': max_umem: must be more than zero bytes (omit it for the default)",
         "p.toml:11: rule 'a': exclusive: must be true or false, got 'yes'",
         "p.toml:12: rule 'a': unknown key 'queue' (did you mean 'queues'?)",
     ]

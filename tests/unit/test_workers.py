@@ -1,0 +1,94 @@
+"""The worker threads that make large grants: completions wake the loop, and a cancelled job is undone
+exactly once, by the loop or by the worker, whichever sees it last."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import time
+
+from broker.workers import Job, Workers
+
+
+def _woken(w: Workers, timeout: float = 5.0) -> bool:
+    ready = bool(select.select([w.wake], [], [], timeout)[0])
+    w.drain()
+    return ready
+
+
+def test_a_finished_job_wakes_the_loop_with_its_result() -> None:
+    w = Workers(threads=2)
+    try:
+        ok = w.submit(Job(lambda job: None, lambda: None))
+        bad = w.submit(Job(lambda job: (_ for _ in ()).throw(OSError(12, "no memory")), lambda: None))
+        deadline = time.monotonic() + 5
+        while not (ok.done and bad.done) and time.monotonic() < deadline:
+            _woken(w, 0.5)
+        assert ok.done and ok.error is None
+        assert bad.done and isinstance(bad.error, OSError) and bad.error.errno == 12
+    finally:
+        w.stop()
+
+
+def test_a_job_cancelled_while_running_is_undone_by_the_worker_once() -> None:
+    w = Workers(threads=1)
+    undone: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def work(job: Job) -> None:
+        started.set()
+        release.wait(5)
+
+    try:
+        job = w.submit(Job(work, lambda: undone.append(threading.current_thread().name)))
+        assert started.wait(5)
+        job.cancel()
+        assert undone == []  # still running: the worker undoes it when its step ends
+        release.set()
+        assert _woken(w)
+        assert undone == ["xskbroker-worker-0"]
+    finally:
+        w.stop()
+
+
+def test_a_job_cancelled_after_it_finished_is_undone_by_the_caller_once() -> None:
+    w = Workers(threads=1)
+    undone: list[int] = []
+    try:
+        job = w.submit(Job(lambda job: None, lambda: undone.append(1)))
+        assert _woken(w) and job.done
+        job.cancel()
+        assert undone == [1]
+    finally:
+        w.stop()
+
+
+def test_cancel_kills_the_child_process_a_job_is_waiting_for() -> None:
+    w = Workers(threads=1)
+
+    def work(job: Job) -> None:  # what broker.xsk.register_umem_apart does around its child
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        pidfd = os.pidfd_open(pid)
+        job.watch(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+        finally:
+            job.watch(None)
+            os.close(pidfd)
+        raise OSError(0, f"child ended with {os.waitstatus_to_exitcode(status)}")
+
+    try:
+        job = w.submit(Job(work, lambda: None))
+        time.sleep(0.2)
+        started = time.monotonic()
+        job.cancel()
+        assert _woken(w) and job.done
+        assert time.monotonic() - started < 2
+        assert str(job.error) == f"[Errno 0] child ended with {-signal.SIGKILL}"
+    finally:
+        w.stop()
