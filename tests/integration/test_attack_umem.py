@@ -36,7 +36,7 @@ name = "big-umem"
 users = [{CONSUMER_UID}]
 interfaces = ["xsk0"]
 queues = [0]
-max_umem = "1GiB"
+max_umem = "1025MiB"  # the UMEM and its rings
 
 [[allow]]
 name = "probe"
@@ -202,7 +202,7 @@ version = 1
 name = "mid-umem"
 users = [{CONSUMER_UID}]
 interfaces = ["xsk0"]
-max_umem = "64MiB"
+max_umem = "65MiB"  # the UMEM and its rings
 
 [[quota]]
 name = "per-user"
