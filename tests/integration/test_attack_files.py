@@ -255,3 +255,32 @@ def test_link_at_journal_temp_name_survives_compaction_while_serving(veth: VethN
         assert exchange_raw(b.socket_path, [proto.encode_request(proto.Hello())]) == ["ok"]
         figures(victim_intact=True, grant_release_cycles=520, cycles_s=round(cycles_s, 2),
                 **root_probe(b, veth.inside))
+
+
+# ---- the listening socket's node, swapped for a link between bind() and chmod() ------------------------------
+
+def test_socket_swapped_for_a_link_after_bind_is_not_chmodded_through(victim: Path, monkeypatch,
+                                                                      figures) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    from broker.server import listen
+
+    d = Path(tempfile.mkdtemp(prefix="xskf-sock-"))
+    path = d / "broker.sock"
+    real_bind = socket.socket.bind
+
+    def bind_then_swap(self: socket.socket, address: Any) -> None:
+        real_bind(self, address)
+        # what an attacker who can write the directory does in the window: rename the node, plant a link
+        os.rename(address, f"{address}.moved")
+        os.symlink(victim, address)
+
+    monkeypatch.setattr(socket.socket, "bind", bind_then_swap)
+    try:
+        with pytest.raises(FileExistsError, match="was replaced while it was being created"):
+            listen(str(path), 0o666, 65534)
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o600 and victim.stat().st_gid == 0
+        assert victim.read_text() == SECRET
+        figures(victim_mode=f"{stat.S_IMODE(victim.stat().st_mode):04o}")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
