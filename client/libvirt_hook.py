@@ -534,7 +534,7 @@ class VirshMonitor:
     def pid(self) -> int:
         path = os.path.join(self.pid_dir, f"{self.domain}.pid")
         try:
-            pid = int(Path(path).read_text().strip())
+            pid = int(_read_trusted(path).strip())  # who wrote it names whose identity the hook asks with
         except (OSError, ValueError) as e:
             raise q.QMPConnectionError(f"cannot read QEMU's pid from {path}: {e}") from None
         if not os.path.exists(f"/proc/{pid}"):

@@ -79,3 +79,12 @@ def test_spawn_worker_refuses_a_state_dir_of_another_uid(tmp_path: Path) -> None
     with pytest.raises(OSError, match="owned by uid 65534"):
         lh.spawn_worker("vm1", [], lh.Config(state_dir=str(state)))
     assert list(state.iterdir()) == []
+
+
+def test_a_pid_file_others_could_write_is_not_believed(tmp_path: Path) -> None:
+    pidfile = tmp_path / "vm1.pid"
+    pidfile.write_text(f"{os.getpid()}\n")
+    assert lh.VirshMonitor("vm1", pid_dir=str(tmp_path)).pid() == os.getpid()
+    pidfile.chmod(0o666)  # anyone could point the hook at a process of another user
+    with pytest.raises(lh.q.QMPConnectionError, match=f"{pidfile}: unsafe: .*chmod go-w"):
+        lh.VirshMonitor("vm1", pid_dir=str(tmp_path)).pid()
