@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--socket-mode", type=_mode, default=0o660, help="socket file mode (default: 0660)")
     s.add_argument("--socket-group", help="group owning the socket file (name or gid)")
     s.add_argument("--state-dir", help="where leases are recorded for restart recovery "
-                   "(default: $RUNTIME_DIRECTORY or /run/xskbroker)")
+                   "(default: $RUNTIME_DIRECTORY or /run/xskbroker); created 0700, and must be the broker's "
+                   "own and closed to others")
     s.add_argument("--umem-pool", type=_size, default=64 << 20, metavar="SIZE",
                    help="memory kept ready (allocated, zeroed, never used) for the UMEMs of coming grants, "
                    "which then only need pinning; 0 turns it off (default: 64MiB)")

@@ -19,6 +19,7 @@ from broker import systemd
 from broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
 from broker.server import MAX_CONNECTIONS, Server, listen
 from broker.service import Service
+from client import safefiles
 from policy import PolicyError, load_policy
 
 
@@ -46,6 +47,12 @@ def serve(args: argparse.Namespace) -> int:
     except AuditSetupError as e:
         print(f"xskbroker: {e}", file=sys.stderr)
         return 1
+    state_dir = getattr(args, "state_dir", None) or os.environ.get("RUNTIME_DIRECTORY", "/run/xskbroker")
+    try:  # the lease journal's directory: ours alone, or a planted link could make us write anywhere
+        safefiles.private_dir(state_dir)
+    except safefiles.UnsafePathError as e:
+        print(f"xskbroker: {e}; not starting", file=sys.stderr)
+        return 1
     notifier = systemd.Notifier()
     status = _Status(sink, notifier)
     audit: AuditFn = Throttle(status)
@@ -63,8 +70,6 @@ def serve(args: argparse.Namespace) -> int:
             print(f"xskbroker: cannot listen on {args.socket}: {e.strerror or e}", file=sys.stderr)
             return 1
     sock_path = _path_of(listener) or args.socket
-    state_dir = getattr(args, "state_dir", None) or os.environ.get("RUNTIME_DIRECTORY", "/run/xskbroker")
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
                       umem_pool=args.umem_pool)
     service.recover()

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from client import safefiles
+
 STATE_VERSION = 1
 PIDFS_MAGIC = 0x50494446
 _pidfs: bool | None = None  # whether pidfds live on pidfs (Linux 6.9+), found on first use
@@ -209,14 +211,22 @@ class LeaseTable:
             return
         if self._journal is not None:
             self._journal.close()
+            self._journal = None
         tmp = f"{self.state_file}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        f = os.fdopen(safefiles.create_new(tmp), "w")  # never through a link planted at the temp name
+        try:
             f.write(json.dumps({"version": STATE_VERSION}) + "\n")
             for lease in self._by_id.values():
                 f.write(json.dumps({"lease": lease.record()}, separators=(",", ":")) + "\n")
-        os.replace(tmp, self.state_file)
-        self._journal = open(self.state_file, "a")  # noqa: SIM115 - kept open for appends
+            f.flush()
+            os.replace(tmp, self.state_file)  # replaces whatever entry was there, never follows it
+        except BaseException:
+            f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        # appends go to the file just written, so nothing at the journal's name is ever opened
+        self._journal = f
         self._lines = len(self._by_id)
 
     def close(self) -> None:
@@ -229,8 +239,8 @@ class LeaseTable:
         if not self.state_file:
             return []
         leases: dict[str, Lease] = {}
-        try:
-            with open(self.state_file) as f:
+        try:  # never through a link, and only our own file: a planted journal is not believed
+            with open(self.state_file, opener=safefiles.private_opener) as f:
                 header = json.loads(f.readline() or "{}")
                 if header.get("version") != STATE_VERSION:
                     return []
@@ -242,7 +252,7 @@ class LeaseTable:
                             leases[lease.id] = lease
                         elif "end" in entry:
                             leases.pop(entry["end"], None)
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return []
         return list(leases.values())
 

@@ -149,6 +149,7 @@ class BrokerProcess:
         self.workdir = tempfile.mkdtemp(prefix="xskbroker-")
         os.chmod(self.workdir, 0o711)  # others may reach the socket by its path, not list the folder
         Path(self.policy_path).write_text(self.policy_text)
+        os.chmod(self.policy_path, 0o644)  # whatever the umask: the broker refuses a policy others could write
         try:
             self.start()
         except BaseException:

@@ -77,9 +77,18 @@ def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.soc
             sock.bind(path)
         finally:
             os.umask(old)
-        os.chmod(path, mode)
-        if group is not None:
-            os.chown(path, -1, group)
+        # by the inode just made, never by name: a link swapped in for it (in a directory others can
+        # write) would make root chmod/chown the link's target
+        node = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(node)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+                raise FileExistsError(errno.EEXIST, f"{path} was replaced while it was being created")
+            os.chmod(f"/proc/self/fd/{node}", mode)
+            if group is not None:
+                os.chown(f"/proc/self/fd/{node}", -1, group)
+        finally:
+            os.close(node)
         sock.listen(128)
     except BaseException:
         sock.close()

@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -41,6 +42,8 @@ from urllib.parse import quote
 
 from client import protocol as proto
 from client import qmp as q
+from client import safefiles
+from policy import trust
 
 NS = "urn:xskbroker:libvirt:1"
 NS_FAMILY = "urn:xskbroker:libvirt:"
@@ -323,7 +326,7 @@ def load_config(path: str | None = None) -> Config:
     explicit = path or os.environ.get(CONFIG_ENV)
     chosen = explicit or DEFAULT_CONFIG
     try:
-        text = Path(chosen).read_text()
+        text = _read_trusted(chosen)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{chosen}: no such file") from None
@@ -331,6 +334,18 @@ def load_config(path: str | None = None) -> Config:
     except OSError as e:
         raise ConfigError(f"{chosen}: {e.strerror or e}") from None
     return parse_config(text, chosen)
+
+
+def _read_trusted(path: str) -> str:
+    """The file's text, if only root (or we) could have written it: it names programs run as root."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        st = os.fstat(f.fileno())
+        unsafe = trust.problem(path, st) or next(iter(trust.dir_chain_problems(path)), None)
+        if unsafe:
+            raise ConfigError(unsafe)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        return f.read().decode()
 
 
 # ---- what to do for a hook call (pure) -----------------------------------------------------------------
@@ -430,9 +445,9 @@ def same_process(pid: int | None, start: int | None) -> bool:
 # ---- state files ---------------------------------------------------------------------------------------
 
 def read_state(path: str) -> dict[str, Any] | None:
-    try:
-        state = json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError):
+    try:  # never through a link, and only root's own file: its pids get signalled
+        state = json.loads(safefiles.read_private(path) or b"null")
+    except ValueError:
         return None
     return state if isinstance(state, dict) else None
 
@@ -440,8 +455,7 @@ def read_state(path: str) -> dict[str, Any] | None:
 def write_state(path: str, state: Mapping[str, Any]) -> None:
     """Atomically (a reader sees the old or the new file), readable by root only."""
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(safefiles.create_new(tmp), "w") as f:  # a link planted at the temp name is unlinked
         json.dump(state, f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
@@ -520,7 +534,7 @@ class VirshMonitor:
     def pid(self) -> int:
         path = os.path.join(self.pid_dir, f"{self.domain}.pid")
         try:
-            pid = int(Path(path).read_text().strip())
+            pid = int(_read_trusted(path).strip())  # who wrote it names whose identity the hook asks with
         except (OSError, ValueError) as e:
             raise q.QMPConnectionError(f"cannot read QEMU's pid from {path}: {e}") from None
         if not os.path.exists(f"/proc/{pid}"):
@@ -932,7 +946,7 @@ def _worker_process(domain: str, interfaces: Sequence[Interface], cfg: Config, l
     """The detached worker's body: stdio to the log, no fd of libvirt's kept, then run_worker. Never returns."""
     code = 1
     try:
-        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        out = safefiles.private_opener(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out, 1)
@@ -960,12 +974,12 @@ def _worker_process(domain: str, interfaces: Sequence[Interface], cfg: Config, l
 
 def spawn_worker(domain: str, interfaces: Sequence[Interface], cfg: Config) -> int:
     """Double fork: the worker runs in its own session, reparented away from libvirt; returns its pid."""
-    os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+    safefiles.private_dir(cfg.state_dir)  # ours alone: root writes here
     log_path = domain_file(cfg.state_dir, domain, ".log")
     state_path = domain_file(cfg.state_dir, domain, ".json")
     previous = read_state(state_path)
     if previous is not None:  # a previous start's, whose worker may still be waiting for a QEMU that is gone
-        with open(log_path, "a") as stream:
+        with open(log_path, "a", opener=safefiles.private_opener) as stream:
             _stop_worker(previous, Log(stream, domain))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_path)
@@ -1020,7 +1034,7 @@ def forget(domain: str, cfg: Config, operation: str = "release") -> dict[str, An
     state = read_state(state_path)
     if state is None:
         return None
-    with open(domain_file(cfg.state_dir, domain, ".log"), "a") as stream:
+    with open(domain_file(cfg.state_dir, domain, ".log"), "a", opener=safefiles.private_opener) as stream:
         log = Log(stream, domain)
         _stop_worker(state, log)
         state = read_state(state_path) or state  # the worker may have recorded more before it ended

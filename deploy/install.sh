@@ -14,6 +14,8 @@
 # runs systemd also creates the group, the directories and reloads systemd; enabling is left to you:
 #   systemctl enable --now xskbroker.socket
 set -eu
+# Nothing installed may be writable by others: the broker refuses a policy that is (StrictModes).
+umask 022
 
 action=install
 prefix=/usr/local
@@ -99,6 +101,13 @@ do_install() {
         install -m 0644 "$here/policy.example.toml" "$root$confdir/policy.toml"
         say "installed $root$confdir/policy.toml (the example: edit it, then systemctl reload xskbroker)"
     fi
+    # a policy others could rewrite would make them admin: the broker refuses it, so close it now
+    for f in "$root$confdir" "$root$confdir/policy.d" "$root$confdir/policy.toml" "$root$confdir/policy.d"/*.toml; do
+        if [ -e "$f" ] && [ -n "$(find "$f" -maxdepth 0 -perm /022 ! -type l)" ]; then
+            chmod go-w "$f"
+            say "$f: group/world write removed (the broker refuses a policy others could rewrite)"
+        fi
+    done
     if [ ! -x "$root$bindir/xskbroker" ]; then
         say "note: $root$bindir/xskbroker does not exist yet: install the package there (docs/systemd.md)"
     fi

@@ -5,13 +5,16 @@ This is the only policy module that touches the filesystem.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import trust
 from .model import KINDS, Action, Admin, Policy, QueueSet, Quota, Rule
 from .sizes import parse_size
 
@@ -410,19 +413,59 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
     return _merge([_parse_text(text, filename)], [], [filename])
 
 
-def _read(path: str, errors: list[str]) -> str | None:
+def _read(path: str, errors: list[str], name: str | None = None, dir_fd: int | None = None) -> str | None:
+    """The file's text if it may be trusted (checked on the opened file: no swap after the check).
+    With dir_fd, `name` is opened relative to that directory and `path` names it in messages."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(name or path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as e:
+        errors.append(f"{path}: cannot read: {e.strerror or e}")
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = os.strerror(errno.EISDIR) if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            errors.append(f"{path}: cannot read: {kind}")
+            return None
+        unsafe = trust.problem(path, st)
+        if unsafe:
+            errors.append(unsafe)
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read()
     except OSError as e:
         errors.append(f"{path}: cannot read: {e.strerror or e}")
         return None
+    finally:
+        os.close(fd)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         errors.append(f"{path}:{line}: not valid UTF-8 (byte {e.start})")
         return None
+
+
+def _dropins(dropin: str, errors: list[str]) -> list[tuple[str, str | None]]:
+    """(path, text) of each policy.d/*.toml in name order, read through one fd of the checked directory."""
+    try:
+        fd = os.open(dropin, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        errors.append(f"{dropin}: cannot read: {e.strerror or e}")
+        return []
+    try:
+        unsafe = trust.problem(dropin, os.fstat(fd))
+        if unsafe:
+            errors.append(unsafe)
+            return []
+        # Hidden files are skipped: editors and atomic writers leave them behind half-written.
+        names = sorted(n for n in os.listdir(fd) if n.endswith(".toml") and not n.startswith("."))
+        return [(os.path.join(dropin, n), _read(os.path.join(dropin, n), errors, n, fd)) for n in names]
+    except OSError as e:
+        errors.append(f"{dropin}: cannot read: {e.strerror or e}")
+        return []
+    finally:
+        os.close(fd)
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -432,20 +475,17 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     """
     # os.path rather than pathlib, whose import would add a tenth to the broker's start-up
     main = os.fspath(path)
-    files = [main]
     errors: list[str] = []
+    seen: set[str] = set()
+    errors += trust.dir_chain_problems(main, seen)
+    texts = [(main, _read(main, errors))]
     dropin = os.path.join(os.path.dirname(main), DROPIN_DIR)
     if os.path.isdir(dropin):
-        try:
-            # Hidden files are skipped: editors and atomic writers leave them behind half-written.
-            files += [os.path.join(dropin, n) for n in sorted(os.listdir(dropin))
-                      if n.endswith(".toml") and not n.startswith(".")]
-        except OSError as e:
-            errors.append(f"{dropin}: cannot read: {e.strerror or e}")
+        errors += trust.dir_chain_problems(dropin, seen)
+        texts += _dropins(dropin, errors)
     parsed: list[_Parsed] = []
     sources: list[str] = []
-    for file in files:
-        text = _read(file, errors)
+    for file, text in texts:
         if text is not None:
             parsed.append(_parse_text(text, file))
             sources.append(file)
