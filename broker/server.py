@@ -29,7 +29,9 @@ from client import protocol as proto
 from policy import Holding, PolicyError, load_policy
 from policy import quota as quotas
 
-MAX_FDS_IN = 16  # fds a client might (wrongly) attach; more are dropped and closed by the kernel
+# fds a client might attach where the kernel cannot refuse them: room for all of them (SCM_MAX_FD), because
+# any the buffer cannot hold are closed by the kernel in the receiving thread, and such a close can block
+MAX_FDS_IN = 253
 MAX_CONNECTIONS = 1024
 FDS_PER_CONNECTION = 2  # a connection, plus room for what its holder may need (a pidfd, fds in flight)
 FD_HEADROOM = 64  # listener, netlink, wake-up pair, journal, the UMEM pool, a grant being made
@@ -265,11 +267,9 @@ class Server:
         except OSError:
             conn = None
         if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.setblocking(False)
-                conn.send(proto.error_reply("too-many-connections", "the broker has no file descriptors left "
-                                            "for another connection; try again later"))
-            conn.close()
+            conn.setblocking(False)
+            self._say_and_close(conn, proto.error_reply("too-many-connections", "the broker has no file descriptors "
+                                                   "left for another connection; try again later"))
         self._spare = _open_spare()
         self.audit({"event": "accept-failed", "error": str(e), "errno": e.errno})
 
@@ -302,14 +302,27 @@ class Server:
             evict = admission.evict_uid
         if code:
             self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": code, "reason": reason})
-            with contextlib.suppress(OSError):
-                conn.send(proto.error_reply(code, reason))
-            conn.close()
+            self._say_and_close(conn, proto.error_reply(code, reason))
             return
         if evict is not None:
             self._evict_one(evict, who)
         self.conns[conn.fileno()] = (conn, who)
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
+
+    def _say_and_close(self, conn: socket.socket, reply: bytes) -> None:
+        """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:
+        closing a unix socket with unread data makes the peer's recv fail ECONNRESET before it reads the
+        reply. fds found on the way go to the untrusted closer, like any a client attaches."""
+        with contextlib.suppress(OSError):
+            conn.send(reply)
+        with contextlib.suppress(OSError):
+            for _ in range(64):
+                data, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(MAX_FDS_IN * 4),
+                                               socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+                self.untrusted.close(_passed_fds(anc))
+                if not data and not anc:
+                    break
+        conn.close()
 
     def _evict_one(self, uid: int, newcomer: peers.PeerInfo) -> None:
         """Close the oldest connection of uid that has no request in flight, to make room for another user."""
@@ -318,10 +331,12 @@ class Server:
             if who.uid == uid and id(conn) not in busy:
                 self.audit({"event": "connection-evicted", "peer": who.as_dict(), "code": "too-many-connections",
                             "for_uid": newcomer.uid})
-                with contextlib.suppress(OSError):
-                    conn.send(proto.error_reply("too-many-connections", f"the connection table is full: this "
-                                                f"connection made room for another user's (uid {uid} held the most)"))
-                self._drop(conn)
+                self.conns.pop(conn.fileno(), None)
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(conn)
+                self._say_and_close(conn, proto.error_reply(
+                    "too-many-connections", f"the connection table is full: this connection made room for "
+                    f"another user's (uid {uid} held the most)"))
                 return
 
     def _drop(self, conn: socket.socket) -> None:
