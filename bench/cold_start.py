@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT_POLICY
-from broker.sandbox import VethNamespace
-from client.grant import request_fds
-from client.protocol import Geometry
+from xskbroker.client.grant import request_fds
+from xskbroker.testbed.sandbox import VethNamespace
+from xskbroker.wire.protocol import Geometry
 
 REPO = str(Path(__file__).resolve().parent.parent)
 GEOMETRY = Geometry(umem_size=1 << 20)
@@ -42,7 +42,7 @@ def _to_ready(workdir: str) -> float:
         n.settimeout(10)
         env = {**os.environ, "PYTHONPATH": REPO, "NOTIFY_SOCKET": notify}
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "broker", "serve", "--socket", f"{workdir}/b.sock",
+        proc = subprocess.Popen([sys.executable, "-m", "xskbroker.broker", "serve", "--socket", f"{workdir}/b.sock",
                                  "--policy", f"{workdir}/policy.toml", "--state-dir", workdir],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -65,8 +65,8 @@ def _activated_first_grant(workdir: str, rounds: int) -> tuple[float, float]:
         for i in range(rounds):
             path = os.path.join(workdir, f"act{i}.sock")
             cmd = ["ip", "netns", "exec", ns.name, "systemd-socket-activate", "--seqpacket", "-l", path,
-                   sys.executable, "-m", "broker", "serve", "--policy", f"{workdir}/policy.toml", "--state-dir",
-                   workdir, "--socket", path]
+                   sys.executable, "-m", "xskbroker.broker", "serve", "--policy", f"{workdir}/policy.toml",
+                   "--state-dir", workdir, "--socket", path]
             proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": REPO, "LIBXDP_SKIP_DISPATCHER": "1"},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:

@@ -7,8 +7,8 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from broker import netdev, xdp_prog
-from broker.sandbox import BrokerProcess, VethNamespace, in_netns
+from xskbroker.broker import netdev, xdp_prog
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns
 
 ROOT_POLICY = """\
 version = 1

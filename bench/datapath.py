@@ -17,12 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.common import Bed, bed
-from broker import netdev, xsk
-from broker.sandbox import in_netns, setns
-from client.echo import ETH_P_DEMO
-from client.grant import open_sockets, request_fds
-from client.protocol import Geometry
-from client.xsk import XskSocket
+from xskbroker.broker import netdev, xsk
+from xskbroker.client.grant import open_sockets, request_fds
+from xskbroker.client.xsk import XskSocket
+from xskbroker.testbed.echo import ETH_P_DEMO
+from xskbroker.testbed.sandbox import in_netns, setns
+from xskbroker.wire.protocol import Geometry
 
 GEOMETRY = Geometry(umem_size=32 << 20, fill=8192, completion=4096, rx=8192, tx=2048)
 FRAME_LEN = 64

@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from bench.common import bed, summary
-from broker import xsk
-from broker.sandbox import in_netns
-from client.grant import request_fds
-from client.protocol import Geometry
+from xskbroker.broker import xsk
+from xskbroker.client.grant import request_fds
+from xskbroker.testbed.sandbox import in_netns
+from xskbroker.wire.protocol import Geometry
 
 SIZES_MIB = (1, 4, 16)
 PAUSE, PAUSE_PER_MIB = 0.005, 0.002  # seconds; fallocate here runs at about 1 ms per MiB

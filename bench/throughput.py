@@ -14,10 +14,10 @@ import time
 from typing import Any
 
 from bench.common import bed
-from broker import xsk
-from broker.sandbox import in_netns
-from client import protocol as proto
-from client.connection import Connection
+from xskbroker.broker import xsk
+from xskbroker.client.connection import Connection
+from xskbroker.testbed.sandbox import in_netns
+from xskbroker.wire import protocol as proto
 
 GEOMETRY = proto.Geometry(umem_size=256 << 10, fill=256, completion=256, rx=256, tx=256)
 

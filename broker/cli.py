@@ -20,7 +20,7 @@ examples:
 
 
 def _size(text: str) -> int:
-    from policy.sizes import parse_size
+    from xskbroker.policy.sizes import parse_size
     try:
         return parse_size(text)
     except ValueError as e:
@@ -45,8 +45,8 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from client.connection import DEFAULT_SOCKET
-    from policy.cli import add_policy_parser
+    from xskbroker.client.connection import DEFAULT_SOCKET
+    from xskbroker.policy.cli import add_policy_parser
 
     p = argparse.ArgumentParser(
         prog="xskbroker", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto: the journal when systemd-python is installed and journald runs (default: auto)")
     s.set_defaults(func=_serve)
 
-    from client.cli import add_client_parsers
-    from client.qmp_cli import add_qmp_parsers
+    from xskbroker.client.cli import add_client_parsers
+    from xskbroker.client.qmp_cli import add_qmp_parsers
     add_client_parsers(sub)
     add_qmp_parsers(sub)
     add_policy_parser(sub)
@@ -105,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from broker.daemon import serve
+    from xskbroker.broker.daemon import serve
     return serve(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from broker.demo import main
+    from xskbroker.testbed.demo import main
     return main(args)
 
 

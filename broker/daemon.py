@@ -15,12 +15,12 @@ import socket
 import sys
 from typing import Any
 
-from broker import systemd
-from broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
-from broker.server import MAX_CONNECTIONS, Server, listen
-from broker.service import Service
-from client import safefiles
-from policy import PolicyError, load_policy
+from xskbroker.broker import systemd
+from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
+from xskbroker.broker.server import MAX_CONNECTIONS, Server, listen
+from xskbroker.broker.service import Service
+from xskbroker.common import safefiles
+from xskbroker.policy import PolicyError, load_policy
 
 
 def _gid(group: str | None) -> int | None:

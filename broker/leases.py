@@ -9,69 +9,17 @@ of a grant); a torn last line from a crash is ignored, and the journal is compac
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import select
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from client import safefiles
+from xskbroker.common import safefiles
+from xskbroker.common.procfs import is_process
 
 STATE_VERSION = 1
-PIDFS_MAGIC = 0x50494446
-_pidfs: bool | None = None  # whether pidfds live on pidfs (Linux 6.9+), found on first use
-
-
-def process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot: with the pid, it names one process for good."""
-    try:  # raw os calls: this read is on the grant path, and text-mode open() doubles its cost
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            stat = os.read(fd, 4096).decode(errors="replace")
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses: fields are counted after its last ')'
-    return int(stat[stat.rindex(")") + 2:].split()[19])
-
-
-def pinned_start(pidfd: int, pid: int) -> int | None:
-    """The start time of the process pidfd refers to (pid is its pid), or None if it has exited.
-
-    A pidfd pins a process, not its pid number: once the process is reaped the pid can name another one.
-    /proc/<pid>/stat is read first, then the pidfd is polled: still running after the read means the pid
-    named the pinned process during the read, so the start time read is its own.
-    """
-    start = process_start(pid)
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    if start is None or poller.poll(0):  # readable: the process has exited (a zombie, or reaped)
-        return None
-    return start
-
-
-def pidfd_ino(pidfd: int) -> int | None:
-    """The pidfd's inode number on pidfs (Linux 6.9+): unique to one process for the whole boot, where a
-    start time is only as fine as a clock tick (10 ms). None on older kernels (one shared anon inode)."""
-    global _pidfs
-    if _pidfs is None:
-        buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field, a C long
-        ok = ctypes.CDLL(None, use_errno=True).fstatfs(pidfd, buf) == 0
-        _pidfs = ok and ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == PIDFS_MAGIC
-    return os.fstat(pidfd).st_ino if _pidfs else None
-
-
-def is_process(pidfd: int, pid: int, start: int | None, ino: int | None) -> bool:
-    """Whether the live process pidfd pins is the one recorded as (pid, start, ino); never without a start."""
-    if start is None or (ino is not None and pidfd_ino(pidfd) != ino):
-        return False
-    return pinned_start(pidfd, pid) == start
-
-
 @dataclass
 class Lease:
     id: str

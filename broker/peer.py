@@ -11,7 +11,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from broker.leases import pidfd_ino, pinned_start
+from xskbroker.common.procfs import pidfd_ino, pinned_start
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -30,7 +30,7 @@ class PeerInfo:
     exe: str | None = None
     cgroup: str | None = None
     start: int | None = None  # start time, proven through a pidfd; None: this process can never be signalled
-    ino: int | None = None  # its pidfs inode (broker.leases.pidfd_ino)
+    ino: int | None = None  # its pidfs inode (common.procfs.pidfd_ino)
 
     def as_dict(self) -> dict[str, object]:
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user, "exe": self.exe,

@@ -20,14 +20,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from broker import faults, linkwatch
-from broker import peer as peers
-from broker.closer import Closer
-from broker.leases import Lease, is_process, pinned_start
-from broker.service import Deferred, Outcome, Service, policy_peer
-from client import protocol as proto
-from policy import Holding, PolicyError, load_policy
-from policy import quota as quotas
+from xskbroker.broker import faults, linkwatch
+from xskbroker.broker import peer as peers
+from xskbroker.broker.closer import Closer
+from xskbroker.broker.leases import Lease
+from xskbroker.broker.service import Deferred, Outcome, Service, policy_peer
+from xskbroker.common.procfs import is_process, pinned_start
+from xskbroker.policy import Holding, PolicyError, load_policy
+from xskbroker.policy import quota as quotas
+from xskbroker.wire import protocol as proto
 
 # fds a client might attach where the kernel cannot refuse them: room for all of them (SCM_MAX_FD), because
 # any the buffer cannot hold are closed by the kernel in the receiving thread, and such a close can block

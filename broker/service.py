@@ -16,17 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import bpf, faults, netdev, squat, xdp_prog, xsk, xskdiag
-from broker.leases import Lease, LeaseTable, pidfd_ino, pinned_start
-from broker.linkwatch import LinkEvent
-from broker.peer import PeerInfo
-from broker.umem_pool import UmemPool
-from broker.workers import Job, Workers
-from client import protocol as proto
-from client.launch import memlock_limits
-from client.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
-from policy import Holding, Peer, Policy, RateLimiter, Request, Rule, decide
-from policy import quota as quotas
+from xskbroker.broker import bpf, faults, netdev, squat, xdp_prog, xsk, xskdiag
+from xskbroker.broker.leases import Lease, LeaseTable
+from xskbroker.broker.linkwatch import LinkEvent
+from xskbroker.broker.peer import PeerInfo
+from xskbroker.broker.umem_pool import UmemPool
+from xskbroker.broker.workers import Job, Workers
+from xskbroker.common.procfs import memlock_limits, pidfd_ino, pinned_start
+from xskbroker.policy import Holding, Peer, Policy, RateLimiter, Request, Rule, decide
+from xskbroker.policy import quota as quotas
+from xskbroker.wire import protocol as proto
+from xskbroker.wire.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
 
 SERVER_NAME = "xskbroker"
 # A grant whose UMEM (all its sockets together) is at most INLINE_UMEM, or INLINE_POOLED when the UMEM pool

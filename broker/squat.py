@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
-from broker import xdp_prog, xskdiag
-from broker.leases import Lease
+from xskbroker.broker import xdp_prog, xskdiag
+from xskbroker.broker.leases import Lease
 
 
 class SquatWatch:

@@ -15,7 +15,7 @@ import queue
 import threading
 from collections import OrderedDict
 
-from broker import xsk
+from xskbroker.broker import xsk
 
 PER_SIZE = 2  # memfds kept per size: a launcher asking for a few queues at once finds them ready
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from broker import bpf
+from xskbroker.broker import bpf
 
 XSK_PROG_NAME = "xsk_def_prog"
 XSK_MAP_NAME = "xsks_map"

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from broker import bpf, faults
-from client.protocol import Geometry
-from client.xdp_abi import (
+from xskbroker.broker import bpf, faults
+from xskbroker.wire.protocol import Geometry
+from xskbroker.wire.xdp_abi import (
     AF_XDP,
     SOCKADDR_XDP,
     SOL_XDP,

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from broker import bpf
+from xskbroker.broker import bpf
 
 NETLINK_SOCK_DIAG = 4
 NETLINK_GENERIC = 16

@@ -10,9 +10,9 @@ import sys
 import time
 from typing import Any
 
-from client import protocol as proto
-from client.connection import DEFAULT_SOCKET, Connection
-from policy.sizes import parse_size
+from xskbroker.client.connection import DEFAULT_SOCKET, Connection
+from xskbroker.policy.sizes import parse_size
+from xskbroker.wire import protocol as proto
 
 
 def _size(text: str) -> int:
@@ -109,7 +109,7 @@ def _fail(err: Exception, as_json: bool) -> int:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
-    from client.grant import request
+    from xskbroker.client.grant import request
 
     ring = args.ring_size
     geometry = proto.Geometry(args.umem, args.frame_size, 0, ring, ring, ring, ring)
@@ -162,8 +162,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from client.grant import request_fds
-    from client.launch import QEMU_UMEM_PER_QUEUE, exec_with_grant, memlock_warning
+    from xskbroker.client.grant import request_fds
+    from xskbroker.client.launch import QEMU_UMEM_PER_QUEUE, exec_with_grant, memlock_warning
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

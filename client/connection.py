@@ -8,7 +8,7 @@ import socket
 import struct
 from typing import Any
 
-from client import protocol as proto
+from xskbroker.wire import protocol as proto
 
 DEFAULT_SOCKET = os.environ.get("XSKBROKER_SOCKET", "/run/xskbroker/broker.sock")
 MAX_FDS = 2 * proto.MAX_QUEUES

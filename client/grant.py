@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from client import protocol as proto
-from client.connection import DEFAULT_SOCKET, Connection
-from client.xsk import XskSocket
+from xskbroker.client.connection import DEFAULT_SOCKET, Connection
+from xskbroker.client.xsk import XskSocket
+from xskbroker.wire import protocol as proto
 
 
 @dataclass

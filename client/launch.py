@@ -16,19 +16,6 @@ from typing import Any
 QEMU_UMEM_PER_QUEUE = 32 << 20  # QEMU's af-xdp backend registers this much UMEM per queue
 
 
-def memlock_limits(limits_text: str) -> tuple[int | None, int | None] | None:
-    """(soft, hard) RLIMIT_MEMLOCK from /proc/<pid>/limits text, None for "unlimited"; None without the line.
-
-    /proc is read because prlimit(2) on another user's process needs CAP_SYS_RESOURCE even to read.
-    """
-    for line in limits_text.splitlines():
-        if line.startswith("Max locked memory"):
-            fields = line[len("Max locked memory"):].split()
-            soft, hard = fields[0], fields[1] if len(fields) > 1 else fields[0]
-            return tuple(None if v == "unlimited" else int(v) for v in (soft, hard))  # type: ignore[return-value]
-    return None
-
-
 def grant_env(reply: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     """What XSKBROKER_GRANT says: the grant with real fd numbers in place of indexes."""
     sockets = []

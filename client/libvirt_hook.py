@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import quote
 
-from client import protocol as proto
-from client import qmp as q
-from client import safefiles
-from policy import trust
+from xskbroker.client import qmp as q
+from xskbroker.common import safefiles
+from xskbroker.policy import trust
+from xskbroker.wire import protocol as proto
 
 NS = "urn:xskbroker:libvirt:1"
 NS_FAMILY = "urn:xskbroker:libvirt:"
@@ -661,8 +661,8 @@ def drop_to(ident: Identity) -> None:
 
 def _serve_agent(sock: socket.socket, socket_path: str, timeout: float) -> int:
     """The agent's loop: one request from the worker per message, one answer (with any fds) per request."""
-    from client.connection import Connection
-    from client.grant import request_fds
+    from xskbroker.client.connection import Connection
+    from xskbroker.client.grant import request_fds
 
     while True:
         data = sock.recv(1 << 16)
@@ -807,7 +807,7 @@ def _queues_text(iface: Interface) -> str:
 
 
 def _grant_fds(reply: dict[str, Any], fds: Sequence[int], start: int, count: int) -> list[int]:
-    from client.qmp_cli import grant_fds
+    from xskbroker.client.qmp_cli import grant_fds
 
     return grant_fds(reply, fds, start, count)
 

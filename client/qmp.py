@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from client.launch import memlock_limits
+from xskbroker.common.procfs import memlock_limits
 
 DEFAULT_TIMEOUT = 10.0
 MAX_MESSAGE = 64 << 20  # query-qmp-schema is ~0.3 MiB on QEMU 7.2-10.0; anything huge is a broken peer

@@ -1,6 +1,6 @@
 """`xskbroker qmp-attach` and `qmp-detach`: hot-plug broker-made AF_XDP sockets into a running QEMU over QMP.
 
-Imports nothing privileged. Registered by broker/cli.py; also runs alone as `python -m client.qmp_cli`.
+Imports nothing privileged. Registered by broker/cli.py; also runs alone as `python -m xskbroker.client.qmp_cli`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from client import qmp as q
-from client.connection import DEFAULT_SOCKET
+from xskbroker.client import qmp as q
+from xskbroker.client.connection import DEFAULT_SOCKET
 
 ATTACH_DESCRIPTION = """\
 Take a bare grant from the broker (unbound AF_XDP sockets already in the interface's xsks_map) and hand it to
@@ -168,9 +168,9 @@ def grant_fds(reply: dict[str, Any], fds: Sequence[int], start_queue: int, count
 
 
 def cmd_qmp_attach(args: argparse.Namespace) -> int:
-    from client import protocol as proto
-    from client.grant import request_fds
-    from client.launch import QEMU_UMEM_PER_QUEUE
+    from xskbroker.client.grant import request_fds
+    from xskbroker.client.launch import QEMU_UMEM_PER_QUEUE
+    from xskbroker.wire import protocol as proto
 
     as_json = args.json
     try:

@@ -15,8 +15,8 @@ import select
 import socket
 from collections import deque
 
-from client.protocol import Geometry
-from client.xdp_abi import (
+from xskbroker.wire.protocol import Geometry
+from xskbroker.wire.xdp_abi import (
     AF_XDP,
     SOL_XDP,
     XDP_MMAP_OFFSETS,

@@ -264,7 +264,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"xskbroker policy explain: {e.args[0]}", file=sys.stderr)
         return EXIT_USAGE
     # the broker refuses a name the kernel never gives ("veth0:1" matches "veth*") before any rule sees it
-    from client.protocol import ifname_problem
+    from xskbroker.wire.protocol import ifname_problem
 
     problem = ifname_problem(args.interface)
     if problem:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.sandbox import BrokerProcess, VethNamespace
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 
 CONSUMER_UID = 65534  # nobody: allowed by the test policy
 STRANGER_UID = 65533  # no rule names it

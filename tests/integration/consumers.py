@@ -1,5 +1,5 @@
 """What unprivileged consumers do in the integration tests. Each runs in a child that has already
-dropped to an unprivileged uid with no capabilities (broker.sandbox.spawn_unprivileged)."""
+dropped to an unprivileged uid with no capabilities (xskbroker.testbed.sandbox.spawn_unprivileged)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from broker import xsk as kernel_xsk  # only its thin bind() wrapper is used, unprivileged
-from client import protocol as proto
-from client.grant import request
-from client.xdp_abi import (
+from xskbroker.broker import xsk as kernel_xsk  # only its thin bind() wrapper is used, unprivileged
+from xskbroker.client.grant import request
+from xskbroker.wire import protocol as proto
+from xskbroker.wire.xdp_abi import (
     AF_XDP,
     SOL_XDP,
     XDP_RX_RING,

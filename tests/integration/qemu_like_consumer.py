@@ -21,9 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from client.echo import Reflector
-from client.protocol import Geometry
-from client.xdp_abi import (
+from xskbroker.client.xsk import XskSocket
+from xskbroker.testbed.echo import Reflector
+from xskbroker.wire.protocol import Geometry
+from xskbroker.wire.xdp_abi import (
     AF_XDP,
     SOCKADDR_XDP,
     SOL_XDP,
@@ -36,7 +37,6 @@ from client.xdp_abi import (
     XDP_UMEM_REG_STRUCT,
     XDP_USE_NEED_WAKEUP,
 )
-from client.xsk import XskSocket
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]

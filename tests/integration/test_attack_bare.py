@@ -15,11 +15,11 @@ import socket
 import time
 from typing import Any
 
-from broker.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
-from client.grant import request, request_fds
-from client.xdp_abi import (
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import request, request_fds
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
+from xskbroker.wire import protocol as proto
+from xskbroker.wire.xdp_abi import (
     AF_XDP,
     SOCKADDR_XDP,
     SOL_XDP,

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from broker.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
+from xskbroker.client.connection import Connection
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
 from .consumers import exchange_raw
@@ -263,7 +263,7 @@ def test_socket_swapped_for_a_link_after_bind_is_not_chmodded_through(victim: Pa
                                                                       figures) -> None:  # type: ignore[no-untyped-def]
     import socket
 
-    from broker.server import listen
+    from xskbroker.broker.server import listen
 
     d = Path(tempfile.mkdtemp(prefix="xskf-sock-"))
     path = d / "broker.sock"

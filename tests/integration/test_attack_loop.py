@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from broker.sandbox import BrokerProcess, VethNamespace, in_netns, spawn_unprivileged
-from client import protocol as proto
-from client.grant import request_fds
+from xskbroker.client.grant import request_fds
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns, spawn_unprivileged
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name
 

@@ -23,11 +23,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from broker import bpf, xdp_prog
-from broker.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, in_netns, ip, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
-from client.grant import request, request_fds
+from xskbroker.broker import bpf, xdp_prog
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import request, request_fds
+from xskbroker.testbed.sandbox import (
+    BrokerProcess,
+    PacketPeer,
+    VethNamespace,
+    echo_consumer,
+    in_netns,
+    ip,
+    spawn_unprivileged,
+)
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
 

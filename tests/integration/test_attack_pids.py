@@ -20,10 +20,10 @@ import statistics
 import time
 from collections.abc import Iterator
 
-from broker.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
-from client.grant import request, request_fds
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import request, request_fds
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
 

@@ -16,10 +16,10 @@ import socket
 import time
 from typing import Any
 
-from broker.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
-from client.grant import request
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import request
+from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, ns_name, wait_for
 

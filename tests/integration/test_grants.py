@@ -14,10 +14,17 @@ import time
 
 import pytest
 
-from broker import bpf
-from broker.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, in_netns, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
+from xskbroker.broker import bpf
+from xskbroker.client.connection import Connection
+from xskbroker.testbed.sandbox import (
+    BrokerProcess,
+    PacketPeer,
+    VethNamespace,
+    echo_consumer,
+    in_netns,
+    spawn_unprivileged,
+)
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, wait_for
 from .consumers import attempt_escapes, hold_grant, try_grant
@@ -228,7 +235,7 @@ def test_a_second_broker_reuses_the_attached_program(veth: VethNamespace) -> Non
 
 
 def test_demo_command_reports_every_packet_both_ways() -> None:
-    done = subprocess.run([sys.executable, "-m", "broker", "demo", "--json", "--packets", "300"],
+    done = subprocess.run([sys.executable, "-m", "xskbroker.broker", "demo", "--json", "--packets", "300"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -244,11 +251,12 @@ def _cli_json(argv: list[str]) -> dict:
     import contextlib as _contextlib
     import io
 
-    import broker.cli
+    from xskbroker.broker import cli as broker_cli
+
 
     out = io.StringIO()
     with _contextlib.redirect_stdout(out):
-        code = broker.cli.main(argv)
+        code = broker_cli.main(argv)
     return {"code": code, "reply": json.loads(out.getvalue())}
 
 
@@ -266,7 +274,7 @@ def test_request_command_prints_the_grant_as_json(broker: BrokerProcess, veth: V
 
 
 def test_demo_cleans_up_its_namespace_when_interrupted() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "demo", "--packets", "100000000"],
+    proc = subprocess.Popen([sys.executable, "-m", "xskbroker.broker", "demo", "--packets", "100000000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     name = f"xskdemo-{proc.pid}"
     deadline = time.monotonic() + 20

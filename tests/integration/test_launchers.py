@@ -13,11 +13,17 @@ from pathlib import Path
 
 import pytest
 
-import broker.cli
-import client.cli
-import client.echo
-import client.launch
-from broker.sandbox import BrokerProcess, PacketPeer, VethNamespace, drop_privileges, setns, spawn_unprivileged
+from xskbroker.broker import cli as broker_cli
+from xskbroker.client import launch
+from xskbroker.testbed.sandbox import (
+    BrokerProcess,
+    PacketPeer,
+    VethNamespace,
+    drop_privileges,
+    readable_copy,
+    setns,
+    spawn_unprivileged,
+)
 
 from .conftest import CONSUMER_UID, ns_name
 from .consumers import try_grant
@@ -41,10 +47,8 @@ def _readable_copy() -> str:
     """The consumer script and the client package where an unprivileged uid can read them."""
     where = tempfile.mkdtemp(prefix="xskbroker-consumer-")
     os.chmod(where, 0o755)
-    shutil.copytree(ROOT / "client", Path(where) / "client", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(Path(__file__).with_name("qemu_like_consumer.py"), where)
-    for path in Path(where).rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    readable_copy(Path(where), ("client", "wire", "testbed"))
     return where
 
 
@@ -61,7 +65,7 @@ def _launch(netns: str, argv: list[str]) -> tuple[int, int]:
             os.close(w)
             setns(netns)
             drop_privileges(CONSUMER_UID)
-            code = broker.cli.main(argv)
+            code = broker_cli.main(argv)
         finally:
             os._exit(code)
     os.close(w)
@@ -153,13 +157,13 @@ def test_exec_reports_refusals_and_runs_nothing(tmp_path: Path) -> None:
 
 
 def test_exec_substitution_rejects_unknown_placeholders() -> None:
-    values = client.launch.substitutions({"sockets": [{"queue": 1, "fd": 7}, {"queue": 2, "fd": 9}],
+    values = launch.substitutions({"sockets": [{"queue": 1, "fd": 7}, {"queue": 2, "fd": 9}],
                                           "interface": "eth1", "ifindex": 3, "xdp_mode": "skb", "lease": "ab"})
-    assert client.launch.substitute(["sock-fds={sock_fds},queues={queues},start-queue={start_queue},"
+    assert launch.substitute(["sock-fds={sock_fds},queues={queues},start-queue={start_queue},"
                                      "mode={xdp_mode}", "{{literal}}"], values) == \
         ["sock-fds=7:9,queues=2,start-queue=1,mode=skb", "{literal}"]
     with pytest.raises(KeyError, match="unknown placeholder"):
-        client.launch.substitute(["{nope}"], values)
+        launch.substitute(["{nope}"], values)
 
 
 MAP_POLICY = f"""\
@@ -181,8 +185,8 @@ exclusive = true
 
 
 def _map_grant(path: str, iface: str) -> dict:
-    from client import protocol as proto
-    from client.connection import Connection
+    from xskbroker.client.connection import Connection
+    from xskbroker.wire import protocol as proto
 
     try:
         with Connection(path) as c:
@@ -197,7 +201,7 @@ def _map_grant(path: str, iface: str) -> dict:
 def test_map_grants_need_an_exclusive_rule_and_an_unused_interface() -> None:
     ns = VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2)
     with ns:
-        from broker.sandbox import ip
+        from xskbroker.testbed.sandbox import ip
         ip("link", "add", "xsk1", "type", "veth", "peer", "name", "xsk1p", netns=ns.name)
         ip("link", "set", "xsk1", "up", netns=ns.name)
         ip("link", "set", "xsk1p", "up", netns=ns.name)
@@ -223,8 +227,8 @@ def test_map_grants_need_an_exclusive_rule_and_an_unused_interface() -> None:
 
 
 def _hold_map(path: str, iface: str, seconds: float) -> dict:
-    from client import protocol as proto
-    from client.connection import Connection
+    from xskbroker.client.connection import Connection
+    from xskbroker.wire import protocol as proto
 
     with Connection(path) as c:
         reply, fds = c.call(proto.Grant(iface, (), kind="map"))
@@ -238,7 +242,7 @@ def test_a_map_lease_ends_at_release_and_its_program_goes_with_it() -> None:
 
     ns = VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2)
     with ns:
-        from broker.sandbox import ip
+        from xskbroker.testbed.sandbox import ip
         ip("link", "add", "xsk1", "numtxqueues", "2", "numrxqueues", "2", "type", "veth", "peer", "name", "xsk1p",
            "numtxqueues", "2", "numrxqueues", "2", netns=ns.name)
         ip("link", "set", "xsk1", "up", netns=ns.name)

@@ -8,9 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from broker.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, ip, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
+from xskbroker.client.connection import Connection
+from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, ip, spawn_unprivileged
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
 from .consumers import exchange_raw, hold_grant, probe_connections, try_grant
@@ -205,13 +205,13 @@ def test_revoke_cli_prints_what_happened(veth: VethNamespace) -> None:
     with BrokerProcess(veth.name, BASE) as b:
         holder = _hold(b, veth.inside, [0])
         try:
-            done = subprocess.run(["xskbroker" if False else os.sys.executable, "-m", "broker", "revoke",
+            done = subprocess.run(["xskbroker" if False else os.sys.executable, "-m", "xskbroker.broker", "revoke",
                                    "--socket", b.socket_path, "--interface", veth.inside, "--queue", "0"],
                                   capture_output=True, text=True, timeout=30, check=False,
                                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
             assert done.returncode == 0, done.stderr
             assert "emptied queues [0]" in done.stdout and "transmit" in done.stdout
-            shown = subprocess.run([os.sys.executable, "-m", "broker", "status", "--socket", b.socket_path],
+            shown = subprocess.run([os.sys.executable, "-m", "xskbroker.broker", "status", "--socket", b.socket_path],
                                    capture_output=True, text=True, timeout=30, check=False,
                                    env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
             assert "REVOKED" in shown.stdout, shown.stdout

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from broker.sandbox import BrokerProcess, VethNamespace
-from client import libvirt_hook as lh
-from client import protocol as proto
-from client import qmp as q
-from client.connection import Connection
-from client.grant import request_fds
+from xskbroker.client import libvirt_hook as lh
+from xskbroker.client import qmp as q
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import request_fds
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
+from xskbroker.wire import protocol as proto
 
 from .conftest import wait_for
 from .test_qmp import NOT_AF_XDP, QEMU, Qemu, qemu

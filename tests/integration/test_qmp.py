@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from broker.sandbox import BrokerProcess, VethNamespace
-from client import qmp as q
-from client import qmp_cli
+from xskbroker.client import qmp as q
+from xskbroker.client import qmp_cli
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 
 from .conftest import wait_for
 
@@ -223,13 +223,13 @@ def fake_grant(monkeypatch: pytest.MonkeyPatch, queues: list[int]) -> list[socke
         return ({"lease": "L1", "kind": "bare", "interface": interface, "xdp_mode": "skb",
                  "sockets": [{"queue": x, "fd": i} for i, x in enumerate(queues)]}, fds)
 
-    monkeypatch.setattr("client.grant.request_fds", request_fds)
+    monkeypatch.setattr("xskbroker.client.grant.request_fds", request_fds)
     return [b for _, b in pairs]
 
 
 def test_qmp_attach_refuses_this_qemu_before_asking_the_broker(vm: Qemu, capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("client.grant.request_fds", lambda *a, **k: pytest.fail("the broker was asked"))
+    monkeypatch.setattr("xskbroker.client.grant.request_fds", lambda *a, **k: pytest.fail("the broker was asked"))
     rc = qmp_cli.main(["qmp-attach", "--qmp", vm.qmp_path, "--id", "xdp0", "-i", "lo", "-q", "1"])
     err = capsys.readouterr().err.splitlines()
     assert rc == 1
@@ -313,8 +313,8 @@ def test_qmp_attach_with_a_real_bare_grant(veth: VethNamespace, vm: Qemu, capsys
 
 
 def test_real_bare_sockets_reach_qemu_and_qemu_alone_keeps_them_in_the_map(veth: VethNamespace, vm: Qemu) -> None:
-    from client import protocol as proto
-    from client.grant import request_fds
+    from xskbroker.client.grant import request_fds
+    from xskbroker.wire import protocol as proto
 
     with BrokerProcess(veth.name, BARE_POLICY) as broker:
         try:
@@ -348,8 +348,8 @@ def test_real_bare_sockets_reach_qemu_and_qemu_alone_keeps_them_in_the_map(veth:
 # ---- whose lease: the requester's, the holder it names, or an orphan -----------------------------------
 
 def _status(path: str) -> list[dict]:
-    from client import protocol as proto
-    from client.connection import Connection
+    from xskbroker.client.connection import Connection
+    from xskbroker.wire import protocol as proto
 
     with Connection(path) as c:
         return c.call(proto.Status())[0]["leases"]
@@ -363,7 +363,7 @@ def _hand_to_qemu(qmp_path: str, reply: dict, fds: list[int]) -> None:
 
 
 def test_the_lease_follows_the_qemu_a_launcher_names_as_holder(veth: VethNamespace) -> None:
-    from client.grant import request_fds
+    from xskbroker.client.grant import request_fds
 
     with qemu("-M", "none") as vm, BrokerProcess(veth.name, BARE_POLICY) as broker:
         reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path, holder_pid=vm.pid)
@@ -380,7 +380,7 @@ def test_the_lease_follows_the_qemu_a_launcher_names_as_holder(veth: VethNamespa
 
 def test_a_launcher_that_exits_after_passing_the_sockets_leaves_an_orphan_until_they_close(
         veth: VethNamespace) -> None:
-    from client.grant import request_fds
+    from xskbroker.client.grant import request_fds
 
     with qemu("-M", "none") as vm, BrokerProcess(veth.name, BARE_POLICY) as broker:
         pid = os.fork()
@@ -403,11 +403,11 @@ def test_a_launcher_that_exits_after_passing_the_sockets_leaves_an_orphan_until_
 
 
 def test_a_holder_of_another_user_is_refused(veth: VethNamespace) -> None:
-    from broker.sandbox import spawn_unprivileged
+    from xskbroker.testbed.sandbox import spawn_unprivileged
 
     def ask(path: str, iface: str) -> str:
-        from client import protocol as proto
-        from client.grant import request_fds
+        from xskbroker.client.grant import request_fds
+        from xskbroker.wire import protocol as proto
 
         try:
             _, fds = request_fds(iface, 1, kind="bare", socket_path=path, holder_pid=1)

@@ -34,10 +34,10 @@ import hypothesis
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 
-from broker.sandbox import BrokerProcess, VethNamespace, ip, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
-from client.grant import open_sockets, request, request_fds
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import open_sockets, request, request_fds
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, ip, spawn_unprivileged
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
 

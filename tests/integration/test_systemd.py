@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from broker.sandbox import VethNamespace, in_netns, spawn_unprivileged
-from client import protocol as proto
-from client.connection import Connection
+from xskbroker.client.connection import Connection
+from xskbroker.testbed.sandbox import VethNamespace, in_netns, readable_copy, spawn_unprivileged
+from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, POLICY, wait_for
 from .consumers import hold_grant, try_grant
@@ -51,7 +51,7 @@ def cap_mask(names: list[str]) -> int:
 
 
 class Activation:
-    """`systemd-socket-activate --seqpacket -l PATH ... python -m broker serve` in a namespace.
+    """`systemd-socket-activate --seqpacket -l PATH ... python -m xskbroker.broker serve` in a namespace.
 
     The activator binds PATH and waits; the first connection makes it exec the broker with the socket
     as fd 3 (LISTEN_FDS=1), so the broker keeps the activator's pid. `sandbox` goes between the two, as
@@ -76,7 +76,7 @@ class Activation:
                   f"NOTIFY_SOCKET=@{self.notify_name}"]
         cmd = ["ip", "netns", "exec", netns, *(wrapper or []), "systemd-socket-activate", "--seqpacket",
                "-l", self.path, *[a for e in setenv for a in ("-E", e)], *(sandbox or []),
-               python, "-m", "broker", "serve", *serve_args]
+               python, "-m", "xskbroker.broker", "serve", *serve_args]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env,
                                      preexec_fn=preexec)
@@ -176,11 +176,7 @@ def test_socket_activation_first_connection_starts_it_idle_exit_and_the_next_sta
 
 def _readable_copy(dest: Path) -> Path:
     """The packages where an unprivileged uid can read them (the checkout may be under a 0700 home)."""
-    for pkg in ("broker", "client", "policy"):
-        shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    for p in [dest, *dest.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return dest
+    return readable_copy(dest)
 
 
 def _unit_like(caps: list[str]) -> list[str]:
@@ -379,7 +375,7 @@ def test_audit_records_in_a_real_journal_answer_journalctl(veth: VethNamespace) 
                "WORKDIR": str(wd), "PYTHONPATH": str(ROOT), "LIBXDP_SKIP_DISPATCHER": "1"}
         broker = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", JOURNAL_SANDBOX, "sh",
-             "ip", "netns", "exec", veth.name, "/usr/bin/python3", "-m", "broker", "serve", "--socket", path,
+             "ip", "netns", "exec", veth.name, "/usr/bin/python3", "-m", "xskbroker.broker", "serve", "--socket", path,
              "--socket-mode", "0666", "--policy", str(wd / "policy.toml"), "--state-dir", str(wd), "--audit", "auto"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
 

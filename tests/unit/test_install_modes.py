@@ -7,7 +7,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from policy import load_policy
+from xskbroker.policy import load_policy
 
 INSTALL = Path(__file__).resolve().parents[2] / "deploy" / "install.sh"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client import libvirt_hook as lh
+from xskbroker.client import libvirt_hook as lh
 
 
 @pytest.fixture

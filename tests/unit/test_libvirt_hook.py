@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from client import libvirt_hook as lh
-from client import protocol as proto
-from client import qmp as q
+from xskbroker.client import libvirt_hook as lh
+from xskbroker.client import qmp as q
+from xskbroker.wire import protocol as proto
 
 from .test_qmp_client import FakeQemu
 
@@ -351,7 +351,7 @@ def test_the_hook_steps_aside_when_the_package_is_missing(tmp_path: Path) -> Non
     done = subprocess.run([sys.executable, "-I", "-S", str(HOOK), "vm1", "prepare", "begin", "-"], input=BAD,
                           text=True, capture_output=True, timeout=30, check=False, cwd=tmp_path)
     assert done.returncode == 0
-    assert "cannot import the xskbroker package: No module named 'client'" in done.stderr
+    assert "cannot import the xskbroker package: No module named 'xskbroker'" in done.stderr
 
 
 # ---- virsh and /proc -----------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from policy.cli import add_policy_parser, resolve_peer
-from policy.loader import load_policy, parse_policy
+from xskbroker.policy.cli import add_policy_parser, resolve_peer
+from xskbroker.policy.loader import load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 UNKNOWN_UID = "3999999"  # assumed to have no passwd entry

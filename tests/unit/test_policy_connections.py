@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policy.quota import admit_connection
+from xskbroker.policy.quota import admit_connection
 
 
 def test_room_left_admits_without_eviction() -> None:

@@ -2,9 +2,9 @@
 
 import pytest
 
-from policy.decide import CODES, Decision, Peer, Request, decide, interface_matches, principal_matches
-from policy.loader import parse_policy
-from policy.model import DEFAULT_MAX_UMEM, KINDS, Policy, QueueSet, Rule
+from xskbroker.policy.decide import CODES, Decision, Peer, Request, decide, interface_matches, principal_matches
+from xskbroker.policy.loader import parse_policy
+from xskbroker.policy.model import DEFAULT_MAX_UMEM, KINDS, Policy, QueueSet, Rule
 
 ALICE = Peer(uid=1000, gids=frozenset({1000, 27}), user="alice", groups=frozenset({"alice", "sudo"}))
 

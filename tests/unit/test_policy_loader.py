@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from policy.loader import PolicyError, load_policy, parse_policy
-from policy.model import KINDS, QueueSet
+from xskbroker.policy.loader import PolicyError, load_policy, parse_policy
+from xskbroker.policy.model import KINDS, QueueSet
 
 FULL = """\
 version = 1

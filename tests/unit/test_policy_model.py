@@ -2,8 +2,8 @@
 
 import pytest
 
-from policy.model import ANY_QUEUE, Policy, QueueSet, Rule
-from policy.sizes import format_size, parse_size
+from xskbroker.policy.model import ANY_QUEUE, Policy, QueueSet, Rule
+from xskbroker.policy.sizes import format_size, parse_size
 
 
 def test_any_queue_contains_everything():

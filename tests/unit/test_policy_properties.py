@@ -3,9 +3,9 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policy.decide import CODES, Peer, Request, decide
-from policy.model import KINDS, Policy, QueueSet, Rule
-from policy.sizes import format_size, parse_size
+from xskbroker.policy.decide import CODES, Peer, Request, decide
+from xskbroker.policy.model import KINDS, Policy, QueueSet, Rule
+from xskbroker.policy.sizes import format_size, parse_size
 
 NAMES = st.sampled_from(["alice", "bob", "xsk", "0", "1000", "27", "*"])
 IFACES = st.sampled_from(["eth0", "eth1", "veth0", "veth12", "lo"])

@@ -2,9 +2,9 @@
 
 import pytest
 
-from policy import Holding, Peer, RateLimiter, parse_policy
-from policy import quota as quotas
-from policy.loader import PolicyError
+from xskbroker.policy import Holding, Peer, RateLimiter, parse_policy
+from xskbroker.policy import quota as quotas
+from xskbroker.policy.loader import PolicyError
 
 BASE = 'version = 1\n[[allow]]\nname = "a"\nusers = ["*"]\ninterfaces = ["eth1"]\n'
 ALICE = Peer(1000, frozenset({1000, 27}), "alice", frozenset({"alice", "xsk"}))

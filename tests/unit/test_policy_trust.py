@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from policy import PolicyError, load_policy
-from policy.trust import dir_chain_problems, problem
 from tests.unit.test_policy_cli import run
+from xskbroker.policy import PolicyError, load_policy
+from xskbroker.policy.trust import dir_chain_problems, problem
 
 GOOD = 'version = 1\n[[allow]]\nname = "a"\nusers = ["*"]\ninterfaces = ["eth1"]\n'
 ADMIN = 'version = 1\n[admin]\nusers = ["*"]\n'

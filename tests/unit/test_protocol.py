@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import protocol as proto
-from client.protocol import (
+from xskbroker.wire import protocol as proto
+from xskbroker.wire.protocol import (
     MAX_QUEUES,
     MAX_REQUEST,
     MAX_RING,

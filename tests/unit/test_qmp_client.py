@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from client import qmp as q
-from client import qmp_cli
+from xskbroker.client import qmp as q
+from xskbroker.client import qmp_cli
 
 from .test_qmp_pure import SCHEMA_7_2, SCHEMA_AF_XDP
 
@@ -388,7 +388,7 @@ def _grant(monkeypatch: pytest.MonkeyPatch, queues: list[int], xdp_mode: str = "
                  "sockets": [{"queue": x, "fd": i} for i, x in enumerate(queues)]}
         return reply, fds
 
-    monkeypatch.setattr("client.grant.request_fds", request_fds)
+    monkeypatch.setattr("xskbroker.client.grant.request_fds", request_fds)
     # the "QEMU" here is this process, whose memlock limit and capabilities vary by who runs the tests
     monkeypatch.setattr(q, "memlock_shortfall", lambda pid, queues: None)
     return [b for _, b in pairs]
@@ -397,7 +397,7 @@ def _grant(monkeypatch: pytest.MonkeyPatch, queues: list[int], xdp_mode: str = "
 def test_qmp_attach_refuses_without_af_xdp_and_asks_nothing_of_the_broker(
         qmp_path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     f = FakeQemu(qmp_path, af_xdp=False)
-    monkeypatch.setattr("client.grant.request_fds", lambda *a, **k: pytest.fail("the broker was asked"))
+    monkeypatch.setattr("xskbroker.client.grant.request_fds", lambda *a, **k: pytest.fail("the broker was asked"))
     try:
         rc = qmp_cli.main(["qmp-attach", "--qmp", qmp_path, "--id", "n0", "-i", "eth1", "-q", "1", "--json"])
     finally:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from client import qmp as q
-from client.qmp_cli import build_parser, grant_fds
+from xskbroker.client import qmp as q
+from xskbroker.client.qmp_cli import build_parser, grant_fds
 
 # query-qmp-schema as QEMU 7.2 answers it (the relevant entries, names masked as QEMU does)
 SCHEMA_7_2 = [

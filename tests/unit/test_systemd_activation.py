@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import systemd
-from broker.systemd import PassedFd, parse_listen_env
+from xskbroker.broker import systemd
+from xskbroker.broker.systemd import PassedFd, parse_listen_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from broker import audit
-from broker.audit import JournalAudit, JsonAudit, journal_fields, make_audit
+from xskbroker.broker import audit
+from xskbroker.broker.audit import JournalAudit, JsonAudit, journal_fields, make_audit
 
 GRANT = {
     "event": "grant",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.systemd import Notifier, format_state, notify_address
+from xskbroker.broker.systemd import Notifier, format_state, notify_address
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,9 +87,9 @@ def test_daemon_on_a_passed_socket_notifies_and_exits_when_idle(tmp_path: Path) 
     address = f"@xskbroker-unit-{os.getpid()}-{time.monotonic_ns()}"
     rx = _receiver(address)
     script = 'exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=broker exec "$@"'
-    cmd = ["sh", "-c", script, "sh", sys.executable, "-m", "broker", "serve", "--socket", str(tmp_path / "unused"),
-           "--policy", str(tmp_path / "policy.toml"), "--state-dir", str(tmp_path), "--idle-timeout", "0.3",
-           "--audit", "json"]
+    cmd = ["sh", "-c", script, "sh", sys.executable, "-m", "xskbroker.broker", "serve", "--socket",
+           str(tmp_path / "unused"), "--policy", str(tmp_path / "policy.toml"), "--state-dir", str(tmp_path),
+           "--idle-timeout", "0.3", "--audit", "json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": address}
     try:
         started = time.monotonic()
@@ -117,7 +117,7 @@ def test_daemon_refuses_a_passed_socket_of_the_wrong_kind(tmp_path: Path) -> Non
     stream.bind(str(tmp_path / "s"))
     stream.listen()
     script = 'exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
-    done = subprocess.run(["sh", "-c", script, "sh", sys.executable, "-m", "broker", "serve", "--policy",
+    done = subprocess.run(["sh", "-c", script, "sh", sys.executable, "-m", "xskbroker.broker", "serve", "--policy",
                            str(tmp_path / "policy.toml"), "--state-dir", str(tmp_path), "--audit", "json"],
                           stdin=stream.fileno(), capture_output=True, text=True, timeout=30, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)

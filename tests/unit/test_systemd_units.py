@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.cli import build_parser
+from xskbroker.broker.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
@@ -56,7 +56,7 @@ def test_service_unit_runs_serve_as_the_cli_understands_it() -> None:
 
 
 def test_service_unit_fd_limit_fits_the_connection_cap() -> None:
-    from broker.server import FD_HEADROOM, FDS_PER_CONNECTION
+    from xskbroker.broker.server import FD_HEADROOM, FDS_PER_CONNECTION
 
     s = unit("xskbroker.service")
     args = build_parser().parse_args(shlex.split(one(s, "ExecStart"))[1:])

@@ -4,8 +4,8 @@ import fcntl
 import os
 import time
 
-from broker.umem_pool import PER_SIZE, UmemPool
-from broker.xsk import SEALS
+from xskbroker.broker.umem_pool import PER_SIZE, UmemPool
+from xskbroker.broker.xsk import SEALS
 
 MiB = 1 << 20
 

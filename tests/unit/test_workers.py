@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 
-from broker.workers import Job, Workers
+from xskbroker.broker.workers import Job, Workers
 
 
 def _woken(w: Workers, timeout: float = 5.0) -> bool:

@@ -9,8 +9,8 @@ import signal
 import sys
 from typing import Any
 
-from broker.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
-from policy.sizes import format_size, parse_size
+from xskbroker.policy.sizes import format_size, parse_size
+from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
 
 POLICY = """\
 version = 1

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xskbroker.client.grant import request
+
 # Imported here, while still root: after the drop, modules under a 0700 home cannot be loaded.
-from client.echo import ETH_P_DEMO, FRAME, MAGIC, PING, TO_CONSUMER, TO_PEER, Reflector
-from client.grant import request
-from client.protocol import Geometry
-from client.xdp_abi import XDP_ZEROCOPY
+from xskbroker.testbed.echo import ETH_P_DEMO, FRAME, MAGIC, PING, TO_CONSUMER, TO_PEER, Reflector
+from xskbroker.wire.protocol import Geometry
+from xskbroker.wire.xdp_abi import XDP_ZEROCOPY
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -158,7 +160,7 @@ class BrokerProcess:
         return self
 
     def start(self, timeout: float = 10.0) -> None:
-        cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "broker", "serve", "--socket",
+        cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "xskbroker.broker", "serve", "--socket",
                self.socket_path, "--policy", self.policy_path, "--socket-mode", "0666", "--state-dir", self.workdir,
                "--umem-pool", self.umem_pool, *self.extra_args]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
@@ -433,3 +435,18 @@ def echo_consumer(socket_path: str, interface: str, queue: int, count: int, umem
         return {**result, "grant_latency_ms": latency_ms, "xdp_mode": grant.xdp_mode,
                 "bind_mode": "zerocopy" if xs.bind_flags & XDP_ZEROCOPY else "copy",
                 "consumer_uid": os.getuid(), "lease": grant.lease}
+
+
+def readable_copy(dest: Path, subpackages: tuple[str, ...] = ("broker", "client", "policy", "wire", "common",
+                                                               "testbed")) -> Path:
+    """A copy of the xskbroker package under dest (dest/xskbroker) that an unprivileged uid can read, for
+    processes that must import it from outside a checkout under a 0700 home. Put dest on their path."""
+    root = Path(__file__).resolve().parent.parent
+    pkg = dest / "xskbroker"
+    pkg.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "xskbroker" / "__init__.py", pkg)  # no checkout beside it: only the copied folders
+    for sub in subpackages:
+        shutil.copytree(root / sub, pkg / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    for p in [dest, *dest.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dest

@@ -11,7 +11,7 @@ import errno
 import os
 import stat
 
-from policy import trust
+from xskbroker.policy import trust
 
 __all__ = ["UnsafePathError", "create_new", "private_dir", "private_opener", "read_private"]
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from client.xsk import XskSocket
+from xskbroker.client.xsk import XskSocket
 
 ETH_P_DEMO = 0x88B5
 FRAME = struct.Struct("!6s6sH4sIB")  # dst, src, ethertype, tag, seq, direction
