@@ -26,6 +26,7 @@ from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
 from .consumers import exchange_raw
+from .probe import RootProbe
 
 MiB = 1 << 20
 ATTACKER = CONSUMER_UID  # nobody: a tenant the policy allows, and not an admin
@@ -61,26 +62,6 @@ def _grant_release(c: Connection, iface: str) -> None:
     assert reply["ok"], reply
     released, _ = c.call(proto.Release(lease=reply["lease"]))
     assert released["ok"], released
-
-
-def root_probe(b: BrokerProcess, iface: str, rounds: int = 5) -> dict[str, Any]:
-    """A root client's hello and grant + release round trips, p50/max in ms."""
-    hellos: list[float] = []
-    grants: list[float] = []
-    with Connection(b.socket_path, timeout=2.0) as c:
-        for _ in range(rounds):
-            t = time.monotonic()
-            assert c.call(proto.Hello())[0]["ok"]
-            hellos.append(time.monotonic() - t)
-            t = time.monotonic()
-            _grant_release(c, iface)
-            grants.append(time.monotonic() - t)
-    hellos.sort()
-    grants.sort()
-    assert grants[-1] < 2.0, grants
-    return {"hello_ok_after": True, "root_hello_p50_ms": _ms(hellos[len(hellos) // 2]),
-            "root_hello_max_ms": _ms(hellos[-1]), "root_grant_1MiB_p50_ms": _ms(grants[len(grants) // 2]),
-            "root_grant_1MiB_max_ms": _ms(grants[-1])}
 
 
 @pytest.fixture
@@ -150,7 +131,7 @@ def test_world_writable_policy_refuses_to_start(unstarted: BrokerProcess, figure
     assert not os.path.exists(b.socket_path)  # refused before listening: no trace
     os.chmod(b.policy_path, 0o644)  # the fix the message names
     b.start()
-    figures(refused_with="chmod go-w", **root_probe(b, "xsk0"))
+    figures(refused_with="chmod go-w", hello_ok_after=True, **RootProbe(b.socket_path, "xsk0").run(5).figures())
 
 
 def test_world_writable_policy_d_refuses_to_start(unstarted: BrokerProcess, figures) -> None:  # type: ignore[no-untyped-def]
@@ -164,7 +145,7 @@ def test_world_writable_policy_d_refuses_to_start(unstarted: BrokerProcess, figu
     assert f"{dropin}: unsafe: owned by uid 0 (root), mode 0777: group/world-writable" in b.log()
     dropin.chmod(0o755)
     b.start()
-    figures(**root_probe(b, "xsk0"))
+    figures(hello_ok_after=True, **RootProbe(b.socket_path, "xsk0").run(5).figures())
 
 
 def test_state_dir_of_another_user_refuses_to_start(unstarted: BrokerProcess, figures) -> None:  # type: ignore[no-untyped-def]
@@ -179,7 +160,7 @@ def test_state_dir_of_another_user_refuses_to_start(unstarted: BrokerProcess, fi
     assert list(state.iterdir()) == [] and not os.path.exists(b.socket_path)
     b.extra_args = []
     b.start()
-    figures(**root_probe(b, "xsk0"))
+    figures(hello_ok_after=True, **RootProbe(b.socket_path, "xsk0").run(5).figures())
 
 
 # ---- (b) a policy that became world-writable, rewritten, then SIGHUP ----------------------------------------
@@ -205,7 +186,8 @@ def test_rewritten_world_writable_policy_is_not_reloaded(veth: VethNamespace, fi
         failed = _events(b, "policy-reload-failed")
         assert failed[0]["kept"] == "previous policy"
         assert any(e.startswith(f"{b.policy_path}: unsafe: ") and "chmod go-w" in e for e in failed[0]["errors"])
-        figures(attacker_admin=got["admin"], attacker_revoke=got["revoke"], **root_probe(b, veth.inside))
+        figures(attacker_admin=got["admin"], attacker_revoke=got["revoke"],
+                hello_ok_after=True, **RootProbe(b.socket_path, veth.inside).run(5).figures())
 
 
 # ---- (c) a link planted at the journal's temp name ------------------------------------------------------------
@@ -233,7 +215,7 @@ def test_link_at_journal_temp_name_survives_restart_compaction(veth: VethNamespa
         assert stat.S_ISREG(journal.st_mode) and journal.st_uid == 0
         assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o755  # ours: closed to others at start
         assert exchange_raw(b.socket_path, [proto.encode_request(proto.Hello())]) == ["ok"]
-        figures(victim_intact=True, **root_probe(b, veth.inside))
+        figures(victim_intact=True, hello_ok_after=True, **RootProbe(b.socket_path, veth.inside).run(5).figures())
 
 
 def test_link_at_journal_temp_name_survives_compaction_while_serving(veth: VethNamespace, victim: Path,
@@ -254,7 +236,7 @@ def test_link_at_journal_temp_name_survives_compaction_while_serving(veth: VethN
         assert stat.S_ISREG(os.lstat(state_dir / "leases.jsonl").st_mode)
         assert exchange_raw(b.socket_path, [proto.encode_request(proto.Hello())]) == ["ok"]
         figures(victim_intact=True, grant_release_cycles=520, cycles_s=round(cycles_s, 2),
-                **root_probe(b, veth.inside))
+                hello_ok_after=True, **RootProbe(b.socket_path, veth.inside).run(5).figures())
 
 
 # ---- the listening socket's node, swapped for a link between bind() and chmod() ------------------------------

@@ -23,9 +23,9 @@ from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns, sp
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name
+from .probe import PROBE_LIMIT, RootProbe
 
 MiB = 1 << 20
-PROBE_LIMIT = 2.0  # seconds: the broker answers every well-behaved client within this during any attack
 ATTACKERS = (4100, 4101, 4102)
 SMALL = proto.Geometry(umem_size=MiB, fill=512, completion=512, rx=512, tx=512)
 
@@ -49,53 +49,18 @@ max_requests_per_second = 5
 """
 
 
-# ---- the root probe ---------------------------------------------------------------------------------------
+@contextmanager
+def bed(policy: str = POLICY, extra: list[str] | None = None) -> Iterator[tuple[VethNamespace, BrokerProcess]]:
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
+            BrokerProcess(ns.name, policy, extra_args=extra or []) as b:
+        yield ns, b
+
 
 def _probe_conn(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     s.settimeout(PROBE_LIMIT)
     s.connect(path)
     return s
-
-
-def probe(b: BrokerProcess, iface: str = "xsk0", queue: int = 1) -> dict[str, float]:
-    """A root client's hello round trip and a real 1 MiB bound grant + release, in ms; raises if either takes
-    longer than PROBE_LIMIT."""
-    started = time.perf_counter()
-    with _probe_conn(b.socket_path) as s:
-        s.send(proto.encode_request(proto.Hello()))
-        reply = json.loads(s.recv(1 << 16))
-    hello = time.perf_counter() - started
-    assert reply["ok"], reply
-    started = time.perf_counter()
-    grant, fds = request_fds(iface, [queue], kind="bound", geometry=SMALL, socket_path=b.socket_path)
-    try:
-        with _probe_conn(b.socket_path) as s:
-            s.send(proto.encode_request(proto.Release(grant["lease"])))
-            released = json.loads(s.recv(1 << 16))
-    finally:
-        for fd in fds:
-            os.close(fd)
-    took = time.perf_counter() - started
-    assert released["ok"], released
-    assert hello < PROBE_LIMIT and took < PROBE_LIMIT, (hello, took)
-    return {"hello_ms": round(hello * 1000, 2), "grant_release_ms": round(took * 1000, 2)}
-
-
-def probe_figures(samples: list[dict[str, float]]) -> dict[str, float]:
-    out = {}
-    for key in ("hello_ms", "grant_release_ms"):
-        values = sorted(s[key] for s in samples)
-        out[f"probe_{key[:-3]}_p50_ms"] = values[len(values) // 2]
-        out[f"probe_{key[:-3]}_max_ms"] = values[-1]
-    return out
-
-
-@contextmanager
-def bed(policy: str = POLICY, extra: list[str] | None = None) -> Iterator[tuple[VethNamespace, BrokerProcess]]:
-    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
-            BrokerProcess(ns.name, policy, extra_args=extra or []) as b:
-        yield ns, b
 
 
 def _recv_reply(s: socket.socket) -> dict[str, Any]:
@@ -153,18 +118,18 @@ def _stuck_tcp(netns: str) -> tuple[socket.socket, socket.socket]:
 
 def test_a_passed_fd_whose_close_blocks_cannot_freeze_the_broker(figures) -> None:  # type: ignore[no-untyped-def]
     with bed() as (ns, b):
-        probe(b)  # the XSK program is attached and cached: what the broker holds from now on
+        RootProbe(b.socket_path).run(1)  # the XSK program is attached and cached: what the broker holds from now on
         before = b.settled_fds()
         srv, cli = _stuck_tcp(ns.name)
         try:
             attacker = spawn_unprivileged(lingering_fd_attack, b.socket_path, cli.fileno(), 100, uid=CONSUMER_UID)
             cli.close()
             time.sleep(0.5)  # the broker has read the queued hellos and the fd-carrying request by now
-            samples = [probe(b) for _ in range(3)]
+            probe = RootProbe(b.socket_path).run(3)
             result = attacker.result(30)
         finally:
             srv.close()
-        figures(**probe_figures(samples), attacker_fd=result["fd"], queued_hellos=result["hellos"])
+        figures(**probe.figures(), attacker_fd=result["fd"], queued_hellos=result["hellos"])
         assert b.settled_fds() == before
         assert result["fd"].startswith("refused"), result  # refused at the socket (SO_PASSRIGHTS)
 
@@ -173,18 +138,18 @@ def test_fds_queued_before_accept_are_closed_off_the_event_loop(figures) -> None
     """Under a kernel without SO_PASSRIGHTS (the broker is told to act as if so) fds do arrive: closing one must
     still never stall the loop, nor the closer threads that release grant fds."""
     with bed(extra=["--accept-passed-fds"]) as (ns, b):
-        probe(b)  # the XSK program is attached and cached: what the broker holds from now on
+        RootProbe(b.socket_path).run(1)  # the XSK program is attached and cached: what the broker holds from now on
         before = b.settled_fds()
         srv, cli = _stuck_tcp(ns.name)
         try:
             attacker = spawn_unprivileged(lingering_fd_attack, b.socket_path, cli.fileno(), 100, uid=CONSUMER_UID)
             cli.close()
             time.sleep(0.5)
-            samples = [probe(b) for _ in range(3)]
+            probe = RootProbe(b.socket_path).run(3)
             result = attacker.result(30)
         finally:
             srv.close()
-        figures(**probe_figures(samples), attacker_fd=result["fd"])
+        figures(**probe.figures(), attacker_fd=result["fd"])
         assert result["fd"] == "sent", result
         assert b.settled_fds() == before
 
@@ -213,8 +178,8 @@ def test_a_user_cannot_make_a_hand_started_broker_exit(figures) -> None:  # type
         spawn_unprivileged(abandoned_deferred_grant, b.socket_path, uid=CONSUMER_UID).result(30)
         time.sleep(0.5)
         assert b.proc is not None and b.proc.poll() is None, f"broker exited:\n{b.log()[-2000:]}"
-        samples = [probe(b) for _ in range(3)]
-        figures(**probe_figures(samples))
+        probe = RootProbe(b.socket_path).run(3)
+        figures(**probe.figures())
         assert not [r for r in b.records() if r.get("event") == "idle-exit"]
 
 
@@ -277,13 +242,13 @@ def test_two_uids_cannot_lock_everyone_out_of_the_connection_table(figures) -> N
         hogs = [spawn_unprivileged(connection_hog, b.socket_path, 700, 4.0, uid=u) for u in ATTACKERS[:2]]
         try:
             time.sleep(3.0)  # both hogs have opened what they can
-            samples = [probe(b) for _ in range(3)]
+            probe = RootProbe(b.socket_path).run(3)
             other = spawn_unprivileged(_hello_as, b.socket_path, uid=STRANGER_UID).result(10)
             results = [h.result(30) for h in hogs]
         finally:
             for h in hogs:
                 h.kill()
-        figures(**probe_figures(samples), hog_held=[r["held"] for r in results])
+        figures(**probe.figures(), hog_held=[r["held"] for r in results])
         assert other["ok"], other
 
 
@@ -295,12 +260,12 @@ def test_accept_under_a_low_fd_limit_neither_spins_nor_floods_the_log(figures) -
         try:
             time.sleep(2.0)
             cpu = (_cpu_ticks(b.pid) - utime0) / os.sysconf("SC_CLK_TCK") / 2.0
-            samples = [probe(b) for _ in range(3)]
+            probe = RootProbe(b.socket_path).run(3)
             hog.result(30)
         finally:
             hog.kill()
         records = [r for r in b.records() if r.get("event") in ("accept-failed", "connection-refused")]
-        figures(**probe_figures(samples), broker_cpu_share=round(cpu, 2), refusal_records=len(records))
+        figures(**probe.figures(), broker_cpu_share=round(cpu, 2), refusal_records=len(records))
         assert cpu < 0.5, f"the broker used {cpu:.0%} of a CPU while accept failed"
         assert len(records) < 50, f"{len(records)} records for one flood"
 
@@ -331,13 +296,13 @@ def malformed_flood(path: str, count: int) -> dict[str, Any]:
 def test_malformed_requests_count_against_the_rate_limit_and_are_summarised(figures) -> None:  # type: ignore[no-untyped-def]
     with bed(RATE_POLICY) as (_, b):
         result = spawn_unprivileged(malformed_flood, b.socket_path, 2000, uid=CONSUMER_UID).result(60)
-        samples = [probe(b) for _ in range(3)]
+        probe = RootProbe(b.socket_path).run(3)
         codes = result["codes"]
         answered = sum(v for k, v in codes.items() if k != "rate-limited")
         allowed = 5 + 5 * result["seconds"] + 1  # a burst of one second's worth, then the rate
         records = b.records()
         noisy = [r for r in records if r.get("event") in ("bad-request", "rate-limited")]
-        figures(**probe_figures(samples), answered=answered, rate_limited=codes.get("rate-limited", 0),
+        figures(**probe.figures(), answered=answered, rate_limited=codes.get("rate-limited", 0),
                 records=len(noisy), flood_s=round(result["seconds"], 2))
         assert answered <= allowed, f"{answered} malformed requests judged in {result['seconds']:.1f}s: {codes}"
         assert len(noisy) < 100, f"{len(noisy)} audit records for one peer's flood"
@@ -366,11 +331,11 @@ max_connections = 1
 """
     with bed(policy) as (_, b):
         result = spawn_unprivileged(refused_connection_flood, b.socket_path, 2000, uid=ATTACKERS[0]).result(60)
-        samples = [probe(b) for _ in range(3)]
+        probe = RootProbe(b.socket_path).run(3)
         time.sleep(0.2)
         records = [r for r in b.records() if r.get("event") == "connection-refused"]
         summaries = [r for r in b.records() if r.get("event") == "suppressed"]
-        figures(**probe_figures(samples), refused=result["refused"], records=len(records))
+        figures(**probe.figures(), refused=result["refused"], records=len(records))
         assert result["refused"] == 2000
         assert len(records) < 50, f"{len(records)} records for 2000 refused connections"
         b.signal(signal.SIGTERM)  # the summary of what was left out is written at the latest when it stops
@@ -386,7 +351,7 @@ def test_out_of_fds_the_broker_answers_refusals_and_does_not_spin(figures) -> No
     listener stays readable; the broker must neither spin nor write a record per attempt, must tell each
     refused client why, and must serve again once fds are free."""
     with bed() as (_, b):
-        probe(b)
+        RootProbe(b.socket_path).run(1)
         os.system(f"prlimit --pid {b.pid} --nofile={b.settled_fds() + 4}:{20000}")
         utime0 = _cpu_ticks(b.pid)
         hog = spawn_unprivileged(connection_hog, b.socket_path, 300, 2.5, uid=ATTACKERS[0])
@@ -398,9 +363,9 @@ def test_out_of_fds_the_broker_answers_refusals_and_does_not_spin(figures) -> No
         finally:
             hog.kill()
         time.sleep(0.2)
-        samples = [probe(b) for _ in range(3)]  # the hog is gone: its fds are free again
+        probe = RootProbe(b.socket_path).run(3)  # the hog is gone: its fds are free again
         records = [r for r in b.records() if r.get("event") == "accept-failed"]
-        figures(**probe_figures(samples), broker_cpu_share=round(cpu, 2), accept_failed_records=len(records),
+        figures(**probe.figures(), broker_cpu_share=round(cpu, 2), accept_failed_records=len(records),
                 hog_held=got["held"], hog_refused=got["refused"])
         assert refused["error"]["code"] == "too-many-connections", refused
         assert got["refused"] > 200, got

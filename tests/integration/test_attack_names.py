@@ -25,7 +25,7 @@ from typing import Any
 
 from xskbroker.broker import bpf, xdp_prog
 from xskbroker.client.connection import Connection
-from xskbroker.client.grant import request, request_fds
+from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import (
     BrokerProcess,
     PacketPeer,
@@ -38,6 +38,7 @@ from xskbroker.testbed.sandbox import (
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
+from .probe import RootProbe
 
 KiB, MiB = 1 << 10, 1 << 20
 PROBE_RULE = """
@@ -66,24 +67,6 @@ def _ms(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     p50 = ordered[max(0, math.ceil(len(ordered) / 2) - 1)] if ordered else math.nan
     return {"p50": round(p50 * 1000, 2), "max": round(max(ordered, default=math.nan) * 1000, 2)}
-
-
-def root_probe(path: str, rounds: int = 5) -> dict[str, dict[str, float]]:
-    """hello round trips and real bound grants (1 MiB) + release on xskr, as root."""
-    hello, grant = [], []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        with Connection(path, 5.0) as c:
-            c.call(proto.Hello())
-        hello.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        with request("xskr", [0], geometry=proto.Geometry(umem_size=MiB), socket_path=path, timeout=5.0):
-            pass
-        grant.append(time.perf_counter() - started)
-        time.sleep(0.05)
-    out = {"hello_ms": _ms(hello), "grant_release_ms": _ms(grant)}
-    assert out["hello_ms"]["max"] < 2000 and out["grant_release_ms"]["max"] < 2000, out
-    return out
 
 
 def xdp_prog_on(ns: VethNamespace, dev: str) -> int:
@@ -149,7 +132,7 @@ def test_alias_and_altnames_cannot_bypass_a_deny(figures) -> None:  # type: igno
         ip("link", "property", "add", "dev", "xsk0", "altname", ALTNAME, netns=ns.name)
         attacker = spawn_unprivileged(alias_attack, b.socket_path, 3.0, uid=CONSUMER_UID)
         time.sleep(0.3)
-        probe = root_probe(b.socket_path)
+        probe = RootProbe(b.socket_path, "xskr", 0).run(5, pause=0.05).figures()
         got = attacker.result(timeout=30)
         codes, sample = got["codes"], got["sample"]
         for kind in ("bound", "bare"):
@@ -248,7 +231,7 @@ def test_a_map_fd_left_in_a_child_cannot_touch_the_next_tenant(figures) -> None:
                 os.write(go_w, b"x")  # the leftover fd empties slot 0 of the map it has
                 assert select.select([res_r], [], [], 5)[0], "the keeper never reported"
                 attempt = os.read(res_r, 64).decode()
-                probe = root_probe(b.socket_path)
+                probe = RootProbe(b.socket_path, "xskr", 0).run(5, pause=0.05).figures()
                 moved = peer.exchange(count)
                 result = tenant.result(timeout=30)
             finally:

@@ -16,7 +16,6 @@ import select
 import signal
 import socket
 import stat
-import statistics
 import time
 from collections.abc import Iterator
 
@@ -26,6 +25,7 @@ from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unpriv
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
+from .probe import RootProbe
 
 MiB = 1 << 20
 POLICY = f"""\
@@ -162,32 +162,6 @@ def alive(pid: int) -> bool:
         return f.read().split(") ")[-1][0] not in "ZX"
 
 
-# ---- the root probe: hello, and a 1 MiB bound grant + release, while the attack is under way ------------
-
-class Probe:
-    def __init__(self, path: str, iface: str) -> None:
-        self.path, self.iface = path, iface
-        self.hello: list[float] = []
-        self.grant: list[float] = []
-
-    def run(self, rounds: int = 3) -> None:
-        for _ in range(rounds):
-            t = time.perf_counter()
-            with Connection(self.path) as c:
-                c.call(proto.Hello())
-            self.hello.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            with request(self.iface, [1], geometry=proto.Geometry(umem_size=MiB), socket_path=self.path):
-                pass
-            self.grant.append(time.perf_counter() - t)
-
-    def figures(self) -> dict[str, float]:
-        ms = {k: [x * 1000 for x in v] for k, v in (("hello", self.hello), ("grant_release", self.grant))}
-        assert max(ms["hello"] + ms["grant_release"]) < 2000, ms
-        return {f"root_{k}_{f.__name__}_ms": round(f(v), 2) for k, v in ms.items()
-                for f in (statistics.median, max)}
-
-
 def _revoke(path: str, iface: str) -> dict:
     with Connection(path) as c:
         reply, _ = c.call(proto.Revoke(interface=iface, queue=0, signal=True))
@@ -210,7 +184,7 @@ def test_orphaned_lease_after_restart_never_signals_the_process_that_reused_its_
     """The holder hands its sockets to a child and exits; a root process takes its pid; the broker crashes
     and recovers the lease from its journal; the admin revokes it with --signal."""
     with BrokerProcess(veth.name, POLICY) as b:
-        probe = Probe(b.socket_path, veth.inside)
+        probe = RootProbe(b.socket_path, veth.inside)
         holder = spawn_unprivileged(grant_and_hand_off, b.socket_path, veth.inside, 0, 60.0, uid=CONSUMER_UID)
         held = holder.result()  # the holder has exited and is reaped: its pid is free
         keeper = os.pidfd_open(held["keeper"])
@@ -242,7 +216,7 @@ def test_a_grant_asked_after_its_connector_exited_never_signals_the_pids_new_own
     connection (now in a child) ask for a grant. A start time read from /proc/<pid> at grant time is the
     root process's: after a restart the journal would name root's process as the holder."""
     with BrokerProcess(veth.name, POLICY) as b:
-        probe = Probe(b.socket_path, veth.inside)
+        probe = RootProbe(b.socket_path, veth.inside)
         conn = spawn_unprivileged(connect_then_fork, b.socket_path, veth.inside, 0, 60.0, uid=CONSUMER_UID)
         forked = conn.result()
         sender = os.pidfd_open(forked["sender"])
@@ -299,7 +273,7 @@ def test_a_holder_pid_that_has_exited_is_refused(veth: VethNamespace, figures) -
     zombie, whose /proc entry still reads) is refused, never recorded with whatever start time its pid has
     when the lease is written."""
     with BrokerProcess(veth.name, POLICY) as b:
-        probe = Probe(b.socket_path, veth.inside)
+        probe = RootProbe(b.socket_path, veth.inside)
         probe.run()
         got = spawn_unprivileged(grant_for_an_exited_holder, b.socket_path, veth.inside, 0, uid=CONSUMER_UID).result()
         probe.run()
