@@ -32,7 +32,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if c:
         rows.append(("start to READY=1", f"{c['start_to_ready_ms']:.1f} ms",
                      f"{c['interpreter_start_ms']:.1f} ms (python -c pass)", f"{c['ready_over_interpreter']:.2f}"))
-        rows.append(("import broker.daemon", f"{c['import_ms']:.1f} ms", "", ""))
+        rows.append(("import xskbroker.broker.daemon", f"{c['import_ms']:.1f} ms", "", ""))
         rows.append(("socket activation to first grant (1 MiB)", f"{c['activation_to_first_grant_ms']:.1f} ms",
                      f"{c['warm_grant_ms']:.1f} ms (warm broker)", f"{c['first_over_warm']:.2f}"))
     for way in ("rx_pps", "tx_pps"):
