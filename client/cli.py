@@ -13,6 +13,7 @@ from typing import Any
 from xskbroker.client.connection import DEFAULT_SOCKET, Connection
 from xskbroker.policy.sizes import parse_size
 from xskbroker.wire import protocol as proto
+from xskbroker.wire.errors import ErrorCode
 
 
 def _size(text: str) -> int:
@@ -99,7 +100,7 @@ def add_client_parsers(sub: Any) -> None:
 
 
 def _fail(err: Exception, as_json: bool) -> int:
-    code = getattr(err, "code", "connection-error")
+    code = getattr(err, "code", ErrorCode.CONNECTION_ERROR)
     message = getattr(err, "message", str(err))
     if as_json:
         print(json.dumps({"ok": False, "error": {"code": code, "message": message}}))
@@ -126,10 +127,11 @@ def cmd_request(args: argparse.Namespace) -> int:
         else:
             print(f"lease {grant.lease}: {grant.interface} (ifindex {grant.ifindex}), XDP {grant.xdp_mode} mode, "
                   f"{len(grant.sockets)} socket(s) in {elapsed:.1f} ms")
-            for s in grant.reply["sockets"]:
-                mode = "zero-copy" if s["zerocopy"] else "copy"
-                print(f"  queue {s['queue']}: {mode}, UMEM {s['umem']['size']} bytes "
-                      f"({s['umem']['frame_size']}-byte frames), rings {s['rings']}")
+            assert grant.typed is not None
+            for s in grant.typed.bound_sockets:
+                mode = "zero-copy" if s.zerocopy else "copy"
+                print(f"  queue {s.queue}: {mode}, UMEM {s.umem.size} bytes ({s.umem.frame_size}-byte frames), "
+                      f"rings {s.rings.to_wire()}")
         sys.stdout.flush()
         if args.hold > 0:
             time.sleep(args.hold)
@@ -139,25 +141,25 @@ def cmd_request(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         with Connection(args.socket) as conn:
-            reply, _ = conn.call(proto.Status())
+            reply, _ = conn.call_typed(proto.Status())
     except (proto.BrokerError, ConnectionError, OSError) as e:
         return _fail(e, args.json)
     if args.json:
-        print(json.dumps(reply))
+        print(json.dumps(reply.raw))
         return 0
-    print(f"{len(reply['interfaces'])} interface(s) with the XSK program:")
-    for i in reply["interfaces"]:
-        print(f"  {i.get('interface') or '?'} (ifindex {i['ifindex']}): program {i['xdp_prog_id']} ({i['xdp_mode']}), "
-              f"{i['map_entries']} slots, {i.get('leases', 0)} lease(s)")
-    scope = "all" if reply.get("admin") else "yours"
-    print(f"{len(reply['leases'])} lease(s) ({scope}):")
-    for lease in reply["leases"]:
-        flag = " REVOKED" if lease.get("revoked") else ""
-        print(f"  {lease['lease']}: uid {lease['uid']} pid {lease['pid']} {lease['interface']} queues "
-              f"{lease['queues']} {lease['kind']} {lease['umem_bytes']} bytes, {lease['age_s']:.0f}s old{flag}")
-    for q in reply.get("quotas", []):
-        print(f"  quota {q['quota']} ({q['scope']}): queues {q['queues']}/{q['max_queues'] or '-'}, "
-              f"UMEM {q['umem']}/{q['max_umem'] or '-'} bytes")
+    print(f"{len(reply.interfaces)} interface(s) with the XSK program:")
+    for i in reply.interfaces:
+        print(f"  {i.interface or '?'} (ifindex {i.ifindex}): program {i.xdp_prog_id} ({i.xdp_mode}), "
+              f"{i.map_entries} slots, {i.leases} lease(s)")
+    scope = "all" if reply.admin else "yours"
+    print(f"{len(reply.leases)} lease(s) ({scope}):")
+    for lease in reply.leases:
+        flag = " REVOKED" if lease.revoked else ""
+        print(f"  {lease.lease}: uid {lease.uid} pid {lease.pid} {lease.interface} queues "
+              f"{list(lease.queues)} {lease.kind} {lease.umem_bytes} bytes, {lease.age_s:.0f}s old{flag}")
+    for q in reply.quotas:
+        print(f"  quota {q.quota} ({q.scope}): queues {q.queues}/{q.max_queues or '-'}, "
+              f"UMEM {q.umem}/{q.max_umem or '-'} bytes")
     return 0
 
 
@@ -205,16 +207,16 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         return 2
     try:
         with Connection(args.socket) as conn:
-            reply, _ = conn.call(proto.Revoke(args.lease, args.interface, args.queue, args.signal))
+            reply, _ = conn.call_typed(proto.Revoke(args.lease, args.interface, args.queue, args.signal))
     except (proto.BrokerError, ConnectionError, OSError) as e:
         return _fail(e, args.json)
     if args.json:
-        print(json.dumps(reply))
+        print(json.dumps(reply.raw))
         return 0
-    for r in reply["revoked"]:
-        signalled = ", holder signalled" if r["signalled"] else ""
-        if r.get("not_signalled"):
-            signalled = f", holder NOT signalled: {r['not_signalled']}"
-        print(f"revoked {r['lease']} (pid {r['holder_pid']}): emptied queues {r['emptied_queues']}{signalled}")
-    print(reply["note"])
+    for r in reply.revoked:
+        signalled = ", holder signalled" if r.signalled else ""
+        if r.not_signalled:
+            signalled = f", holder NOT signalled: {r.not_signalled}"
+        print(f"revoked {r.lease} (pid {r.holder_pid}): emptied queues {list(r.emptied_queues)}{signalled}")
+    print(reply.note)
     return 0

@@ -6,9 +6,11 @@ import contextlib
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, overload
 
 from xskbroker.wire import protocol as proto
+from xskbroker.wire import replies
+from xskbroker.wire.errors import ErrorCode
 
 DEFAULT_SOCKET = os.environ.get("XSKBROKER_SOCKET", "/run/xskbroker/broker.sock")
 MAX_FDS = 2 * proto.MAX_QUEUES
@@ -42,22 +44,59 @@ class Connection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, request: proto.Request) -> tuple[dict[str, Any], list[int]]:
-        """Send a request; return the reply and the fds it carried (the caller owns them)."""
+    @overload
+    def call_typed(self, request: proto.Hello) -> tuple[replies.HelloReply, list[int]]: ...
+    @overload
+    def call_typed(self, request: proto.Grant) -> tuple[replies.GrantReply, list[int]]: ...
+    @overload
+    def call_typed(self, request: proto.Release) -> tuple[replies.ReleaseReply, list[int]]: ...
+    @overload
+    def call_typed(self, request: proto.Revoke) -> tuple[replies.RevokeReply, list[int]]: ...
+    @overload
+    def call_typed(self, request: proto.Status) -> tuple[replies.StatusReply, list[int]]: ...
+
+    def call_typed(self, request: proto.Request) -> tuple[replies.OkReply, list[int]]:
+        """Send a request; return its typed reply and the fds it carried (the caller owns them).
+
+        Raises BrokerError for an error reply, and "bad-reply" for a reply that is not the answer to it.
+        """
         # only a status reply (every lease) can be large; a 1 MiB receive buffer costs a page-mapping
         # round trip per call, which a grant need not pay
         size = proto.MAX_REPLY if isinstance(request, proto.Status) else SMALL_REPLY
-        return self.call_raw(proto.encode_request(request), size)
+        return self._exchange(proto.encode_request(request), size, replies.OK_REPLIES[request.op])
+
+    def call(self, request: proto.Request) -> tuple[dict[str, Any], list[int]]:
+        """Send a request; return the reply as the dict the broker sent, and the fds it carried (the caller
+        owns them). call_typed gives the reply typed."""
+        reply, fds = self.call_typed(request)
+        assert reply.raw is not None
+        return reply.raw, fds
 
     def call_raw(self, data: bytes, reply_size: int = proto.MAX_REPLY) -> tuple[dict[str, Any], list[int]]:
+        """Send any bytes as a request (tests send malformed ones); return the reply dict and its fds."""
+        reply, fds = self._exchange(data, reply_size)
+        assert reply.raw is not None
+        return reply.raw, fds
+
+    def _exchange(self, data: bytes, reply_size: int,
+                  expected: type[replies.OkReply] | None = None) -> tuple[replies.OkReply, list[int]]:
         self.sock.send(data)
         msg, fds, flags, _ = socket.recv_fds(self.sock, reply_size, MAX_FDS)
         try:
             if not msg:
                 raise ConnectionError("the broker closed the connection without a reply")
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                raise proto.BrokerError("bad-reply", "broker reply was truncated")
-            return proto.decode_reply(msg), fds
+                raise proto.BrokerError(ErrorCode.BAD_REPLY, "broker reply was truncated")
+            reply = replies.decode_reply(msg)
+            if isinstance(reply, replies.ErrorReply):
+                raise reply.exception()
+            if expected is not None and type(reply) is not expected:
+                raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker answered a {expected.OP} request with a "
+                                        f"{reply.op} reply")
+            if isinstance(reply, replies.GrantReply) and reply.fd_count() > len(fds):
+                raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply names {reply.fd_count()} fds but "
+                                        f"carried {len(fds)}")
+            return reply, fds
         except BaseException:
             for fd in fds:
                 with contextlib.suppress(OSError):

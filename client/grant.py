@@ -11,6 +11,8 @@ from typing import Any
 from xskbroker.client.connection import DEFAULT_SOCKET, Connection
 from xskbroker.client.xsk import XskSocket
 from xskbroker.wire import protocol as proto
+from xskbroker.wire import replies
+from xskbroker.wire.errors import ErrorCode
 
 
 @dataclass
@@ -21,8 +23,9 @@ class Grant:
     kind: str
     xdp_mode: str
     sockets: list[XskSocket]
-    reply: dict[str, Any]
+    reply: dict[str, Any]  # as the broker sent it
     connection: Connection | None = field(default=None, repr=False)
+    typed: replies.GrantReply | None = field(default=None, repr=False)  # the reply, typed
 
     def release(self) -> None:
         """Close the sockets (the kernel frees their queues) and end the lease at the broker."""
@@ -53,7 +56,7 @@ def request(interface: str, queues: int | Sequence[int] = 1, *, start_queue: int
                       bind_mode=bind_mode, need_wakeup=need_wakeup)
     conn = Connection(socket_path, timeout)
     try:
-        reply, fds = conn.call(req)
+        reply, fds = conn.call_typed(req)
     except BaseException:
         conn.close()
         raise
@@ -65,8 +68,9 @@ def request(interface: str, queues: int | Sequence[int] = 1, *, start_queue: int
                 os.close(fd)
         conn.close()
         raise
-    return Grant(reply["lease"], reply["interface"], reply["ifindex"], reply["kind"], reply["xdp_mode"],
-                 sockets, reply, conn)
+    assert reply.raw is not None
+    return Grant(reply.lease, reply.interface, reply.ifindex, reply.kind, reply.xdp_mode, sockets, reply.raw, conn,
+                 reply)
 
 
 def request_fds(interface: str, queues: int | Sequence[int] = 1, *, kind: str = "bare", start_queue: int = 0,
@@ -85,13 +89,20 @@ def request_fds(interface: str, queues: int | Sequence[int] = 1, *, kind: str = 
         return conn.call(req)
 
 
-def open_sockets(reply: dict[str, Any], fds: list[int]) -> list[XskSocket]:
-    """Map every socket of a bound grant reply; on failure nothing stays mapped (fds stay the caller's)."""
+def open_sockets(reply: replies.GrantReply | dict[str, Any], fds: list[int]) -> list[XskSocket]:
+    """Map every socket of a bound grant reply (typed, or the dict the broker sent); on failure nothing stays
+    mapped (fds stay the caller's)."""
+    if isinstance(reply, dict):
+        typed = replies.reply_from_dict(reply)
+        if not isinstance(typed, replies.GrantReply):
+            raise proto.BrokerError(ErrorCode.BAD_REPLY, "not a grant reply")
+        reply = typed
+    if reply.kind != "bound":
+        raise proto.BrokerError(ErrorCode.BAD_REPLY, f"a {reply.kind} grant has no sockets to map")
     out: list[XskSocket] = []
     try:
-        for s in reply["sockets"]:
-            out.append(XskSocket(fds[s["fd"]], fds[s["umem_fd"]], s["queue"], proto.geometry_from_wire(s),
-                                 s["bind_flags"]))
+        for s in reply.bound_sockets:
+            out.append(XskSocket(fds[s.fd], fds[s.umem_fd], s.queue, s.geometry, s.bind_flags))
     except BaseException:
         for x in out:
             x.detach()

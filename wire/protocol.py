@@ -7,8 +7,14 @@ via SCM_RIGHTS. Both the broker and the client use this module; it does no I/O. 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
+
+# re-exported: callers know them as protocol.BrokerError and protocol.ProtocolError
+from xskbroker.wire.errors import BrokerError as BrokerError
+from xskbroker.wire.errors import ErrorCode
+from xskbroker.wire.errors import ProtocolError as ProtocolError
 
 VERSION = 1
 MAX_REQUEST = 8192  # bytes; a larger request is refused unread
@@ -22,27 +28,6 @@ PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
 IFNAMSIZ = 16  # with the terminating NUL: 15 bytes of name at most
 KINDS = ("bound", "bare", "map")
 BIND_MODES = ("auto", "copy", "zerocopy")
-
-
-class ProtocolError(Exception):
-    """A request that cannot be served as sent; code is one of the documented error codes."""
-
-    def __init__(self, code: str, message: str, op: str | None = None, req_id: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.op = op
-        self.req_id = req_id
-
-
-class BrokerError(Exception):
-    """An error reply, as the client sees it."""
-
-    def __init__(self, code: str, message: str, reply: dict[str, Any] | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.reply = reply or {}
 
 
 @dataclass(frozen=True)
@@ -201,12 +186,12 @@ def error_reply_for(err: ProtocolError) -> bytes:
 def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
     if name not in msg:
         if default is ...:
-            raise ProtocolError("bad-request", f"missing field {name!r}")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing field {name!r}")
         return default
     value = msg[name]
     # bool is an int subclass: never accept it where a number is meant
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise ProtocolError("bad-request", f"field {name!r} must be {_type_name(kind)}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {name!r} must be {_type_name(kind)}")
     return value
 
 
@@ -221,14 +206,14 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
 
 def _bounded(name: str, value: int, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
-        raise ProtocolError("bad-request", f"{name} must be between {lo} and {hi}, not {value}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be between {lo} and {hi}, not {value}")
     return value
 
 
 def _power_of_two(name: str, value: int, hi: int) -> int:
     _bounded(name, value, 1, hi)
     if value & (value - 1):
-        raise ProtocolError("bad-request", f"{name} must be a power of two, not {value}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be a power of two, not {value}")
     return value
 
 
@@ -240,15 +225,15 @@ def _queues(msg: dict[str, Any]) -> tuple[int, ...]:
             start = _bounded("start_queue", _field(msg, "start_queue", int, 0), 0, 65536 - count)
             return tuple(range(start, start + count))
         if not isinstance(raw, list) or not raw:
-            raise ProtocolError("bad-request", "queues must be a non-empty list of queue ids or a count")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "queues must be a non-empty list of queue ids or a count")
         if len(raw) > MAX_QUEUES:
-            raise ProtocolError("bad-request", f"at most {MAX_QUEUES} queues per grant")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"at most {MAX_QUEUES} queues per grant")
         if any(not isinstance(q, int) or isinstance(q, bool) or not 0 <= q <= 65535 for q in raw):
-            raise ProtocolError("bad-request", "queue ids must be integers between 0 and 65535")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "queue ids must be integers between 0 and 65535")
         if len(set(raw)) != len(raw):
-            raise ProtocolError("bad-request", "queue ids must be distinct")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "queue ids must be distinct")
         return tuple(raw)
-    raise ProtocolError("bad-request", "missing field 'queues'")
+    raise ProtocolError(ErrorCode.BAD_REQUEST, "missing field 'queues'")
 
 
 def _geometry(msg: dict[str, Any]) -> Geometry:
@@ -257,18 +242,26 @@ def _geometry(msg: dict[str, Any]) -> Geometry:
     rings = _field(msg, "rings", dict, {})
     frame = _field(umem, "frame_size", int, d.frame_size)
     if frame not in (2048, 4096):
-        raise ProtocolError("bad-request", f"umem.frame_size must be 2048 or 4096, not {frame}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"umem.frame_size must be 2048 or 4096, not {frame}")
     size = _bounded("umem.size", _field(umem, "size", int, d.umem_size), frame, MAX_UMEM)
     if size % 4096:
-        raise ProtocolError("bad-request", "umem.size must be a multiple of 4096 (the page size)")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "umem.size must be a multiple of 4096 (the page size)")
     headroom = _bounded("umem.headroom", _field(umem, "headroom", int, d.headroom), 0, frame - 256)
     ring = {k: _power_of_two(f"rings.{k}", _field(rings, k, int, getattr(d, k)), MAX_RING)
             for k in ("fill", "completion", "rx", "tx")}
-    for key in set(umem) - {"size", "frame_size", "headroom"}:
-        raise ProtocolError("bad-request", f"unknown field 'umem.{key}'")
-    for key in set(rings) - set(ring):
-        raise ProtocolError("bad-request", f"unknown field 'rings.{key}'")
+    key = _first_unknown(umem, ("size", "frame_size", "headroom"))
+    if key is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field 'umem.{key}'")
+    key = _first_unknown(rings, ring)
+    if key is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field 'rings.{key}'")
     return Geometry(size, frame, headroom, **ring)
+
+
+def _first_unknown(msg: dict[str, Any], known: Collection[str]) -> str | None:
+    """The first key of msg, in the message's own order, that is not in known: the error names the same
+    field every time (a set difference would name one chosen by string hashing, which varies per process)."""
+    return next((key for key in msg if key not in known), None)
 
 
 _GRANT_FIELDS = {"v", "op", "id", "interface", "queues", "start_queue", "kind", "umem", "rings",
@@ -282,26 +275,26 @@ def _parse_json(data: bytes) -> dict[str, Any]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ProtocolError("bad-json", f"request is not UTF-8 text: {e.reason} at byte {e.start}") from None
+        raise ProtocolError(ErrorCode.BAD_JSON, f"request is not UTF-8 text: {e.reason} at byte {e.start}") from None
     try:
         msg = json.loads(text)
     except json.JSONDecodeError as e:
         # a message cut short fails at its very end, or inside a string that never closes
         if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
-            raise ProtocolError("truncated", f"request ends in the middle of a JSON value: {e.msg}") from None
-        raise ProtocolError("bad-json", f"request is not JSON: {e.msg} at character {e.pos}") from None
+            raise ProtocolError(ErrorCode.TRUNCATED, f"request ends in the middle of a JSON value: {e.msg}") from None
+        raise ProtocolError(ErrorCode.BAD_JSON, f"request is not JSON: {e.msg} at character {e.pos}") from None
     except (ValueError, RecursionError):  # an integer of more than 4300 digits; nesting deeper than the stack
-        raise ProtocolError("bad-json", "request has a number too long or nesting too deep") from None
+        raise ProtocolError(ErrorCode.BAD_JSON, "request has a number too long or nesting too deep") from None
     if not isinstance(msg, dict):
-        raise ProtocolError("bad-json", "a request must be a JSON object")
+        raise ProtocolError(ErrorCode.BAD_JSON, "a request must be a JSON object")
     return msg
 
 
 def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Request:
     """Validate one request message. Raises ProtocolError with the code to reply with."""
     if truncated or len(data) > MAX_REQUEST:
-        raise ProtocolError("too-large", f"requests are limited to {MAX_REQUEST} bytes")
-    fds_error = ProtocolError("fds-not-allowed", f"requests carry no file descriptors ({fds} received, closed)")
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"requests are limited to {MAX_REQUEST} bytes")
+    fds_error = ProtocolError(ErrorCode.FDS_NOT_ALLOWED, f"requests carry no file descriptors ({fds} received, closed)")
     try:
         msg = _parse_json(data)
     except ProtocolError:
@@ -315,15 +308,16 @@ def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Req
         if fds:
             raise fds_error
         if type(msg.get("v")) is not int or msg["v"] != VERSION:  # not true, not 1.0
-            raise ProtocolError("bad-version", f"unsupported protocol version {msg.get('v')!r}; this broker "
+            raise ProtocolError(ErrorCode.BAD_VERSION, f"unsupported protocol version {msg.get('v')!r}; this broker "
                                 f"speaks version {VERSION}")
         if op not in _FIELDS:
-            raise ProtocolError("unknown-op", f"unknown op {msg.get('op')!r}; expected one of "
+            raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {msg.get('op')!r}; expected one of "
                                 + ", ".join(sorted(_FIELDS)))
-        for key in set(msg) - _FIELDS[op]:
-            raise ProtocolError("bad-request", f"unknown field {key!r} in {op} request")
+        key = _first_unknown(msg, _FIELDS[op])
+        if key is not None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field {key!r} in {op} request")
         if "id" in msg and req_id is None:
-            raise ProtocolError("bad-request", "field 'id' must be an integer or a string")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'id' must be an integer or a string")
         if op == "hello":
             return Hello(req_id)
         if op == "status":
@@ -343,9 +337,9 @@ def _revoke(msg: dict[str, Any], req_id: Any) -> Revoke:
     interface = _interface(msg, None)
     queue = _field(msg, "queue", int, None)
     if (lease is None) == (interface is None):
-        raise ProtocolError("bad-request", "revoke names either a lease or an interface")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "revoke names either a lease or an interface")
     if queue is not None and interface is None:
-        raise ProtocolError("bad-request", "revoke of a queue needs its interface")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "revoke of a queue needs its interface")
     if queue is not None:
         _bounded("queue", queue, 0, 65535)
     return Revoke(lease, interface, queue, _field(msg, "signal", bool, False), req_id)
@@ -355,7 +349,7 @@ def _interface(msg: dict[str, Any], default: Any = ...) -> Any:
     interface = _field(msg, "interface", str, default)
     problem = None if interface is None else ifname_problem(interface)
     if problem:
-        raise ProtocolError("bad-request", f"{interface!r} is not a valid interface name: {problem}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{interface!r} is not a valid interface name: {problem}")
     return interface
 
 
@@ -363,14 +357,14 @@ def _grant(msg: dict[str, Any], req_id: Any) -> Grant:
     interface = _interface(msg)
     kind = _field(msg, "kind", str, "bound")
     if kind not in KINDS:
-        raise ProtocolError("bad-request", f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     bind_mode = _field(msg, "bind_mode", str, "auto")
     if bind_mode not in BIND_MODES:
-        raise ProtocolError("bad-request", f"bind_mode must be one of {', '.join(BIND_MODES)}")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"bind_mode must be one of {', '.join(BIND_MODES)}")
     # a map grant is the whole interface: it names no queues
     queues = () if kind == "map" and "queues" not in msg else _queues(msg)
     if kind == "map" and queues:
-        raise ProtocolError("bad-request", "a map grant covers the whole interface: omit 'queues'")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a map grant covers the whole interface: omit 'queues'")
     memlock = _bounded("memlock", _field(msg, "memlock", int, 0), 0, MAX_MEMLOCK)
     holder_pid = _bounded("holder_pid", _field(msg, "holder_pid", int, 0), 0, PID_MAX)
     return Grant(interface=interface, queues=queues, kind=kind, geometry=_geometry(msg),
@@ -381,17 +375,17 @@ def _grant(msg: dict[str, Any], req_id: Any) -> Grant:
 # ---- decoding (client side) ------------------------------------------------------------------------
 
 def decode_reply(data: bytes) -> dict[str, Any]:
-    """Parse a reply; raise BrokerError for an error reply."""
-    try:
-        msg = json.loads(data)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BrokerError("bad-reply", f"broker reply is not JSON: {e}") from None
-    if not isinstance(msg, dict) or msg.get("v") != VERSION:
-        raise BrokerError("bad-reply", f"broker reply has no version {VERSION} object")
-    if not msg.get("ok"):
-        err = msg.get("error") if isinstance(msg.get("error"), dict) else {}
-        raise BrokerError(str(err.get("code", "unknown")), str(err.get("message", "")), msg)
-    return msg
+    """Parse a reply into the dict the broker sent; raise BrokerError for an error reply.
+
+    The dict form, kept for its callers: replies.decode_reply gives the typed, validated reply.
+    """
+    from xskbroker.wire import replies  # at call time: replies builds on this module
+
+    reply = replies.decode_reply(data)
+    if isinstance(reply, replies.ErrorReply):
+        raise reply.exception()
+    assert reply.raw is not None
+    return reply.raw
 
 
 def geometry_from_wire(sock: dict[str, Any]) -> Geometry:

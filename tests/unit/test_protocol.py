@@ -793,3 +793,23 @@ def test_a_queue_count_decodes_to_the_list_it_means(count: int, data: st.DataObj
     req = good_grant(queues=count, start_queue=start)
     assert req.queues == tuple(range(start, start + count))
     assert decode_request(encode_request(req)) == req
+
+
+# ---- unknown fields: the error names the first one, in the message's own order ----------------------------
+
+# Many unknown keys, so that an order chosen by string hashing (a set's, which varies per process) would
+# name the first one only by chance; "zz" sorts after every known key and "a" before, so sorting is not
+# what makes the answer either.
+UNKNOWN = [f"zz{i}" for i in range(40, 0, -1)] + [f"a{i}" for i in range(40)]
+
+
+def test_an_unknown_field_error_names_the_first_unknown_field() -> None:
+    err = refused(raw(op="status", **dict.fromkeys(UNKNOWN, 0)))
+    assert err.message == "unknown field 'zz40' in status request"
+    err = refused(raw(op="grant", interface="eth0", queues=[0], **dict.fromkeys(UNKNOWN, 0)))
+    assert err.message == "unknown field 'zz40' in grant request"
+
+
+@pytest.mark.parametrize("where", ["umem", "rings"])
+def test_an_unknown_umem_or_ring_key_error_names_the_first_one(where: str) -> None:
+    assert bad_grant(**{where: dict.fromkeys(UNKNOWN, 1)}).message == f"unknown field '{where}.zz40'"

@@ -1,0 +1,217 @@
+"""Typed replies: each encodes to exactly the bytes protocol.ok_reply / error_reply give for what the broker
+builds today, decodes back to itself, and a reply of the wrong shape is bad-reply."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xskbroker.broker.leases import Lease
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import open_sockets
+from xskbroker.wire import protocol as proto
+from xskbroker.wire import replies as r
+from xskbroker.wire.errors import BrokerError, ErrorCode
+
+G = proto.Geometry(8192, 2048, 256, 64, 128, 256, 512)
+MEMLOCK = {"needed": 67108864, "soft": 8388608, "hard": 8388608, "raised": False, "ok": False,
+           "reason": "the broker lacks CAP_SYS_RESOURCE", "hint": "raise the limit"}
+NOTE = "RX stopped: the map slots are empty."
+LEASE = Lease("63f0169167eb5aa8", 1000, 25763, 3, "xdoc0", (0, 1), "bound", 4194304, created=1.0, misbound=None)
+LEASE_DICT = LEASE.as_dict()  # once: its age_s is read from the clock
+
+# (typed reply, the same reply as the broker builds it with ok_reply, mirroring broker/service.py)
+CASES: list[tuple[r.OkReply, bytes]] = [
+    (r.HelloReply("xskbroker", (1,), r.PeerCred(0, 0, 10106), req_id=1),
+     proto.ok_reply("hello", 1, server="xskbroker", versions=[1], peer={"uid": 0, "gid": 0, "pid": 10106})),
+    (r.GrantReply("0974e0dc6c393213", "bound", "xdoc0", 3, "native", 464, holder_pid=77,
+                  sockets=(r.BoundSocket.of(0, 0, 1, 10, False, G), r.BoundSocket.of(5, 2, 3, 12, True, G)),
+                  req_id="x"),
+     proto.ok_reply("grant", "x", lease="0974e0dc6c393213", kind="bound", interface="xdoc0", ifindex=3,
+                    xdp_mode="native", xdp_prog_id=464, holder_pid=77,
+                    sockets=[{"queue": 0, "fd": 0, "umem_fd": 1, "bind_flags": 10, "zerocopy": False, **G.to_wire()},
+                             {"queue": 5, "fd": 2, "umem_fd": 3, "bind_flags": 12, "zerocopy": True, **G.to_wire()}])),
+    (r.GrantReply("ed83008341dbbee5", "bare", "xdoc0", 3, "skb", 1337, holder_pid=9,
+                  sockets=(r.BareSocket(0, 0), r.BareSocket(1, 1)), memlock=MEMLOCK, bind_flags_hint=10),
+     proto.ok_reply("grant", None, lease="ed83008341dbbee5", kind="bare", interface="xdoc0", ifindex=3,
+                    xdp_mode="skb", xdp_prog_id=1337, holder_pid=9,
+                    sockets=[{"queue": 0, "fd": 0}, {"queue": 1, "fd": 1}], memlock=MEMLOCK, bind_flags_hint=10)),
+    (r.GrantReply("ed83008341dbbee5", "bare", "x", 3, "native", 1, holder_pid=9, sockets=(r.BareSocket(7, 0),),
+                  bind_flags_hint=8, req_id=0),
+     proto.ok_reply("grant", 0, lease="ed83008341dbbee5", kind="bare", interface="x", ifindex=3, xdp_mode="native",
+                    xdp_prog_id=1, holder_pid=9, sockets=[{"queue": 7, "fd": 0}], memlock=None, bind_flags_hint=8)),
+    (r.GrantReply("8d234e03127b9bfe", "map", "xdoc1", 2, "native", 1339, holder_pid=9, map_fd=0, map_entries=2,
+                  req_id=2),
+     proto.ok_reply("grant", 2, lease="8d234e03127b9bfe", kind="map", interface="xdoc1", ifindex=2, xdp_mode="native",
+                    xdp_prog_id=1339, holder_pid=9, map_fd=0, map_entries=2)),
+    (r.ReleaseReply("8d234e03127b9bfe", req_id=3), proto.ok_reply("release", 3, lease="8d234e03127b9bfe")),
+    (r.RevokeReply((r.RevokedLease("a", (0,), False, 25763),
+                    r.RevokedLease("b", (), False, 1, not_signalled="holder pid 1 has exited"),
+                    r.RevokedLease("c", (), True, 2, ended=True)), NOTE, req_id=4),
+     proto.ok_reply("revoke", 4, revoked=[
+         {"lease": "a", "emptied_queues": [0], "signalled": False, "holder_pid": 25763},
+         {"lease": "b", "emptied_queues": [], "signalled": False, "holder_pid": 1,
+          "not_signalled": "holder pid 1 has exited"},
+         {"lease": "c", "emptied_queues": [], "signalled": True, "holder_pid": 2, "ended": True}], note=NOTE)),
+    (r.StatusReply((r.LeaseInfo.from_wire(LEASE_DICT),),
+                   (r.InterfaceInfo(3, "xdoc0", 3032, "native", 2, 1), r.InterfaceInfo(4, None, 1, "skb", 8, 0)),
+                   (r.QuotaUsage("root-budget", "user 0", 1, 1, 4194304, None),), True, req_id=3),
+     proto.ok_reply("status", 3, leases=[LEASE_DICT],
+                    interfaces=[{"ifindex": 3, "interface": "xdoc0", "xdp_prog_id": 3032, "xdp_mode": "native",
+                                 "map_entries": 2, "leases": 1},
+                                {"ifindex": 4, "interface": None, "xdp_prog_id": 1, "xdp_mode": "skb",
+                                 "map_entries": 8, "leases": 0}],
+                    quotas=[{"quota": "root-budget", "scope": "user 0", "queues": 1, "max_queues": 1, "umem": 4194304,
+                             "max_umem": None}], admin=True)),
+]
+
+
+@pytest.mark.parametrize(("typed", "data"), CASES, ids=lambda c: getattr(c, "OP", ""))
+def test_typed_replies_encode_to_the_brokers_bytes(typed: r.OkReply, data: bytes) -> None:
+    assert typed.encode() == data
+    decoded = r.decode_reply(data)
+    assert decoded == typed and decoded.raw == json.loads(data) == typed.to_dict()
+    assert decoded.encode() == data
+
+
+def test_lease_info_knows_every_field_the_broker_sends() -> None:
+    # a field added to Lease.as_dict would ride along in extra: type it here too
+    info = r.LeaseInfo.from_wire(LEASE.as_dict())
+    assert not info.extra and info.queues == (0, 1) and info.misbound is None
+
+
+def test_bound_socket_geometry() -> None:
+    sock = r.BoundSocket.of(1, 0, 1, 10, False, G)
+    assert sock.geometry == G == proto.geometry_from_wire(sock.to_wire())
+
+
+@pytest.mark.parametrize(("typed", "data"), [
+    (r.ErrorReply("queue-busy", "xdoc0 queue 0 is held", "grant", 4),
+     proto.error_reply("queue-busy", "xdoc0 queue 0 is held", "grant", 4)),
+    (r.ErrorReply(ErrorCode.KERNEL_ERROR, "bind: busy", "grant", 11, {"errno": "EBUSY"}),
+     proto.error_reply("kernel-error", "bind: busy", "grant", 11, errno="EBUSY")),
+    (r.ErrorReply("not-canonical-name", "altname", "grant", None, {"canonical": "eth0"}),
+     proto.error_reply("not-canonical-name", "altname", "grant", canonical="eth0")),
+    (r.ErrorReply("too-many-connections", "full"), proto.error_reply("too-many-connections", "full")),
+    (r.ErrorReply("unknown-op", "what", "steal", "i"), proto.error_reply("unknown-op", "what", "steal", "i")),
+])
+def test_error_replies_encode_to_the_brokers_bytes(typed: r.ErrorReply, data: bytes) -> None:
+    assert typed.encode() == data
+    decoded = r.decode_reply(data)
+    assert decoded == typed and decoded.raw == json.loads(data)
+    err = decoded.exception()
+    assert (err.code, err.message, err.reply) == (typed.code, typed.message, json.loads(data))
+
+
+def test_an_error_reply_from_a_protocol_error() -> None:
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.decode_request(b'{"v":1,"op":"grant","id":3,"interface":"eth0","queues":[]}')
+    assert r.ErrorReply.of(info.value).encode() == proto.error_reply_for(info.value)
+
+
+def test_unknown_fields_ride_along_in_order() -> None:
+    data = proto.ok_reply("release", 1, lease="ab", later={"x": 1}, more=2)
+    reply = r.decode_reply(data)
+    assert reply == r.ReleaseReply("ab", req_id=1, extra={"later": {"x": 1}, "more": 2})
+    assert reply.encode() == data
+
+
+GRANT = json.loads(CASES[1][1])
+
+
+def _grant(**changes: Any) -> bytes:
+    msg = {**GRANT, **changes}
+    return json.dumps({k: v for k, v in msg.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize("data", [
+    _grant(ifindex="3"), _grant(ifindex=True), _grant(ifindex=3.0), _grant(lease=...), _grant(op="steal"),
+    _grant(op=None), _grant(id=None), _grant(id=1.5), _grant(id=False), _grant(kind="other"),
+    _grant(sockets=...), _grant(sockets=[{"queue": 0, "fd": 0}]), _grant(sockets={}), _grant(sockets=[1]),
+    _grant(sockets=[{**GRANT["sockets"][0], "umem": {"size": 1}}]), _grant(kind="map"),
+    _grant(kind="bare", sockets=GRANT["sockets"], bind_flags_hint=8),
+    _grant(kind="bare", sockets=[{"queue": 0, "fd": 0}]),  # no bind_flags_hint
+    proto.ok_reply("status", leases=[{"lease": "x"}], interfaces=[]),
+    proto.ok_reply("status", leases=[], interfaces=[], admin="yes"),
+    proto.ok_reply("hello", server="xskbroker", versions=[True], peer={"uid": 0, "gid": 0, "pid": 1}),
+    proto.ok_reply("revoke", revoked=[], note=None),
+    b'{"v":true,"ok":true,"op":"release","lease":"x"}', b'{"v":1.0,"ok":true,"op":"release","lease":"x"}',
+])
+def test_replies_of_the_wrong_shape_are_bad_replies(data: bytes) -> None:
+    with pytest.raises(BrokerError) as info:
+        r.decode_reply(data)
+    assert info.value.code == ErrorCode.BAD_REPLY
+    with pytest.raises(BrokerError):  # the dict form validates as much
+        proto.decode_reply(data)
+
+
+def test_defaults_for_fields_an_older_broker_left_out() -> None:
+    reply = r.decode_reply(proto.ok_reply("status", leases=[], interfaces=[]))
+    assert isinstance(reply, r.StatusReply) and reply.quotas == () and reply.admin is False
+
+
+def test_fd_count() -> None:
+    assert [typed.fd_count() for typed, _ in CASES if isinstance(typed, r.GrantReply)] == [4, 2, 1, 1]
+
+
+def test_open_sockets_refuses_a_reply_that_is_not_a_bound_grant() -> None:
+    for bad in (r.decode_reply(CASES[2][1]), json.loads(CASES[4][1]), json.loads(CASES[5][1])):
+        with pytest.raises(BrokerError):
+            open_sockets(bad, [])  # type: ignore[arg-type]
+
+
+# ---- the client's Connection over a fake broker (a socket that answers with canned replies) ---------------
+
+@pytest.fixture
+def fake_broker(tmp_path: Path) -> Iterator[tuple[str, list[tuple[bytes, int]]]]:
+    """A SEQPACKET listener answering each request with the next (reply, fd count) of a script."""
+    path = str(tmp_path / "broker.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen()
+    script: list[tuple[bytes, int]] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while script and conn.recv(proto.MAX_REQUEST + 1):
+                reply, nfds = script.pop(0)
+                fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(nfds)]
+                socket.send_fds(conn, [reply], fds)
+                for fd in fds:
+                    os.close(fd)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield path, script
+    listener.close()
+    thread.join(5)
+
+
+def test_connection_call_returns_the_dict_and_call_typed_the_type(fake_broker: Any) -> None:
+    path, script = fake_broker
+    status = CASES[-1][1]
+    script += [(status, 0), (status, 0), (CASES[4][1], 1), (CASES[4][1], 0), (CASES[5][1], 0),
+               (proto.error_reply("kernel-error", "busy", "grant", errno="EBUSY"), 0)]
+    with Connection(path, timeout=5) as conn:
+        reply, fds = conn.call(proto.Status())
+        assert reply == json.loads(status) and fds == []
+        typed, _ = conn.call_typed(proto.Status())
+        assert typed == CASES[-1][0]
+        granted, fds = conn.call_typed(proto.Grant("xdoc1", (), kind="map"))
+        assert granted.map_fd == 0 and len(fds) == 1
+        os.close(fds[0])
+        with pytest.raises(BrokerError, match="names 1 fds but carried 0"):
+            conn.call(proto.Grant("xdoc1", (), kind="map"))
+        with pytest.raises(BrokerError, match="answered a status request with a release reply"):
+            conn.call(proto.Status())
+        with pytest.raises(BrokerError) as info:
+            conn.call_typed(proto.Grant("x", (0,)))
+        assert info.value.code == "kernel-error" and info.value.reply["error"]["errno"] == "EBUSY"

@@ -1,0 +1,383 @@
+"""Protocol v1 replies as typed values, both ways: encode() on the broker's side, decode_reply() on the client's.
+
+Like h11's events: a reply is a frozen dataclass, turned into bytes once, at the boundary, and read back
+into the same type, validated. encode() gives exactly the bytes protocol.ok_reply / error_reply give for
+the same content (it calls them), so the broker may build replies either way. Each dataclass lists its
+JSON keys in wire order; keys this client does not know are kept in `extra` (re-encoded at the end), so
+a newer broker's additions pass through. `raw` holds the JSON object as received (not compared).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from xskbroker.wire import protocol as proto
+from xskbroker.wire.errors import BrokerError, ErrorCode
+
+
+def _omit_if_none(value: Any, record: Any) -> bool:
+    return value is None
+
+
+def _opt(omit: Callable[[Any, Any], bool] = _omit_if_none) -> Any:
+    """An optional key: None when absent, and left out of the message when omit(value, record) says so."""
+    return field(default=None, metadata={"omit": omit})
+
+
+@dataclass(frozen=True)
+class Record:
+    """A JSON object with a known set of keys, in wire order; unknown keys ride along in `extra`."""
+
+    extra: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
+
+    @classmethod
+    def from_wire(cls, obj: Any, where: str = "reply") -> typing.Self:
+        if not isinstance(obj, dict):
+            raise _bad(where, "an object")
+        values: dict[str, Any] = {}
+        for f, hint in _wire_fields(cls):
+            if f.name in obj:
+                values[f.name] = _check(obj[f.name], hint, f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BrokerError(ErrorCode.BAD_REPLY, f"broker reply: {where} lacks {f.name!r}")
+        known = {f.name for f, _ in _wire_fields(cls)}
+        return cls(**values, extra={k: v for k, v in obj.items() if k not in known})
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f, _ in _wire_fields(type(self)):
+            value = getattr(self, f.name)
+            omit = f.metadata.get("omit")
+            if omit is None or not omit(value, self):
+                out[f.name] = _to_json(value)
+        out.update(self.extra)
+        return out
+
+
+@functools.cache
+def _wire_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls)
+                 if f.name not in ("extra", "req_id", "raw"))
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_wire()
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _bad(where: str, what: str) -> BrokerError:
+    return BrokerError(ErrorCode.BAD_REPLY, f"broker reply: {where} must be {what}")
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """value as the type hint says (lists become tuples, objects records), or BrokerError bad-reply."""
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check(value, option, where)
+            except BrokerError:
+                continue
+        raise _bad(where, " or ".join(_NAMES.get(a, getattr(a, "__name__", str(a))) for a in typing.get_args(hint)))
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _bad(where, "a list")
+        item = typing.get_args(hint)[0]
+        return tuple(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise _bad(where, "an object")
+        return value
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return hint.from_wire(value, where)
+    if hint is float:  # a JSON number: 0 may come as an integer
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif hint is int:  # bool is an int subclass: never accept it where a number is meant
+        ok = type(value) is int
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise _bad(where, _NAMES.get(hint, getattr(hint, "__name__", str(hint))))
+    return value
+
+
+# ---- the pieces of replies --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeerCred(Record):
+    """The caller as the kernel reported it (SO_PEERCRED)."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class UmemGeometry(Record):
+    size: int
+    frame_size: int
+    headroom: int
+
+
+@dataclass(frozen=True)
+class RingSizes(Record):
+    fill: int
+    completion: int
+    rx: int
+    tx: int
+
+
+@dataclass(frozen=True)
+class BoundSocket(Record):
+    """A bound grant's socket: fd and umem_fd are indexes into the reply's SCM_RIGHTS array."""
+
+    queue: int
+    fd: int
+    umem_fd: int
+    bind_flags: int
+    zerocopy: bool
+    umem: UmemGeometry
+    rings: RingSizes
+
+    @property
+    def geometry(self) -> proto.Geometry:
+        return proto.Geometry(self.umem.size, self.umem.frame_size, self.umem.headroom, self.rings.fill,
+                              self.rings.completion, self.rings.rx, self.rings.tx)
+
+    @classmethod
+    def of(cls, queue: int, fd: int, umem_fd: int, bind_flags: int, zerocopy: bool,
+           geometry: proto.Geometry) -> BoundSocket:
+        g = geometry
+        return cls(queue, fd, umem_fd, bind_flags, zerocopy, UmemGeometry(g.umem_size, g.frame_size, g.headroom),
+                   RingSizes(g.fill, g.completion, g.rx, g.tx))
+
+
+@dataclass(frozen=True)
+class BareSocket(Record):
+    """A bare grant's unbound socket: fd is an index into the reply's SCM_RIGHTS array."""
+
+    queue: int
+    fd: int
+
+
+@dataclass(frozen=True)
+class RevokedLease(Record):
+    lease: str
+    emptied_queues: tuple[int, ...]
+    signalled: bool
+    holder_pid: int
+    ended: bool | None = _opt()  # a map lease: ended at once
+    not_signalled: str | None = _opt()  # why a signal asked for was not sent
+
+
+@dataclass(frozen=True)
+class LeaseInfo(Record):
+    lease: str
+    uid: int
+    pid: int
+    interface: str
+    ifindex: int
+    queues: tuple[int, ...]
+    kind: str
+    umem_bytes: int
+    age_s: float
+    revoked: bool
+    orphaned: bool = False
+    misbound: int | None = None
+
+
+@dataclass(frozen=True)
+class InterfaceInfo(Record):
+    ifindex: int
+    interface: str | None  # None: the broker has not learnt the name
+    xdp_prog_id: int
+    xdp_mode: str
+    map_entries: int
+    leases: int = 0
+
+
+@dataclass(frozen=True)
+class QuotaUsage(Record):
+    quota: str
+    scope: str
+    queues: int
+    max_queues: int | None
+    umem: int
+    max_umem: int | None
+
+
+# ---- replies ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OkReply(Record):
+    OP: ClassVar[str]
+    req_id: int | str | None = field(default=None, kw_only=True)
+    raw: dict[str, Any] | None = field(default=None, kw_only=True, compare=False, repr=False)
+
+    @property
+    def op(self) -> str:
+        return self.OP
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as a dict, as protocol.decode_reply returns one (with "v")."""
+        return json.loads(self.encode())  # type: ignore[no-any-return]
+
+    def encode(self) -> bytes:
+        return proto.ok_reply(self.OP, self.req_id, **self.to_wire())
+
+
+@dataclass(frozen=True)
+class HelloReply(OkReply):
+    OP = "hello"
+    server: str
+    versions: tuple[int, ...]
+    peer: PeerCred
+
+
+@dataclass(frozen=True)
+class GrantReply(OkReply):
+    """Every kind of grant; sockets for bound and bare grants, map_fd and map_entries for map grants."""
+
+    OP = "grant"
+    lease: str
+    kind: str
+    interface: str
+    ifindex: int
+    xdp_mode: str
+    xdp_prog_id: int
+    holder_pid: int | None = _opt()
+    sockets: tuple[BoundSocket, ...] | tuple[BareSocket, ...] | None = _opt()
+    # a bare grant always says what it did about memlock (null: nothing was asked)
+    memlock: dict[str, Any] | None = field(default=None, metadata={"omit": lambda value, reply: reply.kind != "bare"})
+    bind_flags_hint: int | None = _opt()
+    map_fd: int | None = _opt()
+    map_entries: int | None = _opt()
+
+    @property
+    def bound_sockets(self) -> tuple[BoundSocket, ...]:
+        return tuple(s for s in self.sockets or () if isinstance(s, BoundSocket))
+
+    def fd_count(self) -> int:
+        """How many fds come with this reply, by the indexes it names."""
+        indexes = [s.fd for s in self.sockets or ()] + [s.umem_fd for s in self.bound_sockets]
+        if self.map_fd is not None:
+            indexes.append(self.map_fd)
+        return max(indexes, default=-1) + 1
+
+
+@dataclass(frozen=True)
+class ReleaseReply(OkReply):
+    OP = "release"
+    lease: str
+
+
+@dataclass(frozen=True)
+class RevokeReply(OkReply):
+    OP = "revoke"
+    revoked: tuple[RevokedLease, ...]
+    note: str
+
+
+@dataclass(frozen=True)
+class StatusReply(OkReply):
+    OP = "status"
+    leases: tuple[LeaseInfo, ...]
+    interfaces: tuple[InterfaceInfo, ...]
+    quotas: tuple[QuotaUsage, ...] = ()
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """An error reply. code is a plain string (a newer broker may send one this client does not know);
+    details are the error object's other keys ("errno" with kernel-error, "canonical", "lease")."""
+
+    code: str
+    message: str
+    op: str | None = None
+    req_id: int | str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, err: proto.ProtocolError) -> ErrorReply:
+        return cls(err.code, err.message, err.op, err.req_id)
+
+    def encode(self) -> bytes:
+        return proto.error_reply(self.code, self.message, self.op, self.req_id, **self.details)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.encode())  # type: ignore[no-any-return]
+
+    def exception(self) -> BrokerError:
+        return BrokerError(self.code, self.message, self.raw if self.raw is not None else self.to_dict())
+
+
+Reply = HelloReply | GrantReply | ReleaseReply | RevokeReply | StatusReply | ErrorReply
+OK_REPLIES: dict[str, type[OkReply]] = {c.OP: c for c in (HelloReply, GrantReply, ReleaseReply, RevokeReply,
+                                                          StatusReply)}
+_KIND_FIELDS = {"bound": ("sockets",), "bare": ("sockets", "bind_flags_hint"), "map": ("map_fd", "map_entries")}
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Read one reply message into its typed form; an error reply is an ErrorReply (not raised).
+
+    Raises BrokerError("bad-reply") when the message is not a protocol v1 reply of the documented shape.
+    """
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BrokerError(ErrorCode.BAD_REPLY, f"broker reply is not JSON: {e}") from None
+    return reply_from_dict(msg)
+
+
+def reply_from_dict(msg: Any) -> Reply:
+    """The typed form of a reply already parsed from JSON (with its "v")."""
+    if not isinstance(msg, dict) or type(msg.get("v")) is not int or msg["v"] != proto.VERSION:
+        raise BrokerError(ErrorCode.BAD_REPLY, f"broker reply has no version {proto.VERSION} object")
+    op = msg.get("op")
+    req_id = msg.get("id")
+    good_id = isinstance(req_id, int | str) and not isinstance(req_id, bool)
+    if not msg.get("ok"):
+        # lenient by design: whatever else is wrong with an error reply, the caller learns it was refused
+        err = msg.get("error") if isinstance(msg.get("error"), dict) else {}
+        details = {k: v for k, v in err.items() if k not in ("code", "message")}
+        return ErrorReply(str(err.get("code", ErrorCode.UNKNOWN)), str(err.get("message", "")),
+                          op if isinstance(op, str) else None, req_id if good_id else None, details, raw=msg)
+    if "id" in msg and not good_id:
+        raise _bad("reply.id", "an integer or a string")
+    if not isinstance(op, str) or op not in OK_REPLIES:
+        raise _bad("reply.op", "one of " + ", ".join(OK_REPLIES))
+    body = {k: v for k, v in msg.items() if k not in ("v", "ok", "op", "id")}
+    reply = OK_REPLIES[op].from_wire(body)
+    if isinstance(reply, GrantReply):
+        _check_grant(reply)
+    return dataclasses.replace(reply, req_id=req_id, raw=msg)  # type: ignore[return-value]
+
+
+def _check_grant(reply: GrantReply) -> None:
+    needed = _KIND_FIELDS.get(reply.kind)
+    if needed is None:
+        raise _bad("reply.kind", "one of " + ", ".join(_KIND_FIELDS))
+    for name in needed:
+        if getattr(reply, name) is None:
+            raise BrokerError(ErrorCode.BAD_REPLY, f"broker reply: a {reply.kind} grant lacks {name!r}")
+    want = BoundSocket if reply.kind == "bound" else BareSocket
+    if any(type(s) is not want for s in reply.sockets or ()):
+        raise _bad("reply.sockets", f"{reply.kind} sockets")
