@@ -29,7 +29,8 @@ def _interpreter_start() -> float:
 
 
 def _import_time() -> float:
-    code = "import time; t = time.perf_counter(); import xskbroker.broker.daemon; print((time.perf_counter() - t) * 1000)"
+    code = ("import time; t = time.perf_counter(); import xskbroker.broker.daemon; "
+            "print((time.perf_counter() - t) * 1000)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": REPO})
     return float(out.stdout)
