@@ -830,3 +830,29 @@ def test_the_kernel_layer_never_reads_the_fault_variable() -> None:
     for module in (xsk, umem_pool, kernel, faults):
         source = Path(str(module.__file__)).read_text()
         assert "os.environ" not in source and "getenv" not in source, module.__name__
+
+
+# ---- the holders' pidfds (what the daemon passes the service as signal_holder) ------------------------------------
+
+def test_holders_signal_only_the_process_the_lease_recorded() -> None:
+    import subprocess
+
+    from xskbroker.broker.holders import Holders
+    from xskbroker.common.procfs import process_start
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        start = process_start(child.pid)
+        lease = Lease("a" * 16, os.getuid(), child.pid, 7, "veth0", (0,), "bound", 0, pid_start=start)
+        holders = Holders()
+        wrong = Lease("b" * 16, os.getuid(), child.pid, 7, "veth0", (0,), "bound", 0, pid_start=(start or 0) + 1)
+        assert "another process" in str(holders.signal(wrong, "SIGTERM"))
+        unnamed = Lease("c" * 16, os.getuid(), child.pid, 7, "veth0", (0,), "bound", 0)
+        assert "no start time" in str(holders.signal(unnamed, "SIGTERM"))
+        assert child.poll() is None
+        assert holders.signal(lease, "SIGTERM") is None
+        assert child.wait(5) == -signal.SIGTERM
+        assert "has exited" in str(holders.signal(lease, "SIGTERM"))
+    finally:
+        child.kill()
+        child.wait()
