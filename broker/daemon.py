@@ -15,8 +15,9 @@ import socket
 import sys
 from typing import Any
 
-from xskbroker.broker import systemd
+from xskbroker.broker import faults, systemd
 from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
+from xskbroker.broker.holders import Holders
 from xskbroker.broker.server import MAX_CONNECTIONS, Server, listen
 from xskbroker.broker.service import Service
 from xskbroker.common import safefiles
@@ -70,12 +71,15 @@ def serve(args: argparse.Namespace) -> int:
             print(f"xskbroker: cannot listen on {args.socket}: {e.strerror or e}", file=sys.stderr)
             return 1
     sock_path = _path_of(listener) or args.socket
+    # the crash tests' fault points: a test-only variable, read here once and passed on as a hook
+    fault = faults.from_spec(os.environ.get(faults.ENV, ""))
+    holders = Holders()  # the server watches them, the service signals them on revoke
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
-                      umem_pool=args.umem_pool)
+                      umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault)
     service.recover()
     server = Server(listener, service, audit, args.policy, idle_timeout=getattr(args, "idle_timeout", None),
                     refuse_fds=not getattr(args, "accept_passed_fds", False),
-                    max_connections=getattr(args, "max_connections", MAX_CONNECTIONS))
+                    max_connections=getattr(args, "max_connections", MAX_CONNECTIONS), holders=holders, fault=fault)
     status.service = service
     audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
            "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid()})

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from xskbroker.common import safefiles
-from xskbroker.common.procfs import is_process
 
 STATE_VERSION = 1
 @dataclass
@@ -53,16 +52,6 @@ class Lease:
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
                 "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino,
                 "misbound": self.misbound, "map_id": self.map_id}
-
-    def holder_alive(self) -> bool:
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            return False
-        try:
-            return is_process(pidfd, self.pid, self.pid_start, self.pid_ino)
-        finally:
-            os.close(pidfd)
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Lease:

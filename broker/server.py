@@ -23,11 +23,12 @@ from typing import Any
 from xskbroker.broker import faults, linkwatch
 from xskbroker.broker import peer as peers
 from xskbroker.broker.closer import Closer
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.holders import Holders, pidfd_open
 from xskbroker.broker.service import Deferred, Outcome, Service, policy_peer
-from xskbroker.common.procfs import is_process, pinned_start
+from xskbroker.common.procfs import is_process
 from xskbroker.policy import Holding, PolicyError, load_policy
 from xskbroker.policy import quota as quotas
+from xskbroker.policy.admin import is_admin
 from xskbroker.wire import protocol as proto
 
 # fds a client might attach where the kernel cannot refuse them: room for all of them (SCM_MAX_FD), because
@@ -102,7 +103,8 @@ def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.soc
 class Server:
     def __init__(self, listener: socket.socket, service: Service, audit: Callable[[dict[str, Any]], None],
                  policy_path: str | None = None, idle_timeout: float | None = None, *,
-                 refuse_fds: bool = True, max_connections: int = MAX_CONNECTIONS) -> None:
+                 refuse_fds: bool = True, max_connections: int = MAX_CONNECTIONS, holders: Holders | None = None,
+                 fault: faults.FaultHook = faults.none) -> None:
         self.listener = listener
         self.idle_timeout = idle_timeout  # exit after this long with no connection and no lease
         self._idle_since: float | None = None
@@ -118,7 +120,11 @@ class Server:
         self.policy_path = policy_path
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, tuple[socket.socket, peers.PeerInfo]] = {}
-        self.pidfds: dict[int, int] = {}  # pid -> pidfd
+        # the lease holders' pidfds (pid -> pidfd), shared with the service's signal_holder when the daemon
+        # gave both the same Holders
+        self.holders = holders if holders is not None else Holders()
+        self.pidfds = self.holders.pidfds
+        self.fault = fault
         # requests waiting for the kernel: (when to retry, the request, its connection, its peer);
         # their connections are not read meanwhile, so each client still gets its replies in order
         self.waiting: list[tuple[float, Deferred, socket.socket, peers.PeerInfo]] = []
@@ -133,12 +139,11 @@ class Server:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._signals)
         # a worker finished a request's kernel work: _retry_waiting (after the events) completes it
         self.sel.register(service.workers.wake, selectors.EVENT_READ, lambda _: service.workers.drain())
-        service.signal_holder = self.signal_holder
         self.links: socket.socket | None = None
         try:
             self.links = linkwatch.open_socket()
             self.sel.register(self.links, selectors.EVENT_READ, self._link_events)
-            service.link_events = True
+            service.watch_links()
         except OSError as e:  # lifecycle tracking is lost, grants still work: say so and go on
             self.audit({"event": "linkwatch-unavailable", "error": str(e)})
         for lease in service.leases:
@@ -200,9 +205,7 @@ class Server:
         self.waiting = []
         for conn, _ in list(self.conns.values()):
             self._drop(conn)
-        for pidfd in self.pidfds.values():
-            os.close(pidfd)
-        self.pidfds.clear()
+        self.holders.close()
         if self.links is not None:
             self.links.close()
         self.closer.stop()
@@ -238,8 +241,7 @@ class Server:
             self.audit({"event": "policy-reload-failed", "path": self.policy_path, "errors": e.errors,
                         "kept": "previous policy"})
             return
-        self.service.policy = policy
-        self.audit({"event": "policy-reloaded", "path": self.policy_path, "rules": len(policy.rules)})
+        self.service.reload(policy, self.policy_path)
 
     # ---- connections ------------------------------------------------------------------------------
 
@@ -292,11 +294,12 @@ class Server:
             admins: set[int] = set()
             for _, p in self.conns.values():
                 counts[p.uid] = counts.get(p.uid, 0) + 1
-                if p.uid not in admins and self.service.is_admin(p):
+                if p.uid not in admins and is_admin(self.service.policy.admin, policy_peer(p)):
                     admins.add(p.uid)
             # the fd limit may have been lowered under us (prlimit): read it now, a syscall is cheap
             capacity = connection_capacity(self.max_connections)
-            admission = quotas.admit_connection(counts, who.uid, capacity, admin=self.service.is_admin(who),
+            admission = quotas.admit_connection(counts, who.uid, capacity,
+                                                admin=is_admin(self.service.policy.admin, policy_peer(who)),
                                                 admins=frozenset(admins))
             if not admission.admit:
                 code, reason = quotas.TOO_MANY_CONNECTIONS, admission.reason
@@ -397,7 +400,7 @@ class Server:
 
     def _reply(self, conn: socket.socket, outcome: Outcome, who: peers.PeerInfo) -> None:
         try:
-            faults.point("before-send")
+            self.fault("before-send")
             if outcome.fds:
                 socket.send_fds(conn, [outcome.reply], outcome.fds)
             else:
@@ -409,7 +412,7 @@ class Server:
             self._drop(conn)
         else:
             if outcome.lease_id:
-                faults.point("after-send")
+                self.fault("after-send")
                 # SO_PEERPIDFD names the requester race-free; a holder it named gets pidfd_open, checked
                 # against the start time the grant pinned it with
                 lease = self.service.leases.get(outcome.lease_id)
@@ -426,7 +429,7 @@ class Server:
         opened bare: it is the holder only if the process has the start time (and inode) the lease recorded."""
         if pid in self.pidfds:
             return
-        pidfd = peers.peer_pidfd(conn, pid) if conn is not None else _pidfd_open(pid)
+        pidfd = peers.peer_pidfd(conn, pid) if conn is not None else pidfd_open(pid)
         if pidfd is not None and conn is None and not is_process(pidfd, pid, start, ino):
             os.close(pidfd)  # the holder exited and the pid names another process
             pidfd = None
@@ -450,35 +453,6 @@ class Server:
         os.close(pidfd)
         self.service.holder_exited(pid)
 
-    def signal_holder(self, lease: Lease, signame: str) -> str | None:
-        """Signal a lease's holder through a pidfd proven to be it (the start time and pidfs inode recorded
-        at grant): None when sent, else why nothing was sent."""
-        pid, start = lease.pid, lease.pid_start
-        if start is None:
-            return f"no start time was recorded for holder pid {pid}: nothing was signalled"
-        pidfd = self.pidfds.get(pid)
-        opened = pidfd is None
-        if pidfd is None:
-            pidfd = _pidfd_open(pid)
-            if pidfd is None:
-                return f"holder pid {pid} has exited: nothing was signalled"
-        try:
-            if pinned_start(pidfd, pid) is None:
-                return f"holder pid {pid} has exited: nothing was signalled"
-            if not is_process(pidfd, pid, start, lease.pid_ino):
-                return (f"holder pid {pid} has exited and the pid now names another process (another start time "
-                        "or pidfs inode): nothing was signalled")
-            signal.pidfd_send_signal(pidfd, signal.Signals[signame])
-        except OSError as e:
-            if e.errno == errno.EPERM:
-                return (f"the broker (uid {os.geteuid()}) may not signal holder pid {pid} of another user: that needs "
-                        "CAP_KILL, which the shipped systemd unit does not keep (docs/systemd.md)")
-            return f"pidfd_send_signal to holder pid {pid} failed: {e.strerror}"
-        finally:
-            if opened:
-                os.close(pidfd)
-        return None
-
     def _discard_passed_fds(self, ancdata: list[tuple[int, int, bytes]]) -> int:
         """Count the fds a client attached and hand them to the untrusted closer: closing one can block for as
         long as its sender likes (a lingering socket that can never drain, a FUSE file)."""
@@ -498,13 +472,6 @@ class Server:
                 return
             for ev in linkwatch.parse(data):
                 self.service.link_event(ev)
-
-
-def _pidfd_open(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return None
 
 
 def _passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

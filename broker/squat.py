@@ -9,9 +9,10 @@ bound to. A socket bound to queue 0 reads like an unbound one (queue_id 0): only
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from xskbroker.broker import xdp_prog, xskdiag
+from xskbroker.broker import xskdiag
+from xskbroker.broker.kernel import Program, SlotProbe
 from xskbroker.broker.leases import Lease
 
 
@@ -19,13 +20,16 @@ class SquatWatch:
     """Loads the slot probe for each look (about 60 us) and closes it after: the broker keeps no fd for it,
     and looks only while bare leases live."""
 
-    def probe(self, prog: xdp_prog.XskProgram) -> xskdiag.SlotProbe | None:
+    def __init__(self, open_probe: Callable[[int], SlotProbe] = xskdiag.SlotProbe) -> None:
+        self.open_probe = open_probe  # map fd -> probe (the service passes its Kernel's)
+
+    def probe(self, prog: Program) -> SlotProbe | None:
         try:
-            return xskdiag.SlotProbe(prog.map_fd)
+            return self.open_probe(prog.map_fd)
         except OSError:
             return None
 
-    def misbound(self, prog: xdp_prog.XskProgram, leases: Iterable[Lease]) -> list[tuple[Lease, int, int]]:
+    def misbound(self, prog: Program, leases: Iterable[Lease]) -> list[tuple[Lease, int, int]]:
         """(lease, granted slot, queue it is bound to) for the live bare sockets bound off their slot."""
         bare = [x for x in leases if x.kind == "bare" and not x.revoked and x.ifindex == prog.ifindex]
         probe = self.probe(prog) if bare else None
@@ -43,7 +47,7 @@ class SquatWatch:
             probe.close()
         return out
 
-    def culprit(self, prog: xdp_prog.XskProgram, leases: Iterable[Lease], queue: int) -> Lease | None:
+    def culprit(self, prog: Program, leases: Iterable[Lease], queue: int) -> Lease | None:
         """The bare lease whose socket is bound to queue though it was granted another, if the broker can tell."""
         leases = list(leases)
         for lease in leases:  # found earlier: revoked, its slot emptied, but the socket may still be bound

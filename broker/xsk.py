@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from xskbroker.broker import bpf, faults
+from xskbroker.broker import bpf
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import (
     AF_XDP,
@@ -51,6 +51,10 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 # A queue whose socket just closed answers EBUSY until the kernel's deferred release runs: 12-20 ms on a
 # quiet machine, much longer under load. Waiting costs others nothing (the broker retries on a timer).
 BUSY_RETRY_SECONDS = 1.0
+
+
+def _no_fault(name: str) -> None:
+    """The default fault hook: the crash tests pass one that kills or pauses at a named point."""
 
 
 class QueueBusy(OSError):
@@ -195,6 +199,7 @@ class PreparedSocket:
     queue: int
     flags: int
     map_fd: int | None
+    fault: Callable[[str], None] = _no_fault
 
     def add_umem(self, g: Geometry, memfd: Callable[[int], int] | None = None,
                  apart: Callable[[int | None], None] | None = None) -> None:
@@ -205,7 +210,7 @@ class PreparedSocket:
             register_umem(self.sock, self.umem_fd, g)
         else:
             register_umem_apart(self.sock, self.umem_fd, g, apart)
-        faults.point("after-umem-reg")
+        self.fault("after-umem-reg")
         set_rings(self.sock, g)
 
     def try_bind(self) -> bool:
@@ -219,7 +224,7 @@ class PreparedSocket:
         return True
 
     def finish(self) -> BoundSocket:
-        faults.point("after-bind")
+        self.fault("after-bind")
         zc = is_zerocopy(self.sock)
         flags = self.flags | (XDP_ZEROCOPY if zc else XDP_COPY)
         return BoundSocket(self.sock.detach(), self.umem_fd, self.queue, flags, zc)
@@ -238,18 +243,18 @@ class PreparedSocket:
 
 
 def claim(ifindex: int, queue: int, map_fd: int | None, bind_mode: str = "auto",
-          need_wakeup: bool = True) -> PreparedSocket:
+          need_wakeup: bool = True, fault: Callable[[str], None] = _no_fault) -> PreparedSocket:
     """The cheap half of prepare_bound: the socket and its xsks_map[queue] claim, no UMEM yet."""
     sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
     try:
-        faults.point("after-socket")
+        fault("after-socket")
         if map_fd is not None:
             claim_slot(map_fd, queue, sock.fileno())
-        faults.point("after-map-claim")
+        fault("after-map-claim")
     except BaseException:
         sock.close()
         raise
-    return PreparedSocket(sock, -1, ifindex, queue, bind_flags_for(bind_mode, need_wakeup), map_fd)
+    return PreparedSocket(sock, -1, ifindex, queue, bind_flags_for(bind_mode, need_wakeup), map_fd, fault)
 
 
 def prepare_bound(ifindex: int, queue: int, map_fd: int | None, g: Geometry, bind_mode: str = "auto",

@@ -25,8 +25,8 @@ import xskbroker.policy
 import xskbroker.wire
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNEL_LAYER = ("bpf", "xsk", "netdev", "xdp_prog", "linkwatch", "umem_pool", "xskdiag", "closer", "peer")
-WIRING = ("service", "server", "daemon", "cli", "leases", "squat", "workers")
+KERNEL_LAYER = ("bpf", "xsk", "netdev", "xdp_prog", "linkwatch", "umem_pool", "xskdiag", "closer", "peer", "kernel")
+WIRING = ("service", "server", "daemon", "cli", "leases", "squat", "workers", "grants", "lifecycle", "core", "holders")
 REPORT = ("import sys, json; print(json.dumps(sorted(m for m in sys.modules "
           "if m.startswith('xskbroker.'))))")
 

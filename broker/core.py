@@ -1,0 +1,111 @@
+"""What the service's parts share: the results a request ends in, and the state they all work on.
+
+The service is split by job (broker.grants makes grants, broker.lifecycle ends and recovers leases,
+broker.service takes requests in and answers status and revoke); `Core` declares the state they share,
+which broker.service.Service sets up.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from xskbroker.broker.kernel import Kernel, Program
+from xskbroker.broker.leases import Lease, LeaseTable
+from xskbroker.broker.peer import PeerInfo
+from xskbroker.broker.squat import SquatWatch
+from xskbroker.broker.umem_pool import UmemPool
+from xskbroker.broker.workers import Workers
+from xskbroker.policy import Holding, Peer, Policy
+from xskbroker.policy.admin import is_admin
+
+AuditFn = Callable[[dict[str, Any]], None]
+# (lease, signal name) -> None when its holder was sent the signal, else why it was not
+SignalFn = Callable[[Lease, str], str | None]
+
+
+def no_signals(lease: Lease, signame: str) -> str | None:
+    return "the broker has no way to signal processes"
+
+
+@dataclass
+class Outcome:
+    """A reply and the fds it carries; the server sends them and then closes its copies."""
+
+    reply: bytes
+    fds: list[int] = field(default_factory=list)
+    lease_id: str | None = None
+    holder_pid: int = 0  # whose exit ends the lease (the requester unless it named another process)
+
+
+@dataclass
+class Deferred:
+    """A request that waits for the kernel: the server calls step() on a timer until it returns the
+    Outcome (step() may also end the wait with a refusal Outcome)."""
+
+    step: Callable[[], Outcome | None]
+    cancel: Callable[[], None]  # give up (the broker is stopping): undo what was made
+    delay: float = 0.001  # first retry; the server backs off to RETRY_CAP
+    # True while a worker thread does the request's kernel work: no timer, the worker's wake-up ends it
+    parked: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class MemlockRaise:
+    """A holder's RLIMIT_MEMLOCK as it was before the broker raised it, restored when its last lease that
+    needed the raise ends (if the process still runs and nobody changed the limit meanwhile)."""
+
+    before: tuple[int, int]
+    now: tuple[int, int]
+    leases: set[str] = field(default_factory=set)
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code, self.message, self.extra = code, message, extra
+
+
+def policy_peer(peer: PeerInfo) -> Peer:
+    return Peer(peer.uid, peer.gids, peer.user, peer.groups)
+
+
+class Core:
+    """The state the service's parts share (set up by Service.__init__), and the calls they make across."""
+
+    policy: Policy
+    audit: AuditFn
+    kernel: Kernel
+    fault: Callable[[str], None]
+    xdp_mode: str
+    clock: Callable[[], float]
+    leases: LeaseTable
+    programs: dict[int, Program]
+    names: dict[int, str]  # ifindex -> name as last seen, to notice renames
+    raised: dict[int, MemlockRaise]  # pid -> its memlock limits before the broker raised them
+    pending: dict[int, Holding]  # grants waiting (for a queue's release, a worker), by identity
+    jobs: collections.Counter[int]  # large grants being made, by uid
+    pool: UmemPool
+    workers: Workers
+    squat: SquatWatch
+    signal_holder: SignalFn
+    # With link events watched, a change of XDP program drops the cached one as it happens, so a grant
+    # need not ask the kernel again; without them every grant re-checks (a netlink round trip).
+    link_events: bool
+
+    def _admin(self, peer: PeerInfo) -> bool:
+        return is_admin(self.policy.admin, policy_peer(peer))
+
+    def holdings(self) -> list[Holding]:
+        """What every lease and every grant being made holds, for the quotas."""
+        return [*(Holding(lease.uid, frozenset(lease.gids), frozenset(lease.groups), len(lease.queues),
+                          lease.umem_bytes) for lease in self.leases), *self.pending.values()]
+
+    # defined by broker.grants and broker.lifecycle, called across them
+    def _program(self, ifindex: int, ifname: str, nqueues: int) -> Program:
+        raise NotImplementedError
+
+    def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> dict[str, Any]:
+        raise NotImplementedError

@@ -1,0 +1,416 @@
+"""Making grants: policy decision, quota, then the kernel work (through the service's Kernel) for each kind.
+
+Bound grants may wait for the kernel (a queue released late, a large UMEM pinned on a worker): they
+return a Deferred the server steps on a timer. Every failure undoes what was made before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import time
+from resource import RLIM_INFINITY
+from typing import Any
+
+from xskbroker.broker import squat
+from xskbroker.broker.core import Core, Deferred, MemlockRaise, Outcome, Refused, policy_peer
+from xskbroker.broker.kernel import (
+    BUSY_RETRY_SECONDS,
+    ForeignProgram,
+    NoSuchInterface,
+    NotCanonical,
+    Prepared,
+    Program,
+    QueueBusy,
+)
+from xskbroker.broker.peer import PeerInfo
+from xskbroker.broker.workers import Job
+from xskbroker.policy import Holding, Request, Rule, decide
+from xskbroker.policy import quota as quotas
+from xskbroker.wire import protocol as proto
+from xskbroker.wire.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
+
+# A grant whose UMEM (all its sockets together) is at most INLINE_UMEM, or INLINE_POOLED when the UMEM pool
+# has every memfd it needs prefaulted, is made on the event loop: that pins in about 3 or 6 ms, while a
+# worker and the child process that pins (broker.xsk.register_umem_apart) add 2-5 ms to the grant. Larger
+# ones (1 GiB takes seconds) are made on a worker thread while the loop serves everyone else.
+INLINE_UMEM = 4 << 20
+INLINE_POOLED = 16 << 20
+# Large grants being made (running or queued for a worker) at once, in all and per uid: one user cannot
+# keep every worker busy, and nobody can queue unbounded work.
+MAX_JOBS = 16
+MAX_JOBS_PER_UID = 2
+
+
+class Grants(Core):
+    def _grant(self, peer: PeerInfo, req: proto.Grant) -> Outcome | Deferred:
+        started = time.perf_counter()
+        record: dict[str, Any] = {"event": "grant", "peer": peer.as_dict(), "request": describe(req)}
+        # a map grant is judged on every queue of the device (a deny on any of them applies)
+        queues = req.queues or self._all_queues(req.interface)
+        who = policy_peer(peer)
+        decision = decide(self.policy, who, Request(req.interface, queues, req.kind, req.pinned_bytes))
+        record["rule"] = decision.rule.name if decision.rule else None
+
+        def settle(result: Outcome | Deferred | None = None, refused: Refused | None = None) -> Outcome:
+            ms = round((time.perf_counter() - started) * 1000, 3)
+            if refused is not None:
+                record.update(decision="deny", code=refused.code, reason=refused.message, ms=ms)
+                self.audit(record)
+                return Outcome(proto.error_reply(refused.code, refused.message, "grant", req.req_id, **refused.extra))
+            assert isinstance(result, Outcome)
+            record.update(decision="allow", code="ok", lease=result.lease_id, ms=ms)
+            self.audit(record)
+            return result
+
+        try:
+            if not decision.allowed or decision.rule is None:
+                raise Refused(decision.code, decision.reason)
+            # a map grant holds every queue of the device: it counts them all (req.queues is empty)
+            over = quotas.check(self.policy, who, self.holdings(), queues=len(queues), umem=req.pinned_bytes)
+            if over:
+                record["quota"] = over.reason
+                raise Refused(over.code, over.reason)
+            holder = self._holder(peer, req.holder_pid) if req.holder_pid else peer
+            maker = {"bound": self._make_bound, "bare": self._make_bare, "map": self._make_map}[req.kind]
+            result = maker(holder, req, decision.rule)
+        except Refused as e:
+            return settle(refused=e)
+        if isinstance(result, Outcome):
+            return settle(result)
+        # waiting for the kernel to release a queue: the decision is recorded when the wait ends
+        inner = result.step
+
+        def step() -> Outcome | None:
+            try:
+                done = inner()
+            except Refused as e:
+                return settle(refused=e)
+            return None if done is None else settle(done)
+
+        result.step = step
+        return result  # its cancel() needs no record: nobody was granted or told anything
+
+    def _all_queues(self, ifname: str) -> tuple[int, ...]:
+        try:
+            self.kernel.resolve(ifname)  # the exact name only: an altname's device is not the one the policy judges
+        except NoSuchInterface:
+            return (0,)  # judged as if for one queue; the grant then fails as no-such-interface
+        return tuple(range(self.kernel.queue_count(ifname)))
+
+    def _holder(self, peer: PeerInfo, pid: int) -> PeerInfo:
+        """The process a launcher hands the sockets to (QEMU behind a QMP socket): it must be the
+        requester's own (same real uid), so nobody can pin a lease or a memlock raise on someone else's.
+        The process is pinned by a pidfd first: its uid and start time are then read from the process
+        itself, never from one that took its pid in between."""
+        found = self.kernel.holder(pid)
+        if found is None:
+            raise Refused("bad-holder", f"holder_pid {pid} is not a running process")
+        uid, start, ino = found
+        if uid != peer.uid and not self._admin(peer):
+            raise Refused("bad-holder", f"holder_pid {pid} belongs to uid {uid}, not to the requester (uid {peer.uid})")
+        return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup, start, ino)
+
+    def _checked(self, req: proto.Grant) -> tuple[int, int]:
+        """The interface's index and queue count, after every check that changes nothing in the kernel:
+        the name is the interface's own (the one the policy judged), every requested queue exists, and no
+        map lease holds the interface whole."""
+        try:
+            ifindex = self.kernel.resolve(req.interface)
+        except NotCanonical as e:
+            raise Refused("not-canonical-name", str(e), canonical=e.canonical) from None
+        except NoSuchInterface as e:
+            raise Refused("no-such-interface", str(e)) from None
+        nqueues = self.kernel.queue_count(req.interface)
+        bad = [q for q in req.queues if q >= nqueues]
+        if bad:
+            raise Refused("no-such-queue", f"{req.interface} has {nqueues} queue(s) (0-{nqueues - 1}); "
+                          f"queue {bad[0]} does not exist")
+        sole = next((lease for lease in self.leases if lease.ifindex == ifindex and lease.kind == "map"), None)
+        if sole:
+            raise Refused("interface-exclusive", f"{req.interface} is held whole by lease {sole.id} (a map grant "
+                          f"to uid {sole.uid}) until it ends")
+        return ifindex, nqueues
+
+    def _target(self, req: proto.Grant) -> tuple[int, Program]:
+        """The interface's index and XSK program (attached now if need be) once every check has passed."""
+        ifindex, nqueues = self._checked(req)
+        prog = self._program(ifindex, req.interface, nqueues)
+        self.check_bare(prog)
+        over = [q for q in req.queues if q >= prog.max_entries]
+        if over:
+            raise Refused("no-such-queue", f"the XSK program on {req.interface} has {prog.max_entries} "
+                          f"map slots; queue {over[0]} is beyond it (the device grew after it was attached)")
+        return ifindex, prog
+
+    def _make_bound(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome | Deferred:
+        big = req.umem_bytes > INLINE_UMEM and not (
+            req.umem_bytes <= INLINE_POOLED and self.pool.ready(req.geometry.umem_size) >= len(req.queues))
+        if big and (self.jobs[peer.uid] >= MAX_JOBS_PER_UID or self.jobs.total() >= MAX_JOBS):
+            raise Refused("grants-in-progress", f"the broker is already making {self.jobs.total()} large grants "
+                          f"({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
+        ifindex, prog = self._target(req)
+        prepared: list[Prepared] = []
+        bound: list[Prepared] = []  # bound by the worker
+        where = [req.queues[0]]  # the queue a failure is about
+
+        def abort(e: BaseException, queue: int) -> BaseException:
+            for p in prepared:
+                p.abort()
+            self.pending.pop(id(prepared), None)
+            return refusal(e, req.interface, queue)
+
+        def work(job: Job) -> None:  # on a worker thread: nothing shared but `prepared`
+            for p in prepared:
+                if job.cancelled:
+                    return
+                where[0] = p.queue
+                p.add_umem(req.geometry, self.pool.take, apart=job.watch)
+            for p in prepared:  # the first bind too: zero-copy maps every UMEM page for DMA there
+                where[0] = p.queue
+                if not job.cancelled and p.try_bind():
+                    bound.append(p)
+
+        def undo() -> None:  # a cancelled job, once the worker is done with it
+            for p in prepared:
+                p.abort(empty_slot=False)
+
+        job: Job | None = None
+        try:
+            for p_queue in req.queues:
+                where[0] = p_queue
+                prepared.append(self.kernel.claim(ifindex, p_queue, prog.map_fd, req.bind_mode, req.need_wakeup))
+            if big:
+                job = self.workers.submit(Job(work, undo))
+                self.jobs[peer.uid] += 1
+                waiting = []
+            else:
+                for p in prepared:
+                    where[0] = p.queue
+                    p.add_umem(req.geometry, self.pool.take)
+                waiting = [p for p in prepared if not p.try_bind()]
+        except BaseException as e:
+            raise abort(e, where[0]) from None
+        if job is None and not waiting:
+            return self._finish_bound(peer, req, ifindex, prog, prepared)
+        for p in waiting:  # a bare socket squatting the queue will not let go: no point in waiting for it
+            culprit = self.squat.culprit(prog, self.leases, p.queue)
+            if culprit:
+                raise abort(Refused("queue-squatted", squat.squatter_message(req.interface, p.queue, culprit),
+                                    lease=culprit.id), p.queue)
+        # A queue whose last socket just closed answers EBUSY until the kernel's deferred release runs.
+        # The grant waits for it on the server's timer, never in the event loop, and its claimed slots
+        # and pinned UMEM count against the quota meanwhile (as they do while a worker makes them).
+        self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
+        deadline = self.clock() + BUSY_RETRY_SECONDS
+
+        def job_over() -> None:
+            nonlocal job
+            if job is not None:
+                self.jobs[peer.uid] -= 1
+                if not self.jobs[peer.uid]:
+                    del self.jobs[peer.uid]
+                job = None
+
+        def step() -> Outcome | None:
+            nonlocal deadline
+            if job is not None:
+                if not job.done:
+                    return None
+                error = job.error
+                job_over()
+                if error is not None:
+                    raise abort(error, where[0]) from None
+                waiting[:] = [p for p in prepared if p not in bound]
+                deadline = self.clock() + BUSY_RETRY_SECONDS
+            try:
+                waiting[:] = [p for p in waiting if not p.try_bind()]
+            except BaseException as e:
+                raise abort(e, waiting[0].queue) from None
+            if waiting:
+                if self.clock() < deadline:
+                    return None
+                raise abort(self._squatted(req.interface, prog, waiting[0].queue), waiting[0].queue)
+            self.pending.pop(id(prepared), None)
+            return self._finish_bound(peer, req, ifindex, prog, prepared)
+
+        def cancel() -> None:  # the broker is stopping: the wait ends with nothing made
+            if job is not None:  # the worker may still be pinning: it undoes the job when it is done
+                job.cancel()
+                job_over()
+                self.pending.pop(id(prepared), None)
+                return
+            abort(OSError(errno.ECANCELED, "the broker is stopping"), req.queues[0])
+
+        return Deferred(step, cancel, parked=lambda: job is not None and not job.done)
+
+    def _squatted(self, ifname: str, prog: Program, queue: int) -> BaseException:
+        """Why a queue stayed EBUSY: a bare socket bound off its lease, a stranger's socket, or a slow release."""
+        culprit = self.squat.culprit(prog, self.leases, queue)
+        with contextlib.suppress(OSError):
+            if culprit or queue in self.kernel.bound_queues(prog.ifindex):
+                return Refused("queue-squatted", squat.squatter_message(ifname, queue, culprit), errno="EBUSY",
+                               **({"lease": culprit.id} if culprit else {}))
+        return OSError(errno.EBUSY, f"still bound by a released socket after {BUSY_RETRY_SECONDS} s")
+
+    def check_bare(self, prog: Program | None = None) -> None:
+        """Revoke the bare leases whose sockets are bound to a queue they were not granted (squatting it).
+
+        Called on each grant on the interface and on the server's poll timer while bare leases live;
+        costs loading a probe program (about 60 us) and one BPF_PROG_TEST_RUN (about 3 us) per bare slot."""
+        for p in [prog] if prog else list(self.programs.values()):
+            bare = [x for x in self.leases.on_interface(p.ifindex) if x.kind == "bare" and not x.revoked]
+            if not bare:
+                continue
+            for lease, slot, queue in self.squat.misbound(p, bare):
+                if lease.revoked:
+                    continue  # two misbound slots of one lease: revoked once
+                lease.misbound = queue
+                self.audit({"event": "bare-misbound", "lease": lease.id, "uid": lease.uid, "pid": lease.pid,
+                            "interface": lease.ifname, "granted_queues": list(lease.queues), "slot": slot,
+                            "bound_queue": queue})
+                self.revoke_lease(lease, None, self.policy.admin.revoke_signal)
+
+    def has_bare(self) -> bool:
+        return any(x.kind == "bare" and not x.revoked for x in self.leases)
+
+    def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program,
+                      prepared: list[Prepared]) -> Outcome:
+        made = [p.finish() for p in prepared]
+        fds: list[int] = []
+        sockets = []
+        for s in made:
+            sockets.append({"queue": s.queue, "fd": len(fds), "umem_fd": len(fds) + 1,
+                            "bind_flags": s.bind_flags, "zerocopy": s.zerocopy, **req.geometry.to_wire()})
+            fds += [s.xsk_fd, s.umem_fd]
+        return self._lease(peer, req, ifindex, prog, fds, sockets=sockets)
+
+    def _make_bare(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
+        unsupported = self.kernel.bare_supported()
+        if unsupported:
+            raise Refused("unsupported-kind", unsupported)
+        ifindex, prog = self._target(req)
+        fds: list[int] = []
+        try:
+            for q in req.queues:
+                fds.append(self.kernel.create_bare(req.interface, q, prog.map_fd))
+        except BaseException as e:
+            for q_done, fd in zip(req.queues, fds, strict=False):
+                self.kernel.map_delete(prog.map_fd, q_done)
+                self.kernel.close(fd)
+            raise refusal(e, req.interface, q) from None
+        sockets = [{"queue": q, "fd": i} for i, q in enumerate(req.queues)]
+        memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
+        out = self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
+                          bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
+        if memlock and memlock["raised"] and out.lease_id and peer.pid in self.raised:
+            self.raised[peer.pid].leases.add(out.lease_id)  # restored when the last such lease ends
+        return out
+
+    def _make_map(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
+        if not rule.exclusive:  # the loader already insists on it; a decision must never rely on that alone
+            raise Refused("kind-not-allowed", f"{rule.describe()} is not exclusive: map grants need the whole "
+                          "interface")
+        ifindex, nqueues = self._checked(req)
+        others = [lease for lease in self.leases if lease.ifindex == ifindex]
+        if others:  # checked before anything is attached
+            raise Refused("interface-busy", f"{req.interface} is in use (leases {[x.id for x in others]}); a map "
+                          "grant needs it unused")
+        prog = self._program(ifindex, req.interface, nqueues)
+        taken = self.kernel.occupied_slots(prog.map_fd, prog.max_entries)
+        if taken:
+            raise Refused("interface-busy", f"{req.interface} is in use (occupied queues {taken}); a map grant "
+                          "needs it unused")
+        map_id = self.kernel.map_id(prog.map_fd)
+        fd = self.kernel.dup(prog.map_fd)
+        # every slot is the holder's to write: the lease (and the quota) counts them all
+        out = self._lease(peer, req, ifindex, prog, [fd], queues=tuple(range(prog.max_entries)), map_fd=0,
+                          map_entries=prog.max_entries)
+        lease = self.leases.get(out.lease_id or "")
+        if lease:  # the map whose program is detached when the lease ends, even after a broker restart
+            lease.map_id = map_id
+            self.leases.record(lease)
+        return out
+
+    def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program, fds: list[int],
+               queues: tuple[int, ...] | None = None, **fields: Any) -> Outcome:
+        # recorded (and persisted) before the fds leave: a crash after this line leaves a record that
+        # recovery checks against the kernel, never a socket nobody accounts for
+        lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
+                                req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)), peer.start,
+                                peer.ino)
+        self.fault("after-lease-saved")
+        reply = proto.ok_reply("grant", req.req_id, lease=lease.id, kind=req.kind, interface=req.interface,
+                               ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, holder_pid=peer.pid,
+                               **fields)
+        return Outcome(reply, fds, lease.id, peer.pid)
+
+    def _memlock(self, peer: PeerInfo, needed: int, rule: Rule) -> dict[str, Any]:
+        """Give a bare-grant holder the RLIMIT_MEMLOCK its own UMEM needs, where policy and privilege allow.
+
+        Never lowers a limit. When it cannot raise it, the reply says exactly what is missing.
+        """
+        try:
+            soft, hard = self.kernel.memlock(peer.pid)
+        except OSError as e:  # the holder is gone: its sockets are made, so answer rather than fail the grant
+            return {"needed": needed, "ok": False, "raised": False, "reason": f"cannot read its limit: {e}"}
+        info: dict[str, Any] = {"needed": needed, "soft": soft, "hard": hard, "raised": False}
+        if soft == RLIM_INFINITY or soft >= needed:
+            return {**info, "ok": True}
+        hint = (f"raise the limit of the process that will register the UMEM to at least {needed} bytes: "
+                f"LimitMEMLOCK={needed} in its systemd unit, `prlimit --pid {peer.pid} --memlock={needed}:{needed}` "
+                f"as root, a memlock line in limits.conf, or CAP_IPC_LOCK")
+        if rule.raise_memlock is None or needed > rule.raise_memlock:
+            allowed = "no raise" if rule.raise_memlock is None else f"raises up to {rule.raise_memlock} bytes"
+            return {**info, "ok": False, "reason": f"{rule.describe()} allows {allowed}", "hint": hint}
+        # only what is needed: the soft limit to `needed`, the hard one only when it is below (soft <= hard)
+        new = (needed, hard if hard == RLIM_INFINITY else max(hard, needed))
+        try:
+            self.kernel.set_memlock(peer.pid, new)
+        except OSError as e:
+            reason = ("the broker lacks CAP_SYS_RESOURCE to raise another process's hard limit"
+                      if e.errno == errno.EPERM else f"prlimit failed: {e.strerror}")
+            return {**info, "ok": False, "reason": reason, "hint": hint}
+        earlier = self.raised.get(peer.pid)
+        self.raised[peer.pid] = MemlockRaise(earlier.before if earlier else (soft, hard), new,
+                                             earlier.leases if earlier else set())
+        self.audit({"event": "memlock-raised", "pid": peer.pid, "from": soft, "to": needed, "hard": new[1]})
+        return {**info, "ok": True, "raised": True}
+
+    def _program(self, ifindex: int, ifname: str, nqueues: int) -> Program:
+        """The cached XSK program of the interface, re-found when someone changed what is attached."""
+        cached = self.programs.get(ifindex)
+        if cached and self.link_events:
+            return cached
+        try:
+            current = self.kernel.attached(ifindex)
+            if cached and cached.prog_id == current:
+                return cached
+            if cached:
+                cached.close()
+                del self.programs[ifindex]
+            prog = self.kernel.find_or_attach(ifindex, ifname, nqueues, self.xdp_mode)
+        except ForeignProgram as e:
+            raise Refused("xdp-foreign-program", e.strerror or str(e)) from None
+        except OSError as e:
+            raise Refused("xdp-attach-failed", e.strerror or str(e)) from None
+        self.programs[ifindex] = prog
+        self.names[ifindex] = ifname
+        if prog.attached_now:
+            self.audit({"event": "xdp-attach", "interface": ifname, "ifindex": ifindex, "prog_id": prog.prog_id,
+                        "mode": prog.mode, "map_entries": prog.max_entries})
+        return prog
+
+
+def refusal(e: BaseException, ifname: str, queue: int) -> BaseException:
+    if isinstance(e, QueueBusy):
+        return Refused("queue-busy", f"{ifname} queue {queue} is held by another socket")
+    if isinstance(e, OSError):
+        return Refused("kernel-error", f"{ifname} queue {queue}: {e.strerror or e}",
+                       errno=errno.errorcode.get(e.errno or 0, str(e.errno)))
+    return e
+
+
+def describe(req: proto.Grant) -> dict[str, Any]:
+    return {"interface": req.interface, "queues": list(req.queues), "kind": req.kind,
+            "umem_bytes": req.umem_bytes, "bind_mode": req.bind_mode, "memlock": req.memlock}

@@ -1,0 +1,217 @@
+"""The kernel work the service asks for, behind one interface: the service decides, a Kernel acts.
+
+`Kernel` is the whole surface the wiring (broker.service and its parts) uses: interfaces, XDP programs and
+their xsks_map, AF_XDP sockets, and the few process facts a grant needs (a holder's identity, its memlock
+limits). `LinuxKernel` delegates to the kernel-layer modules (netdev, xdp_prog, bpf, xsk, xskdiag, procfs);
+the unit tests pass a fake that records what it made and closed. The errors the service tells apart are
+the kernel layer's own, re-exported here so the wiring imports them from one place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from xskbroker.broker import bpf, netdev, xdp_prog, xsk, xskdiag
+from xskbroker.common.procfs import is_process, memlock_limits, pidfd_ino, pinned_start
+from xskbroker.wire.protocol import Geometry
+
+NoSuchInterface = netdev.NoSuchInterface
+NotCanonical = netdev.NotCanonical
+ForeignProgram = xdp_prog.ForeignProgram
+QueueBusy = xsk.QueueBusy
+BoundSocket = xsk.BoundSocket
+BUSY_RETRY_SECONDS = xsk.BUSY_RETRY_SECONDS
+FaultHook = Callable[[str], None]
+
+
+def _no_fault(name: str) -> None:
+    """No fault injected."""
+
+
+class Program(Protocol):
+    """An XSK program attached to an interface, with the broker's fd of its xsks_map."""
+
+    ifindex: int
+    prog_id: int
+    map_fd: int
+    mode: str
+    max_entries: int
+    attached_now: bool
+
+    def close(self) -> None: ...
+
+
+class Prepared(Protocol):
+    """A socket with its map slot claimed; add_umem, then try_bind until it binds, then finish (or abort)."""
+
+    queue: int
+
+    def add_umem(self, g: Geometry, memfd: Callable[[int], int] | None = None,
+                 apart: Callable[[int | None], None] | None = None) -> None: ...
+
+    def try_bind(self) -> bool: ...
+
+    def finish(self) -> xsk.BoundSocket: ...
+
+    def abort(self, empty_slot: bool = True) -> None: ...
+
+
+class SlotProbe(Protocol):
+    def queue_of(self, slot: int) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
+class Kernel(Protocol):
+    # ---- interfaces
+    def resolve(self, name: str) -> int:
+        """The ifindex of the interface whose own name is `name` (NotCanonical, NoSuchInterface)."""
+        ...
+
+    def ifname(self, ifindex: int) -> str: ...
+
+    def queue_count(self, name: str) -> int: ...
+
+    # ---- XDP programs and their map
+    def attached(self, ifindex: int) -> int:
+        """Id of the XDP program on the interface, 0 for none (ForeignProgram when it cannot be told)."""
+        ...
+
+    def find_or_attach(self, ifindex: int, ifname: str, queues: int, mode: str) -> Program: ...
+
+    def detach(self, ifindex: int, map_id: int) -> int: ...
+
+    def map_id(self, map_fd: int) -> int: ...
+
+    def map_delete(self, map_fd: int, key: int) -> bool: ...
+
+    def occupied_slots(self, map_fd: int, slots: int | Iterable[int]) -> list[int]: ...
+
+    def dup(self, fd: int) -> int: ...
+
+    def close(self, fd: int) -> None: ...
+
+    # ---- AF_XDP sockets
+    def claim(self, ifindex: int, queue: int, map_fd: int, bind_mode: str, need_wakeup: bool) -> Prepared: ...
+
+    def create_bare(self, ifname: str, queue: int, map_fd: int) -> int: ...
+
+    def bare_supported(self) -> str | None:
+        """None when bare grants work here, else why not."""
+        ...
+
+    def bound_queues(self, ifindex: int) -> set[int]: ...
+
+    def slot_probe(self, map_fd: int) -> SlotProbe: ...
+
+    # ---- processes
+    def holder(self, pid: int) -> tuple[int, int, int | None] | None:
+        """(uid, start time, pidfs inode) of a running process, read while a pidfd pins it; None if gone."""
+        ...
+
+    def holder_alive(self, pid: int, start: int | None, ino: int | None) -> bool: ...
+
+    def memlock(self, pid: int) -> tuple[int, int]:
+        """(soft, hard) RLIMIT_MEMLOCK of a process, RLIM_INFINITY for unlimited (OSError if unreadable)."""
+        ...
+
+    def set_memlock(self, pid: int, limits: tuple[int, int]) -> None: ...
+
+
+class LinuxKernel:
+    """The real kernel, through the kernel-layer modules. `fault` is called at the crash tests' points."""
+
+    def __init__(self, fault: FaultHook = _no_fault) -> None:
+        self.fault = fault
+
+    def resolve(self, name: str) -> int:
+        return netdev.resolve(name)
+
+    def ifname(self, ifindex: int) -> str:
+        return netdev.ifname(ifindex)
+
+    def queue_count(self, name: str) -> int:
+        return netdev.queue_count(name)
+
+    def attached(self, ifindex: int) -> int:
+        return xdp_prog.attached(ifindex)[0]
+
+    def find_or_attach(self, ifindex: int, ifname: str, queues: int, mode: str) -> Program:
+        return xdp_prog.find_or_attach(ifindex, ifname, queues, mode)
+
+    def detach(self, ifindex: int, map_id: int) -> int:
+        return xdp_prog.detach(ifindex, map_id)
+
+    def map_id(self, map_fd: int) -> int:
+        return int(bpf.map_info(map_fd).id)
+
+    def map_delete(self, map_fd: int, key: int) -> bool:
+        return bpf.map_delete(map_fd, key)
+
+    def occupied_slots(self, map_fd: int, slots: int | Iterable[int]) -> list[int]:
+        return xsk.occupied_slots(map_fd, slots)
+
+    def dup(self, fd: int) -> int:
+        return os.dup(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def claim(self, ifindex: int, queue: int, map_fd: int, bind_mode: str, need_wakeup: bool) -> Prepared:
+        return xsk.claim(ifindex, queue, map_fd, bind_mode, need_wakeup, fault=self.fault)
+
+    def create_bare(self, ifname: str, queue: int, map_fd: int) -> int:
+        return xsk.create_bare(ifname, queue, map_fd)
+
+    def bare_supported(self) -> str | None:
+        if xsk.kernel_enforces_bindtodevice():
+            return None
+        return (f"bare grants need Linux 6.5 or later, where SO_BINDTODEVICE confines an AF_XDP bind to the "
+                f"device; this is {os.uname().release}")
+
+    def bound_queues(self, ifindex: int) -> set[int]:
+        return xskdiag.xsk_queues(ifindex)
+
+    def slot_probe(self, map_fd: int) -> SlotProbe:
+        return xskdiag.SlotProbe(map_fd)
+
+    def holder(self, pid: int) -> tuple[int, int, int | None] | None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+            start = pinned_start(pidfd, pid)  # after the uid: still running then, so both reads were its own
+            ino = pidfd_ino(pidfd)
+        except (OSError, StopIteration, ValueError):
+            return None
+        finally:
+            os.close(pidfd)
+        return None if start is None else (uid, start, ino)
+
+    def holder_alive(self, pid: int, start: int | None, ino: int | None) -> bool:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            return is_process(pidfd, pid, start, ino)
+        finally:
+            os.close(pidfd)
+
+    def memlock(self, pid: int) -> tuple[int, int]:
+        with open(f"/proc/{pid}/limits") as f:
+            limits = memlock_limits(f.read())
+        if limits is None:
+            raise OSError(errno.ENOENT, f"no memlock limit in /proc/{pid}/limits")
+        soft, hard = (resource.RLIM_INFINITY if v is None else v for v in limits)
+        return soft, hard
+
+    def set_memlock(self, pid: int, limits: tuple[int, int]) -> None:
+        resource.prlimit(pid, resource.RLIMIT_MEMLOCK, limits)

@@ -1,0 +1,234 @@
+"""How leases end and come back: release, holder exit and orphans, revoke, interfaces that change, and
+recovery from the journal a previous broker left. Whatever a lease did outside the table (a map grant's
+program, a raised memlock limit) is undone in _lease_ended, however the lease ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from typing import Any
+
+from xskbroker.broker.core import Core, MemlockRaise, Refused
+from xskbroker.broker.kernel import NoSuchInterface
+from xskbroker.broker.leases import Lease
+from xskbroker.broker.linkwatch import LinkEvent
+from xskbroker.broker.peer import PeerInfo
+from xskbroker.wire import protocol as proto
+
+
+class Lifecycle(Core):
+    def abort(self, lease_id: str) -> None:
+        """The reply carrying a lease's fds never reached the client: forget the lease."""
+        lease = self.leases.remove(lease_id)
+        if lease:
+            self.audit({"event": "lease-aborted", "lease": lease_id})
+
+    def _release(self, peer: PeerInfo, req: proto.Release) -> bytes:
+        lease = self.leases.get(req.lease)
+        if lease is None or (lease.uid != peer.uid and not self._admin(peer)):
+            return proto.error_reply("unknown-lease", f"no lease {req.lease!r} held by uid {peer.uid}",
+                                     "release", req.req_id)
+        prog = self.programs.get(lease.ifindex)
+        if prog and lease.kind != "map":  # a map lease's program is detached as it ends (_lease_ended)
+            for q in lease.queues:
+                with contextlib.suppress(OSError):
+                    self.kernel.map_delete(prog.map_fd, q)
+        self.leases.remove(lease.id)
+        self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
+        return proto.ok_reply("release", req.req_id, lease=lease.id)
+
+    def _lease_ended(self, lease: Lease) -> None:
+        """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
+        if lease.kind == "map":
+            self._detach_map(lease)
+        raised = self.raised.get(lease.pid)
+        if raised and lease.id in raised.leases:
+            raised.leases.discard(lease.id)
+            if not raised.leases:
+                self._restore_memlock(lease, raised)
+
+    def _detach_map(self, lease: Lease) -> None:
+        """The broker cannot take back a map fd, and its holder may have passed it on: detach the program
+        that uses the map, so leftover copies redirect nothing. The next grant attaches a fresh program with
+        a fresh map (the cached one is dropped here)."""
+        prog = self.programs.pop(lease.ifindex, None)
+        map_id = lease.map_id or (self.kernel.map_id(prog.map_fd) if prog else 0)
+        if prog:
+            prog.close()
+        try:
+            detached = self.kernel.detach(lease.ifindex, map_id)
+        except OSError as e:  # ForeignProgram included
+            if e.errno != errno.ENODEV:  # the interface is gone, and its program with it
+                self.audit({"event": "xdp-detach-failed", "lease": lease.id, "ifindex": lease.ifindex,
+                            "interface": lease.ifname, "error": str(e)})
+            return
+        if detached:
+            self.audit({"event": "xdp-detach", "interface": lease.ifname, "ifindex": lease.ifindex,
+                        "prog_id": detached, "lease": lease.id, "reason": "map lease ended"})
+
+    def _restore_memlock(self, lease: Lease, raised: MemlockRaise) -> None:
+        del self.raised[lease.pid]
+        if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
+            return
+        try:
+            if self.kernel.memlock(lease.pid) != raised.now:  # changed since by someone else: theirs to keep
+                return
+            self.kernel.set_memlock(lease.pid, raised.before)
+        except OSError:
+            return
+        self.audit({"event": "memlock-restored", "pid": lease.pid, "to": raised.before[0], "hard": raised.before[1]})
+
+    def holder_exited(self, pid: int) -> None:
+        """A holder is gone. Its sockets usually died with it (and the kernel emptied their slots), but it
+        may have passed them on (a launcher to QEMU over QMP): a slot still taken means they live on."""
+        for lease in self.leases.of_pid(pid):
+            if lease.orphaned:
+                continue
+            if self._still_held(lease):
+                lease.orphaned = True
+                self.leases.record(lease)
+                self.audit({"event": "lease-orphaned", "lease": lease.id, "pid": pid,
+                            "reason": "holder exited but its sockets are still open elsewhere"})
+                continue
+            self.leases.remove(lease.id)
+            self.audit({"event": "lease-ended", "lease": lease.id, "pid": pid, "reason": "holder exited"})
+
+    def check_orphans(self) -> None:
+        """End the orphaned leases whose sockets have finally been closed (called periodically)."""
+        for lease in self.leases.orphans():
+            if not self._still_held(lease):
+                self.leases.remove(lease.id)
+                self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
+                            "reason": "its sockets were closed"})
+
+    def _still_held(self, lease: Lease) -> bool:
+        # a revoked lease's slots were emptied on purpose: they tell nothing about its sockets
+        if lease.kind == "map" or lease.revoked:
+            return False
+        prog = self.programs.get(lease.ifindex)
+        if prog is None:
+            return False
+        try:
+            return bool(self.kernel.occupied_slots(prog.map_fd, lease.queues))
+        except OSError:
+            return False
+
+
+    def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> dict[str, Any]:
+        """Empty the lease's map slots so RX stops, and mark it revoked; it ends when the holder closes."""
+        if lease.kind == "map":  # ends at once: its program is detached, the map fd left redirects nothing
+            self.leases.remove(lease.id)
+            why_not = self._signal(lease, signal_name)
+            said = {"not_signalled": why_not} if why_not else {}
+            signalled = signal_name is not None and why_not is None
+            self.audit({"event": "revoke", "peer": by.as_dict() if by else None, "decision": "allow",
+                        "lease": lease.id, "holder_pid": lease.pid, "ended": True, "signal": signal_name,
+                        "signalled": signalled, **said})
+            return {"lease": lease.id, "emptied_queues": [], "signalled": signalled, "holder_pid": lease.pid,
+                    "ended": True, **said}
+        prog = self.programs.get(lease.ifindex)
+        emptied = []
+        if prog:
+            for q in lease.queues:
+                with contextlib.suppress(OSError):
+                    if self.kernel.map_delete(prog.map_fd, q):
+                        emptied.append(q)
+        lease.revoked = True
+        self.leases.record(lease)
+        why_not = self._signal(lease, signal_name)
+        signalled = signal_name is not None and why_not is None
+        said = {"not_signalled": why_not} if why_not else {}
+        self.audit({"event": "revoke", "peer": by.as_dict() if by else None, "decision": "allow", "lease": lease.id,
+                    "holder_pid": lease.pid, "emptied_queues": emptied, "signal": signal_name,
+                    "signalled": signalled, **said})
+        return {"lease": lease.id, "emptied_queues": emptied, "signalled": signalled, "holder_pid": lease.pid, **said}
+
+    def _signal(self, lease: Lease, signal_name: str | None) -> str | None:
+        """Send the revoke signal to the lease's holder: None when sent (or none asked), else why not."""
+        if not signal_name:
+            return None
+        return _unsignallable(lease) or self.signal_holder(lease, signal_name)
+
+    # ---- interfaces come and go ------------------------------------------------------------------------
+
+    def link_event(self, ev: LinkEvent) -> None:
+        old_name = self.names.get(ev.ifindex)
+        if ev.removed:
+            prog = self.programs.pop(ev.ifindex, None)
+            if prog:
+                prog.close()
+            self.names.pop(ev.ifindex, None)
+            for lease in self.leases.on_interface(ev.ifindex):
+                self.leases.remove(lease.id)
+                self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
+                            "reason": f"interface {lease.ifname} removed"})
+            if prog or old_name:
+                self.audit({"event": "interface-removed", "ifindex": ev.ifindex, "interface": old_name})
+            return
+        if ev.name and old_name and ev.name != old_name:
+            self.names[ev.ifindex] = ev.name
+            for lease in self.leases.on_interface(ev.ifindex):
+                lease.ifname = ev.name  # leases follow the ifindex; new grants follow policy by the new name
+                self.leases.record(lease)
+            self.audit({"event": "interface-renamed", "ifindex": ev.ifindex, "from": old_name, "to": ev.name})
+        prog = self.programs.get(ev.ifindex)
+        if prog and ev.xdp_prog_id is not None and ev.xdp_prog_id != prog.prog_id:
+            self.programs.pop(ev.ifindex).close()
+            self.audit({"event": "xdp-program-changed", "ifindex": ev.ifindex, "interface": ev.name or old_name,
+                        "expected": prog.prog_id, "now": ev.xdp_prog_id or None,
+                        "leases": [x.id for x in self.leases.on_interface(ev.ifindex)]})
+
+    # ---- restart recovery -----------------------------------------------------------------------------
+
+    def recover(self) -> list[Lease]:
+        """Take back the leases a previous broker recorded whose holders still hold their sockets."""
+        kept = []
+        for lease in self.leases.load():
+            why = self._stale(lease)
+            if why:
+                self.audit({"event": "lease-dropped", "lease": lease.id, "reason": why})
+                if lease.kind == "map":
+                    self._detach_map(lease)
+                continue
+            self.leases.adopt(lease)
+            kept.append(lease)
+            self.audit({"event": "lease-recovered", "lease": lease.id, "pid": lease.pid, "interface": lease.ifname,
+                        "queues": list(lease.queues)})
+        self.leases.compact()
+        return kept
+
+    def _stale(self, lease: Lease) -> str | None:
+        alive = self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino)
+        if not alive and (lease.kind == "map" or lease.revoked):
+            return f"holder pid {lease.pid} is gone"
+        try:
+            name = self.kernel.ifname(lease.ifindex)
+        except NoSuchInterface:
+            return f"interface {lease.ifname} (ifindex {lease.ifindex}) is gone"
+        lease.ifname = name
+        self.names[lease.ifindex] = name
+        if lease.kind == "map":
+            return None
+        try:
+            prog = self._program(lease.ifindex, name, self.kernel.queue_count(name))
+        except Refused as e:
+            return e.message
+        if not self.kernel.occupied_slots(prog.map_fd, lease.queues):
+            return "none of its queues holds a socket any more"
+        if not alive:
+            lease.orphaned = True  # passed on before the holder exited; polled until the sockets close
+        return None
+
+
+def _unsignallable(lease: Lease) -> str | None:
+    """Why the lease's holder must not be signalled whatever its pid names now, or None."""
+    if lease.orphaned:
+        return (f"holder pid {lease.pid} has exited and its sockets live on in a process the broker cannot "
+                "name: nothing was signalled")
+    if lease.pid_start is None:
+        return (f"the lease recorded no start time for holder pid {lease.pid}, so the holder cannot be told "
+                "from a process that reused its pid: nothing was signalled")
+    return None
+
+

@@ -1,0 +1,170 @@
+"""LeaseTable on its own: the in-memory index, the JSON-lines journal, compaction and what a restart reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xskbroker.broker import leases as leases_mod
+from xskbroker.broker.leases import STATE_VERSION, Lease, LeaseTable
+
+
+def table(path: Path | None) -> LeaseTable:
+    return LeaseTable(str(path) if path else None)
+
+
+def add(t: LeaseTable, pid: int = 10, ifindex: int = 7, queues: tuple[int, ...] = (0,), kind: str = "bound") -> Lease:
+    return t.add(1000, pid, ifindex, "veth0", queues, kind, 1 << 20, (1000,), ("xsk",), pid_start=55, pid_ino=9)
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_the_index_by_id_slot_pid_and_interface() -> None:
+    t = table(None)
+    a = add(t, pid=10, queues=(0, 1))
+    b = add(t, pid=11, ifindex=8, queues=(0,))
+    assert len(t) == 2 and t.get(a.id) is a and t.holder(7, 1) is a and t.holder(8, 0) is b
+    assert t.of_pid(10) == [a] and t.on_interface(8) == [b] and t.holder(7, 2) is None
+    assert t.remove(a.id) is a and t.holder(7, 0) is None and t.remove(a.id) is None
+    assert list(t) == [b]
+
+
+def test_a_fresh_grant_on_a_slot_ends_the_lease_that_held_it() -> None:
+    t = table(None)
+    ended: list[str] = []
+    t.on_end = lambda lease: ended.append(lease.id)
+    old = add(t, queues=(0, 1))
+    new = add(t, pid=11, queues=(1,))
+    assert ended == [old.id] and t.holder(7, 1) is new and t.holder(7, 0) is None
+
+
+def test_every_end_goes_through_on_end() -> None:
+    t = table(None)
+    ended: list[Lease] = []
+    t.on_end = ended.append
+    a = add(t)
+    t.remove(a.id)
+    t.remove(a.id)
+    assert ended == [a]
+
+
+def test_the_journal_starts_compacted_then_appends_one_line_per_change(tmp_path: Path) -> None:
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    a = add(t)
+    assert lines(path) == [{"version": STATE_VERSION}, {"lease": a.record()}]
+    a.revoked = True
+    t.record(a)
+    t.remove(a.id)
+    assert lines(path)[2:] == [{"lease": a.record()}, {"end": a.id}]
+    assert (path.stat().st_mode & 0o777) == 0o600
+    t.close()
+
+
+def test_a_restart_reads_the_last_state_of_each_lease_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    a, b, c = add(t, queues=(0,)), add(t, queues=(1,)), add(t, queues=(2,))
+    b.orphaned = True
+    t.record(b)
+    t.remove(a.id)
+    t.close()
+    loaded = table(path).load()
+    assert [x.id for x in loaded] == [b.id, c.id]  # granted order, ended ones gone
+    assert loaded[0].orphaned and loaded[0] == b and loaded[1] == c
+    assert loaded[0].queues == (1,) and loaded[0].gids == (1000,) and loaded[0].groups == ("xsk",)
+
+
+def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    a = add(t)
+    t.close()
+    with open(path, "a") as f:
+        f.write('{"lease":{"id":"torn","uid":')  # the crash came mid-write
+    assert [x.id for x in table(path).load()] == [a.id]
+
+
+def test_unreadable_lines_in_the_middle_are_skipped_too(tmp_path: Path) -> None:
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    a = add(t)
+    t.close()
+    with open(path, "a") as f:
+        f.write('{"lease":{"id":"x"}}\n[1,2]\n{"other":1}\n')
+    b_rec = dict(a.record(), id="b" * 16)
+    with open(path, "a") as f:
+        f.write(json.dumps({"lease": b_rec}) + "\n")
+    assert [x.id for x in table(path).load()] == [a.id, "b" * 16]
+
+
+@pytest.mark.parametrize("header", ['{"version": 2}', "{}", "not json", ""])
+def test_another_version_or_no_header_is_not_believed(tmp_path: Path, header: str) -> None:
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    a = add(t)
+    t.close()
+    body = path.read_text().splitlines()[1:]
+    path.write_text("\n".join([header, *body]) + "\n")
+    path.chmod(0o600)
+    assert table(path).load() == []
+    assert a.id in path.read_text()
+
+
+def test_no_journal_or_no_state_file(tmp_path: Path) -> None:
+    assert table(tmp_path / "missing.jsonl").load() == []
+    assert table(None).load() == []
+
+
+def test_a_planted_link_is_not_read(tmp_path: Path) -> None:
+    real = tmp_path / "real.jsonl"
+    t = table(real)
+    add(t)
+    t.close()
+    link = tmp_path / "leases.jsonl"
+    link.symlink_to(real)
+    assert table(link).load() == []
+
+
+def test_compaction_keeps_the_current_leases_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    keep = add(t, queues=(0,))
+    for _ in range(600):  # grant and release: 1200 lines, past the 1000 + 4 per lease threshold
+        t.remove(add(t, queues=(1,)).id)
+    assert len(lines(path)) < 1000
+    state = table(path).load()
+    assert [x.id for x in state] == [keep.id]
+    t.compact()
+    assert lines(path) == [{"version": STATE_VERSION}, {"lease": keep.record()}]
+    assert not (tmp_path / "leases.jsonl.tmp").exists()
+    t.close()
+
+
+def test_recovery_adopts_without_journalling_until_compacted(tmp_path: Path) -> None:
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    a, b = add(t, queues=(0,)), add(t, queues=(1,))
+    t.close()
+    second = table(path)
+    for lease in second.load():
+        if lease.id == a.id:
+            second.adopt(lease)
+    assert second.holder(7, 0) is not None and second.holder(7, 1) is None and len(second) == 1
+    second.compact()  # what the service does after recovery: the dropped lease leaves the journal
+    assert [x["lease"]["id"] for x in lines(path)[1:]] == [a.id]
+    assert b.id not in path.read_text()
+    second.close()
+
+
+def test_the_record_round_trips(tmp_path: Path) -> None:
+    t = table(None)
+    a = add(t, kind="map", queues=(0, 1, 2))
+    a.map_id, a.misbound = 42, 3
+    assert Lease.from_record(json.loads(json.dumps(a.record()))) == a
+    assert leases_mod.STATE_VERSION == 1
