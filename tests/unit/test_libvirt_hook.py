@@ -6,12 +6,14 @@ The worker against the real QEMU binary, a real broker and a real libvirtd: test
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -545,3 +547,32 @@ def test_the_example_config_documents_the_defaults() -> None:
     settings = [line[1:] for line in text.splitlines() if line.startswith("#") and not line.startswith("# ")]
     assert lvconf.parse_config("\n".join(settings)) == lvconf.Config()
     assert [line.split(" = ")[0] for line in settings] == list(lvconf.CONFIG_TYPES)
+
+
+def test_a_zombie_is_not_the_same_process() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        start = procfs.process_start(pid)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert start is not None and procfs.process_start(pid) == start  # a zombie keeps its pid and start time
+        assert not lvid.same_process(pid, start)  # but it is no worker any more
+    finally:
+        os.waitpid(pid, 0)
+    assert not lvid.same_process(pid, start)
+
+
+def test_the_hook_imports_no_command_line_module() -> None:
+    """Not even inside a function: the root-run hook shares code with the commands, not the commands."""
+    hook_files = [*sorted((ROOT / "client" / "libvirt").glob("*.py")), ROOT / "client" / "libvirt_hook.py",
+                  *(ROOT / "client" / f"{m}.py" for m in ("hotplug", "qmp", "qmp_codec", "qemu_support"))]
+    for path in hook_files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.endswith(("_cli", ".cli")) or n in ("cli", "qmp_cli")]
+            assert not bad, f"{path.name} imports {bad}"

@@ -457,3 +457,26 @@ def test_qmp_attach_rejects_a_grant_for_other_queues(
 def test_qmp_attach_reports_an_unreachable_monitor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = qmp_cli.main(["qmp-attach", "--qmp", str(tmp_path / "none"), "--id", "n0", "-i", "eth1", "-q", "1"])
     assert rc == 1 and "cannot reach QEMU's QMP socket at" in capsys.readouterr().err
+
+
+def test_attach_grant_plugs_in_queue_order_and_closes_this_process_copies(fake: FakeQemu, qmp_path: str) -> None:
+    pairs = socketpairs(2)
+    inodes = [os.fstat(a.fileno()).st_ino for a, _ in pairs]
+    fds = [a.detach() for a, _ in pairs]
+    reply = {"interface": "eth1", "xdp_mode": "skb", "sockets": [{"queue": 4, "fd": 1}, {"queue": 3, "fd": 0}]}
+    with q.QMP(qmp_path) as m:
+        att = hotplug.attach_grant(m, "xdp0", reply, fds, interface="eth1", start_queue=3, queues=2)
+    assert att.fd_names == ("xdp0-q3", "xdp0-q4") and att.netdev["mode"] == "skb"
+    assert [(a["fdname"], i) for c, a, i in fake.log if c == "getfd"] == [("xdp0-q3", [inodes[0]]),
+                                                                          ("xdp0-q4", [inodes[1]])]
+    fake.close()  # the fake QEMU held the only copies left: this process kept none
+    assert all(peer_closed(b) for _, b in pairs)
+
+
+def test_attach_grant_closes_the_fds_of_a_reply_for_other_queues(fake: FakeQemu, qmp_path: str) -> None:
+    pairs = socketpairs(1)
+    fds = [a.detach() for a, _ in pairs]
+    with q.QMP(qmp_path) as m, pytest.raises(ValueError, match=r"granted queues \[5\], not \[0\]"):
+        hotplug.attach_grant(m, "xdp0", {"sockets": [{"queue": 5, "fd": 0}]}, fds, interface="eth1", start_queue=0,
+                             queues=1)
+    assert fake.commands() == [] and peer_closed(pairs[0][1])

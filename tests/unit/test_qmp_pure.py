@@ -170,3 +170,34 @@ def test_bad_arguments_are_usage_errors(argv: list[str], error: str, capsys: pyt
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["qmp-attach", "--qmp", "/q", "--id", "n0", "-i", "eth1", *argv])
     assert exc.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_the_codec_frames_a_stream_and_reads_replies() -> None:
+    f = qmp_codec.Framer("vm.qmp")
+    assert f.next() is None
+    f.feed(b'{"return": {}}\r\n\r\n{"event": "RESUME"')
+    assert f.next() == {"return": {}}
+    assert f.next() is None  # the blank line is skipped; the event is not whole yet
+    f.feed(b"}\n")
+    msg = f.next()
+    assert msg == {"event": "RESUME"} and qmp_codec.is_event(msg)
+    assert qmp_codec.command_json("getfd", {"fdname": "a"}) == '{"execute":"getfd","arguments":{"fdname":"a"}}'
+    assert qmp_codec.reply_value("x", {"return": [1]}, lambda: "unused") == [1]
+    with pytest.raises(qmp_codec.QMPError) as e:
+        qmp_codec.reply_value("device_add", {"error": {"class": "GenericError", "desc": "Bus 'x' not found"}},
+                              lambda: "unused")
+    assert (e.value.command, e.value.error_class, str(e.value)) == ("device_add", "GenericError", "Bus 'x' not found")
+    with pytest.raises(qmp_codec.QMPConnectionError, match="odd reply"):
+        qmp_codec.reply_value("x", {"id": 1}, lambda: "odd reply")
+
+
+def test_the_codec_refuses_a_huge_message() -> None:
+    f = qmp_codec.Framer("vm.qmp")
+    with pytest.raises(qmp_codec.QMPConnectionError, match="exceeds"):
+        f.feed(b"x" * (qmp_codec.MAX_MESSAGE + 1))
+
+
+def test_one_home_for_qemus_umem_per_queue() -> None:
+    from xskbroker.client.launch import QEMU_UMEM_PER_QUEUE
+
+    assert QEMU_UMEM_PER_QUEUE is qs.AF_XDP_UMEM_BYTES and qs.umem_bytes(3) == 3 * qs.AF_XDP_UMEM_BYTES
