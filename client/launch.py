@@ -13,7 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-QEMU_UMEM_PER_QUEUE = 32 << 20  # QEMU's af-xdp backend registers this much UMEM per queue
+# QEMU's af-xdp backend registers this much UMEM per queue; its home is qemu_support.py (named here for `exec`)
+from xskbroker.client.qemu_support import AF_XDP_UMEM_BYTES as QEMU_UMEM_PER_QUEUE
+
+__all__ = ["QEMU_UMEM_PER_QUEUE", "exec_with_grant", "grant_env", "memlock_warning", "substitute", "substitutions"]
 
 
 def grant_env(reply: dict[str, Any], fds: list[int]) -> dict[str, Any]:

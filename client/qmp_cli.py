@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from xskbroker.client import hotplug, qemu_support
 from xskbroker.client import qmp as q
 from xskbroker.client.connection import DEFAULT_SOCKET
 
@@ -155,26 +156,13 @@ def _queues(queues: Sequence[int]) -> str:
 
 # ---- qmp-attach ----------------------------------------------------------------------------------------
 
-def grant_fds(reply: dict[str, Any], fds: Sequence[int], start_queue: int, count: int) -> list[int]:
-    """The grant's socket fds in queue order start_queue.., checked against what was asked."""
-    try:
-        by_queue = {int(s["queue"]): fds[int(s["fd"])] for s in reply["sockets"]}
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise ValueError("the broker's grant reply does not describe its sockets as expected") from None
-    wanted = list(range(start_queue, start_queue + count))
-    if sorted(by_queue) != wanted:
-        raise ValueError(f"the broker granted queues {sorted(by_queue)}, not {wanted}")
-    return [by_queue[x] for x in wanted]
-
-
 def cmd_qmp_attach(args: argparse.Namespace) -> int:
     from xskbroker.client.grant import request_fds
-    from xskbroker.client.launch import QEMU_UMEM_PER_QUEUE
     from xskbroker.wire import protocol as proto
 
     as_json = args.json
     try:
-        q.check_id(args.id)
+        hotplug.check_id(args.id)
     except ValueError as e:
         return _fail(as_json, "bad-argument", str(e))
     if args.device_props and not args.device:
@@ -187,7 +175,7 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
     with qmp:
         try:
             qmp.check_af_xdp()
-        except q.AfXdpUnsupported as e:
+        except qemu_support.AfXdpUnsupported as e:
             if not args.force:
                 return _fail(as_json, "af-xdp-unsupported", str(e),
                              ["nothing was asked of the broker; --force tries anyway and shows QEMU's own error"],
@@ -195,7 +183,7 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
             _warn(as_json, warnings, f"{e}; trying anyway (--force)")
         except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
             return _fail_qmp(as_json, e)
-        shortfall = q.memlock_shortfall(qmp.pid, args.queues)
+        shortfall = qemu_support.memlock_shortfall(qmp.pid, args.queues)
         if shortfall:
             _warn(as_json, warnings, shortfall)
 
@@ -205,23 +193,20 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
             # memlock raise the broker makes where policy and privilege allow it
             reply, fds = request_fds(args.interface, args.queues, kind="bare", start_queue=args.start_queue,
                                      socket_path=args.socket, timeout=args.timeout, holder_pid=qmp.pid or 0,
-                                     memlock=QEMU_UMEM_PER_QUEUE * args.queues if qmp.pid else 0)
+                                     memlock=qemu_support.umem_bytes(args.queues) if qmp.pid else 0)
         except proto.BrokerError as e:
             return _fail(as_json, e.code, f"{e.code}: {e.message}", **seen)
         except (ConnectionError, OSError) as e:
             return _fail(as_json, "connection-error", str(e), **seen)
         released = "the grant's sockets were closed here: the broker's lease ends with them"
-        try:
-            sockets = grant_fds(reply, fds, args.start_queue, args.queues)
-            att = q.attach(qmp, args.id, reply.get("interface", args.interface), sockets,
-                           start_queue=args.start_queue, xdp_mode=reply.get("xdp_mode"), device=args.device,
-                           device_props=args.device_props)
+        try:  # closes this process's copies: QEMU has its own now (or the attempt was undone)
+            att = hotplug.attach_grant(qmp, args.id, reply, fds, interface=args.interface,
+                                       start_queue=args.start_queue, queues=args.queues, device=args.device,
+                                       device_props=args.device_props)
         except ValueError as e:
             return _fail(as_json, "bad-reply", str(e), [released], **seen)
         except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
             return _fail_qmp(as_json, e, [released], **seen)
-        finally:
-            q.close_fds(fds)  # QEMU has its own copies now (or the attempt was undone)
 
     result = {"ok": True, "qemu": str(qmp.version), "qmp": args.qmp, "lease": reply.get("lease"),
               "interface": att.ifname, "queues": list(att.queues), "xdp_mode": reply.get("xdp_mode"),
@@ -242,14 +227,14 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
 def cmd_qmp_detach(args: argparse.Namespace) -> int:
     as_json = args.json
     try:
-        q.check_id(args.id)
+        hotplug.check_id(args.id)
         if args.device_id:
-            q.check_id(args.device_id)
+            hotplug.check_id(args.device_id)
     except ValueError as e:
         return _fail(as_json, "bad-argument", str(e))
     try:
         with q.QMP(args.qmp, args.timeout) as qmp:
-            done = q.detach(qmp, args.id, device_id=args.device_id, timeout=args.timeout)
+            done = hotplug.detach(qmp, args.id, device_id=args.device_id, timeout=args.timeout)
     except (q.QMPConnectionError, q.QMPTimeout, q.QMPError) as e:
         return _fail_qmp(as_json, e)
     if as_json:

@@ -23,6 +23,11 @@ def process_start(pid: int) -> int | None:
             os.close(fd)
     except OSError:
         return None
+    return start_from_stat(stat)
+
+
+def start_from_stat(stat: str) -> int:
+    """Field 22 of /proc/PID/stat text: the start time in clock ticks since boot."""
     # the command name may hold spaces and parentheses: fields are counted after its last ')'
     return int(stat[stat.rindex(")") + 2:].split()[19])
 

@@ -25,10 +25,16 @@ from typing import Any
 
 import pytest
 
-from xskbroker.client import libvirt_hook as lh
-from xskbroker.client import qmp as q
+from xskbroker.client import hotplug, qemu_support
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
+from xskbroker.client.libvirt import config as lvconf
+from xskbroker.client.libvirt import identity as lvid
+from xskbroker.client.libvirt import lifecycle as lvlife
+from xskbroker.client.libvirt import metadata as lvmeta
+from xskbroker.client.libvirt import monitors as lvmon
+from xskbroker.client.libvirt import state as lvstate
+from xskbroker.client.libvirt import worker as lvworker
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
@@ -138,14 +144,14 @@ def gone(pid: int) -> bool:
 
 
 def finished_state(path: Path, timeout: float = 15.0) -> dict[str, Any]:
-    return wait_for(lambda: (s := lh.read_state(str(path))) and s.get("finished") and s, timeout,
+    return wait_for(lambda: (s := lvstate.read_state(str(path))) and s.get("finished") and s, timeout,
                     f"the worker to finish ({path})")
 
 
 class Spy:
     """The worker's monitor, watched: after each getfd, is the socket in QEMU's fd table, and whose lease is it?"""
 
-    def __init__(self, inner: lh.QMPMonitor, vm: Qemu, broker_socket: str) -> None:
+    def __init__(self, inner: lvmon.QMPMonitor, vm: Qemu, broker_socket: str) -> None:
         self.inner, self.vm, self.broker_socket = inner, vm, broker_socket
         self.arrived: list[bool] = []
         self.leases_seen: list[dict[str, Any]] = []
@@ -164,7 +170,7 @@ class Spy:
     def pid(self) -> int:
         return self.inner.pid()
 
-    def version(self) -> q.QemuVersion:
+    def version(self) -> qemu_support.QemuVersion:
         return self.inner.version()
 
     def describe(self) -> str:
@@ -180,11 +186,11 @@ def test_worker_takes_a_grant_as_qemus_user_hands_it_to_qemu_and_unwinds_qemus_r
         veth: VethNamespace, tmp_path: Path, figures: Any) -> None:
     with qemu("-M", "none", user=VM_UID) as vm, BrokerProcess(veth.name, policy(VM_UID, 0)) as broker:
         before, mine = sorted(vm.fd_links()), own_fds()
-        cfg = lh.Config(socket=broker.socket_path, state_dir=str(tmp_path), timeout=5.0)
-        spy = Spy(lh.QMPMonitor(vm.qmp_path, 5.0), vm, broker.socket_path)
+        cfg = lvconf.Config(socket=broker.socket_path, state_dir=str(tmp_path), timeout=5.0)
+        spy = Spy(lvmon.QMPMonitor(vm.qmp_path, 5.0), vm, broker.socket_path)
         lines: list[str] = []
         started = time.perf_counter()
-        state = lh.run_worker("vm1", [lh.Interface("xdp0", veth.inside, 2, 0, "virtio-net-pci")], cfg, spy,
+        state = lvworker.run_worker("vm1", [lvmeta.Interface("xdp0", veth.inside, 2, 0, "virtio-net-pci")], cfg, spy,
                               lines.append, str(tmp_path / "vm1.json"))
         figures(worker_ms=round((time.perf_counter() - started) * 1000, 1))
 
@@ -192,7 +198,7 @@ def test_worker_takes_a_grant_as_qemus_user_hands_it_to_qemu_and_unwinds_qemus_r
         (grant,) = [r for r in broker.records() if r.get("event") == "grant"]
         assert grant["decision"] == "allow" and grant["peer"]["uid"] == VM_UID and grant["peer"]["pid"] != os.getpid()
         assert grant["request"] == {"interface": veth.inside, "queues": [0, 1], "kind": "bare", "umem_bytes": 0,
-                                    "bind_mode": "auto", "memlock": 2 * q.AF_XDP_UMEM_BYTES}
+                                    "bind_mode": "auto", "memlock": 2 * qemu_support.AF_XDP_UMEM_BYTES}
         (lease,) = spy.leases_seen  # while QEMU held the fds: the lease is QEMU's
         assert (lease["lease"], lease["pid"], lease["uid"], lease["queues"]) == (grant["lease"], vm.pid, VM_UID,
                                                                                  [0, 1])
@@ -216,17 +222,17 @@ def test_worker_takes_a_grant_as_qemus_user_hands_it_to_qemu_and_unwinds_qemus_r
         assert own_fds() == mine
         # the slots are free: the same queues can be granted again
         reply, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path)
-        q.close_fds(fds)
+        hotplug.close_fds(fds)
         assert [s["queue"] for s in reply["sockets"]] == [0, 1]
 
 
 def test_the_policy_judges_qemus_user_not_root(veth: VethNamespace, tmp_path: Path) -> None:
     with qemu("-M", "none", user=VM_UID) as vm, BrokerProcess(veth.name, policy(0)) as broker:
         before = sorted(vm.fd_links())
-        cfg = lh.Config(socket=broker.socket_path, state_dir=str(tmp_path), timeout=5.0)
+        cfg = lvconf.Config(socket=broker.socket_path, state_dir=str(tmp_path), timeout=5.0)
         lines: list[str] = []
-        state = lh.run_worker("vm1", [lh.Interface("xdp0", veth.inside)], cfg, lh.QMPMonitor(vm.qmp_path, 5.0),
-                              lines.append)
+        state = lvworker.run_worker("vm1", [lvmeta.Interface("xdp0", veth.inside)], cfg,
+                                    lvmon.QMPMonitor(vm.qmp_path, 5.0), lines.append)
         assert state["interfaces"][0]["error"]["code"] == "user-not-allowed"
         assert any(x.startswith("xdp0: the broker refused: user-not-allowed: ") for x in lines)
         wait_for(lambda: sorted(vm.fd_links()) == before, 3.0, "QEMU's fds back to what they were")
@@ -238,7 +244,7 @@ def run_hook(args: list[str], xml: str, conf: Path,
              hook: Path = HOOK) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     done = subprocess.run([sys.executable, str(hook), *args], input=xml, text=True, capture_output=True,
-                          env={**os.environ, lh.CONFIG_ENV: str(conf), "PYTHONPATH": str(ROOT)}, cwd="/",
+                          env={**os.environ, lvconf.CONFIG_ENV: str(conf), "PYTHONPATH": str(ROOT)}, cwd="/",
                           timeout=30, check=False)
     return done, time.monotonic() - started
 
@@ -256,11 +262,11 @@ def test_hook_returns_at_once_and_its_detached_worker_plugs_then_release_forgets
             done, took = run_hook(["vm1", "started", "begin", "-"], xml, conf)
             # libvirt reads the hook's stdout/stderr to EOF: run() returning proves the worker holds neither
             assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
-            state = wait_for(lambda: lh.read_state(str(state_dir / "vm1.json")), 5.0, "the worker's state file")
+            state = wait_for(lambda: lvstate.read_state(str(state_dir / "vm1.json")), 5.0, "the worker's state file")
             worker = state["worker_pid"]
             assert os.getsid(worker) not in (os.getsid(0), os.getsid(os.getpid()))  # its own session
             time.sleep(0.2)
-            assert "qemu_pid" not in (lh.read_state(str(state_dir / "vm1.json")) or {})  # still waiting for QEMU
+            assert "qemu_pid" not in (lvstate.read_state(str(state_dir / "vm1.json")) or {})  # still waiting for QEMU
         figures(hook_ms=round(took * 1000, 1))
         state = finished_state(state_dir / "vm1.json")
         assert reap(worker) == 1  # reparented to us (subreaper); 1: not every interface was attached
@@ -299,7 +305,8 @@ def test_stopped_ends_a_worker_that_is_still_waiting(veth: VethNamespace, tmp_pa
         with vm.connect():  # the worker waits for QEMU's monitor…
             done, _ = run_hook(["vm1", "started", "begin", "-"], xml, conf)
             assert done.returncode == 0
-            worker = wait_for(lambda: lh.read_state(str(state_dir / "vm1.json")), 5.0, "the state file")["worker_pid"]
+            worker = wait_for(lambda: lvstate.read_state(str(state_dir / "vm1.json")), 5.0,
+                              "the state file")["worker_pid"]
             done, took = run_hook(["vm1", "stopped", "end", "-"], xml, conf)  # …when the domain stops
             assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
             assert reap(worker, 1.0) == 143  # SIGTERM, handled: unwound and left
@@ -317,19 +324,19 @@ def test_release_asks_the_broker_to_release_leases_still_recorded(veth: VethName
         reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path)
         try:
             assert [x["lease"] for x in leases(broker.socket_path)] == [reply["lease"]]
-            cfg = lh.Config(socket=broker.socket_path, state_dir=str(tmp_path))
-            lh.write_state(lh.domain_file(str(tmp_path), "vm1", ".json"), {
+            cfg = lvconf.Config(socket=broker.socket_path, state_dir=str(tmp_path))
+            lvstate.write_state(lvstate.domain_file(str(tmp_path), "vm1", ".json"), {
                 "domain": "vm1", "finished": True, "identity": {"uid": 0, "gid": 0, "groups": []},
                 "interfaces": [{"id": "xdp0", "lease": reply["lease"], "status": "attached", "released": False},
                                {"id": "xdp1", "lease": "0123456789abcdef", "status": "attached", "released": False}]})
-            assert lh.forget("vm1", cfg, "release") is not None
+            assert lvlife.forget("vm1", cfg, "release") is not None
             assert leases(broker.socket_path) == []
             log = (tmp_path / "vm1.log").read_text()
             assert f"vm1: release: released lease {reply['lease']}\n" in log
             assert "vm1: release: lease 0123456789abcdef had already ended (QEMU exited)\n" in log
             assert not (tmp_path / "vm1.json").exists()
         finally:
-            q.close_fds(fds)
+            hotplug.close_fds(fds)
 
 
 # ---- a real libvirtd -----------------------------------------------------------------------------------
@@ -387,7 +394,7 @@ def libvirtd(workdir: Path, conf: Path) -> Iterator[None]:
     # as an installer would: line 1 names the interpreter that has the package (here also the test's config,
     # since libvirt gives hooks no environment of ours)
     body = HOOK.read_text().split("\n", 1)[1]
-    INSTALLED.write_text(f"#!/usr/bin/env -S {lh.CONFIG_ENV}={conf} PYTHONPATH={ROOT} {sys.executable}\n{body}")
+    INSTALLED.write_text(f"#!/usr/bin/env -S {lvconf.CONFIG_ENV}={conf} PYTHONPATH={ROOT} {sys.executable}\n{body}")
     INSTALLED.chmod(0o755)
     daemon = ["libvirtd", "--pid-file", str(workdir / "libvirtd.pid")]
     if kvm_trap():
@@ -482,9 +489,9 @@ def test_under_a_real_libvirtd(veth: VethNamespace, tmp_path: Path, figures: Any
                 # the worker found QEMU, and asked as QEMU's user (libvirt-qemu, with its groups)
                 assert state["qemu_pid"] == qemu_pid
                 assert state["identity"]["uid"] == qemu_user.pw_uid
-                assert state["identity"] == {"uid": lh.Identity.of_process(qemu_pid).uid,
-                                             "gid": lh.Identity.of_process(qemu_pid).gid,
-                                             "groups": list(lh.Identity.of_process(qemu_pid).groups)}
+                assert state["identity"] == {"uid": lvid.Identity.of_process(qemu_pid).uid,
+                                             "gid": lvid.Identity.of_process(qemu_pid).gid,
+                                             "groups": list(lvid.Identity.of_process(qemu_pid).groups)}
                 (grant,) = [r for r in broker.records() if r.get("event") == "grant"]
                 assert grant["decision"] == "allow" and grant["peer"]["uid"] == qemu_user.pw_uid
                 assert grant["peer"]["user"] == LIBVIRT_USER and grant["rule"] == "vms"

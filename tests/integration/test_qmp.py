@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
+from xskbroker.client import hotplug, qemu_support, qmp_cli
 from xskbroker.client import qmp as q
-from xskbroker.client import qmp_cli
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 
 from .conftest import wait_for
@@ -163,7 +163,7 @@ def test_af_xdp_is_reported_absent_with_a_clear_message(vm: Qemu) -> None:
     with vm.connect() as m:
         support = m.netdev_support()
         assert {"user", "tap", "socket", "hubport", "vhost-user"} <= support.types  # the enum really was read
-        with pytest.raises(q.AfXdpUnsupported) as e:
+        with pytest.raises(qemu_support.AfXdpUnsupported) as e:
             m.check_af_xdp()
         assert str(e.value) == (f"QEMU {m.version} at {vm.qmp_path} has no af-xdp netdev backend "
                                 "(needs QEMU ≥ 8.2 built with libxdp)")
@@ -175,7 +175,7 @@ def test_netdev_add_fails_with_qemus_own_text_and_the_unwind_leaves_no_fd(vm: Qe
     with vm.connect() as m:
         before = sorted(vm.fd_links())
         with pytest.raises(q.QMPError) as e:
-            q.attach(m, "xdp0", "lo", [a.fileno() for a, _ in pairs], start_queue=1, xdp_mode="skb",
+            hotplug.attach(m, "xdp0", "lo", [a.fileno() for a, _ in pairs], start_queue=1, xdp_mode="skb",
                      device="virtio-net-pci")
         assert (str(e.value), e.value.command, e.value.error_class) == (NOT_AF_XDP, "netdev_add", "GenericError")
         assert e.value.__notes__ == ["unwound: closed fd(s) xdp0-q1, xdp0-q2 in QEMU"]
@@ -193,7 +193,7 @@ def test_detach_waits_for_qemus_device_deleted_event() -> None:
     with qemu("-M", "pc", "-device", "qemu-xhci,id=xhci") as v, v.connect() as m:
         m.execute("netdev_add", {"type": "hubport", "id": "n0", "hubid": 0})
         m.execute("device_add", {"driver": "usb-net", "netdev": "n0", "id": "n0-dev"})
-        assert q.detach(m, "n0", timeout=5) == q.Detached("n0", "n0-dev", True)
+        assert hotplug.detach(m, "n0", timeout=5) == hotplug.Detached("n0", "n0-dev", True)
         assert any(e["event"] == "DEVICE_DELETED" and e["data"].get("device") == "n0-dev" for _, e in m.events)
         assert "n0-dev" not in [p["name"] for p in m.execute("qom-list", {"path": "/machine/peripheral"})]
         with pytest.raises(q.QMPError, match="Device 'n0' not found"):
@@ -206,7 +206,7 @@ def test_detach_keeps_the_netdev_while_the_guest_holds_the_device() -> None:
         m.execute("netdev_add", {"type": "hubport", "id": "n0", "hubid": 0})
         m.execute("device_add", {"driver": "virtio-net-pci", "netdev": "n0", "id": "n0-dev"})
         with pytest.raises(q.QMPTimeout, match=r"'n0-dev' is still present 0\.3 s after device_del"):
-            q.detach(m, "n0", timeout=0.3)
+            hotplug.detach(m, "n0", timeout=0.3)
         assert "n0-dev" in [p["name"] for p in m.execute("qom-list", {"path": "/machine/peripheral"})]
         with pytest.raises(q.QMPError, match="Duplicate ID 'n0'"):  # the netdev is still there
             m.execute("netdev_add", {"type": "hubport", "id": "n0", "hubid": 0})
@@ -261,16 +261,16 @@ def test_unprivileged_qemu_takes_fds_and_its_memlock_limit_is_flagged(
     peers = fake_grant(monkeypatch, [0])
     with qemu("-M", "none", user=65534) as v:
         status = Path(f"/proc/{v.pid}/status").read_text()
-        assert "Uid:\t65534" in status and not q.has_cap(status, q.CAP_IPC_LOCK)
+        assert "Uid:\t65534" in status and not qemu_support.has_cap(status, qemu_support.CAP_IPC_LOCK)
         rc = qmp_cli.main(["qmp-attach", "--qmp", v.qmp_path, "--id", "xdp0", "-i", "lo", "-q", "1", "--force",
                            "--json"])
         out = json.loads(capsys.readouterr().out)
         assert rc == 1 and out["error"]["message"] == NOT_AF_XDP and out["error"]["command"] == "netdev_add"
         assert eof(peers[0])
-        limit = q.memlock_limit(Path(f"/proc/{v.pid}/limits").read_text())
+        limit = qemu_support.memlock_limit(Path(f"/proc/{v.pid}/limits").read_text())
         warnings = out["error"]["warnings"]
         assert "has no af-xdp netdev backend" in warnings[0]
-        if limit is not None and limit < q.AF_XDP_UMEM_BYTES:  # 8 MiB on these machines
+        if limit is not None and limit < qemu_support.AF_XDP_UMEM_BYTES:  # 8 MiB on these machines
             assert warnings[1].startswith(f"QEMU (pid {v.pid}) may lock {limit >> 20} MiB (RLIMIT_MEMLOCK) but its "
                                           "af-xdp UMEM needs 32 MiB for 1 queue(s)")
             assert f"prlimit --pid {v.pid} --memlock=33554432:33554432" in warnings[1]
@@ -329,19 +329,19 @@ def test_real_bare_sockets_reach_qemu_and_qemu_alone_keeps_them_in_the_map(veth:
             for s in reply["sockets"]:
                 fd = fds[s["fd"]]
                 links.append(f"socket:[{os.fstat(fd).st_ino}]")
-                m.execute("getfd", {"fdname": q.fd_name("xdp0", s["queue"])}, fds=[fd])
-            q.close_fds(fds)
+                m.execute("getfd", {"fdname": hotplug.fd_name("xdp0", s["queue"])}, fds=[fd])
+            hotplug.close_fds(fds)
             assert len(vm.fd_links()) == before + 2 and set(links) <= set(vm.fd_links())
             # QEMU's copies alone keep the sockets in xsks_map: the queues are still taken
             with pytest.raises(proto.BrokerError) as busy:
                 request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path)
             assert busy.value.code == "queue-busy", busy.value
             for s in reply["sockets"]:
-                m.execute("closefd", {"fdname": q.fd_name("xdp0", s["queue"])})
+                m.execute("closefd", {"fdname": hotplug.fd_name("xdp0", s["queue"])})
             assert len(vm.fd_links()) == before and not set(links) & set(vm.fd_links())
         # closed in QEMU too: the kernel emptied the slots, so the same queues can be granted again
         again, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path)
-        q.close_fds(fds)
+        hotplug.close_fds(fds)
         assert [s["queue"] for s in again["sockets"]] == [0, 1]
 
 
@@ -358,8 +358,8 @@ def _status(path: str) -> list[dict]:
 def _hand_to_qemu(qmp_path: str, reply: dict, fds: list[int]) -> None:
     with q.QMP(qmp_path, 5.0) as m:
         for s in reply["sockets"]:
-            m.execute("getfd", {"fdname": q.fd_name("xdp0", s["queue"])}, fds=[fds[s["fd"]]])
-    q.close_fds(fds)
+            m.execute("getfd", {"fdname": hotplug.fd_name("xdp0", s["queue"])}, fds=[fds[s["fd"]]])
+    hotplug.close_fds(fds)
 
 
 def test_the_lease_follows_the_qemu_a_launcher_names_as_holder(veth: VethNamespace) -> None:
@@ -396,7 +396,7 @@ def test_a_launcher_that_exits_after_passing_the_sockets_leaves_an_orphan_until_
         assert os.waitstatus_to_exitcode(status) == 0
         wait_for(lambda: [x for x in _status(broker.socket_path) if x["orphaned"]], 5.0, "the lease to be orphaned")
         with vm.connect() as m:
-            m.execute("closefd", {"fdname": q.fd_name("xdp0", 0)})
+            m.execute("closefd", {"fdname": hotplug.fd_name("xdp0", 0)})
         wait_for(lambda: not _status(broker.socket_path), 10.0, "the orphan to end once QEMU closed the socket")
         reasons = [r["reason"] for r in broker.records() if r.get("event") in ("lease-orphaned", "lease-ended")]
         assert reasons == ["holder exited but its sockets are still open elsewhere", "its sockets were closed"]
@@ -413,7 +413,7 @@ def test_a_holder_of_another_user_is_refused(veth: VethNamespace) -> None:
             _, fds = request_fds(iface, 1, kind="bare", socket_path=path, holder_pid=1)
         except proto.BrokerError as e:
             return e.code
-        q.close_fds(fds)
+        hotplug.close_fds(fds)
         return "granted"
 
     with BrokerProcess(veth.name, BARE_POLICY.replace("users = [0]", "users = [0, 65534]")) as broker:

@@ -6,20 +6,29 @@ The worker against the real QEMU binary, a real broker and a real libvirtd: test
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from xskbroker.client import libvirt_hook as lh
 from xskbroker.client import qmp as q
+from xskbroker.client.libvirt import config as lvconf
+from xskbroker.client.libvirt import hook as lvhook
+from xskbroker.client.libvirt import identity as lvid
+from xskbroker.client.libvirt import metadata as lvmeta
+from xskbroker.client.libvirt import monitors as lvmon
+from xskbroker.client.libvirt import state as lvstate
+from xskbroker.client.libvirt import worker as lvworker
+from xskbroker.common import procfs
 from xskbroker.wire import protocol as proto
 
 from .test_qmp_client import FakeQemu
@@ -44,8 +53,8 @@ def iface(**attrs: str) -> str:
 
 
 def error_of(xml: str) -> str:
-    with pytest.raises(lh.MetadataError) as e:
-        lh.parse_interfaces(xml)
+    with pytest.raises(lvmeta.MetadataError) as e:
+        lvmeta.parse_interfaces(xml)
     return str(e.value)
 
 
@@ -53,8 +62,8 @@ def error_of(xml: str) -> str:
 
 def test_the_documented_example_parses() -> None:
     xml = domain(ours('<xsk:interface id="xdp0" name="eth1" queues="2" start-queue="0" device="virtio-net-pci"/>'))
-    (x,) = lh.parse_interfaces(xml)
-    assert x == lh.Interface("xdp0", "eth1", 2, 0, "virtio-net-pci")
+    (x,) = lvmeta.parse_interfaces(xml)
+    assert x == lvmeta.Interface("xdp0", "eth1", 2, 0, "virtio-net-pci")
     assert list(x.queue_ids) == [0, 1]
     assert x.device_props() == {"mq": True, "vectors": 6}  # virtio-net multiqueue defaults
 
@@ -69,8 +78,8 @@ def test_defaults_several_interfaces_properties_and_other_metadata_left_alone() 
                '<xsk:property name="x-flag" value="true"/><xsk:property name="n" value="-3"/>'
                '<xsk:property name="label" value="42" type="string"/>'
                '</xsk:interface>'))
-    a, b = lh.parse_interfaces(xml)
-    assert a == lh.Interface("a", "eth1")  # one queue from 0, no device, no mac
+    a, b = lvmeta.parse_interfaces(xml)
+    assert a == lvmeta.Interface("a", "eth1")  # one queue from 0, no device, no mac
     assert a.device_props() == {}
     assert (b.queues, b.start_queue, b.device, b.mac) == (2, 1, "e1000e", "52:54:00:aa:bb:01")
     assert b.device_props() == {"mac": "52:54:00:aa:bb:01", "bus": "pcie.1", "addr": "0x0", "x-flag": True,
@@ -81,7 +90,7 @@ def test_declared_properties_win_over_the_virtio_defaults() -> None:
     xml = domain(ours('<xsk:interface id="x" name="eth1" queues="4" device="virtio-net-pci">'
                       '<xsk:property name="vectors" value="4"/><xsk:property name="mq" value="false"/>'
                       '</xsk:interface>'))
-    assert lh.parse_interfaces(xml)[0].device_props() == {"mq": False, "vectors": 4}
+    assert lvmeta.parse_interfaces(xml)[0].device_props() == {"mq": False, "vectors": 4}
 
 
 @pytest.mark.parametrize("xml", [
@@ -91,7 +100,7 @@ def test_declared_properties_win_over_the_virtio_defaults() -> None:
     domain(ours()),  # declared, but empty
 ])
 def test_no_declaration_means_no_interfaces(xml: str) -> None:
-    assert lh.parse_interfaces(xml) == []
+    assert lvmeta.parse_interfaces(xml) == []
 
 
 @pytest.mark.parametrize(("xml", "message"), [
@@ -170,26 +179,26 @@ def test_bad_declarations_say_where_and_why(xml: str, message: str) -> None:
 
 def test_the_same_queues_of_different_interfaces_do_not_clash() -> None:
     xml = domain(ours(iface(id="a", name="eth1", queues="2"), iface(id="b", name="eth2", queues="2")))
-    assert [x.name for x in lh.parse_interfaces(xml)] == ["eth1", "eth2"]
+    assert [x.name for x in lvmeta.parse_interfaces(xml)] == ["eth1", "eth2"]
 
 
 # ---- configuration -------------------------------------------------------------------------------------
 
 def test_config_defaults_and_a_full_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(lh.CONFIG_ENV, raising=False)
-    monkeypatch.setattr(lh, "DEFAULT_CONFIG", str(tmp_path / "absent.conf"))
-    assert lh.load_config() == lh.Config()  # no file at the default path: the defaults
+    monkeypatch.delenv(lvconf.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(lvconf, "DEFAULT_CONFIG", str(tmp_path / "absent.conf"))
+    assert lvconf.load_config() == lvconf.Config()  # no file at the default path: the defaults
     conf = tmp_path / "libvirt.conf"
     conf.write_text('# the hook\nsocket = "/run/b.sock"\nstate_dir = "/run/s"\nmonitor = "qmp:/run/{domain}.qmp"\n'
                     'virsh = "/usr/bin/virsh"\nuri = "qemu+unix:///system"\npid_dir = "/run/p"\ntimeout = 7\n')
-    want = lh.Config("/run/b.sock", "/run/s", "qmp:/run/{domain}.qmp", "/usr/bin/virsh", "qemu+unix:///system",
+    want = lvconf.Config("/run/b.sock", "/run/s", "qmp:/run/{domain}.qmp", "/usr/bin/virsh", "qemu+unix:///system",
                      "/run/p", 7.0)
-    assert lh.load_config(str(conf)) == want
-    monkeypatch.setenv(lh.CONFIG_ENV, str(conf))
-    assert lh.load_config() == want
-    monkeypatch.setenv(lh.CONFIG_ENV, str(tmp_path / "missing.conf"))
-    with pytest.raises(lh.ConfigError, match=r"missing\.conf: no such file"):
-        lh.load_config()  # a file named explicitly must exist
+    assert lvconf.load_config(str(conf)) == want
+    monkeypatch.setenv(lvconf.CONFIG_ENV, str(conf))
+    assert lvconf.load_config() == want
+    monkeypatch.setenv(lvconf.CONFIG_ENV, str(tmp_path / "missing.conf"))
+    with pytest.raises(lvconf.ConfigError, match=r"missing\.conf: no such file"):
+        lvconf.load_config()  # a file named explicitly must exist
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -205,17 +214,17 @@ def test_config_defaults_and_a_full_file(tmp_path: Path, monkeypatch: pytest.Mon
     ("monitor = 'ssh'", "<config>: monitor must be \"virsh\" or \"qmp:PATH\", not 'ssh'"),
 ])
 def test_config_errors(text: str, message: str) -> None:
-    with pytest.raises(lh.ConfigError) as e:
-        lh.parse_config(text)
+    with pytest.raises(lvconf.ConfigError) as e:
+        lvconf.parse_config(text)
     assert str(e.value) == message
 
 
 def test_make_monitor_picks_the_transport() -> None:
-    v = lh.make_monitor(lh.Config(uri="qemu:///x", virsh="/v", pid_dir="/p", timeout=3), "vm1")
-    assert isinstance(v, lh.VirshMonitor) and (v.domain, v.uri, v.virsh, v.pid_dir, v.timeout) == (
+    v = lvmon.make_monitor(lvconf.Config(uri="qemu:///x", virsh="/v", pid_dir="/p", timeout=3), "vm1")
+    assert isinstance(v, lvmon.VirshMonitor) and (v.domain, v.uri, v.virsh, v.pid_dir, v.timeout) == (
         "vm1", "qemu:///x", "/v", "/p", 3)
-    m = lh.make_monitor(lh.Config(monitor="qmp:/run/{domain}/qmp.sock"), "vm1")
-    assert isinstance(m, lh.QMPMonitor) and m.path == "/run/vm1/qmp.sock"
+    m = lvmon.make_monitor(lvconf.Config(monitor="qmp:/run/{domain}/qmp.sock"), "vm1")
+    assert isinstance(m, lvmon.QMPMonitor) and m.path == "/run/vm1/qmp.sock"
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------
@@ -227,14 +236,14 @@ def test_make_monitor_picks_the_transport() -> None:
     ("started", "end", None), ("prepare", "end", None), ("", "", None),
 ])
 def test_action_for_each_libvirt_operation(op: str, sub: str, action: str | None) -> None:
-    assert lh.action_for(op, sub) == action
+    assert lvhook.action_for(op, sub) == action
 
 
 class Spawned:
     def __init__(self) -> None:
-        self.calls: list[tuple[str, list[lh.Interface], lh.Config]] = []
+        self.calls: list[tuple[str, list[lvmeta.Interface], lvconf.Config]] = []
 
-    def __call__(self, domain: str, interfaces: Sequence[lh.Interface], cfg: lh.Config) -> int:
+    def __call__(self, domain: str, interfaces: Sequence[lvmeta.Interface], cfg: lvconf.Config) -> int:
         self.calls.append((domain, list(interfaces), cfg))
         return 4242
 
@@ -254,7 +263,7 @@ def conf(tmp_path: Path) -> str:
 def run_main(argv: list[str], stdin: str | io.StringIO, conf: str, spawn: Spawned,
              capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     stream = io.StringIO(stdin) if isinstance(stdin, str) else stdin
-    rc = lh.main(argv, stream, conf, spawn)
+    rc = lvhook.main(argv, stream, conf, spawn)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -267,7 +276,7 @@ def test_started_spawns_the_worker_with_the_declaration(conf: str, capsys: pytes
     spawn = Spawned()
     assert run_main(["vm1", "started", "begin", "-"], GOOD, conf, spawn, capsys) == (0, "", "")
     ((name, interfaces, cfg),) = spawn.calls
-    assert name == "vm1" and interfaces == lh.parse_interfaces(GOOD) and cfg == lh.load_config(conf)
+    assert name == "vm1" and interfaces == lvmeta.parse_interfaces(GOOD) and cfg == lvconf.load_config(conf)
 
 
 def test_undeclared_domains_and_other_operations_are_left_alone(conf: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -300,12 +309,12 @@ def test_started_never_fails_the_domain(conf: str, capsys: pytest.CaptureFixture
     def broken(*a: Any) -> int:
         raise OSError(11, "Resource temporarily unavailable")
 
-    rc = lh.main(["vm1", "started", "begin", "-"], io.StringIO(GOOD), conf, broken)
+    rc = lvhook.main(["vm1", "started", "begin", "-"], io.StringIO(GOOD), conf, broken)
     assert rc == 0 and "cannot start the worker: [Errno 11]" in capsys.readouterr().err
 
 
 def test_usage_without_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    assert lh.main([], io.StringIO(""), None, Spawned()) == 2
+    assert lvhook.main([], io.StringIO(""), None, Spawned()) == 2
     assert capsys.readouterr().err.startswith("usage: ")
 
 
@@ -321,7 +330,7 @@ def test_release_forgets_the_state_of_a_finished_worker(conf: str, tmp_path: Pat
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     released = {"id": "xdp0", "lease": "aa", "released": True, "status": "failed"}
-    lh.write_state(str(state_dir / "vm%2F1.json"), {"domain": "vm/1", "finished": True, "interfaces": [released],
+    lvstate.write_state(str(state_dir / "vm%2F1.json"), {"domain": "vm/1", "finished": True, "interfaces": [released],
                                                      "identity": {"uid": 0, "gid": 0, "groups": []}})
     assert run_main(["vm/1", "release", "end", "-"], GOOD, conf, Spawned(), capsys) == (0, "", "")
     assert sorted(p.name for p in state_dir.iterdir()) == ["vm%2F1.log"]  # no lease left to release
@@ -329,14 +338,14 @@ def test_release_forgets_the_state_of_a_finished_worker(conf: str, tmp_path: Pat
 
 
 def test_domain_files_stay_in_the_state_dir() -> None:
-    assert lh.domain_file("/run/s", "vm1", ".json") == "/run/s/vm1.json"
-    assert lh.domain_file("/run/s", "../../etc/x", ".log") == "/run/s/..%2F..%2Fetc%2Fx.log"
+    assert lvstate.domain_file("/run/s", "vm1", ".json") == "/run/s/vm1.json"
+    assert lvstate.domain_file("/run/s", "../../etc/x", ".log") == "/run/s/..%2F..%2Fetc%2Fx.log"
 
 
 def test_the_installed_hook_runs_main(tmp_path: Path, conf: str) -> None:
     """deploy/libvirt/xskbroker is executable and hands argv and stdin to main()."""
     assert os.access(HOOK, os.X_OK)
-    env = {**os.environ, lh.CONFIG_ENV: conf, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, lvconf.CONFIG_ENV: conf, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(HOOK), "vm1", "prepare", "begin", "-"], input=BAD, text=True,
                           capture_output=True, env=env, timeout=30, check=False)
     assert (done.returncode, done.stdout) == (1, "") and "queues='many'" in done.stderr
@@ -357,7 +366,7 @@ def test_the_hook_steps_aside_when_the_package_is_missing(tmp_path: Path) -> Non
 # ---- virsh and /proc -----------------------------------------------------------------------------------
 
 def test_virsh_command_line() -> None:
-    v = lh.VirshMonitor("vm 1", virsh="/usr/bin/virsh", uri="qemu:///system")
+    v = lvmon.VirshMonitor("vm 1", virsh="/usr/bin/virsh", uri="qemu:///system")
     assert v.argv("getfd", {"fdname": "xdp0-q0"}, [7]) == [
         "/usr/bin/virsh", "-q", "-c", "qemu:///system", "qemu-monitor-command", "--domain", "vm 1", "--pass-fds",
         "7", "--cmd", '{"execute":"getfd","arguments":{"fdname":"xdp0-q0"}}']
@@ -367,23 +376,23 @@ def test_virsh_command_line() -> None:
 
 
 def test_virsh_replies_are_qemus_own() -> None:
-    assert lh.parse_virsh_reply("query-status", '{"return":{"status":"running"},"id":"libvirt-410"}\n\n') == {
+    assert lvmon.parse_virsh_reply("query-status", '{"return":{"status":"running"},"id":"libvirt-410"}\n\n') == {
         "status": "running"}
     with pytest.raises(q.QMPError) as e:
-        lh.parse_virsh_reply("netdev_add", '{"id":"libvirt-411","error":{"class":"GenericError","desc":'
+        lvmon.parse_virsh_reply("netdev_add", '{"id":"libvirt-411","error":{"class":"GenericError","desc":'
                                            '"Parameter \'type\' does not accept value \'af-xdp\'"}}\n')
     assert (str(e.value), e.value.command, e.value.error_class) == (
         "Parameter 'type' does not accept value 'af-xdp'", "netdev_add", "GenericError")
     for junk in ("", "[]", "not json", '{"id": 1}'):
         with pytest.raises(q.QMPConnectionError):
-            lh.parse_virsh_reply("x", junk)
+            lvmon.parse_virsh_reply("x", junk)
 
 
 def test_virsh_failures() -> None:
-    busy = lh.virsh_failure("query-status", "error: Timed out during operation: cannot acquire state change lock "
+    busy = lvmon.virsh_failure("query-status", "error: Timed out during operation: cannot acquire state change lock "
                                             "(held by monitor=remoteDispatchDomainCreateXML)\n")
     assert isinstance(busy, q.QMPTimeout)
-    gone = lh.virsh_failure("getfd", "error: failed to get domain 'vm1'\n")
+    gone = lvmon.virsh_failure("getfd", "error: failed to get domain 'vm1'\n")
     assert isinstance(gone, q.QMPConnectionError)
     assert str(gone) == "virsh qemu-monitor-command (getfd) failed: failed to get domain 'vm1'"
 
@@ -396,21 +405,21 @@ def test_a_fake_virsh_gets_the_fd(tmp_path: Path) -> None:
     fake.chmod(0o755)
     a, b = socket.socketpair()
     with a, b:
-        got = lh.VirshMonitor("vm1", virsh=str(fake)).execute("getfd", {"fdname": "n"}, [a.fileno()])
+        got = lvmon.VirshMonitor("vm1", virsh=str(fake)).execute("getfd", {"fdname": "n"}, [a.fileno()])
         assert got == {"ino": os.fstat(a.fileno()).st_ino}
 
 
 def test_proc_parsing() -> None:
     status = "Name:\tqemu\nUid:\t64055\t64055\t64055\t64055\nGid:\t1000\t64055\t64055\t64055\nGroups:\t108 64055 \n"
-    assert lh.identity_from_status(status) == lh.Identity(64055, 64055, (108, 64055))
-    assert lh.identity_from_status("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\n") == lh.Identity(0, 0, ())
+    assert lvid.identity_from_status(status) == lvid.Identity(64055, 64055, (108, 64055))
+    assert lvid.identity_from_status("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\n") == lvid.Identity(0, 0, ())
     with pytest.raises(ValueError):
-        lh.identity_from_status("Name: x\n")
+        lvid.identity_from_status("Name: x\n")
     stat = "42 (qemu (x) 1) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 123456 0 0"
-    assert lh.start_time_from_stat(stat) == 123456
-    assert lh.process_start_time(os.getpid()) == lh.start_time_from_stat(Path("/proc/self/stat").read_text())
-    assert lh.same_process(os.getpid(), lh.process_start_time(os.getpid()))
-    assert not lh.same_process(os.getpid(), 1) and not lh.same_process(None, 1)
+    assert procfs.start_from_stat(stat) == 123456
+    assert procfs.process_start(os.getpid()) == procfs.start_from_stat(Path("/proc/self/stat").read_text())
+    assert lvid.same_process(os.getpid(), procfs.process_start(os.getpid()))
+    assert not lvid.same_process(os.getpid(), 1) and not lvid.same_process(None, 1)
 
 
 # ---- the worker against a fake QEMU and a fake broker ---------------------------------------------------
@@ -418,7 +427,7 @@ def test_proc_parsing() -> None:
 class FakeBroker:
     """Stands in for BrokerAgent: socketpair ends as the granted sockets; the other ends show who holds them."""
 
-    def __init__(self, ident: lh.Identity, socket_path: str, timeout: float, refuse: str | None = None) -> None:
+    def __init__(self, ident: lvid.Identity, socket_path: str, timeout: float, refuse: str | None = None) -> None:
         self.ident, self.socket_path, self.refuse = ident, socket_path, refuse
         self.peers: list[socket.socket] = []
         self.calls: list[tuple[str, Any]] = []
@@ -444,7 +453,7 @@ class FakeBroker:
         self.closed = True
 
 
-class FakeMonitor(lh.QMPMonitor):
+class FakeMonitor(lvmon.QMPMonitor):
     def pid(self) -> int:
         return os.getpid()  # the fake QEMU is this process
 
@@ -456,27 +465,27 @@ def fake_qemu(tmp_path: Path) -> Iterator[FakeQemu]:
     f.close()
 
 
-def worker(fake_qemu: FakeQemu, tmp_path: Path, interfaces: list[lh.Interface],
+def worker(fake_qemu: FakeQemu, tmp_path: Path, interfaces: list[lvmeta.Interface],
            **broker: Any) -> tuple[dict[str, Any], list[FakeBroker], list[str]]:
     brokers: list[FakeBroker] = []
 
-    def factory(ident: lh.Identity, path: str, timeout: float) -> FakeBroker:
+    def factory(ident: lvid.Identity, path: str, timeout: float) -> FakeBroker:
         brokers.append(FakeBroker(ident, path, timeout, **broker))
         return brokers[-1]
 
     lines: list[str] = []
-    cfg = lh.Config(socket="/run/b.sock", state_dir=str(tmp_path), timeout=2.0)
-    state = lh.run_worker("vm1", interfaces, cfg, FakeMonitor(str(tmp_path / "vm.qmp"), 2.0), lines.append,
+    cfg = lvconf.Config(socket="/run/b.sock", state_dir=str(tmp_path), timeout=2.0)
+    state = lvworker.run_worker("vm1", interfaces, cfg, FakeMonitor(str(tmp_path / "vm.qmp"), 2.0), lines.append,
                           str(tmp_path / "vm1.json"), factory)
-    assert state == lh.read_state(str(tmp_path / "vm1.json"))
+    assert state == lvstate.read_state(str(tmp_path / "vm1.json"))
     return state, brokers, lines
 
 
 def test_worker_plugs_every_interface(fake_qemu: FakeQemu, tmp_path: Path) -> None:
-    interfaces = [lh.Interface("xdp0", "eth1", 2, 2, "virtio-net-pci", "52:54:00:00:00:01"),
-                  lh.Interface("xdp1", "eth2")]
+    interfaces = [lvmeta.Interface("xdp0", "eth1", 2, 2, "virtio-net-pci", "52:54:00:00:00:01"),
+                  lvmeta.Interface("xdp1", "eth2")]
     state, (broker,), lines = worker(fake_qemu, tmp_path, interfaces)
-    me = lh.Identity.of_process(os.getpid())
+    me = lvid.Identity.of_process(os.getpid())
     assert broker.ident == me and broker.closed
     assert broker.calls == [("grant", ("eth1", 2, 2, os.getpid(), 64 << 20)), ("grant", ("eth2", 1, 0, os.getpid(),
                                                                                            32 << 20))]
@@ -502,7 +511,7 @@ def test_worker_plugs_every_interface(fake_qemu: FakeQemu, tmp_path: Path) -> No
 
 def test_a_refused_device_add_is_unwound_and_released(fake_qemu: FakeQemu, tmp_path: Path) -> None:
     fake_qemu.fail["device_add"] = ("GenericError", "Bus 'pci.7' not found")
-    state, (broker,), lines = worker(fake_qemu, tmp_path, [lh.Interface("xdp0", "eth1", 1, 0, "virtio-net-pci")])
+    state, (broker,), lines = worker(fake_qemu, tmp_path, [lvmeta.Interface("xdp0", "eth1", 1, 0, "virtio-net-pci")])
     (rec,) = state["interfaces"]
     assert rec["status"] == "failed" and rec["released"]
     assert rec["error"] == {"stage": "device_add", "qmp_class": "GenericError", "message": "Bus 'pci.7' not found",
@@ -515,7 +524,7 @@ def test_a_refused_device_add_is_unwound_and_released(fake_qemu: FakeQemu, tmp_p
 
 
 def test_a_broker_refusal_is_recorded_and_qemu_is_not_touched(fake_qemu: FakeQemu, tmp_path: Path) -> None:
-    state, _, lines = worker(fake_qemu, tmp_path, [lh.Interface("xdp0", "eth1")], refuse="user-not-allowed")
+    state, _, lines = worker(fake_qemu, tmp_path, [lvmeta.Interface("xdp0", "eth1")], refuse="user-not-allowed")
     assert state["interfaces"][0]["error"] == {"stage": "grant", "code": "user-not-allowed",
                                                "message": "no rule names uid 64055"}
     assert fake_qemu.commands() == []
@@ -524,16 +533,46 @@ def test_a_broker_refusal_is_recorded_and_qemu_is_not_touched(fake_qemu: FakeQem
 
 def test_an_unreachable_monitor_is_recorded(tmp_path: Path) -> None:
     lines: list[str] = []
-    cfg = lh.Config(state_dir=str(tmp_path), timeout=0.1)
-    state = lh.run_worker("vm1", [lh.Interface("xdp0", "eth1")], cfg, lh.QMPMonitor(str(tmp_path / "none"), 0.1),
-                          lines.append, str(tmp_path / "vm1.json"), lambda *a: pytest.fail("the broker was asked"))
+    cfg = lvconf.Config(state_dir=str(tmp_path), timeout=0.1)
+    state = lvworker.run_worker("vm1", [lvmeta.Interface("xdp0", "eth1")], cfg,
+                                lvmon.QMPMonitor(str(tmp_path / "none"), 0.1), lines.append,
+                                str(tmp_path / "vm1.json"), lambda *a: pytest.fail("the broker was asked"))
     assert state["finished"] and "No such file or directory" in state["error"] and state["interfaces"] == []
     assert json.loads((tmp_path / "vm1.json").read_text())["error"] == state["error"]
 
 
 def test_the_example_config_documents_the_defaults() -> None:
     text = (ROOT / "deploy" / "libvirt" / "libvirt.conf").read_text()
-    assert lh.parse_config(text) == lh.Config()
+    assert lvconf.parse_config(text) == lvconf.Config()
     settings = [line[1:] for line in text.splitlines() if line.startswith("#") and not line.startswith("# ")]
-    assert lh.parse_config("\n".join(settings)) == lh.Config()
-    assert [line.split(" = ")[0] for line in settings] == list(lh.CONFIG_TYPES)
+    assert lvconf.parse_config("\n".join(settings)) == lvconf.Config()
+    assert [line.split(" = ")[0] for line in settings] == list(lvconf.CONFIG_TYPES)
+
+
+def test_a_zombie_is_not_the_same_process() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        start = procfs.process_start(pid)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert start is not None and procfs.process_start(pid) == start  # a zombie keeps its pid and start time
+        assert not lvid.same_process(pid, start)  # but it is no worker any more
+    finally:
+        os.waitpid(pid, 0)
+    assert not lvid.same_process(pid, start)
+
+
+def test_the_hook_imports_no_command_line_module() -> None:
+    """Not even inside a function: the root-run hook shares code with the commands, not the commands."""
+    hook_files = [*sorted((ROOT / "client" / "libvirt").glob("*.py")), ROOT / "client" / "libvirt_hook.py",
+                  *(ROOT / "client" / f"{m}.py" for m in ("hotplug", "qmp", "qmp_codec", "qemu_support"))]
+    for path in hook_files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.endswith(("_cli", ".cli")) or n in ("cli", "qmp_cli")]
+            assert not bad, f"{path.name} imports {bad}"

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from xskbroker.client import hotplug, qemu_support, qmp_cli
 from xskbroker.client import qmp as q
-from xskbroker.client import qmp_cli
 
 from .test_qmp_pure import SCHEMA_7_2, SCHEMA_AF_XDP
 
@@ -185,7 +185,7 @@ def peer_closed(s: socket.socket) -> bool:
 
 def test_greeting_negotiation_and_events_skipped_but_kept(fake: FakeQemu, qmp_path: str) -> None:
     with q.QMP(qmp_path) as m:
-        assert m.version == q.QemuVersion(10, 0, 0, "fake")
+        assert m.version == qemu_support.QemuVersion(10, 0, 0, "fake")
         assert m.execute("query-qmp-schema") == SCHEMA_AF_XDP
         assert [e["event"] for _, e in m.events] == ["RESUME", "RESUME"]  # one per command, capabilities included
         assert m.pid == os.getpid()  # SO_PEERCRED of the monitor socket: here the fake is this process
@@ -261,7 +261,7 @@ def test_connection_closed_mid_command(qmp_path: str) -> None:
 def test_capability_check(qmp_path: str) -> None:
     f = FakeQemu(qmp_path, af_xdp=False)
     try:
-        with q.QMP(qmp_path) as m, pytest.raises(q.AfXdpUnsupported) as e:
+        with q.QMP(qmp_path) as m, pytest.raises(qemu_support.AfXdpUnsupported) as e:
             m.check_af_xdp()
         assert str(e.value) == (f"QEMU 10.0.0 (fake) at {qmp_path} has no af-xdp netdev backend (this one was built "
                                 "without libxdp) (needs QEMU ≥ 8.2 built with libxdp)")
@@ -274,7 +274,7 @@ def test_capability_check(qmp_path: str) -> None:
 def test_attach_sends_one_getfd_per_queue_then_netdev_add_then_device_add(fake: FakeQemu, qmp_path: str) -> None:
     pairs = socketpairs(2)
     with q.QMP(qmp_path) as m:
-        att = q.attach(m, "xdp1", "eth1", [a.fileno() for a, _ in pairs], start_queue=2, xdp_mode="skb",
+        att = hotplug.attach(m, "xdp1", "eth1", [a.fileno() for a, _ in pairs], start_queue=2, xdp_mode="skb",
                        device="virtio-net-pci", device_props={"mq": True, "vectors": 6})
     inodes = [os.fstat(a.fileno()).st_ino for a, _ in pairs]
     assert fake.log[1:] == [
@@ -285,7 +285,7 @@ def test_attach_sends_one_getfd_per_queue_then_netdev_add_then_device_add(fake: 
         ("device_add", {"mq": True, "vectors": 6, "driver": "virtio-net-pci", "netdev": "xdp1", "id": "xdp1-dev"}, []),
     ]
     assert (att.queues, att.fd_names, att.device_id) == ((2, 3), ("xdp1-q2", "xdp1-q3"), "xdp1-dev")
-    assert "mode" not in q.netdev_arguments("n", "eth1", ["n-q0"], 0, "native")
+    assert "mode" not in hotplug.netdev_arguments("n", "eth1", ["n-q0"], 0, "native")
     assert fake.netdevs["xdp1"] and not fake.fds
 
 
@@ -294,7 +294,7 @@ def test_netdev_add_failure_closes_every_fd_in_qemu(fake: FakeQemu, qmp_path: st
                                "failed to create umem for eth1 queue_index: 0: No buffer space available")
     pairs = socketpairs(2)
     with q.QMP(qmp_path) as m, pytest.raises(q.QMPError) as e:
-        q.attach(m, "n0", "eth1", [a.fileno() for a, _ in pairs], device="virtio-net-pci")
+        hotplug.attach(m, "n0", "eth1", [a.fileno() for a, _ in pairs], device="virtio-net-pci")
     assert str(e.value) == "failed to create umem for eth1 queue_index: 0: No buffer space available"
     assert e.value.__notes__ == ["unwound: closed fd(s) n0-q0, n0-q1 in QEMU"]
     assert fake.commands() == ["getfd", "getfd", "netdev_add", "closefd", "closefd"]
@@ -306,7 +306,7 @@ def test_netdev_add_failure_closes_every_fd_in_qemu(fake: FakeQemu, qmp_path: st
 def test_duplicate_netdev_id_never_deletes_the_existing_netdev(fake: FakeQemu, qmp_path: str) -> None:
     (a, _), = socketpairs(1)
     with q.QMP(qmp_path) as m, pytest.raises(q.QMPError, match="Duplicate ID 'existing' for netdev"):
-        q.attach(m, "existing", "eth1", [a.fileno()])
+        hotplug.attach(m, "existing", "eth1", [a.fileno()])
     assert "netdev_del" not in fake.commands() and "existing" in fake.netdevs and not fake.fds
 
 
@@ -321,7 +321,7 @@ def test_getfd_failure_midway_closes_the_ones_sent(fake: FakeQemu, qmp_path: str
 
     fake._do = second_getfd_fails  # type: ignore[method-assign]
     with q.QMP(qmp_path) as m, pytest.raises(q.QMPError, match="Too many open files") as e:
-        q.attach(m, "n0", "eth1", [a.fileno() for a, _ in pairs])
+        hotplug.attach(m, "n0", "eth1", [a.fileno() for a, _ in pairs])
     assert fake.commands() == ["getfd", "getfd", "closefd", "closefd"]
     assert e.value.__notes__ == ["unwound: closed fd(s) n0-q0 in QEMU",
                                  "fd(s) n0-q1 were not in QEMU's monitor (never arrived, or taken by netdev_add)"]
@@ -332,7 +332,7 @@ def test_device_add_failure_deletes_the_netdev_it_added(fake: FakeQemu, qmp_path
     fake.fail["device_add"] = ("GenericError", "No 'PCI' bus found for device 'virtio-net-pci'")
     (a, b), = socketpairs(1)
     with q.QMP(qmp_path) as m, pytest.raises(q.QMPError, match="No 'PCI' bus found") as e:
-        q.attach(m, "n0", "eth1", [a.fileno()], device="virtio-net-pci")
+        hotplug.attach(m, "n0", "eth1", [a.fileno()], device="virtio-net-pci")
     assert fake.commands() == ["getfd", "netdev_add", "device_add", "netdev_del"]
     assert e.value.__notes__ == ["unwound: deleted netdev 'n0' (QEMU closed its sockets)"]
     a.close()
@@ -341,17 +341,17 @@ def test_device_add_failure_deletes_the_netdev_it_added(fake: FakeQemu, qmp_path
 
 def test_bad_id_fails_before_anything_is_sent(fake: FakeQemu, qmp_path: str) -> None:
     with q.QMP(qmp_path) as m, pytest.raises(ValueError, match="not a valid QEMU id"):
-        q.attach(m, "n:0", "eth1", [0])
+        hotplug.attach(m, "n:0", "eth1", [0])
     assert fake.commands() == []
 
 
 def test_detach_waits_for_device_deleted_then_deletes_the_netdev(fake: FakeQemu, qmp_path: str) -> None:
     (a, b), = socketpairs(1)
     with q.QMP(qmp_path) as m:
-        q.attach(m, "n0", "eth1", [a.fileno()], device="e1000")
+        hotplug.attach(m, "n0", "eth1", [a.fileno()], device="e1000")
         a.close()
-        done = q.detach(m, "n0", timeout=2)
-    assert done == q.Detached("n0", "n0-dev", True)
+        done = hotplug.detach(m, "n0", timeout=2)
+    assert done == hotplug.Detached("n0", "n0-dev", True)
     assert fake.commands()[-2:] == ["device_del", "netdev_del"] and not fake.devices and "n0" not in fake.netdevs
     assert peer_closed(b)
 
@@ -359,19 +359,19 @@ def test_detach_waits_for_device_deleted_then_deletes_the_netdev(fake: FakeQemu,
 def test_detach_without_a_device(fake: FakeQemu, qmp_path: str) -> None:
     (a, _), = socketpairs(1)
     with q.QMP(qmp_path) as m:
-        q.attach(m, "n0", "eth1", [a.fileno()])
-        assert q.detach(m, "n0") == q.Detached("n0", "n0-dev", False)
+        hotplug.attach(m, "n0", "eth1", [a.fileno()])
+        assert hotplug.detach(m, "n0") == hotplug.Detached("n0", "n0-dev", False)
         with pytest.raises(q.QMPError, match="Device 'n0' not found"):
-            q.detach(m, "n0")
+            hotplug.detach(m, "n0")
 
 
 def test_detach_keeps_the_netdev_when_the_guest_does_not_release_the_device(fake: FakeQemu, qmp_path: str) -> None:
     fake.unplug = "never"
     (a, _), = socketpairs(1)
     with q.QMP(qmp_path) as m:
-        q.attach(m, "n0", "eth1", [a.fileno()], device="virtio-net-pci")
+        hotplug.attach(m, "n0", "eth1", [a.fileno()], device="virtio-net-pci")
         with pytest.raises(q.QMPTimeout, match=r"'n0-dev' is still present 0\.2 s after device_del.*'n0' is kept"):
-            q.detach(m, "n0", timeout=0.2)
+            hotplug.detach(m, "n0", timeout=0.2)
     assert "netdev_del" not in fake.commands() and "n0" in fake.netdevs
 
 
@@ -390,7 +390,7 @@ def _grant(monkeypatch: pytest.MonkeyPatch, queues: list[int], xdp_mode: str = "
 
     monkeypatch.setattr("xskbroker.client.grant.request_fds", request_fds)
     # the "QEMU" here is this process, whose memlock limit and capabilities vary by who runs the tests
-    monkeypatch.setattr(q, "memlock_shortfall", lambda pid, queues: None)
+    monkeypatch.setattr(qemu_support, "memlock_shortfall", lambda pid, queues: None)
     return [b for _, b in pairs]
 
 
@@ -457,3 +457,26 @@ def test_qmp_attach_rejects_a_grant_for_other_queues(
 def test_qmp_attach_reports_an_unreachable_monitor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = qmp_cli.main(["qmp-attach", "--qmp", str(tmp_path / "none"), "--id", "n0", "-i", "eth1", "-q", "1"])
     assert rc == 1 and "cannot reach QEMU's QMP socket at" in capsys.readouterr().err
+
+
+def test_attach_grant_plugs_in_queue_order_and_closes_this_process_copies(fake: FakeQemu, qmp_path: str) -> None:
+    pairs = socketpairs(2)
+    inodes = [os.fstat(a.fileno()).st_ino for a, _ in pairs]
+    fds = [a.detach() for a, _ in pairs]
+    reply = {"interface": "eth1", "xdp_mode": "skb", "sockets": [{"queue": 4, "fd": 1}, {"queue": 3, "fd": 0}]}
+    with q.QMP(qmp_path) as m:
+        att = hotplug.attach_grant(m, "xdp0", reply, fds, interface="eth1", start_queue=3, queues=2)
+    assert att.fd_names == ("xdp0-q3", "xdp0-q4") and att.netdev["mode"] == "skb"
+    assert [(a["fdname"], i) for c, a, i in fake.log if c == "getfd"] == [("xdp0-q3", [inodes[0]]),
+                                                                          ("xdp0-q4", [inodes[1]])]
+    fake.close()  # the fake QEMU held the only copies left: this process kept none
+    assert all(peer_closed(b) for _, b in pairs)
+
+
+def test_attach_grant_closes_the_fds_of_a_reply_for_other_queues(fake: FakeQemu, qmp_path: str) -> None:
+    pairs = socketpairs(1)
+    fds = [a.detach() for a, _ in pairs]
+    with q.QMP(qmp_path) as m, pytest.raises(ValueError, match=r"granted queues \[5\], not \[0\]"):
+        hotplug.attach_grant(m, "xdp0", {"sockets": [{"queue": 5, "fd": 0}]}, fds, interface="eth1", start_queue=0,
+                             queues=1)
+    assert fake.commands() == [] and peer_closed(pairs[0][1])

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+from xskbroker.client import hotplug, qmp_codec
+from xskbroker.client import qemu_support as qs
 from xskbroker.client import qmp as q
-from xskbroker.client.qmp_cli import build_parser, grant_fds
+from xskbroker.client.qmp_cli import build_parser
 
 # query-qmp-schema as QEMU 7.2 answers it (the relevant entries, names masked as QEMU does)
 SCHEMA_7_2 = [
@@ -32,85 +34,85 @@ SCHEMA_AF_XDP = [
     {"name": "363", "meta-type": "object", "members": [{"name": m, "type": "str"} for m in AF_XDP_MEMBERS]},
 ]
 
-V72 = q.QemuVersion(7, 2, 22, "Debian 1:7.2+dfsg-7+deb12u18+b3")
+V72 = qs.QemuVersion(7, 2, 22, "Debian 1:7.2+dfsg-7+deb12u18+b3")
 
 
 def test_schema_of_qemu_7_2_has_no_af_xdp_but_its_backends_are_found() -> None:
-    s = q.netdev_support(SCHEMA_7_2)
+    s = qs.netdev_support(SCHEMA_7_2)
     assert {"tap", "user", "socket", "hubport"} <= s.types  # the enum really was reached, so "absent" is real
     assert not s.af_xdp and not s.sock_fds and s.af_xdp_options == frozenset()
 
 
 def test_schema_with_af_xdp_and_its_options() -> None:
-    s = q.netdev_support(SCHEMA_AF_XDP)
+    s = qs.netdev_support(SCHEMA_AF_XDP)
     assert s.af_xdp and s.sock_fds and s.af_xdp_options == frozenset(AF_XDP_MEMBERS)
-    assert q.unsupported_message(V72, "/run/vm.qmp", s) is None
+    assert qs.unsupported_message(V72, "/run/vm.qmp", s) is None
 
 
 def test_enum_given_only_as_legacy_values() -> None:
     schema = json.loads(json.dumps(SCHEMA_AF_XDP))
     schema[2] = {"name": "360", "meta-type": "enum", "values": ["tap", "af-xdp"]}
-    assert q.netdev_support(schema).af_xdp
+    assert qs.netdev_support(schema).af_xdp
 
 
 def test_unexpected_layout_falls_back_to_the_backend_enum() -> None:
     schema = [e for e in SCHEMA_AF_XDP if e["name"] != "netdev_add"]
     schema[0] = {**schema[0], "name": "102"}
     schema[1] = {"name": "360", "meta-type": "enum", "members": [{"name": n} for n in ("tap", "af-xdp")]}
-    s = q.netdev_support(schema)
+    s = qs.netdev_support(schema)
     assert s.af_xdp and s.sock_fds
 
 
 def test_messages_name_the_version_the_path_and_what_is_needed() -> None:
-    s = q.netdev_support(SCHEMA_7_2)
-    assert q.unsupported_message(V72, "/run/vm.qmp", s) == (
+    s = qs.netdev_support(SCHEMA_7_2)
+    assert qs.unsupported_message(V72, "/run/vm.qmp", s) == (
         "QEMU 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3) at /run/vm.qmp has no af-xdp netdev backend "
         "(needs QEMU ≥ 8.2 built with libxdp)")
-    built_without = q.unsupported_message(q.QemuVersion(10, 0, 2), "/q", s)
+    built_without = qs.unsupported_message(qs.QemuVersion(10, 0, 2), "/q", s)
     assert built_without == ("QEMU 10.0.2 at /q has no af-xdp netdev backend (this one was built without libxdp) "
                              "(needs QEMU ≥ 8.2 built with libxdp)")
-    no_fds = q.NetdevSupport(frozenset({"af-xdp"}), frozenset({"ifname"}))
-    assert "without sock-fds" in (q.unsupported_message(q.QemuVersion(8, 1, 0), "/q", no_fds) or "")
+    no_fds = qs.NetdevSupport(frozenset({"af-xdp"}), frozenset({"ifname"}))
+    assert "without sock-fds" in (qs.unsupported_message(qs.QemuVersion(8, 1, 0), "/q", no_fds) or "")
 
 
 def test_version_from_the_greeting() -> None:
-    v = q.QemuVersion.from_wire({"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian x"})
-    assert (v, str(v), v.at_least(7, 2), v.at_least(8, 2)) == (q.QemuVersion(7, 2, 22, "Debian x"),
+    v = qs.QemuVersion.from_wire({"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian x"})
+    assert (v, str(v), v.at_least(7, 2), v.at_least(8, 2)) == (qs.QemuVersion(7, 2, 22, "Debian x"),
                                                               "7.2.22 (Debian x)", True, False)
-    assert str(q.QemuVersion.from_wire({"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": ""})) == "10.0.0"
+    assert str(qs.QemuVersion.from_wire({"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": ""})) == "10.0.0"
 
 
 def test_netdev_arguments_are_exactly_what_qemu_expects() -> None:
-    names = [q.fd_name("xdp1", 2), q.fd_name("xdp1", 3)]
-    assert q.netdev_arguments("xdp1", "eth1", names, 2, "native") == {
+    names = [hotplug.fd_name("xdp1", 2), hotplug.fd_name("xdp1", 3)]
+    assert hotplug.netdev_arguments("xdp1", "eth1", names, 2, "native") == {
         "type": "af-xdp", "id": "xdp1", "ifname": "eth1", "queues": 2, "start-queue": 2, "inhibit": True,
         "sock-fds": "xdp1-q2:xdp1-q3"}
-    assert q.netdev_arguments("n", "eth1", ["n-q0"], 0, "skb")["mode"] == "skb"
+    assert hotplug.netdev_arguments("n", "eth1", ["n-q0"], 0, "skb")["mode"] == "skb"
     with pytest.raises(ValueError):
-        q.netdev_arguments("n", "eth1", [], 0)
-    assert q.device_id_for("xdp1") == "xdp1-dev"
+        hotplug.netdev_arguments("n", "eth1", [], 0)
+    assert hotplug.device_id_for("xdp1") == "xdp1-dev"
 
 
 @pytest.mark.parametrize("good", ["n0", "xdp.1", "A-b_c"])
 def test_ids_qemu_accepts(good: str) -> None:
-    assert q.check_id(good) == good
+    assert hotplug.check_id(good) == good
 
 
 @pytest.mark.parametrize("bad", ["", "0n", "-n", "n:0", "n 0", "n/0", "n0\n", "é"])
 def test_ids_qemu_refuses_are_refused_before_any_fd_is_sent(bad: str) -> None:
     with pytest.raises(ValueError, match="not a valid QEMU id"):
-        q.check_id(bad)
+        hotplug.check_id(bad)
 
 
 def test_command_encoding_and_message_parsing() -> None:
-    assert q.encode_command("getfd", {"fdname": "n-q0"}, "xsk1") == \
+    assert qmp_codec.encode_command("getfd", {"fdname": "n-q0"}, "xsk1") == \
         b'{"execute":"getfd","arguments":{"fdname":"n-q0"},"id":"xsk1"}\n'
-    assert q.encode_command("qmp_capabilities") == b'{"execute":"qmp_capabilities"}\n'
-    assert q.parse_message(b'{"return": {}}\r') == {"return": {}}
+    assert qmp_codec.encode_command("qmp_capabilities") == b'{"execute":"qmp_capabilities"}\n'
+    assert qmp_codec.parse_message(b'{"return": {}}\r') == {"return": {}}
     with pytest.raises(q.QMPConnectionError, match="not JSON"):
-        q.parse_message(b"{nope")
+        qmp_codec.parse_message(b"{nope")
     with pytest.raises(q.QMPConnectionError, match="JSON list"):
-        q.parse_message(b"[1]")
+        qmp_codec.parse_message(b"[1]")
 
 
 def test_qmp_error_text_is_qemus_own() -> None:
@@ -127,23 +129,23 @@ Max locked memory         8388608              16777216             bytes
 
 
 def test_memlock_and_capability_parsing() -> None:
-    assert q.memlock_limit(LIMITS) == 8 << 20
-    assert q.memlock_limit(LIMITS.replace("8388608 ", "unlimited")) is None
-    assert q.memlock_limit("") is None
-    assert q.has_cap("CapEff:\t0000000000004000\n", q.CAP_IPC_LOCK)
-    assert not q.has_cap("CapEff:\t0000000000000000\n", q.CAP_IPC_LOCK)
-    assert q.AF_XDP_UMEM_BYTES == 32 << 20  # (2048 + 2048) * 2 frames of 4 KiB, QEMU's fixed geometry
+    assert qs.memlock_limit(LIMITS) == 8 << 20
+    assert qs.memlock_limit(LIMITS.replace("8388608 ", "unlimited")) is None
+    assert qs.memlock_limit("") is None
+    assert qs.has_cap("CapEff:\t0000000000004000\n", qs.CAP_IPC_LOCK)
+    assert not qs.has_cap("CapEff:\t0000000000000000\n", qs.CAP_IPC_LOCK)
+    assert qs.AF_XDP_UMEM_BYTES == 32 << 20  # (2048 + 2048) * 2 frames of 4 KiB, QEMU's fixed geometry
 
 
 def test_grant_fds_orders_by_queue_and_checks_the_reply() -> None:
     reply = {"sockets": [{"queue": 3, "fd": 0}, {"queue": 2, "fd": 1}]}
-    assert grant_fds(reply, [10, 11], 2, 2) == [11, 10]
+    assert hotplug.grant_fds(reply, [10, 11], 2, 2) == [11, 10]
     with pytest.raises(ValueError, match=r"granted queues \[2, 3\], not \[0, 1\]"):
-        grant_fds(reply, [10, 11], 0, 2)
+        hotplug.grant_fds(reply, [10, 11], 0, 2)
     with pytest.raises(ValueError, match="does not describe its sockets"):
-        grant_fds({"sockets": [{"queue": 0, "fd": 5}]}, [10], 0, 1)
+        hotplug.grant_fds({"sockets": [{"queue": 0, "fd": 5}]}, [10], 0, 1)
     with pytest.raises(ValueError, match="does not describe its sockets"):
-        grant_fds({}, [], 0, 1)
+        hotplug.grant_fds({}, [], 0, 1)
 
 
 def test_help_shows_examples_and_the_qmp_sequence(capsys: pytest.CaptureFixture[str]) -> None:
@@ -168,3 +170,34 @@ def test_bad_arguments_are_usage_errors(argv: list[str], error: str, capsys: pyt
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["qmp-attach", "--qmp", "/q", "--id", "n0", "-i", "eth1", *argv])
     assert exc.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_the_codec_frames_a_stream_and_reads_replies() -> None:
+    f = qmp_codec.Framer("vm.qmp")
+    assert f.next() is None
+    f.feed(b'{"return": {}}\r\n\r\n{"event": "RESUME"')
+    assert f.next() == {"return": {}}
+    assert f.next() is None  # the blank line is skipped; the event is not whole yet
+    f.feed(b"}\n")
+    msg = f.next()
+    assert msg == {"event": "RESUME"} and qmp_codec.is_event(msg)
+    assert qmp_codec.command_json("getfd", {"fdname": "a"}) == '{"execute":"getfd","arguments":{"fdname":"a"}}'
+    assert qmp_codec.reply_value("x", {"return": [1]}, lambda: "unused") == [1]
+    with pytest.raises(qmp_codec.QMPError) as e:
+        qmp_codec.reply_value("device_add", {"error": {"class": "GenericError", "desc": "Bus 'x' not found"}},
+                              lambda: "unused")
+    assert (e.value.command, e.value.error_class, str(e.value)) == ("device_add", "GenericError", "Bus 'x' not found")
+    with pytest.raises(qmp_codec.QMPConnectionError, match="odd reply"):
+        qmp_codec.reply_value("x", {"id": 1}, lambda: "odd reply")
+
+
+def test_the_codec_refuses_a_huge_message() -> None:
+    f = qmp_codec.Framer("vm.qmp")
+    with pytest.raises(qmp_codec.QMPConnectionError, match="exceeds"):
+        f.feed(b"x" * (qmp_codec.MAX_MESSAGE + 1))
+
+
+def test_one_home_for_qemus_umem_per_queue() -> None:
+    from xskbroker.client.launch import QEMU_UMEM_PER_QUEUE
+
+    assert QEMU_UMEM_PER_QUEUE is qs.AF_XDP_UMEM_BYTES and qs.umem_bytes(3) == 3 * qs.AF_XDP_UMEM_BYTES
