@@ -54,8 +54,7 @@ def test_every_policy_and_quota_code_is_a_member() -> None:
 # A code literal handed to whatever makes an error: the broker's Refused and error_reply, the client's
 # BrokerError, and the protocol decoder's ProtocolError (possibly with the literal on the next line).
 MAKERS = re.compile(rf"\b(?:Refused|error_reply|BrokerError|ProtocolError)\(\s*\"({CODE})\"")
-SOURCES = sorted((ROOT / "broker").glob("*.py")) + sorted((ROOT / "client").glob("*.py")) + sorted(
-    (ROOT / "wire").glob("*.py"))
+SOURCES = [p for d in ("broker", "client", "wire") for p in sorted((ROOT / d).rglob("*.py"))]
 
 
 def _literals() -> dict[str, set[str]]:
