@@ -97,7 +97,7 @@ def _dump(proto: int, kind: int, body: bytes, flags: int = NLM_F_REQUEST | NLM_F
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, proto) as s:
         s.settimeout(2.0)
         s.send(_NLMSG.pack(_NLMSG.size + len(body), kind, flags, 1, 0) + body)
-        out = []
+        out: list[bytes] = []
         while True:
             data = s.recv(1 << 16)
             for mtype, payload in messages(data):

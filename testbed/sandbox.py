@@ -115,7 +115,8 @@ class VethNamespace:
 def _mac(dev: str) -> bytes:
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         s.bind((dev, 0))
-        return s.getsockname()[4]
+        mac: bytes = s.getsockname()[4]  # (ifname, proto, pkttype, hatype, addr)
+        return mac
 
 
 @dataclass
@@ -392,7 +393,7 @@ class PacketPeer:
         Stops when all are answered or nothing came back for `idle` seconds (a frame was lost).
         """
         with self._on_cpu(cpu):
-            sent, got = 0, set()
+            sent, got = 0, set[int]()
             started = last = time.monotonic()
             while len(got) < count and time.monotonic() - last < idle:
                 while sent < count and sent - len(got) < window:
