@@ -34,8 +34,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/xskbroker demo
 
+# mypy checks the installed names (xskbroker.broker, ...): the top-level folders are linked under them
+TYPECHECK := build/typecheck/xskbroker
 lint: setup
 	$(VENV)/bin/ruff check .
+	mkdir -p $(TYPECHECK)
+	ln -sfn ../../../xskbroker/__init__.py $(TYPECHECK)/__init__.py
+	for d in broker client common policy testbed wire; do ln -sfn ../../../$$d $(TYPECHECK)/$$d; done
+	$(VENV)/bin/mypy
 
 unit: setup
 	$(VENV)/bin/python -m pytest tests/unit
@@ -48,4 +54,4 @@ bench: setup
 	$(VENV)/bin/python -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis

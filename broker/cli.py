@@ -19,14 +19,6 @@ examples:
 """
 
 
-def _size(text: str) -> int:
-    from xskbroker.policy.sizes import parse_size
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _mode(text: str) -> int:
     try:
         return int(text, 8)
@@ -47,6 +39,7 @@ def _seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from xskbroker.client.connection import DEFAULT_SOCKET
     from xskbroker.policy.cli import add_policy_parser
+    from xskbroker.policy.sizes import size_arg
 
     p = argparse.ArgumentParser(
         prog="xskbroker", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -67,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", help="where leases are recorded for restart recovery "
                    "(default: $RUNTIME_DIRECTORY or /run/xskbroker); created 0700, and must be the broker's "
                    "own and closed to others")
-    s.add_argument("--umem-pool", type=_size, default=64 << 20, metavar="SIZE",
+    s.add_argument("--umem-pool", type=size_arg, default=64 << 20, metavar="SIZE",
                    help="memory kept ready (allocated, zeroed, never used) for the UMEMs of coming grants, "
                    "which then only need pinning; 0 turns it off (default: 64MiB)")
     s.add_argument("--xdp-mode", choices=("auto", "native", "skb"), default="auto",

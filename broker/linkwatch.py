@@ -11,17 +11,17 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from xskbroker.broker import netlink
+from xskbroker.broker.netlink import NLMSGHDR, align
+
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 1
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 IFLA_IFNAME = 3
 IFLA_XDP = 43
 IFLA_XDP_PROG_ID = 4
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
-_RTATTR = struct.Struct("=HH")
 
 
 @dataclass(frozen=True)
@@ -32,41 +32,25 @@ class LinkEvent:
     xdp_prog_id: int | None  # None when the message carries no XDP attribute
 
 
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    pos = start
-    while pos + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, pos)
-        if length < _RTATTR.size or pos + length > end:
-            break
-        out[kind & 0x3FFF] = data[pos + _RTATTR.size:pos + length]  # strip NLA_F_NESTED/NET_BYTEORDER
-        pos += _align(length)
-    return out
-
-
 def parse(data: bytes) -> list[LinkEvent]:
     """Every RTM_NEWLINK/RTM_DELLINK in a datagram; anything else (or anything malformed) is skipped."""
     events = []
     pos = 0
-    while pos + _NLMSGHDR.size <= len(data):
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, pos)
-        if length < _NLMSGHDR.size or pos + length > len(data):
+    while pos + NLMSGHDR.size <= len(data):
+        length, kind, _, _, _ = NLMSGHDR.unpack_from(data, pos)
+        if length < NLMSGHDR.size or pos + length > len(data):
             break
-        body = pos + _NLMSGHDR.size
+        body = pos + NLMSGHDR.size
         if kind in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFOMSG.size <= pos + length:
             _, _, ifindex, _, _ = _IFINFOMSG.unpack_from(data, body)
-            attrs = _attrs(data, body + _IFINFOMSG.size, pos + length)
+            attrs = netlink.attrs(data, body + _IFINFOMSG.size, pos + length)
             name = attrs[IFLA_IFNAME].split(b"\0", 1)[0].decode(errors="replace") if IFLA_IFNAME in attrs else None
             prog_id = None
             if IFLA_XDP in attrs:
-                xdp = _attrs(attrs[IFLA_XDP], 0, len(attrs[IFLA_XDP]))
+                xdp = netlink.attrs(attrs[IFLA_XDP])
                 prog_id = struct.unpack("=I", xdp[IFLA_XDP_PROG_ID][:4])[0] if IFLA_XDP_PROG_ID in xdp else 0
             events.append(LinkEvent(kind == RTM_DELLINK, ifindex, name, prog_id))
-        pos += _align(length)
+        pos += align(length)
     return events
 
 

@@ -13,6 +13,14 @@ SIOCETHTOOL = 0x8946
 ETHTOOL_GCHANNELS = 0x3C
 
 
+class EthtoolChannels(ctypes.Structure):
+    """struct ethtool_channels (linux/ethtool.h)."""
+
+    _fields_ = [(name, ctypes.c_uint32) for name in (
+        "cmd", "max_rx", "max_tx", "max_other", "max_combined",
+        "rx_count", "tx_count", "other_count", "combined_count")]
+
+
 class NoSuchInterface(LookupError):
     pass
 
@@ -58,7 +66,7 @@ def queue_count(name: str) -> int:
 
     Falls back to counting sysfs rx-* directories for drivers without get_channels.
     """
-    channels = (ctypes.c_uint32 * 9)(ETHTOOL_GCHANNELS)
+    channels = EthtoolChannels(cmd=ETHTOOL_GCHANNELS)
     ifreq = struct.pack("16sP16x", name.encode()[:15], ctypes.addressof(channels))
     # Any socket carries SIOCETHTOOL to the device; AF_UNIX lets the unit forbid AF_INET altogether.
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
@@ -68,9 +76,10 @@ def queue_count(name: str) -> int:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
         else:
-            # rx_count + combined_count: the RX queues an AF_XDP socket can bind to
-            if channels[5] + channels[8] > 0:
-                return channels[5] + channels[8]
+            # the RX queues an AF_XDP socket can bind to
+            rx_queues: int = channels.rx_count + channels.combined_count
+            if rx_queues > 0:
+                return rx_queues
     try:
         return max(1, sum(1 for d in os.listdir(f"/sys/class/net/{name}/queues") if d.startswith("rx-")))
     except FileNotFoundError:

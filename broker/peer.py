@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -11,7 +12,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from xskbroker.common.procfs import pidfd_ino, pinned_start
+from xskbroker.common.procfs import pidfd_ino, pidfd_open, pinned_start
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -44,8 +45,8 @@ def peer_groups(sock: socket.socket) -> frozenset[int]:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
             return frozenset(struct.unpack(f"={len(raw) // 4}I", raw))
         except OSError as e:
-            # ERANGE: the list is longer than the buffer; grow (bounded by NGROUPS_MAX)
-            if e.errno != 34 or size >= MAX_GROUPS * 4:
+            # the list is longer than the buffer: grow it (bounded by NGROUPS_MAX)
+            if e.errno != errno.ERANGE or size >= MAX_GROUPS * 4:
                 raise
             size *= 4
 
@@ -55,10 +56,7 @@ def peer_pidfd(sock: socket.socket | None, pid: int) -> int | None:
     if sock is not None:
         with contextlib.suppress(OSError):
             return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return None
+    return pidfd_open(pid)
 
 
 NAME_TTL = 30.0  # seconds a resolved user/group name is trusted: NSS (files, LDAP, sssd) is slow to ask

@@ -9,7 +9,6 @@ zeros. The pool is bounded in bytes and refills only what was taken.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
@@ -57,11 +56,13 @@ class UmemPool:
                 have = len(self._ready.get(size, ()))
             for _ in range(PER_SIZE - have):
                 try:
-                    fd = xsk.sealed_memfd(size)
+                    fd = xsk.sealed_memfd(size)  # closes its own fd when it fails
+                except OSError:
+                    break
+                try:
                     os.posix_fallocate(fd, 0, size)
                 except OSError:
-                    with contextlib.suppress(NameError, OSError):
-                        os.close(fd)
+                    os.close(fd)  # this attempt's own fd: never one pooled before
                     break
                 self._add(size, fd)
 

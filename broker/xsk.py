@@ -7,9 +7,9 @@ unwinds what the earlier steps made: no fd, mapping, or map slot outlives a fail
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import re
 import signal
@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from xskbroker.broker import bpf
+from xskbroker.common.libc import MAP_FAILED, PR_SET_PDEATHSIG, errno_error, libc
+from xskbroker.common.procfs import pidfd_open
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import (
     AF_XDP,
@@ -36,15 +38,6 @@ from xskbroker.wire.xdp_abi import (
     XDP_USE_NEED_WAKEUP,
     XDP_ZEROCOPY,
 )
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-_libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_PR_SET_PDEATHSIG = 1
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -76,11 +69,6 @@ class BoundSocket:
         self.xsk_fd = self.umem_fd = -1
 
 
-def _oserror(what: str) -> OSError:
-    err = ctypes.get_errno() or errno.EIO
-    return OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def sealed_memfd(size: int) -> int:
     """Shared memory for the UMEM that neither side can shrink or grow once handed out."""
     fd = os.memfd_create("xskbroker-umem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -95,17 +83,17 @@ def sealed_memfd(size: int) -> int:
 
 def register_umem(sock: socket.socket, umem_fd: int, g: Geometry) -> None:
     """XDP_UMEM_REG pins the memfd's pages; the broker's own mapping is not needed afterwards."""
-    addr = _libc.mmap(None, g.umem_size, 0x1 | 0x2, 0x01, umem_fd, 0)  # PROT_READ|WRITE, MAP_SHARED
-    if addr in (None, _MAP_FAILED):
-        raise _oserror("mmap of UMEM memfd")
+    addr = libc.mmap(None, g.umem_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, umem_fd, 0)
+    if addr in (None, MAP_FAILED):
+        raise errno_error("mmap of UMEM memfd")
     try:
         reg = XDP_UMEM_REG_STRUCT.pack(addr, g.umem_size, g.frame_size, g.headroom, 0, 0)
         # through ctypes, which lets go of the GIL: socket.setsockopt holds it, and this call pins every
         # page (seconds for a GiB), so a broker thread doing it would stop the event loop all the same
-        if _libc.setsockopt(sock.fileno(), SOL_XDP, XDP_UMEM_REG, reg, len(reg)) != 0:
-            raise _oserror("XDP_UMEM_REG")
+        if libc.setsockopt(sock.fileno(), SOL_XDP, XDP_UMEM_REG, reg, len(reg)) != 0:
+            raise errno_error("XDP_UMEM_REG")
     finally:
-        _libc.munmap(addr, g.umem_size)
+        libc.munmap(addr, g.umem_size)
 
 
 def register_umem_apart(sock: socket.socket, umem_fd: int, g: Geometry,
@@ -120,7 +108,7 @@ def register_umem_apart(sock: socket.socket, umem_fd: int, g: Geometry,
     if pid == 0:  # only this until _exit: nothing that takes a lock another broker thread may have held
         code = 0
         try:
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the broker (this thread) gone: stop
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the broker (this thread) gone: stop
             with contextlib.suppress(OSError):  # the unit's seccomp filter may refuse (~@resources)
                 os.nice(19)  # others first: the pinning is slow anyway
             os.closerange(3, keep[0])  # no copy of another client's fds outlives the broker's own
@@ -134,10 +122,7 @@ def register_umem_apart(sock: socket.socket, umem_fd: int, g: Geometry,
         except BaseException:
             code = errno.EIO
         os._exit(code)
-    try:
-        pidfd: int | None = os.pidfd_open(pid)
-    except OSError:  # out of fds: the child cannot be killed early, it is still reaped
-        pidfd = None
+    pidfd = pidfd_open(pid)  # None when out of fds: the child cannot be killed early, it is still reaped
     watch(pidfd)
     try:
         _, status = os.waitpid(pid, 0)
@@ -159,8 +144,8 @@ def set_rings(sock: socket.socket, g: Geometry) -> None:
 
 def bind(fd: int, ifindex: int, queue: int, flags: int) -> None:
     addr = SOCKADDR_XDP.pack(AF_XDP, flags, ifindex, queue, 0)
-    if _libc.bind(fd, addr, len(addr)) != 0:
-        raise _oserror(f"bind to ifindex {ifindex} queue {queue}")
+    if libc.bind(fd, addr, len(addr)) != 0:
+        raise errno_error(f"bind to ifindex {ifindex} queue {queue}")
 
 
 def bind_flags_for(bind_mode: str, need_wakeup: bool) -> int:

@@ -19,17 +19,16 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from xskbroker.broker import bpf
+from xskbroker.broker.netlink import NLA, NLMSG_DONE, NLMSGHDR, attrs, messages
 
 NETLINK_SOCK_DIAG = 4
 NETLINK_GENERIC = 16
 SOCK_DIAG_BY_FAMILY = 20
 AF_XDP = 44
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 XDP_SHOW_INFO = 1
 XDP_DIAG_INFO, XDP_DIAG_UID = 1, 2
 GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 16, 3, 1, 2
@@ -38,8 +37,6 @@ NETDEV_A_QUEUE_ID, NETDEV_A_QUEUE_IFINDEX, NETDEV_A_QUEUE_TYPE, NETDEV_A_QUEUE_X
 NETDEV_QUEUE_TYPE_RX = 0
 NO_SOCKET = 0xFFFFFFFF  # the probe's answer for an empty slot
 
-_NLMSG = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
 _XDP_DIAG_REQ = struct.Struct("=BBHII8s")
 _XDP_DIAG_MSG = struct.Struct("=BBHI8s")
 
@@ -60,44 +57,12 @@ class XskSocket:
         return self.ifindex != 0
 
 
-# ---- netlink framing ------------------------------------------------------------------------------
-
-def attrs(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
-    """The netlink attributes in data[offset:end], by type (nested/byte-order flags masked off)."""
-    out: dict[int, bytes] = {}
-    end = len(data) if end is None else end
-    while offset + _NLA.size <= end:
-        length, kind = _NLA.unpack_from(data, offset)
-        if length < _NLA.size or offset + length > end:
-            break
-        out[kind & 0x3FFF] = data[offset + _NLA.size:offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
-def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(type, payload) of each netlink message in a datagram; an error message raises its errno."""
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size or offset + length > len(data):
-            break
-        payload = data[offset + _NLMSG.size:offset + length]
-        if kind == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", payload)[0]
-            if code:
-                raise OSError(code, os.strerror(code))
-        else:
-            yield kind, payload
-        offset += (length + 3) & ~3
-
-
 def _dump(proto: int, kind: int, body: bytes, flags: int = NLM_F_REQUEST | NLM_F_DUMP) -> list[bytes]:
     """Send one request and collect the payloads of its answer up to NLMSG_DONE."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, proto) as s:
         s.settimeout(2.0)
-        s.send(_NLMSG.pack(_NLMSG.size + len(body), kind, flags, 1, 0) + body)
-        out = []
+        s.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, 1, 0) + body)
+        out: list[bytes] = []
         while True:
             data = s.recv(1 << 16)
             for mtype, payload in messages(data):
@@ -109,7 +74,7 @@ def _dump(proto: int, kind: int, body: bytes, flags: int = NLM_F_REQUEST | NLM_F
 
 
 def _nla(kind: int, value: bytes) -> bytes:
-    return _NLA.pack(_NLA.size + len(value), kind) + value + b"\0" * (-len(value) % 4)
+    return NLA.pack(NLA.size + len(value), kind) + value + b"\0" * (-len(value) % 4)
 
 
 # ---- sock_diag (xsk_diag) -------------------------------------------------------------------------

@@ -11,16 +11,9 @@ import time
 from typing import Any
 
 from xskbroker.client.connection import DEFAULT_SOCKET, Connection
-from xskbroker.policy.sizes import parse_size
+from xskbroker.policy.sizes import size_arg
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _grant_target(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +33,7 @@ def add_client_parsers(sub: Any) -> None:
         "`xskbroker exec` to keep them.",
         epilog="example:\n  xskbroker request --interface eth1 --queues 2 --start-queue 0 --umem 8MiB --json")
     _grant_target(r)
-    r.add_argument("--umem", type=_size, default=4 << 20, help="UMEM bytes per socket (default: 4MiB)")
+    r.add_argument("--umem", type=size_arg, default=4 << 20, help="UMEM bytes per socket (default: 4MiB)")
     r.add_argument("--frame-size", type=int, choices=(2048, 4096), default=4096)
     r.add_argument("--ring-size", type=int, default=2048, help="entries of each of the four rings")
     r.add_argument("--bind-mode", choices=proto.BIND_MODES, default="auto",
@@ -66,8 +59,8 @@ def add_client_parsers(sub: Any) -> None:
     e.add_argument("--kind", choices=("bare", "bound", "map"), default="bare",
                    help="bare: unbound sockets for QEMU/libxdp (default); bound: ready sockets + UMEM memfds; "
                    "map: the xsks_map fd (exclusive rules only)")
-    e.add_argument("--umem", type=_size, default=4 << 20, help="bound kind: UMEM bytes per socket (default 4MiB)")
-    e.add_argument("--memlock", type=_size, default=None,
+    e.add_argument("--umem", type=size_arg, default=4 << 20, help="bound kind: UMEM bytes per socket (default 4MiB)")
+    e.add_argument("--memlock", type=size_arg, default=None,
                    help="bare kind: RLIMIT_MEMLOCK the command needs for its own UMEM (default: 32MiB per queue, "
                    "what QEMU registers; 0: don't ask); the broker raises it where policy and privilege allow")
     e.add_argument("--require-memlock", action="store_true",

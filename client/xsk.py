@@ -1,8 +1,10 @@
 """A granted AF_XDP socket, ready to use from Python: the four rings and the UMEM, mmapped.
 
-Single-producer/single-consumer rings shared with the kernel. Loads of the producer index happen
-before the descriptor reads and descriptor writes before the producer store, which is what x86's
-memory order gives plain loads and stores (the kernel side supplies its own barriers).
+Single-producer/single-consumer rings shared with the kernel. Reading a ring needs the producer index
+loaded with acquire order (before the descriptors), writing one needs the descriptors stored before the
+index with release order; the kernel side supplies its own barriers. Pure Python has no barriers, only
+plain loads and stores, and those have exactly that order on x86 (total store order) and nowhere else
+(arm64, POWER and RISC-V reorder them): so XskSocket runs on x86 only and refuses anything else.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import errno
 import mmap
 import os
+import platform
 import select
 import socket
 from collections import deque
@@ -32,8 +35,24 @@ from xskbroker.wire.xdp_abi import (
 )
 
 _U32 = 0xFFFFFFFF
+# the machines whose plain loads and stores give the ring its acquire/release order (see above)
+STRONGLY_ORDERED = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
 # sendto() kicks can fail transiently while the kernel drains the TX ring: those are not errors
 _KICK_TRANSIENT = (errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ENETDOWN)
+
+
+class UnsupportedMachine(RuntimeError):
+    """The CPU may reorder plain loads and stores, which the rings' index protocol cannot survive."""
+
+
+def check_machine() -> None:
+    """Refuse a CPU whose memory order is weaker than x86's (see the module's docstring)."""
+    machine = platform.machine()
+    if machine.lower() not in STRONGLY_ORDERED:
+        raise UnsupportedMachine(
+            f"the AF_XDP rings in xskbroker.client.xsk need x86 memory ordering (this CPU is {machine or 'unknown'}):"
+            " without acquire/release barriers, which Python cannot issue, descriptors could be read before the "
+            "kernel wrote them; use a C AF_XDP library (libxdp) on this machine")
 
 
 class _Ring:
@@ -69,9 +88,12 @@ class _Ring:
 
 
 class XskSocket:
-    """One granted socket: fill/RX/TX/completion rings plus the UMEM frames, with batch operations."""
+    """One granted socket: fill/RX/TX/completion rings plus the UMEM frames, with batch operations.
+
+    x86 only: raises UnsupportedMachine elsewhere (the rings' ordering, in the module's docstring)."""
 
     def __init__(self, xsk_fd: int, umem_fd: int, queue: int, geometry: Geometry, bind_flags: int = 0) -> None:
+        check_machine()  # before anything is mapped: the caller still owns both fds when this refuses
         self.fd = xsk_fd
         self.umem_fd = umem_fd
         self.queue = queue

@@ -1,4 +1,4 @@
-"""What /proc and pidfds say about a process: its start time, identity and memlock limits.
+"""What /proc and pidfds say about a process: its start time, identity, capabilities and memlock limits.
 
 Raw os calls where they sit on the grant path. Used by the broker (lease holders) and the launchers.
 """
@@ -9,8 +9,46 @@ import ctypes
 import os
 import select
 
+from xskbroker.common.libc import libc
+
 PIDFS_MAGIC = 0x50494446
 _pidfs: bool | None = None  # whether pidfds live on pidfs (Linux 6.9+), found on first use
+
+
+def pidfd_open(pid: int) -> int | None:
+    """A pidfd for pid, or None when there is none to have (the process is gone, or out of fds)."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def status_fields(status_text: str) -> dict[str, str]:
+    """/proc/<pid>/status text as {"Uid": "1000\t1000\t1000\t1000", "CapEff": "0000000000000000", ...}."""
+    fields = {}
+    for line in status_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key] = value.strip()
+    return fields
+
+
+def status_ids(status_text: str, field: str = "Uid") -> tuple[int, int, int, int]:
+    """(real, effective, saved, filesystem) ids of the Uid or Gid line of /proc/<pid>/status text.
+
+    Raises ValueError without such a line. SO_PEERCRED gives the effective one; "same user" means the real one.
+    """
+    try:
+        real, effective, saved, fs = (int(v) for v in status_fields(status_text)[field].split())
+    except (KeyError, ValueError):
+        raise ValueError(f"no {field} line in /proc/PID/status") from None
+    return real, effective, saved, fs
+
+
+def has_cap(status_text: str, cap: int, field: str = "CapEff") -> bool:
+    """Whether capability number `cap` is in the set `field` (CapEff, CapPrm, ...) of /proc/<pid>/status text."""
+    value = status_fields(status_text).get(field)
+    return value is not None and bool(int(value, 16) >> cap & 1)
 
 
 def process_start(pid: int) -> int | None:
@@ -53,7 +91,7 @@ def pidfd_ino(pidfd: int) -> int | None:
     global _pidfs
     if _pidfs is None:
         buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field, a C long
-        ok = ctypes.CDLL(None, use_errno=True).fstatfs(pidfd, buf) == 0
+        ok = libc.fstatfs(pidfd, buf) == 0
         _pidfs = ok and ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF == PIDFS_MAGIC
     return os.fstat(pidfd).st_ino if _pidfs else None
 

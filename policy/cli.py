@@ -16,7 +16,7 @@ import sys
 from .decide import Decision, Peer, Request, decide
 from .loader import DEFAULT_POLICY_PATH, PolicyError, load_policy
 from .model import KINDS, Policy
-from .sizes import format_size, parse_size
+from .sizes import format_size, size_arg
 
 EXIT_ALLOW = 0
 EXIT_DENY = 1
@@ -60,13 +60,6 @@ def _queue(text: str) -> int:
     if queue < 0:
         raise argparse.ArgumentTypeError(f"queue must not be negative: {text}")
     return queue
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_policy_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -133,7 +126,7 @@ def add_policy_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     explain.add_argument(
         "--umem",
         metavar="SIZE",
-        type=_size,
+        type=size_arg,
         default=0,
         help="UMEM bytes asked for, e.g. 16777216 or 16MiB (default: 0)",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 # Binary units only: "M" meaning 10**6 in one place and 2**20 in another is how limits go wrong.
@@ -26,6 +27,14 @@ def parse_size(value: str | int) -> int:
     if m is None or m.group(2) not in _UNITS:
         raise ValueError(f"bad size {value!r}: use bytes or a number with B, KiB, MiB, GiB (or K, M, G)")
     return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def size_arg(text: str) -> int:
+    """parse_size for argparse's type=: a bad size is a usage error."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def format_size(n: int) -> str:

@@ -8,7 +8,6 @@ itself, on failure too. Root only.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import pickle
@@ -27,15 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from xskbroker.client.grant import request
+from xskbroker.common.libc import CLONE_NEWNET, errno_error, libc
+from xskbroker.common.privileges import drop_to
 
 # Imported here, while still root: after the drop, modules under a 0700 home cannot be loaded.
 from xskbroker.testbed.echo import ETH_P_DEMO, FRAME, MAGIC, PING, TO_CONSUMER, TO_PEER, Reflector
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import XDP_ZEROCOPY
-
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-PR_SET_NO_NEW_PRIVS = 38
 
 
 def ip(*args: str, netns: str | None = None) -> None:
@@ -48,9 +45,8 @@ def ip(*args: str, netns: str | None = None) -> None:
 def setns(name: str) -> None:
     fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise errno_error(f"setns into {name}")
     finally:
         os.close(fd)
 
@@ -63,7 +59,7 @@ def in_netns(name: str) -> Iterator[None]:
         setns(name)
         yield
     finally:
-        _libc.setns(home, CLONE_NEWNET)
+        libc.setns(home, CLONE_NEWNET)
         os.close(home)
 
 
@@ -119,7 +115,8 @@ class VethNamespace:
 def _mac(dev: str) -> bytes:
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         s.bind((dev, 0))
-        return s.getsockname()[4]
+        mac: bytes = s.getsockname()[4]  # (ifname, proto, pkttype, hatype, addr)
+        return mac
 
 
 @dataclass
@@ -247,15 +244,8 @@ class BrokerProcess:
 
 def drop_privileges(uid: int, gid: int | None = None) -> dict[str, str]:
     """Become uid/gid for good: no supplementary groups, no capabilities, no way back."""
-    gid = uid if gid is None else gid
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    caps = {k: v.strip() for k, v in (line.split(":", 1) for line in
-            Path("/proc/self/status").read_text().splitlines() if line.startswith("Cap"))}
-    if int(caps["CapEff"], 16) or int(caps["CapPrm"], 16) or os.getuid() == 0:
+    caps = drop_to(uid, uid if gid is None else gid)
+    if os.getuid() == 0:  # a consumer is never root, whatever uid it was asked to be
         raise PermissionError(f"privileges not dropped: {caps}")
     return caps
 
@@ -403,7 +393,7 @@ class PacketPeer:
         Stops when all are answered or nothing came back for `idle` seconds (a frame was lost).
         """
         with self._on_cpu(cpu):
-            sent, got = 0, set()
+            sent, got = 0, set[int]()
             started = last = time.monotonic()
             while len(got) < count and time.monotonic() - last < idle:
                 while sent < count and sent - len(got) < window:
