@@ -10,7 +10,6 @@ a newer broker's additions pass through. `raw` holds the JSON object as received
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import types
 import typing
@@ -61,11 +60,17 @@ class Record:
         return out
 
 
-@functools.cache
+_FIELDS: dict[type, tuple[tuple[dataclasses.Field[Any], Any], ...]] = {}
+
+
 def _wire_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
-    hints = typing.get_type_hints(cls)
-    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls)
-                 if f.name not in ("extra", "req_id", "raw"))
+    """A reply class's wire fields with their resolved type hints (resolved once per class)."""
+    got = _FIELDS.get(cls)
+    if got is None:
+        hints = typing.get_type_hints(cls)
+        got = _FIELDS[cls] = tuple((f, hints[f.name]) for f in dataclasses.fields(cls)
+                                   if f.name not in ("extra", "req_id", "raw"))
+    return got
 
 
 def _to_json(value: Any) -> Any:
@@ -356,7 +361,8 @@ def reply_from_dict(msg: Any) -> Reply:
     good_id = isinstance(req_id, int | str) and not isinstance(req_id, bool)
     if not msg.get("ok"):
         # lenient by design: whatever else is wrong with an error reply, the caller learns it was refused
-        err = msg.get("error") if isinstance(msg.get("error"), dict) else {}
+        given = msg.get("error")
+        err: dict[str, Any] = given if isinstance(given, dict) else {}
         details = {k: v for k, v in err.items() if k not in ("code", "message")}
         return ErrorReply(str(err.get("code", ErrorCode.UNKNOWN)), str(err.get("message", "")),
                           op if isinstance(op, str) else None, req_id if good_id else None, details, raw=msg)

@@ -25,7 +25,8 @@ import xskbroker.policy
 import xskbroker.wire
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNEL_LAYER = ("bpf", "xsk", "netdev", "xdp_prog", "linkwatch", "umem_pool", "xskdiag", "closer", "peer", "kernel")
+KERNEL_LAYER = ("bpf", "xsk", "netdev", "netlink", "xdp_prog", "linkwatch", "umem_pool", "xskdiag", "closer", "peer",
+                "kernel")
 WIRING = ("service", "server", "daemon", "cli", "leases", "squat", "workers", "grants", "lifecycle", "core", "holders")
 REPORT = ("import sys, json; print(json.dumps(sorted(m for m in sys.modules "
           "if m.startswith('xskbroker.'))))")
@@ -40,7 +41,7 @@ def _loaded_by(module: str) -> list[str]:
 
 
 def _modules(package: object, prefix: str) -> list[str]:
-    names = pkgutil.iter_modules(package.__path__, prefix)  # type: ignore[attr-defined]
+    names = pkgutil.walk_packages(package.__path__, prefix)  # type: ignore[attr-defined]
     return sorted(m.name for m in names if not m.name.endswith("__main__"))  # those run a command when imported
 
 
