@@ -291,11 +291,12 @@ class Server:
         evict: int | None = None
         if not refused:
             counts: dict[int, int] = {}
-            admins: set[int] = set()
+            admin_uid: dict[int, bool] = {}  # judged once per uid, not once per connection
             for _, p in self.conns.values():
                 counts[p.uid] = counts.get(p.uid, 0) + 1
-                if p.uid not in admins and is_admin(self.service.policy.admin, policy_peer(p)):
-                    admins.add(p.uid)
+                if p.uid not in admin_uid:
+                    admin_uid[p.uid] = is_admin(self.service.policy.admin, policy_peer(p))
+            admins = {uid for uid, yes in admin_uid.items() if yes}
             # the fd limit may have been lowered under us (prlimit): read it now, a syscall is cheap
             capacity = connection_capacity(self.max_connections)
             admission = quotas.admit_connection(counts, who.uid, capacity,
