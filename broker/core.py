@@ -20,6 +20,8 @@ from xskbroker.broker.umem_pool import UmemPool
 from xskbroker.broker.workers import Workers
 from xskbroker.policy import Holding, Peer, Policy
 from xskbroker.policy.admin import is_admin
+from xskbroker.wire.errors import ErrorCode
+from xskbroker.wire.replies import ErrorReply, OkReply, RevokedLease
 
 AuditFn = Callable[[dict[str, Any]], None]
 # (lease, signal name) -> None when its holder was sent the signal, else why it was not
@@ -32,9 +34,9 @@ def no_signals(lease: Lease, signame: str) -> str | None:
 
 @dataclass
 class Outcome:
-    """A reply and the fds it carries; the server sends them and then closes its copies."""
+    """A reply and the fds it carries; the server encodes and sends them, then closes its copies."""
 
-    reply: bytes
+    reply: OkReply | ErrorReply
     fds: list[int] = field(default_factory=list)
     lease_id: str | None = None
     holder_pid: int = 0  # whose exit ends the lease (the requester unless it named another process)
@@ -63,9 +65,14 @@ class MemlockRaise:
 
 
 class Refused(Exception):
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
+    """A request the broker will not serve; extra keys go into the error object ("errno", "lease", ...)."""
+
+    def __init__(self, code: ErrorCode, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.code, self.message, self.extra = code, message, extra
+
+    def reply(self, op: str, req_id: Any) -> ErrorReply:
+        return ErrorReply(self.code, self.message, op, req_id, self.extra)
 
 
 def policy_peer(peer: PeerInfo) -> Peer:
@@ -107,5 +114,5 @@ class Core:
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> Program:
         raise NotImplementedError
 
-    def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> dict[str, Any]:
+    def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> RevokedLease:
         raise NotImplementedError

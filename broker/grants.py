@@ -28,6 +28,8 @@ from xskbroker.broker.workers import Job
 from xskbroker.policy import Holding, Request, Rule, decide
 from xskbroker.policy import quota as quotas
 from xskbroker.wire import protocol as proto
+from xskbroker.wire.errors import ErrorCode
+from xskbroker.wire.replies import BareSocket, BoundSocket, GrantReply
 from xskbroker.wire.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
 
 # A grant whose UMEM (all its sockets together) is at most INLINE_UMEM, or INLINE_POOLED when the UMEM pool
@@ -57,7 +59,7 @@ class Grants(Core):
             if refused is not None:
                 record.update(decision="deny", code=refused.code, reason=refused.message, ms=ms)
                 self.audit(record)
-                return Outcome(proto.error_reply(refused.code, refused.message, "grant", req.req_id, **refused.extra))
+                return Outcome(refused.reply("grant", req.req_id))
             assert isinstance(result, Outcome)
             record.update(decision="allow", code="ok", lease=result.lease_id, ms=ms)
             self.audit(record)
@@ -65,12 +67,12 @@ class Grants(Core):
 
         try:
             if not decision.allowed or decision.rule is None:
-                raise Refused(decision.code, decision.reason)
+                raise Refused(ErrorCode(decision.code), decision.reason)
             # a map grant holds every queue of the device: it counts them all (req.queues is empty)
             over = quotas.check(self.policy, who, self.holdings(), queues=len(queues), umem=req.pinned_bytes)
             if over:
                 record["quota"] = over.reason
-                raise Refused(over.code, over.reason)
+                raise Refused(ErrorCode(over.code), over.reason)
             holder = self._holder(peer, req.holder_pid) if req.holder_pid else peer
             maker = {"bound": self._make_bound, "bare": self._make_bare, "map": self._make_map}[req.kind]
             result = maker(holder, req, decision.rule)
@@ -105,10 +107,11 @@ class Grants(Core):
         itself, never from one that took its pid in between."""
         found = self.kernel.holder(pid)
         if found is None:
-            raise Refused("bad-holder", f"holder_pid {pid} is not a running process")
+            raise Refused(ErrorCode.BAD_HOLDER, f"holder_pid {pid} is not a running process")
         uid, start, ino = found
         if uid != peer.uid and not self._admin(peer):
-            raise Refused("bad-holder", f"holder_pid {pid} belongs to uid {uid}, not to the requester (uid {peer.uid})")
+            raise Refused(ErrorCode.BAD_HOLDER,
+                          f"holder_pid {pid} belongs to uid {uid}, not to the requester (uid {peer.uid})")
         return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup, start, ino)
 
     def _checked(self, req: proto.Grant) -> tuple[int, int]:
@@ -118,18 +121,18 @@ class Grants(Core):
         try:
             ifindex = self.kernel.resolve(req.interface)
         except NotCanonical as e:
-            raise Refused("not-canonical-name", str(e), canonical=e.canonical) from None
+            raise Refused(ErrorCode.NOT_CANONICAL_NAME, str(e), canonical=e.canonical) from None
         except NoSuchInterface as e:
-            raise Refused("no-such-interface", str(e)) from None
+            raise Refused(ErrorCode.NO_SUCH_INTERFACE, str(e)) from None
         nqueues = self.kernel.queue_count(req.interface)
         bad = [q for q in req.queues if q >= nqueues]
         if bad:
-            raise Refused("no-such-queue", f"{req.interface} has {nqueues} queue(s) (0-{nqueues - 1}); "
+            raise Refused(ErrorCode.NO_SUCH_QUEUE, f"{req.interface} has {nqueues} queue(s) (0-{nqueues - 1}); "
                           f"queue {bad[0]} does not exist")
         sole = next((lease for lease in self.leases if lease.ifindex == ifindex and lease.kind == "map"), None)
         if sole:
-            raise Refused("interface-exclusive", f"{req.interface} is held whole by lease {sole.id} (a map grant "
-                          f"to uid {sole.uid}) until it ends")
+            raise Refused(ErrorCode.INTERFACE_EXCLUSIVE, f"{req.interface} is held whole by lease {sole.id} "
+                          f"(a map grant to uid {sole.uid}) until it ends")
         return ifindex, nqueues
 
     def _target(self, req: proto.Grant) -> tuple[int, Program]:
@@ -139,7 +142,7 @@ class Grants(Core):
         self.check_bare(prog)
         over = [q for q in req.queues if q >= prog.max_entries]
         if over:
-            raise Refused("no-such-queue", f"the XSK program on {req.interface} has {prog.max_entries} "
+            raise Refused(ErrorCode.NO_SUCH_QUEUE, f"the XSK program on {req.interface} has {prog.max_entries} "
                           f"map slots; queue {over[0]} is beyond it (the device grew after it was attached)")
         return ifindex, prog
 
@@ -147,8 +150,8 @@ class Grants(Core):
         big = req.umem_bytes > INLINE_UMEM and not (
             req.umem_bytes <= INLINE_POOLED and self.pool.ready(req.geometry.umem_size) >= len(req.queues))
         if big and (self.jobs[peer.uid] >= MAX_JOBS_PER_UID or self.jobs.total() >= MAX_JOBS):
-            raise Refused("grants-in-progress", f"the broker is already making {self.jobs.total()} large grants "
-                          f"({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
+            raise Refused(ErrorCode.GRANTS_IN_PROGRESS, f"the broker is already making {self.jobs.total()} large "
+                          f"grants ({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
         ifindex, prog = self._target(req)
         prepared: list[Prepared] = []
         bound: list[Prepared] = []  # bound by the worker
@@ -196,7 +199,7 @@ class Grants(Core):
         for p in waiting:  # a bare socket squatting the queue will not let go: no point in waiting for it
             culprit = self.squat.culprit(prog, self.leases, p.queue)
             if culprit:
-                raise abort(Refused("queue-squatted", squat.squatter_message(req.interface, p.queue, culprit),
+                raise abort(Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(req.interface, p.queue, culprit),
                                     lease=culprit.id), p.queue)
         # A queue whose last socket just closed answers EBUSY until the kernel's deferred release runs.
         # The grant waits for it on the server's timer, never in the event loop, and its claimed slots
@@ -249,7 +252,7 @@ class Grants(Core):
         culprit = self.squat.culprit(prog, self.leases, queue)
         with contextlib.suppress(OSError):
             if culprit or queue in self.kernel.bound_queues(prog.ifindex):
-                return Refused("queue-squatted", squat.squatter_message(ifname, queue, culprit), errno="EBUSY",
+                return Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(ifname, queue, culprit), errno="EBUSY",
                                **({"lease": culprit.id} if culprit else {}))
         return OSError(errno.EBUSY, f"still bound by a released socket after {BUSY_RETRY_SECONDS} s")
 
@@ -280,15 +283,14 @@ class Grants(Core):
         fds: list[int] = []
         sockets = []
         for s in made:
-            sockets.append({"queue": s.queue, "fd": len(fds), "umem_fd": len(fds) + 1,
-                            "bind_flags": s.bind_flags, "zerocopy": s.zerocopy, **req.geometry.to_wire()})
+            sockets.append(BoundSocket.of(s.queue, len(fds), len(fds) + 1, s.bind_flags, s.zerocopy, req.geometry))
             fds += [s.xsk_fd, s.umem_fd]
-        return self._lease(peer, req, ifindex, prog, fds, sockets=sockets)
+        return self._lease(peer, req, ifindex, prog, fds, sockets=tuple(sockets))
 
     def _make_bare(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
         unsupported = self.kernel.bare_supported()
         if unsupported:
-            raise Refused("unsupported-kind", unsupported)
+            raise Refused(ErrorCode.UNSUPPORTED_KIND, unsupported)
         ifindex, prog = self._target(req)
         fds: list[int] = []
         try:
@@ -299,7 +301,7 @@ class Grants(Core):
                 self.kernel.map_delete(prog.map_fd, q_done)
                 self.kernel.close(fd)
             raise refusal(e, req.interface, q) from None
-        sockets = [{"queue": q, "fd": i} for i, q in enumerate(req.queues)]
+        sockets = tuple(BareSocket(q, i) for i, q in enumerate(req.queues))
         memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
         out = self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
                           bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
@@ -309,17 +311,17 @@ class Grants(Core):
 
     def _make_map(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
         if not rule.exclusive:  # the loader already insists on it; a decision must never rely on that alone
-            raise Refused("kind-not-allowed", f"{rule.describe()} is not exclusive: map grants need the whole "
+            raise Refused(ErrorCode.KIND_NOT_ALLOWED, f"{rule.describe()} is not exclusive: map grants need the whole "
                           "interface")
         ifindex, nqueues = self._checked(req)
         others = [lease for lease in self.leases if lease.ifindex == ifindex]
         if others:  # checked before anything is attached
-            raise Refused("interface-busy", f"{req.interface} is in use (leases {[x.id for x in others]}); a map "
-                          "grant needs it unused")
+            raise Refused(ErrorCode.INTERFACE_BUSY, f"{req.interface} is in use (leases {[x.id for x in others]}); "
+                          "a map grant needs it unused")
         prog = self._program(ifindex, req.interface, nqueues)
         taken = self.kernel.occupied_slots(prog.map_fd, prog.max_entries)
         if taken:
-            raise Refused("interface-busy", f"{req.interface} is in use (occupied queues {taken}); a map grant "
+            raise Refused(ErrorCode.INTERFACE_BUSY, f"{req.interface} is in use (occupied queues {taken}); a map grant "
                           "needs it unused")
         map_id = self.kernel.map_id(prog.map_fd)
         fd = self.kernel.dup(prog.map_fd)
@@ -340,9 +342,8 @@ class Grants(Core):
                                 req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)), peer.start,
                                 peer.ino)
         self.fault("after-lease-saved")
-        reply = proto.ok_reply("grant", req.req_id, lease=lease.id, kind=req.kind, interface=req.interface,
-                               ifindex=ifindex, xdp_mode=prog.mode, xdp_prog_id=prog.prog_id, holder_pid=peer.pid,
-                               **fields)
+        reply = GrantReply(lease.id, req.kind, req.interface, ifindex, prog.mode, prog.prog_id, holder_pid=peer.pid,
+                           req_id=req.req_id, **fields)
         return Outcome(reply, fds, lease.id, peer.pid)
 
     def _memlock(self, peer: PeerInfo, needed: int, rule: Rule) -> dict[str, Any]:
@@ -391,9 +392,9 @@ class Grants(Core):
                 del self.programs[ifindex]
             prog = self.kernel.find_or_attach(ifindex, ifname, nqueues, self.xdp_mode)
         except ForeignProgram as e:
-            raise Refused("xdp-foreign-program", e.strerror or str(e)) from None
+            raise Refused(ErrorCode.XDP_FOREIGN_PROGRAM, e.strerror or str(e)) from None
         except OSError as e:
-            raise Refused("xdp-attach-failed", e.strerror or str(e)) from None
+            raise Refused(ErrorCode.XDP_ATTACH_FAILED, e.strerror or str(e)) from None
         self.programs[ifindex] = prog
         self.names[ifindex] = ifname
         if prog.attached_now:
@@ -404,9 +405,9 @@ class Grants(Core):
 
 def refusal(e: BaseException, ifname: str, queue: int) -> BaseException:
     if isinstance(e, QueueBusy):
-        return Refused("queue-busy", f"{ifname} queue {queue} is held by another socket")
+        return Refused(ErrorCode.QUEUE_BUSY, f"{ifname} queue {queue} is held by another socket")
     if isinstance(e, OSError):
-        return Refused("kernel-error", f"{ifname} queue {queue}: {e.strerror or e}",
+        return Refused(ErrorCode.KERNEL_ERROR, f"{ifname} queue {queue}: {e.strerror or e}",
                        errno=errno.errorcode.get(e.errno or 0, str(e.errno)))
     return e
 

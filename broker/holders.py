@@ -12,7 +12,7 @@ import os
 import signal
 
 from xskbroker.broker.leases import Lease
-from xskbroker.common.procfs import is_process, pinned_start
+from xskbroker.common.procfs import is_process, pidfd_open, pinned_start
 
 
 class Holders:
@@ -52,10 +52,3 @@ class Holders:
         for pidfd in self.pidfds.values():
             os.close(pidfd)
         self.pidfds.clear()
-
-
-def pidfd_open(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return None

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from xskbroker.broker import bpf, netdev, xdp_prog, xsk, xskdiag
-from xskbroker.common.procfs import is_process, memlock_limits, pidfd_ino, pinned_start
+from xskbroker.common.procfs import is_process, memlock_limits, pidfd_ino, pidfd_open, pinned_start, status_ids
 from xskbroker.wire.protocol import Geometry
 
 NoSuchInterface = netdev.NoSuchInterface
@@ -180,25 +180,23 @@ class LinuxKernel:
         return xskdiag.SlotProbe(map_fd)
 
     def holder(self, pid: int) -> tuple[int, int, int | None] | None:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
+        pidfd = pidfd_open(pid)
+        if pidfd is None:
             return None
         try:
             with open(f"/proc/{pid}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+                uid = status_ids(f.read())[0]  # the real uid: "same user" means the real one
             start = pinned_start(pidfd, pid)  # after the uid: still running then, so both reads were its own
             ino = pidfd_ino(pidfd)
-        except (OSError, StopIteration, ValueError):
+        except (OSError, ValueError):
             return None
         finally:
             os.close(pidfd)
         return None if start is None else (uid, start, ino)
 
     def holder_alive(self, pid: int, start: int | None, ino: int | None) -> bool:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
+        pidfd = pidfd_open(pid)
+        if pidfd is None:
             return False
         try:
             return is_process(pidfd, pid, start, ino)

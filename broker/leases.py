@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from xskbroker.common import safefiles
+from xskbroker.wire.replies import LeaseInfo
 
 STATE_VERSION = 1
 @dataclass
@@ -39,11 +40,11 @@ class Lease:
     misbound: int | None = None  # a bare socket found bound to this queue, not one it was granted
     map_id: int = 0  # map grants: the xsks_map handed out, whose program is detached when the lease ends
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"lease": self.id, "uid": self.uid, "pid": self.pid, "interface": self.ifname,
-                "ifindex": self.ifindex, "queues": list(self.queues), "kind": self.kind,
-                "umem_bytes": self.umem_bytes, "age_s": round(time.time() - self.created, 3),
-                "revoked": self.revoked, "orphaned": self.orphaned, "misbound": self.misbound}
+    def info(self) -> LeaseInfo:
+        """The lease as a status reply lists it."""
+        return LeaseInfo(self.id, self.uid, self.pid, self.ifname, self.ifindex, self.queues, self.kind,
+                         self.umem_bytes, round(time.time() - self.created, 3), self.revoked, self.orphaned,
+                         self.misbound)
 
     def record(self) -> dict[str, Any]:
         """The journal form (dataclasses.asdict is several times slower, and this is on the grant path)."""

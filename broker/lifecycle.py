@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import Any
 
 from xskbroker.broker.core import Core, MemlockRaise, Refused
 from xskbroker.broker.kernel import NoSuchInterface
@@ -15,6 +14,8 @@ from xskbroker.broker.leases import Lease
 from xskbroker.broker.linkwatch import LinkEvent
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.wire import protocol as proto
+from xskbroker.wire.errors import ErrorCode
+from xskbroker.wire.replies import ErrorReply, ReleaseReply, RevokedLease
 
 
 class Lifecycle(Core):
@@ -24,11 +25,11 @@ class Lifecycle(Core):
         if lease:
             self.audit({"event": "lease-aborted", "lease": lease_id})
 
-    def _release(self, peer: PeerInfo, req: proto.Release) -> bytes:
+    def _release(self, peer: PeerInfo, req: proto.Release) -> ReleaseReply | ErrorReply:
         lease = self.leases.get(req.lease)
         if lease is None or (lease.uid != peer.uid and not self._admin(peer)):
-            return proto.error_reply("unknown-lease", f"no lease {req.lease!r} held by uid {peer.uid}",
-                                     "release", req.req_id)
+            return ErrorReply(ErrorCode.UNKNOWN_LEASE, f"no lease {req.lease!r} held by uid {peer.uid}",
+                              "release", req.req_id)
         prog = self.programs.get(lease.ifindex)
         if prog and lease.kind != "map":  # a map lease's program is detached as it ends (_lease_ended)
             for q in lease.queues:
@@ -36,7 +37,7 @@ class Lifecycle(Core):
                     self.kernel.map_delete(prog.map_fd, q)
         self.leases.remove(lease.id)
         self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
-        return proto.ok_reply("release", req.req_id, lease=lease.id)
+        return ReleaseReply(lease.id, req_id=req.req_id)
 
     def _lease_ended(self, lease: Lease) -> None:
         """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
@@ -115,7 +116,7 @@ class Lifecycle(Core):
             return False
 
 
-    def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> dict[str, Any]:
+    def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> RevokedLease:
         """Empty the lease's map slots so RX stops, and mark it revoked; it ends when the holder closes."""
         if lease.kind == "map":  # ends at once: its program is detached, the map fd left redirects nothing
             self.leases.remove(lease.id)
@@ -125,8 +126,7 @@ class Lifecycle(Core):
             self.audit({"event": "revoke", "peer": by.as_dict() if by else None, "decision": "allow",
                         "lease": lease.id, "holder_pid": lease.pid, "ended": True, "signal": signal_name,
                         "signalled": signalled, **said})
-            return {"lease": lease.id, "emptied_queues": [], "signalled": signalled, "holder_pid": lease.pid,
-                    "ended": True, **said}
+            return RevokedLease(lease.id, (), signalled, lease.pid, ended=True, not_signalled=why_not or None)
         prog = self.programs.get(lease.ifindex)
         emptied = []
         if prog:
@@ -142,7 +142,7 @@ class Lifecycle(Core):
         self.audit({"event": "revoke", "peer": by.as_dict() if by else None, "decision": "allow", "lease": lease.id,
                     "holder_pid": lease.pid, "emptied_queues": emptied, "signal": signal_name,
                     "signalled": signalled, **said})
-        return {"lease": lease.id, "emptied_queues": emptied, "signalled": signalled, "holder_pid": lease.pid, **said}
+        return RevokedLease(lease.id, tuple(emptied), signalled, lease.pid, not_signalled=why_not or None)
 
     def _signal(self, lease: Lease, signal_name: str | None) -> str | None:
         """Send the revoke signal to the lease's holder: None when sent (or none asked), else why not."""

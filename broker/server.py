@@ -23,13 +23,15 @@ from typing import Any
 from xskbroker.broker import faults, linkwatch
 from xskbroker.broker import peer as peers
 from xskbroker.broker.closer import Closer
-from xskbroker.broker.holders import Holders, pidfd_open
+from xskbroker.broker.holders import Holders
 from xskbroker.broker.service import Deferred, Outcome, Service, policy_peer
-from xskbroker.common.procfs import is_process
+from xskbroker.common.procfs import is_process, pidfd_open
 from xskbroker.policy import Holding, PolicyError, load_policy
 from xskbroker.policy import quota as quotas
 from xskbroker.policy.admin import is_admin
 from xskbroker.wire import protocol as proto
+from xskbroker.wire.errors import ErrorCode
+from xskbroker.wire.replies import ErrorReply
 
 # fds a client might attach where the kernel cannot refuse them: room for all of them (SCM_MAX_FD), because
 # any the buffer cannot hold are closed by the kernel in the receiving thread, and such a close can block
@@ -271,8 +273,8 @@ class Server:
             conn = None
         if conn is not None:
             conn.setblocking(False)
-            self._say_and_close(conn, proto.error_reply("too-many-connections", "the broker has no file descriptors "
-                                                   "left for another connection; try again later"))
+            self._say_and_close(conn, ErrorReply(ErrorCode.TOO_MANY_CONNECTIONS, "the broker has no file "
+                                                 "descriptors left for another connection; try again later"))
         self._spare = _open_spare()
         self.audit({"event": "accept-failed", "error": str(e), "errno": e.errno})
 
@@ -287,7 +289,8 @@ class Server:
             return
         held = [Holding(p.uid, p.gids, p.groups, connections=1) for _, p in self.conns.values()]
         refused = quotas.check(self.service.policy, policy_peer(who), held, connections=1)
-        code, reason = (refused.code, refused.reason) if refused else ("", "")
+        code: ErrorCode | None = ErrorCode(refused.code) if refused else None
+        reason = refused.reason if refused else ""
         evict: int | None = None
         if not refused:
             counts: dict[int, int] = {}
@@ -303,23 +306,23 @@ class Server:
                                                 admin=is_admin(self.service.policy.admin, policy_peer(who)),
                                                 admins=frozenset(admins))
             if not admission.admit:
-                code, reason = quotas.TOO_MANY_CONNECTIONS, admission.reason
+                code, reason = ErrorCode.TOO_MANY_CONNECTIONS, admission.reason
             evict = admission.evict_uid
-        if code:
+        if code is not None:
             self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": code, "reason": reason})
-            self._say_and_close(conn, proto.error_reply(code, reason))
+            self._say_and_close(conn, ErrorReply(code, reason))
             return
         if evict is not None:
             self._evict_one(evict, who)
         self.conns[conn.fileno()] = (conn, who)
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
 
-    def _say_and_close(self, conn: socket.socket, reply: bytes) -> None:
+    def _say_and_close(self, conn: socket.socket, reply: ErrorReply) -> None:
         """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:
         closing a unix socket with unread data makes the peer's recv fail ECONNRESET before it reads the
         reply. fds found on the way go to the untrusted closer, like any a client attaches."""
         with contextlib.suppress(OSError):
-            conn.send(reply)
+            conn.send(reply.encode())
         with contextlib.suppress(OSError):
             for _ in range(64):
                 data, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(MAX_FDS_IN * 4),
@@ -334,13 +337,13 @@ class Server:
         busy = {id(w[2]) for w in self.waiting}
         for conn, who in self.conns.values():
             if who.uid == uid and id(conn) not in busy:
-                self.audit({"event": "connection-evicted", "peer": who.as_dict(), "code": "too-many-connections",
-                            "for_uid": newcomer.uid})
+                self.audit({"event": "connection-evicted", "peer": who.as_dict(),
+                            "code": ErrorCode.TOO_MANY_CONNECTIONS, "for_uid": newcomer.uid})
                 self.conns.pop(conn.fileno(), None)
                 with contextlib.suppress(KeyError, ValueError):
                     self.sel.unregister(conn)
-                self._say_and_close(conn, proto.error_reply(
-                    "too-many-connections", f"the connection table is full: this connection made room for "
+                self._say_and_close(conn, ErrorReply(
+                    ErrorCode.TOO_MANY_CONNECTIONS, f"the connection table is full: this connection made room for "
                     f"another user's (uid {uid} held the most)"))
                 return
 
@@ -378,7 +381,7 @@ class Server:
         """A bug must cost one request, never the broker and everyone's leases: record it, answer it."""
         self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
                     "trace": traceback.format_exc(limit=8)})
-        return Outcome(proto.error_reply("internal-error", f"the broker failed to handle this request: {e!r}"))
+        return Outcome(ErrorReply(ErrorCode.INTERNAL_ERROR, f"the broker failed to handle this request: {e!r}"))
 
     def _retry_waiting(self) -> None:
         now = time.monotonic()
@@ -400,12 +403,13 @@ class Server:
         self.waiting = still
 
     def _reply(self, conn: socket.socket, outcome: Outcome, who: peers.PeerInfo) -> None:
+        data = outcome.reply.encode()  # the one place a request's reply becomes bytes
         try:
             self.fault("before-send")
             if outcome.fds:
-                socket.send_fds(conn, [outcome.reply], outcome.fds)
+                socket.send_fds(conn, [data], outcome.fds)
             else:
-                conn.send(outcome.reply)
+                conn.send(data)
         except OSError as e:
             if outcome.lease_id:
                 self.service.abort(outcome.lease_id)

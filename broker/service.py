@@ -34,6 +34,16 @@ from xskbroker.broker.workers import Workers
 from xskbroker.policy import Holding, Policy, RateLimiter
 from xskbroker.policy import quota as quotas
 from xskbroker.wire import protocol as proto
+from xskbroker.wire.errors import ErrorCode
+from xskbroker.wire.replies import (
+    ErrorReply,
+    HelloReply,
+    InterfaceInfo,
+    PeerCred,
+    QuotaUsage,
+    RevokeReply,
+    StatusReply,
+)
 
 __all__ = ["SERVER_NAME", "AuditFn", "Deferred", "MemlockRaise", "Outcome", "Refused", "Service", "SignalFn",
            "policy_peer"]
@@ -111,13 +121,13 @@ class Service(Grants, Lifecycle):
             op, req_id = (bad.op, bad.req_id) if bad else (req.op, req.req_id)
             self.audit({"event": "rate-limited", "peer": peer.as_dict(), "op": op, "code": limited.code,
                         "reason": limited.reason})
-            return Outcome(proto.error_reply(limited.code, limited.reason, op, req_id))
+            return Outcome(ErrorReply(ErrorCode(limited.code), limited.reason, op, req_id))
         if bad:
             self.audit({"event": "bad-request", "peer": peer.as_dict(), "code": bad.code, "message": bad.message})
-            return Outcome(proto.error_reply_for(bad))
+            return Outcome(ErrorReply.of(bad))
         if isinstance(req, proto.Hello):
-            return Outcome(proto.ok_reply("hello", req.req_id, server=SERVER_NAME, versions=[proto.VERSION],
-                                          peer={"uid": peer.uid, "gid": peer.gid, "pid": peer.pid}))
+            return Outcome(HelloReply(SERVER_NAME, (proto.VERSION,), PeerCred(peer.uid, peer.gid, peer.pid),
+                                      req_id=req.req_id))
         if isinstance(req, proto.Status):
             return Outcome(self._status(peer, req))
         if isinstance(req, proto.Release):
@@ -128,44 +138,37 @@ class Service(Grants, Lifecycle):
 
     # ---- revoke and status --------------------------------------------------------------------------
 
-    def _revoke(self, peer: PeerInfo, req: proto.Revoke) -> bytes:
+    def _revoke(self, peer: PeerInfo, req: proto.Revoke) -> RevokeReply | ErrorReply:
         if not self._admin(peer):
-            self.audit({"event": "revoke", "peer": peer.as_dict(), "decision": "deny", "code": "not-admin"})
-            return proto.error_reply("not-admin", f"uid {peer.uid} is not an admin in the policy's [admin] table",
-                                     "revoke", req.req_id)
+            self.audit({"event": "revoke", "peer": peer.as_dict(), "decision": "deny", "code": ErrorCode.NOT_ADMIN})
+            return ErrorReply(ErrorCode.NOT_ADMIN, f"uid {peer.uid} is not an admin in the policy's [admin] table",
+                              "revoke", req.req_id)
         if req.lease is not None:
             chosen = [x for x in [self.leases.get(req.lease)] if x is not None]
         else:
             chosen = [x for x in self.leases if x.ifname == req.interface
                       and (req.queue is None or req.queue in x.queues)]
         if not chosen:
-            return proto.error_reply("unknown-lease", "no lease matches", "revoke", req.req_id)
+            return ErrorReply(ErrorCode.UNKNOWN_LEASE, "no lease matches", "revoke", req.req_id)
         signal_name = self.policy.admin.revoke_signal if req.signal else None
         if req.signal and signal_name is None:
-            return proto.error_reply("signal-not-allowed", "the policy's [admin] table sets no revoke_signal",
-                                     "revoke", req.req_id)
-        done = []
-        for lease in chosen:
-            done.append(self.revoke_lease(lease, peer, signal_name))
-        return proto.ok_reply("revoke", req.req_id, revoked=done,
-                              note="RX stopped: the map slots are empty. The kernel cannot unbind a socket, so "
-                              "a holder that keeps its fds can still transmit until it closes them.")
+            return ErrorReply(ErrorCode.SIGNAL_NOT_ALLOWED, "the policy's [admin] table sets no revoke_signal",
+                              "revoke", req.req_id)
+        done = tuple(self.revoke_lease(lease, peer, signal_name) for lease in chosen)
+        return RevokeReply(done, "RX stopped: the map slots are empty. The kernel cannot unbind a socket, so "
+                           "a holder that keeps its fds can still transmit until it closes them.", req_id=req.req_id)
 
-    def _status(self, peer: PeerInfo, req: proto.Status) -> bytes:
+    def _status(self, peer: PeerInfo, req: proto.Status) -> StatusReply:
         admin = self._admin(peer)
-        leases = [lease.as_dict() for lease in self.leases if admin or lease.uid == peer.uid]
-        interfaces = []
-        for p in self.programs.values():
-            interfaces.append({"ifindex": p.ifindex, "interface": self.names.get(p.ifindex), "xdp_prog_id": p.prog_id,
-                               "xdp_mode": p.mode, "map_entries": p.max_entries,
-                               "leases": len(self.leases.on_interface(p.ifindex))})
+        leases = tuple(lease.info() for lease in self.leases if admin or lease.uid == peer.uid)
+        interfaces = tuple(InterfaceInfo(p.ifindex, self.names.get(p.ifindex), p.prog_id, p.mode, p.max_entries,
+                                         len(self.leases.on_interface(p.ifindex))) for p in self.programs.values())
         me = policy_peer(peer)
         held = self.holdings()
         usage = []
         for q in self.policy.quotas:
             for scope in quotas.scopes(q, me):
                 used = quotas.usage(scope, held)
-                usage.append({"quota": q.name, "scope": f"{scope[0]} {scope[1]}", "queues": used.queues,
-                              "max_queues": q.max_queues, "umem": used.umem, "max_umem": q.max_umem})
-        return proto.ok_reply("status", req.req_id, leases=leases, interfaces=interfaces, quotas=usage,
-                              admin=admin)
+                usage.append(QuotaUsage(q.name, f"{scope[0]} {scope[1]}", used.queues, q.max_queues, used.umem,
+                                        q.max_umem))
+        return StatusReply(leases, interfaces, tuple(usage), admin, req_id=req.req_id)

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from xskbroker.common.procfs import memlock_limits
+from xskbroker.common.procfs import has_cap, memlock_limits
 
 AF_XDP_UMEM_BYTES = 32 << 20  # QEMU's af-xdp UMEM per queue: (2048 + 2048) * 2 frames of 4 KiB
 CAP_IPC_LOCK = 14
@@ -107,13 +107,6 @@ def memlock_limit(limits_text: str) -> int | None:
     """The soft RLIMIT_MEMLOCK from /proc/<pid>/limits text; None for unlimited or not found."""
     limits = memlock_limits(limits_text)
     return limits[0] if limits else None
-
-
-def has_cap(status_text: str, cap: int, field: str = "CapEff") -> bool:
-    for line in status_text.splitlines():
-        if line.startswith(field + ":"):
-            return bool(int(line.split()[1], 16) >> cap & 1)
-    return False
 
 
 def memlock_shortfall(pid: int | None, queues: int) -> str | None:

@@ -50,13 +50,14 @@ class Record:
         return cls(**values, extra={k: v for k, v in obj.items() if k not in known})
 
     def to_wire(self) -> dict[str, Any]:
+        # on the grant path: a precomputed (name, omit) list per class, scalars copied as they are
         out: dict[str, Any] = {}
-        for f, _ in _wire_fields(type(self)):
-            value = getattr(self, f.name)
-            omit = f.metadata.get("omit")
+        for name, omit in _plan(type(self)):
+            value = getattr(self, name)
             if omit is None or not omit(value, self):
-                out[f.name] = _to_json(value)
-        out.update(self.extra)
+                out[name] = value if type(value) in _SCALARS else _to_json(value)
+        if self.extra:
+            out.update(self.extra)
         return out
 
 
@@ -70,6 +71,18 @@ def _wire_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
         hints = typing.get_type_hints(cls)
         got = _FIELDS[cls] = tuple((f, hints[f.name]) for f in dataclasses.fields(cls)
                                    if f.name not in ("extra", "req_id", "raw"))
+    return got
+
+
+_PLANS: dict[type, tuple[tuple[str, Callable[[Any, Any], bool] | None], ...]] = {}
+_SCALARS = frozenset({int, str, bool, float, type(None)})
+
+
+def _plan(cls: type) -> tuple[tuple[str, Callable[[Any, Any], bool] | None], ...]:
+    """What to_wire writes for a class: each wire field's name and its omit test (made once per class)."""
+    got = _PLANS.get(cls)
+    if got is None:
+        got = _PLANS[cls] = tuple((f.name, f.metadata.get("omit")) for f, _ in _wire_fields(cls))
     return got
 
 

@@ -10,7 +10,6 @@ back to the worker. The two speak one JSON object per SEQPACKET message, fds wit
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -22,10 +21,8 @@ from typing import Any, Protocol
 
 from xskbroker.client.hotplug import close_fds
 from xskbroker.client.libvirt.identity import Identity, drop_to
+from xskbroker.common.libc import PR_SET_PDEATHSIG, libc
 from xskbroker.wire import protocol as proto
-
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1
 
 
 def _serve_agent(sock: socket.socket, socket_path: str, timeout: float) -> int:
@@ -84,7 +81,7 @@ class BrokerAgent:
             code = 2
             try:
                 parent.close()
-                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 if os.getppid() != me:
                     os._exit(code)
                 drop_to(ident)

@@ -3,12 +3,11 @@ by pid and start time for good, and the hook's one privilege drop (to QEMU's use
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from xskbroker.common import procfs
+from xskbroker.common import privileges, procfs
 
 
 @dataclass(frozen=True)
@@ -28,31 +27,23 @@ class Identity:
 
 
 def identity_from_status(status_text: str) -> Identity:
-    fields = dict(line.split(":", 1) for line in status_text.splitlines() if ":" in line)
-    try:
-        uid = int(fields["Uid"].split()[1])  # real, effective, saved, fs: the broker sees the effective one
-        gid = int(fields["Gid"].split()[1])
-    except (KeyError, IndexError, ValueError):
-        raise ValueError("no Uid/Gid lines in /proc/PID/status") from None
-    return Identity(uid, gid, tuple(int(g) for g in fields.get("Groups", "").split()))
+    # the effective ids (the second of real, effective, saved, fs): those the broker sees with SO_PEERCRED
+    uid, gid = procfs.status_ids(status_text, "Uid")[1], procfs.status_ids(status_text, "Gid")[1]
+    groups = procfs.status_fields(status_text).get("Groups", "")
+    return Identity(uid, gid, tuple(int(g) for g in groups.split()))
 
 
 def same_process(pid: int | None, start: int | None) -> bool:
     """pid is still the process that had this start time, and has not exited (a zombie has)."""
     if not pid or start is None:
         return False
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
+    pidfd = procfs.pidfd_open(pid)
+    if pidfd is None:
         return False
     try:  # the pidfd pins the process while its start time is read, and says whether it has exited
-        return procfs.pinned_start(pidfd, pid) == start
+        return procfs.is_process(pidfd, pid, start, None)
     finally:
         os.close(pidfd)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_NO_NEW_PRIVS = 38
 
 
 def drop_to(ident: Identity) -> None:
@@ -61,12 +52,4 @@ def drop_to(ident: Identity) -> None:
         if (os.geteuid(), os.getegid()) == (ident.uid, ident.gid):
             return
         raise PermissionError(f"only root can act as QEMU's user ({ident}); this runs as uid {os.geteuid()}")
-    os.setgroups(list(ident.groups))
-    os.setresgid(ident.gid, ident.gid, ident.gid)
-    os.setresuid(ident.uid, ident.uid, ident.uid)
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    if ident.uid != 0:
-        caps = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapEff:")]
-        if not caps or int(caps[0].split()[1], 16):
-            raise PermissionError(f"capabilities left after dropping to {ident}: {caps}")
+    privileges.drop_to(ident.uid, ident.gid, ident.groups)

@@ -51,9 +51,9 @@ def test_every_policy_and_quota_code_is_a_member() -> None:
     assert not missing
 
 
-# A code literal handed to whatever makes an error: the broker's Refused and error_reply, the client's
-# BrokerError, and the protocol decoder's ProtocolError (possibly with the literal on the next line).
-MAKERS = re.compile(rf"\b(?:Refused|error_reply|BrokerError|ProtocolError)\(\s*\"({CODE})\"")
+# A code literal handed to whatever makes an error: the broker's Refused and ErrorReply (or error_reply), the
+# client's BrokerError, and the protocol decoder's ProtocolError (possibly with the literal on the next line).
+MAKERS = re.compile(rf"\b(?:Refused|ErrorReply|error_reply|BrokerError|ProtocolError)\(\s*\"({CODE})\"")
 SOURCES = [p for d in ("broker", "client", "wire") for p in sorted((ROOT / d).rglob("*.py"))]
 
 
@@ -68,7 +68,15 @@ def _literals() -> dict[str, set[str]]:
 def test_the_grep_finds_what_it_looks_for() -> None:
     # guards the pattern itself: these literals are known to be in the sources today
     found = _literals()
-    assert {"bad-holder", "no-such-queue", "too-many-connections", "not-admin", "agent-failed"} <= set(found)
+    assert {"agent-failed", "bad-reply"} <= set(found)
+    assert MAKERS.findall('raise Refused(\n    "queue-busy", "m")\nErrorReply("not-admin", "m")') == [
+        "queue-busy", "not-admin"]
+
+
+def test_the_broker_names_its_codes_by_member() -> None:
+    # every code the broker sends is an ErrorCode member, never a string spelled again
+    sent = {code: files for code, files in _literals().items() if any(f.startswith("broker/") for f in files)}
+    assert not sent
 
 
 def test_every_code_literal_in_the_broker_and_client_is_a_member() -> None:

@@ -327,7 +327,7 @@ class Rig:
     def reply(self, peer: PeerInfo, req: proto.Request) -> tuple[dict[str, Any], Outcome]:
         out = self.ask(peer, req)
         assert isinstance(out, Outcome), out
-        return json.loads(out.reply), out
+        return json.loads(out.reply.encode()), out
 
     def grant(self, peer: PeerInfo = ALICE, interface: str = "veth0", queues: tuple[int, ...] = (0,),
               **kw: Any) -> tuple[dict[str, Any], Outcome]:
@@ -364,7 +364,7 @@ def finish(rig: Rig, out: Outcome | Deferred, steps: int = 50) -> dict[str, Any]
     """Step a deferred grant as the server would (the fake clock advances 1 ms a step) until it answers."""
     for _ in range(steps):
         if isinstance(out, Outcome):
-            return dict(json.loads(out.reply))
+            return dict(json.loads(out.reply.encode()))
         deadline = time.monotonic() + 5
         while out.parked() and time.monotonic() < deadline:  # a worker thread does the kernel work
             time.sleep(0.001)
@@ -797,7 +797,7 @@ def test_hello_and_bad_requests(rig: Rig) -> None:
     hello, _ = rig.reply(ALICE, proto.Hello())
     assert hello["ok"] and hello["server"] == "xskbroker"
     out = rig.service.handle(ALICE, b"{not json")
-    assert isinstance(out, Outcome) and not json.loads(out.reply)["ok"] and rig.events("bad-request")
+    assert isinstance(out, Outcome) and not json.loads(out.reply.encode())["ok"] and rig.events("bad-request")
 
 
 def test_close_releases_every_cached_program(rig: Rig) -> None:
