@@ -8,6 +8,7 @@ requests under a rate quota. Every attacker is a forked child that dropped to an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -235,10 +236,8 @@ def _hello_as(path: str) -> dict[str, Any]:
     """A hello, and the reply: to it, or the refusal the broker sent on connect (it may have closed the
     connection before the hello went out, which the send then reports; the refusal is still there to read)."""
     with _probe_conn(path) as s:
-        try:
+        with contextlib.suppress(BrokenPipeError):
             s.send(proto.encode_request(proto.Hello()))
-        except BrokenPipeError:
-            pass
         return _recv_reply(s)
 
 
