@@ -15,6 +15,7 @@ examples:
   xskbroker request --interface eth1 --queues 2 --json
   xskbroker policy check /etc/xskbroker/policy.toml
   xskbroker policy explain --policy /etc/xskbroker/policy.toml --user qemu --interface eth1 --queue 0
+  xskbroker doctor --interface eth1
   xskbroker demo --packets 1000
 """
 
@@ -38,6 +39,7 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from xskbroker.client.connection import DEFAULT_SOCKET
+    from xskbroker.broker.doctor import add_parser as add_doctor_parser
     from xskbroker.policy.cli import add_policy_parser
     from xskbroker.policy.sizes import size_arg
 
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_parsers(sub)
     add_qmp_parsers(sub)
     add_policy_parser(sub)
+    add_doctor_parser(sub)
 
     d = sub.add_parser("demo", help="prove it works: a private namespace, a broker, an unprivileged consumer",
                        description="Make a network namespace with a veth pair, start a broker on a private "
