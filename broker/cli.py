@@ -38,8 +38,8 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xskbroker.client.connection import DEFAULT_SOCKET
     from xskbroker.broker.doctor import add_parser as add_doctor_parser
+    from xskbroker.client.connection import DEFAULT_SOCKET
     from xskbroker.policy.cli import add_policy_parser
     from xskbroker.policy.sizes import size_arg
 

@@ -62,7 +62,7 @@ def _guard(name: str, fn: Callable[[], Check]) -> Check:
     """A probe that fails unexpectedly is reported as such; it never stops the other checks."""
     try:
         return fn()
-    except Exception as e:  # noqa: BLE001 - the doctor reports, it does not crash
+    except Exception as e:
         return Check(name, UNKNOWN, f"could not check: {type(e).__name__}: {e}")
 
 
@@ -121,7 +121,8 @@ def check_bpf() -> Check:
         probe.bpf_prog_load()
     except OSError as e:
         if e.errno == errno.ENOSYS:
-            return Check("bpf", UNUSABLE, "this kernel has no bpf() system call", "use a kernel with CONFIG_BPF_SYSCALL=y")
+            return Check("bpf", UNUSABLE, "this kernel has no bpf() system call",
+                         "use a kernel with CONFIG_BPF_SYSCALL=y")
         if not privileged:
             return Check("bpf", UNKNOWN, f"bpf() needs CAP_BPF or CAP_SYS_ADMIN, which this user lacks "
                          f"({e.strerror}): run doctor as root to see whether it is allowed")
@@ -177,8 +178,8 @@ def check_broker_memlock(broker: probe.ProcessLimits | None) -> Check:
     name = "memlock.broker"
     if broker is not None:
         who = f"the running broker (pid {broker.pid})"
-        facts = {"pid": broker.pid, "soft": broker.soft, "hard": broker.hard, "ipc_lock": broker.ipc_lock,
-                 "sys_resource": broker.sys_resource}
+        facts: dict[str, Any] = {"pid": broker.pid, "soft": broker.soft, "hard": broker.hard,
+                                 "ipc_lock": broker.ipc_lock, "sys_resource": broker.sys_resource}
         found = f"{who}: memlock {mib(broker.soft)} soft / {mib(broker.hard)} hard, " + (
             "CAP_IPC_LOCK (pins without limit)" if broker.ipc_lock else "no CAP_IPC_LOCK")
         if broker.ipc_lock or broker.soft is None:
@@ -186,9 +187,13 @@ def check_broker_memlock(broker: probe.ProcessLimits | None) -> Check:
         return Check(name, DEGRADED, found + f": bound grants may pin only {mib(broker.soft)} of UMEM in all",
                      "LimitMEMLOCK=infinity in xskbroker.service, which needs a manager whose own hard limit is "
                      "unlimited (or CAP_SYS_RESOURCE); or give the unit CAP_IPC_LOCK in a drop-in", facts)
+    if os.geteuid() != 0:
+        return Check(name, UNKNOWN, "no broker answers, and a broker's limits are its own: run doctor as root, or "
+                     "with a broker running, to see them")
     here, mgr = probe.process_limits(), _manager()
-    facts = {"soft": here.soft, "hard": here.hard, "ipc_lock": here.ipc_lock, "sys_resource": here.sys_resource,
-             "manager": mgr.comm, "manager_hard": mgr.hard, "manager_sys_resource": mgr.sys_resource}
+    facts = {"soft": here.soft, "hard": here.hard, "ipc_lock": here.ipc_lock,
+                             "sys_resource": here.sys_resource, "manager": mgr.comm, "manager_hard": mgr.hard,
+                             "manager_sys_resource": mgr.sys_resource}
     found = (f"no broker answers; here: memlock {mib(here.soft)} soft / {mib(here.hard)} hard, "
              f"{'' if here.ipc_lock else 'no '}CAP_IPC_LOCK, {'' if here.sys_resource else 'no '}CAP_SYS_RESOURCE")
     # the unit keeps no CAP_IPC_LOCK: it relies on LimitMEMLOCK=infinity, which the manager can only give up to
@@ -222,6 +227,11 @@ def check_consumer_memlock(broker: probe.ProcessLimits | None) -> Check:
     if here.soft is None or here.soft >= QEMU_MEMLOCK_PER_QUEUE:
         return Check(name, OK, found, facts=facts)
     who = "the running broker" if broker else "a broker started here"
+    if broker is None and os.geteuid() != 0:
+        return Check(name, DEGRADED, found + "; whether the broker may raise it (CAP_SYS_RESOURCE and a rule's "
+                     "raise_memlock) is unknown: no broker answers", "give consumers more (LimitMEMLOCK= in their "
+                     "unit, a memlock line in /etc/security/limits.conf), or ask the administrator for "
+                     "raise_memlock", facts)
     if can_raise:
         return Check(name, OK, found + f"; {who} has CAP_SYS_RESOURCE and raises it where a rule's "
                      "raise_memlock allows", facts=facts)
@@ -381,12 +391,12 @@ def run_checks(interface: str | None, socket_path: str, policy_path: str) -> lis
     for group in (check_sockets, check_libraries):
         try:
             checks += group()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             checks.append(Check(group.__name__[6:], UNKNOWN, f"could not check: {e}"))
     checks.append(_guard("bpf", check_bpf))
     try:
         sock, broker = check_socket(socket_path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         sock, broker = Check("socket", UNKNOWN, f"could not check: {e}"), None
     checks.append(_guard("memlock.broker", lambda: check_broker_memlock(broker)))
     checks.append(_guard("memlock.consumer", lambda: check_consumer_memlock(broker)))
@@ -402,7 +412,7 @@ def run_checks(interface: str | None, socket_path: str, policy_path: str) -> lis
     for ifindex, name in ifaces:
         try:
             checks += check_interface(ifindex, name, interface is not None)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             checks.append(Check(f"iface.{name}", UNKNOWN, f"could not check: {e}"))
     checks += [sock, _guard("policy", lambda: check_policy(policy_path))]
     return checks

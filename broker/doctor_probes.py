@@ -199,7 +199,7 @@ def libraries() -> dict[str, str | None]:
 def xsk_object() -> tuple[str | None, str | None]:
     """(path of libxdp's XSK program object, error) as libxdp finds it: the broker's own lookup."""
     dirs = [d for d in os.environ.get("LIBXDP_OBJECT_PATH", "").split(":") if d]
-    dirs += sorted(glob.glob("/usr/lib/*/bpf")) + ["/usr/lib/bpf", "/usr/lib64/bpf", "/usr/local/lib/bpf"]
+    dirs += [*sorted(glob.glob("/usr/lib/*/bpf")), "/usr/lib/bpf", "/usr/lib64/bpf", "/usr/local/lib/bpf"]
     path = next((p for d in dirs if os.path.isfile(p := os.path.join(d, xdp_prog.XSK_PROG_FILE))), None)
     try:
         lib = bpf.libxdp()
