@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import open_sockets, request, request_fds
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, ip, spawn_unprivileged
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
@@ -599,9 +599,7 @@ def fuzz_bed() -> Iterator[BrokerProcess]:
     """A broker in a namespace with two veth pairs: xsk0 (two queues) for bound and bare grants, xsk1 for the
     map grant (which holds its interface until the holder exits)."""
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns:
-        ip("link", "add", "xsk1", "type", "veth", "peer", "name", "xsk1p", netns=ns.name)
-        for dev in ("xsk1", "xsk1p"):
-            ip("link", "set", dev, "up", netns=ns.name)
+        ns.add_veth("xsk1", "xsk1p")
         with BrokerProcess(ns.name, FUZZ_POLICY, umem_pool=UMEM_POOL) as b:
             yield b
 
