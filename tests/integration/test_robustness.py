@@ -569,10 +569,11 @@ def _fd_indexes(reply: dict[str, Any]) -> list[int]:
     return out
 
 
-def fuzz_consumer(path: str, messages: int, batch: int, seed: int) -> dict[str, Any]:
-    """Runs unprivileged: hypothesis generates batches of messages, each batch sent on the live broker."""
+def fuzz_consumer(path: str, messages: int, batch: int, seed: int, docs: str) -> dict[str, Any]:
+    """Runs unprivileged: hypothesis generates batches of messages, each batch sent on the live broker.
+    `docs` is docs/protocol.md, read by the parent: the clone may sit where this uid cannot enter."""
     sys.setrecursionlimit(20_000)  # parse as deep as the broker might, to know what it saw
-    client = FuzzClient(path, DOCS.read_text())
+    client = FuzzClient(path, docs)
     examples = max(1, math.ceil(messages / batch))
     batches = iter(range(1 << 62))
 
@@ -614,7 +615,7 @@ def test_fuzzed_messages_each_get_one_well_formed_reply(figures) -> None:  # typ
         before = _census(b)
         rss_before = _rss_kib(b.pid)
         child = spawn_unprivileged(fuzz_consumer, b.socket_path, FUZZ_MESSAGES, FUZZ_BATCH, FUZZ_SEED,
-                                   uid=CONSUMER_UID)
+                                   DOCS.read_text(), uid=CONSUMER_UID)
         try:
             got = child.result(timeout=120 + FUZZ_MESSAGES / 50)
         except (RuntimeError, TimeoutError) as e:  # the broker's own account of what went wrong, if any
