@@ -8,9 +8,11 @@ itself, on failure too. Root only.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import pickle
+import pkgutil
 import select
 import shutil
 import signal
@@ -36,7 +38,7 @@ from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import XDP_ZEROCOPY
 
 __all__ = ["BrokerProcess", "Child", "PacketPeer", "VethNamespace", "drop_privileges", "echo_consumer", "in_netns",
-           "readable_copy", "setns", "spawn_unprivileged"]
+           "preload", "readable_copy", "setns", "spawn_unprivileged"]
 
 
 @dataclass
@@ -271,6 +273,16 @@ class Child:
         except ChildProcessError:
             return False
         return pid == 0
+
+
+def preload(*packages: str) -> None:
+    """Import every module of these packages now, while root: a forked child that dropped privileges cannot load
+    a module lazily from a clone under a directory its uid cannot enter (a 0700 home, a mktemp -d)."""
+    for name in packages:
+        pkg = importlib.import_module(name)
+        for m in pkgutil.walk_packages(pkg.__path__, name + "."):
+            if not m.name.endswith("__main__"):  # those run a command when imported
+                importlib.import_module(m.name)
 
 
 def spawn_unprivileged(fn: Callable[..., Any], *args: Any, uid: int = 65534, gid: int | None = None) -> Child:

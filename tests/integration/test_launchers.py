@@ -20,6 +20,7 @@ from xskbroker.testbed.sandbox import (
     PacketPeer,
     VethNamespace,
     drop_privileges,
+    preload,
     readable_copy,
     setns,
     spawn_unprivileged,
@@ -30,6 +31,8 @@ from .consumers import try_grant
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(os.sys.executable)
+# `xskbroker exec` runs in children that dropped to a uid that may not read the clone: load it all here
+preload("xskbroker.client", "xskbroker.policy")
 
 BARE_POLICY = f"""\
 version = 1
