@@ -6,32 +6,56 @@
 SHELL := /bin/bash
 # ip, tc and friends live in sbin, which a non-login root environment may leave off PATH
 export PATH := $(PATH):/usr/local/sbin:/usr/sbin:/sbin
-APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 qemu-system-x86 systemd util-linux python3-systemd libvirt-daemon-system libvirt-clients
+# What the broker and `xskbroker demo` need to run: the interpreter and its venv, libxdp/libbpf (XDP
+# program loading), iproute2 (`ip netns exec` runs the broker with the namespace's own /sys), util-linux.
+RUNTIME_APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 util-linux
+# What only the tests need on top: QEMU and libvirt (test_qmp, test_libvirt), systemd's tools
+# (systemd-socket-activate, sysusers/tmpfiles, journald) and python3-systemd for the journal test.
+TEST_APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients systemd python3-systemd
 # Debian's interpreter, not one under a 0700 home: unprivileged consumers must be able to run it.
 PYTHON := /usr/bin/python3
 VENV := .venv
+# one stamp per extra installed into the venv: the demo's (pyroute2) or the tests' (pytest, ruff, mypy, pyroute2)
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: setup apt demo test unit lint bench clean
+.PHONY: setup setup-demo apt apt-runtime demo test unit lint bench clean
 
+# everything the tests need (what an engineer runs once)
 setup: apt $(STAMP)
+# only what the demo needs to run
+setup-demo: apt-runtime $(DEMO_STAMP)
 
-apt:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# install the packages of $(1) that are missing, and nothing else (an installed one is never upgraded)
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
 
-$(STAMP): pyproject.toml
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+apt-runtime:
+	$(call apt_install,$(RUNTIME_APT_PACKAGES))
+
+apt:
+	$(call apt_install,$(RUNTIME_APT_PACKAGES) $(TEST_APT_PACKAGES))
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
 	touch $@
 
-demo: setup
+$(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q -e '.[demo]'
+	touch $@
+
+demo: setup-demo
 	$(VENV)/bin/xskbroker demo
 
 # mypy checks the installed names (xskbroker.broker, ...): the top-level folders are linked under them

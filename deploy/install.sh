@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install or remove xskbroker's systemd units, sysusers.d and tmpfiles.d entries, the example policy,
-# the libvirt hook and the notes. Idempotent: running it again changes nothing; an edited policy is never
-# replaced or removed.
+# the libvirt hook (only where libvirt is installed: /etc/libvirt exists) and the notes. Idempotent:
+# running it again changes nothing; an edited policy, policy.d drop-ins and an edited libvirt.conf are
+# never replaced or removed, and uninstall says which it kept.
 #
 #   deploy/install.sh [install|uninstall] [--prefix DIR] [--bindir DIR] [--root DESTDIR] [--quiet]
 #
@@ -23,7 +24,8 @@ bindir=
 root=
 quiet=
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+# the comment block at the top of this file
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -54,7 +56,8 @@ sysusersdir=$prefix/lib/sysusers.d
 tmpfilesdir=$prefix/lib/tmpfiles.d
 docdir=$prefix/share/doc/xskbroker
 confdir=/etc/xskbroker
-hookdir=/etc/libvirt/hooks/qemu.d
+libvirtdir=/etc/libvirt
+hookdir=$libvirtdir/hooks/qemu.d
 
 say() { [ -n "$quiet" ] || echo "$@"; }
 
@@ -92,7 +95,11 @@ do_install() {
     put 0644 "$here/tmpfiles.d/xskbroker.conf" "$tmpfilesdir/xskbroker.conf"
     put 0644 "$src/docs/systemd.md" "$docdir/systemd.md"
     put 0644 "$src/docs/libvirt.md" "$docdir/libvirt.md"
-    install_hook
+    if [ -d "$root$libvirtdir" ]; then
+        install_hook
+    else
+        say "skipped the libvirt hook: $root$libvirtdir does not exist (libvirt is not installed; run this again after installing it)"
+    fi
     mkdir -p "$root$confdir/policy.d"
     if [ -e "$root$confdir/policy.toml" ]; then
         say "kept $root$confdir/policy.toml"
@@ -153,16 +160,29 @@ do_uninstall() {
     drop "$docdir/systemd.md"
     drop "$docdir/libvirt.md"
     drop "$hookdir/xskbroker"
+    # qemu.d is ours when empty; /etc/libvirt/hooks belongs to libvirt's package and stays
     rmdir "$root$hookdir" 2>/dev/null || true
     if [ -f "$root$confdir/libvirt.conf" ] && cmp -s "$here/libvirt/libvirt.conf" "$root$confdir/libvirt.conf"; then
         drop "$confdir/libvirt.conf"
+    elif [ -e "$root$confdir/libvirt.conf" ]; then
+        say "kept $root$confdir/libvirt.conf (edited; remove it yourself if it is no longer wanted)"
     fi
-    rmdir "$root$docdir" 2>/dev/null || true
+    # the folders install made, when empty (none of them is a standard one a system has anyway: /usr/local/lib,
+    # /usr/share/doc and /etc stay); on a Debian host systemd's own /usr/lib/... are never empty
+    for d in "$docdir" "$unitdir" "$(dirname "$unitdir")" "$sysusersdir" "$tmpfilesdir"; do
+        rmdir "$root$d" 2>/dev/null || true
+    done
     if [ -f "$root$confdir/policy.toml" ] && cmp -s "$here/policy.example.toml" "$root$confdir/policy.toml"; then
         drop "$confdir/policy.toml"
     elif [ -e "$root$confdir/policy.toml" ]; then
         say "kept $root$confdir/policy.toml (edited; remove it yourself if it is no longer wanted)"
     fi
+    # install only makes the folder: whatever is in it, an admin put there
+    for f in "$root$confdir/policy.d"/* "$root$confdir/policy.d"/.[!.]*; do
+        if [ -e "$f" ] || [ -L "$f" ]; then
+            say "kept $f (a policy.d drop-in: remove it yourself if it is no longer wanted)"
+        fi
+    done
     rmdir "$root$confdir/policy.d" "$root$confdir" 2>/dev/null || true
     if live; then
         systemctl daemon-reload

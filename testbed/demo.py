@@ -7,10 +7,12 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xskbroker.policy.sizes import format_size, parse_size
-from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
+
+if TYPE_CHECKING:
+    from xskbroker.testbed.sandbox import BrokerProcess
 
 POLICY = """\
 version = 1
@@ -31,6 +33,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def run(packets: int, uid: int, umem: int) -> tuple[dict[str, Any], BrokerProcess]:
+    from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
+
     name = f"xskdemo-{os.getpid()}"
     with VethNamespace(name, inside="xskd0", peer="xskd0p") as ns:
         # the rings count with the UMEM against max_umem: room for the largest (4 x 65536 entries, 3 MiB)
@@ -59,6 +63,12 @@ def run(packets: int, uid: int, umem: int) -> tuple[dict[str, Any], BrokerProces
 def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("xskbroker demo: needs root (it creates a network namespace and runs a broker)", file=sys.stderr)
+        return 2
+    try:
+        import pyroute2  # type: ignore[import-untyped]  # noqa: F401  # the test bed's links are made with it
+    except ModuleNotFoundError:
+        print("xskbroker demo: needs pyroute2 (pip install 'xskbroker[demo]'; `make demo` installs it)",
+              file=sys.stderr)
         return 2
     old = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -8,9 +8,11 @@ itself, on failure too. Root only.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import pickle
+import pkgutil
 import select
 import shutil
 import signal
@@ -26,41 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from xskbroker.client.grant import request
-from xskbroker.common.libc import CLONE_NEWNET, errno_error, libc
 from xskbroker.common.privileges import drop_to
+from xskbroker.testbed import links
 
 # Imported here, while still root: after the drop, modules under a 0700 home cannot be loaded.
 from xskbroker.testbed.echo import ETH_P_DEMO, FRAME, MAGIC, PING, TO_CONSUMER, TO_PEER, Reflector
+from xskbroker.testbed.links import in_netns, setns
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import XDP_ZEROCOPY
 
-
-def ip(*args: str, netns: str | None = None) -> None:
-    cmd = ["ip", *(["-n", netns] if netns else []), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
-
-
-def setns(name: str) -> None:
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise errno_error(f"setns into {name}")
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run a block inside a namespace; sockets made there keep it after the block."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        setns(name)
-        yield
-    finally:
-        libc.setns(home, CLONE_NEWNET)
-        os.close(home)
+__all__ = ["BrokerProcess", "Child", "PacketPeer", "VethNamespace", "drop_privileges", "echo_consumer", "in_netns",
+           "preload", "readable_copy", "setns", "spawn_unprivileged"]
 
 
 @dataclass
@@ -79,13 +57,9 @@ class VethNamespace:
     xps: dict[int, int] | None = None
 
     def __enter__(self) -> VethNamespace:
-        ip("netns", "add", self.name)
+        links.create_netns(self.name)
         try:
-            q = str(self.queues)
-            ip("link", "add", self.inside, "numtxqueues", q, "numrxqueues", q, "type", "veth", "peer", "name",
-               self.peer, "numtxqueues", q, "numrxqueues", q, netns=self.name)
-            for dev in (self.inside, self.peer):
-                ip("link", "set", dev, "up", netns=self.name)
+            links.add_veth(self.name, self.inside, self.peer, self.queues)
             if self.queues > 1:
                 self._steer_by_cpu()
         except BaseException:
@@ -96,27 +70,33 @@ class VethNamespace:
     def _steer_by_cpu(self) -> None:
         ncpu = os.cpu_count() or 1
         xps = self.xps if self.xps is not None else {q: q % ncpu for q in range(self.queues)}
-        script = "; ".join(
-            f"echo {format(1 << xps[q], 'x') if q in xps else '0'} > /sys/class/net/{self.peer}/queues/tx-{q}/xps_cpus"
-            for q in range(self.queues))
-        subprocess.run(["ip", "netns", "exec", self.name, "sh", "-c", script], check=True, capture_output=True)
+        links.write_sysfs(self.name, {f"/sys/class/net/{self.peer}/queues/tx-{q}/xps_cpus":
+                                      format(1 << xps[q], "x") if q in xps else "0" for q in range(self.queues)})
 
     def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+        links.remove_netns(self.name)
 
     def __exit__(self, *exc: object) -> None:
         self.delete()
 
     def mac(self, dev: str) -> bytes:
-        with in_netns(self.name):
-            return _mac(dev)
+        return links.mac(self.name, dev)
 
+    # more links in the namespace, for tests that add, rename or remove interfaces under a broker
+    def add_veth(self, dev: str, peer: str, queues: int = 1) -> None:
+        links.add_veth(self.name, dev, peer, queues)
 
-def _mac(dev: str) -> bytes:
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-        s.bind((dev, 0))
-        mac: bytes = s.getsockname()[4]  # (ifname, proto, pkttype, hatype, addr)
-        return mac
+    def delete_link(self, dev: str) -> None:
+        links.delete_link(self.name, dev)
+
+    def rename(self, dev: str, new: str) -> None:
+        links.set_link(self.name, dev, rename=new)
+
+    def add_altname(self, dev: str, altname: str) -> None:
+        links.add_altname(self.name, dev, altname)
+
+    def xdp_off(self, dev: str) -> None:
+        links.set_link(self.name, dev, xdp_off=True)
 
 
 @dataclass
@@ -293,6 +273,16 @@ class Child:
         except ChildProcessError:
             return False
         return pid == 0
+
+
+def preload(*packages: str) -> None:
+    """Import every module of these packages now, while root: a forked child that dropped privileges cannot load
+    a module lazily from a clone under a directory its uid cannot enter (a 0700 home, a mktemp -d)."""
+    for name in packages:
+        pkg = importlib.import_module(name)
+        for m in pkgutil.walk_packages(pkg.__path__, name + "."):
+            if not m.name.endswith("__main__"):  # those run a command when imported
+                importlib.import_module(m.name)
 
 
 def spawn_unprivileged(fn: Callable[..., Any], *args: Any, uid: int = 65534, gid: int | None = None) -> Child:

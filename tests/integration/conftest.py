@@ -5,19 +5,37 @@ Needs root and a kernel with AF_XDP and BPF; without them the whole directory is
 
 from __future__ import annotations
 
+import atexit
 import ctypes.util
+import functools
 import itertools
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, readable_copy
 
 CONSUMER_UID = 65534  # nobody: allowed by the test policy
 STRANGER_UID = 65533  # no rule names it
+
+# For processes exec'ed as another uid: the clone, and the .venv in it, may sit under a directory that uid
+# cannot enter (a 0700 home, a mktemp -d), so they run Debian's interpreter on a readable copy of the code.
+SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
+
+
+@functools.cache
+def readable_code() -> Path:
+    """The xskbroker package copied where any uid can read it, once per session: put it on PYTHONPATH."""
+    where = Path(tempfile.mkdtemp(prefix="xskbroker-code-"))
+    atexit.register(shutil.rmtree, where, True)
+    return readable_copy(where)
 
 POLICY = """\
 version = 1

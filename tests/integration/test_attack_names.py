@@ -32,7 +32,6 @@ from xskbroker.testbed.sandbox import (
     VethNamespace,
     echo_consumer,
     in_netns,
-    ip,
     spawn_unprivileged,
 )
 from xskbroker.wire import protocol as proto
@@ -55,9 +54,7 @@ interfaces = ["xskr"]
 def bed(policy: str, queues: int = 1) -> Iterator[tuple[VethNamespace, BrokerProcess]]:
     """xsk0 (the attacked interface) and xskr (the root probe's), a broker with `policy` + the probe rule."""
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=queues) as ns:
-        ip("link", "add", "xskr", "type", "veth", "peer", "name", "xskrp", netns=ns.name)
-        for dev in ("xskr", "xskrp"):
-            ip("link", "set", dev, "up", netns=ns.name)
+        ns.add_veth("xskr", "xskrp")
         with BrokerProcess(ns.name, policy + PROBE_RULE) as b:
             yield ns, b
             assert b.proc is not None and b.proc.poll() is None, f"broker died:\n{b.log()}"
@@ -129,7 +126,7 @@ def alias_attack(path: str, seconds: float) -> dict[str, Any]:
 
 def test_alias_and_altnames_cannot_bypass_a_deny(figures) -> None:  # type: ignore[no-untyped-def]
     with bed(ALIAS_POLICY) as (ns, b):
-        ip("link", "property", "add", "dev", "xsk0", "altname", ALTNAME, netns=ns.name)
+        ns.add_altname("xsk0", ALTNAME)
         attacker = spawn_unprivileged(alias_attack, b.socket_path, 3.0, uid=CONSUMER_UID)
         time.sleep(0.3)
         probe = RootProbe(b.socket_path, "xskr", 0).run(5, pause=0.05).figures()
@@ -161,7 +158,7 @@ users = [{CONSUMER_UID}]
 interfaces = ["{ALTNAME}", "xsk0"]
 """
     with bed(policy) as (ns, b):
-        ip("link", "property", "add", "dev", "xsk0", "altname", ALTNAME, netns=ns.name)
+        ns.add_altname("xsk0", ALTNAME)
         by_alt = spawn_unprivileged(_try, b.socket_path, proto.Grant(ALTNAME, (0,)), uid=CONSUMER_UID).result()
         assert by_alt["code"] == "not-canonical-name" and by_alt["extra"]["canonical"] == "xsk0", by_alt
         assert xdp_prog_on(ns, "xsk0") == 0  # refused before anything was attached

@@ -22,12 +22,17 @@ from xskbroker.testbed.sandbox import (
     VethNamespace,
     echo_consumer,
     in_netns,
+    preload,
     spawn_unprivileged,
 )
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, wait_for
 from .consumers import attempt_escapes, hold_grant, try_grant
+
+# the command line imports its subcommands lazily: load them here, since the children that run it have dropped
+# to a uid that may not read the clone
+preload("xskbroker.client", "xskbroker.policy")
 
 MiB = 1 << 20
 

@@ -20,6 +20,7 @@ from xskbroker.testbed.sandbox import (
     PacketPeer,
     VethNamespace,
     drop_privileges,
+    preload,
     readable_copy,
     setns,
     spawn_unprivileged,
@@ -30,6 +31,8 @@ from .consumers import try_grant
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(os.sys.executable)
+# `xskbroker exec` runs in children that dropped to a uid that may not read the clone: load it all here
+preload("xskbroker.client", "xskbroker.policy")
 
 BARE_POLICY = f"""\
 version = 1
@@ -201,10 +204,7 @@ def _map_grant(path: str, iface: str) -> dict:
 def test_map_grants_need_an_exclusive_rule_and_an_unused_interface() -> None:
     ns = VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2)
     with ns:
-        from xskbroker.testbed.sandbox import ip
-        ip("link", "add", "xsk1", "type", "veth", "peer", "name", "xsk1p", netns=ns.name)
-        ip("link", "set", "xsk1", "up", netns=ns.name)
-        ip("link", "set", "xsk1p", "up", netns=ns.name)
+        ns.add_veth("xsk1", "xsk1p")
         with BrokerProcess(ns.name, MAP_POLICY) as b:
             refused = spawn_unprivileged(_map_grant, b.socket_path, "xsk0", uid=CONSUMER_UID).result()
             assert refused["ok"] is False and refused["code"] == "kind-not-allowed", refused
@@ -242,10 +242,7 @@ def test_a_map_lease_ends_at_release_and_its_program_goes_with_it() -> None:
 
     ns = VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2)
     with ns:
-        from xskbroker.testbed.sandbox import ip
-        ip("link", "add", "xsk1", "numtxqueues", "2", "numrxqueues", "2", "type", "veth", "peer", "name", "xsk1p",
-           "numtxqueues", "2", "numrxqueues", "2", netns=ns.name)
-        ip("link", "set", "xsk1", "up", netns=ns.name)
+        ns.add_veth("xsk1", "xsk1p", queues=2)
         with BrokerProcess(ns.name, MAP_POLICY) as b:
             holder = spawn_unprivileged(_hold_map, b.socket_path, "xsk1", 30.0, uid=CONSUMER_UID)
             try:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from xskbroker.client.connection import Connection
-from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, ip, spawn_unprivileged
+from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
@@ -155,13 +155,12 @@ def test_broker_killed_at_every_step_of_a_grant_leaves_nothing_stale(veth: VethN
 
 
 def test_interface_deleted_mid_grant(veth: VethNamespace) -> None:
-    ip("link", "add", "xsk1", "type", "veth", "peer", "name", "xsk1p", netns=veth.name)
-    ip("link", "set", "xsk1", "up", netns=veth.name)
+    veth.add_veth("xsk1", "xsk1p")
     with BrokerProcess(veth.name, BASE, env={"XSKBROKER_FAULT": "after-map-claim:pause"}) as b:
         baseline = b.settled_fds()
         child = spawn_unprivileged(try_grant, b.socket_path, "xsk1", [0], uid=CONSUMER_UID)
         wait_for(lambda: _events(b, "xdp-attach"), what="the grant to reach the kernel")
-        ip("link", "del", "xsk1", netns=veth.name)
+        veth.delete_link("xsk1")
         got = child.result()
         assert got["ok"] is False and got["code"] in ("kernel-error", "no-such-interface"), got
         assert b.proc.poll() is None  # type: ignore[union-attr]
@@ -222,12 +221,11 @@ def test_revoke_cli_prints_what_happened(veth: VethNamespace) -> None:
 # ---- interfaces that change ------------------------------------------------------------------------------
 
 def test_interface_removed_ends_its_leases(veth: VethNamespace) -> None:
-    ip("link", "add", "xsk1", "type", "veth", "peer", "name", "xsk1p", netns=veth.name)
-    ip("link", "set", "xsk1", "up", netns=veth.name)
+    veth.add_veth("xsk1", "xsk1p")
     with BrokerProcess(veth.name, BASE) as b:
         holder = _hold(b, "xsk1", [0])
         try:
-            ip("link", "del", "xsk1", netns=veth.name)
+            veth.delete_link("xsk1")
             wait_for(lambda: not _status(b)["leases"], what="the lease to end with its interface")
         finally:
             holder.kill()
@@ -237,19 +235,17 @@ def test_interface_removed_ends_its_leases(veth: VethNamespace) -> None:
 
 
 def test_rename_keeps_leases_and_new_grants_follow_policy_by_name(veth: VethNamespace) -> None:
-    ip("link", "add", "xsk1", "numtxqueues", "2", "numrxqueues", "2", "type", "veth", "peer", "name", "xsk1p",
-       "numtxqueues", "2", "numrxqueues", "2", netns=veth.name)
-    ip("link", "set", "xsk1", "up", netns=veth.name)
+    veth.add_veth("xsk1", "xsk1p", queues=2)
     with BrokerProcess(veth.name, BASE) as b:
         holder = _hold(b, "xsk1", [0])
         try:
-            ip("link", "set", "xsk1", "name", "other1", netns=veth.name)
+            veth.rename("xsk1", "other1")
             wait_for(lambda: _events(b, "interface-renamed"), what="the rename to be noticed")
             (lease,) = _status(b)["leases"]
             assert lease["interface"] == "other1"
             refused = spawn_unprivileged(try_grant, b.socket_path, "other1", [1], uid=CONSUMER_UID).result()
             assert refused["code"] == "interface-not-allowed"
-            ip("link", "set", "other1", "name", "xsk9", netns=veth.name)
+            veth.rename("other1", "xsk9")
             ok = spawn_unprivileged(try_grant, b.socket_path, "xsk9", [1], uid=CONSUMER_UID).result()
             assert ok["ok"], ok
             assert _status(b)["leases"][0]["interface"] == "xsk9"
@@ -261,7 +257,7 @@ def test_xdp_program_removed_by_someone_else_is_reported(veth: VethNamespace) ->
     with BrokerProcess(veth.name, BASE) as b:
         holder = _hold(b, veth.inside, [0])
         try:
-            subprocess.run(["ip", "-n", veth.name, "link", "set", "dev", veth.inside, "xdp", "off"], check=True)
+            veth.xdp_off(veth.inside)
             changed = wait_for(lambda: _events(b, "xdp-program-changed"), what="the change to be reported")
             assert changed[0]["now"] is None and changed[0]["leases"]
         finally:

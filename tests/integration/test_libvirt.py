@@ -17,7 +17,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from xskbroker.client.libvirt import worker as lvworker
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
-from .conftest import wait_for
+from .conftest import SYSTEM_PYTHON, readable_code, wait_for
 from .test_qmp import NOT_AF_XDP, QEMU, Qemu, qemu
 
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed "
@@ -243,8 +242,10 @@ def test_the_policy_judges_qemus_user_not_root(veth: VethNamespace, tmp_path: Pa
 def run_hook(args: list[str], xml: str, conf: Path,
              hook: Path = HOOK) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(hook), *args], input=xml, text=True, capture_output=True,
-                          env={**os.environ, lvconf.CONFIG_ENV: str(conf), "PYTHONPATH": str(ROOT)}, cwd="/",
+    # the hook's forked agent drops to QEMU's user and still imports: it needs code that user can read
+    done = subprocess.run([SYSTEM_PYTHON, str(hook), *args], input=xml, text=True, capture_output=True,
+                          env={**os.environ, lvconf.CONFIG_ENV: str(conf), "PYTHONPATH": str(readable_code())},
+                          cwd="/",
                           timeout=30, check=False)
     return done, time.monotonic() - started
 
@@ -394,7 +395,8 @@ def libvirtd(workdir: Path, conf: Path) -> Iterator[None]:
     # as an installer would: line 1 names the interpreter that has the package (here also the test's config,
     # since libvirt gives hooks no environment of ours)
     body = HOOK.read_text().split("\n", 1)[1]
-    INSTALLED.write_text(f"#!/usr/bin/env -S {lvconf.CONFIG_ENV}={conf} PYTHONPATH={ROOT} {sys.executable}\n{body}")
+    INSTALLED.write_text(f"#!/usr/bin/env -S {lvconf.CONFIG_ENV}={conf} PYTHONPATH={readable_code()} {SYSTEM_PYTHON}"
+                         f"\n{body}")
     INSTALLED.chmod(0o755)
     daemon = ["libvirtd", "--pid-file", str(workdir / "libvirtd.pid")]
     if kvm_trap():

@@ -6,7 +6,8 @@ import ctypes
 
 from tests.integration.conftest import ns_name
 from xskbroker.broker import netdev
-from xskbroker.testbed.sandbox import in_netns, ip
+from xskbroker.testbed import links
+from xskbroker.testbed.sandbox import in_netns
 
 
 def test_ethtool_channels_is_the_kernels_struct() -> None:
@@ -16,13 +17,12 @@ def test_ethtool_channels_is_the_kernels_struct() -> None:
 
 def test_the_rx_queues_are_counted_not_the_tx_queues() -> None:
     name = ns_name()
-    ip("netns", "add", name)
+    links.create_netns(name)
     try:
         # veth answers ETHTOOL_GCHANNELS with rx_count and tx_count (no combined channels)
-        ip("link", "add", "xskq0", "numrxqueues", "3", "numtxqueues", "5", "type", "veth", "peer", "name", "xskq0p",
-           netns=name)
+        links.add_veth(name, "xskq0", "xskq0p", queues=3, tx_queues=5)
         with in_netns(name):
             assert netdev.queue_count("xskq0") == 3
             assert netdev.queue_count("lo") == 1  # no get_channels: counted in sysfs
     finally:
-        ip("netns", "del", name)
+        links.remove_netns(name)

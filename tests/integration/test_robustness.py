@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import open_sockets, request, request_fds
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, ip, spawn_unprivileged
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
@@ -569,10 +569,11 @@ def _fd_indexes(reply: dict[str, Any]) -> list[int]:
     return out
 
 
-def fuzz_consumer(path: str, messages: int, batch: int, seed: int) -> dict[str, Any]:
-    """Runs unprivileged: hypothesis generates batches of messages, each batch sent on the live broker."""
+def fuzz_consumer(path: str, messages: int, batch: int, seed: int, docs: str) -> dict[str, Any]:
+    """Runs unprivileged: hypothesis generates batches of messages, each batch sent on the live broker.
+    `docs` is docs/protocol.md, read by the parent: the clone may sit where this uid cannot enter."""
     sys.setrecursionlimit(20_000)  # parse as deep as the broker might, to know what it saw
-    client = FuzzClient(path, DOCS.read_text())
+    client = FuzzClient(path, docs)
     examples = max(1, math.ceil(messages / batch))
     batches = iter(range(1 << 62))
 
@@ -599,9 +600,7 @@ def fuzz_bed() -> Iterator[BrokerProcess]:
     """A broker in a namespace with two veth pairs: xsk0 (two queues) for bound and bare grants, xsk1 for the
     map grant (which holds its interface until the holder exits)."""
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns:
-        ip("link", "add", "xsk1", "type", "veth", "peer", "name", "xsk1p", netns=ns.name)
-        for dev in ("xsk1", "xsk1p"):
-            ip("link", "set", dev, "up", netns=ns.name)
+        ns.add_veth("xsk1", "xsk1p")
         with BrokerProcess(ns.name, FUZZ_POLICY, umem_pool=UMEM_POOL) as b:
             yield b
 
@@ -616,7 +615,7 @@ def test_fuzzed_messages_each_get_one_well_formed_reply(figures) -> None:  # typ
         before = _census(b)
         rss_before = _rss_kib(b.pid)
         child = spawn_unprivileged(fuzz_consumer, b.socket_path, FUZZ_MESSAGES, FUZZ_BATCH, FUZZ_SEED,
-                                   uid=CONSUMER_UID)
+                                   DOCS.read_text(), uid=CONSUMER_UID)
         try:
             got = child.result(timeout=120 + FUZZ_MESSAGES / 50)
         except (RuntimeError, TimeoutError) as e:  # the broker's own account of what went wrong, if any

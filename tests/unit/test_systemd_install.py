@@ -27,6 +27,7 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def test_install_is_complete_and_idempotent(tmp_path: Path) -> None:
+    (tmp_path / "etc/libvirt").mkdir(parents=True)  # libvirt is installed: the hook goes in
     run("--root", str(tmp_path))
     first = tree(tmp_path)
     assert set(first) == {
@@ -50,6 +51,7 @@ def test_prefix_and_bindir_reach_the_units(tmp_path: Path) -> None:
     command = tmp_path / "opt/xskbroker/bin/xskbroker"
     command.parent.mkdir(parents=True)
     command.write_text("#!/opt/xskbroker/venv/bin/python\nimport sys\n")
+    (tmp_path / "etc/libvirt").mkdir(parents=True)
     run("install", "--prefix", "/usr", "--bindir", "/opt/xskbroker/bin", "--root", str(tmp_path), "--quiet")
     # the libvirt hook runs with the interpreter the installed command uses
     hook = (tmp_path / "etc/libvirt/hooks/qemu.d/xskbroker").read_text()
