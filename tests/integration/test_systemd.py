@@ -299,6 +299,14 @@ def test_revoke_signal_under_the_units_capabilities(veth: VethNamespace, figures
         figures(unit_revoke_signal=unit["not_signalled"])
 
 
+def _holds_memfd(pid: int) -> bool:
+    """Whether the process has a UMEM memfd open: the grant's reply reached it."""
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:") for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv is not installed (apt-get install util-linux)")
 @pytest.mark.parametrize(("proc_options", "holder_known"),
                          [("subset=pid", True), ("subset=pid,hidepid=invisible", False)],
@@ -325,6 +333,8 @@ def test_a_lease_outlives_a_crash_of_the_sandboxed_broker(veth: VethNamespace, p
         holder = spawn_unprivileged(hold_grant, first.path, veth.inside, [0], 20.0, uid=CONSUMER_UID)
         try:
             wait_for(lambda: any(r.get("decision") == "allow" for r in first.records()), 10, "the grant")
+            # the record is written before the reply leaves: a kill in between would take the sockets with it
+            wait_for(lambda: _holds_memfd(holder.pid), 10, "the holder to have the grant's fds")
             first.proc.kill()  # a crash: no clean-up, the lease journal is all that is left
             first.stop()
             second = start()
