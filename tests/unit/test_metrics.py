@@ -231,3 +231,12 @@ def test_the_service_counts_and_only_admins_see_metrics(tmp_path: Path) -> None:
     assert m["leases"]["bound"] == len(admin["leases"]) and m["reloads"] == {"ok": 1, "failed": 0}
     assert m["pinned_bytes"] == sum(x["umem_bytes"] for x in admin["leases"]) > 0
     assert m["connections"] == 0  # no server around the service: nobody to count
+
+
+def test_version_names_the_package(capsys: pytest.CaptureFixture[str]) -> None:
+    from xskbroker.broker import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"xskbroker {version()}\n"
+    assert version()[0].isdigit()
