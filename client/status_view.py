@@ -50,9 +50,10 @@ def summary(m: MetricsInfo) -> str:
 
 
 def _state(revoked: bool, orphaned: bool, misbound: int | None) -> str:
-    states = [s for s, on in (("revoked", revoked), ("orphaned", orphaned)) if on]
+    """"held", or what an operator should notice, in capitals."""
+    states = [s for s, on in (("REVOKED", revoked), ("ORPHANED", orphaned)) if on]
     if misbound is not None:
-        states.append(f"misbound@{misbound}")
+        states.append(f"MISBOUND@{misbound}")
     return ",".join(states) or "held"
 
 
