@@ -37,6 +37,20 @@ def _seconds(text: str) -> float:
     return value
 
 
+class _Version(argparse.Action):
+    """--version: the package's version, looked up only when asked (importlib.metadata costs milliseconds)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from xskbroker.broker.metrics import version
+
+        print(f"xskbroker {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xskbroker.broker.doctor import add_parser as add_doctor_parser
     from xskbroker.client.connection import DEFAULT_SOCKET
@@ -46,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xskbroker", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Hand AF_XDP sockets to unprivileged programs, as a policy allows.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the broker in the foreground (root)",

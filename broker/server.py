@@ -118,6 +118,7 @@ class Server:
         # one fd kept spare: when accept fails for want of fds, freeing it lets us take the connection and say why
         self._spare: int | None = _open_spare()
         self.service = service
+        service.metrics.connections = lambda: len(self.conns)
         self.audit = audit
         self.policy_path = policy_path
         self.sel = selectors.DefaultSelector()
@@ -240,6 +241,7 @@ class Server:
         try:
             policy = load_policy(self.policy_path)
         except PolicyError as e:
+            self.service.metrics.reloaded(False)
             self.audit({"event": "policy-reload-failed", "path": self.policy_path, "errors": e.errors,
                         "kept": "previous policy"})
             return

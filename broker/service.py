@@ -28,6 +28,7 @@ from xskbroker.broker.grants import Grants
 from xskbroker.broker.kernel import Kernel, LinuxKernel, Program
 from xskbroker.broker.leases import LeaseTable
 from xskbroker.broker.lifecycle import Lifecycle
+from xskbroker.broker.metrics import Metrics
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.umem_pool import UmemPool
 from xskbroker.broker.workers import Workers
@@ -62,7 +63,8 @@ class Service(Grants, Lifecycle):
                  signal_holder: SignalFn = no_signals, link_events: bool = False,
                  fault: Callable[[str], None] = faults.none) -> None:
         self.policy = policy
-        self.audit = audit
+        self.metrics = Metrics()
+        self.audit = self.metrics.tap(audit)  # grant decisions are counted as they are recorded
         self.xdp_mode = xdp_mode
         self.fault = fault
         self.kernel = kernel if kernel is not None else LinuxKernel(fault)
@@ -89,6 +91,7 @@ class Service(Grants, Lifecycle):
     def reload(self, policy: Policy, source: str | None = None) -> None:
         """Judge every request from now on by `policy` (leases already granted stay)."""
         self.policy = policy
+        self.metrics.reloaded(True)
         self.audit({"event": "policy-reloaded", "path": source, "rules": len(policy.rules)})
 
     def forget_programs(self) -> None:
@@ -171,4 +174,5 @@ class Service(Grants, Lifecycle):
                 used = quotas.usage(scope, held)
                 usage.append(QuotaUsage(q.name, f"{scope[0]} {scope[1]}", used.queues, q.max_queues, used.umem,
                                         q.max_umem))
-        return StatusReply(leases, interfaces, tuple(usage), admin, req_id=req.req_id)
+        metrics = self.metrics.snapshot(self.leases) if admin else None  # broker-wide: admins only
+        return StatusReply(leases, interfaces, tuple(usage), admin, metrics, req_id=req.req_id)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -86,9 +87,22 @@ def add_client_parsers(sub: Any) -> None:
     v.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
     v.set_defaults(func=cmd_revoke)
 
-    s = sub.add_parser("status", help="show the leases this user holds (root: all) and attached programs")
+    s = sub.add_parser(
+        "status", help="show the leases this user holds (admins: all), attached programs, quotas and metrics",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ask the broker what it holds. Everyone sees their own leases and quota usage; an admin (the "
+        "policy's [admin] table, root by default) sees every lease and the broker-wide metrics, which "
+        "--format prometheus prints in Prometheus's text format (for node_exporter's textfile collector).",
+        epilog="example (a timer for node_exporter, as root):\n  xskbroker status --format prometheus "
+        "--output /var/lib/prometheus/node-exporter/xskbroker.prom")
     s.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
-    s.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
+    s.add_argument("--format", choices=("table", "json", "prometheus"), default="table",
+                   help="table for people (default), the broker's reply as JSON, or Prometheus text exposition "
+                   "(admins only)")
+    s.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
+    s.add_argument("--output", "-o", metavar="FILE",
+                   help="write to FILE (replaced whole, atomically, so a collector never reads half of it) "
+                   "instead of standard output; on any error FILE is left as it was")
     s.set_defaults(func=cmd_status)
 
 
@@ -132,28 +146,47 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from xskbroker.client import status_view
+
+    as_json = args.format == "json"
     try:
         with Connection(args.socket) as conn:
             reply, _ = conn.call_typed(proto.Status())
     except (proto.BrokerError, ConnectionError, OSError) as e:
-        return _fail(e, args.json)
-    if args.json:
-        print(json.dumps(reply.raw))
+        return _fail(e, as_json)
+    if args.format == "prometheus":
+        if reply.metrics is None:
+            why = ("broker-wide metrics are for admins (the policy's [admin] table); `xskbroker status` shows "
+                   "your own leases and quotas" if not reply.admin else "this broker sends no metrics (older version)")
+            return _fail(proto.BrokerError(ErrorCode.NOT_ADMIN if not reply.admin else ErrorCode.BAD_REPLY, why),
+                         False)
+        text = status_view.prometheus(reply.metrics)
+    else:
+        text = json.dumps(reply.raw) + "\n" if as_json else status_view.table(reply) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
         return 0
-    print(f"{len(reply.interfaces)} interface(s) with the XSK program:")
-    for i in reply.interfaces:
-        print(f"  {i.interface or '?'} (ifindex {i.ifindex}): program {i.xdp_prog_id} ({i.xdp_mode}), "
-              f"{i.map_entries} slots, {i.leases} lease(s)")
-    scope = "all" if reply.admin else "yours"
-    print(f"{len(reply.leases)} lease(s) ({scope}):")
-    for lease in reply.leases:
-        flag = " REVOKED" if lease.revoked else ""
-        print(f"  {lease.lease}: uid {lease.uid} pid {lease.pid} {lease.interface} queues "
-              f"{list(lease.queues)} {lease.kind} {lease.umem_bytes} bytes, {lease.age_s:.0f}s old{flag}")
-    for q in reply.quotas:
-        print(f"  quota {q.quota} ({q.scope}): queues {q.queues}/{q.max_queues or '-'}, "
-              f"UMEM {q.umem}/{q.max_umem or '-'} bytes")
+    try:
+        _replace_file(args.output, text)
+    except OSError as e:
+        print(f"xskbroker status: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _replace_file(path: str, text: str) -> None:
+    """Write a new file beside path and rename it over path: readers see the old file or the new, whole."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # a collector running as another user reads it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

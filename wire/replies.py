@@ -10,6 +10,7 @@ a newer broker's additions pass through. `raw` holds the JSON object as received
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import types
 import typing
@@ -91,6 +92,8 @@ def _to_json(value: Any) -> Any:
         return value.to_wire()
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
     return value
 
 
@@ -107,6 +110,11 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         return value
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(options) == 1:  # X | None, not None: X's own message says what is wrong inside it
+            return _check(value, options[0], where)
         for option in typing.get_args(hint):
             try:
                 return _check(value, option, where)
@@ -121,7 +129,8 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     if origin in (dict, Mapping):
         if not isinstance(value, dict):
             raise _bad(where, "an object")
-        return value
+        item = typing.get_args(hint)[1] if typing.get_args(hint) else Any
+        return value if item is Any else {k: _check(v, item, f"{where}.{k}") for k, v in value.items()}
     if isinstance(hint, type) and issubclass(hint, Record):
         return hint.from_wire(value, where)
     if hint is float:  # a JSON number: 0 may come as an integer
@@ -240,6 +249,42 @@ class QuotaUsage(Record):
     max_umem: int | None
 
 
+@dataclass(frozen=True)
+class HistogramInfo(Record):
+    """A histogram as Prometheus keeps one: `buckets[i]` observations were at most `le[i]` (cumulative, `le`
+    ascending); `count` is every observation (the +Inf bucket), `sum` their total."""
+
+    le: tuple[float, ...]
+    buckets: tuple[int, ...]
+    sum: float
+    count: int
+
+    @classmethod
+    def from_wire(cls, obj: Any, where: str = "reply") -> typing.Self:
+        h = super().from_wire(obj, where)
+        counts = (*h.buckets, h.count)
+        if len(h.le) != len(h.buckets) or list(h.le) != sorted(set(h.le)) or counts[0] < 0 or any(
+                a > b for a, b in itertools.pairwise(counts)):
+            raise _bad(where, "a histogram: one cumulative count per ascending bound, none above count")
+        return h
+
+
+@dataclass(frozen=True)
+class MetricsInfo(Record):
+    """Broker-wide counters since the broker started, for admins only (see docs/protocol.md, `status`)."""
+
+    version: str
+    start_time: float  # Unix time the broker started
+    uptime_s: float
+    grants: int  # grants made
+    refusals: dict[str, int]  # grant requests refused, by error code
+    leases: dict[str, int]  # live leases by kind
+    pinned_bytes: int  # UMEM and ring memory the live bound leases pin
+    connections: int  # client connections open now
+    reloads: dict[str, int]  # policy reloads: "ok", "failed"
+    grant_seconds: dict[str, HistogramInfo]  # grant latency by decision: "allow", "deny"
+
+
 # ---- replies ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -319,6 +364,8 @@ class StatusReply(OkReply):
     interfaces: tuple[InterfaceInfo, ...]
     quotas: tuple[QuotaUsage, ...] = ()
     admin: bool = False
+    # admins only; left out for everyone else
+    metrics: MetricsInfo | None = field(default=None, metadata={"omit": _omit_if_none})
 
 
 @dataclass(frozen=True)
