@@ -42,6 +42,7 @@ from xskbroker.wire.replies import (
     PeerCred,
     QuotaUsage,
     RevokeReply,
+    StatusExtras,
     StatusReply,
 )
 
@@ -81,6 +82,8 @@ class Service(Grants, Lifecycle):
         self.signal_holder = signal_holder
         self.link_events = link_events
         self.squat = squat.SquatWatch(self.kernel.slot_probe)  # where bare sockets are bound (their holders bind)
+        # the daemon's `policy` (last-good fallback) and `limits` fields of the status reply, given admin or not
+        self.describe: Callable[[bool], StatusExtras] = lambda admin: {}
 
     def watch_links(self, watched: bool = True) -> None:
         """Link events are (or are no longer) delivered to link_event(): cached programs can be trusted."""
@@ -171,4 +174,4 @@ class Service(Grants, Lifecycle):
                 used = quotas.usage(scope, held)
                 usage.append(QuotaUsage(q.name, f"{scope[0]} {scope[1]}", used.queues, q.max_queues, used.umem,
                                         q.max_umem))
-        return StatusReply(leases, interfaces, tuple(usage), admin, req_id=req.req_id)
+        return StatusReply(leases, interfaces, tuple(usage), admin, req_id=req.req_id, **self.describe(admin))

@@ -319,6 +319,17 @@ class StatusReply(OkReply):
     interfaces: tuple[InterfaceInfo, ...]
     quotas: tuple[QuotaUsage, ...] = ()
     admin: bool = False
+    # the policy in force (fallback: the file on disk is broken and the last good copy runs) and the broker's
+    # effective memlock and fd limits; absent from older brokers
+    policy: dict[str, Any] | None = field(default=None, metadata={"omit": _omit_if_none})
+    limits: dict[str, Any] | None = field(default=None, metadata={"omit": _omit_if_none})
+
+
+class StatusExtras(typing.TypedDict, total=False):
+    """The optional fields of StatusReply, as the daemon supplies them."""
+
+    policy: dict[str, Any]
+    limits: dict[str, Any]
 
 
 @dataclass(frozen=True)
