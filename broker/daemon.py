@@ -60,6 +60,8 @@ def serve(args: argparse.Namespace) -> int:
     status = _Status(sink, notifier, keeper)
     audit: AuditFn = Throttle(status)
     keeper.audit = audit
+    if keeper.save_error:  # at start the copy was written before there was an audit to tell
+        audit({"event": "policy-lastgood-unsaved", "error": keeper.save_error})
     if keeper.fallback:
         print(f"xskbroker: {keeper.status_note()}", file=sys.stderr)
         audit({"event": "policy-fallback", "path": args.policy, "errors": keeper.errors,

@@ -9,6 +9,7 @@ in force is read, never assumed.
 
 from __future__ import annotations
 
+import functools
 import resource
 from typing import Any
 
@@ -26,6 +27,7 @@ def _size(n: int) -> str:
     return "unlimited" if n == resource.RLIM_INFINITY else format_size(n)
 
 
+@functools.cache  # capabilities do not change under a running broker; STATUS= asks at every grant
 def ipc_lock() -> bool:
     """Whether this process holds CAP_IPC_LOCK (then no memlock limit applies to what it pins)."""
     try:

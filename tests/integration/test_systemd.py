@@ -324,7 +324,9 @@ def test_a_lease_outlives_a_crash_of_the_sandboxed_broker(veth: VethNamespace, p
         first = start()
         holder = spawn_unprivileged(hold_grant, first.path, veth.inside, [0], 20.0, uid=CONSUMER_UID)
         try:
-            wait_for(lambda: any(r.get("decision") == "allow" for r in first.records()), 10, "the grant")
+            # the holder has its fds (the audit record comes before the reply is sent: killing the broker then
+            # would leave a lease whose sockets never reached anyone)
+            wait_for(lambda: _has_memfd(holder.pid), 10, "the grant's fds in the holder")
             first.proc.kill()  # a crash: no clean-up, the lease journal is all that is left
             first.stop()
             second = start()
@@ -338,6 +340,12 @@ def test_a_lease_outlives_a_crash_of_the_sandboxed_broker(veth: VethNamespace, p
             assert lease["pid"] == holder.pid and lease["orphaned"] is (not holder_known), lease
         finally:
             holder.kill()
+
+
+def _has_memfd(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return False
 
 
 JOURNALD = "/lib/systemd/systemd-journald"
