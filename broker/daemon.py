@@ -15,13 +15,13 @@ import socket
 import sys
 from typing import Any
 
-from xskbroker.broker import faults, systemd
+from xskbroker.broker import faults, lastgood, limits, systemd
 from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.server import MAX_CONNECTIONS, Server, listen
 from xskbroker.broker.service import Service
 from xskbroker.common import safefiles
-from xskbroker.policy import PolicyError, load_policy
+from xskbroker.policy import PolicyError
 
 
 def _gid(group: str | None) -> int | None:
@@ -37,13 +37,6 @@ def _gid(group: str | None) -> int | None:
 
 def serve(args: argparse.Namespace) -> int:
     try:
-        policy = load_policy(args.policy)
-    except PolicyError as e:
-        print("xskbroker: the policy has errors; not starting:", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    try:
         sink = make_audit(getattr(args, "audit", "auto"), sys.stderr)
     except AuditSetupError as e:
         print(f"xskbroker: {e}", file=sys.stderr)
@@ -55,8 +48,24 @@ def serve(args: argparse.Namespace) -> int:
         print(f"xskbroker: {e}; not starting", file=sys.stderr)
         return 1
     notifier = systemd.Notifier()
-    status = _Status(sink, notifier)
+    keeper = lastgood.PolicyKeeper(args.policy, state_dir)
+    try:  # a broken file with a last good copy: run the copy, loudly (below); with none, nothing safe to run
+        policy = keeper.start()
+    except PolicyError as e:
+        print("xskbroker: the policy has errors; not starting:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        notifier.send(STATUS=f"not starting: the policy has errors ({e.errors[0] if e.errors else ''})")
+        return 1
+    status = _Status(sink, notifier, keeper)
     audit: AuditFn = Throttle(status)
+    keeper.audit = audit
+    if keeper.save_error:  # at start the copy was written before there was an audit to tell
+        audit({"event": "policy-lastgood-unsaved", "error": keeper.save_error})
+    if keeper.fallback:
+        print(f"xskbroker: {keeper.status_note()}", file=sys.stderr)
+        audit({"event": "policy-fallback", "path": args.policy, "errors": keeper.errors,
+               "copy": os.path.join(state_dir, lastgood.FILENAME), "copy_saved_at": keeper.copy_saved_at})
     _raise_fd_limit()
     try:
         listener = systemd.seqpacket_listener(systemd.listen_fds())
@@ -77,12 +86,18 @@ def serve(args: argparse.Namespace) -> int:
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
                       umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault)
     service.recover()
+    usec = systemd.watchdog_usec()
+    watchdog = systemd.Watchdog(notifier, usec) if usec is not None and notifier.enabled else None
+    max_connections = getattr(args, "max_connections", MAX_CONNECTIONS)
     server = Server(listener, service, audit, args.policy, idle_timeout=getattr(args, "idle_timeout", None),
-                    refuse_fds=not getattr(args, "accept_passed_fds", False),
-                    max_connections=getattr(args, "max_connections", MAX_CONNECTIONS), holders=holders, fault=fault)
+                    refuse_fds=not getattr(args, "accept_passed_fds", False), max_connections=max_connections,
+                    holders=holders, fault=fault, watchdog=watchdog, policy_loader=keeper.reload)
     status.service = service
+    service.describe = lambda admin: {"policy": keeper.describe(admin), "limits": limits.effective(max_connections)}
     audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
-           "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid()})
+           "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid(),
+           "policy_fallback": keeper.fallback, "limits": limits.effective(max_connections),
+           "watchdog_s": watchdog.interval * 2 if watchdog else None})
     notifier.ready(status.text())
     try:
         server.run()
@@ -119,9 +134,10 @@ class _Status:
     """The audit sink, plus a STATUS= line for the service manager kept current as leases come and go
     (`systemctl status xskbroker` shows it). Sent only when it changes."""
 
-    def __init__(self, sink: AuditFn, notifier: systemd.Notifier) -> None:
+    def __init__(self, sink: AuditFn, notifier: systemd.Notifier, keeper: lastgood.PolicyKeeper | None = None) -> None:
         self.sink = sink
         self.notifier = notifier
+        self.keeper = keeper
         self.service: Service | None = None
         self.allowed = self.denied = 0
         self.stop_reason = "stopping"
@@ -145,7 +161,10 @@ class _Status:
         leases = list(self.service.leases) if self.service is not None else []
         where = sorted({lease.ifname for lease in leases})
         held = f"{len(leases)} lease{'' if len(leases) == 1 else 's'}" + (f" on {', '.join(where)}" if where else "")
-        return f"{held}; {self.allowed} granted, {self.denied} denied since start"
+        note = self.keeper.status_note() if self.keeper is not None else None
+        # the policy warning first (loud: it is what `systemctl status` shows), the limits last
+        return "; ".join(x for x in (note, f"{held}; {self.allowed} granted, {self.denied} denied since start",
+                                     limits.summary()) if x)
 
     def stopping_text(self) -> str:
         return f"{self.stop_reason}; {self.text()}"

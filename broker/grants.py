@@ -12,7 +12,7 @@ import time
 from resource import RLIM_INFINITY
 from typing import Any
 
-from xskbroker.broker import squat
+from xskbroker.broker import limits, squat
 from xskbroker.broker.core import Core, Deferred, MemlockRaise, Outcome, Refused, policy_peer
 from xskbroker.broker.kernel import (
     BUSY_RETRY_SECONDS,
@@ -22,6 +22,7 @@ from xskbroker.broker.kernel import (
     Prepared,
     Program,
     QueueBusy,
+    bpf_blocked,
 )
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.workers import Job
@@ -394,7 +395,11 @@ class Grants(Core):
         except ForeignProgram as e:
             raise Refused(ErrorCode.XDP_FOREIGN_PROGRAM, e.strerror or str(e)) from None
         except OSError as e:
-            raise Refused(ErrorCode.XDP_ATTACH_FAILED, e.strerror or str(e)) from None
+            why = e.strerror or str(e)
+            if e.errno in (errno.EPERM, errno.ENOSYS) and bpf_blocked():
+                why = (f"bpf() is not permitted here: a seccomp filter refuses it ({why}); allow the bpf system "
+                       "call (SystemCallFilter=bpf, systemd-nspawn --system-call-filter=bpf, a container's profile)")
+            raise Refused(ErrorCode.XDP_ATTACH_FAILED, why) from None
         self.programs[ifindex] = prog
         self.names[ifindex] = ifname
         if prog.attached_now:
@@ -407,7 +412,10 @@ def refusal(e: BaseException, ifname: str, queue: int) -> BaseException:
     if isinstance(e, QueueBusy):
         return Refused(ErrorCode.QUEUE_BUSY, f"{ifname} queue {queue} is held by another socket")
     if isinstance(e, OSError):
-        return Refused(ErrorCode.KERNEL_ERROR, f"{ifname} queue {queue}: {e.strerror or e}",
+        pinning = e.errno in (errno.ENOBUFS, errno.ENOMEM) and "XDP_UMEM_REG" in (e.strerror or "")
+        why = limits.memlock_exhausted() if pinning else None  # else the bare "No buffer space available"
+        message = f"{ifname} queue {queue}: {e.strerror or e}" + (f"; {why}" if why else "")
+        return Refused(ErrorCode.KERNEL_ERROR, message,
                        errno=errno.errorcode.get(e.errno or 0, str(e.errno)))
     return e
 

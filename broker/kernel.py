@@ -22,6 +22,7 @@ from xskbroker.wire.protocol import Geometry
 NoSuchInterface = netdev.NoSuchInterface
 NotCanonical = netdev.NotCanonical
 ForeignProgram = xdp_prog.ForeignProgram
+bpf_blocked = xdp_prog.bpf_blocked  # a seccomp filter refuses bpf(2) here: what an EPERM from attach means
 QueueBusy = xsk.QueueBusy
 BoundSocket = xsk.BoundSocket
 BUSY_RETRY_SECONDS = xsk.BUSY_RETRY_SECONDS

@@ -25,8 +25,9 @@ from xskbroker.broker import peer as peers
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.service import Deferred, Outcome, Service, policy_peer
+from xskbroker.broker.systemd import Watchdog
 from xskbroker.common.procfs import is_process, pidfd_open
-from xskbroker.policy import Holding, PolicyError, load_policy
+from xskbroker.policy import Holding, Policy, PolicyError, load_policy
 from xskbroker.policy import quota as quotas
 from xskbroker.policy.admin import is_admin
 from xskbroker.wire import protocol as proto
@@ -106,8 +107,11 @@ class Server:
     def __init__(self, listener: socket.socket, service: Service, audit: Callable[[dict[str, Any]], None],
                  policy_path: str | None = None, idle_timeout: float | None = None, *,
                  refuse_fds: bool = True, max_connections: int = MAX_CONNECTIONS, holders: Holders | None = None,
-                 fault: faults.FaultHook = faults.none) -> None:
+                 fault: faults.FaultHook = faults.none, watchdog: Watchdog | None = None,
+                 policy_loader: Callable[[str], Policy] = load_policy) -> None:
         self.listener = listener
+        self.watchdog = watchdog  # WATCHDOG=1 from this loop, so that a stuck loop sends none
+        self.policy_loader = policy_loader  # reload: the daemon's keeps the last good copy
         self.idle_timeout = idle_timeout  # exit after this long with no connection and no lease
         self._idle_since: float | None = None
         # Refused at the socket, a client's fds never reach us; where the kernel can't (or for messages queued
@@ -160,6 +164,8 @@ class Server:
         handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             while not self.stopping:
+                if self.watchdog is not None:
+                    self.watchdog.beat()
                 # orphaned leases give no event when their sockets close, nor does a bare socket bound by its
                 # holder to a queue it was not granted: look at them every few seconds
                 poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() or self.service.has_bare() else None
@@ -167,7 +173,8 @@ class Server:
                 retry = max(0.0, min(due) - time.monotonic()) if due else None
                 idle_left = self._idle_left()
                 summary = _flush_due(self.audit)
-                timeout = min((t for t in (poll, idle_left, retry, summary) if t is not None), default=None)
+                ping = self.watchdog.timeout() if self.watchdog is not None else None
+                timeout = min((t for t in (poll, idle_left, retry, summary, ping) if t is not None), default=None)
                 events = self.sel.select(timeout)
                 for key, _ in events:
                     key.data(key.fileobj)
@@ -239,7 +246,7 @@ class Server:
         if not self.policy_path:
             return
         try:
-            policy = load_policy(self.policy_path)
+            policy = self.policy_loader(self.policy_path)
         except PolicyError as e:
             self.service.metrics.reloaded(False)
             self.audit({"event": "policy-reload-failed", "path": self.policy_path, "errors": e.errors,

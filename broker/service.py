@@ -43,6 +43,7 @@ from xskbroker.wire.replies import (
     PeerCred,
     QuotaUsage,
     RevokeReply,
+    StatusExtras,
     StatusReply,
 )
 
@@ -83,6 +84,8 @@ class Service(Grants, Lifecycle):
         self.signal_holder = signal_holder
         self.link_events = link_events
         self.squat = squat.SquatWatch(self.kernel.slot_probe)  # where bare sockets are bound (their holders bind)
+        # the daemon's `policy` (last-good fallback) and `limits` fields of the status reply, given admin or not
+        self.describe: Callable[[bool], StatusExtras] = lambda admin: {}
 
     def watch_links(self, watched: bool = True) -> None:
         """Link events are (or are no longer) delivered to link_event(): cached programs can be trusted."""
@@ -175,4 +178,5 @@ class Service(Grants, Lifecycle):
                 usage.append(QuotaUsage(q.name, f"{scope[0]} {scope[1]}", used.queues, q.max_queues, used.umem,
                                         q.max_umem))
         metrics = self.metrics.snapshot(self.leases) if admin else None  # broker-wide: admins only
-        return StatusReply(leases, interfaces, tuple(usage), admin, metrics, req_id=req.req_id)
+        return StatusReply(leases, interfaces, tuple(usage), admin, metrics, req_id=req.req_id,
+                           **self.describe(admin))

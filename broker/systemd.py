@@ -5,6 +5,8 @@ LISTEN_PID (who they are for) and LISTEN_FDNAMES (colon-separated names). Readin
 KEY=VALUE lines (READY=1, STATUS=..., STOPPING=1) to the AF_UNIX socket named by $NOTIFY_SOCKET, where
 a leading '@' means the abstract namespace. Both are stable, documented interfaces (sd_listen_fds(3),
 sd_notify(3)); on a host without systemd nothing is set and every function here does nothing.
+The watchdog (WatchdogSec=): the manager sets WATCHDOG_USEC (and WATCHDOG_PID) and restarts the service
+when no WATCHDOG=1 arrives within that time; the event loop sends one every half of it (sd_watchdog_enabled(3)).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Iterable, Mapping, MutableMapping
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 LISTEN_FDS_START = 3
 LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+WATCHDOG_VARS = ("WATCHDOG_USEC", "WATCHDOG_PID")
 MAX_STATUS = 512  # STATUS= is shown by `systemctl status`: one line, kept short
 
 
@@ -184,3 +188,46 @@ class Notifier:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+
+
+def watchdog_usec(env: MutableMapping[str, str] | None = None, pid: int | None = None,
+                  unset: bool = True) -> int | None:
+    """As sd_watchdog_enabled: the watchdog timeout in microseconds when the manager asked this process
+    for pings, else None (unset, malformed, zero, or meant for another pid). The variables are removed
+    (unset=True): a child must not think the manager watches it."""
+    env = os.environ if env is None else env
+    usec_text, pid_text = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
+    if unset:
+        for name in WATCHDOG_VARS:
+            env.pop(name, None)
+    try:
+        usec = int(usec_text) if usec_text is not None else 0
+        for_pid = int(pid_text) if pid_text is not None else None
+    except ValueError:
+        return None
+    if usec <= 0 or (for_pid is not None and for_pid != (os.getpid() if pid is None else pid)):
+        return None
+    return usec
+
+
+class Watchdog:
+    """WATCHDOG=1 every half of the manager's timeout, sent by the event loop when it comes round: a loop
+    stuck in a kernel call (or a stopped process) sends none, and the manager restarts the service."""
+
+    def __init__(self, notifier: Notifier, usec: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.notifier = notifier
+        self.interval = usec / 2e6
+        self.clock = clock
+        self.due = clock()  # the first ping goes with the first turn of the loop
+        self.sent = 0
+
+    def timeout(self) -> float:
+        """Seconds the loop may sleep before the next ping is due."""
+        return max(0.0, self.due - self.clock())
+
+    def beat(self) -> None:
+        now = self.clock()
+        if now >= self.due:
+            self.notifier.send(WATCHDOG=1)
+            self.sent += 1
+            self.due = now + self.interval

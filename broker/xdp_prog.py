@@ -22,6 +22,30 @@ DISPATCHER_NAME = "xdp_dispatcher"
 MODES = ("auto", "native", "skb")
 
 
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+
+
+def bpf_blocked() -> bool:
+    """Whether bpf(2) is refused to this process before the kernel sees it: a seccomp filter (a container
+    runtime's default profile, a unit's SystemCallFilter= without bpf). Probed with a command no kernel
+    knows, which reaches the kernel's EINVAL unless a filter answers EPERM/ENOSYS first."""
+    nr = _SYS_BPF.get(os.uname().machine)
+    if nr is None:
+        return False
+    try:
+        with open("/proc/self/status") as f:
+            filtered = any(line.split()[1:] == ["2"] for line in f if line.startswith("Seccomp:"))
+    except OSError:
+        return False
+    if not filtered:  # no filter: an EPERM is the kernel's own (capabilities), not "bpf() is blocked"
+        return False
+    import ctypes  # only on this error path
+
+    from xskbroker.common.libc import libc
+    ret = libc.syscall(ctypes.c_long(nr), ctypes.c_int(0x7FFF), ctypes.c_void_p(None), ctypes.c_uint(0))
+    return ret == -1 and ctypes.get_errno() in (errno.EPERM, errno.ENOSYS)
+
+
 class ForeignProgram(OSError):
     """Another XDP program owns the interface."""
 

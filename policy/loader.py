@@ -413,6 +413,12 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
     return _merge([_parse_text(text, filename)], [], [filename])
 
 
+def parse_documents(documents: list[tuple[str, str]]) -> Policy:
+    """Parse and merge (filename, text) documents as load_policy merges a file and its policy.d/ (the
+    broker's last-good copy holds them so); raises PolicyError listing every problem."""
+    return _merge([_parse_text(text, name) for name, text in documents], [], [name for name, _ in documents])
+
+
 def _read(path: str, errors: list[str], name: str | None = None, dir_fd: int | None = None) -> str | None:
     """The file's text if it may be trusted (checked on the opened file: no swap after the check).
     With dir_fd, `name` is opened relative to that directory and `path` names it in messages."""

@@ -366,6 +366,17 @@ class StatusReply(OkReply):
     admin: bool = False
     # admins only; left out for everyone else
     metrics: MetricsInfo | None = field(default=None, metadata={"omit": _omit_if_none})
+    # the policy in force (fallback: the file on disk is broken and the last good copy runs) and the broker's
+    # effective memlock and fd limits; absent from older brokers
+    policy: dict[str, Any] | None = field(default=None, metadata={"omit": _omit_if_none})
+    limits: dict[str, Any] | None = field(default=None, metadata={"omit": _omit_if_none})
+
+
+class StatusExtras(typing.TypedDict, total=False):
+    """The optional fields of StatusReply, as the daemon supplies them."""
+
+    policy: dict[str, Any]
+    limits: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -124,3 +124,36 @@ def test_daemon_refuses_a_passed_socket_of_the_wrong_kind(tmp_path: Path) -> Non
     stream.close()
     assert done.returncode == 1
     assert "ListenSequentialPacket" in done.stderr
+
+
+def test_watchdog_usec_as_sd_watchdog_enabled() -> None:
+    from xskbroker.broker.systemd import watchdog_usec
+    env = {"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}
+    assert watchdog_usec(dict(env), pid=42) == 30_000_000
+    assert watchdog_usec(dict(env), pid=43) is None  # inherited, meant for another process
+    assert watchdog_usec({"WATCHDOG_USEC": "30000000"}, pid=43) == 30_000_000  # no pid given: ours
+    for bad in ({"WATCHDOG_USEC": "0"}, {"WATCHDOG_USEC": "x"}, {"WATCHDOG_USEC": "-5"}, {}):
+        assert watchdog_usec(dict(bad), pid=1) is None
+    mine = dict(env)
+    watchdog_usec(mine, pid=42)
+    assert mine == {}  # removed: nothing the broker starts thinks the manager watches it
+
+
+def test_watchdog_pings_every_half_of_the_timeout(tmp_path: Path) -> None:
+    from xskbroker.broker.systemd import Watchdog
+    rx = _receiver(str(tmp_path / "n"))
+    now = [100.0]
+    try:
+        dog = Watchdog(Notifier({"NOTIFY_SOCKET": str(tmp_path / "n")}), 10_000_000, clock=lambda: now[0])
+        assert dog.interval == 5.0 and dog.timeout() == 0.0
+        dog.beat()  # the first turn of the loop
+        assert dog.timeout() == 5.0
+        now[0] = 103.0
+        dog.beat()  # not due: nothing sent
+        assert dog.timeout() == 2.0
+        now[0] = 105.5
+        dog.beat()
+        assert dog.sent == 2 and dog.timeout() == 5.0
+        assert _messages(rx, 2) == [{"WATCHDOG": "1"}, {"WATCHDOG": "1"}]
+    finally:
+        rx.close()

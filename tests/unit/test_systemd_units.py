@@ -116,3 +116,36 @@ def test_systemd_accepts_both_units(tmp_path: Path) -> None:
                            str(tmp_path / "xskbroker.service")], capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def _seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+)(ms|s|min)?", value)
+    assert m, value
+    return int(m.group(1)) * {"ms": 0.001, "s": 1.0, "min": 60.0, None: 1.0}[m.group(2)]
+
+
+def test_restarts_alone_never_reach_the_start_limit() -> None:
+    """A crash loop driven by Restart= must not fail the unit (and with it the socket): only starts that
+    connections add on top of the restarts may reach StartLimitBurst= within StartLimitIntervalSec=."""
+    s = unit("xskbroker.service")
+    assert one(s, "Restart") == "on-failure"  # includes a watchdog timeout
+    interval, burst = _seconds(one(s, "StartLimitIntervalSec")), int(one(s, "StartLimitBurst"))
+    restart_starts = interval / _seconds(one(s, "RestartSec")) + 1
+    assert restart_starts < burst, (restart_starts, burst)
+
+
+def test_reload_checks_the_policy_before_the_broker_is_told() -> None:
+    s = unit("xskbroker.service")
+    assert s["ExecReload"] == ["/usr/local/bin/xskbroker policy check /etc/xskbroker/policy.toml",
+                               "/bin/kill -HUP $MAINPID"]
+    assert one(s, "ExecStart").split("--policy ")[1].split()[0] == "/etc/xskbroker/policy.toml"
+
+
+def test_watchdog_and_task_limit() -> None:
+    from xskbroker.broker.closer import WORKERS
+    from xskbroker.broker.workers import THREADS
+    s = unit("xskbroker.service")
+    assert 10 <= _seconds(one(s, "WatchdogSec")) <= 120
+    threads = 1 + WORKERS + THREADS + 1 + 1  # the loop, closers, grant workers, the UMEM pool, untrusted fds
+    assert threads + 2 <= int(one(s, "TasksMax")) <= 4 * threads  # room for ExecReload=, not a blank cheque
+    assert "MemoryMax" not in s  # bounded by the policy: docs/systemd.md says why and how to size one

@@ -1,0 +1,153 @@
+"""The last good policy copy: written when a policy loads cleanly, run when the file on disk is broken."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from xskbroker.broker import lastgood
+from xskbroker.broker.lastgood import FILENAME, CopyError, PolicyKeeper
+from xskbroker.policy import PolicyError, load_policy
+
+GOOD = 'version = 1\n[[allow]]\nname = "a"\nusers = [1000]\ninterfaces = ["xsk*"]\n'
+OTHER = 'version = 1\n[[allow]]\nname = "b"\nusers = [2000]\ninterfaces = ["eth*"]\n'
+DROPIN = 'version = 1\n[[deny]]\nname = "d"\nusers = [1000]\ninterfaces = ["xsk9"]\n'
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> tuple[Path, Path]:
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    etc.mkdir(mode=0o755)
+    state.mkdir(mode=0o700)
+    (etc / "policy.toml").write_text(GOOD)
+    (etc / "policy.toml").chmod(0o644)
+    return etc / "policy.toml", state
+
+
+def test_a_clean_load_saves_a_private_copy_that_loads_back_the_same_policy(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    (policy_file.parent / "policy.d").mkdir(mode=0o755)
+    (policy_file.parent / "policy.d" / "10-deny.toml").write_text(DROPIN)
+    keeper = PolicyKeeper(str(policy_file), str(state))
+    policy = keeper.start()
+    copy = state / FILENAME
+    assert copy.stat().st_mode & 0o777 == 0o600 and not keeper.fallback
+    assert [d["path"] for d in json.loads(copy.read_text())["documents"]] == list(policy.sources)
+    loaded = lastgood.load(str(state))
+    assert loaded is not None and loaded.policy == policy and len(policy.rules) == 2
+    assert not list(state.glob("*.tmp"))
+
+
+def test_a_broken_file_starts_on_the_copy_and_says_why(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    good = PolicyKeeper(str(policy_file), str(state)).start()
+    policy_file.write_text(GOOD + "[[allow]\n")  # a syntax error
+    keeper = PolicyKeeper(str(policy_file), str(state))
+    assert keeper.start() == good and keeper.fallback
+    assert keeper.errors and "policy.toml" in keeper.errors[0]
+    described = keeper.describe(admin=True)
+    assert described["fallback"] is True and described["source"] == str(policy_file)
+    assert described["errors"] == keeper.errors and described["copy"] == str(state / FILENAME)
+    assert keeper.describe(admin=False)["errors"] == len(keeper.errors)  # the file's text is not every user's
+    note = keeper.status_note()
+    assert note is not None and note.startswith("POLICY FALLBACK") and str(policy_file) in note
+
+
+def test_an_unsafe_file_starts_on_the_copy(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    PolicyKeeper(str(policy_file), str(state)).start()
+    policy_file.chmod(0o666)  # world-writable: anyone could grant themselves anything
+    keeper = PolicyKeeper(str(policy_file), str(state))
+    keeper.start()
+    assert keeper.fallback and any("writable" in e for e in keeper.errors), keeper.errors
+
+
+def test_without_a_copy_a_broken_file_still_refuses_to_start(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    policy_file.write_text("version = 1\n[[allow]]\nname = 3\n")
+    with pytest.raises(PolicyError) as e:
+        PolicyKeeper(str(policy_file), str(state)).start()
+    assert "nothing safe to run" in e.value.errors[-1]
+    assert not (state / FILENAME).exists()
+
+
+def test_a_copy_that_is_not_ours_or_is_a_link_counts_as_none(site: tuple[Path, Path], tmp_path: Path) -> None:
+    policy_file, state = site
+    PolicyKeeper(str(policy_file), str(state)).start()
+    elsewhere = tmp_path / "planted.json"
+    os.replace(state / FILENAME, elsewhere)
+    (state / FILENAME).symlink_to(elsewhere)
+    assert lastgood.load(str(state)) is None
+    (state / FILENAME).unlink()
+    os.link(elsewhere, state / FILENAME)  # a hard link: the inode is shared with a file outside
+    assert lastgood.load(str(state)) is None
+
+
+def test_a_damaged_copy_is_named_and_not_run(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    (state / FILENAME).write_text('{"format": 1, "saved_at": 0, "documents": [{"path": "p", "text": "[[x"}]}')
+    with pytest.raises(CopyError, match="not a valid policy"):
+        lastgood.load(str(state))
+    policy_file.write_text("nonsense")
+    with pytest.raises(PolicyError) as e:
+        PolicyKeeper(str(policy_file), str(state)).start()
+    assert "cannot stand in" in e.value.errors[-1]
+    (state / FILENAME).write_text("not json")
+    with pytest.raises(CopyError, match="unreadable"):
+        lastgood.load(str(state))
+
+
+def test_the_copy_is_what_was_loaded_never_a_later_edit(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    policy = load_policy(policy_file)
+    policy_file.write_text(OTHER)  # edited between the load and the save
+    assert lastgood.save(str(state), policy) is None and not (state / FILENAME).exists()
+    policy_file.write_text(GOOD)
+    assert lastgood.save(str(state), policy) == str(state / FILENAME)
+
+
+def test_saving_never_follows_a_planted_link(site: tuple[Path, Path], tmp_path: Path) -> None:
+    policy_file, state = site
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (state / (FILENAME + ".tmp")).symlink_to(victim)
+    PolicyKeeper(str(policy_file), str(state)).start()
+    assert victim.read_text() == "precious" and (state / FILENAME).is_file()
+
+
+def test_an_unchanged_policy_keeps_its_copy_and_its_date(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    policy = load_policy(policy_file)
+    lastgood.save(str(state), policy, now=1000.0)
+    lastgood.save(str(state), policy, now=2000.0)
+    loaded = lastgood.load(str(state))
+    assert loaded is not None and loaded.saved_at == 1000.0
+
+
+def test_reload_keeps_the_running_policy_on_errors_and_a_good_one_ends_the_fallback(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    PolicyKeeper(str(policy_file), str(state)).start()
+    policy_file.write_text("broken = [")
+    keeper = PolicyKeeper(str(policy_file), str(state))
+    keeper.start()
+    assert keeper.fallback
+    with pytest.raises(PolicyError):
+        keeper.reload(str(policy_file))
+    assert keeper.fallback and keeper.reload_errors and keeper.describe()["reload_errors"]
+    policy_file.write_text(OTHER)
+    new = keeper.reload(str(policy_file))
+    assert not keeper.fallback and keeper.status_note() is None and keeper.describe() == {
+        "source": str(policy_file), "fallback": False}
+    loaded = lastgood.load(str(state))
+    assert loaded is not None and loaded.policy == new  # the new policy is the copy now
+
+
+def test_a_state_dir_it_cannot_write_is_reported_and_the_policy_still_runs(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    records: list[dict[str, object]] = []
+    keeper = PolicyKeeper(str(policy_file), str(state / "missing"), records.append)
+    assert keeper.start().rules
+    assert records[0]["event"] == "policy-lastgood-unsaved" and keeper.describe()["copy_error"]
