@@ -6,6 +6,8 @@
 SHELL := /bin/bash
 # ip, tc and friends live in sbin, which a non-login root environment may leave off PATH
 export PATH := $(PATH):/usr/local/sbin:/usr/sbin:/sbin
+# tests/integration/test_systemd_pid1.py boots a cached Debian tree with systemd as PID 1 (make test only)
+CONTAINER_APT_PACKAGES := debootstrap systemd-container
 APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 qemu-system-x86 systemd util-linux python3-systemd libvirt-daemon-system libvirt-clients
 # Debian's interpreter, not one under a 0700 home: unprivileged consumers must be able to run it.
 PYTHON := /usr/bin/python3
@@ -47,6 +49,7 @@ unit: setup
 	$(VENV)/bin/python -m pytest tests/unit
 
 test: setup lint
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(CONTAINER_APT_PACKAGES)"
 	$(VENV)/bin/python -m pytest
 
 bench: setup

@@ -278,7 +278,8 @@ def test_uninstall_removes_the_units_and_the_socket(box: Container) -> None:
 
 def test_the_mirror_is_read_from_apts_sources(tmp_path: Path) -> None:
     one = tmp_path / "a.list"
-    one.write_text("# deb http://old/ bookworm main\ndeb [arch=amd64 signed-by=/k.gpg] http://one/debian bookworm main\n")
+    one.write_text("# deb http://old/ bookworm main\n"
+                   "deb [arch=amd64 signed-by=/k.gpg] http://one/debian bookworm main\n")
     deb822 = tmp_path / "b.sources"
     deb822.write_text("Types: deb\nURIs: http://two/debian-security\nSuites: bookworm-security\nComponents: main\n\n"
                       "Types: deb deb-src\nURIs: http://two/debian\nSuites: bookworm bookworm-updates\n"
