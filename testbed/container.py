@@ -167,7 +167,7 @@ class Container:
     """systemd booted as PID 1 from TREE, with STAGE's opt/ and src/ bound read-only at OPT and SRC.
 
     Its writes go to a tmpfs overlay; its network is private (only lo until a test adds links with
-    `ip` through netns()). Leaving the block kills whatever is left of it and removes its cgroup.
+    host_ip()). Leaving the block kills whatever is left of it and removes its cgroup.
     """
 
     def __init__(self, tree: Path, stage: Path, name: str, log: Path) -> None:
@@ -190,6 +190,7 @@ class Container:
 
     def start(self, timeout: float = 90.0) -> None:
         t0 = time.monotonic()
+        self._remove_cgroup(5.0)  # a leftover of a run that was killed before it could clean up
         self.cgroup.mkdir()
         argv = ["systemd-nspawn", "--quiet", "-D", str(self.tree), "--volatile=overlay", "--boot",
                 "--register=no", "--keep-unit", "--private-network", "--system-call-filter=bpf",
@@ -286,6 +287,13 @@ class Container:
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
+        self._remove_cgroup(timeout)
+        # nspawn leaves its propagation directory where /run is not a tmpfs
+        with contextlib.suppress(OSError):
+            Path("/run/systemd/nspawn/propagate", self.name).rmdir()
+
+    def _remove_cgroup(self, timeout: float) -> None:
+        """The cgroup and the groups the container's systemd made inside it, deepest first."""
         deadline = time.monotonic() + timeout
         while self.cgroup.exists():
             try:
@@ -295,6 +303,7 @@ class Container:
             except OSError:
                 if time.monotonic() > deadline:
                     raise
+                self._kill_all()
                 time.sleep(0.05)
 
 
