@@ -12,6 +12,8 @@ RUNTIME_APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 util-linux
 # What only the tests need on top: QEMU and libvirt (test_qmp, test_libvirt), systemd's tools
 # (systemd-socket-activate, sysusers/tmpfiles, journald) and python3-systemd for the journal test.
 TEST_APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients systemd python3-systemd
+# tests/integration/test_systemd_pid1.py boots a cached Debian tree with systemd as PID 1 (make test only)
+CONTAINER_APT_PACKAGES := debootstrap systemd-container
 # Debian's interpreter, not one under a 0700 home: unprivileged consumers must be able to run it.
 PYTHON := /usr/bin/python3
 VENV := .venv
@@ -41,7 +43,7 @@ apt-runtime:
 	$(call apt_install,$(RUNTIME_APT_PACKAGES))
 
 apt:
-	$(call apt_install,$(RUNTIME_APT_PACKAGES) $(TEST_APT_PACKAGES))
+	$(call apt_install,$(RUNTIME_APT_PACKAGES) $(TEST_APT_PACKAGES) $(CONTAINER_APT_PACKAGES))
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

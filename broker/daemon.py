@@ -12,6 +12,7 @@ import grp
 import os
 import resource
 import socket
+import stat
 import sys
 from typing import Any
 
@@ -22,6 +23,22 @@ from xskbroker.broker.server import MAX_CONNECTIONS, Server, listen
 from xskbroker.broker.service import Service
 from xskbroker.common import safefiles
 from xskbroker.policy import PolicyError
+
+
+def _runtime_directory() -> str | None:
+    """$RUNTIME_DIRECTORY, resolved where systemd made it a link: under DynamicUser= (systemd 252) it is
+    /run/xskbroker/state -> ../private/xskbroker/state. Only a link root made in a directory closed to
+    others is followed; any other link is left for private_dir to refuse."""
+    path = os.environ.get("RUNTIME_DIRECTORY")
+    if not path:
+        return None
+    try:
+        link, parent = os.lstat(path), os.stat(os.path.dirname(path))
+    except OSError:
+        return path
+    if stat.S_ISLNK(link.st_mode) and link.st_uid == 0 and parent.st_uid == 0 and not parent.st_mode & 0o022:
+        return os.path.realpath(path)
+    return path
 
 
 def _gid(group: str | None) -> int | None:
@@ -41,7 +58,7 @@ def serve(args: argparse.Namespace) -> int:
     except AuditSetupError as e:
         print(f"xskbroker: {e}", file=sys.stderr)
         return 1
-    state_dir = getattr(args, "state_dir", None) or os.environ.get("RUNTIME_DIRECTORY", "/run/xskbroker")
+    state_dir = getattr(args, "state_dir", None) or _runtime_directory() or "/run/xskbroker"
     try:  # the lease journal's directory: ours alone, or a planted link could make us write anywhere
         safefiles.private_dir(state_dir)
     except safefiles.UnsafePathError as e:
