@@ -18,12 +18,13 @@ import socket
 import stat
 import struct
 import textwrap
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from xskbroker.broker import doctor_probes as probe
-from xskbroker.broker import netdev, xsk
+from xskbroker.broker import lastgood, netdev, xsk
 
 OK, DEGRADED, UNUSABLE, UNKNOWN = "ok", "degraded", "unusable", "unknown"
 RANK = {UNKNOWN: 0, OK: 0, DEGRADED: 1, UNUSABLE: 2}
@@ -364,7 +365,22 @@ def _hello(path: str) -> tuple[str, list[int], int]:
     return reply.server, list(reply.versions), pid
 
 
-def check_policy(path: str) -> Check:
+# where a broker keeps its last good policy: the unit's RuntimeDirectory=, and `serve`'s default
+STATE_DIRS = ("/run/xskbroker/state", "/run/xskbroker")
+
+
+def _last_good(state_dirs: tuple[str, ...]) -> lastgood.Copy | None:
+    for d in state_dirs:
+        try:
+            copy = lastgood.load(d)
+        except (OSError, lastgood.CopyError):
+            continue
+        if copy is not None:
+            return copy
+    return None
+
+
+def check_policy(path: str, state_dirs: tuple[str, ...] = STATE_DIRS) -> Check:
     from xskbroker.policy import PolicyError, load_policy
 
     if not os.path.exists(path):
@@ -378,9 +394,14 @@ def check_policy(path: str) -> Check:
         policy = load_policy(path)
     except PolicyError as e:
         first = str(e).strip().splitlines()
-        return Check("policy", UNUSABLE, f"{path} is refused: {' / '.join(first[:3])}",
-                     f"fix what `xskbroker policy check {path}` names, then reload (systemctl reload xskbroker)",
-                     {"path": path})
+        fix = f"fix what `xskbroker policy check {path}` names, then reload (systemctl reload xskbroker)"
+        copy = _last_good(state_dirs)
+        if copy is not None:  # the broker starts with it: degraded, not unusable
+            saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(copy.saved_at))
+            return Check("policy", DEGRADED, f"{path} is refused ({' / '.join(first[:3])}); the broker runs the "
+                         f"last good copy saved {saved} ({copy.path})", fix,
+                         {"path": path, "fallback": copy.path})
+        return Check("policy", UNUSABLE, f"{path} is refused: {' / '.join(first[:3])}", fix, {"path": path})
     return Check("policy", OK, f"{path}: valid, {len(policy.rules)} rule(s) from {len(policy.sources)} file(s)",
                  facts={"path": path, "rules": len(policy.rules)})
 

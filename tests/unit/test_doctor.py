@@ -98,13 +98,29 @@ def test_the_policy_check_loads_the_file_as_the_broker_does(tmp_path: Path) -> N
     bad = tmp_path / "bad.toml"
     bad.write_text("version = 1\n[[allow]]\nname = 'x'\nusers = \n")
     bad.chmod(0o644)
-    c = doctor.check_policy(str(bad))
+    c = doctor.check_policy(str(bad), state_dirs=())
     assert c.status == UNUSABLE and "policy check" in c.fix
     good = ROOT / "deploy" / "policy.example.toml"
     c = doctor.check_policy(str(good))
     assert c.status in (OK, UNUSABLE)  # a checkout others may write to is refused, as the broker would
     if c.status == OK:
         assert c.facts["rules"] >= 1
+
+
+def test_a_broken_policy_with_a_last_good_copy_is_degraded_not_unusable(tmp_path: Path) -> None:
+    from xskbroker.broker import lastgood
+    from xskbroker.policy import load_policy
+
+    good = tmp_path / "policy.toml"
+    good.write_text("version = 1\n[[allow]]\nname = 'x'\nusers = [65534]\ninterfaces = ['eth1']\n")
+    good.chmod(0o644)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    assert lastgood.save(str(state), load_policy(str(good)))
+    good.write_text("version = 1\n[[allow]]\nname = 'x'\nusers = \n")  # broken since the copy was saved
+    c = doctor.check_policy(str(good), state_dirs=(str(tmp_path / "none"), str(state)))
+    assert c.status == DEGRADED and "last good copy" in c.found and "policy check" in c.fix, c
+    assert doctor.check_policy(str(good), state_dirs=(str(tmp_path / "none"),)).status == UNUSABLE
 
 
 def test_doctor_is_a_subcommand_that_runs_without_root(tmp_path: Path) -> None:
