@@ -145,7 +145,7 @@ def test_alias_and_altnames_cannot_bypass_a_deny(figures) -> None:  # type: igno
         assert _status(b)["leases"] == []
         grants = [r for r in b.records() if r.get("event") == "grant"]
         assert not any(r["decision"] == "allow" and r["request"]["interface"] != "xskr" for r in grants)
-        figures(attempts=sum(sum(c.values()) for c in codes.values()), **{f"probe_{k}": v for k, v in probe.items()})
+        figures(attempts=sum(sum(c.values()) for c in codes.values()), **probe)
 
 
 def test_an_altname_the_policy_allows_reaches_nothing_and_the_real_name_works() -> None:
@@ -239,7 +239,7 @@ def test_a_map_fd_left_in_a_child_cannot_touch_the_next_tenant(figures) -> None:
             detaches = [r for r in b.records() if r.get("event") == "xdp-detach"]
             assert detaches and detaches[0]["lease"] == first["lease"], detaches
             figures(keeper_write=attempt, frames_after=moved["replies"],
-                    **{f"probe_{k}": v for k, v in probe.items()})
+                    **probe)
     finally:
         if keeper:
             with contextlib.suppress(ProcessLookupError):
