@@ -76,7 +76,7 @@ class Refused(Exception):
 
 
 def policy_peer(peer: PeerInfo) -> Peer:
-    return Peer(peer.uid, peer.gids, peer.user, peer.groups)
+    return Peer(peer.uid, peer.gids, peer.user, peer.groups, peer.cgroup, peer.label)
 
 
 class Core:

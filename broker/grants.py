@@ -24,7 +24,7 @@ from xskbroker.broker.kernel import (
     QueueBusy,
     bpf_blocked,
 )
-from xskbroker.broker.peer import PeerInfo
+from xskbroker.broker.peer import PeerInfo, cgroup_of
 from xskbroker.broker.workers import Job
 from xskbroker.policy import Holding, Request, Rule, decide
 from xskbroker.policy import quota as quotas
@@ -110,10 +110,17 @@ class Grants(Core):
         if found is None:
             raise Refused(ErrorCode.BAD_HOLDER, f"holder_pid {pid} is not a running process")
         uid, start, ino = found
-        if uid != peer.uid and not self._admin(peer):
+        admin = self._admin(peer)
+        if uid != peer.uid and not admin:
             raise Refused(ErrorCode.BAD_HOLDER,
                           f"holder_pid {pid} belongs to uid {uid}, not to the requester (uid {peer.uid})")
-        return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup, start, ino)
+        # same uid is not enough: another VM of the same user is another principal (its own cgroup)
+        if not admin and peer.cgroup is not None and cgroup_of(pid, start) != peer.cgroup:
+            raise Refused(ErrorCode.BAD_HOLDER, f"holder_pid {pid} is not in the requester's cgroup "
+                          f"({peer.cgroup}): only a process of its own cgroup may hold its lease")
+        # the lease stays the REQUESTER's (its identity was judged); only pid, start and inode are the holder's
+        return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup, start, ino,
+                        peer.label)
 
     def _checked(self, req: proto.Grant) -> tuple[int, int]:
         """The interface's index and queue count, after every check that changes nothing in the kernel:
@@ -341,7 +348,7 @@ class Grants(Core):
         # recovery checks against the kernel, never a socket nobody accounts for
         lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
                                 req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)), peer.start,
-                                peer.ino)
+                                peer.ino, peer.cgroup)
         self.fault("after-lease-saved")
         reply = GrantReply(lease.id, req.kind, req.interface, ifindex, prog.mode, prog.prog_id, holder_pid=peer.pid,
                            req_id=req.req_id, **fields)

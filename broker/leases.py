@@ -39,6 +39,12 @@ class Lease:
     pid_ino: int | None = None  # the holder's pidfs inode (see pidfd_ino), when the kernel has one
     misbound: int | None = None  # a bare socket found bound to this queue, not one it was granted
     map_id: int = 0  # map grants: the xsks_map handed out, whose program is detached when the lease ends
+    cgroup: str | None = None  # the requester's cgroup v2 path: with uid, the principal that owns the lease
+
+    def owned_by(self, uid: int, cgroup: str | None) -> bool:
+        """Whether a peer of (uid, cgroup) is the principal that took this lease. Another cgroup of the same
+        uid is another principal (another VM); a lease from an older journal, with no cgroup, is its uid's."""
+        return uid == self.uid and (self.cgroup is None or cgroup == self.cgroup)
 
     def info(self) -> LeaseInfo:
         """The lease as a status reply lists it."""
@@ -52,7 +58,7 @@ class Lease:
                 "queues": list(self.queues), "kind": self.kind, "umem_bytes": self.umem_bytes,
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
                 "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino,
-                "misbound": self.misbound, "map_id": self.map_id}
+                "misbound": self.misbound, "map_id": self.map_id, "cgroup": self.cgroup}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Lease:
@@ -87,11 +93,11 @@ class LeaseTable:
 
     def add(self, uid: int, pid: int, ifindex: int, ifname: str, queues: tuple[int, ...], kind: str,
             umem_bytes: int, gids: tuple[int, ...] = (), groups: tuple[str, ...] = (),
-            pid_start: int | None = None, pid_ino: int | None = None) -> Lease:
+            pid_start: int | None = None, pid_ino: int | None = None, cgroup: str | None = None) -> Lease:
         # pid_start must have been read while the holder was pinned by a pidfd (broker.peer): read here,
         # from the bare pid, it could be the start time of a process that reused the pid
         lease = Lease(os.urandom(8).hex(), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
-                      pid_start, pid_ino=pid_ino)
+                      pid_start, pid_ino=pid_ino, cgroup=cgroup)
         # A fresh grant on a slot proves the old holder's socket is gone (the kernel freed the slot).
         for q in queues:
             old = self.holder(ifindex, q)

@@ -27,8 +27,10 @@ class Lifecycle(Core):
 
     def _release(self, peer: PeerInfo, req: proto.Release) -> ReleaseReply | ErrorReply:
         lease = self.leases.get(req.lease)
-        if lease is None or (lease.uid != peer.uid and not self._admin(peer)):
-            return ErrorReply(ErrorCode.UNKNOWN_LEASE, f"no lease {req.lease!r} held by uid {peer.uid}",
+        # another cgroup of the same uid (another VM) is told the same as a stranger: no such lease of its own
+        if lease is None or (not lease.owned_by(peer.uid, peer.cgroup) and not self._admin(peer)):
+            whose = f"uid {peer.uid}" + (f" in cgroup {peer.cgroup}" if peer.cgroup is not None else "")
+            return ErrorReply(ErrorCode.UNKNOWN_LEASE, f"no lease {req.lease!r} held by {whose}",
                               "release", req.req_id)
         prog = self.programs.get(lease.ifindex)
         if prog and lease.kind != "map":  # a map lease's program is detached as it ends (_lease_ended)

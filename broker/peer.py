@@ -12,10 +12,12 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from xskbroker.common.procfs import pidfd_ino, pidfd_open, pinned_start
+from xskbroker.common.procfs import is_process, pidfd_ino, pidfd_open, pinned_start
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+SO_PEERSEC = getattr(socket, "SO_PEERSEC", 31)
+MAX_LABEL = 4096  # the kernel's own bound on a security context handed out through SO_PEERSEC
 _UCRED = struct.Struct("=iII")
 MAX_GROUPS = 65536
 
@@ -32,10 +34,14 @@ class PeerInfo:
     cgroup: str | None = None
     start: int | None = None  # start time, proven through a pidfd; None: this process can never be signalled
     ino: int | None = None  # its pidfs inode (common.procfs.pidfd_ino)
+    label: str | None = None  # its LSM label (SO_PEERSEC) when an LSM labels sockets, else None
 
     def as_dict(self) -> dict[str, object]:
-        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user, "exe": self.exe,
-                "cgroup": self.cgroup}
+        out: dict[str, object] = {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user,
+                                  "exe": self.exe, "cgroup": self.cgroup}
+        if self.label is not None:
+            out["label"] = self.label
+        return out
 
 
 def peer_groups(sock: socket.socket) -> frozenset[int]:
@@ -82,25 +88,62 @@ def _name(lookup, ident: int) -> str | None:  # type: ignore[no-untyped-def]
 def identify(sock: socket.socket) -> PeerInfo:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     gids = peer_groups(sock) | {gid}
-    exe = cgroup = None
+    exe = None
     with contextlib.suppress(OSError):
         exe = os.readlink(f"/proc/{pid}/exe")
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cgroup") as f:
-        # the unified (v2) hierarchy line "0::/path"; the audit trail names the service or scope
-        cgroup = next((line[3:].strip() for line in f if line.startswith("0::")), None)
     names = frozenset(n for n in (_name(grp.getgrgid, g) for g in gids) if n)
-    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup, *_peer_identity(sock, pid))
+    cgroup, start, ino = _peer_identity(sock, pid)
+    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup, start, ino, peer_label(sock))
 
 
-def _peer_identity(sock: socket.socket, pid: int) -> tuple[int | None, int | None]:
-    """The connecting process's start time and pidfs inode, read through SO_PEERPIDFD (which names it
-    race-free); no start time if it has exited (its pid may already name another process) or the kernel
-    has no SO_PEERPIDFD (< 6.5)."""
+def peer_label(sock: socket.socket) -> str | None:
+    """The peer's LSM label (SELinux context, AppArmor profile) as the kernel recorded it at connect(2);
+    None where no LSM labels sockets (ENOPROTOOPT) or the label is empty."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERSEC, MAX_LABEL)
+    except OSError:
+        return None
+    label = raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+    return label or None
+
+
+def read_cgroup(pid: int) -> str | None:
+    """The cgroup v2 path in /proc/<pid>/cgroup's "0::" line (present on unified and hybrid hosts), or None.
+    Bare: only a caller that then proves the pid still named its pinned process may believe it."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return next((line[3:].rstrip("\n") for line in f if line.startswith("0::")), None)
+    except OSError:
+        return None
+
+
+def cgroup_of(pid: int, start: int) -> str | None:
+    """The cgroup of the process (pid, start) — e.g. a holder_pid checked by the kernel layer — read while
+    a pidfd pins it: None if it is gone or the pid now names another process."""
+    pidfd = pidfd_open(pid)
+    if pidfd is None:
+        return None
+    try:
+        cgroup = read_cgroup(pid)
+        return cgroup if is_process(pidfd, pid, start, None) else None
+    finally:
+        os.close(pidfd)
+
+
+def _peer_identity(sock: socket.socket, pid: int) -> tuple[str | None, int | None, int | None]:
+    """The connecting process's cgroup, start time and pidfs inode, read through SO_PEERPIDFD (which
+    names it race-free). The cgroup is read before the pidfd is polled: still running after the read means
+    the pid named that process during it. Nothing (None) if it has exited (its pid may already name another
+    process) or the kernel has no SO_PEERPIDFD (< 6.5): a rule that names cgroups then never matches."""
     try:
         pidfd = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
     except OSError:
-        return None, None
+        return None, None, None
     try:
-        return pinned_start(pidfd, pid), pidfd_ino(pidfd)
+        cgroup = read_cgroup(pid)
+        start = pinned_start(pidfd, pid)
+        if start is None:
+            return None, None, None
+        return cgroup, start, pidfd_ino(pidfd)
     finally:
         os.close(pidfd)

@@ -166,7 +166,7 @@ class Service(Grants, Lifecycle):
 
     def _status(self, peer: PeerInfo, req: proto.Status) -> StatusReply:
         admin = self._admin(peer)
-        leases = tuple(lease.info() for lease in self.leases if admin or lease.uid == peer.uid)
+        leases = tuple(lease.info() for lease in self.leases if admin or lease.owned_by(peer.uid, peer.cgroup))
         interfaces = tuple(InterfaceInfo(p.ifindex, self.names.get(p.ifindex), p.prog_id, p.mode, p.max_entries,
                                          len(self.leases.on_interface(p.ifindex))) for p in self.programs.values())
         me = policy_peer(peer)

@@ -7,6 +7,7 @@ process exit status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import grp
 import json
 import os
@@ -112,6 +113,13 @@ def add_policy_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         dest="groups",
         help="a group of the asker, name or gid; repeat for several (default: the user's groups)",
     )
+    explain.add_argument(
+        "--cgroup",
+        metavar="PATH",
+        help='the asker\'s cgroup v2 path as /proc/PID/cgroup\'s "0::" line shows it (default: unknown, '
+        "which no rule with cgroups matches)",
+    )
+    explain.add_argument("--label", metavar="L", help="the asker's LSM label (SO_PEERSEC) (default: none)")
     explain.add_argument("--interface", metavar="I", required=True, help="interface name, e.g. veth0")
     explain.add_argument(
         "--queue",
@@ -215,7 +223,8 @@ def resolve_peer(user: str, groups: list[str] | None = None) -> Peer:
 def _describe_peer(peer: Peer) -> str:
     named = ((gid, _group_name(gid)) for gid in sorted(peer.gids))
     groups = ", ".join(f"{gid} ({name})" if name else str(gid) for gid, name in named)
-    return f"{peer}, groups: {groups or 'none'}"
+    label = f", label: {peer.label}" if peer.label is not None else ""
+    return f"{peer}, groups: {groups or 'none'}{label}"
 
 
 def _print_decision(decision: Decision, peer: Peer, request: Request, as_json: bool) -> None:
@@ -227,6 +236,8 @@ def _print_decision(decision: Decision, peer: Peer, request: Request, as_json: b
             "user": peer.user,
             "gids": sorted(peer.gids),
             "groups": sorted(peer.groups),
+            "cgroup": peer.cgroup,
+            "label": peer.label,
         }
         rule = decision.rule
         if rule is not None and rule.action == "allow":  # the UMEM cap in force, a default one included
@@ -256,6 +267,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except LookupError as e:
         print(f"xskbroker policy explain: {e.args[0]}", file=sys.stderr)
         return EXIT_USAGE
+    if args.cgroup is not None and not args.cgroup.startswith("/"):
+        print(f"xskbroker policy explain: --cgroup {args.cgroup!r} must be an absolute cgroup v2 path, e.g. "
+              "/system.slice/vm-a.service", file=sys.stderr)
+        return EXIT_USAGE
+    peer = dataclasses.replace(peer, cgroup=args.cgroup, label=args.label)
     # the broker refuses a name the kernel never gives ("veth0:1" matches "veth*") before any rule sees it
     from xskbroker.wire.protocol import ifname_problem
 

@@ -41,9 +41,12 @@ class Peer:
     gids: frozenset[int]  # primary and supplementary
     user: str | None = None
     groups: frozenset[str] = field(default_factory=frozenset)
+    cgroup: str | None = None  # its cgroup v2 path ("/system.slice/vm-a.service"); None: unknown
+    label: str | None = None  # its LSM label (SO_PEERSEC); None: no LSM labels it
 
     def __str__(self) -> str:
-        return f"uid {self.uid} ({self.user})" if self.user else f"uid {self.uid}"
+        who = f"uid {self.uid} ({self.user})" if self.user else f"uid {self.uid}"
+        return f"{who} in cgroup {self.cgroup}" if self.cgroup is not None else who
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,24 @@ class Decision:
 
 
 def principal_matches(rule: Rule, peer: Peer) -> bool:
+    """The rule names the peer: by user or group, and (when the rule lists them) by cgroup and by label."""
+    return user_matches(rule, peer) and cgroup_matches(rule, peer) and label_matches(rule, peer)
+
+
+def cgroup_matches(rule: Rule, peer: Peer) -> bool:
+    # fnmatch's "*" also crosses "/": "/machine.slice/*" covers the scopes' sub-cgroups too
+    if not rule.cgroups:
+        return True
+    return peer.cgroup is not None and any(fnmatchcase(peer.cgroup, glob) for glob in rule.cgroups)
+
+
+def label_matches(rule: Rule, peer: Peer) -> bool:
+    if not rule.labels:
+        return True
+    return peer.label is not None and any(fnmatchcase(peer.label, glob) for glob in rule.labels)
+
+
+def user_matches(rule: Rule, peer: Peer) -> bool:
     """Users and groups are alternatives: matching either list is enough."""
     if "*" in rule.users or "*" in rule.groups:
         return True
@@ -115,36 +136,44 @@ def _deny_applies(rule: Rule, peer: Peer, request: Request) -> bool:
 def _check_allow(rule: Rule, peer: Peer, request: Request) -> tuple[int, str, str]:
     """How far `rule` gets through the ordered checks: (checks passed, failure code, reason).
 
-    A rule that passes all six returns (6, OK, ...).
+    A rule that passes all seven returns (7, OK, ...). A rule that names the user but not its cgroup or
+    label counts as closer than one that names neither, so the explanation says which narrowing failed.
     """
-    if not principal_matches(rule, peer):
+    if not user_matches(rule, peer):
         return 0, USER_NOT_ALLOWED, f"{rule.describe()} does not name {peer} or its groups"
+    if not cgroup_matches(rule, peer):
+        where = "an unknown cgroup" if peer.cgroup is None else f"cgroup {peer.cgroup}"
+        reason = f"{rule.describe()} allows cgroups {', '.join(rule.cgroups)}, not {where}"
+        return 1, USER_NOT_ALLOWED, reason
+    if not label_matches(rule, peer):
+        what = "no LSM label" if peer.label is None else f"label {peer.label}"
+        return 1, USER_NOT_ALLOWED, f"{rule.describe()} allows labels {', '.join(rule.labels)}, not {what}"
     if not interface_matches(rule, request.interface):
         globs = ", ".join(rule.interfaces)
         reason = f"{rule.describe()} allows interfaces {globs}, not {request.interface}"
-        return 1, INTERFACE_NOT_ALLOWED, reason
+        return 2, INTERFACE_NOT_ALLOWED, reason
     if request.kind not in rule.kinds:
         kinds = ", ".join(k for k in KINDS if k in rule.kinds)
-        return 2, KIND_NOT_ALLOWED, f"{rule.describe()} allows kinds {kinds}, not {request.kind}"
+        return 3, KIND_NOT_ALLOWED, f"{rule.describe()} allows kinds {kinds}, not {request.kind}"
     missing = rule.queues.missing(request.queues)
     if missing:
         reason = f"{rule.describe()} allows queues {rule.queues}, not {_queue_list(missing)}"
-        return 3, QUEUE_NOT_ALLOWED, reason
+        return 4, QUEUE_NOT_ALLOWED, reason
     if rule.max_queues is not None and len(request.queues) > rule.max_queues:
         return (
-            4,
+            5,
             TOO_MANY_QUEUES,
             f"{rule.describe()} allows at most {rule.max_queues} queues per grant, not {len(request.queues)}",
         )
     if request.umem_bytes > rule.umem_limit:
         default = " (the default: it sets no max_umem)" if rule.max_umem is None else ""
         return (
-            5,
+            6,
             UMEM_TOO_LARGE,
             f"{rule.describe()} allows at most {format_size(rule.umem_limit)} of UMEM per grant{default}, "
             f"not {format_size(request.umem_bytes)}",
         )
-    return 6, OK, f"{rule.describe()} allows {_summary(request)} for {peer}"
+    return 7, OK, f"{rule.describe()} allows {_summary(request)} for {peer}"
 
 
 def decide(policy: Policy, peer: Peer, request: Request) -> Decision:

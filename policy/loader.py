@@ -25,7 +25,7 @@ DROPIN_DIR = "policy.d"
 
 _TOP_KEYS = ("version", "allow", "deny", "quota", "admin")
 _PRINCIPAL_KEYS = ("users", "groups")
-_DENY_KEYS = ("name", *_PRINCIPAL_KEYS, "interfaces", "queues", "kinds")
+_DENY_KEYS = ("name", *_PRINCIPAL_KEYS, "cgroups", "labels", "interfaces", "queues", "kinds")
 _ALLOW_KEYS = (*_DENY_KEYS, "max_queues", "max_umem", "exclusive", "raise_memlock")
 _QUOTA_KEYS = ("name", *_PRINCIPAL_KEYS, "max_queues", "max_umem", "max_connections", "max_requests_per_second")
 _ADMIN_KEYS = (*_PRINCIPAL_KEYS, "revoke_signal")
@@ -122,6 +122,29 @@ def _principals(value: Any, what: str) -> frozenset[str]:
     return frozenset(out)
 
 
+def _cgroups(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid('must be a non-empty list of cgroup v2 paths or globs, e.g. ["/machine.slice/machine-qemu*"]')
+    for item in value:
+        if not isinstance(item, str) or not item.startswith("/") or not item.isprintable():
+            raise _Invalid(f"bad cgroup {item!r}: use an absolute cgroup v2 path or glob, as /proc/PID/cgroup's "
+                           '"0::" line shows it, e.g. "/system.slice/vm-a.service"')
+        parts = item.split("/")[1:]
+        if item != "/" and any(p in ("", ".", "..") for p in parts):
+            raise _Invalid(f"bad cgroup {item!r}: no empty, '.' or '..' parts and no trailing '/' (the kernel "
+                           "never prints them, so it could match no peer)")
+    return tuple(value)
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid('must be a non-empty list of LSM labels or globs, e.g. ["system_u:system_r:svirt_t:*"]')
+    for item in value:
+        if not isinstance(item, str) or not item or not item.isprintable() or any(c.isspace() for c in item):
+            raise _Invalid(f"bad label {item!r}: use an LSM label (SO_PEERSEC) or an fnmatch glob")
+    return tuple(value)
+
+
 def _interfaces(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise _Invalid('must be a non-empty list of interface names or globs, e.g. ["veth*", "eth1"]')
@@ -196,6 +219,8 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "name": _name,
     "users": lambda v: _principals(v, "user"),
     "groups": lambda v: _principals(v, "group"),
+    "cgroups": _cgroups,
+    "labels": _labels,
     "interfaces": _interfaces,
     "queues": _queues,
     "kinds": _kinds,
@@ -336,6 +361,8 @@ def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines
             max_umem=values.get("max_umem"),
             exclusive=values.get("exclusive", False),
             raise_memlock=values.get("raise_memlock"),
+            cgroups=values.get("cgroups", ()),
+            labels=values.get("labels", ()),
             source=f"{out.filename}:{header}",
         )
     )

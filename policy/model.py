@@ -70,7 +70,9 @@ ANY_QUEUE = QueueSet(None)
 class Rule:
     """One [[allow]] or [[deny]] table.
 
-    users/groups hold names, str(uid)/str(gid) for numbers, or "*" for anyone.
+    users/groups hold names, str(uid)/str(gid) for numbers, or "*" for anyone. cgroups and labels, when
+    not empty, narrow that further: the peer must ALSO be in a matching cgroup v2 path (fnmatch glob) and
+    carry a matching LSM label (SO_PEERSEC); a peer whose cgroup or label is unknown matches neither.
     """
 
     name: str
@@ -84,6 +86,8 @@ class Rule:
     max_umem: int | None = None
     exclusive: bool = False
     raise_memlock: int | None = None  # RLIMIT_MEMLOCK the broker may raise a bare-grant holder to
+    cgroups: tuple[str, ...] = ()  # globs on the peer's cgroup v2 path; () = any cgroup
+    labels: tuple[str, ...] = ()  # globs on the peer's LSM label (SO_PEERSEC); () = any label, or none
     source: str = "<policy>"
 
     def describe(self) -> str:

@@ -62,6 +62,19 @@ def _serve_agent(sock: socket.socket, socket_path: str, timeout: float) -> int:
             close_fds(fds)
 
 
+def join_cgroup_of(pid: int) -> None:
+    """Move this (still root) process into pid's cgroup v2: the broker judges a requester by its cgroup too, and
+    accepts a holder only from the requester's own cgroup, so the agent must ask from QEMU's (the VM's scope),
+    not from libvirtd's, where the hook runs. A host without the unified hierarchy has nothing to join."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        path = next((line[3:].rstrip("\n") for line in f if line.startswith("0::")), None)
+    root = next((r for r in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup") if os.path.exists(f"{r}/cgroup.procs")), None)
+    if path is None or root is None:
+        return
+    with open(f"{root}{path.rstrip('/')}/cgroup.procs", "w") as procs:
+        procs.write("0\n")  # 0: the writer itself
+
+
 class BrokerAgent:
     """A child process that asks the broker as `ident` (QEMU's user) and hands the fds back (SCM_RIGHTS).
 
@@ -69,7 +82,7 @@ class BrokerAgent:
     presented to the broker. The child dies with its parent (PR_SET_PDEATHSIG).
     """
 
-    def __init__(self, ident: Identity, socket_path: str, timeout: float) -> None:
+    def __init__(self, ident: Identity, socket_path: str, timeout: float, join: int | None = None) -> None:
         self.ident, self.socket_path, self.timeout = ident, socket_path, timeout
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         me = os.getpid()
@@ -84,6 +97,11 @@ class BrokerAgent:
                 libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 if os.getppid() != me:
                     os._exit(code)
+                if join is not None:
+                    try:
+                        join_cgroup_of(join)
+                    except OSError as e:  # asked from here instead: the broker says why if that is refused
+                        print(f"cannot join the cgroup of QEMU pid {join}: {e}", file=sys.stderr)
                 drop_to(ident)
                 code = _serve_agent(child, socket_path, timeout)
             except BaseException:

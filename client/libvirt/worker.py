@@ -3,6 +3,7 @@ hot-plug sequence over the monitor), recording each step in the domain's state f
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -101,7 +102,7 @@ def warn_if_no_af_xdp(monitor: WorkerMonitor, log: Callable[[str], None]) -> str
 
 def run_worker(domain: str, interfaces: Sequence[Interface], cfg: Config, monitor: WorkerMonitor,
                log: Callable[[str], None], state_path: str | None = None,
-               agent_factory: Callable[[Identity, str, float], Granter] = BrokerAgent) -> dict[str, Any]:
+               agent_factory: Callable[[Identity, str, float], Granter] | None = None) -> dict[str, Any]:
     """Plug every interface into the domain's QEMU. Writes the state file after each step; returns the state."""
     state: dict[str, Any] = {"domain": domain, "worker_pid": os.getpid(),
                              "worker_start": process_start(os.getpid()), "monitor": monitor.describe(),
@@ -129,7 +130,9 @@ def run_worker(domain: str, interfaces: Sequence[Interface], cfg: Config, monito
     log(f"QEMU pid {pid} runs as {ident}")
     try:
         state["af_xdp_warning"] = warn_if_no_af_xdp(monitor, log)
-        agent = agent_factory(ident, cfg.socket, cfg.timeout)
+        # the agent asks as QEMU's user and from QEMU's cgroup: the VM's identity is the one judged
+        factory = agent_factory or functools.partial(BrokerAgent, join=pid)
+        agent = factory(ident, cfg.socket, cfg.timeout)
         try:
             for iface in interfaces:
                 rec = plug(iface, LoggedMonitor(monitor, log, f"{iface.id}: "), agent, pid, log)
