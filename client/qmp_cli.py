@@ -46,7 +46,8 @@ what it sends (docs/qemu.md has the whole exchange):
 DETACH_DESCRIPTION = """\
 Remove what qmp-attach plugged: device_del of ID-dev (if there is one), waiting up to --timeout seconds for
 QEMU's DEVICE_DELETED event (the guest has to release a PCI device), then netdev_del of ID. QEMU then closes
-the AF_XDP sockets and the kernel empties their xsks_map slots. A device the guest does not release in time
+the AF_XDP sockets and the kernel empties their xsks_map slots; the broker sees them empty within a few
+seconds and ends the lease (its quota is free again). A device the guest does not release in time
 keeps its netdev; run qmp-detach again later."""
 
 DETACH_EPILOG = """\
@@ -156,6 +157,24 @@ def _queues(queues: Sequence[int]) -> str:
 
 # ---- qmp-attach ----------------------------------------------------------------------------------------
 
+def release_lease(socket_path: str, reply: Any, timeout: float) -> str:
+    """End the lease of an attempt that was undone. QEMU, its holder, lives on, so the broker would
+    otherwise keep the lease (and its quota) until its own poll sees the slots empty. Returns a note."""
+    from xskbroker.client.connection import Connection
+    from xskbroker.wire import protocol as proto
+
+    lease = reply.get("lease") if isinstance(reply, dict) else None
+    if not lease:
+        return "the grant's sockets were closed here and in QEMU"
+    try:
+        with Connection(socket_path, timeout=timeout) as conn:
+            conn.call(proto.Release(str(lease)))
+    except (proto.BrokerError, ConnectionError, OSError) as e:
+        return (f"the grant's sockets were closed here and in QEMU, but releasing lease {lease} failed ({e}); "
+                "the broker ends it once it sees the queues empty")
+    return f"the grant's sockets were closed here and in QEMU, and lease {lease} was released"
+
+
 def cmd_qmp_attach(args: argparse.Namespace) -> int:
     from xskbroker.client.grant import request_fds
     from xskbroker.wire import protocol as proto
@@ -198,15 +217,14 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
             return _fail(as_json, e.code, f"{e.code}: {e.message}", **seen)
         except (ConnectionError, OSError) as e:
             return _fail(as_json, "connection-error", str(e), **seen)
-        released = "the grant's sockets were closed here: the broker's lease ends with them"
         try:  # closes this process's copies: QEMU has its own now (or the attempt was undone)
             att = hotplug.attach_grant(qmp, args.id, reply, fds, interface=args.interface,
                                        start_queue=args.start_queue, queues=args.queues, device=args.device,
                                        device_props=args.device_props)
         except ValueError as e:
-            return _fail(as_json, "bad-reply", str(e), [released], **seen)
+            return _fail(as_json, "bad-reply", str(e), [release_lease(args.socket, reply, args.timeout)], **seen)
         except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
-            return _fail_qmp(as_json, e, [released], **seen)
+            return _fail_qmp(as_json, e, [release_lease(args.socket, reply, args.timeout)], **seen)
 
     result = {"ok": True, "qemu": str(qmp.version), "qmp": args.qmp, "lease": reply.get("lease"),
               "interface": att.ifname, "queues": list(att.queues), "xdp_mode": reply.get("xdp_mode"),
