@@ -464,3 +464,30 @@ def test_a_bare_lease_ends_when_its_living_holder_closes_the_sockets(veth: VethN
         again, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path, holder_pid=vm.pid)
         hotplug.close_fds(fds)
         assert again["lease"] != reply["lease"]
+
+
+def test_a_requester_killed_mid_grant_leaves_no_socket_in_the_map(veth: VethNamespace) -> None:
+    """A bare grant with memlock whose requester is SIGKILLed at once: whatever the broker got to, the
+    queue is free again (no socket held by the broker itself, no lease), so the next grant succeeds."""
+    import signal
+
+    from xskbroker.client.connection import Connection
+    from xskbroker.client.grant import request_fds
+    from xskbroker.wire import protocol as proto
+
+    with BrokerProcess(veth.name, BARE_POLICY) as broker:
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    c = Connection(broker.socket_path)
+                    c.sock.send(proto.encode_request(proto.Grant(interface=veth.inside, queues=(0,), kind="bare",
+                                                                 memlock=32 << 20)))
+                finally:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            os.waitpid(pid, 0)
+            wait_for(lambda: not _status(broker.socket_path), 5.0, "the dead requester's lease to end")
+            reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path, timeout=10)
+            hotplug.close_fds(fds)
+            wait_for(lambda: not _status(broker.socket_path), 5.0, "our own lease to end")
+        assert not [r for r in broker.records() if r.get("event") == "internal-error"]
