@@ -487,7 +487,7 @@ def test_a_requester_killed_mid_grant_leaves_no_socket_in_the_map(veth: VethName
                     os.kill(os.getpid(), signal.SIGKILL)
             os.waitpid(pid, 0)
             wait_for(lambda: not _status(broker.socket_path), 5.0, "the dead requester's lease to end")
-            reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path, timeout=10)
+            _, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path, timeout=10)
             hotplug.close_fds(fds)
             wait_for(lambda: not _status(broker.socket_path), 5.0, "our own lease to end")
         assert not [r for r in broker.records() if r.get("event") == "internal-error"]
