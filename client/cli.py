@@ -207,7 +207,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                                  geometry=geometry, socket_path=args.socket, memlock=memlock)
     except (proto.BrokerError, ConnectionError, OSError) as e:
         return _fail(e, False)
-    warning = memlock_warning(reply)
+    warning = memlock_warning(reply, command)  # None when the command keeps CAP_IPC_LOCK
     try:
         if warning:
             print(warning, file=sys.stderr)
