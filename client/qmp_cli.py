@@ -14,6 +14,7 @@ from typing import Any
 from xskbroker.client import hotplug, qemu_support
 from xskbroker.client import qmp as q
 from xskbroker.client.connection import DEFAULT_SOCKET
+from xskbroker.policy.sizes import size_arg
 
 ATTACH_DESCRIPTION = """\
 Take a bare grant from the broker (unbound AF_XDP sockets already in the interface's xsks_map) and hand it to
@@ -25,8 +26,9 @@ Before asking the broker, it checks with query-qmp-schema that this QEMU has the
 built with libxdp) and refuses if not, unless --force. QEMU's own error text is shown as it is. On any
 failure, QEMU is left holding nothing of the attempt and the grant is released.
 
-QEMU registers a 32 MiB UMEM per queue in its own process: its RLIMIT_MEMLOCK must allow that (a warning
-says when it does not look like it)."""
+QEMU registers its UMEM (32 MiB per queue for stock builds; --qemu-umem otherwise) in its own process: its
+RLIMIT_MEMLOCK must allow that unless it has CAP_IPC_LOCK. The broker is asked to raise it where policy and
+privilege allow; a warning gives its answer when the limit stays short."""
 
 ATTACH_EPILOG = """\
 examples:
@@ -100,6 +102,9 @@ def add_qmp_parsers(sub: Any) -> None:
     a.add_argument("--device-props", type=_props, metavar="JSON",
                    help="extra device_add properties as a JSON object, e.g. '{\"mq\": true, \"vectors\": 6}' "
                    "for a multi-queue virtio-net (vectors = 2*queues+2)")
+    a.add_argument("--qemu-umem", type=size_arg, default=None, metavar="SIZE",
+                   help="UMEM this QEMU registers per queue (default: what its version implies, 32MiB for every "
+                   "af-xdp QEMU so far; a build with smaller libxdp rings needs less)")
     a.add_argument("--socket", default=DEFAULT_SOCKET, metavar="BROKER", help="broker socket (default: %(default)s)")
     a.add_argument("--force", action="store_true",
                    help="try even if this QEMU does not list the af-xdp backend, and show QEMU's own error")
@@ -149,6 +154,10 @@ def _warn(as_json: bool, warnings: list[str], text: str) -> None:
     warnings.append(text)
     if not as_json:
         print(f"xskbroker: warning: {text}", file=sys.stderr)
+
+
+def _seen(warnings: list[str]) -> dict[str, Any]:
+    return {"warnings": list(warnings)} if warnings else {}
 
 
 def _queues(queues: Sequence[int]) -> str:
@@ -202,21 +211,29 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
             _warn(as_json, warnings, f"{e}; trying anyway (--force)")
         except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
             return _fail_qmp(as_json, e)
-        shortfall = qemu_support.memlock_shortfall(qmp.pid, args.queues)
-        if shortfall:
-            _warn(as_json, warnings, shortfall)
-
-        seen = {"warnings": warnings} if warnings else {}  # JSON errors carry the warnings given so far
+        per_queue = qemu_support.umem_per_queue(qmp.version, args.qemu_umem)
+        # with CAP_IPC_LOCK QEMU's UMEM is not charged to its limit: nothing to ask for or warn about
+        ask_memlock = qemu_support.umem_bytes(args.queues, per_queue) if qmp.pid and not \
+            qemu_support.has_ipc_lock(qmp.pid) else 0
         try:
             # QEMU, not this command, will hold the sockets: the lease follows QEMU's pid, and so does the
             # memlock raise the broker makes where policy and privilege allow it
             reply, fds = request_fds(args.interface, args.queues, kind="bare", start_queue=args.start_queue,
                                      socket_path=args.socket, timeout=args.timeout, holder_pid=qmp.pid or 0,
-                                     memlock=qemu_support.umem_bytes(args.queues) if qmp.pid else 0)
+                                     memlock=ask_memlock)
         except proto.BrokerError as e:
-            return _fail(as_json, e.code, f"{e.code}: {e.message}", **seen)
+            return _fail(as_json, e.code, f"{e.code}: {e.message}", **_seen(warnings))
         except (ConnectionError, OSError) as e:
-            return _fail(as_json, "connection-error", str(e), **seen)
+            return _fail(as_json, "connection-error", str(e), **_seen(warnings))
+        # the broker's answer decides (it may have raised QEMU's limit); without one, QEMU's /proc is read
+        answer = reply.get("memlock") if ask_memlock else None
+        if isinstance(answer, dict):
+            shortfall = qemu_support.broker_memlock_warning(answer, qmp.pid or 0)
+        else:
+            shortfall = qemu_support.memlock_shortfall(qmp.pid, args.queues, per_queue)
+        if shortfall:
+            _warn(as_json, warnings, shortfall)
+        seen = _seen(warnings)  # JSON errors carry the warnings given so far
         try:  # closes this process's copies: QEMU has its own now (or the attempt was undone)
             att = hotplug.attach_grant(qmp, args.id, reply, fds, interface=args.interface,
                                        start_queue=args.start_queue, queues=args.queues, device=args.device,

@@ -491,3 +491,44 @@ def test_a_requester_killed_mid_grant_leaves_no_socket_in_the_map(veth: VethName
             hotplug.close_fds(fds)
             wait_for(lambda: not _status(broker.socket_path), 5.0, "our own lease to end")
         assert not [r for r in broker.records() if r.get("event") == "internal-error"]
+
+
+# ---- QEMU's UMEM size and the broker's memlock answer (issue 10) ---------------------------------------
+
+def test_qemu_umem_from_the_user_sets_what_the_memlock_check_needs(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_grant(monkeypatch, [0])
+    with qemu("-M", "none", user=65534) as v:
+        limit = qemu_support.memlock_limit(Path(f"/proc/{v.pid}/limits").read_text())
+        if limit is None or limit < 4 << 20:
+            pytest.skip(f"QEMU's memlock limit here is {limit}")
+        rc = qmp_cli.main(["qmp-attach", "--qmp", v.qmp_path, "--id", "xdp0", "-i", "lo", "-q", "1", "--force",
+                           "--qemu-umem", "4MiB", "--json"])
+        out = json.loads(capsys.readouterr().out)
+    assert rc == 1 and out["error"]["message"] == NOT_AF_XDP
+    assert not [w for w in out["error"]["warnings"] if "RLIMIT_MEMLOCK" in w]  # a 4 MiB UMEM fits
+
+
+MEMLOCK_POLICY = BARE_POLICY + """
+[admin]
+users = [0]
+"""
+
+
+def test_qmp_attach_tells_the_brokers_memlock_answer(veth: VethNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+    """QEMU runs as another uid (the admin names it as holder): the broker may not raise its limit (no
+    raise_memlock), and the warning is the broker's answer, asked with the size the user gave."""
+    with qemu("-M", "none", user=65534) as v, BrokerProcess(veth.name, MEMLOCK_POLICY) as broker:
+        limit = qemu_support.memlock_limit(Path(f"/proc/{v.pid}/limits").read_text())
+        if limit is None or limit >= 64 << 20:
+            pytest.skip(f"QEMU's memlock limit here is {limit}")
+        rc = qmp_cli.main(["qmp-attach", "--qmp", v.qmp_path, "--id", "xdp0", "-i", veth.inside, "-q", "1",
+                           "--qemu-umem", "64MiB", "--socket", broker.socket_path, "--force", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        grant = [r for r in broker.records() if r.get("event") == "grant"][-1]
+    assert rc == 1 and out["error"]["code"] == "qmp-error", out
+    assert grant["request"]["memlock"] == 64 << 20
+    (warning,) = [w for w in out["error"]["warnings"] if "RLIMIT_MEMLOCK" in w]
+    assert warning.startswith(f"QEMU (pid {v.pid}) may lock {limit >> 20} MiB (RLIMIT_MEMLOCK) but its af-xdp UMEM "
+                              "needs 64 MiB, and the broker did not raise it: ")
+    assert "allows no raise" in warning and "LimitMEMLOCK=67108864" in warning

@@ -390,7 +390,7 @@ def _grant(monkeypatch: pytest.MonkeyPatch, queues: list[int], xdp_mode: str = "
 
     monkeypatch.setattr("xskbroker.client.grant.request_fds", request_fds)
     # the "QEMU" here is this process, whose memlock limit and capabilities vary by who runs the tests
-    monkeypatch.setattr(qemu_support, "memlock_shortfall", lambda pid, queues: None)
+    monkeypatch.setattr(qemu_support, "memlock_shortfall", lambda pid, queues, per_queue=None: None)
     return [b for _, b in pairs]
 
 
