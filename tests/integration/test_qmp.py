@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -469,7 +470,6 @@ def test_a_bare_lease_ends_when_its_living_holder_closes_the_sockets(veth: VethN
 def test_a_requester_killed_mid_grant_leaves_no_socket_in_the_map(veth: VethNamespace) -> None:
     """A bare grant with memlock whose requester is SIGKILLed at once: whatever the broker got to, the
     queue is free again (no socket held by the broker itself, no lease), so the next grant succeeds."""
-    import signal
 
     from xskbroker.client.connection import Connection
     from xskbroker.client.grant import request_fds
@@ -532,3 +532,17 @@ def test_qmp_attach_tells_the_brokers_memlock_answer(veth: VethNamespace, capsys
     assert warning.startswith(f"QEMU (pid {v.pid}) may lock {limit >> 20} MiB (RLIMIT_MEMLOCK) but its af-xdp UMEM "
                               "needs 64 MiB, and the broker did not raise it: ")
     assert "allows no raise" in warning and "LimitMEMLOCK=67108864" in warning
+
+
+def test_qemu_dying_during_a_command_is_said_plainly() -> None:
+    """QEMU 10.0.2 segfaults in netdev_add when UMEM creation fails: the user must read that QEMU exited
+    (and how), not "Connection reset by peer". Here QEMU is killed with SIGSEGV as the command is sent."""
+    with qemu("-M", "none") as vm:
+        with vm.connect() as m:
+            vm.proc.send_signal(signal.SIGSEGV)
+            with pytest.raises(q.QMPConnectionError) as e:
+                for _ in range(50):  # until the death is seen
+                    m.execute("query-status")
+                    time.sleep(0.02)
+        assert str(e.value).startswith(f"QEMU (pid {vm.pid}) exited during query-status (killed by SIGSEGV"), e.value
+        assert "Connection reset" not in str(e.value) and "Broken pipe" not in str(e.value)
