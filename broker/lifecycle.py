@@ -108,6 +108,8 @@ class Lifecycle(Core):
         for lease in list(self.leases):
             if lease.kind != "bare" or lease.orphaned or lease.revoked or not self._slots_empty(lease):
                 continue
+            if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
+                continue  # its exit is being told (holder_exited ends the lease with the right reason)
             self.leases.remove(lease.id)
             self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                         "reason": "its sockets were closed while its holder lives"})
