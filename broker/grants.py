@@ -310,9 +310,16 @@ class Grants(Core):
                 self.kernel.close(fd)
             raise refusal(e, req.interface, q) from None
         sockets = tuple(BareSocket(q, i) for i, q in enumerate(req.queues))
-        memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
-        out = self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
-                          bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
+        try:  # the holder may die here (its /proc is read): any failure must take the sockets back out
+            memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
+            out = self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
+                              bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
+        except BaseException:
+            for q_done, fd in zip(req.queues, fds, strict=True):
+                with contextlib.suppress(OSError):
+                    self.kernel.map_delete(prog.map_fd, q_done)
+                self.kernel.close(fd)
+            raise
         if memlock and memlock["raised"] and out.lease_id and peer.pid in self.raised:
             self.raised[peer.pid].leases.add(out.lease_id)  # restored when the last such lease ends
         return out

@@ -98,12 +98,34 @@ class Lifecycle(Core):
             self.audit({"event": "lease-ended", "lease": lease.id, "pid": pid, "reason": "holder exited"})
 
     def check_orphans(self) -> None:
-        """End the orphaned leases whose sockets have finally been closed (called periodically)."""
+        """End the orphaned leases whose sockets have finally been closed, and the bare leases whose
+        sockets were all closed while their holder lives (QEMU after netdev_del or a rolled-back attach):
+        the holder gives no event then, and the lease would hold its queues and quota until it exits.
+        Called periodically."""
         for lease in self.leases.orphans():
             if not self._still_held(lease):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed"})
+        for lease in list(self.leases):
+            if lease.kind != "bare" or lease.orphaned or lease.revoked or not self._slots_empty(lease):
+                continue
+            if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
+                continue  # its exit is being told (holder_exited ends the lease with the right reason)
+            self.leases.remove(lease.id)
+            self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
+                        "reason": "its sockets were closed while its holder lives"})
+
+    def _slots_empty(self, lease: Lease) -> bool:
+        """True only when the kernel says every slot of the lease is empty (an unknown program or a failed
+        read says nothing: the lease is kept)."""
+        prog = self.programs.get(lease.ifindex)
+        if prog is None:
+            return False
+        try:
+            return not self.kernel.occupied_slots(prog.map_fd, lease.queues)
+        except OSError:
+            return False
 
     def _still_held(self, lease: Lease) -> bool:
         # a revoked lease's slots were emptied on purpose: they tell nothing about its sockets

@@ -62,8 +62,11 @@ def add_client_parsers(sub: Any) -> None:
                    "map: the xsks_map fd (exclusive rules only)")
     e.add_argument("--umem", type=size_arg, default=4 << 20, help="bound kind: UMEM bytes per socket (default 4MiB)")
     e.add_argument("--memlock", type=size_arg, default=None,
-                   help="bare kind: RLIMIT_MEMLOCK the command needs for its own UMEM (default: 32MiB per queue, "
+                   help="bare kind: RLIMIT_MEMLOCK the command needs for its own UMEM (default: --qemu-umem per queue, "
                    "what QEMU registers; 0: don't ask); the broker raises it where policy and privilege allow")
+    e.add_argument("--qemu-umem", type=size_arg, default=None, metavar="SIZE",
+                   help="bare kind: UMEM the command (QEMU) registers per queue, for the default --memlock "
+                   "(default: 32MiB, stock QEMU's libxdp rings)")
     e.add_argument("--require-memlock", action="store_true",
                    help="fail instead of warning when the broker could not provide the memlock limit")
     e.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
@@ -191,7 +194,8 @@ def _replace_file(path: str, text: str) -> None:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     from xskbroker.client.grant import request_fds
-    from xskbroker.client.launch import QEMU_UMEM_PER_QUEUE, exec_with_grant, memlock_warning
+    from xskbroker.client.launch import exec_with_grant, memlock_warning
+    from xskbroker.client.qemu_support import umem_bytes, umem_per_queue
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -199,7 +203,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return 2
     memlock = args.memlock
     if memlock is None:
-        memlock = QEMU_UMEM_PER_QUEUE * args.queues if args.kind == "bare" else 0
+        memlock = umem_bytes(args.queues, umem_per_queue(None, args.qemu_umem)) if args.kind == "bare" else 0
     geometry = proto.Geometry(umem_size=args.umem)
     queues = 0 if args.kind == "map" else args.queues
     try:
@@ -207,7 +211,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                                  geometry=geometry, socket_path=args.socket, memlock=memlock)
     except (proto.BrokerError, ConnectionError, OSError) as e:
         return _fail(e, False)
-    warning = memlock_warning(reply)
+    warning = memlock_warning(reply, command)  # None when the command keeps CAP_IPC_LOCK
     try:
         if warning:
             print(warning, file=sys.stderr)

@@ -6,8 +6,10 @@ frees the queues and the broker ends the lease.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import string
 import sys
 from collections.abc import Sequence
@@ -15,8 +17,10 @@ from typing import Any
 
 # QEMU's af-xdp backend registers this much UMEM per queue; its home is qemu_support.py (named here for `exec`)
 from xskbroker.client.qemu_support import AF_XDP_UMEM_BYTES as QEMU_UMEM_PER_QUEUE
+from xskbroker.common.procfs import has_cap
 
-__all__ = ["QEMU_UMEM_PER_QUEUE", "exec_with_grant", "grant_env", "memlock_warning", "substitute", "substitutions"]
+__all__ = ["QEMU_UMEM_PER_QUEUE", "command_keeps_ipc_lock", "exec_with_grant", "grant_env", "keeps_ipc_lock",
+           "memlock_warning", "substitute", "substitutions"]
 
 
 def grant_env(reply: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -63,9 +67,52 @@ def substitute(args: Sequence[str], values: dict[str, str]) -> list[str]:
     return out
 
 
-def memlock_warning(reply: dict[str, Any]) -> str | None:
+CAP_IPC_LOCK = 14
+VFS_CAP_FLAGS_EFFECTIVE = 0x000001
+
+
+def file_grants_cap(xattr: bytes | None, cap: int) -> bool:
+    """Whether a security.capability xattr (struct vfs_cap_data, v2 or v3) puts `cap` in the permitted
+    and effective sets of whoever execs the file."""
+    if not xattr or len(xattr) < 12:
+        return False
+    magic, permitted = int.from_bytes(xattr[0:4], "little"), int.from_bytes(xattr[4:8], "little")
+    if len(xattr) >= 16 and cap >= 32:
+        permitted, cap = int.from_bytes(xattr[12:16], "little"), cap - 32
+    return bool(magic & VFS_CAP_FLAGS_EFFECTIVE) and bool(permitted >> cap & 1)
+
+
+def keeps_ipc_lock(status_text: str, euid: int, file_xattr: bytes | None) -> bool:
+    """Whether the command this process execs runs with CAP_IPC_LOCK (then the kernel does not charge its
+    UMEM to RLIMIT_MEMLOCK): an ambient capability, root (which keeps its capabilities across exec), or
+    a file capability on the command's binary."""
+    if has_cap(status_text, CAP_IPC_LOCK, "CapAmb"):
+        return True
+    if euid == 0 and has_cap(status_text, CAP_IPC_LOCK, "CapBnd"):
+        return True
+    return has_cap(status_text, CAP_IPC_LOCK, "CapBnd") and file_grants_cap(file_xattr, CAP_IPC_LOCK)
+
+
+def command_keeps_ipc_lock(command: Sequence[str]) -> bool:
+    """keeps_ipc_lock for this process and the binary `command` would run."""
+    path = shutil.which(command[0]) if command else None
+    xattr = None
+    if path:
+        with contextlib.suppress(OSError):
+            xattr = os.getxattr(path, "security.capability")
+    try:
+        with open("/proc/self/status") as f:
+            status = f.read()
+    except OSError:
+        return False
+    return keeps_ipc_lock(status, os.geteuid(), xattr)
+
+
+def memlock_warning(reply: dict[str, Any], command: Sequence[str] = ()) -> str | None:
+    """What to tell the user when the broker says the command's memlock limit is short; None when it
+    is not, or when the command will run with CAP_IPC_LOCK (its UMEM is then not charged to the limit)."""
     info = reply.get("memlock")
-    if not info or info.get("ok"):
+    if not info or info.get("ok") or (command and command_keeps_ipc_lock(command)):
         return None
     return (f"xskbroker exec: warning: RLIMIT_MEMLOCK is {info['soft']} bytes but the UMEM needs "
             f"{info['needed']}: {info.get('reason', '')}. To fix: {info.get('hint', '')}")

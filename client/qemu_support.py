@@ -18,9 +18,18 @@ class AfXdpUnsupported(Exception):
     """The QEMU behind the monitor has no af-xdp netdev backend (or one without sock-fds)."""
 
 
-def umem_bytes(queues: int) -> int:
+def umem_per_queue(version: QemuVersion | None = None, given: int | None = None) -> int:
+    """The UMEM one af-xdp queue of this QEMU registers: what the user said (--qemu-umem: a QEMU built
+    with other ring sizes), else what QEMU's version implies. Every QEMU with af-xdp so far (8.2 to 10.x)
+    sizes it from libxdp's compile-time default rings: (2048 + 2048) * 2 frames of 4 KiB."""
+    if given is not None:
+        return given
+    return AF_XDP_UMEM_BYTES
+
+
+def umem_bytes(queues: int, per_queue: int | None = None) -> int:
     """The UMEM QEMU registers (and locks) in its own process for an af-xdp netdev of `queues` queues."""
-    return AF_XDP_UMEM_BYTES * queues
+    return (AF_XDP_UMEM_BYTES if per_queue is None else per_queue) * queues
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,7 @@ def memlock_limit(limits_text: str) -> int | None:
     return limits[0] if limits else None
 
 
-def memlock_shortfall(pid: int | None, queues: int) -> str | None:
+def memlock_shortfall(pid: int | None, queues: int, per_queue: int | None = None) -> str | None:
     """Why QEMU (pid) will likely fail to register af-xdp UMEM for `queues` queues, or None if it should not.
 
     The kernel charges AF_XDP UMEM to RLIMIT_MEMLOCK of the registering process (QEMU) unless it has
@@ -125,11 +134,40 @@ def memlock_shortfall(pid: int | None, queues: int) -> str | None:
                 return None
     except OSError:
         return None
-    needed = umem_bytes(queues)
+    needed = umem_bytes(queues, per_queue)
     if limit is None or limit >= needed:
         return None
-    return (f"QEMU (pid {pid}) may lock {limit >> 20} MiB (RLIMIT_MEMLOCK) but its af-xdp UMEM needs "
-            f"{needed >> 20} MiB for {queues} queue(s), on top of what its user already has pinned; netdev_add "
+    return (f"QEMU (pid {pid}) may lock {_mib(limit)} (RLIMIT_MEMLOCK) but its af-xdp UMEM needs "
+            f"{_mib(needed)} for {queues} queue(s), on top of what its user already has pinned; netdev_add "
             "will likely fail with \"failed to create umem … No buffer space available\". Raise it: "
             f"`prlimit --pid {pid} --memlock={needed}:{needed}` "
             "(root), or LimitMEMLOCK= in QEMU's systemd unit")
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
+
+
+def has_ipc_lock(pid: int | None) -> bool:
+    """Whether QEMU (pid) has CAP_IPC_LOCK: its UMEM is then not charged to RLIMIT_MEMLOCK at all."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return has_cap(f.read(), CAP_IPC_LOCK)
+    except OSError:
+        return False
+
+
+def broker_memlock_warning(info: Mapping[str, Any], pid: int) -> str | None:
+    """The broker's `memlock` answer for QEMU (pid) in words: None when the limit is enough (or the broker
+    raised it), else what it found and what is missing."""
+    if info.get("ok"):
+        return None
+    soft = info.get("soft")
+    have = f"may lock {_mib(soft)}" if isinstance(soft, int) else "has a limit the broker could not read"
+    needed = int(info.get("needed", 0))
+    return (f"QEMU (pid {pid}) {have} (RLIMIT_MEMLOCK) but its af-xdp UMEM needs {_mib(needed)}, and the broker "
+            f"did not raise it: {info.get('reason', 'no reason given')}; netdev_add will likely fail with "
+            "\"failed to create umem … No buffer space available\". "
+            f"To fix: {info.get('hint') or f'prlimit --pid {pid} --memlock={needed}:{needed} (root)'}")

@@ -12,6 +12,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
+import select
+import signal
 import socket
 import struct
 import time
@@ -61,6 +64,12 @@ class QMP:
 
     def _setup(self, sock: socket.socket, path: str, timeout: float) -> None:
         self.sock, self.path, self.timeout = sock, path, timeout
+        self._pidfd: int | None = None  # QEMU pinned: its exit is told apart from a dropped connection
+        self._qemu_pid = self.pid
+        with contextlib.suppress(OSError):
+            # (a monitor served by this very process, as in tests, is never "QEMU exited")
+            if self._qemu_pid and self._qemu_pid != os.getpid():
+                self._pidfd = os.pidfd_open(self._qemu_pid)
         self._framer = codec.Framer(path)
         self._next_id = 0
         self._event_seq = 0
@@ -78,11 +87,30 @@ class QMP:
             self.version = QemuVersion.from_wire(self.greeting.get("version", {}))
             self.execute("qmp_capabilities")
         except BaseException:
-            sock.close()
+            self.close()
             raise
 
     def close(self) -> None:
         self.sock.close()
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+
+    def _exited(self, command: str, e: QMPConnectionError) -> QMPConnectionError:
+        """The error for a connection lost during `command`: plainly that QEMU exited (and how, where this
+        process can still see it) when it did, rather than "Connection reset by peer"."""
+        pidfd = self._pidfd
+        if pidfd is None:
+            return e
+        # QEMU's sockets close before its exit is signalled on the pidfd: give it a moment
+        if not select.select([pidfd], [], [], 1.0)[0]:
+            return e
+        pid = self._qemu_pid
+        how = _exit_status(pid) if pid else None
+        status = f" ({how})" if how else " (its exit status is not known here: it is not this command's child)"
+        return QMPConnectionError(f"QEMU (pid {pid or '?'}) exited during {command}{status}; the QMP connection at "
+                                  f"{self.path} died with it")
 
     def __enter__(self) -> QMP:
         return self
@@ -140,10 +168,13 @@ class QMP:
         except TimeoutError:
             raise QMPTimeout(f"QEMU at {self.path} did not take the {command} command in time") from None
         except OSError as e:
-            raise QMPConnectionError(f"cannot send {command} to QEMU at {self.path}: {e.strerror or e}") from None
+            raise self._exited(command, QMPConnectionError(
+                f"cannot send {command} to QEMU at {self.path}: {e.strerror or e}")) from None
         while True:
             try:
                 msg = self._read(deadline, f"answer to {command}")
+            except QMPConnectionError as e:
+                raise self._exited(command, e) from None
             except QMPTimeout:
                 raise QMPTimeout(f"QEMU at {self.path} did not answer {command} within "
                                  f"{self.timeout if timeout is None else timeout:g} s") from None
@@ -189,3 +220,24 @@ class QMP:
         if reason:
             raise AfXdpUnsupported(reason)
         return support
+
+
+def _exit_status(pid: int) -> str | None:
+    """How a process that has exited ended, read from its /proc entry while it is a zombie (its parent has
+    not reaped it yet); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    if not fields or fields[0] not in ("Z", "X") or len(fields) < 50:
+        return None
+    code = int(fields[49])  # field 52: the exit code in waitpid() form
+    if code & 0x7F:
+        try:
+            name = signal.Signals(code & 0x7F).name
+        except ValueError:
+            name = f"signal {code & 0x7F}"
+        return f"killed by {name}" + (", core dumped" if code & 0x80 else "")
+    return f"exit status {code >> 8}"

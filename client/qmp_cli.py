@@ -14,6 +14,7 @@ from typing import Any
 from xskbroker.client import hotplug, qemu_support
 from xskbroker.client import qmp as q
 from xskbroker.client.connection import DEFAULT_SOCKET
+from xskbroker.policy.sizes import size_arg
 
 ATTACH_DESCRIPTION = """\
 Take a bare grant from the broker (unbound AF_XDP sockets already in the interface's xsks_map) and hand it to
@@ -25,8 +26,9 @@ Before asking the broker, it checks with query-qmp-schema that this QEMU has the
 built with libxdp) and refuses if not, unless --force. QEMU's own error text is shown as it is. On any
 failure, QEMU is left holding nothing of the attempt and the grant is released.
 
-QEMU registers a 32 MiB UMEM per queue in its own process: its RLIMIT_MEMLOCK must allow that (a warning
-says when it does not look like it)."""
+QEMU registers its UMEM (32 MiB per queue for stock builds; --qemu-umem otherwise) in its own process: its
+RLIMIT_MEMLOCK must allow that unless it has CAP_IPC_LOCK. The broker is asked to raise it where policy and
+privilege allow; a warning gives its answer when the limit stays short."""
 
 ATTACH_EPILOG = """\
 examples:
@@ -46,7 +48,8 @@ what it sends (docs/qemu.md has the whole exchange):
 DETACH_DESCRIPTION = """\
 Remove what qmp-attach plugged: device_del of ID-dev (if there is one), waiting up to --timeout seconds for
 QEMU's DEVICE_DELETED event (the guest has to release a PCI device), then netdev_del of ID. QEMU then closes
-the AF_XDP sockets and the kernel empties their xsks_map slots. A device the guest does not release in time
+the AF_XDP sockets and the kernel empties their xsks_map slots; the broker sees them empty within a few
+seconds and ends the lease (its quota is free again). A device the guest does not release in time
 keeps its netdev; run qmp-detach again later."""
 
 DETACH_EPILOG = """\
@@ -99,6 +102,9 @@ def add_qmp_parsers(sub: Any) -> None:
     a.add_argument("--device-props", type=_props, metavar="JSON",
                    help="extra device_add properties as a JSON object, e.g. '{\"mq\": true, \"vectors\": 6}' "
                    "for a multi-queue virtio-net (vectors = 2*queues+2)")
+    a.add_argument("--qemu-umem", type=size_arg, default=None, metavar="SIZE",
+                   help="UMEM this QEMU registers per queue (default: what its version implies, 32MiB for every "
+                   "af-xdp QEMU so far; a build with smaller libxdp rings needs less)")
     a.add_argument("--socket", default=DEFAULT_SOCKET, metavar="BROKER", help="broker socket (default: %(default)s)")
     a.add_argument("--force", action="store_true",
                    help="try even if this QEMU does not list the af-xdp backend, and show QEMU's own error")
@@ -150,11 +156,33 @@ def _warn(as_json: bool, warnings: list[str], text: str) -> None:
         print(f"xskbroker: warning: {text}", file=sys.stderr)
 
 
+def _seen(warnings: list[str]) -> dict[str, Any]:
+    return {"warnings": list(warnings)} if warnings else {}
+
+
 def _queues(queues: Sequence[int]) -> str:
     return str(queues[0]) if len(queues) == 1 else f"{queues[0]}-{queues[-1]}"
 
 
 # ---- qmp-attach ----------------------------------------------------------------------------------------
+
+def release_lease(socket_path: str, reply: Any, timeout: float) -> str:
+    """End the lease of an attempt that was undone. QEMU, its holder, lives on, so the broker would
+    otherwise keep the lease (and its quota) until its own poll sees the slots empty. Returns a note."""
+    from xskbroker.client.connection import Connection
+    from xskbroker.wire import protocol as proto
+
+    lease = reply.get("lease") if isinstance(reply, dict) else None
+    if not lease:
+        return "the grant's sockets were closed here and in QEMU"
+    try:
+        with Connection(socket_path, timeout=timeout) as conn:
+            conn.call(proto.Release(str(lease)))
+    except (proto.BrokerError, ConnectionError, OSError) as e:
+        return (f"the grant's sockets were closed here and in QEMU, but releasing lease {lease} failed ({e}); "
+                "the broker ends it once it sees the queues empty")
+    return f"the grant's sockets were closed here and in QEMU, and lease {lease} was released"
+
 
 def cmd_qmp_attach(args: argparse.Namespace) -> int:
     from xskbroker.client.grant import request_fds
@@ -183,30 +211,37 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
             _warn(as_json, warnings, f"{e}; trying anyway (--force)")
         except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
             return _fail_qmp(as_json, e)
-        shortfall = qemu_support.memlock_shortfall(qmp.pid, args.queues)
-        if shortfall:
-            _warn(as_json, warnings, shortfall)
-
-        seen = {"warnings": warnings} if warnings else {}  # JSON errors carry the warnings given so far
+        per_queue = qemu_support.umem_per_queue(qmp.version, args.qemu_umem)
+        # with CAP_IPC_LOCK QEMU's UMEM is not charged to its limit: nothing to ask for or warn about
+        ask_memlock = qemu_support.umem_bytes(args.queues, per_queue) if qmp.pid and not \
+            qemu_support.has_ipc_lock(qmp.pid) else 0
         try:
             # QEMU, not this command, will hold the sockets: the lease follows QEMU's pid, and so does the
             # memlock raise the broker makes where policy and privilege allow it
             reply, fds = request_fds(args.interface, args.queues, kind="bare", start_queue=args.start_queue,
                                      socket_path=args.socket, timeout=args.timeout, holder_pid=qmp.pid or 0,
-                                     memlock=qemu_support.umem_bytes(args.queues) if qmp.pid else 0)
+                                     memlock=ask_memlock)
         except proto.BrokerError as e:
-            return _fail(as_json, e.code, f"{e.code}: {e.message}", **seen)
+            return _fail(as_json, e.code, f"{e.code}: {e.message}", **_seen(warnings))
         except (ConnectionError, OSError) as e:
-            return _fail(as_json, "connection-error", str(e), **seen)
-        released = "the grant's sockets were closed here: the broker's lease ends with them"
+            return _fail(as_json, "connection-error", str(e), **_seen(warnings))
+        # the broker's answer decides (it may have raised QEMU's limit); without one, QEMU's /proc is read
+        answer = reply.get("memlock") if ask_memlock else None
+        if isinstance(answer, dict):
+            shortfall = qemu_support.broker_memlock_warning(answer, qmp.pid or 0)
+        else:
+            shortfall = qemu_support.memlock_shortfall(qmp.pid, args.queues, per_queue)
+        if shortfall:
+            _warn(as_json, warnings, shortfall)
+        seen = _seen(warnings)  # JSON errors carry the warnings given so far
         try:  # closes this process's copies: QEMU has its own now (or the attempt was undone)
             att = hotplug.attach_grant(qmp, args.id, reply, fds, interface=args.interface,
                                        start_queue=args.start_queue, queues=args.queues, device=args.device,
                                        device_props=args.device_props)
         except ValueError as e:
-            return _fail(as_json, "bad-reply", str(e), [released], **seen)
+            return _fail(as_json, "bad-reply", str(e), [release_lease(args.socket, reply, args.timeout)], **seen)
         except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
-            return _fail_qmp(as_json, e, [released], **seen)
+            return _fail_qmp(as_json, e, [release_lease(args.socket, reply, args.timeout)], **seen)
 
     result = {"ok": True, "qemu": str(qmp.version), "qmp": args.qmp, "lease": reply.get("lease"),
               "interface": att.ifname, "queues": list(att.queues), "xdp_mode": reply.get("xdp_mode"),

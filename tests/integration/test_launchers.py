@@ -263,3 +263,50 @@ def test_a_map_lease_ends_at_release_and_its_program_goes_with_it() -> None:
                         if r.get("event") == "xdp-attach" and r["interface"] == "xsk1"]
             detached = [r["prog_id"] for r in b.records() if r.get("event") == "xdp-detach"]
             assert len(attaches) == 2 and detached == attaches[:1], (attaches, detached)
+
+
+def test_exec_require_memlock_runs_a_command_that_keeps_cap_ipc_lock(tmp_path: Path) -> None:
+    """Root keeps CAP_IPC_LOCK across exec, so its UMEM is not charged to RLIMIT_MEMLOCK: the broker's
+    "cannot raise" answer must neither warn nor stop --require-memlock (issue 10)."""
+    ns = VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=3)
+    marker = tmp_path / "ran"
+    policy = BARE_POLICY.replace(f"users = [{CONSUMER_UID}]", f"users = [0, {CONSUMER_UID}]")
+    with ns, BrokerProcess(ns.name, policy) as b:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 127
+            try:
+                os.close(r)
+                os.dup2(w, 2)
+                code = broker_cli.main(["exec", "--socket", b.socket_path, "--interface", ns.inside, "--queues", "1",
+                                        "--start-queue", "1", "--require-memlock", "--", "/usr/bin/touch",
+                                        str(marker)])
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            err = f.read()
+        _, status = os.waitpid(pid, 0)
+        grant = [x for x in b.records() if x.get("event") == "grant"][-1]
+    assert grant["decision"] == "allow" and grant["request"]["memlock"] == 32 << 20
+    assert os.waitstatus_to_exitcode(status) == 0 and marker.exists(), err
+    assert "RLIMIT_MEMLOCK" not in err
+
+
+def test_exec_asks_for_the_qemu_umem_the_user_gave() -> None:
+    ns = VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=3)
+    policy = BARE_POLICY.replace(f"users = [{CONSUMER_UID}]", f"users = [0, {CONSUMER_UID}]")
+    with ns, BrokerProcess(ns.name, policy) as b:
+        pid = os.fork()
+        if pid == 0:
+            code = 127
+            try:
+                code = broker_cli.main(["exec", "--socket", b.socket_path, "--interface", ns.inside, "--queues", "2",
+                                        "--start-queue", "1", "--qemu-umem", "4MiB", "--", "/bin/true"])
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        grant = [x for x in b.records() if x.get("event") == "grant"][-1]
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert grant["decision"] == "allow" and grant["request"]["memlock"] == 8 << 20  # 2 queues of 4 MiB

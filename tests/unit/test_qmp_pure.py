@@ -201,3 +201,38 @@ def test_one_home_for_qemus_umem_per_queue() -> None:
     from xskbroker.client.launch import QEMU_UMEM_PER_QUEUE
 
     assert QEMU_UMEM_PER_QUEUE is qs.AF_XDP_UMEM_BYTES and qs.umem_bytes(3) == 3 * qs.AF_XDP_UMEM_BYTES
+
+
+# ---- exec's memlock check honours CAP_IPC_LOCK (issue 10) ----------------------------------------------
+
+def _status(amb: int = 0, bnd: int = (1 << 41) - 1) -> str:
+    return f"Name:\tx\nCapInh:\t0\nCapPrm:\t0\nCapEff:\t0\nCapBnd:\t{bnd:016x}\nCapAmb:\t{amb:016x}\n"
+
+
+def _vfs_cap(permitted: int, effective: bool = True) -> bytes:
+    magic = 0x02000000 | (1 if effective else 0)  # VFS_CAP_REVISION_2
+    return b"".join(v.to_bytes(4, "little") for v in (magic, permitted, 0, 0, 0))
+
+
+def test_the_command_keeps_cap_ipc_lock_ambient_as_root_or_from_its_file() -> None:
+    from xskbroker.client.launch import keeps_ipc_lock
+
+    ipc_lock = 1 << 14
+    assert keeps_ipc_lock(_status(amb=ipc_lock), 65534, None)  # setpriv --ambient-caps +ipc_lock
+    assert keeps_ipc_lock(_status(), 0, None)  # root keeps its capabilities across exec
+    assert not keeps_ipc_lock(_status(bnd=0), 0, None)  # ... unless the bounding set dropped them
+    assert keeps_ipc_lock(_status(), 65534, _vfs_cap(ipc_lock))  # setcap cap_ipc_lock+ep qemu
+    assert not keeps_ipc_lock(_status(), 65534, _vfs_cap(ipc_lock, effective=False))
+    assert not keeps_ipc_lock(_status(), 65534, _vfs_cap(1 << 13))  # another capability
+    assert not keeps_ipc_lock(_status(bnd=0), 65534, _vfs_cap(ipc_lock))
+    assert not keeps_ipc_lock(_status(), 65534, None)
+
+
+def test_no_memlock_warning_for_a_command_that_keeps_cap_ipc_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xskbroker.client import launch
+
+    reply = {"memlock": {"ok": False, "needed": 32 << 20, "soft": 8 << 20, "reason": "no raise", "hint": "h"}}
+    monkeypatch.setattr(launch, "command_keeps_ipc_lock", lambda command: True)
+    assert launch.memlock_warning(reply, ["qemu-system-x86_64"]) is None
+    monkeypatch.setattr(launch, "command_keeps_ipc_lock", lambda command: False)
+    assert "RLIMIT_MEMLOCK is 8388608 bytes" in (launch.memlock_warning(reply, ["qemu-system-x86_64"]) or "")

@@ -517,6 +517,22 @@ def test_a_bare_failure_on_the_second_queue_closes_the_first(rig: Rig) -> None:
     assert not rig.kernel.slot_taken(7, 0) and len(rig.service.leases) == 0
 
 
+def test_a_bare_grant_whose_holder_breaks_the_memlock_check_leaves_nothing(rig: Rig) -> None:
+    """The memlock check reads /proc of a holder that may be dying: whatever it raises, the sockets already
+    in the map are taken out and closed (else the broker itself holds the queue: queue-busy for good)."""
+    def broken(pid: int) -> tuple[int, int]:
+        raise ValueError("garbled /proc/<pid>/limits of a dying process")
+
+    rig.kernel.memlock = broken  # type: ignore[method-assign]
+    with pytest.raises(ValueError):
+        rig.grant(queues=(0, 1), kind="bare", memlock=32 << 20)
+    assert {fd for fd, what in rig.kernel.open.items() if what == "xsk"} == set()
+    assert not rig.kernel.slot_taken(7, 0) and not rig.kernel.slot_taken(7, 1) and len(rig.service.leases) == 0
+    del rig.kernel.memlock
+    reply, _ = rig.grant(queues=(0, 1), kind="bare")
+    assert reply["ok"]
+
+
 def test_bare_grants_where_the_kernel_cannot_confine_them(rig: Rig) -> None:
     rig.kernel.bare_reason = "bare grants need Linux 6.5 or later"
     reply, _ = rig.grant(kind="bare")
