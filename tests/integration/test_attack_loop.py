@@ -117,8 +117,10 @@ def _stuck_tcp(netns: str) -> tuple[socket.socket, socket.socket]:
     return srv, cli
 
 
-def test_a_passed_fd_whose_close_blocks_cannot_freeze_the_broker(figures) -> None:  # type: ignore[no-untyped-def]
-    with bed() as (ns, b):
+def _lingering_attack_on(extra: list[str], figures) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """The lingering-fd attack against a broker started with `extra`, a root probe meanwhile; the broker's fds
+    must be back at their baseline afterwards."""
+    with bed(extra=extra) as (ns, b):
         RootProbe(b.socket_path).run(1)  # the XSK program is attached and cached: what the broker holds from now on
         before = b.settled_fds()
         srv, cli = _stuck_tcp(ns.name)
@@ -127,32 +129,24 @@ def test_a_passed_fd_whose_close_blocks_cannot_freeze_the_broker(figures) -> Non
             cli.close()
             time.sleep(0.5)  # the broker has read the queued hellos and the fd-carrying request by now
             probe = RootProbe(b.socket_path).run(3)
-            result = attacker.result(30)
+            result: dict[str, Any] = attacker.result(30)
         finally:
             srv.close()
         figures(**probe.figures(), attacker_fd=result["fd"], queued_hellos=result["hellos"])
         assert b.settled_fds() == before
-        assert result["fd"].startswith("refused"), result  # refused at the socket (SO_PASSRIGHTS)
+    return result
+
+
+def test_a_passed_fd_whose_close_blocks_cannot_freeze_the_broker(figures) -> None:  # type: ignore[no-untyped-def]
+    result = _lingering_attack_on([], figures)
+    assert result["fd"].startswith("refused"), result  # refused at the socket (SO_PASSRIGHTS)
 
 
 def test_fds_queued_before_accept_are_closed_off_the_event_loop(figures) -> None:  # type: ignore[no-untyped-def]
     """Under a kernel without SO_PASSRIGHTS (the broker is told to act as if so) fds do arrive: closing one must
     still never stall the loop, nor the closer threads that release grant fds."""
-    with bed(extra=["--accept-passed-fds"]) as (ns, b):
-        RootProbe(b.socket_path).run(1)  # the XSK program is attached and cached: what the broker holds from now on
-        before = b.settled_fds()
-        srv, cli = _stuck_tcp(ns.name)
-        try:
-            attacker = spawn_unprivileged(lingering_fd_attack, b.socket_path, cli.fileno(), 100, uid=CONSUMER_UID)
-            cli.close()
-            time.sleep(0.5)
-            probe = RootProbe(b.socket_path).run(3)
-            result = attacker.result(30)
-        finally:
-            srv.close()
-        figures(**probe.figures(), attacker_fd=result["fd"])
-        assert result["fd"] == "sent", result
-        assert b.settled_fds() == before
+    result = _lingering_attack_on(["--accept-passed-fds"], figures)
+    assert result["fd"] == "sent", result
 
 
 # ---- 3. idle exit --------------------------------------------------------------------------------------------
