@@ -51,16 +51,23 @@ def bind(fd: int, ifindex: int, queue: int, flags: int) -> str:
     return errno.errorcode.get(ctypes.get_errno(), "?")
 
 
-def setup(fd: int, ifindex: int, other_ifindex: int, queue: int, mode: str) -> tuple[XskSocket, str, str]:
+def register_like_qemu(fd: int, umem: int = UMEM, ring: int = RING) -> tuple[int, mmap.mmap]:
+    """What QEMU does with a bare socket before it binds: its own UMEM (a memfd, 4 KiB frames) and four rings.
+    Returns the UMEM's memfd and the mapping the registration refers to (keep it as long as the socket)."""
     umem_fd = os.memfd_create("umem", os.MFD_CLOEXEC)
-    os.ftruncate(umem_fd, UMEM)
-    area = mmap.mmap(umem_fd, UMEM)
+    os.ftruncate(umem_fd, umem)
+    area = mmap.mmap(umem_fd, umem)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
     sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0, fileno=os.dup(fd))
-    sock.setsockopt(SOL_XDP, XDP_UMEM_REG, XDP_UMEM_REG_STRUCT.pack(addr, UMEM, 4096, 0, 0, 0))
+    sock.setsockopt(SOL_XDP, XDP_UMEM_REG, XDP_UMEM_REG_STRUCT.pack(addr, umem, 4096, 0, 0, 0))
     for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING):
-        sock.setsockopt(SOL_XDP, opt, RING.to_bytes(4, "little"))
+        sock.setsockopt(SOL_XDP, opt, ring.to_bytes(4, "little"))
     sock.close()
+    return umem_fd, area
+
+
+def setup(fd: int, ifindex: int, other_ifindex: int, queue: int, mode: str) -> tuple[XskSocket, str, str]:
+    umem_fd, area = register_like_qemu(fd)
     flags = XDP_USE_NEED_WAKEUP | (XDP_COPY if mode == "skb" else 0)
     other = bind(fd, other_ifindex, queue, flags)
     mine = bind(fd, ifindex, queue, flags)

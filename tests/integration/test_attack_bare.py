@@ -7,11 +7,7 @@ cannot refuse that bind; these tests show it names the squatter to that tenant a
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import mmap
 import os
-import socket
 import time
 from typing import Any
 
@@ -19,22 +15,11 @@ from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request, request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
-from xskbroker.wire.xdp_abi import (
-    AF_XDP,
-    SOCKADDR_XDP,
-    SOL_XDP,
-    XDP_COPY,
-    XDP_RX_RING,
-    XDP_TX_RING,
-    XDP_UMEM_COMPLETION_RING,
-    XDP_UMEM_FILL_RING,
-    XDP_UMEM_REG,
-    XDP_UMEM_REG_STRUCT,
-    XDP_USE_NEED_WAKEUP,
-)
+from xskbroker.wire.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
 from .probe import RootProbe
+from .qemu_like_consumer import bind, register_like_qemu
 
 # queue 2 is the root probes' own, so they measure the broker and not the squatted queues
 POLICY = f"""\
@@ -62,8 +47,6 @@ queues = ["2"]
 kinds = ["bound"]
 """
 UMEM, RING = 1 << 20, 256
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 
 
 def squatter(path: str, granted: int, squat: int, ready_w: int, stop_r: int) -> dict[str, Any]:
@@ -71,17 +54,8 @@ def squatter(path: str, granted: int, squat: int, ready_w: int, stop_r: int) -> 
     and hold the socket until told to stop."""
     reply, fds = request_fds("xsk0", [granted], kind="bare", socket_path=path)
     fd = fds[0]
-    umem_fd = os.memfd_create("umem", os.MFD_CLOEXEC)
-    os.ftruncate(umem_fd, UMEM)
-    area = mmap.mmap(umem_fd, UMEM)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
-    sock = socket.socket(AF_XDP, socket.SOCK_RAW, 0, fileno=os.dup(fd))
-    sock.setsockopt(SOL_XDP, XDP_UMEM_REG, XDP_UMEM_REG_STRUCT.pack(addr, UMEM, 4096, 0, 0, 0))
-    for opt in (XDP_UMEM_FILL_RING, XDP_UMEM_COMPLETION_RING, XDP_RX_RING, XDP_TX_RING):
-        sock.setsockopt(SOL_XDP, opt, RING.to_bytes(4, "little"))
-    sock.close()
-    sa = SOCKADDR_XDP.pack(AF_XDP, XDP_USE_NEED_WAKEUP | XDP_COPY, reply["ifindex"], squat, 0)
-    bound = "ok" if _libc.bind(fd, sa, len(sa)) == 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+    _umem_fd, _area = register_like_qemu(fd, UMEM, RING)  # kept until return: the socket holds the registration
+    bound = bind(fd, reply["ifindex"], squat, XDP_USE_NEED_WAKEUP | XDP_COPY)
     os.write(ready_w, b"r")
     os.read(stop_r, 1)
     return {"lease": reply["lease"], "bind": bound}
