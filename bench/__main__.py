@@ -55,6 +55,9 @@ def _rows(r: dict[str, Any]) -> list[Row]:
                          f"{u['interpreter_start_ms']:.0f} / {u['imports_ms']:.0f} / "
                          f"{u['fork_to_ready_ms']:.0f} / {u['ready_to_granted_ms'] + u['granted_to_fds_ms']:.0f} ms",
                          "", "", "", ""))
+            rows.append(("… the broker's CPU time to it (sandbox set-up included) / its wait for a CPU",
+                         f"{u['broker_cpu_ms']:.0f} / {u['broker_run_delay_ms']:.0f} ms",
+                         f"{u['total_less_run_delay_ms']:.1f} ms (wall less the wait)", "", "", ""))
         elif u:
             rows.append(("activation to first grant, shipped unit", f"skipped: {u.get('skipped')}", "", "",
                          "≤ 100 ms", "not measured"))
