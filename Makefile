@@ -14,6 +14,9 @@ RUNTIME_APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 util-linux
 TEST_APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients systemd python3-systemd
 # tests/integration/test_systemd_pid1.py boots a cached Debian tree with systemd as PID 1 (make test only)
 CONTAINER_APT_PACKAGES := debootstrap systemd-container
+# make bench only: the C reference consumer (bench/c/xsk_ref.c) is built against libxdp's xsk.h
+BENCH_APT_PACKAGES := gcc pkg-config libxdp-dev libbpf-dev
+XSK_REF := build/bench/xsk_ref
 # Debian's interpreter, not one under a 0700 home: unprivileged consumers must be able to run it.
 PYTHON := /usr/bin/python3
 VENV := .venv
@@ -21,7 +24,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: setup setup-demo apt apt-runtime demo test unit lint bench clean
+.PHONY: setup setup-demo apt apt-runtime apt-bench demo test unit lint bench clean
 
 # everything the tests need (what an engineer runs once)
 setup: apt $(STAMP)
@@ -44,6 +47,9 @@ apt-runtime:
 
 apt:
 	$(call apt_install,$(RUNTIME_APT_PACKAGES) $(TEST_APT_PACKAGES) $(CONTAINER_APT_PACKAGES))
+
+apt-bench:
+	$(call apt_install,$(BENCH_APT_PACKAGES))
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,7 +81,11 @@ unit: setup
 test: setup lint
 	$(VENV)/bin/python -m pytest
 
-bench: setup
+$(XSK_REF): bench/c/xsk_ref.c | apt-bench
+	mkdir -p $(dir $@)
+	cc -O2 -Wall -Wextra -o $@ $< $$(pkg-config --cflags --libs libxdp libbpf)
+
+bench: setup $(XSK_REF)
 	$(VENV)/bin/python -m pip install -q -e '.[test,bench]'
 	$(VENV)/bin/python -m bench
 

@@ -18,35 +18,82 @@ def _machine() -> str:
            f"Python {platform.python_version()}"
 
 
-def _rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    rows = []
-    for size, g in r["grant_latency"].items():
+Row = tuple[str, str, str, str, str, str]
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def _goal(value: float, bound: float, at_most: bool, fmt: str = "{:.2f}") -> tuple[str, str]:
+    """The goal as text and whether VALUE meets it."""
+    return ("≤ " if at_most else "≥ ") + fmt.format(bound), _met(value <= bound if at_most else value >= bound)
+
+
+def _rows(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for size, g in r.get("grant_latency", {}).items():
         b, d = g["brokered_ms"], g["direct_ms"]
-        rows.append((f"grant latency {size} p50", f"{b['p50']:.2f} ms", f"{d['p50']:.2f} ms", f"{g['ratio_p50']:.2f}"))
+        rows.append((f"grant latency {size} p50", f"{b['p50']:.2f} ms", f"{d['p50']:.2f} ms", f"{g['ratio_p50']:.2f}",
+                     *_goal(g["ratio_p50"], 1.0, True)))
         rows.append((f"grant latency {size} p99", f"{b['p99']:.2f} ms", f"{d['p99']:.2f} ms",
-                     f"{g['ratio_p99']:.2f} (p99/p50 {g['p99_over_p50']:.2f})"))
-    for n, t in r["throughput"].items():
+                     f"{g['ratio_p99']:.2f} (p99/p50 {g['p99_over_p50']:.2f})",
+                     *_goal(g["p99_over_p50"], 1.5, True, "{:.1f} × p50")))
+    for n, t in r.get("throughput", {}).items():
+        goal = _goal(t["ratio"], 0.9, False) if str(n) == "32" else ("", "")
         rows.append((f"grant+release, {n} clients", f"{t['brokered_grants_per_s']:.0f}/s",
-                     f"{t['direct_grants_per_s']:.0f}/s", f"{t['ratio']:.2f}"))
+                     f"{t['direct_grants_per_s']:.0f}/s", f"{t['ratio']:.2f}", *goal))
     c = r.get("cold_start")
     if c:
-        rows.append(("start to READY=1", f"{c['start_to_ready_ms']:.1f} ms",
-                     f"{c['interpreter_start_ms']:.1f} ms (python -c pass)", f"{c['ready_over_interpreter']:.2f}"))
-        rows.append(("import xskbroker.broker.daemon", f"{c['import_ms']:.1f} ms", "", ""))
-        rows.append(("socket activation to first grant (1 MiB)", f"{c['activation_to_first_grant_ms']:.1f} ms",
-                     f"{c['warm_grant_ms']:.1f} ms (warm broker)", f"{c['first_over_warm']:.2f}"))
+        u = c.get("unit") or {}
+        if "total_ms" in u:
+            rows.append(("activation to first grant, shipped unit (systemd 252 PID 1)", f"{u['total_ms']:.1f} ms",
+                         f"{u['total_min_ms']:.1f} ms (fastest of {len(u['rounds'])})", "",
+                         *_goal(u["total_ms"], 100, True, "{:.0f} ms")))
+            rows.append(("… its parts: connect→fork / sandbox / interpreter / imports / →READY / READY→grant",
+                         f"{u['connect_to_fork_ms']:.0f} / {u['sandbox_setup_ms']:.0f} / "
+                         f"{u['interpreter_start_ms']:.0f} / {u['imports_ms']:.0f} / "
+                         f"{u['fork_to_ready_ms']:.0f} / {u['ready_to_granted_ms'] + u['granted_to_fds_ms']:.0f} ms",
+                         "", "", "", ""))
+            rows.append(("… the broker's CPU time to it (sandbox set-up included) / its wait for a CPU",
+                         f"{u['broker_cpu_ms']:.0f} / {u['broker_run_delay_ms']:.0f} ms",
+                         f"{u['total_less_run_delay_ms']:.1f} ms (wall less the wait)", "", "", ""))
+        elif u:
+            rows.append(("activation to first grant, shipped unit", f"skipped: {u.get('skipped')}", "", "",
+                         "≤ 100 ms", "not measured"))
+        rows.append(("start to READY=1 (no sandbox)", f"{c['start_to_ready_ms']:.1f} ms",
+                     f"{c['interpreter_start_ms']:.1f} ms (python -c pass)", f"{c['ready_over_interpreter']:.2f}",
+                     "", ""))
+        rows.append(("socket activation to first grant, no sandbox (1 MiB)",
+                     f"{c['activation_to_first_grant_ms']:.1f} ms", f"{c['warm_grant_ms']:.1f} ms (warm broker)",
+                     f"{c['first_over_warm']:.2f}", "", ""))
     for way in ("rx_pps", "tx_pps"):
-        d = r["datapath"][way]
-        rows.append((f"{way[:2].upper()} pps, brokered vs self-made socket", f"{d['brokered']:,.0f}",
-                     f"{d['self_made']:,.0f}", f"{d['ratio']:.3f}"))
-        rows.append((f"{way[:2].upper()} pps, client library vs AF_PACKET", f"{d['brokered']:,.0f}",
-                     f"{d['af_packet']:,.0f}", f"{d['library_over_af_packet']:.2f}"))
+        d = r.get("datapath", {}).get(way)
+        if not d:
+            continue
+        name = way[:2].upper()
+        rows.append((f"{name} pps, brokered vs self-made socket", f"{d['brokered']:,.0f}", f"{d['self_made']:,.0f}",
+                     f"{d['ratio']:.3f}", *_goal(d["ratio"], 0.98, False)))
+        if "c_ref" in d:
+            rows.append((f"{name} pps, client library vs C (libxdp xsk.h)", f"{d['brokered']:,.0f}",
+                         f"{d['c_ref']:,.0f}", f"{d['library_over_c']:.2f}", "reported", ""))
+        rows.append((f"{name} pps, client library vs AF_PACKET", f"{d['brokered']:,.0f}", f"{d['af_packet']:,.0f}",
+                     f"{d['library_over_af_packet']:.2f}", "", ""))
+    m = r.get("memory")
+    if m:
+        conn, lease = m["connections"], m["leases"]
+        rows.append(("broker RSS, idle", f"{conn['idle']['VmRSS'] / 2**20:.1f} MiB", "", "", "", ""))
+        rows.append((f"broker RSS per idle connection (slope to {conn['n']})",
+                     f"{conn['per_connection']['VmRSS'] / 1024:.2f} KiB", "", "",
+                     *_goal(conn["per_connection"]["VmRSS"] / 1024, 4, True, "{:.0f} KiB")))
+        rows.append((f"broker RSS per lease (slope to {lease['n']})", f"{lease['per_lease']['VmRSS'] / 1024:.2f} KiB",
+                     "", "", *_goal(lease["per_lease"]["VmRSS"] / 1024, 8, True, "{:.0f} KiB")))
     return rows
 
 
 def table(r: dict[str, Any]) -> str:
-    lines = ["| benchmark | measured | baseline (same run) | ratio |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(r)]
+    lines = ["| benchmark | measured | baseline (same run) | ratio | goal | met? |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(r)]
     return "\n".join(lines)
 
 
@@ -80,12 +127,12 @@ def main() -> int:
         print("bench: needs root (network namespaces, XDP, AF_XDP)", file=sys.stderr)
         return 2
     os.environ.setdefault("LIBXDP_SKIP_DISPATCHER", "1")
-    from bench import cold_start, datapath, grant_latency, throughput
+    from bench import cold_start, datapath, grant_latency, memory, throughput
 
     started = time.monotonic()
     results: dict[str, Any] = {"machine": _machine()}
     for name, fn in (("grant_latency", grant_latency.run), ("throughput", throughput.run),
-                     ("cold_start", cold_start.run), ("datapath", datapath.run)):
+                     ("cold_start", cold_start.run), ("datapath", datapath.run), ("memory", memory.run)):
         t = time.monotonic()
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         results[name] = fn()

@@ -1,5 +1,7 @@
 """Data path: packets/s through a brokered bound socket against a socket the benchmark made itself with
-the same consumer code, and the client library's bulk RX/TX loops against raw AF_PACKET on the same veth.
+the same consumer code, and the client library's bulk RX/TX loops against a reference consumer in C
+(bench/c/xsk_ref.c, libxdp's xsk.h; `make bench` builds it into build/bench) and raw AF_PACKET on the
+same veth.
 
 The traffic comes from a TX-only AF_XDP socket on the veth's peer, in another process on another CPU,
 which republishes primed frames in bulk (a Python sender could not keep up).
@@ -8,12 +10,15 @@ which republishes primed frames in bulk (a Python sender could not keep up).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench.common import Bed, bed
@@ -24,7 +29,10 @@ from xskbroker.testbed.echo import ETH_P_DEMO
 from xskbroker.testbed.sandbox import in_netns, setns
 from xskbroker.wire.protocol import Geometry
 
+# xsk_ref.c uses the same sizes
 GEOMETRY = Geometry(umem_size=32 << 20, fill=8192, completion=4096, rx=8192, tx=2048)
+C_REF = Path(__file__).resolve().parent.parent / "build" / "bench" / "xsk_ref"
+C_RUNS = 3
 FRAME_LEN = 64
 # each kind of socket measured five times, alternating, its median run kept: neither side is favoured
 # by running first or last on a machine whose load drifts
@@ -126,7 +134,23 @@ def _packet_tx_rate(netns: str, dev: str, frame: bytes, seconds: float) -> float
     return sent / (time.monotonic() - start)
 
 
-def _compare(b: Bed, measure: Callable[[XskSocket], float], baseline: float) -> dict[str, Any]:
+def _c_rate(b: Bed, mode: str, seconds: float, frame: bytes) -> float:
+    """The C reference consumer's packets/s on queue 0 (the median of C_RUNS runs), its socket in the
+    broker's XSK map slot as a brokered one would be."""
+    runs = []
+    for _ in range(C_RUNS):
+        fd = b.program.map_fd
+        with in_netns(b.ns.name):
+            done = subprocess.run([str(C_REF), mode, b.ns.inside, "0", str(fd), str(seconds), frame.hex()],
+                                  pass_fds=(fd,), capture_output=True, text=True, timeout=seconds + 30, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{C_REF.name} {mode}: exit {done.returncode}: {done.stderr.strip()}")
+        runs.append(float(json.loads(done.stdout)["pps"]))
+        time.sleep(0.05)  # the kernel releases the queue ~20 ms after close
+    return statistics.median(runs)
+
+
+def _compare(b: Bed, measure: Callable[[XskSocket], float], baseline: float, c_ref: float | None) -> dict[str, Any]:
     """Brokered and self-made sockets, same code, in alternating runs; the median run of each counts."""
     runs: dict[str, list[float]] = {"brokered": [], "self-made": []}
     for label in ORDER:
@@ -137,12 +161,18 @@ def _compare(b: Bed, measure: Callable[[XskSocket], float], baseline: float) -> 
             xs.close()
         time.sleep(0.05)  # the kernel releases the queue ~20 ms after close
     brokered, own = statistics.median(runs["brokered"]), statistics.median(runs["self-made"])
-    return {"brokered": brokered, "self_made": own, "ratio": brokered / own, "af_packet": baseline,
-            "library_over_af_packet": brokered / baseline, "runs": runs}
+    out = {"brokered": brokered, "self_made": own, "ratio": brokered / own, "af_packet": baseline,
+           "library_over_af_packet": brokered / baseline, "runs": runs}
+    if c_ref is not None:
+        out |= {"c_ref": c_ref, "library_over_c": brokered / c_ref}
+    return out
 
 
 def run(seconds: float = 1.0) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    have_c = C_REF.exists()
+    if not have_c:
+        out["c_ref_missing"] = f"{C_REF} is not built (make bench builds it): no C reference figures"
     with bed(f"xskbench{os.getpid()}d", 1) as b:
         ns = b.ns
         frame = _frame(ns.mac(ns.inside), ns.mac(ns.peer))
@@ -152,12 +182,14 @@ def run(seconds: float = 1.0) -> dict[str, Any]:
             sender = _blast(ns.name, ns.peer, frame, cpu=1)
             try:
                 packet_rx = _packet_rx_rate(ns.name, ns.inside, seconds)
-                out["rx_pps"] = _compare(b, lambda xs: _rx_rate(xs, seconds), packet_rx)
+                c_rx = _c_rate(b, "rx", seconds, frame) if have_c else None
+                out["rx_pps"] = _compare(b, lambda xs: _rx_rate(xs, seconds), packet_rx, c_rx)
             finally:
                 os.kill(sender, signal.SIGKILL)
                 os.waitpid(sender, 0)
             packet_tx = _packet_tx_rate(ns.name, ns.inside, reverse, seconds)
-            out["tx_pps"] = _compare(b, lambda xs: _tx_rate(xs, reverse, seconds), packet_tx)
+            c_tx = _c_rate(b, "tx", seconds, reverse) if have_c else None
+            out["tx_pps"] = _compare(b, lambda xs: _tx_rate(xs, reverse, seconds), packet_tx, c_tx)
         finally:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return out

@@ -7,7 +7,6 @@ The libraries are loaded on first use, which keeps them off the import path of `
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -88,13 +87,22 @@ BPF_MAP_TYPE_XSKMAP = 17
 PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
-def _find(name: str, soname: str) -> str:
-    return ctypes.util.find_library(name) or soname
+def _load(name: str, soname: str) -> ctypes.CDLL:
+    """The library by its soname (what Debian's runtime package installs); find_library only when that fails:
+    it runs ldconfig in a child, ~17 ms of a socket-activated broker's first grant."""
+    try:
+        return ctypes.CDLL(soname, use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+        found = find_library(name)
+        if found is None:
+            raise
+        return ctypes.CDLL(found, use_errno=True)
 
 
 @functools.cache
 def libbpf() -> ctypes.CDLL:
-    lib = ctypes.CDLL(_find("bpf", "libbpf.so.1"), use_errno=True)
+    lib = _load("bpf", "libbpf.so.1")
     lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
     lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
@@ -113,7 +121,7 @@ def libbpf() -> ctypes.CDLL:
 
 @functools.cache
 def libxdp() -> ctypes.CDLL:
-    lib = ctypes.CDLL(_find("xdp", "libxdp.so.1"), use_errno=True)
+    lib = _load("xdp", "libxdp.so.1")
     ptr = ctypes.c_void_p
     lib.libxdp_get_error.argtypes = [ptr]
     lib.libxdp_get_error.restype = ctypes.c_long

@@ -51,10 +51,10 @@ class _Version(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from xskbroker.broker.doctor import add_parser as add_doctor_parser
+def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
+    """Every command's parser; with ONLY_SERVE just `serve`'s, which then imports no other command's module
+    (a socket-activated start pays for every import before its first grant)."""
     from xskbroker.client.connection import DEFAULT_SOCKET
-    from xskbroker.policy.cli import add_policy_parser
     from xskbroker.policy.sizes import size_arg
 
     p = argparse.ArgumentParser(
@@ -94,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audit records as journal entries (needs systemd-python) or JSON lines on stderr; "
                    "auto: the journal when systemd-python is installed and journald runs (default: auto)")
     s.set_defaults(func=_serve)
+    if only_serve:
+        return p
 
+    from xskbroker.broker.doctor import add_parser as add_doctor_parser
     from xskbroker.client.cli import add_client_parsers
     from xskbroker.client.qmp_cli import add_qmp_parsers
+    from xskbroker.policy.cli import add_policy_parser
     add_client_parsers(sub)
     add_qmp_parsers(sub)
     add_policy_parser(sub)
@@ -126,7 +130,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(only_serve=argv[:1] == ["serve"]).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

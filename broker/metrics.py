@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,7 @@ class Metrics:
         self.latency = {"allow": Histogram(), "deny": Histogram()}
         self.reloads = {"ok": 0, "failed": 0}
         self.connections: Callable[[], int] = lambda: 0  # the server, which holds the connections, sets it
+        self.pool_bytes: Callable[[], int] = lambda: 0  # the service, which holds the UMEM pool, sets it
 
     def tap(self, audit: AuditFn) -> AuditFn:
         """`audit`, counting each grant decision on its way through."""
@@ -112,4 +114,13 @@ class Metrics:
             pinned += lease.umem_bytes
         return MetricsInfo(version(), self.started, round(self.monotonic() - self._started_mono, 3), self.granted,
                            dict(self.refused), kinds, pinned, self.connections(), dict(self.reloads),
-                           {k: h.snapshot() for k, h in self.latency.items()})
+                           {k: h.snapshot() for k, h in self.latency.items()}, self.pool_bytes(), _rss())
+
+
+def _rss() -> int | None:
+    """This process's resident memory in bytes (/proc/self/statm: pages)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -78,6 +78,7 @@ class Service(Grants, Lifecycle):
         self._buckets_swept = 0.0
         self.clock = clock
         self.pool = UmemPool(umem_pool)
+        self.metrics.pool_bytes = lambda: self.pool.pooled_bytes
         self.pending: dict[int, Holding] = {}
         self.workers = Workers()
         self.jobs: collections.Counter[int] = collections.Counter()

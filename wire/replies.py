@@ -283,6 +283,8 @@ class MetricsInfo(Record):
     connections: int  # client connections open now
     reloads: dict[str, int]  # policy reloads: "ok", "failed"
     grant_seconds: dict[str, HistogramInfo]  # grant latency by decision: "allow", "deny"
+    umem_pool_bytes: int | None = None  # memfds the UMEM pool holds ready (resident, not pinned); None: older broker
+    rss_bytes: int | None = None  # the broker's own resident memory (UMEM it granted is not mapped in it)
 
 
 # ---- replies ----------------------------------------------------------------------------------------------
