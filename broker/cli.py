@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "which then only need pinning; 0 turns it off (default: 64MiB)")
     s.add_argument("--xdp-mode", choices=("auto", "native", "skb"), default="auto",
                    help="how to attach the XSK program: native with fallback to skb (auto), or only one")
+    s.add_argument("--pin-root", metavar="DIR",
+                   help="a bpffs directory (root's, not writable by others) where each map grant is pinned for its "
+                   "tenant at DIR/<uid>/<interface>/xsks_map, for DPDK's use_pinned_map and QEMU's map-path "
+                   "(default: no pins)")
     s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS",
                    help="exit after this long with no connection and no lease (for socket activation; "
                    "default: never)")
