@@ -380,7 +380,7 @@ def test_policy_error_from_string():
 
 def test_map_kind_needs_no_exclusive_rule():
     # a map grant's tenant map steers only its own queues (broker.queue_prog): no need to give it the interface
-    assert errors_of("""\
+    assert parse_policy(textwrap.dedent("""\
         version = 1
         [[allow]]
         name = "dpdk"
@@ -388,7 +388,7 @@ def test_map_kind_needs_no_exclusive_rule():
         interfaces = ["eth1"]
         queues = ["2-3"]
         kinds = ["map"]
-        """) == []
+        """), "p.toml").rules[0].kinds == frozenset({"map"})
 
 
 def test_exclusive_rule_cannot_narrow_queues():
