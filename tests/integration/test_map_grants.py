@@ -194,3 +194,40 @@ def _try_kind(path: str, iface: str, kind: str) -> dict:
     for fd in fds:
         os.close(fd)
     return {"code": "ok"}
+
+
+def _open_pin(path: str) -> str:
+    from xskbroker.broker import bpfsys
+    try:
+        os.close(bpfsys.obj_get(path))
+    except OSError as e:
+        return errno_name(e.errno)
+    return "ok"
+
+
+def errno_name(n: int | None) -> str:
+    import errno
+    return errno.errorcode.get(n or 0, str(n))
+
+
+def test_a_pinned_map_opens_for_its_tenant_only_and_goes_with_the_lease(veth: VethNamespace) -> None:
+    import subprocess
+    import tempfile
+    root = tempfile.mkdtemp(prefix="xskbroker-bpffs-")  # under /tmp: every uid can reach it
+    os.chmod(root, 0o755)
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=0755", "bpf", root], check=True)
+    try:
+        with BrokerProcess(veth.name, POLICY, extra_args=["--pin-root", str(root)]) as b:
+            holder = spawn_tenant(tenant, b.socket_path, veth.inside, 0, None, 10**6, uid=CONSUMER_UID, netns=veth.name)
+            try:
+                wait_for(lambda: _status(b)["leases"], what="the tenant's lease")
+                pin = f"{root}/{CONSUMER_UID}/{veth.inside}/xsks_map"
+                assert spawn_unprivileged(_open_pin, pin, uid=CONSUMER_UID).result() == "ok"
+                assert spawn_unprivileged(_open_pin, pin, uid=OTHER_UID).result() == "EACCES"
+            finally:
+                holder.kill()
+            wait_for(lambda: not _status(b)["leases"], what="the lease to end with its holder")
+            wait_for(lambda: not os.path.exists(pin), what="the pin to be removed")
+    finally:
+        subprocess.run(["umount", root], check=False)
+        os.rmdir(root)
