@@ -254,6 +254,8 @@ class Endpoint:
         if not sent:
             server.service.abort(lease_id)  # it never learnt of it: nothing is held for it
             return
+        if len(self.held) >= 4 * MAX_CONNECTIONS:  # holders that exited: their leases are gone
+            self.held = {p: x for p, x in self.held.items() if server.service.leases.get(x) is not None}
         self.held[c.who.pid] = lease_id
         lease = server.service.leases.get(lease_id)
         server.watch_pid(c.who.pid, c.sock, lease.pid_start if lease else None, lease.pid_ino if lease else None)

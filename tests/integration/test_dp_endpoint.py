@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from xskbroker.client.connection import Connection
+from xskbroker.testbed.dpdk_like import handshake
 from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
-from .dpdk_like import handshake
 from .probe import RootProbe
 from .tenants import spawn_tenant, tenant
 
