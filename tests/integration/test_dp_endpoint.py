@@ -140,11 +140,16 @@ def _two_handshakes(path: str) -> dict[str, Any]:
 def test_one_lease_per_holder_however_many_handshakes(veth: VethNamespace, base: str) -> None:
     path = f"{base}/dp.sock"
     with _broker(veth, *_endpoint(path, queues="0-1")) as b:
+        # a first holder attaches the per-queue program (fds the broker keeps); then the broker's fds are counted
+        spawn_tenant(handshake, path, "xsk0", uid=CONSUMER_UID, netns=veth.name).result()
+        wait_for(lambda: not _leases(b), what="the first holder's lease to end")
+        before = b.settled_fds()
         got = spawn_tenant(_two_handshakes, path, uid=CONSUMER_UID, netns=veth.name).result()
         assert got["maps"] == [b"/fd_ack", b"/fd_ack"] and got["ids"][0] == got["ids"][1] is not None
         grants = [r for r in _events(b, "grant") if r.get("decision") == "allow"]
-        assert len(grants) == 1 and grants[0]["request"]["queues"] == [0, 1]
+        assert len(grants) == 2 and grants[1]["request"]["queues"] == [0, 1]
         wait_for(lambda: not _leases(b), what="the lease to end with its holder")
+        assert b.settled_fds() == before, b.fd_targets()  # no map, connection or pidfd left behind
 
 
 def _raw(path: str, messages: list[bytes], fds: bool = False) -> list[Any]:
