@@ -37,6 +37,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _endpoint(text: str) -> object:
+    from xskbroker.broker.dpendpoint import parse_spec
+
+    try:
+        return parse_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 class _Version(argparse.Action):
     """--version: the package's version, looked up only when asked (importlib.metadata costs milliseconds)."""
 
@@ -82,6 +91,14 @@ def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
                    "which then only need pinning; 0 turns it off (default: 64MiB)")
     s.add_argument("--xdp-mode", choices=("auto", "native", "skb"), default="auto",
                    help="how to attach the XSK program: native with fallback to skb (auto), or only one")
+    s.add_argument("--pin-root", metavar="DIR",
+                   help="a bpffs directory (root's, not writable by others) where each map grant is pinned for its "
+                   "tenant at DIR/<uid>/<interface>/xsks_map, for DPDK's use_pinned_map and QEMU's map-path "
+                   "(default: no pins)")
+    s.add_argument("--device-plugin", action="append", type=_endpoint, metavar="SPEC",
+                   help="answer the AF_XDP device plugin's handshake (DPDK's af_xdp dp_path=) with a map grant: "
+                   "SPEC is interface=IF,user=U[,group=G][,queues=N[-M]][,path=P]; the socket at P (default "
+                   "/tmp/afxdp_dp/IF/afxdp.sock) is U's alone; repeat for more (see docs/dpdk.md)")
     s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS",
                    help="exit after this long with no connection and no lease (for socket activation; "
                    "default: never)")

@@ -16,7 +16,7 @@ import stat
 import sys
 from typing import Any
 
-from xskbroker.broker import faults, lastgood, limits, systemd
+from xskbroker.broker import dpendpoint, faults, lastgood, limits, pins, systemd
 from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.server import MAX_CONNECTIONS, Server, listen
@@ -100,8 +100,13 @@ def serve(args: argparse.Namespace) -> int:
     # the crash tests' fault points: a test-only variable, read here once and passed on as a hook
     fault = faults.from_spec(os.environ.get(faults.ENV, ""))
     holders = Holders()  # the server watches them, the service signals them on revoke
+    pin_root = getattr(args, "pin_root", None)
+    bad_root = pins.root_problem(pin_root) if pin_root else None
+    if bad_root:
+        print(f"xskbroker: --pin-root {pin_root}: {bad_root}", file=sys.stderr)
+        return 1
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
-                      umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault)
+                      umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault, pin_root=pin_root)
     service.recover()
     usec = systemd.watchdog_usec()
     watchdog = systemd.Watchdog(notifier, usec) if usec is not None and notifier.enabled else None
@@ -110,6 +115,8 @@ def serve(args: argparse.Namespace) -> int:
                     refuse_fds=not getattr(args, "accept_passed_fds", False), max_connections=max_connections,
                     holders=holders, fault=fault, watchdog=watchdog, policy_loader=keeper.reload)
     status.service = service
+    server.endpoints = list(dpendpoint.start_all(getattr(args, "device_plugin", None) or [], server,
+                                                 lambda text: print(f"xskbroker: {text}", file=sys.stderr)))
     service.describe = lambda admin: {"policy": keeper.describe(admin), "limits": limits.effective(max_connections)}
     audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
            "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid(),

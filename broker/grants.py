@@ -13,7 +13,7 @@ from resource import RLIM_INFINITY
 from typing import Any
 
 from xskbroker.broker import limits, squat
-from xskbroker.broker.core import Core, Deferred, MemlockRaise, Outcome, Refused, policy_peer
+from xskbroker.broker.core import Deferred, MemlockRaise, Outcome, Refused, policy_peer
 from xskbroker.broker.kernel import (
     BUSY_RETRY_SECONDS,
     ForeignProgram,
@@ -24,6 +24,7 @@ from xskbroker.broker.kernel import (
     QueueBusy,
     bpf_blocked,
 )
+from xskbroker.broker.mapgrants import MapGrants
 from xskbroker.broker.peer import PeerInfo, cgroup_of
 from xskbroker.broker.workers import Job
 from xskbroker.policy import Holding, Request, Rule, decide
@@ -45,7 +46,7 @@ MAX_JOBS = 16
 MAX_JOBS_PER_UID = 2
 
 
-class Grants(Core):
+class Grants(MapGrants):
     def _grant(self, peer: PeerInfo, req: proto.Grant) -> Outcome | Deferred:
         started = time.perf_counter()
         record: dict[str, Any] = {"event": "grant", "peer": peer.as_dict(), "request": describe(req)}
@@ -125,7 +126,7 @@ class Grants(Core):
     def _checked(self, req: proto.Grant) -> tuple[int, int]:
         """The interface's index and queue count, after every check that changes nothing in the kernel:
         the name is the interface's own (the one the policy judged), every requested queue exists, and no
-        map lease holds the interface whole."""
+        map lease holds a requested queue (its socket is in the tenant's map, where claim() cannot see it)."""
         try:
             ifindex = self.kernel.resolve(req.interface)
         except NotCanonical as e:
@@ -137,10 +138,11 @@ class Grants(Core):
         if bad:
             raise Refused(ErrorCode.NO_SUCH_QUEUE, f"{req.interface} has {nqueues} queue(s) (0-{nqueues - 1}); "
                           f"queue {bad[0]} does not exist")
-        sole = next((lease for lease in self.leases if lease.ifindex == ifindex and lease.kind == "map"), None)
-        if sole:
-            raise Refused(ErrorCode.INTERFACE_EXCLUSIVE, f"{req.interface} is held whole by lease {sole.id} "
-                          f"(a map grant to uid {sole.uid}) until it ends")
+        for q in req.queues if req.kind != "map" else ():
+            held = self.leases.holder(ifindex, q)
+            if held and held.kind == "map":
+                raise Refused(ErrorCode.QUEUE_BUSY, f"{req.interface} queue {q} is held by lease {held.id} (a map "
+                              f"grant to uid {held.uid}) until it ends")
         return ifindex, nqueues
 
     def _target(self, req: proto.Grant) -> tuple[int, Program]:
@@ -322,31 +324,6 @@ class Grants(Core):
             raise
         if memlock and memlock["raised"] and out.lease_id and peer.pid in self.raised:
             self.raised[peer.pid].leases.add(out.lease_id)  # restored when the last such lease ends
-        return out
-
-    def _make_map(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
-        if not rule.exclusive:  # the loader already insists on it; a decision must never rely on that alone
-            raise Refused(ErrorCode.KIND_NOT_ALLOWED, f"{rule.describe()} is not exclusive: map grants need the whole "
-                          "interface")
-        ifindex, nqueues = self._checked(req)
-        others = [lease for lease in self.leases if lease.ifindex == ifindex]
-        if others:  # checked before anything is attached
-            raise Refused(ErrorCode.INTERFACE_BUSY, f"{req.interface} is in use (leases {[x.id for x in others]}); "
-                          "a map grant needs it unused")
-        prog = self._program(ifindex, req.interface, nqueues)
-        taken = self.kernel.occupied_slots(prog.map_fd, prog.max_entries)
-        if taken:
-            raise Refused(ErrorCode.INTERFACE_BUSY, f"{req.interface} is in use (occupied queues {taken}); a map grant "
-                          "needs it unused")
-        map_id = self.kernel.map_id(prog.map_fd)
-        fd = self.kernel.dup(prog.map_fd)
-        # every slot is the holder's to write: the lease (and the quota) counts them all
-        out = self._lease(peer, req, ifindex, prog, [fd], queues=tuple(range(prog.max_entries)), map_fd=0,
-                          map_entries=prog.max_entries)
-        lease = self.leases.get(out.lease_id or "")
-        if lease:  # the map whose program is detached when the lease ends, even after a broker restart
-            lease.map_id = map_id
-            self.leases.record(lease)
         return out
 
     def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program, fds: list[int],

@@ -15,7 +15,7 @@ import resource
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from xskbroker.broker import bpf, netdev, xdp_prog, xsk, xskdiag
+from xskbroker.broker import bpf, netdev, pins, queue_prog, xdp_prog, xsk, xskdiag
 from xskbroker.common.procfs import is_process, memlock_limits, pidfd_ino, pidfd_open, pinned_start, status_ids
 from xskbroker.wire.protocol import Geometry
 
@@ -42,6 +42,8 @@ class Program(Protocol):
     mode: str
     max_entries: int
     attached_now: bool
+    per_queue: bool  # the broker's per-queue program: outer_fd is its array of per-queue maps
+    outer_fd: int
 
     def close(self) -> None: ...
 
@@ -85,6 +87,29 @@ class Kernel(Protocol):
     def find_or_attach(self, ifindex: int, ifname: str, queues: int, mode: str) -> Program: ...
 
     def detach(self, ifindex: int, map_id: int) -> int: ...
+
+    # ---- the per-queue program (map grants)
+    def attach_queues(self, ifindex: int, ifname: str, queues: int, mode: str, replace: bool) -> Program:
+        """Attach the per-queue program; replace: take the place of libxdp's idle program."""
+        ...
+
+    def queue_program(self, ifindex: int) -> Program | None:
+        """A handle on the per-queue program this broker attached to the interface, None if none."""
+        ...
+
+    def forget_queues(self, ifindex: int) -> None: ...
+
+    def tenant_map(self, entries: int) -> int: ...
+
+    def place(self, outer_fd: int, queue: int, map_fd: int) -> None: ...
+
+    def inner_id(self, outer_fd: int, queue: int) -> int | None: ...
+
+    def map_fd(self, map_id: int) -> int: ...
+
+    def pin(self, root: str, uid: int, gid: int, ifname: str, map_fd: int) -> str: ...
+
+    def unpin(self, root: str, uid: int, ifname: str) -> bool: ...
 
     def map_id(self, map_fd: int) -> int: ...
 
@@ -142,7 +167,45 @@ class LinuxKernel:
         return xdp_prog.attached(ifindex)[0]
 
     def find_or_attach(self, ifindex: int, ifname: str, queues: int, mode: str) -> Program:
+        prog_id = xdp_prog.attached(ifindex)[0]
+        if prog_id and queue_prog.ours(ifindex, prog_id):
+            return queue_prog.handle(ifindex)
         return xdp_prog.find_or_attach(ifindex, ifname, queues, mode)
+
+    def attach_queues(self, ifindex: int, ifname: str, queues: int, mode: str, replace: bool) -> Program:
+        if replace:
+            return queue_prog.migrate(ifindex, ifname, queues, mode)
+        return queue_prog.attach(ifindex, ifname, queues, mode)
+
+    def queue_program(self, ifindex: int) -> Program | None:
+        try:
+            prog_id = xdp_prog.attached(ifindex)[0]
+        except OSError:
+            prog_id = 0
+        if not prog_id or not queue_prog.ours(ifindex, prog_id):
+            return None
+        return queue_prog.handle(ifindex)
+
+    def forget_queues(self, ifindex: int) -> None:
+        queue_prog.forget(ifindex)
+
+    def tenant_map(self, entries: int) -> int:
+        return queue_prog.tenant_map(entries)
+
+    def place(self, outer_fd: int, queue: int, map_fd: int) -> None:
+        queue_prog.place(outer_fd, queue, map_fd)
+
+    def inner_id(self, outer_fd: int, queue: int) -> int | None:
+        return queue_prog.inner_id(outer_fd, queue)
+
+    def map_fd(self, map_id: int) -> int:
+        return bpf.map_fd_by_id(map_id)
+
+    def pin(self, root: str, uid: int, gid: int, ifname: str, map_fd: int) -> str:
+        return pins.pin(root, uid, gid, ifname, map_fd)
+
+    def unpin(self, root: str, uid: int, ifname: str) -> bool:
+        return pins.unpin(root, uid, ifname)
 
     def detach(self, ifindex: int, map_id: int) -> int:
         return xdp_prog.detach(ifindex, map_id)

@@ -6,19 +6,19 @@ program, a raised memlock limit) is undone in _lease_ended, however the lease en
 from __future__ import annotations
 
 import contextlib
-import errno
 
-from xskbroker.broker.core import Core, MemlockRaise, Refused
+from xskbroker.broker.core import MemlockRaise, Refused
 from xskbroker.broker.kernel import NoSuchInterface
 from xskbroker.broker.leases import Lease
 from xskbroker.broker.linkwatch import LinkEvent
+from xskbroker.broker.mapgrants import MapGrants
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
 from xskbroker.wire.replies import ErrorReply, ReleaseReply, RevokedLease
 
 
-class Lifecycle(Core):
+class Lifecycle(MapGrants):
     def abort(self, lease_id: str) -> None:
         """The reply carrying a lease's fds never reached the client: forget the lease."""
         lease = self.leases.remove(lease_id)
@@ -44,31 +44,12 @@ class Lifecycle(Core):
     def _lease_ended(self, lease: Lease) -> None:
         """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
         if lease.kind == "map":
-            self._detach_map(lease)
+            self._end_map(lease)
         raised = self.raised.get(lease.pid)
         if raised and lease.id in raised.leases:
             raised.leases.discard(lease.id)
             if not raised.leases:
                 self._restore_memlock(lease, raised)
-
-    def _detach_map(self, lease: Lease) -> None:
-        """The broker cannot take back a map fd, and its holder may have passed it on: detach the program
-        that uses the map, so leftover copies redirect nothing. The next grant attaches a fresh program with
-        a fresh map (the cached one is dropped here)."""
-        prog = self.programs.pop(lease.ifindex, None)
-        map_id = lease.map_id or (self.kernel.map_id(prog.map_fd) if prog else 0)
-        if prog:
-            prog.close()
-        try:
-            detached = self.kernel.detach(lease.ifindex, map_id)
-        except OSError as e:  # ForeignProgram included
-            if e.errno != errno.ENODEV:  # the interface is gone, and its program with it
-                self.audit({"event": "xdp-detach-failed", "lease": lease.id, "ifindex": lease.ifindex,
-                            "interface": lease.ifname, "error": str(e)})
-            return
-        if detached:
-            self.audit({"event": "xdp-detach", "interface": lease.ifname, "ifindex": lease.ifindex,
-                        "prog_id": detached, "lease": lease.id, "reason": "map lease ended"})
 
     def _restore_memlock(self, lease: Lease, raised: MemlockRaise) -> None:
         del self.raised[lease.pid]
@@ -142,7 +123,7 @@ class Lifecycle(Core):
 
     def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> RevokedLease:
         """Empty the lease's map slots so RX stops, and mark it revoked; it ends when the holder closes."""
-        if lease.kind == "map":  # ends at once: its program is detached, the map fd left redirects nothing
+        if lease.kind == "map":  # ends at once: its outer slots go back to the shared map, its fd steers nothing
             self.leases.remove(lease.id)
             why_not = self._signal(lease, signal_name)
             said = {"not_signalled": why_not} if why_not else {}
@@ -182,6 +163,7 @@ class Lifecycle(Core):
             prog = self.programs.pop(ev.ifindex, None)
             if prog:
                 prog.close()
+            self._interface_gone(ev.ifindex)
             self.names.pop(ev.ifindex, None)
             for lease in self.leases.on_interface(ev.ifindex):
                 self.leases.remove(lease.id)
@@ -213,7 +195,7 @@ class Lifecycle(Core):
             if why:
                 self.audit({"event": "lease-dropped", "lease": lease.id, "reason": why})
                 if lease.kind == "map":
-                    self._detach_map(lease)
+                    self._end_map(lease, recovered=True)
                 continue
             self.leases.adopt(lease)
             kept.append(lease)
@@ -224,7 +206,9 @@ class Lifecycle(Core):
 
     def _stale(self, lease: Lease) -> str | None:
         alive = self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino)
-        if not alive and (lease.kind == "map" or lease.revoked):
+        if lease.kind == "map":  # its tenant map was placed by the per-queue program of the broker that made it
+            return "a map grant ends with the broker that made it (its bpf_link held the per-queue program)"
+        if not alive and lease.revoked:
             return f"holder pid {lease.pid} is gone"
         try:
             name = self.kernel.ifname(lease.ifindex)
@@ -232,8 +216,6 @@ class Lifecycle(Core):
             return f"interface {lease.ifname} (ifindex {lease.ifindex}) is gone"
         lease.ifname = name
         self.names[lease.ifindex] = name
-        if lease.kind == "map":
-            return None
         try:
             prog = self._program(lease.ifindex, name, self.kernel.queue_count(name))
         except Refused as e:

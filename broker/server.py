@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from xskbroker.broker import faults, linkwatch
 from xskbroker.broker import peer as peers
@@ -43,6 +43,12 @@ FD_HEADROOM = 64  # listener, netlink, wake-up pair, journal, the UMEM pool, a g
 SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS at the socket
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
+
+
+class Endpoint(Protocol):
+    """More listeners on the loop (broker.dpendpoint), closed (and their sockets removed) with the server."""
+
+    def close(self) -> None: ...
 
 
 def connection_capacity(limit: int = MAX_CONNECTIONS) -> int:
@@ -147,6 +153,7 @@ class Server:
         # a worker finished a request's kernel work: _retry_waiting (after the events) completes it
         self.sel.register(service.workers.wake, selectors.EVENT_READ, lambda _: service.workers.drain())
         self.links: socket.socket | None = None
+        self.endpoints: list[Endpoint] = []
         try:
             self.links = linkwatch.open_socket()
             self.sel.register(self.links, selectors.EVENT_READ, self._link_events)
@@ -196,7 +203,7 @@ class Server:
 
     def idle(self) -> bool:
         """Nothing would be lost by exiting: no client connected, no lease to watch."""
-        return not self.conns and not len(self.service.leases) and not self.waiting
+        return not self.conns and not len(self.service.leases) and not self.waiting and not self.endpoints
 
     def _idle_left(self) -> float | None:
         """Seconds until an idle exit is due (0.0: now), None when there is none to come: only a configured
@@ -213,6 +220,9 @@ class Server:
         for _, deferred, _, _ in self.waiting:  # nothing half-made survives the broker
             deferred.cancel()
         self.waiting = []
+        for ep in self.endpoints:  # their listeners and directories go with the broker
+            ep.close()
+        self.endpoints = []
         for conn, _ in list(self.conns.values()):
             self._drop(conn)
         self.holders.close()
@@ -336,7 +346,7 @@ class Server:
             for _ in range(64):
                 data, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(MAX_FDS_IN * 4),
                                                socket.MSG_DONTWAIT | socket.MSG_TRUNC)
-                self.untrusted.close(_passed_fds(anc))
+                self.untrusted.close(passed_fds(anc))
                 if not data and not anc:
                     break
         conn.close()
@@ -470,7 +480,7 @@ class Server:
     def _discard_passed_fds(self, ancdata: list[tuple[int, int, bytes]]) -> int:
         """Count the fds a client attached and hand them to the untrusted closer: closing one can block for as
         long as its sender likes (a lingering socket that can never drain, a FUSE file)."""
-        fds = _passed_fds(ancdata)
+        fds = passed_fds(ancdata)
         self.untrusted.close(fds)
         return len(fds)
 
@@ -488,7 +498,7 @@ class Server:
                 self.service.link_event(ev)
 
 
-def _passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

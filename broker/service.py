@@ -62,7 +62,7 @@ class Service(Grants, Lifecycle):
     def __init__(self, policy: Policy, audit: AuditFn, xdp_mode: str = "auto", state_file: str | None = None,
                  clock: Callable[[], float] = time.monotonic, umem_pool: int = 0, *, kernel: Kernel | None = None,
                  signal_holder: SignalFn = no_signals, link_events: bool = False,
-                 fault: Callable[[str], None] = faults.none) -> None:
+                 fault: Callable[[str], None] = faults.none, pin_root: str | None = None) -> None:
         self.policy = policy
         self.metrics = Metrics()
         self.audit = self.metrics.tap(audit)  # grant decisions are counted as they are recorded
@@ -83,6 +83,8 @@ class Service(Grants, Lifecycle):
         self.workers = Workers()
         self.jobs: collections.Counter[int] = collections.Counter()
         self.signal_holder = signal_holder
+        self.pin_root = pin_root  # a bpffs directory where map grants are pinned for their tenants
+        self.pinned: dict[str, str] = {}
         self.link_events = link_events
         self.squat = squat.SquatWatch(self.kernel.slot_probe)  # where bare sockets are bound (their holders bind)
         # the daemon's `policy` (last-good fallback) and `limits` fields of the status reply, given admin or not

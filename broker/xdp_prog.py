@@ -58,6 +58,8 @@ class XskProgram:
     mode: str  # "native" or "skb"
     max_entries: int
     attached_now: bool  # True when this call attached it, False when reused
+    per_queue: bool = False  # libxdp's program: one xsks_map for every queue
+    outer_fd: int = -1
 
     def close(self) -> None:
         if self.map_fd >= 0:

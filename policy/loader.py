@@ -337,10 +337,6 @@ def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines
         errors.append((header, f"{label}: 'users' and 'groups' are empty, so the rule matches no one"))
     if "interfaces" not in table:
         errors.append((header, f"{label}: missing required key 'interfaces'"))
-    if action == "allow" and "map" in values.get("kinds", ()) and not values.get("exclusive"):
-        # whoever holds the xsks_map fd can rewrite every slot: only a sole tenant may have it
-        errors.append((line_of("kinds"), f"{label}: kind 'map' needs exclusive = true (the map holder can "
-                       "rewrite any queue's slot, so the rule must give the whole interface to one tenant)"))
     if values.get("exclusive") and "queues" in values:
         errors.append((line_of("queues"), f"{label}: an exclusive rule gives whole interfaces; drop 'queues'"))
 

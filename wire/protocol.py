@@ -361,10 +361,8 @@ def _grant(msg: dict[str, Any], req_id: Any) -> Grant:
     bind_mode = _field(msg, "bind_mode", str, "auto")
     if bind_mode not in BIND_MODES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"bind_mode must be one of {', '.join(BIND_MODES)}")
-    # a map grant is the whole interface: it names no queues
+    # a map grant without queues asks for every queue of the interface
     queues = () if kind == "map" and "queues" not in msg else _queues(msg)
-    if kind == "map" and queues:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "a map grant covers the whole interface: omit 'queues'")
     memlock = _bounded("memlock", _field(msg, "memlock", int, 0), 0, MAX_MEMLOCK)
     holder_pid = _bounded("holder_pid", _field(msg, "holder_pid", int, 0), 0, PID_MAX)
     return Grant(interface=interface, queues=queues, kind=kind, geometry=_geometry(msg),

@@ -333,6 +333,7 @@ class GrantReply(OkReply):
     bind_flags_hint: int | None = _opt()
     map_fd: int | None = _opt()
     map_entries: int | None = _opt()
+    map_pin: str | None = _opt()  # map grants: where the tenant's map is pinned for it (bpffs), when it is
 
     @property
     def bound_sockets(self) -> tuple[BoundSocket, ...]:

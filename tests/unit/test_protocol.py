@@ -118,12 +118,12 @@ def test_partial_geometry_keeps_the_other_defaults() -> None:
     assert req.geometry == Geometry(umem_size=8192, rx=64)
 
 
-def test_map_grants_name_no_queues() -> None:
+def test_map_grants_name_their_queues_or_none_for_all() -> None:
     req = decode_request(raw(op="grant", interface="eth3", kind="map"))
     assert req == Grant("eth3", (), kind="map")
     assert "queues" not in json.loads(encode_request(req))
-    assert "omit 'queues'" in bad_grant(kind="map").message  # grant_msg() has queues [0]
-    assert "omit 'queues'" in bad_grant(kind="map", queues=2).message
+    assert decode_request(raw(op="grant", interface="eth3", kind="map", queues=[2, 3])) == \
+        Grant("eth3", (2, 3), kind="map")
     assert "queues" in bad_grant(kind="map", queues=[]).message
 
 

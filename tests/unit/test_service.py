@@ -78,11 +78,14 @@ class FakeProgram:
     mode: str
     max_entries: int
     attached_now: bool
+    per_queue: bool = False
+    outer_fd: int = -1
 
     def close(self) -> None:
-        if self.map_fd >= 0:
-            self.kernel.close(self.map_fd)
-            self.map_fd = -1
+        for fd in (self.map_fd, self.outer_fd):
+            if fd >= 0:
+                self.kernel.close(fd)
+        self.map_fd = self.outer_fd = -1
 
 
 @dataclass
@@ -148,6 +151,7 @@ class FakeKernel:
         self.maps: dict[int, int] = {}  # map fd -> map id
         self.slots: dict[tuple[int, int], int] = {}  # (map id, slot) -> socket fd
         self.attached_progs: dict[int, tuple[int, int, int]] = {}  # ifindex -> (prog id, map id, entries)
+        self.outer = {}
         self.bound_to: dict[int, int] = {}  # socket -> queue it is bound to
         self.busy: dict[int, int] = {}  # queue -> EBUSY answers before the bind succeeds
         self.stuck: set[int] = set()  # queues that never stop answering EBUSY
@@ -210,7 +214,55 @@ class FakeKernel:
     def attached(self, ifindex: int) -> int:
         return self.attached_progs[ifindex][0] if ifindex in self.attached_progs else 0
 
+    # the per-queue program: outer[ifindex] maps queue -> the id of the map at that slot
+    outer: dict[int, dict[int, int]]
+
+    def _per_queue(self, ifindex: int) -> FakeProgram:
+        prog_id, map_id, entries = self.attached_progs[ifindex]
+        fd, ofd = self.new_fd("map"), self.new_fd("map")
+        self.maps[fd] = map_id
+        self.maps[ofd] = -ifindex  # the outer map: names its interface
+        return FakeProgram(self, ifindex, prog_id, fd, "skb", entries, False, True, ofd)
+
+    def attach_queues(self, ifindex: int, ifname: str, queues: int, mode: str, replace: bool) -> FakeProgram:
+        if replace:
+            self.detached.append((ifindex, self.attached_progs.pop(ifindex)[1]))
+        self.attached_progs[ifindex] = (next(self._ids), next(self._ids), queues)
+        self.outer[ifindex] = dict.fromkeys(range(queues), self.attached_progs[ifindex][1])
+        self.log.append(f"attach-queues {ifname}")
+        return self._per_queue(ifindex)
+
+    def queue_program(self, ifindex: int) -> FakeProgram | None:
+        return self._per_queue(ifindex) if ifindex in self.outer and ifindex in self.attached_progs else None
+
+    def forget_queues(self, ifindex: int) -> None:
+        self.outer.pop(ifindex, None)
+
+    def tenant_map(self, entries: int) -> int:
+        fd = self.new_fd("map")
+        self.maps[fd] = next(self._ids)
+        return fd
+
+    def place(self, outer_fd: int, queue: int, map_fd: int) -> None:
+        self.outer[-self.maps[outer_fd]][queue] = self.maps[map_fd]
+
+    def inner_id(self, outer_fd: int, queue: int) -> int | None:
+        return self.outer[-self.maps[outer_fd]].get(queue)
+
+    def map_fd(self, map_id: int) -> int:
+        fd = self.new_fd("map")
+        self.maps[fd] = map_id
+        return fd
+
+    def pin(self, root: str, uid: int, gid: int, ifname: str, map_fd: int) -> str:
+        return f"{root}/{uid}/{ifname}/xsks_map"
+
+    def unpin(self, root: str, uid: int, ifname: str) -> bool:
+        return True
+
     def find_or_attach(self, ifindex: int, ifname: str, queues: int, mode: str) -> FakeProgram:
+        if ifindex in self.outer:
+            return self._per_queue(ifindex)
         if ifindex in self.foreign:
             raise ForeignProgram(errno.EEXIST, f"{ifname} has another XDP program")
         now = ifindex not in self.attached_progs
@@ -539,16 +591,18 @@ def test_bare_grants_where_the_kernel_cannot_confine_them(rig: Rig) -> None:
     assert reply["error"]["code"] == "unsupported-kind" and rig.kernel.log == []
 
 
-def test_a_map_grant_holds_the_interface_whole_and_its_end_detaches_the_program(rig: Rig) -> None:
+def test_a_map_grant_places_a_tenant_map_and_its_end_gives_the_slots_back(rig: Rig) -> None:
     reply, out = rig.grant(interface="vmap0", queues=(), kind="map")
     assert reply["ok"] and len(out.fds) == 1 and rig.kernel.open[out.fds[0]] == "map"
     lease = rig.service.leases.get(reply["lease"])
     assert lease is not None and lease.queues == (0, 1) and lease.map_id
+    assert rig.kernel.outer[9] == {0: lease.map_id, 1: lease.map_id}
     again, _ = rig.grant(interface="vmap0", queues=(0,))
-    assert again["error"]["code"] in ("interface-exclusive", "kind-not-allowed", "interface-not-allowed")
+    assert again["error"]["code"] in ("queue-busy", "kind-not-allowed", "interface-not-allowed")
     rig.reply(ALICE, proto.Release(lease.id))
-    assert rig.kernel.detached == [(9, lease.map_id)] and 9 not in rig.service.programs
-    assert rig.events("xdp-detach")[0]["reason"] == "map lease ended"
+    shared = rig.kernel.attached_progs[9][1]
+    assert rig.kernel.outer[9] == {0: shared, 1: shared} and rig.kernel.detached == []
+    assert rig.events("map-unplaced")[0]["queues"] == [0, 1]
 
 
 def test_a_map_grant_needs_the_interface_unused(rig: Rig) -> None:
@@ -557,6 +611,7 @@ def test_a_map_grant_needs_the_interface_unused(rig: Rig) -> None:
     r.grant(interface="veth1", queues=(0,))
     reply, _ = r.grant(interface="veth1", queues=(), kind="map")
     assert reply["error"]["code"] == "interface-busy" and r.kernel.left() == {}
+    assert "libxdp" in reply["error"]["message"] and r.kernel.detached == []
     r.service.close()
 
 
@@ -684,7 +739,7 @@ def test_revoking_a_map_lease_ends_it_and_signals_its_holder(rig: Rig) -> None:
     [revoked] = done["revoked"]
     assert revoked["ended"] and revoked["signalled"] is True
     assert rig.signals == [(reply["lease"], "SIGTERM")]
-    assert rig.service.leases.get(reply["lease"]) is None and rig.kernel.detached
+    assert rig.service.leases.get(reply["lease"]) is None and rig.events("map-unplaced")
 
 
 def test_a_signal_the_policy_does_not_set_is_refused(rig: Rig) -> None:
@@ -785,7 +840,7 @@ def test_recovery_keeps_held_leases_and_drops_the_rest(tmp_path: Path) -> None:
     reasons = {r["lease"]: r["reason"] for r in second.events("lease-dropped")}
     assert set(reasons) == {closed.lease_id, gone_if, map_lease}
     assert "none of its queues" in reasons[str(closed.lease_id)] and "is gone" in reasons[gone_if]
-    assert any(ifindex == 9 for ifindex, _ in kernel.detached)  # the map lease's program went with it
+    assert "ends with the broker" in reasons[map_lease]  # its per-queue program went with the old broker
     # compacted: the journal holds exactly the recovered lease
     lines = [json.loads(x) for x in (tmp_path / "leases.jsonl").read_text().splitlines()]
     assert lines[0] == {"version": 1} and [x["lease"]["id"] for x in lines[1:]] == [kept]
