@@ -28,6 +28,9 @@ KEY="$(sha256sum "$SELF" | cut -c1-12)"
 NAME="qemu-${QEMU_VERSION#*:}-xdp-${XDP_TOOLS_VERSION}-${KEY}"
 DEST="$CACHE/$NAME"
 
+# All in a function run from the last line: bash has then read the whole file before it runs any of it,
+# so editing the script during a build cannot derail that build.
+main() {
 if [ "${1:-}" = "--print-path" ]; then echo "$DEST"; exit 0; fi
 [ -x "$DEST/bin/qemu-system-x86_64" ] && { echo "$DEST"; exit 0; }
 [ "$(id -u)" = 0 ] || { echo "build-qemu.sh: building $DEST needs root (apt, $CACHE)" >&2; exit 1; }
@@ -56,7 +59,8 @@ fi
 
 # same filesystem as $DEST, so the final rename is atomic
 WORK="$(mktemp -d "$CACHE/.qemu-build.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+# XSKBROKER_QEMU_KEEP_FAILED=1 keeps a failed build's directory for a look (never renamed into the cache)
+trap '[ "${XSKBROKER_QEMU_KEEP_FAILED:-0}" = 1 ] && [ -d "$OUT" ] || rm -rf "$WORK"' EXIT
 OUT="$WORK/out"
 LOG="$WORK/build.log"
 mkdir -p "$OUT/bin" "$OUT/lib" "$WORK/apt/lists/partial" "$WORK/apt/cache/archives/partial" "$WORK/src"
@@ -91,11 +95,13 @@ mkdir -p "$QEMU_SRC" && tar -xJf "$WORK"/src/qemu_*.orig.tar.xz -C "$QEMU_SRC" -
 for fd in $(sed -n "s/^ *'\(edk2-[a-z0-9_-]*\.fd\)',$/\1/p" "$QEMU_SRC/pc-bios/meson.build"); do
   [ -e "$QEMU_SRC/pc-bios/$fd.bz2" ] || bzip2 -c </dev/null >"$QEMU_SRC/pc-bios/$fd.bz2"
 done
-# The smallest QEMU with af-xdp: one target, no TCG (the tests run guest-less under qtest), no docs.
+# The smallest QEMU with af-xdp: one target, no TCG (the tests run guest-less under qtest), no devices
+# (no guest to see them), no docs, no debug info.
 # $ORIGIN/../lib makes it load the libxdp built above wherever the directory ends up.
 ( cd "$QEMU_SRC" && mkdir build && cd build \
   && PKG_CONFIG_PATH="$OUT/lib/pkgconfig" ../configure --python="$WORK/venv/bin/python3" \
-       --target-list=x86_64-softmmu --without-default-features --enable-kvm --disable-tcg \
+       --target-list=x86_64-softmmu --without-default-features --without-default-devices \
+       --enable-kvm --disable-tcg --disable-debug-info \
        --enable-bpf --enable-af-xdp --disable-docs --disable-download --disable-werror \
        --disable-install-blobs --extra-ldflags='-Wl,-rpath,$ORIGIN/../lib' \
   && ninja qemu-system-x86_64 ) >>"$LOG" 2>&1 || fail "building QEMU failed"
@@ -103,8 +109,11 @@ install -m 0755 "$QEMU_SRC/build/qemu-system-x86_64" "$OUT/bin/"
 
 # It must load the libxdp built here: bookworm's libxdp1 (1.3.1) has the same soname.
 linked="$(ldd "$OUT/bin/qemu-system-x86_64" | awk '$1=="libxdp.so.1"{print $3}')"
-[ "$linked" = "$OUT/lib/libxdp.so.1" ] || fail "QEMU links libxdp from '$linked', not $OUT/lib"
-"$OUT/bin/qemu-system-x86_64" -netdev help 2>&1 | grep -qx "af-xdp" || fail "the built QEMU has no af-xdp netdev"
+[ -n "$linked" ] && [ "$(readlink -f "$linked")" = "$(readlink -f "$OUT/lib/libxdp.so.1")" ] \
+  || fail "QEMU links libxdp from '$linked', not $OUT/lib"
+# (no grep -q: QEMU killed by SIGPIPE would fail the pipeline)
+"$OUT/bin/qemu-system-x86_64" -machine none -netdev help >"$WORK/netdevs" 2>&1 || true
+grep -x "af-xdp" "$WORK/netdevs" >/dev/null || fail "the built QEMU has no af-xdp netdev: $(cat "$WORK/netdevs")"
 
 rm -rf "$OUT/share" "$OUT/include" "$OUT/lib/pkgconfig" "$OUT/lib/libxdp.a"
 SECONDS_TAKEN=$(( $(date +%s) - START ))
@@ -119,3 +128,6 @@ chmod -R a+rX "$OUT"   # the tests run it as an unprivileged uid
 mv -T "$OUT" "$DEST"
 echo "build-qemu.sh: built in ${SECONDS_TAKEN}s, $(du -sm "$DEST" | cut -f1) MB: $DEST" >&2
 echo "$DEST"
+}
+
+main "$@"; exit
