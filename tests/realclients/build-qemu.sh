@@ -42,6 +42,8 @@ if ! flock -n 9; then
   flock 9
 fi
 [ -x "$DEST/bin/qemu-system-x86_64" ] && { echo "$DEST"; exit 0; }   # the other build made it
+# under the lock no build runs: a directory left by one that was killed (SIGKILL, power) is only litter
+rm -rf "$CACHE"/.qemu-build.*/
 
 START=$(date +%s)
 echo "build-qemu.sh: building QEMU $QEMU_VERSION with libxdp from xdp-tools $XDP_TOOLS_VERSION into $DEST" >&2
@@ -61,6 +63,7 @@ fi
 WORK="$(mktemp -d "$CACHE/.qemu-build.XXXXXX")"
 # XSKBROKER_QEMU_KEEP_FAILED=1 keeps a failed build's directory for a look (never renamed into the cache)
 trap '[ "${XSKBROKER_QEMU_KEEP_FAILED:-0}" = 1 ] && [ -d "$OUT" ] || rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM HUP   # interrupted: still through the EXIT trap
 OUT="$WORK/out"
 LOG="$WORK/build.log"
 mkdir -p "$OUT/bin" "$OUT/lib" "$WORK/apt/lists/partial" "$WORK/apt/cache/archives/partial" "$WORK/src"
