@@ -24,7 +24,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: setup setup-demo apt apt-runtime apt-bench demo test unit lint bench clean
+.PHONY: setup setup-demo apt apt-runtime apt-bench demo test unit lint bench clean qemu
 
 # everything the tests need (what an engineer runs once)
 setup: apt $(STAMP)
@@ -78,7 +78,12 @@ lint: setup
 unit: setup
 	$(VENV)/bin/python -m pytest tests/unit
 
-test: setup lint
+# tests/integration/test_real_qemu.py runs a real af-xdp QEMU, built from Debian's source packages once per
+# machine into /var/cache/xskbroker-test (about 5 minutes the first time; a no-op when it is there)
+qemu: apt
+	tests/realclients/build-qemu.sh >/dev/null
+
+test: setup lint qemu
 	$(VENV)/bin/python -m pytest
 
 $(XSK_REF): bench/c/xsk_ref.c | apt-bench

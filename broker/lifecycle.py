@@ -32,6 +32,9 @@ class Lifecycle(MapGrants):
             whose = f"uid {peer.uid}" + (f" in cgroup {peer.cgroup}" if peer.cgroup is not None else "")
             return ErrorReply(ErrorCode.UNKNOWN_LEASE, f"no lease {req.lease!r} held by {whose}",
                               "release", req.req_id)
+        if req.if_closed and not self._slots_empty(lease):
+            return ErrorReply(ErrorCode.LEASE_IN_USE, f"lease {lease.id} still has open sockets in its map slots",
+                              "release", req.req_id)
         prog = self.programs.get(lease.ifindex)
         if prog and lease.kind != "map":  # a map lease's program is detached as it ends (_lease_ended)
             for q in lease.queues:

@@ -48,9 +48,10 @@ what it sends (docs/qemu.md has the whole exchange):
 DETACH_DESCRIPTION = """\
 Remove what qmp-attach plugged: device_del of ID-dev (if there is one), waiting up to --timeout seconds for
 QEMU's DEVICE_DELETED event (the guest has to release a PCI device), then netdev_del of ID. QEMU then closes
-the AF_XDP sockets and the kernel empties their xsks_map slots; the broker sees them empty within a few
-seconds and ends the lease (its quota is free again). A device the guest does not release in time
-keeps its netdev; run qmp-detach again later."""
+the AF_XDP sockets and the kernel empties their xsks_map slots; qmp-detach then ends QEMU's leases whose
+sockets are all closed (the broker checks), so the quota is free again at once. If the broker cannot be
+reached, it sees the slots empty within a few seconds and ends the lease itself. A device the guest does not
+release in time keeps its netdev; run qmp-detach again later."""
 
 DETACH_EPILOG = """\
 examples:
@@ -119,6 +120,7 @@ def add_qmp_parsers(sub: Any) -> None:
     d.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket")
     d.add_argument("--id", required=True, help="the netdev id given to qmp-attach")
     d.add_argument("--device-id", help="device to remove first (default: ID-dev, skipped if absent)")
+    d.add_argument("--socket", default=DEFAULT_SOCKET, metavar="BROKER", help="broker socket (default: %(default)s)")
     d.add_argument("--timeout", type=float, default=q.DEFAULT_TIMEOUT, metavar="S",
                    help="seconds to wait for QEMU and for the guest to release the device (default: %(default)s)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
@@ -259,6 +261,34 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
 
 # ---- qmp-detach ----------------------------------------------------------------------------------------
 
+def release_closed_leases(socket_path: str, qemu_pid: int, timeout: float) -> tuple[list[str], str | None]:
+    """End the bare leases QEMU held whose sockets are now all closed: netdev_del closed them, and QEMU lives
+    on, so nothing else would end the lease until the broker's poll. QEMU says nothing of which lease a
+    netdev came from; the broker decides per lease (if_closed), so a lease QEMU still uses is never ended.
+    Returns the leases ended and a note when the broker could not be asked."""
+    from xskbroker.client.connection import Connection
+    from xskbroker.wire import protocol as proto
+    from xskbroker.wire.errors import ErrorCode
+
+    ended: list[str] = []
+    try:
+        with Connection(socket_path, timeout=timeout) as conn:
+            status, _ = conn.call_typed(proto.Status())
+            for lease in status.leases:
+                if lease.pid != qemu_pid or lease.kind != "bare":
+                    continue
+                try:
+                    conn.call(proto.Release(lease.lease, if_closed=True))
+                except proto.BrokerError as e:
+                    if e.code not in (ErrorCode.LEASE_IN_USE, ErrorCode.UNKNOWN_LEASE):
+                        raise
+                    continue
+                ended.append(lease.lease)
+    except (proto.BrokerError, ConnectionError, OSError) as e:
+        return ended, f"the broker could not be asked to end the lease ({e}); it ends it once it sees the queues empty"
+    return ended, None
+
+
 def cmd_qmp_detach(args: argparse.Namespace) -> int:
     as_json = args.json
     try:
@@ -269,15 +299,23 @@ def cmd_qmp_detach(args: argparse.Namespace) -> int:
         return _fail(as_json, "bad-argument", str(e))
     try:
         with q.QMP(args.qmp, args.timeout) as qmp:
+            qemu_pid = qmp.pid  # read while connected (SO_PEERCRED of the monitor socket)
             done = hotplug.detach(qmp, args.id, device_id=args.device_id, timeout=args.timeout)
     except (q.QMPConnectionError, q.QMPTimeout, q.QMPError) as e:
         return _fail_qmp(as_json, e)
+    ended, note = release_closed_leases(args.socket, qemu_pid, args.timeout) if qemu_pid else \
+        ([], "QEMU's pid is unknown (no SO_PEERCRED): the broker ends the lease once it sees the queues empty")
     if as_json:
         print(json.dumps({"ok": True, "qmp": args.qmp, "netdev": done.netdev_id,
-                          "device": done.device_id if done.device_removed else None}))
+                          "device": done.device_id if done.device_removed else None, "leases_ended": ended,
+                          "warnings": [note] if note else []}))
         return 0
     device = f"device {done.device_id!r} and " if done.device_removed else f"(no device {done.device_id!r}) "
     print(f"QEMU at {args.qmp}: removed {device}netdev {done.netdev_id!r}; QEMU closed its AF_XDP sockets")
+    if ended:
+        print(f"lease {', '.join(ended)} ended: its queues and quota are free")
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     return 0
 
 

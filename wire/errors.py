@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     KERNEL_ERROR = "kernel-error"
     # release, revoke, and any request
     UNKNOWN_LEASE = "unknown-lease"
+    LEASE_IN_USE = "lease-in-use"
     NOT_ADMIN = "not-admin"
     SIGNAL_NOT_ALLOWED = "signal-not-allowed"
     INTERNAL_ERROR = "internal-error"

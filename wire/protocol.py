@@ -71,6 +71,9 @@ class Release:
     lease: str
     req_id: Any = None
     op: str = "release"
+    # only if every socket of the lease is closed (its map slots empty): a launcher that closed them
+    # through QEMU (qmp-detach) ends the lease it cannot name for sure, never one still in use
+    if_closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,8 @@ def encode_request(req: Request) -> bytes:
         msg["id"] = req.req_id
     if isinstance(req, Release):
         msg["lease"] = req.lease
+        if req.if_closed:
+            msg["if_closed"] = True
     elif isinstance(req, Revoke):
         msg.update({k: v for k, v in (("lease", req.lease), ("interface", req.interface), ("queue", req.queue))
                     if v is not None}, signal=req.signal)
@@ -267,7 +272,7 @@ def _first_unknown(msg: dict[str, Any], known: Collection[str]) -> str | None:
 _GRANT_FIELDS = {"v", "op", "id", "interface", "queues", "start_queue", "kind", "umem", "rings",
                  "bind_mode", "need_wakeup", "memlock", "holder_pid"}
 _FIELDS = {"hello": {"v", "op", "id", "client"}, "status": {"v", "op", "id"},
-           "release": {"v", "op", "id", "lease"}, "grant": _GRANT_FIELDS,
+           "release": {"v", "op", "id", "lease", "if_closed"}, "grant": _GRANT_FIELDS,
            "revoke": {"v", "op", "id", "lease", "interface", "queue", "signal"}}
 
 
@@ -323,7 +328,7 @@ def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Req
         if op == "status":
             return Status(req_id)
         if op == "release":
-            return Release(_field(msg, "lease", str), req_id)
+            return Release(_field(msg, "lease", str), req_id, if_closed=_field(msg, "if_closed", bool, False))
         if op == "revoke":
             return _revoke(msg, req_id)
         return _grant(msg, req_id)

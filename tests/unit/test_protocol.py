@@ -73,6 +73,7 @@ ROUND_TRIP = [
     Status(req_id=-(10**30)),
     Release("0974e0dc6c393213"),
     Release("", req_id="r1"),
+    Release("0974e0dc6c393213", if_closed=True),
     Revoke(lease="0974e0dc6c393213"),
     Revoke(interface="eth0", req_id=4),
     Revoke(interface="eth0", queue=65535, signal=True, req_id="x"),
@@ -100,6 +101,7 @@ def test_encoding_is_compact_json_with_version_first_and_no_id_when_absent() -> 
     assert encode_request(Hello()) == b'{"v":1,"op":"hello"}'
     assert encode_request(Status(req_id=3)) == b'{"v":1,"op":"status","id":3}'
     assert encode_request(Release("L", req_id="x")) == b'{"v":1,"op":"release","id":"x","lease":"L"}'
+    assert encode_request(Release("L", if_closed=True)) == b'{"v":1,"op":"release","lease":"L","if_closed":true}'
     msg = json.loads(encode_request(Grant("eth0", (1, 2))))
     assert list(msg)[:2] == ["v", "op"] and "id" not in msg and "memlock" not in msg
     assert msg == {"v": 1, "op": "grant", "interface": "eth0", "queues": [1, 2], "kind": "bound",

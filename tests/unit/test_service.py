@@ -709,6 +709,19 @@ def test_release_empties_the_slots_and_only_the_owner_or_an_admin_may(rig: Rig) 
     assert rig.events("release")[0]["lease"] == lease
 
 
+def test_release_if_closed_ends_a_bare_lease_only_once_its_sockets_are_closed(rig: Rig) -> None:
+    """qmp-detach's release: it cannot tell which of QEMU's leases its netdev_del closed, so the broker
+    refuses to end one whose sockets are still in their slots (still in use)."""
+    reply, out = rig.grant(queues=(0, 1), kind="bare")
+    lease = reply["lease"]
+    busy, _ = rig.reply(ALICE, proto.Release(lease, if_closed=True))
+    assert busy["error"]["code"] == "lease-in-use" and rig.service.leases.get(lease) is not None
+    assert rig.kernel.slot_taken(7, 0) and rig.events("release") == []
+    rig.kernel.holder_closes(out.fds)
+    done, _ = rig.reply(ALICE, proto.Release(lease, if_closed=True))
+    assert done["ok"] and rig.service.leases.get(lease) is None and rig.events("release")[0]["lease"] == lease
+
+
 def test_revoke_is_for_admins_and_empties_the_slots(rig: Rig) -> None:
     reply, _ = rig.grant(queues=(0, 1))
     denied, _ = rig.reply(ALICE, proto.Revoke(lease=reply["lease"]))
