@@ -176,6 +176,18 @@ def test_a_revoke_leaves_qemus_queue_steering_nothing(bed: Bed) -> None:
         assert vm.quit() == 0, vm.log()
 
 
+def test_without_map_start_index_qemu_writes_slot_0_and_its_queue_steers_nothing(bed: Bed) -> None:
+    """QEMU writes slot queue_index + map-start-index, not the absolute queue (start-queue is not added): for
+    queue 1 without map-start-index=1 its socket sits in slot 0 of its map, which queue 1 never looks at (and
+    the map is only at outer[1], so queue 0 does not see it either). The recipe needs both."""
+    netdev = [AF_XDP_MAP[0], AF_XDP_MAP[1].replace(",map-start-index={start_queue}", ""), *AF_XDP_MAP[2:]]
+    with run_qemu(bed.exec_prefix(), lambda qmp: qemu_args(bed.binary, qmp, [*bed.path.netdevs(), *netdev])) as vm:
+        vm.wait_up()
+        assert [x["pid"] for x in bed.leases()] == [vm.proc.pid]
+        assert bed.path.to_qemu(50) == 0 and vm.proc.poll() is None, vm.log()
+        assert vm.quit() == 0, vm.log()
+
+
 def test_qemu_without_cap_net_raw_is_told_before_it_runs_and_fails_cleanly(bed: Bed) -> None:
     """map-path= makes QEMU create its own AF_XDP sockets: that takes CAP_NET_RAW, which no broker can lend."""
     with bed.qemu(net_raw=False) as vm:
