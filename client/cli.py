@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -17,11 +18,12 @@ from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
 
 
-def _grant_target(parser: argparse.ArgumentParser) -> None:
+def _grant_target(parser: argparse.ArgumentParser, queues_default: int | None = 1,
+                  queues_help: str = "number of queues (default: 1)") -> None:
     """What a grant is for and where the broker is: the arguments request and exec share."""
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
     parser.add_argument("--interface", "-i", required=True, help="interface name")
-    parser.add_argument("--queues", "-q", type=int, default=1, help="number of queues (default: 1)")
+    parser.add_argument("--queues", "-q", type=int, default=queues_default, help=queues_help)
     parser.add_argument("--start-queue", type=int, default=0, help="first queue id (default: 0)")
 
 
@@ -49,23 +51,29 @@ def add_client_parsers(sub: Any) -> None:
         description="Take a grant, make exactly its fds inheritable, substitute placeholders in the command's "
         "arguments, export XSKBROKER_GRANT (JSON with every fd) and exec the command, which then holds the "
         "sockets: the lease ends when it exits.\n\nplaceholders: {sock_fds} (colon-separated socket fds, "
-        "QEMU's sock-fds=), {umem_fds}, {map_fd}, {queues}, {start_queue}, {ifname}, {ifindex}, {xdp_mode}, "
-        "{lease}; {{ and }} are literal braces.",
+        "QEMU's sock-fds=), {umem_fds}, {map_fd}, {map_path} (a map grant's pin: serve --pin-root), {queues}, "
+        "{start_queue}, {ifname}, {ifindex}, {xdp_mode}, {lease}; {{ and }} are literal braces.",
         epilog="example (QEMU >= 8.2, no capabilities needed):\n"
         "  xskbroker exec --interface eth1 --queues 2 --start-queue 0 -- \\\n"
         "    qemu-system-x86_64 ... -netdev af-xdp,id=n0,ifname={ifname},queues={queues},"
         "start-queue={start_queue},inhibit=on,sock-fds={sock_fds},mode={xdp_mode} \\\n"
-        "    -device virtio-net-pci,netdev=n0")
-    _grant_target(e)
+        "    -device virtio-net-pci,netdev=n0\n"
+        "example (QEMU >= 10.1 map-path=, needs CAP_NET_RAW; QEMU writes slot queue + map-start-index):\n"
+        "  xskbroker exec --kind map --interface eth1 --queues 2 --start-queue 2 -- \\\n"
+        "    qemu-system-x86_64 ... -netdev af-xdp,id=n0,ifname={ifname},queues={queues},"
+        "start-queue={start_queue},inhibit=on,map-path={map_path},map-start-index={start_queue}")
+    _grant_target(e, None, "number of queues (default: 1; --kind map: every queue of the interface)")
     e.add_argument("--kind", choices=("bare", "bound", "map"), default="bare",
                    help="bare: unbound sockets for QEMU/libxdp (default); bound: ready sockets + UMEM memfds; "
-                   "map: the xsks_map fd (exclusive rules only)")
+                   "map: an XSKMAP of the user's own that steers only the granted queues (the command makes its "
+                   "own sockets: CAP_NET_RAW)")
     e.add_argument("--umem", type=size_arg, default=4 << 20, help="bound kind: UMEM bytes per socket (default 4MiB)")
     e.add_argument("--memlock", type=size_arg, default=None,
                    help="bare kind: RLIMIT_MEMLOCK the command needs for its own UMEM (default: --qemu-umem per queue, "
-                   "what QEMU registers; 0: don't ask); the broker raises it where policy and privilege allow")
+                   "what QEMU registers; 0: don't ask); the broker raises it where policy and privilege allow. "
+                   "map kind: only checked against this process's limit (the broker raises none for map grants)")
     e.add_argument("--qemu-umem", type=size_arg, default=None, metavar="SIZE",
-                   help="bare kind: UMEM the command (QEMU) registers per queue, for the default --memlock "
+                   help="bare and map kinds: UMEM the command (QEMU) registers per queue, for the default --memlock "
                    "(default: 32MiB, stock QEMU's libxdp rings)")
     e.add_argument("--require-memlock", action="store_true",
                    help="fail instead of warning when the broker could not provide the memlock limit")
@@ -194,30 +202,41 @@ def _replace_file(path: str, text: str) -> None:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     from xskbroker.client.grant import request_fds
-    from xskbroker.client.launch import exec_with_grant, memlock_warning
+    from xskbroker.client.launch import exec_with_grant, map_consumer_warnings, memlock_warning
     from xskbroker.client.qemu_support import umem_bytes, umem_per_queue
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("xskbroker exec: no command given (put it after --)", file=sys.stderr)
         return 2
+    # a map grant on no named queues is for every queue of the interface (the map has a slot for each)
+    queues = args.queues if args.queues is not None else (0 if args.kind == "map" else 1)
+    ids = list(range(args.start_queue, args.start_queue + queues))
+    per_queue = umem_per_queue(None, args.qemu_umem)
     memlock = args.memlock
     if memlock is None:
-        memlock = umem_bytes(args.queues, umem_per_queue(None, args.qemu_umem)) if args.kind == "bare" else 0
+        memlock = umem_bytes(queues, per_queue) if args.kind == "bare" else 0
     geometry = proto.Geometry(umem_size=args.umem)
-    queues = 0 if args.kind == "map" else args.queues
     try:
-        reply, fds = request_fds(args.interface, queues, kind=args.kind, start_queue=args.start_queue,
-                                 geometry=geometry, socket_path=args.socket, memlock=memlock)
+        reply, fds = request_fds(args.interface, ids, kind=args.kind, start_queue=args.start_queue,
+                                 geometry=geometry, socket_path=args.socket,
+                                 memlock=memlock if args.kind == "bare" else 0)
     except (proto.BrokerError, ConnectionError, OSError) as e:
         return _fail(e, False)
-    warning = memlock_warning(reply, command)  # None when the command keeps CAP_IPC_LOCK
+    if args.kind == "map":  # the consumer makes its own sockets and UMEM: the broker cannot help, say what it lacks
+        soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        needed = memlock if args.memlock is not None else umem_bytes(queues or reply.get("map_entries") or 1, per_queue)
+        warnings = map_consumer_warnings(command, needed, None if soft == resource.RLIM_INFINITY else soft)
+        short = any("RLIMIT_MEMLOCK" in w for w in warnings)
+    else:
+        warning = memlock_warning(reply, command)  # None when the command keeps CAP_IPC_LOCK
+        warnings, short = ([warning], True) if warning else ([], False)
     try:
-        if warning:
-            print(warning, file=sys.stderr)
-            if args.require_memlock:
-                return 1
-        exec_with_grant(reply, fds, command)
+        for w in warnings:
+            print(w, file=sys.stderr)
+        if short and args.require_memlock:
+            return 1
+        exec_with_grant(reply, fds, command, ids)
     except KeyError as e:
         print(f"xskbroker exec: {e.args[0]}", file=sys.stderr)
         return 2

@@ -19,12 +19,15 @@ from typing import Any
 from xskbroker.client.qemu_support import AF_XDP_UMEM_BYTES as QEMU_UMEM_PER_QUEUE
 from xskbroker.common.procfs import has_cap
 
-__all__ = ["QEMU_UMEM_PER_QUEUE", "command_keeps_ipc_lock", "exec_with_grant", "grant_env", "keeps_ipc_lock",
-           "memlock_warning", "substitute", "substitutions"]
+__all__ = ["QEMU_UMEM_PER_QUEUE", "command_keeps_cap", "command_keeps_ipc_lock", "exec_with_grant", "grant_env",
+           "keeps_cap", "keeps_ipc_lock", "map_consumer_warnings", "memlock_warning", "substitute", "substitutions"]
 
 
-def grant_env(reply: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-    """What XSKBROKER_GRANT says: the grant with real fd numbers in place of indexes."""
+def grant_env(reply: dict[str, Any], fds: list[int], queues: Sequence[int] = ()) -> dict[str, Any]:
+    """What XSKBROKER_GRANT says: the grant with real fd numbers in place of indexes.
+
+    A map grant's reply names no queues (it has no sockets): `queues` are the ones asked for, every queue
+    of its map (map_entries) when none were named."""
     sockets = []
     for s in reply.get("sockets", []):
         entry = {k: v for k, v in s.items() if k not in ("fd", "umem_fd")}
@@ -36,16 +39,19 @@ def grant_env(reply: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     out["sockets"] = sockets
     if "map_fd" in reply:
         out["map_fd"] = fds[reply["map_fd"]]
+        out["queues"] = list(queues) or list(range(int(reply.get("map_entries") or 0)))
     return out
 
 
-def substitutions(grant: dict[str, Any]) -> dict[str, str]:
+def substitutions(grant: dict[str, Any]) -> dict[str, str | None]:
+    """Each placeholder's value; None for one this grant cannot fill (substitute says why if it is used)."""
     sockets = grant["sockets"]
-    queues = [s["queue"] for s in sockets]
+    queues = [s["queue"] for s in sockets] or list(grant.get("queues", []))
     return {
         "sock_fds": ":".join(str(s["fd"]) for s in sockets),  # QEMU's sock-fds= syntax
         "umem_fds": ":".join(str(s["umem_fd"]) for s in sockets if "umem_fd" in s),
         "map_fd": str(grant.get("map_fd", "")),
+        "map_path": grant.get("map_pin"),  # QEMU's map-path=, DPDK's use_pinned_map dp_path=
         "queues": str(len(queues)),
         "start_queue": str(min(queues) if queues else 0),
         "ifname": grant["interface"],
@@ -55,18 +61,32 @@ def substitutions(grant: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def substitute(args: Sequence[str], values: dict[str, str]) -> list[str]:
-    """Replace {name} in each argument; an unknown {name} is an error, {{ and }} are literal braces."""
+def unfilled(name: str, grant: dict[str, Any]) -> str:
+    """Why this grant has no value for placeholder `name`."""
+    if name == "map_path" and grant.get("kind") != "map":
+        return "{map_path} is the pin of a map grant: use --kind map"
+    if name == "map_path":
+        return (f"the broker pinned no map for this grant: it runs without --pin-root, or another live map "
+                f"lease of this user on {grant.get('interface')} holds the pin (one per user and interface)")
+    return f"this grant has no {{{name}}}"
+
+
+def substitute(args: Sequence[str], values: dict[str, str | None], grant: dict[str, Any] | None = None) -> list[str]:
+    """Replace {name} in each argument; an unknown {name}, or one the grant cannot fill (value None), is an
+    error; {{ and }} are literal braces."""
     out = []
     for arg in args:
         for _, field, _, _ in string.Formatter().parse(arg):
             if field is not None and field not in values:
                 known = ", ".join("{" + k + "}" for k in values)
                 raise KeyError(f"unknown placeholder {{{field}}} in {arg!r}; known: {known}")
+            if field is not None and values[field] is None:
+                raise KeyError(f"cannot fill {{{field}}} in {arg!r}: {unfilled(field, grant or {})}")
         out.append(arg.format(**values))
     return out
 
 
+CAP_NET_RAW = 13
 CAP_IPC_LOCK = 14
 VFS_CAP_FLAGS_EFFECTIVE = 0x000001
 
@@ -82,19 +102,28 @@ def file_grants_cap(xattr: bytes | None, cap: int) -> bool:
     return bool(magic & VFS_CAP_FLAGS_EFFECTIVE) and bool(permitted >> cap & 1)
 
 
+def keeps_cap(status_text: str, euid: int, file_xattr: bytes | None, cap: int) -> bool:
+    """Whether the command this process execs runs with capability `cap`: an ambient capability, root
+    (which keeps its capabilities across exec), or a file capability on the command's binary."""
+    if has_cap(status_text, cap, "CapAmb"):
+        return True
+    if euid == 0 and has_cap(status_text, cap, "CapBnd"):
+        return True
+    return has_cap(status_text, cap, "CapBnd") and file_grants_cap(file_xattr, cap)
+
+
 def keeps_ipc_lock(status_text: str, euid: int, file_xattr: bytes | None) -> bool:
-    """Whether the command this process execs runs with CAP_IPC_LOCK (then the kernel does not charge its
-    UMEM to RLIMIT_MEMLOCK): an ambient capability, root (which keeps its capabilities across exec), or
-    a file capability on the command's binary."""
-    if has_cap(status_text, CAP_IPC_LOCK, "CapAmb"):
-        return True
-    if euid == 0 and has_cap(status_text, CAP_IPC_LOCK, "CapBnd"):
-        return True
-    return has_cap(status_text, CAP_IPC_LOCK, "CapBnd") and file_grants_cap(file_xattr, CAP_IPC_LOCK)
+    """keeps_cap for CAP_IPC_LOCK (then the kernel does not charge the command's UMEM to RLIMIT_MEMLOCK)."""
+    return keeps_cap(status_text, euid, file_xattr, CAP_IPC_LOCK)
 
 
 def command_keeps_ipc_lock(command: Sequence[str]) -> bool:
     """keeps_ipc_lock for this process and the binary `command` would run."""
+    return command_keeps_cap(command, CAP_IPC_LOCK)
+
+
+def command_keeps_cap(command: Sequence[str], cap: int) -> bool:
+    """keeps_cap for this process and the binary `command` would run."""
     path = shutil.which(command[0]) if command else None
     xattr = None
     if path:
@@ -105,7 +134,7 @@ def command_keeps_ipc_lock(command: Sequence[str]) -> bool:
             status = f.read()
     except OSError:
         return False
-    return keeps_ipc_lock(status, os.geteuid(), xattr)
+    return keeps_cap(status, os.geteuid(), xattr, cap)
 
 
 def memlock_warning(reply: dict[str, Any], command: Sequence[str] = ()) -> str | None:
@@ -118,10 +147,30 @@ def memlock_warning(reply: dict[str, Any], command: Sequence[str] = ()) -> str |
             f"{info['needed']}: {info.get('reason', '')}. To fix: {info.get('hint', '')}")
 
 
-def exec_with_grant(reply: dict[str, Any], fds: list[int], command: Sequence[str]) -> None:
+def map_consumer_warnings(command: Sequence[str], needed: int, memlock_soft: int | None,
+                          net_raw: bool | None = None, ipc_lock: bool | None = None) -> list[str]:
+    """What a map grant's consumer (QEMU's map-path=, DPDK) will lack, told before it runs: it creates its own
+    AF_XDP sockets, which takes CAP_NET_RAW (no broker can lend a capability), and registers its own UMEM,
+    which its RLIMIT_MEMLOCK must cover unless it has CAP_IPC_LOCK. memlock_soft None: unlimited."""
+    net_raw = command_keeps_cap(command, CAP_NET_RAW) if net_raw is None else net_raw
+    ipc_lock = command_keeps_ipc_lock(command) if ipc_lock is None else ipc_lock
+    out = []
+    if not net_raw:
+        out.append("xskbroker exec: warning: the command will run without CAP_NET_RAW, and a map grant's consumer "
+                   "creates its own AF_XDP sockets (socket(AF_XDP) fails with EPERM without it). To fix: give it "
+                   "CAP_NET_RAW (AmbientCapabilities=CAP_NET_RAW in its unit, setpriv --ambient-caps +net_raw, or "
+                   "setcap cap_net_raw+ep on the binary); or use a bare grant (sock-fds=), which needs none")
+    if needed and not ipc_lock and memlock_soft is not None and memlock_soft < needed:
+        out.append(f"xskbroker exec: warning: RLIMIT_MEMLOCK is {memlock_soft} bytes but the UMEM needs {needed}: "
+                   "a map grant's consumer registers its own UMEM and the broker raises limits for bare grants only. "
+                   f"To fix: LimitMEMLOCK={needed} in its unit, a memlock line in limits.conf, or CAP_IPC_LOCK")
+    return out
+
+
+def exec_with_grant(reply: dict[str, Any], fds: list[int], command: Sequence[str], queues: Sequence[int] = ()) -> None:
     """Make exactly the grant's fds inheritable, export XSKBROKER_GRANT, substitute and exec. No return."""
-    grant = grant_env(reply, fds)
-    argv = substitute(command, substitutions(grant))
+    grant = grant_env(reply, fds, queues)
+    argv = substitute(command, substitutions(grant), grant)
     for fd in fds:
         os.set_inheritable(fd, True)
     env = {**os.environ, "XSKBROKER_GRANT": json.dumps(grant, separators=(",", ":"))}

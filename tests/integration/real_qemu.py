@@ -51,15 +51,17 @@ def qemu_binary() -> str:
 MEMLOCK = 8 << 20  # Debian's default limit, set explicitly: the same on a machine whose limit differs
 
 
-def unprivileged(netns: str, ipc_lock: bool) -> list[str]:
+def unprivileged(netns: str, ipc_lock: bool, net_raw: bool = False) -> list[str]:
     """Run in the namespace as the consumer uid under an 8 MiB memlock limit, with no capability, or with
-    CAP_IPC_LOCK as the only one (ambient, so it survives exec into QEMU): stock QEMU's UMEM is 32 MiB per
-    queue, and CAP_IPC_LOCK exempts it from the limit without any other privilege."""
-    caps = "-all,+ipc_lock" if ipc_lock else "-all"
+    CAP_IPC_LOCK (and, for a QEMU that makes its own sockets, CAP_NET_RAW) as the only ones (ambient, so
+    they survive exec into QEMU): stock QEMU's UMEM is 32 MiB per queue, and CAP_IPC_LOCK exempts it from
+    the limit without any other privilege."""
+    kept = [name for name, on in (("ipc_lock", ipc_lock), ("net_raw", net_raw)) if on]
+    caps = ",".join(["-all", *(f"+{c}" for c in kept)])
     return ["ip", "netns", "exec", netns, "prlimit", f"--memlock={MEMLOCK}:{MEMLOCK}", "--",
             "setpriv", f"--reuid={CONSUMER_UID}", f"--regid={CONSUMER_UID}",
             "--clear-groups", f"--inh-caps={caps}", f"--bounding-set={caps}",
-            *([f"--ambient-caps={caps}"] if ipc_lock else []), "--"]
+            *([f"--ambient-caps={caps}"] if kept else []), "--"]
 
 
 def xskbroker(*args: str) -> list[str]:
@@ -154,13 +156,14 @@ class DataPath:
                 last = time.monotonic()
         return len(got)
 
-    def first_frame(self, timeout: float = 10.0) -> float:
-        """Seconds until a frame from the peer first comes out of QEMU (the path is up)."""
+    def first_frame(self, timeout: float = 10.0, interval: float = 0.02) -> float:
+        """Seconds until a frame from the peer first comes out of QEMU (the path is up), sending one frame
+        every `interval` until then."""
         started = time.monotonic()
         seq = 1 << 30
         while time.monotonic() - started < timeout:
             self.raw.send(self._frame(self.inside_mac, self.peer_mac, seq))
-            if seq in self._seqs(self.udp, 0.02, raw=False):
+            if any(s >= 1 << 30 for s in self._seqs(self.udp, interval, raw=False)):  # any of them: it came out
                 return time.monotonic() - started
             seq += 1
         raise TimeoutError(f"no frame came through QEMU within {timeout} s")
