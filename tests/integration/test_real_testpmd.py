@@ -1,0 +1,215 @@
+"""A real DPDK testpmd (Debian trixie's 24.11.8, af_xdp PMD with dp_path=) through the broker's device-plugin
+endpoint, on the real kernel: as uid 65534 with CAP_NET_RAW only it gets its map at the endpoint and moves
+frames both ways (macswap: every frame the veth peer sends comes back with its addresses swapped); a revoke
+stops frames reaching it; two tenants on two queues of one interface each see only their own queue's
+frames; a root testpmd's exit does not take the broker's program off the interface (its bpf_link holds it).
+
+testpmd runs in the trixie tree made by tests/realclients/build-testpmd.sh (see real_testpmd.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from xskbroker.broker import xdp_prog
+from xskbroker.client.connection import Connection
+from xskbroker.testbed.links import in_netns
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
+from xskbroker.wire import protocol as proto
+
+from .conftest import CONSUMER_UID, ns_name, wait_for
+from .real_testpmd import CAP_NET_RAW, hugepages_on_demand, RunningPmd, af_xdp_vdev, eal_args, launch_argv, dpdk_tree
+
+OTHER_UID = 65532
+ETH_P = 0x88B5  # local experimental
+HEAD = struct.Struct("!6s6sH4sI")  # dst, src, ethertype, tag, seq
+POLICY = f"""\
+version = 1
+
+[[allow]]
+name = "dpdk"
+users = [{CONSUMER_UID}, {OTHER_UID}, 0]
+interfaces = ["xsk0"]
+kinds = ["map"]
+
+[admin]
+users = [0]
+"""
+
+
+class Peer:
+    """A raw socket on the veth's far end: sends tagged frames to the interface from a given CPU (so they
+    reach the RX queue that CPU maps to) and counts what comes back with the addresses swapped."""
+
+    def __init__(self, veth: VethNamespace) -> None:
+        with in_netns(veth.name):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P))
+            self.sock.bind((veth.peer, ETH_P))
+        self.mac = self.sock.getsockname()[4]
+        self.dst = veth.mac(veth.inside)
+        self.sock.setblocking(False)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    @contextlib.contextmanager
+    def on_cpu(self, cpu: int) -> Iterator[None]:
+        old = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cpu})
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, old)
+
+    def send(self, tag: bytes, seq: int) -> None:
+        self.sock.send(HEAD.pack(self.dst, self.mac, ETH_P, tag, seq).ljust(64, b"\0"))
+
+    def back(self, timeout: float) -> list[tuple[bytes, int]]:
+        """(tag, seq) of each swapped frame that arrives before the first lull of `timeout`."""
+        out = []
+        while select.select([self.sock], [], [], timeout)[0]:
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except BlockingIOError:
+                break
+            if addr[2] == socket.PACKET_OUTGOING or len(data) < HEAD.size:
+                continue
+            dst, src, _, tag, seq = HEAD.unpack_from(data)
+            if dst == self.mac and src == self.dst:  # macswap's reply
+                out.append((tag, seq))
+        return out
+
+    def first_reply(self, cpu: int, timeout: float = 30.0) -> float:
+        """Probe every millisecond until a probe comes back; the wall-clock time of that reply."""
+        deadline = time.monotonic() + timeout
+        seq = 0
+        with self.on_cpu(cpu):
+            while time.monotonic() < deadline:
+                self.send(b"PING", seq)
+                seq += 1
+                if any(t == b"PING" for t, _ in self.back(0.001)):
+                    return time.time()
+        raise AssertionError(f"no probe from CPU {cpu} came back within {timeout}s")
+
+    def exchange(self, count: int, tag: bytes, cpu: int, idle: float = 0.5) -> dict[bytes, int]:
+        """Send `count` frames (paced by the replies, 32 in flight) and count what comes back, per tag."""
+        got: dict[bytes, int] = {}
+        with self.on_cpu(cpu):
+            sent = 0
+            while sent < count:
+                for _ in range(min(32, count - sent)):
+                    self.send(tag, sent)
+                    sent += 1
+                for t, _ in self.back(0.02):
+                    got[t] = got.get(t, 0) + 1
+            for t, _ in self.back(idle):
+                got[t] = got.get(t, 0) + 1
+        got.pop(b"PING", None)  # late probes
+        return got
+
+
+@pytest.fixture(autouse=True)
+def hugepages() -> Iterator[None]:
+    with hugepages_on_demand():
+        yield
+
+
+@pytest.fixture
+def veth() -> Iterator[VethNamespace]:
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns:
+        yield ns
+
+
+@pytest.fixture
+def base() -> Iterator[str]:
+    """A root-owned 0755 directory for the endpoints' sockets, bound into testpmd's tree at /tmp/dp."""
+    d = tempfile.mkdtemp(prefix="xt-", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _endpoint(base: str, uid: int, queue: int) -> tuple[list[str], str]:
+    sockdir = f"{base}/q{queue}"
+    return ["--device-plugin", f"interface=xsk0,user={uid},queues={queue},path={sockdir}/afxdp.sock"], sockdir
+
+
+def _records(b: BrokerProcess, event: str) -> list[dict[str, Any]]:
+    return [r for r in b.records() if r.get("event") == event]
+
+
+def _leases(b: BrokerProcess) -> list[dict[str, Any]]:
+    with Connection(b.socket_path) as c:
+        reply, _ = c.call(proto.Status())
+    return list(reply["leases"])
+
+
+def _program(veth: VethNamespace) -> int:
+    with in_netns(veth.name):
+        return xdp_prog.attached(socket.if_nametoindex(veth.inside))[0]
+
+
+def _tenant(veth: VethNamespace, sockdir: str, queue: int, uid: int | None, mode: str = "macswap") -> RunningPmd:
+    tree = dpdk_tree()
+    eal = eal_args(f"xt{queue}", af_xdp_vdev(veth.inside, queue, "/tmp/dp/afxdp.sock"), lcores=f"{queue},{1 - queue}")
+    app = ["-i", "--total-num-mbufs=2600", "--no-mlockall", f"--forward-mode={mode}", "--auto-start"]
+    return RunningPmd(launch_argv(veth.name, tree, eal, app, uid, sockdir))
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_unprivileged_testpmd_moves_frames_both_ways_until_revoked(veth: VethNamespace, base: str,
+                                                                    figures: Any) -> None:
+    args, sockdir = _endpoint(base, CONSUMER_UID, 0)
+    with BrokerProcess(veth.name, POLICY, args) as b:
+        peer = Peer(veth)
+        t = _tenant(veth, sockdir, 0, CONSUMER_UID)
+        try:
+            t.ready()
+            first = peer.first_reply(cpu=0)
+            # the process the broker leased to is testpmd itself (every launcher step exec'ed), with the uid
+            # and the one capability it was given
+            st = _status(t.proc.pid)
+            assert st["Name"] == "dpdk-testpmd" and st["Uid"].split()[0] == str(CONSUMER_UID), st
+            assert int(st["CapEff"], 16) == CAP_NET_RAW, st
+            connect = _records(b, "dp-connect")[-1]
+            assert connect["decision"] == "allow" and connect["peer"]["uid"] == CONSUMER_UID
+            assert _records(b, "dp-map-fd")[-1]["decision"] == "allow"
+            (lease,) = _leases(b)
+            assert lease["pid"] == t.proc.pid, lease
+
+            t.cmd("clear port stats 0")
+            got = peer.exchange(200, b"TPMD", cpu=0)
+            stats = t.stats()
+            assert got == {b"TPMD": 200}, (got, t.text())
+            assert stats["rx_packets"] == 200 and stats["tx_packets"] == 200, stats
+
+            # revoke: the tenant map leaves the outer map; testpmd lives on and sees nothing more
+            with Connection(b.socket_path) as c:
+                revoked, _ = c.call(proto.Revoke(lease=lease["lease"]))
+            assert revoked["revoked"][0]["ended"] is True
+            wait_for(lambda: any(r["queues"] == [0] for r in _records(b, "map-unplaced")),
+                     what="the tenant map taken out")
+            t.cmd("clear port stats 0")
+            after = peer.exchange(100, b"TPMD", cpu=0)
+            assert after == {} and t.stats()["rx_packets"] == 0 and t.proc.poll() is None
+        finally:
+            status = t.close()
+            peer.close()
+            print(t.text())  # shown when the test fails
+        assert status == 0, t.text()
+        figures(handshake_to_first_frame_ms=round((first - connect["ts"]) * 1000, 1))
