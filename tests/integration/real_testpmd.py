@@ -146,7 +146,10 @@ class RunningPmd:
         return self.output.decode(errors="replace")[-6000:]
 
     def close(self, timeout: float = 10.0) -> int:
-        """quit, then wait; killed if it hangs. Returns its exit status."""
+        """quit, then wait; killed if it hangs. Returns its exit status (again when called again)."""
+        assert self.proc.stdout is not None
+        if self.proc.stdout.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             with contextlib.suppress(BrokenPipeError, OSError):
                 assert self.proc.stdin is not None
@@ -157,7 +160,6 @@ class RunningPmd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        assert self.proc.stdout is not None
         with contextlib.suppress(OSError):
             while chunk := os.read(self.proc.stdout.fileno(), 65536):
                 self.output += chunk

@@ -15,6 +15,7 @@ import select
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, ns_name, wait_for
-from .real_testpmd import CAP_NET_RAW, hugepages_on_demand, RunningPmd, af_xdp_vdev, eal_args, launch_argv, dpdk_tree
+from .real_testpmd import CAP_NET_RAW, RunningPmd, af_xdp_vdev, dpdk_tree, eal_args, hugepages_on_demand, launch_argv
 
 OTHER_UID = 65532
 ETH_P = 0x88B5  # local experimental
@@ -99,7 +100,9 @@ class Peer:
                 self.send(b"PING", seq)
                 seq += 1
                 if any(t == b"PING" for t, _ in self.back(0.001)):
-                    return time.time()
+                    when = time.time()
+                    self.back(0.2)  # probes still on their way: not counted by what follows
+                    return when
         raise AssertionError(f"no probe from CPU {cpu} came back within {timeout}s")
 
     def exchange(self, count: int, tag: bytes, cpu: int, idle: float = 0.5) -> dict[bytes, int]:
@@ -128,6 +131,9 @@ def hugepages() -> Iterator[None]:
 @pytest.fixture
 def veth() -> Iterator[VethNamespace]:
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns:
+        # no IPv6 on the pair: its router solicitations and reports would land in testpmd's counters
+        subprocess.run(["ip", "netns", "exec", ns.name, "sh", "-c", "for d in all default xsk0 xsk0p; do "
+                        "sysctl -qw net.ipv6.conf.$d.disable_ipv6=1; done"], check=True)
         yield ns
 
 
@@ -213,3 +219,59 @@ def test_unprivileged_testpmd_moves_frames_both_ways_until_revoked(veth: VethNam
             print(t.text())  # shown when the test fails
         assert status == 0, t.text()
         figures(handshake_to_first_frame_ms=round((first - connect["ts"]) * 1000, 1))
+
+
+def test_two_testpmd_tenants_each_see_only_their_own_queue(veth: VethNamespace, base: str) -> None:
+    a0, dir0 = _endpoint(base, CONSUMER_UID, 0)
+    a1, dir1 = _endpoint(base, OTHER_UID, 1)
+    with BrokerProcess(veth.name, POLICY, a0 + a1) as b:
+        peer = Peer(veth)
+        tenants = [_tenant(veth, dir0, 0, CONSUMER_UID), _tenant(veth, dir1, 1, OTHER_UID)]
+        try:
+            for q, t in enumerate(tenants):
+                t.ready()
+                peer.first_reply(cpu=q)
+            for t in tenants:
+                t.cmd("clear port stats 0")
+            got = [peer.exchange(100, b"QQ_0", cpu=0), peer.exchange(150, b"QQ_1", cpu=1)]
+            rx = [t.stats()["rx_packets"] for t in tenants]
+            leases = _leases(b)
+        finally:
+            for t in tenants:
+                t.close()
+            peer.close()
+            print(*(t.text() for t in tenants), sep="\n----\n")
+        # each queue's frames reached its own tenant only (and came back through it)
+        assert got == [{b"QQ_0": 100}, {b"QQ_1": 150}] and rx == [100, 150], (got, rx)
+        assert sorted((x["uid"], x["pid"]) for x in leases) == sorted(
+            (uid, t.proc.pid) for uid, t in zip((CONSUMER_UID, OTHER_UID), tenants, strict=True))
+        wait_for(lambda: not _leases(b), what="both leases to end with their testpmd")
+
+
+def test_a_root_testpmds_exit_leaves_the_brokers_program(veth: VethNamespace, base: str) -> None:
+    """DPDK detaches the interface's XDP program when it closes a port, dp_path or not; as root it may. The
+    broker's program is held by a bpf_link: the detach gets EBUSY and the other tenant keeps its frames."""
+    a0, dir0 = _endpoint(base, CONSUMER_UID, 0)
+    a1, dir1 = _endpoint(base, 0, 1)
+    with BrokerProcess(veth.name, POLICY, a0 + a1) as b:
+        peer = Peer(veth)
+        tenant = _tenant(veth, dir0, 0, CONSUMER_UID)
+        root = _tenant(veth, dir1, 1, None)
+        try:
+            tenant.ready()
+            root.ready()
+            peer.first_reply(cpu=1)  # the root testpmd works too
+            before = _program(veth)
+            assert root.close() == 0
+            assert "bpf_xdp_detach failed" in root.text()  # it tried
+            assert _program(veth) == before != 0
+            peer.first_reply(cpu=0)
+            tenant.cmd("clear port stats 0")
+            assert peer.exchange(100, b"KEEP", cpu=0) == {b"KEEP": 100}
+            assert tenant.stats()["rx_packets"] == 100
+        finally:
+            tenant.close()
+            root.close()
+            peer.close()
+            print(tenant.text(), root.text(), sep="\n----\n")
+        wait_for(lambda: not _leases(b), what="both leases to end with their testpmd")
