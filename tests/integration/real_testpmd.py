@@ -106,12 +106,12 @@ class RunningPmd:
         start = len(self.output) - len(self._pending)
         while marker not in self._pending:
             left = deadline - time.monotonic()
-            if left <= 0 or (self.proc.poll() is not None and not select.select([self.proc.stdout], [], [], 0)[0]):
-                raise AssertionError(f"testpmd: no {marker!r} (exit {self.proc.poll()}):\n{self.text()}")
+            if left <= 0:
+                raise AssertionError(f"testpmd: no {marker!r} within {timeout}s:\n{self.text()}")
             if select.select([self.proc.stdout], [], [], min(left, 0.2))[0]:
                 chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk and self.proc.poll() is not None:
-                    continue
+                if not chunk:  # end of output: it exited
+                    raise AssertionError(f"testpmd: no {marker!r} (exit {self.proc.wait()}):\n{self.text()}")
                 self.output += chunk
         end = self.output.index(marker, start) + len(marker)
         self._consumed = end

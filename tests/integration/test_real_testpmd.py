@@ -29,7 +29,7 @@ from xskbroker.testbed.links import in_netns
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
-from .conftest import CONSUMER_UID, ns_name, wait_for
+from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
 from .real_testpmd import CAP_NET_RAW, RunningPmd, af_xdp_vdev, dpdk_tree, eal_args, hugepages_on_demand, launch_argv
 
 OTHER_UID = 65532
@@ -166,11 +166,13 @@ def _program(veth: VethNamespace) -> int:
         return xdp_prog.attached(socket.if_nametoindex(veth.inside))[0]
 
 
-def _tenant(veth: VethNamespace, sockdir: str, queue: int, uid: int | None, mode: str = "macswap") -> RunningPmd:
-    tree = dpdk_tree()
-    eal = eal_args(f"xt{queue}", af_xdp_vdev(veth.inside, queue, "/tmp/dp/afxdp.sock"), lcores=f"{queue},{1 - queue}")
+def _tenant(veth: VethNamespace, sockdir: str | None, queue: int, uid: int | None, mode: str = "macswap",
+            iface: str = "xsk0", lcores: str | None = None) -> RunningPmd:
+    """testpmd on IFACE's queue: through the endpoint in SOCKDIR, or (None) loading its own program."""
+    dp_path = "/tmp/dp/afxdp.sock" if sockdir else None
+    eal = eal_args(f"xt{iface}{queue}", af_xdp_vdev(iface, queue, dp_path), lcores=lcores or f"{queue},{1 - queue}")
     app = ["-i", "--total-num-mbufs=2600", "--no-mlockall", f"--forward-mode={mode}", "--auto-start"]
-    return RunningPmd(launch_argv(veth.name, tree, eal, app, uid, sockdir))
+    return RunningPmd(launch_argv(veth.name, dpdk_tree(), eal, app, uid, sockdir))
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -219,6 +221,25 @@ def test_unprivileged_testpmd_moves_frames_both_ways_until_revoked(veth: VethNam
             print(t.text())  # shown when the test fails
         assert status == 0, t.text()
         figures(handshake_to_first_frame_ms=round((first - connect["ts"]) * 1000, 1))
+
+
+def test_a_refused_testpmd_gets_nothing_and_the_broker_carries_on(veth: VethNamespace, base: str) -> None:
+    """A uid the policy does not name is refused at /connect (/host_nak). DPDK 24.11.8 logs it, then its
+    xsk_configure returns success anyway (the error path keeps ret = 0) and the port starts on a deleted
+    socket: testpmd crashes (SIGSEGV here). Whatever it does, it gets no map and no lease."""
+    args, sockdir = _endpoint(base, STRANGER_UID, 0)
+    with BrokerProcess(veth.name, POLICY, args) as b:
+        t = _tenant(veth, sockdir, 0, STRANGER_UID)
+        try:
+            with contextlib.suppress(AssertionError):
+                t.ready(timeout=10)
+            assert "Unexpected response [/host_nak]" in t.text()
+        finally:
+            status = t.close()
+            print(f"testpmd exit status {status}:", t.text())
+        deny = _records(b, "dp-connect")[-1]
+        assert deny["decision"] == "deny" and deny["code"] == "user-not-allowed" and not _leases(b)
+        assert not _records(b, "dp-map-fd")
 
 
 def test_two_testpmd_tenants_each_see_only_their_own_queue(veth: VethNamespace, base: str) -> None:
@@ -275,3 +296,44 @@ def test_a_root_testpmds_exit_leaves_the_brokers_program(veth: VethNamespace, ba
             peer.close()
             print(tenant.text(), root.text(), sep="\n----\n")
         wait_for(lambda: not _leases(b), what="both leases to end with their testpmd")
+
+
+def _rate(t: RunningPmd, key: str, seconds: float = 1.0) -> float:
+    a, t0 = t.stats()[key], time.monotonic()
+    time.sleep(seconds)
+    b, t1 = t.stats()[key], time.monotonic()
+    return (b - a) / (t1 - t0)
+
+
+def _rx_tx_pps(veth: VethNamespace, iface: str, peer: str, sockdir: str | None, uid: int | None) -> tuple[float, float]:
+    """RX pps of a testpmd (rxonly) fed by a root testpmd in txonly on the peer, then its own TX pps (txonly)."""
+    rx = _tenant(veth, sockdir, 0, uid, mode="rxonly", iface=iface, lcores="0,1")
+    gen = None
+    try:
+        rx.ready()
+        gen = _tenant(veth, None, 0, None, mode="txonly", iface=peer, lcores="1,0").ready()
+        rx_pps = _rate(rx, "rx_packets")
+        gen.close()
+        rx.cmd("stop")
+        rx.cmd("set fwd txonly")
+        rx.cmd("start")
+        tx_pps = _rate(rx, "tx_packets")
+    finally:
+        rx.close()
+        if gen:
+            gen.close()
+    assert rx_pps > 1000 and tx_pps > 1000, (rx.text(), gen.text() if gen else "")
+    return rx_pps, tx_pps
+
+
+def test_testpmd_pps_brokered_vs_its_own_program(veth: VethNamespace, base: str, figures: Any) -> None:
+    """Figures for docs/dpdk.md: the same testpmd through a broker map grant (uid 65534, CAP_NET_RAW) and as
+    root with its own libxdp program on a second veth pair; fed by a root testpmd in txonly on the peer."""
+    veth.add_veth("xsk1", "xsk1p", queues=1)
+    args, sockdir = _endpoint(base, CONSUMER_UID, 0)
+    with BrokerProcess(veth.name, POLICY, args):
+        brokered = _rx_tx_pps(veth, "xsk0", "xsk0p", sockdir, CONSUMER_UID)
+    own = _rx_tx_pps(veth, "xsk1", "xsk1p", None, None)
+    figures(brokered_rx_pps=round(brokered[0]), own_rx_pps=round(own[0]),
+            rx_ratio=round(brokered[0] / own[0], 2), brokered_tx_pps=round(brokered[1]), own_tx_pps=round(own[1]),
+            tx_ratio=round(brokered[1] / own[1], 2))
