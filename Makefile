@@ -79,9 +79,11 @@ unit: setup
 	$(VENV)/bin/python -m pytest tests/unit
 
 # tests/integration/test_real_qemu.py runs a real af-xdp QEMU, built from Debian's source packages once per
-# machine into /var/cache/xskbroker-test (about 5 minutes the first time; a no-op when it is there)
+# machine into /var/cache/xskbroker-test (about 5 minutes the first time; a no-op when it is there);
+# test_real_testpmd.py a real DPDK testpmd in a trixie tree made there from Debian's binary packages
 qemu: apt
 	tests/realclients/build-qemu.sh >/dev/null
+	tests/realclients/build-testpmd.sh >/dev/null
 
 test: setup lint qemu
 	$(VENV)/bin/python -m pytest
