@@ -58,7 +58,13 @@ class Prepared(Protocol):
 
     def finish(self) -> xsk.BoundSocket: ...
 
-    def abort(self, empty_slot: bool = True) -> None: ...
+    def abort(self, empty_slot: bool = True, close: Callable[[list[int]], None] | None = None) -> None: ...
+
+
+class Ready(Protocol):
+    """A socket made ahead of any request (UMEM registered, rings sized; unbound, in no map)."""
+
+    def close(self) -> None: ...
 
 
 class SlotProbe(Protocol):
@@ -98,6 +104,15 @@ class Kernel(Protocol):
 
     # ---- AF_XDP sockets
     def claim(self, ifindex: int, queue: int, map_fd: int, bind_mode: str, need_wakeup: bool) -> Prepared: ...
+
+    def make_ready(self, g: Geometry) -> Ready:
+        """A socket of geometry g made ahead of time (the UMEM pool's): nothing in it depends on a request."""
+        ...
+
+    def claim_ready(self, ready: Ready, ifindex: int, queue: int, map_fd: int, bind_mode: str,
+                    need_wakeup: bool) -> Prepared:
+        """The Prepared socket of a grant from a Ready one: its slot claimed (closed on failure)."""
+        ...
 
     def create_bare(self, ifname: str, queue: int, map_fd: int) -> int: ...
 
@@ -164,6 +179,14 @@ class LinuxKernel:
 
     def claim(self, ifindex: int, queue: int, map_fd: int, bind_mode: str, need_wakeup: bool) -> Prepared:
         return xsk.claim(ifindex, queue, map_fd, bind_mode, need_wakeup, fault=self.fault)
+
+    def make_ready(self, g: Geometry) -> Ready:
+        return xsk.make_unbound(g)
+
+    def claim_ready(self, ready: Ready, ifindex: int, queue: int, map_fd: int, bind_mode: str,
+                    need_wakeup: bool) -> Prepared:
+        assert isinstance(ready, xsk.Unbound)
+        return xsk.claim_unbound(ready, ifindex, queue, map_fd, bind_mode, need_wakeup, fault=self.fault)
 
     def create_bare(self, ifname: str, queue: int, map_fd: int) -> int:
         return xsk.create_bare(ifname, queue, map_fd)

@@ -183,6 +183,7 @@ class Lifecycle(Core):
             if prog:
                 prog.close()
             self.names.pop(ev.ifindex, None)
+            self.pool.forget_interface(ev.ifindex)  # what it asked for is made ahead no more
             for lease in self.leases.on_interface(ev.ifindex):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,

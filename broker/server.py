@@ -26,6 +26,7 @@ from xskbroker.broker.closer import Closer
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.service import Deferred, Outcome, Service, policy_peer
 from xskbroker.broker.systemd import Watchdog
+from xskbroker.broker.umem_pool import MAX_SOCKETS as MAX_POOLED
 from xskbroker.common.procfs import is_process, pidfd_open
 from xskbroker.policy import Holding, Policy, PolicyError, load_policy
 from xskbroker.policy import quota as quotas
@@ -39,7 +40,8 @@ from xskbroker.wire.replies import ErrorReply
 MAX_FDS_IN = 253
 MAX_CONNECTIONS = 1024
 FDS_PER_CONNECTION = 2  # a connection, plus room for what its holder may need (a pidfd, fds in flight)
-FD_HEADROOM = 64  # listener, netlink, wake-up pair, journal, the UMEM pool, a grant being made
+# listener, netlink, wake-up pair, journal, grants being made, and the UMEM pool's sockets (two fds each)
+FD_HEADROOM = 64 + 2 * MAX_POOLED
 SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS at the socket
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
@@ -396,7 +398,7 @@ class Server:
         now = time.monotonic()
         still = []
         for due, deferred, conn, who in self.waiting:
-            if due > now or deferred.parked():
+            if deferred.parked() or (due > now and not deferred.ready()):
                 still.append((due, deferred, conn, who))
                 continue
             try:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from xskbroker.broker import faults, squat
+from xskbroker.broker.closer import Closer
 from xskbroker.broker.core import (
     AuditFn,
     Deferred,
@@ -51,6 +52,7 @@ __all__ = ["SERVER_NAME", "AuditFn", "Deferred", "MemlockRaise", "Outcome", "Ref
            "policy_peer"]
 
 SERVER_NAME = "xskbroker"
+ABORT_CLOSERS = 8  # closes of failed grants' sockets in flight at most
 
 
 class Service(Grants, Lifecycle):
@@ -77,7 +79,8 @@ class Service(Grants, Lifecycle):
         self.limiter = RateLimiter()
         self._buckets_swept = 0.0
         self.clock = clock
-        self.pool = UmemPool(umem_pool)
+        self.pool = UmemPool(umem_pool, self.kernel.make_ready)  # sockets made ahead of grants
+        self.closer = Closer(ABORT_CLOSERS, name="abort")
         self.pending: dict[int, Holding] = {}
         self.workers = Workers()
         self.jobs: collections.Counter[int] = collections.Counter()
@@ -94,6 +97,7 @@ class Service(Grants, Lifecycle):
     def reload(self, policy: Policy, source: str | None = None) -> None:
         """Judge every request from now on by `policy` (leases already granted stay)."""
         self.policy = policy
+        self.pool.flush()  # made for what was asked under the old policy: nothing made ahead outlives it
         self.metrics.reloaded(True)
         self.audit({"event": "policy-reloaded", "path": source, "rules": len(policy.rules)})
 
@@ -108,6 +112,7 @@ class Service(Grants, Lifecycle):
         self.leases.close()
         self.workers.stop()
         self.pool.close()
+        self.closer.stop()
 
     # ---- entry point ---------------------------------------------------------------------------
 
