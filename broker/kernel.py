@@ -13,7 +13,7 @@ import errno
 import os
 import resource
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from xskbroker.broker import bpf, netdev, xdp_prog, xsk, xskdiag
 from xskbroker.common.procfs import is_process, memlock_limits, pidfd_ino, pidfd_open, pinned_start, status_ids
@@ -114,6 +114,10 @@ class Kernel(Protocol):
         """The Prepared socket of a grant from a Ready one: its slot claimed (closed on failure)."""
         ...
 
+    def stop(self) -> None:
+        """End what make_ready started (the helper process that makes them)."""
+        ...
+
     def create_bare(self, ifname: str, queue: int, map_fd: int) -> int: ...
 
     def bare_supported(self) -> str | None:
@@ -143,6 +147,7 @@ class LinuxKernel:
 
     def __init__(self, fault: FaultHook = _no_fault) -> None:
         self.fault = fault
+        self._preparer: Any = None  # broker.preparer.Preparer, once the UMEM pool asks for a socket
 
     def resolve(self, name: str) -> int:
         return netdev.resolve(name)
@@ -181,7 +186,16 @@ class LinuxKernel:
         return xsk.claim(ifindex, queue, map_fd, bind_mode, need_wakeup, fault=self.fault)
 
     def make_ready(self, g: Geometry) -> Ready:
-        return xsk.make_unbound(g)
+        if self._preparer is None:
+            from xskbroker.broker.preparer import Preparer  # on first use: nothing of it before the first grant
+
+            self._preparer = Preparer()
+        made: xsk.Unbound = self._preparer.make(g)
+        return made
+
+    def stop(self) -> None:
+        if self._preparer is not None:
+            self._preparer.stop()
 
     def claim_ready(self, ready: Ready, ifindex: int, queue: int, map_fd: int, bind_mode: str,
                     need_wakeup: bool) -> Prepared:

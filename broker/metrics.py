@@ -75,6 +75,7 @@ class Metrics:
         self.latency = {"allow": Histogram(), "deny": Histogram()}
         self.reloads = {"ok": 0, "failed": 0}
         self.connections: Callable[[], int] = lambda: 0  # the server, which holds the connections, sets it
+        self.pool: Callable[[], dict[str, int]] = dict  # the service sets it: the UMEM pool's snapshot
 
     def tap(self, audit: AuditFn) -> AuditFn:
         """`audit`, counting each grant decision on its way through."""
@@ -112,4 +113,4 @@ class Metrics:
             pinned += lease.umem_bytes
         return MetricsInfo(version(), self.started, round(self.monotonic() - self._started_mono, 3), self.granted,
                            dict(self.refused), kinds, pinned, self.connections(), dict(self.reloads),
-                           {k: h.snapshot() for k, h in self.latency.items()})
+                           {k: h.snapshot() for k, h in self.latency.items()}, self.pool())

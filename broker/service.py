@@ -80,6 +80,7 @@ class Service(Grants, Lifecycle):
         self._buckets_swept = 0.0
         self.clock = clock
         self.pool = UmemPool(umem_pool, self.kernel.make_ready)  # sockets made ahead of grants
+        self.metrics.pool = self.pool.snapshot
         self.closer = Closer(ABORT_CLOSERS, name="abort")
         self.pending: dict[int, Holding] = {}
         self.workers = Workers()
@@ -112,6 +113,7 @@ class Service(Grants, Lifecycle):
         self.leases.close()
         self.workers.stop()
         self.pool.close()
+        self.kernel.stop()
         self.closer.stop()
 
     # ---- entry point ---------------------------------------------------------------------------

@@ -46,7 +46,9 @@ def summary(m: MetricsInfo) -> str:
     return (f"Broker {m.version}, up {duration(m.uptime_s)}; {m.connections} connection(s); policy reloads "
             f"{m.reloads.get('ok', 0)} ok, {m.reloads.get('failed', 0)} failed\n"
             f"Grants since start: {m.grants} granted, {refused} refused{f' ({codes})' if codes else ''}{latency}; "
-            f"{size(m.pinned_bytes)} pinned now")
+            f"{size(m.pinned_bytes)} pinned now" + (
+                f"\nUMEM pool: {m.pool.get('sockets', 0)} socket(s) made ahead, {size(m.pool.get('pinned_bytes', 0))} "
+                f"pinned of a {size(m.pool.get('budget_bytes', 0))} budget" if m.pool else ""))
 
 
 def _state(revoked: bool, orphaned: bool, misbound: int | None) -> str:
@@ -136,6 +138,12 @@ def prometheus(m: MetricsInfo) -> str:
            [("xskbroker_leases", {"kind": kind}, n) for kind, n in sorted(m.leases.items())])
     family("xskbroker_pinned_umem_bytes", "gauge", "Memory the live bound leases pin: their UMEM and rings.", [
         ("xskbroker_pinned_umem_bytes", {}, m.pinned_bytes)])
+    if m.pool:
+        family("xskbroker_pool_pinned_bytes", "gauge",
+               "Memory the UMEM pool's sockets made ahead of grants pin (the broker's own, in no quota).", [
+                   ("xskbroker_pool_pinned_bytes", {}, m.pool.get("pinned_bytes", 0))])
+        family("xskbroker_pool_budget_bytes", "gauge", "The UMEM pool's budget (serve --umem-pool).", [
+            ("xskbroker_pool_budget_bytes", {}, m.pool.get("budget_bytes", 0))])
     family("xskbroker_connections", "gauge", "Client connections open now.", [
         ("xskbroker_connections", {}, m.connections)])
     family("xskbroker_policy_reloads_total", "counter",

@@ -283,6 +283,9 @@ class MetricsInfo(Record):
     connections: int  # client connections open now
     reloads: dict[str, int]  # policy reloads: "ok", "failed"
     grant_seconds: dict[str, HistogramInfo]  # grant latency by decision: "allow", "deny"
+    # the UMEM pool (sockets made ahead of grants): budget_bytes, pinned_bytes, sockets, made, taken, missed;
+    # its memory is the broker's own, counted in no quota, bounded by the budget (serve --umem-pool)
+    pool: dict[str, int] = field(default_factory=dict)
 
 
 # ---- replies ----------------------------------------------------------------------------------------------

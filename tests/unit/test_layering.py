@@ -26,7 +26,7 @@ import xskbroker.wire
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL_LAYER = ("bpf", "xsk", "netdev", "netlink", "xdp_prog", "linkwatch", "umem_pool", "xskdiag", "closer", "peer",
-                "kernel")
+                "kernel", "preparer")
 WIRING = ("service", "server", "daemon", "cli", "leases", "squat", "workers", "grants", "lifecycle", "core", "holders")
 REPORT = ("import sys, json; print(json.dumps(sorted(m for m in sys.modules "
           "if m.startswith('xskbroker.'))))")

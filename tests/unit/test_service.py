@@ -281,6 +281,9 @@ class FakeKernel:
         self._claim_slot(map_fd, queue, sock)
         return FakePrepared(self, sock, ifindex, queue, map_fd)
 
+    def stop(self) -> None:
+        pass
+
     def make_ready(self, g: proto.Geometry) -> FakeReady:
         return FakeReady(self, self.new_fd("xsk"), self.new_fd("umem"))
 
