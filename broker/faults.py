@@ -4,8 +4,8 @@ A fault hook is called with the name of each point a grant passes ("after-socket
 "after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"). `from_spec` builds the
 hook the crash tests ask for: "<point>" makes the broker SIGKILL itself there, "<point>:pause" makes it
 sleep a second there (so a test can, say, delete the interface mid-grant), "<point>:hold=PATH" makes the first
-grant there wait (creating PATH.held) until PATH exists, others passing by (so a test can prove that other
-grants go on meanwhile, with no timing involved). Nothing here reads the
+grant there once PATH.armed exists wait (creating PATH.held) until PATH exists, others passing by (so a test
+can prove that other grants go on meanwhile, with no timing involved). Nothing here reads the
 environment: the daemon reads its test-only variable once at start-up and passes the hook on.
 """
 
@@ -37,7 +37,7 @@ def from_spec(spec: str) -> FaultHook:
             return
         if action.startswith("hold="):
             path = action[len("hold="):]
-            if held.acquire(blocking=False):
+            if os.path.exists(path + ".armed") and held.acquire(blocking=False):
                 with open(path + ".held", "w"):
                     pass
                 while not os.path.exists(path):
