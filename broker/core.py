@@ -97,6 +97,7 @@ class Core:
     raised: dict[int, MemlockRaise]  # pid -> its memlock limits before the broker raised them
     pending: dict[int, Holding]  # grants waiting (for a queue's release, a worker), by identity
     jobs: collections.Counter[int]  # large grants being made, by uid
+    bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty
     pool: UmemPool
     workers: Workers
     closer: Closer  # closes what a failed grant made, off the loop

@@ -107,11 +107,17 @@ class Lifecycle(Core):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed"})
+        # A bare lease is ended only when its slots were empty at two polls in a row: a holder that closes its
+        # sockets and then releases (the client library's order) must find its lease there to release.
+        seen, self.bare_empty = self.bare_empty, set()
         for lease in list(self.leases):
             if lease.kind != "bare" or lease.orphaned or lease.revoked or not self._slots_empty(lease):
                 continue
             if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
                 continue  # its exit is being told (holder_exited ends the lease with the right reason)
+            if lease.id not in seen:
+                self.bare_empty.add(lease.id)
+                continue
             self.leases.remove(lease.id)
             self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                         "reason": "its sockets were closed while its holder lives"})

@@ -76,8 +76,11 @@ class Preparer:
             return self._sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # the broker's own import path: it may have found the package where the interpreter alone would not
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
             self._proc = subprocess.Popen([sys.executable, "-m", "xskbroker.broker.preparer", str(theirs.fileno())],
-                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+                                          env=env)
         except OSError:
             ours.close()
             self._broken = True

@@ -13,7 +13,7 @@ import collections
 import time
 from collections.abc import Callable
 
-from xskbroker.broker import faults, squat
+from xskbroker.broker import faults, limits, squat
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.core import (
     AuditFn,
@@ -79,12 +79,14 @@ class Service(Grants, Lifecycle):
         self.limiter = RateLimiter()
         self._buckets_swept = 0.0
         self.clock = clock
-        self.pool = UmemPool(umem_pool, self.kernel.make_ready)  # sockets made ahead of grants
+        # sockets made ahead of grants, within the budget (and a quarter of a limited memlock: limits.pool_budget)
+        self.pool = UmemPool(limits.pool_budget(umem_pool) if umem_pool else 0, self.kernel.make_ready)
         self.metrics.pool = self.pool.snapshot
         self.closer = Closer(ABORT_CLOSERS, name="abort")
         self.pending: dict[int, Holding] = {}
         self.workers = Workers()
         self.jobs: collections.Counter[int] = collections.Counter()
+        self.bare_empty: set[str] = set()
         self.signal_holder = signal_holder
         self.link_events = link_events
         self.squat = squat.SquatWatch(self.kernel.slot_probe)  # where bare sockets are bound (their holders bind)

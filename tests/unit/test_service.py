@@ -541,6 +541,23 @@ def test_a_bare_grant_places_unbound_sockets_and_raises_memlock_within_the_rule(
                                                                                      "memlock-restored"]
 
 
+def test_a_bare_holder_that_closes_its_sockets_then_releases_finds_its_lease(rig: Rig) -> None:
+    """The client library closes the sockets, then releases: an orphan poll in between must not end the lease
+    (it did: the release got unknown-lease). Slots empty at two polls in a row end it."""
+    reply, out = rig.grant(kind="bare")
+    rig.kernel.holder_closes(out.fds)
+    rig.service.check_orphans()  # the poll lands between the close and the release
+    ended, _ = rig.reply(ALICE, proto.Release(reply["lease"]))
+    assert ended["ok"], ended
+    again, out = rig.grant(kind="bare")  # a holder that closes and never releases: ended at the next poll
+    rig.kernel.holder_closes(out.fds)
+    rig.service.check_orphans()
+    assert rig.service.leases.get(again["lease"]) is not None
+    rig.service.check_orphans()
+    assert rig.service.leases.get(again["lease"]) is None
+    assert rig.events("lease-ended")[-1]["reason"] == "its sockets were closed while its holder lives"
+
+
 def test_a_bare_grant_says_why_memlock_was_not_raised(rig: Rig) -> None:
     rig.kernel.memlocks[ALICE.pid] = (8 << 20, 8 << 20)
     rig.kernel.may_prlimit = False
