@@ -101,6 +101,7 @@ class Core:
     pool: UmemPool
     workers: Workers
     closer: Closer  # closes what a failed grant made, off the loop
+    sent_done: Callable[[str], None]  # a lease ended: the server closes its copies of the lease's fds now
     squat: SquatWatch
     signal_holder: SignalFn
     # With link events watched, a change of XDP program drops the cached one as it happens, so a grant

@@ -43,6 +43,7 @@ class Lifecycle(Core):
 
     def _lease_ended(self, lease: Lease) -> None:
         """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
+        self.sent_done(lease.id)
         if lease.kind == "map":
             self._detach_map(lease)
         raised = self.raised.get(lease.pid)

@@ -45,6 +45,9 @@ FD_HEADROOM = 64 + 2 * MAX_POOLED
 SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS at the socket
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
+# how long the broker keeps its copies of sent fds: a client that closes its own soon after (most do within
+# a millisecond or two) then leaves the last close, and its grace period, to the broker's closer threads
+KEEP_SENT = 0.005
 
 
 def connection_capacity(limit: int = MAX_CONNECTIONS) -> int:
@@ -140,6 +143,7 @@ class Server:
         self.stopping = False
         self._next_orphan_check = 0.0
         self.closer = Closer()
+        service.sent_done = self.closer.expedite  # a lease that ends needs no copy of its fds kept
         self._wake_r, self._wake_w = socket.socketpair()
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
@@ -436,7 +440,7 @@ class Server:
                                lease.pid_start if lease else None, lease.pid_ino if lease else None)
         finally:
             # the client has its own copies now; ours would keep the sockets alive
-            self.closer.close(outcome.fds)
+            self.closer.close_later(outcome.fds, KEEP_SENT, outcome.lease_id)
             outcome.fds = []
 
     def watch_pid(self, pid: int, conn: socket.socket | None = None, start: int | None = None,

@@ -83,6 +83,7 @@ class Service(Grants, Lifecycle):
         self.pool = UmemPool(limits.pool_budget(umem_pool) if umem_pool else 0, self.kernel.make_ready)
         self.metrics.pool = self.pool.snapshot
         self.closer = Closer(ABORT_CLOSERS, name="abort")
+        self.sent_done: Callable[[str], None] = lambda lease_id: None
         self.pending: dict[int, Holding] = {}
         self.workers = Workers()
         self.jobs: collections.Counter[int] = collections.Counter()
