@@ -18,6 +18,7 @@ name = "bench"
 users = [0, 65534]
 interfaces = ["xsk*"]
 kinds = ["bound", "bare"]
+max_umem = "1100MiB"  # the 1 GiB grant of bench.throughput.hello_during_big_grant, with its rings
 """
 
 

@@ -14,7 +14,9 @@ from xskbroker.testbed.sandbox import in_netns
 from xskbroker.wire.protocol import Geometry
 
 SIZES_MIB = (1, 4, 16)
-PAUSE, PAUSE_PER_MIB = 0.005, 0.002  # seconds; fallocate here runs at about 1 ms per MiB
+# seconds: the broker's UMEM pool starts refilling 5 ms after a take (umem_pool.REFILL_DELAY), and making a
+# socket (fallocate, then pinning) runs at about 1 ms per MiB here
+PAUSE, PAUSE_PER_MIB = 0.012, 0.002
 
 
 def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
@@ -36,8 +38,8 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
                     os.close(fd)
                 if i >= 5:
                     brokered.append(elapsed * 1000)
-                # the broker's UMEM pool refills in the background (zeroing pages): let it finish, so it
-                # does not slow the direct sample that follows on this 2-CPU machine
+                # the broker's UMEM pool refills in the background (its helper process zeroes and pins
+                # pages): let it finish, so it does not slow the direct sample that follows on 2 CPUs
                 time.sleep(PAUSE + mib * PAUSE_PER_MIB)
                 q = (2 * i + 1) % queues
                 with in_netns(b.ns.name):

@@ -13,9 +13,10 @@ import threading
 import time
 from typing import Any
 
-from bench.common import bed
+from bench.common import bed, summary
 from xskbroker.broker import xsk
 from xskbroker.client.connection import Connection
+from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import in_netns
 from xskbroker.wire import protocol as proto
 
@@ -71,6 +72,43 @@ def _measure(target, args_for, clients: int, seconds: float) -> float:  # type: 
     return sum(counts) / (time.monotonic() - start)
 
 
+BIG = proto.Geometry(umem_size=1 << 30)
+HELLO_EVERY = 0.002  # seconds between one client's hellos while another's 1 GiB UMEM is pinned
+
+
+def hello_during_big_grant(path: str, queue: int, grants: int = 3) -> dict[str, Any]:
+    """Another client's hello round trips (one connection, one every 2 ms) while a 1 GiB grant is made,
+    `grants` times: pinning 1 GiB takes seconds, and must not hold anyone else up."""
+    hellos: list[float] = []
+    made: list[float] = []
+    for _ in range(grants):
+        done = threading.Event()
+
+        def big(done: threading.Event = done) -> None:
+            try:
+                t = time.perf_counter()
+                _, fds = request_fds("xsk0", [queue], kind="bound", geometry=BIG, socket_path=path, timeout=60)
+                made.append((time.perf_counter() - t) * 1000)
+                for fd in fds:
+                    os.close(fd)
+            finally:
+                done.set()
+
+        with Connection(path) as conn:
+            conn.call(proto.Hello())
+            worker = threading.Thread(target=big)
+            worker.start()
+            time.sleep(0.05)  # the grant is under way (its decision and slot take under a millisecond)
+            while not done.is_set():
+                t = time.perf_counter()
+                conn.call(proto.Hello())
+                hellos.append((time.perf_counter() - t) * 1000)
+                time.sleep(HELLO_EVERY)
+            worker.join()
+        time.sleep(0.2)  # the released queue and its pinned pages go back
+    return {"hello_ms": summary(hellos), "big_grant_ms": summary(made) if made else None, "grants": len(made)}
+
+
 def run(clients: tuple[int, ...] = (1, 8, 32), seconds: float = 3.0, queues: int = 128) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with bed(f"xskbench{os.getpid()}t", queues) as b:
@@ -86,4 +124,5 @@ def run(clients: tuple[int, ...] = (1, 8, 32), seconds: float = 3.0, queues: int
                               seconds)
             out[str(n)] = {"brokered_grants_per_s": brokered, "direct_grants_per_s": direct,
                            "ratio": brokered / direct}
+        out["hello_during_1gib_grant"] = hello_during_big_grant(b.broker.socket_path, queues - 1)
     return out

@@ -87,8 +87,10 @@ def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
                    "(default: $RUNTIME_DIRECTORY or /run/xskbroker); created 0700, and must be the broker's "
                    "own and closed to others")
     s.add_argument("--umem-pool", type=size_arg, default=64 << 20, metavar="SIZE",
-                   help="memory kept ready (allocated, zeroed, never used) for the UMEMs of coming grants, "
-                   "which then only need pinning; 0 turns it off (default: 64MiB)")
+                   help="budget of the UMEM pool: sockets made ahead for the geometries recently asked for "
+                   "(a fresh zeroed UMEM registered, rings sized; unbound, in no map), so a grant only claims a "
+                   "slot and binds. Pinned by the broker, counted in no quota, shown by `status`; 0 turns it "
+                   "off (default: 64MiB)")
     s.add_argument("--xdp-mode", choices=("auto", "native", "skb"), default="auto",
                    help="how to attach the XSK program: native with fallback to skb (auto), or only one")
     s.add_argument("--pin-root", metavar="DIR",

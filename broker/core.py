@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from xskbroker.broker.closer import Closer
 from xskbroker.broker.kernel import Kernel, Program
 from xskbroker.broker.leases import Lease, LeaseTable
 from xskbroker.broker.peer import PeerInfo
@@ -52,6 +53,8 @@ class Deferred:
     delay: float = 0.001  # first retry; the server backs off to RETRY_CAP
     # True while a worker thread does the request's kernel work: no timer, the worker's wake-up ends it
     parked: Callable[[], bool] = lambda: False
+    # True once that work is done: stepped at once, not at the next timer
+    ready: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -94,8 +97,11 @@ class Core:
     raised: dict[int, MemlockRaise]  # pid -> its memlock limits before the broker raised them
     pending: dict[int, Holding]  # grants waiting (for a queue's release, a worker), by identity
     jobs: collections.Counter[int]  # large grants being made, by uid
+    bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty
     pool: UmemPool
     workers: Workers
+    closer: Closer  # closes what a failed grant made, off the loop
+    sent_done: Callable[[str], None]  # a lease ended: the server closes its copies of the lease's fds now
     squat: SquatWatch
     signal_holder: SignalFn
     # With link events watched, a change of XDP program drops the cached one as it happens, so a grant

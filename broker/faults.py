@@ -1,9 +1,11 @@
 """Fault injection for the crash tests, as a hook the wiring is given (default: no faults).
 
 A fault hook is called with the name of each point a grant passes ("after-socket", "after-map-claim",
-"after-umem-reg", "after-bind", "after-lease-saved", "before-send", "after-send"). `from_spec` builds the
+"after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"). `from_spec` builds the
 hook the crash tests ask for: "<point>" makes the broker SIGKILL itself there, "<point>:pause" makes it
-sleep a second there (so a test can, say, delete the interface mid-grant). Nothing here reads the
+sleep a second there (so a test can, say, delete the interface mid-grant), "<point>:hold=PATH" makes the first
+grant there once PATH.armed exists wait (creating PATH.held) until PATH exists, others passing by (so a test
+can prove that other grants go on meanwhile, with no timing involved). Nothing here reads the
 environment: the daemon reads its test-only variable once at start-up and passes the hook on.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -27,11 +30,19 @@ def from_spec(spec: str) -> FaultHook:
     armed, _, action = spec.partition(":")
     if not armed:
         return none
+    held = threading.Lock()  # the first caller of a hold point takes it and never gives it back
 
     def point(name: str) -> None:
         if name != armed:
             return
-        if action == "pause":
+        if action.startswith("hold="):
+            path = action[len("hold="):]
+            if os.path.exists(path + ".armed") and held.acquire(blocking=False):
+                with open(path + ".held", "w"):
+                    pass
+                while not os.path.exists(path):
+                    time.sleep(0.005)
+        elif action == "pause":
             time.sleep(1.0)
         else:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -34,12 +34,11 @@ from xskbroker.wire.errors import ErrorCode
 from xskbroker.wire.replies import BareSocket, BoundSocket, GrantReply
 from xskbroker.wire.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
 
-# A grant whose UMEM (all its sockets together) is at most INLINE_UMEM, or INLINE_POOLED when the UMEM pool
-# has every memfd it needs prefaulted, is made on the event loop: that pins in about 3 or 6 ms, while a
-# worker and the child process that pins (broker.xsk.register_umem_apart) add 2-5 ms to the grant. Larger
-# ones (1 GiB takes seconds) are made on a worker thread while the loop serves everyone else.
+# The event loop decodes, decides and replies; the kernel work of a bound grant (bind, and registration
+# when the UMEM pool had no socket ready) runs on worker threads. Registering more than INLINE_UMEM (all
+# the grant's sockets the pool could not give) is heavy: done on the few workers that may pin for seconds
+# (1 GiB takes 2-3 s here), in a child process (broker.xsk.register_umem_apart), and limited per uid.
 INLINE_UMEM = 4 << 20
-INLINE_POOLED = 16 << 20
 # Large grants being made (running or queued for a worker) at once, in all and per uid: one user cannot
 # keep every worker busy, and nobody can queue unbounded work.
 MAX_JOBS = 16
@@ -157,105 +156,126 @@ class Grants(MapGrants):
         return ifindex, prog
 
     def _make_bound(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome | Deferred:
-        big = req.umem_bytes > INLINE_UMEM and not (
-            req.umem_bytes <= INLINE_POOLED and self.pool.ready(req.geometry.umem_size) >= len(req.queues))
-        if big and (self.jobs[peer.uid] >= MAX_JOBS_PER_UID or self.jobs.total() >= MAX_JOBS):
+        g = req.geometry
+        # sockets the pool made ahead of time need only a slot and a bind; the others are made by a worker,
+        # a heavy one (a large UMEM: seconds) by one of the few that may pin for long, in a child process
+        heavy = (len(req.queues) - self.pool.ready(g)) * g.umem_size > INLINE_UMEM
+        if heavy and (self.jobs[peer.uid] >= MAX_JOBS_PER_UID or self.jobs.total() >= MAX_JOBS):
             raise Refused(ErrorCode.GRANTS_IN_PROGRESS, f"the broker is already making {self.jobs.total()} large "
                           f"grants ({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
         ifindex, prog = self._target(req)
+        ready = [self.pool.take(g, ifindex) for _ in req.queues]  # taken for this grant: never pooled again
         prepared: list[Prepared] = []
-        bound: list[Prepared] = []  # bound by the worker
+        fresh: list[Prepared] = []  # claimed bare: the worker adds their UMEM
+        bound: list[Prepared] = []  # bound by a worker
+        waiting: list[Prepared] = []  # not bound yet (EBUSY: a released socket's queue, not free yet)
         where = [req.queues[0]]  # the queue a failure is about
+        job: Job | None = None
+        heavy_job = False
+        deadline: float | None = None
 
         def abort(e: BaseException, queue: int) -> BaseException:
             for p in prepared:
-                p.abort()
+                p.abort(close=self.closer.close)  # a bound socket's close waits for a grace period
+            for r in ready:
+                if r is not None:
+                    r.close()
             self.pending.pop(id(prepared), None)
             return refusal(e, req.interface, queue)
 
-        def work(job: Job) -> None:  # on a worker thread: nothing shared but `prepared`
-            for p in prepared:
+        def work(job: Job) -> None:  # on a worker thread: nothing shared but these lists
+            for p in fresh:
                 if job.cancelled:
                     return
                 where[0] = p.queue
-                p.add_umem(req.geometry, self.pool.take, apart=job.watch)
-            for p in prepared:  # the first bind too: zero-copy maps every UMEM page for DMA there
+                p.add_umem(g, apart=job.watch if heavy else None)
+            rebind(job, prepared)
+
+        def rebind(job: Job, which: list[Prepared]) -> None:  # the first bind too: zero-copy DMA-maps the UMEM
+            for p in which:
                 where[0] = p.queue
                 if not job.cancelled and p.try_bind():
                     bound.append(p)
 
-        def undo() -> None:  # a cancelled job, once the worker is done with it
+        def undo() -> None:  # a cancelled job, once the worker is done with it (on the worker)
             for p in prepared:
                 p.abort(empty_slot=False)
 
-        job: Job | None = None
-        try:
-            for p_queue in req.queues:
-                where[0] = p_queue
-                prepared.append(self.kernel.claim(ifindex, p_queue, prog.map_fd, req.bind_mode, req.need_wakeup))
-            if big:
-                job = self.workers.submit(Job(work, undo))
-                self.jobs[peer.uid] += 1
-                waiting = []
-            else:
-                for p in prepared:
-                    where[0] = p.queue
-                    p.add_umem(req.geometry, self.pool.take)
-                waiting = [p for p in prepared if not p.try_bind()]
-        except BaseException as e:
-            raise abort(e, where[0]) from None
-        if job is None and not waiting:
-            return self._finish_bound(peer, req, ifindex, prog, prepared)
-        for p in waiting:  # a bare socket squatting the queue will not let go: no point in waiting for it
-            culprit = self.squat.culprit(prog, self.leases, p.queue)
-            if culprit:
-                raise abort(Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(req.interface, p.queue, culprit),
-                                    lease=culprit.id), p.queue)
-        # A queue whose last socket just closed answers EBUSY until the kernel's deferred release runs.
-        # The grant waits for it on the server's timer, never in the event loop, and its claimed slots
-        # and pinned UMEM count against the quota meanwhile (as they do while a worker makes them).
-        self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
-        deadline = self.clock() + BUSY_RETRY_SECONDS
-
         def job_over() -> None:
-            nonlocal job
-            if job is not None:
+            nonlocal job, heavy_job
+            if heavy_job:
                 self.jobs[peer.uid] -= 1
                 if not self.jobs[peer.uid]:
                     del self.jobs[peer.uid]
-                job = None
+                heavy_job = False
+            job = None
+
+        try:
+            for i, q in enumerate(req.queues):
+                where[0] = q
+                r, ready[i] = ready[i], None
+                if r is None:
+                    fresh.append(self.kernel.claim(ifindex, q, prog.map_fd, req.bind_mode, req.need_wakeup))
+                    prepared.append(fresh[-1])
+                else:
+                    prepared.append(self.kernel.claim_ready(r, ifindex, q, prog.map_fd, req.bind_mode,
+                                                            req.need_wakeup))
+        except BaseException as e:
+            raise abort(e, where[0]) from None
+        # Claimed slots and pinned UMEM count against the quota from now on, while workers bind (and
+        # make what the pool had not) and while a queue's deferred release is waited for on the timer.
+        self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
+        job = self._submit(Job(work, undo), heavy)
+        if heavy:
+            heavy_job = True
+            self.jobs[peer.uid] += 1
+        else:
+            deadline = self.clock() + BUSY_RETRY_SECONDS
+        checked = False  # whether a squatter was looked for
 
         def step() -> Outcome | None:
-            nonlocal deadline
-            if job is not None:
-                if not job.done:
-                    return None
-                error = job.error
-                job_over()
-                if error is not None:
-                    raise abort(error, where[0]) from None
-                waiting[:] = [p for p in prepared if p not in bound]
-                deadline = self.clock() + BUSY_RETRY_SECONDS
-            try:
-                waiting[:] = [p for p in waiting if not p.try_bind()]
-            except BaseException as e:
-                raise abort(e, waiting[0].queue) from None
-            if waiting:
-                if self.clock() < deadline:
-                    return None
+            nonlocal job, deadline, checked
+            if job is None:  # the retry timer: the binds again, on a worker
+                job = self._submit(Job(lambda j: rebind(j, list(waiting)), undo), False)
+                return None
+            if not job.done:
+                return None
+            error, was_heavy = job.error, heavy_job
+            job_over()
+            if error is not None:
+                raise abort(error, where[0]) from None
+            waiting[:] = [p for p in prepared if p not in bound]
+            if not waiting:
+                self.pending.pop(id(prepared), None)
+                return self._finish_bound(peer, req, ifindex, prog, prepared)
+            if not checked or was_heavy:  # a bare socket squatting the queue will not let go: no point waiting
+                checked = True
+                for p in waiting:
+                    culprit = self.squat.culprit(prog, self.leases, p.queue)
+                    if culprit:
+                        raise abort(Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(
+                            req.interface, p.queue, culprit), lease=culprit.id), p.queue)
+                # the wait for a release starts when the sockets are made: at once, or after a large pin
+                if deadline is None or was_heavy:
+                    deadline = self.clock() + BUSY_RETRY_SECONDS
+            if deadline is not None and self.clock() >= deadline:
                 raise abort(self._squatted(req.interface, prog, waiting[0].queue), waiting[0].queue)
-            self.pending.pop(id(prepared), None)
-            return self._finish_bound(peer, req, ifindex, prog, prepared)
+            return None
 
         def cancel() -> None:  # the broker is stopping: the wait ends with nothing made
-            if job is not None:  # the worker may still be pinning: it undoes the job when it is done
+            if job is not None:  # a worker may still be at work: it undoes the job when it is done
                 job.cancel()
                 job_over()
                 self.pending.pop(id(prepared), None)
                 return
             abort(OSError(errno.ECANCELED, "the broker is stopping"), req.queues[0])
 
-        return Deferred(step, cancel, parked=lambda: job is not None and not job.done)
+        return Deferred(step, cancel, parked=lambda: job is not None and not job.done,
+                        ready=lambda: job is not None and job.done)
+
+    def _submit(self, job: Job, heavy: bool) -> Job | None:
+        """Hand a grant's kernel work to a worker (typed Optional: the grant's job is None between jobs)."""
+        return self.workers.submit(job, heavy=heavy)
 
     def _squatted(self, ifname: str, prog: Program, queue: int) -> BaseException:
         """Why a queue stayed EBUSY: a bare socket bound off its lease, a stranger's socket, or a slow release."""

@@ -13,7 +13,7 @@ import errno
 import os
 import resource
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from xskbroker.broker import bpf, netdev, pins, queue_prog, xdp_prog, xsk, xskdiag
 from xskbroker.common.procfs import is_process, memlock_limits, pidfd_ino, pidfd_open, pinned_start, status_ids
@@ -60,7 +60,13 @@ class Prepared(Protocol):
 
     def finish(self) -> xsk.BoundSocket: ...
 
-    def abort(self, empty_slot: bool = True) -> None: ...
+    def abort(self, empty_slot: bool = True, close: Callable[[list[int]], None] | None = None) -> None: ...
+
+
+class Ready(Protocol):
+    """A socket made ahead of any request (UMEM registered, rings sized; unbound, in no map)."""
+
+    def close(self) -> None: ...
 
 
 class SlotProbe(Protocol):
@@ -124,6 +130,19 @@ class Kernel(Protocol):
     # ---- AF_XDP sockets
     def claim(self, ifindex: int, queue: int, map_fd: int, bind_mode: str, need_wakeup: bool) -> Prepared: ...
 
+    def make_ready(self, g: Geometry) -> Ready:
+        """A socket of geometry g made ahead of time (the UMEM pool's): nothing in it depends on a request."""
+        ...
+
+    def claim_ready(self, ready: Ready, ifindex: int, queue: int, map_fd: int, bind_mode: str,
+                    need_wakeup: bool) -> Prepared:
+        """The Prepared socket of a grant from a Ready one: its slot claimed (closed on failure)."""
+        ...
+
+    def stop(self) -> None:
+        """End what make_ready started (the helper process that makes them)."""
+        ...
+
     def create_bare(self, ifname: str, queue: int, map_fd: int) -> int: ...
 
     def bare_supported(self) -> str | None:
@@ -153,6 +172,7 @@ class LinuxKernel:
 
     def __init__(self, fault: FaultHook = _no_fault) -> None:
         self.fault = fault
+        self._preparer: Any = None  # broker.preparer.Preparer, once the UMEM pool asks for a socket
 
     def resolve(self, name: str) -> int:
         return netdev.resolve(name)
@@ -227,6 +247,23 @@ class LinuxKernel:
 
     def claim(self, ifindex: int, queue: int, map_fd: int, bind_mode: str, need_wakeup: bool) -> Prepared:
         return xsk.claim(ifindex, queue, map_fd, bind_mode, need_wakeup, fault=self.fault)
+
+    def make_ready(self, g: Geometry) -> Ready:
+        if self._preparer is None:
+            from xskbroker.broker.preparer import Preparer  # on first use: nothing of it before the first grant
+
+            self._preparer = Preparer()
+        made: xsk.Unbound = self._preparer.make(g)
+        return made
+
+    def stop(self) -> None:
+        if self._preparer is not None:
+            self._preparer.stop()
+
+    def claim_ready(self, ready: Ready, ifindex: int, queue: int, map_fd: int, bind_mode: str,
+                    need_wakeup: bool) -> Prepared:
+        assert isinstance(ready, xsk.Unbound)
+        return xsk.claim_unbound(ready, ifindex, queue, map_fd, bind_mode, need_wakeup, fault=self.fault)
 
     def create_bare(self, ifname: str, queue: int, map_fd: int) -> int:
         return xsk.create_bare(ifname, queue, map_fd)

@@ -46,6 +46,7 @@ class Lifecycle(MapGrants):
 
     def _lease_ended(self, lease: Lease) -> None:
         """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
+        self.sent_done(lease.id)
         if lease.kind == "map":
             self._end_map(lease)
         raised = self.raised.get(lease.pid)
@@ -91,11 +92,17 @@ class Lifecycle(MapGrants):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed"})
+        # A bare lease is ended only when its slots were empty at two polls in a row: a holder that closes its
+        # sockets and then releases (the client library's order) must find its lease there to release.
+        seen, self.bare_empty = self.bare_empty, set()
         for lease in list(self.leases):
             if lease.kind != "bare" or lease.orphaned or lease.revoked or not self._slots_empty(lease):
                 continue
             if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
                 continue  # its exit is being told (holder_exited ends the lease with the right reason)
+            if lease.id not in seen:
+                self.bare_empty.add(lease.id)
+                continue
             self.leases.remove(lease.id)
             self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                         "reason": "its sockets were closed while its holder lives"})
@@ -168,6 +175,7 @@ class Lifecycle(MapGrants):
                 prog.close()
             self._interface_gone(ev.ifindex)
             self.names.pop(ev.ifindex, None)
+            self.pool.forget_interface(ev.ifindex)  # what it asked for is made ahead no more
             for lease in self.leases.on_interface(ev.ifindex):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,

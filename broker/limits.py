@@ -71,3 +71,13 @@ def memlock_exhausted() -> str | None:
             "grant's UMEM (pinned UMEM counts against it, summed over the broker user's grants): "
             "raise it with LimitMEMLOCK=infinity in the unit (systemctl edit xskbroker; a container's own "
             "limit caps it too) or `prlimit --memlock=unlimited --pid <broker>`")
+
+
+def pool_budget(wanted: int) -> int:
+    """The UMEM pool's budget: what the operator asked for, but at most a quarter of a limited memlock. What
+    the pool pins counts against the same limit as every grant's UMEM: under LimitMEMLOCK=8M a 64 MiB pool
+    made grants fail ENOBUFS."""
+    if ipc_lock():
+        return wanted
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return wanted if soft == resource.RLIM_INFINITY else min(wanted, soft // 4)

@@ -76,7 +76,7 @@ class Metrics:
         self.latency = {"allow": Histogram(), "deny": Histogram()}
         self.reloads = {"ok": 0, "failed": 0}
         self.connections: Callable[[], int] = lambda: 0  # the server, which holds the connections, sets it
-        self.pool_bytes: Callable[[], int] = lambda: 0  # the service, which holds the UMEM pool, sets it
+        self.pool: Callable[[], dict[str, int]] = dict  # the service sets it: the UMEM pool's snapshot
 
     def tap(self, audit: AuditFn) -> AuditFn:
         """`audit`, counting each grant decision on its way through."""
@@ -114,7 +114,7 @@ class Metrics:
             pinned += lease.umem_bytes
         return MetricsInfo(version(), self.started, round(self.monotonic() - self._started_mono, 3), self.granted,
                            dict(self.refused), kinds, pinned, self.connections(), dict(self.reloads),
-                           {k: h.snapshot() for k, h in self.latency.items()}, self.pool_bytes(), _rss())
+                           {k: h.snapshot() for k, h in self.latency.items()}, self.pool(), _rss())
 
 
 def _rss() -> int | None:

@@ -26,6 +26,7 @@ from xskbroker.broker.closer import Closer
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.service import Deferred, Outcome, Service, policy_peer
 from xskbroker.broker.systemd import Watchdog
+from xskbroker.broker.umem_pool import MAX_SOCKETS as MAX_POOLED
 from xskbroker.common.procfs import is_process, pidfd_open
 from xskbroker.policy import Holding, Policy, PolicyError, load_policy
 from xskbroker.policy import quota as quotas
@@ -39,10 +40,14 @@ from xskbroker.wire.replies import ErrorReply
 MAX_FDS_IN = 253
 MAX_CONNECTIONS = 1024
 FDS_PER_CONNECTION = 2  # a connection, plus room for what its holder may need (a pidfd, fds in flight)
-FD_HEADROOM = 64  # listener, netlink, wake-up pair, journal, the UMEM pool, a grant being made
+# listener, netlink, wake-up pair, journal, grants being made, and the UMEM pool's sockets (two fds each)
+FD_HEADROOM = 64 + 2 * MAX_POOLED
 SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS at the socket
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
+# how long the broker keeps its copies of sent fds: a client that closes its own soon after (most do within
+# a millisecond or two) then leaves the last close, and its grace period, to the broker's closer threads
+KEEP_SENT = 0.005
 
 
 class Endpoint(Protocol):
@@ -144,6 +149,7 @@ class Server:
         self.stopping = False
         self._next_orphan_check = 0.0
         self.closer = Closer()
+        service.sent_done = self.closer.expedite  # a lease that ends needs no copy of its fds kept
         self._wake_r, self._wake_w = socket.socketpair()
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
@@ -406,7 +412,7 @@ class Server:
         now = time.monotonic()
         still = []
         for due, deferred, conn, who in self.waiting:
-            if due > now or deferred.parked():
+            if deferred.parked() or (due > now and not deferred.ready()):
                 still.append((due, deferred, conn, who))
                 continue
             try:
@@ -444,7 +450,7 @@ class Server:
                                lease.pid_start if lease else None, lease.pid_ino if lease else None)
         finally:
             # the client has its own copies now; ours would keep the sockets alive
-            self.closer.close(outcome.fds)
+            self.closer.close_later(outcome.fds, KEEP_SENT, outcome.lease_id)
             outcome.fds = []
 
     def watch_pid(self, pid: int, conn: socket.socket | None = None, start: int | None = None,

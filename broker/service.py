@@ -13,7 +13,8 @@ import collections
 import time
 from collections.abc import Callable
 
-from xskbroker.broker import faults, squat
+from xskbroker.broker import faults, limits, squat
+from xskbroker.broker.closer import Closer
 from xskbroker.broker.core import (
     AuditFn,
     Deferred,
@@ -51,6 +52,7 @@ __all__ = ["SERVER_NAME", "AuditFn", "Deferred", "MemlockRaise", "Outcome", "Ref
            "policy_peer"]
 
 SERVER_NAME = "xskbroker"
+ABORT_CLOSERS = 8  # closes of failed grants' sockets in flight at most
 
 
 class Service(Grants, Lifecycle):
@@ -77,11 +79,15 @@ class Service(Grants, Lifecycle):
         self.limiter = RateLimiter()
         self._buckets_swept = 0.0
         self.clock = clock
-        self.pool = UmemPool(umem_pool)
-        self.metrics.pool_bytes = lambda: self.pool.pooled_bytes
+        # sockets made ahead of grants, within the budget (and a quarter of a limited memlock: limits.pool_budget)
+        self.pool = UmemPool(limits.pool_budget(umem_pool) if umem_pool else 0, self.kernel.make_ready)
+        self.metrics.pool = self.pool.snapshot
+        self.closer = Closer(ABORT_CLOSERS, name="abort")
+        self.sent_done: Callable[[str], None] = lambda lease_id: None
         self.pending: dict[int, Holding] = {}
         self.workers = Workers()
         self.jobs: collections.Counter[int] = collections.Counter()
+        self.bare_empty: set[str] = set()
         self.signal_holder = signal_holder
         self.pin_root = pin_root  # a bpffs directory where map grants are pinned for their tenants
         self.pinned: dict[str, str] = {}
@@ -97,6 +103,7 @@ class Service(Grants, Lifecycle):
     def reload(self, policy: Policy, source: str | None = None) -> None:
         """Judge every request from now on by `policy` (leases already granted stay)."""
         self.policy = policy
+        self.pool.flush()  # made for what was asked under the old policy: nothing made ahead outlives it
         self.metrics.reloaded(True)
         self.audit({"event": "policy-reloaded", "path": source, "rules": len(policy.rules)})
 
@@ -111,6 +118,8 @@ class Service(Grants, Lifecycle):
         self.leases.close()
         self.workers.stop()
         self.pool.close()
+        self.kernel.stop()
+        self.closer.stop()
 
     # ---- entry point ---------------------------------------------------------------------------
 

@@ -1,98 +1,220 @@
-"""UMEM memory made ahead of time.
+"""Sockets made ahead of time: the part of a bound grant that does not depend on the request.
 
-Registering a UMEM pins its pages; when the memfd is fresh the kernel must first allocate and zero
-every page, which is half the cost of a grant (1.7 of 3.1 ms for 4 MiB here). The pool keeps a few
-sealed memfds of recently asked sizes with their pages already allocated, made by a background thread
-(fallocate releases the GIL), so a grant only pins. Every pooled memfd is fresh: never handed out, all
-zeros. The pool is bounded in bytes and refills only what was taken.
+A bound socket costs a fresh sealed memfd (its pages allocated and zeroed), the UMEM registration (every
+page pinned) and four rings; only the map slot and the bind depend on the interface and queue. The pool
+keeps a few such sockets (broker.xsk.Unbound) of each geometry recently asked for, made by background
+threads (the syscalls release the GIL), so a grant of a common geometry only claims a slot and binds.
+
+What a pooled socket may hold, and what it may not (docs/security.md): a memfd no one else has ever seen
+(all zeros, sealed), its registration and rings. It is bound to nothing, in no map, and handed out once:
+take() removes it for good, and a grant that fails closes it. The pool is bounded in bytes (UMEM and rings,
+the same figure a grant counts against quotas), least recently asked geometries evicted first; its pinned
+memory is the broker's own and shown in `status`. Geometries are learned per interface: when the last
+interface that asked for one goes away, or on a policy reload, its sockets are closed.
 """
 
 from __future__ import annotations
 
-import os
-import queue
+import contextlib
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from xskbroker.broker import xsk
+from xskbroker.wire.protocol import Geometry
 
-PER_SIZE = 2  # memfds kept per size: a launcher asking for a few queues at once finds them ready
+PER_GEOMETRY = 2  # sockets kept per geometry at first; a take that finds none doubles it (a burst)
+MAX_PER_GEOMETRY = 32  # at most: 32 clients at once find theirs ready
+MAX_SOCKETS = 96  # two fds each: bounded whatever the budget
+FILLERS = 1  # the helper process makes one at a time
+# Making a socket right after a take competes with the grant that took it (2 CPUs here), even in the helper
+# process that makes them (broker.preparer): 1 MiB grants took 1.4 ms in the broker instead of 0.6. So a
+# geometry with at least half its target ready is refilled only once takes have paused this long; one
+# running low (a burst) is refilled at once.
+REFILL_DELAY = 0.005
+
+
+class Ready(Protocol):
+    """A socket made ahead of time (broker.xsk.Unbound through the service's Kernel)."""
+
+    def close(self) -> None: ...
+
+
+def cost(g: Geometry) -> int:
+    """What one pooled socket pins: its UMEM and its rings (as a grant counts it)."""
+    return g.umem_size + g.ring_bytes
+
+
+class _Kind:
+    """The sockets of one geometry: those ready, those being made, how many to keep, and who asked."""
+
+    __slots__ = ("interfaces", "making", "ready", "target")
+
+    def __init__(self) -> None:
+        self.ready: list[Ready] = []
+        self.making = 0
+        self.target = PER_GEOMETRY
+        self.interfaces: set[int] = set()
 
 
 class UmemPool:
-    def __init__(self, max_bytes: int) -> None:
+    """`make(g)` makes one socket of geometry g (the service's Kernel.make_ready)."""
+
+    def __init__(self, max_bytes: int, make: Callable[[Geometry], Ready], fillers: int = FILLERS) -> None:
         self.max_bytes = max_bytes
-        self._ready: OrderedDict[int, list[int]] = OrderedDict()  # size -> fds, least recently asked first
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._wanted: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        if max_bytes > 0:
-            self._thread = threading.Thread(target=self._fill, name="xskbroker-umem-pool", daemon=True)
-            self._thread.start()
+        self._make = make
+        self._kinds: OrderedDict[Geometry, _Kind] = OrderedDict()  # least recently asked first
+        self._bytes = 0  # ready sockets and those being made
+        self._sockets = 0
+        self._made = self._taken = self._missed = self._failed = 0
+        self._lock = threading.Condition()
+        self._last_take = 0.0
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._fill, name=f"xskbroker-umem-pool-{i}", daemon=True)
+                         for i in range(fillers if max_bytes > 0 else 0)]
+        for t in self._threads:
+            t.start()
 
-    def take(self, size: int) -> int:
-        """A sealed memfd of `size` bytes: a prefaulted one when ready, else a fresh one made now."""
-        fd = None
-        with self._lock:
-            fds = self._ready.get(size)
-            if fds:
-                fd = fds.pop()
-                self._bytes -= size
-            if size in self._ready:
-                self._ready.move_to_end(size)
-        if self._thread is not None and size <= self.max_bytes // PER_SIZE:
-            self._wanted.put(size)
-        return fd if fd is not None else xsk.sealed_memfd(size)
+    def fits(self, g: Geometry) -> bool:
+        return 0 < cost(g) * PER_GEOMETRY <= self.max_bytes
 
-    def ready(self, size: int) -> int:
-        """How many prefaulted memfds of `size` bytes are ready now."""
+    def take(self, g: Geometry, ifindex: int) -> Ready | None:
+        """A ready socket of geometry g, now, or None (the caller makes one). Either way g is wanted
+        (on behalf of interface ifindex) and refilled in the background."""
+        if not self._threads or not self.fits(g):
+            return None
         with self._lock:
-            return len(self._ready.get(size, ()))
+            kind = self._kinds.get(g)
+            if kind is None:
+                kind = self._kinds[g] = _Kind()
+            self._kinds.move_to_end(g)
+            kind.interfaces.add(ifindex)
+            self._last_take = time.monotonic()
+            got = kind.ready.pop() if kind.ready else None
+            if got is None:
+                self._missed += 1
+                kind.target = max(PER_GEOMETRY, min(MAX_PER_GEOMETRY, kind.target * 2))
+            else:
+                self._taken += 1
+                self._bytes -= cost(g)
+                self._sockets -= 1
+            self._lock.notify_all()
+        return got
+
+    def ready(self, g: Geometry) -> int:
+        with self._lock:
+            kind = self._kinds.get(g)
+            return len(kind.ready) if kind else 0
+
+    def _wanted(self) -> tuple[Geometry, _Kind] | float | None:
+        """The most recently asked geometry short of its target that fits the budget, or how long to wait
+        before one is refilled (under the lock)."""
+        wait = None
+        for g in reversed(self._kinds):
+            kind = self._kinds[g]
+            have = len(kind.ready) + kind.making
+            if have < kind.target and self._sockets < MAX_SOCKETS and self._room(g):
+                quiet = self._last_take + REFILL_DELAY - time.monotonic()
+                if 2 * have < kind.target or quiet <= 0:
+                    return g, kind
+                wait = quiet if wait is None else min(wait, quiet)
+        return wait
+
+    def _room(self, g: Geometry) -> bool:
+        """Whether a socket of g fits, counting what less recently asked geometries would give up."""
+        free = self.max_bytes - self._bytes
+        for other, kind in self._kinds.items():
+            if free >= cost(g) or other == g:
+                break
+            free += cost(other) * len(kind.ready)
+        return free >= cost(g)
 
     def _fill(self) -> None:
-        while (size := self._wanted.get()) is not None:
+        while True:
             with self._lock:
-                have = len(self._ready.get(size, ()))
-            for _ in range(PER_SIZE - have):
-                try:
-                    fd = xsk.sealed_memfd(size)  # closes its own fd when it fails
-                except OSError:
-                    break
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError:
-                    os.close(fd)  # this attempt's own fd: never one pooled before
-                    break
-                self._add(size, fd)
+                while not self._stopping and not isinstance(wanted := self._wanted(), tuple):
+                    self._lock.wait(wanted)
+                if self._stopping or not isinstance(wanted, tuple):
+                    return
+                g, kind = wanted
+                kind.making += 1
+                self._bytes += cost(g)  # counted while it is made: its pages are being pinned
+                self._sockets += 1
+                evicted = self._evict()
+            for u in evicted:
+                u.close()
+            made = None
+            with contextlib.suppress(OSError):  # out of memory or memlock: a grant makes its own and says why
+                made = self._make(g)
+            self._settle(g, kind, made)
 
-    def _add(self, size: int, fd: int) -> None:
-        evicted = []
+    def _settle(self, g: Geometry, kind: _Kind, made: Ready | None) -> None:
         with self._lock:
-            self._ready.setdefault(size, []).append(fd)
-            self._ready.move_to_end(size)
-            self._bytes += size
-            while self._bytes > self.max_bytes:  # least recently asked sizes go first
-                old_size, fds = next(iter(self._ready.items()))
-                evicted.append(fds.pop(0))
-                self._bytes -= old_size
-                if not fds:
-                    del self._ready[old_size]
-        for old in evicted:
-            os.close(old)
+            kind.making -= 1
+            if made is not None and not self._stopping and self._kinds.get(g) is kind:
+                kind.ready.append(made)
+                self._made += 1
+                return
+            self._bytes -= cost(g)
+            self._sockets -= 1
+            if made is None:  # failed: keep what is ready, try again when a take asks (no spinning on ENOMEM)
+                self._failed += 1
+                kind.target = len(kind.ready) + kind.making
+        if made is not None:  # flushed, forgotten or stopping while it was made
+            made.close()
+
+    def _evict(self) -> list[Ready]:
+        """Over budget: the least recently asked geometries' ready sockets go (under the lock)."""
+        out: list[Ready] = []
+        for g, kind in self._kinds.items():
+            while self._bytes > self.max_bytes and kind.ready:
+                out.append(kind.ready.pop(0))
+                self._bytes -= cost(g)
+                self._sockets -= 1
+        return out
+
+    def forget_interface(self, ifindex: int) -> None:
+        """The interface went away: close the sockets of geometries no other interface asked for."""
+        def unwanted(kind: _Kind) -> bool:
+            kind.interfaces.discard(ifindex)
+            return not kind.interfaces
+
+        self._drop(unwanted)
+
+    def flush(self) -> None:
+        """Close every ready socket and forget every geometry (a policy reload: what was asked may be no more)."""
+        self._drop(lambda kind: True)
+
+    def _drop(self, which: Callable[[_Kind], bool]) -> None:
+        closing: list[Ready] = []
+        with self._lock:
+            for g in [g for g, kind in self._kinds.items() if which(kind)]:
+                kind = self._kinds.pop(g)
+                for u in kind.ready:  # one being made is closed by its filler (_settle)
+                    closing.append(u)
+                    self._bytes -= cost(g)
+                    self._sockets -= 1
+        for u in closing:
+            u.close()
 
     @property
     def pooled_bytes(self) -> int:
-        return self._bytes
+        with self._lock:
+            return self._bytes
+
+    def snapshot(self) -> dict[str, Any]:
+        """For `status`: the budget, what the pool pins now (UMEM and rings, sockets being made included)."""
+        with self._lock:
+            return {"budget_bytes": self.max_bytes, "pinned_bytes": self._bytes, "sockets": self._sockets,
+                    "geometries": len(self._kinds), "made": self._made, "taken": self._taken,
+                    "missed": self._missed, "failed": self._failed}
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._wanted.put(None)
-            self._thread.join()
-            self._thread = None
         with self._lock:
-            for fds in self._ready.values():
-                for fd in fds:
-                    os.close(fd)
-            self._ready.clear()
-            self._bytes = 0
+            self._stopping = True
+            self._lock.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        self.flush()

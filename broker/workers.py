@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 
-THREADS = 4
+THREADS = 4  # for heavy jobs: pinning a large UMEM (seconds)
+LIGHT_THREADS = 8  # for the rest: binds, small registrations (a few ms at most), so grants of different
+# queues bind in parallel and none waits behind a large pin
 
 
 class Job:
@@ -64,22 +66,25 @@ class Job:
 
 
 class Workers:
-    def __init__(self, threads: int = THREADS) -> None:
+    def __init__(self, threads: int = THREADS, light: int = LIGHT_THREADS) -> None:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._light: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.wake, self._wake_w = socket.socketpair()  # the loop selects on `wake`
         self.wake.setblocking(False)
         self._wake_w.setblocking(False)
-        self._threads = [threading.Thread(target=self._run, name=f"xskbroker-worker-{i}", daemon=True)
-                         for i in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(self._jobs,), name=f"xskbroker-worker-{i}",
+                                          daemon=True) for i in range(threads)]
+        self._threads += [threading.Thread(target=self._run, args=(self._light,), name=f"xskbroker-light-{i}",
+                                           daemon=True) for i in range(light)]
         for t in self._threads:
             t.start()
 
-    def submit(self, job: Job) -> Job:
-        self._jobs.put(job)
+    def submit(self, job: Job, heavy: bool = True) -> Job:
+        (self._jobs if heavy else self._light).put(job)
         return job
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+    def _run(self, jobs: queue.SimpleQueue[Job | None]) -> None:
+        while (job := jobs.get()) is not None:
             job.run()
             with contextlib.suppress(OSError):  # full (the loop is behind: it will look anyway) or closed
                 self._wake_w.send(b"\0")
@@ -92,8 +97,8 @@ class Workers:
     def stop(self, wait: float = 0.5) -> None:
         """End the threads. One still pinning pages is not waited for past `wait`: it undoes its job
         itself when the syscall returns, or the process exit does."""
-        for _ in self._threads:
-            self._jobs.put(None)
+        for t in self._threads:
+            (self._light if t.name.startswith("xskbroker-light") else self._jobs).put(None)
         deadline = time.monotonic() + wait
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))

@@ -200,6 +200,7 @@ class PreparedSocket:
 
     def try_bind(self) -> bool:
         """Bind; False while the queue is still held by a socket being released (EBUSY)."""
+        self.fault("before-bind")
         try:
             bind(self.sock.fileno(), self.ifindex, self.queue, self.flags)
         except OSError as e:
@@ -214,17 +215,74 @@ class PreparedSocket:
         flags = self.flags | (XDP_ZEROCOPY if zc else XDP_COPY)
         return BoundSocket(self.sock.detach(), self.umem_fd, self.queue, flags, zc)
 
-    def abort(self, empty_slot: bool = True) -> None:
+    def abort(self, empty_slot: bool = True, close: Callable[[list[int]], None] | None = None) -> None:
         """Undo everything: empty the slot, close the socket and the UMEM memfd. Closing the socket
-        empties its slot too: a worker thread that may outlive the map's fd passes empty_slot=False."""
+        empties its slot too: a worker thread that may outlive the map's fd passes empty_slot=False.
+        close(fds), when given, closes them elsewhere: a bound socket's last close waits for a grace period."""
         if self.map_fd is not None and empty_slot:
             with contextlib.suppress(OSError):
                 bpf.map_delete(self.map_fd, self.queue)
+        if close is not None and self.sock.fileno() >= 0:
+            close([self.sock.detach(), *([self.umem_fd] if self.umem_fd >= 0 else [])])
+            self.umem_fd = -1
+            return
         if self.umem_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.umem_fd)
             self.umem_fd = -1
         self.sock.close()
+
+
+@dataclass
+class Unbound:
+    """A socket made ahead of any request: fresh sealed memfd, UMEM registered (its pages pinned), rings
+    sized. Not bound, in no map, never handed out: it depends on the geometry alone, so a grant of that
+    geometry only claims a slot and binds it (claim_unbound)."""
+
+    sock: socket.socket
+    umem_fd: int
+    geometry: Geometry
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.umem_fd)
+        self.umem_fd = -1
+        self.sock.close()
+
+
+def make_unbound(g: Geometry, apart: Callable[[int | None], None] | None = None) -> Unbound:
+    """An Unbound socket of geometry g (the pages are allocated first, so registration only pins them);
+    with apart, pinned in a child process (see register_umem_apart). Nothing outlives a failure."""
+    sock = socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    fd = -1
+    try:
+        fd = sealed_memfd(g.umem_size)
+        os.posix_fallocate(fd, 0, g.umem_size)
+        if apart is None:
+            register_umem(sock, fd, g)
+        else:
+            register_umem_apart(sock, fd, g, apart)
+        set_rings(sock, g)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        sock.close()
+        raise
+    return Unbound(sock, fd, g)
+
+
+def claim_unbound(u: Unbound, ifindex: int, queue: int, map_fd: int, bind_mode: str = "auto",
+                  need_wakeup: bool = True, fault: Callable[[str], None] = _no_fault) -> PreparedSocket:
+    """A prepared socket for a grant from an Unbound one: its xsks_map[queue] claim is all that is left
+    before the bind. On failure the Unbound one is closed (it was taken for this grant: never reused)."""
+    try:
+        fault("after-socket")
+        claim_slot(map_fd, queue, u.sock.fileno())
+        fault("after-map-claim")
+    except BaseException:
+        u.close()
+        raise
+    return PreparedSocket(u.sock, u.umem_fd, ifindex, queue, bind_flags_for(bind_mode, need_wakeup), map_fd, fault)
 
 
 def claim(ifindex: int, queue: int, map_fd: int | None, bind_mode: str = "auto",

@@ -46,14 +46,9 @@ def summary(m: MetricsInfo) -> str:
     return (f"Broker {m.version}, up {duration(m.uptime_s)}; {m.connections} connection(s); policy reloads "
             f"{m.reloads.get('ok', 0)} ok, {m.reloads.get('failed', 0)} failed\n"
             f"Grants since start: {m.grants} granted, {refused} refused{f' ({codes})' if codes else ''}{latency}; "
-            f"{size(m.pinned_bytes)} pinned now{_memory(m)}")
-
-
-def _memory(m: MetricsInfo) -> str:
-    """The UMEM pool's ready memory and the broker's own, where the broker reports them."""
-    parts = [f"{size(n)} {what}" for n, what in ((m.umem_pool_bytes, "in the UMEM pool"),
-                                                  (m.rss_bytes, "broker resident")) if n is not None]
-    return f"; {', '.join(parts)}" if parts else ""
+            f"{size(m.pinned_bytes)} pinned now" + (f"; broker resident {size(m.rss_bytes)}" if m.rss_bytes else "") + (
+                f"\nUMEM pool: {m.pool.get('sockets', 0)} socket(s) made ahead, {size(m.pool.get('pinned_bytes', 0))} "
+                f"pinned of a {size(m.pool.get('budget_bytes', 0))} budget" if m.pool else ""))
 
 
 def _state(revoked: bool, orphaned: bool, misbound: int | None) -> str:
@@ -143,10 +138,12 @@ def prometheus(m: MetricsInfo) -> str:
            [("xskbroker_leases", {"kind": kind}, n) for kind, n in sorted(m.leases.items())])
     family("xskbroker_pinned_umem_bytes", "gauge", "Memory the live bound leases pin: their UMEM and rings.", [
         ("xskbroker_pinned_umem_bytes", {}, m.pinned_bytes)])
-    if m.umem_pool_bytes is not None:
-        family("xskbroker_umem_pool_bytes", "gauge", "Memory the UMEM pool holds ready for coming grants (resident, "
-               "charged to the broker's cgroup, not pinned until granted).", [
-                   ("xskbroker_umem_pool_bytes", {}, m.umem_pool_bytes)])
+    if m.pool:
+        family("xskbroker_pool_pinned_bytes", "gauge",
+               "Memory the UMEM pool's sockets made ahead of grants pin (the broker's own, in no quota).", [
+                   ("xskbroker_pool_pinned_bytes", {}, m.pool.get("pinned_bytes", 0))])
+        family("xskbroker_pool_budget_bytes", "gauge", "The UMEM pool's budget (serve --umem-pool).", [
+            ("xskbroker_pool_budget_bytes", {}, m.pool.get("budget_bytes", 0))])
     if m.rss_bytes is not None:
         family("xskbroker_resident_memory_bytes", "gauge", "The broker process's own resident memory.", [
             ("xskbroker_resident_memory_bytes", {}, m.rss_bytes)])

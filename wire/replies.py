@@ -283,7 +283,9 @@ class MetricsInfo(Record):
     connections: int  # client connections open now
     reloads: dict[str, int]  # policy reloads: "ok", "failed"
     grant_seconds: dict[str, HistogramInfo]  # grant latency by decision: "allow", "deny"
-    umem_pool_bytes: int | None = None  # memfds the UMEM pool holds ready (resident, not pinned); None: older broker
+    # the UMEM pool (sockets made ahead of grants): budget_bytes, pinned_bytes, sockets, made, taken, missed;
+    # its memory is the broker's own, counted in no quota, bounded by the budget (serve --umem-pool)
+    pool: dict[str, int] = field(default_factory=dict)
     rss_bytes: int | None = None  # the broker's own resident memory (UMEM it granted is not mapped in it)
 
 

@@ -44,8 +44,9 @@ def test_status_shows_the_umem_pools_memory_and_the_brokers_own() -> None:
             reply, _ = Connection(broker.socket_path).call_typed(proto.Status())
             m = reply.metrics
             assert m is not None and m.rss_bytes is not None and m.rss_bytes > 1 << 20
-            if m.umem_pool_bytes:
+            if m.pool.get("pinned_bytes"):
                 break
             assert time.monotonic() < deadline, m
             time.sleep(0.05)
-        assert m.umem_pool_bytes % (1 << 20) == 0 and m.umem_pool_bytes <= 16 << 20
+        pooled = m.pool["pinned_bytes"]
+        assert pooled >= 1 << 20 and pooled <= m.pool["budget_bytes"] <= 16 << 20

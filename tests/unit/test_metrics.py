@@ -88,9 +88,9 @@ def test_a_snapshot_reads_the_gauges_when_asked() -> None:
     assert snap.start_time == 1_700_000_000.0 and snap.uptime_s == 60.5
     assert snap.leases == {"bound": 2, "bare": 1, "map": 0} and snap.pinned_bytes == 5 << 20
     assert snap.connections == 7 and snap.reloads == {"ok": 1, "failed": 2}
-    assert snap.umem_pool_bytes == 0 and snap.rss_bytes is not None and snap.rss_bytes > 1 << 20
-    m.pool_bytes = lambda: 48 << 20
-    assert m.snapshot([]).umem_pool_bytes == 48 << 20
+    assert snap.pool == {} and snap.rss_bytes is not None and snap.rss_bytes > 1 << 20
+    m.pool = lambda: {"pinned_bytes": 48 << 20, "budget_bytes": 64 << 20}
+    assert m.snapshot([]).pool["pinned_bytes"] == 48 << 20
     assert snap.version == version() and snap.grant_seconds["allow"].le == GRANT_BUCKETS
 
 
@@ -139,15 +139,14 @@ def test_the_exposition_parses_and_says_what_happened() -> None:
         "xskbroker_uptime_seconds": "gauge", "xskbroker_grants": "counter", "xskbroker_grant_refusals": "counter",
         "xskbroker_grant_duration_seconds": "histogram", "xskbroker_leases": "gauge",
         "xskbroker_pinned_umem_bytes": "gauge", "xskbroker_connections": "gauge",
-        "xskbroker_policy_reloads": "counter", "xskbroker_umem_pool_bytes": "gauge",
-        "xskbroker_resident_memory_bytes": "gauge"}
+        "xskbroker_policy_reloads": "counter", "xskbroker_resident_memory_bytes": "gauge"}
     assert all(f.documentation for f in fams.values())
     got = samples(text)
     assert got[("xskbroker_grants_total", ())] == 3
     assert got[("xskbroker_grant_refusals_total", (("code", "user-not-allowed"),))] == 1
     assert got[("xskbroker_leases", (("kind", "bound"),))] == 1 and got[("xskbroker_leases", (("kind", "map"),))] == 0
     assert got[("xskbroker_pinned_umem_bytes", ())] == 4 << 20
-    assert got[("xskbroker_umem_pool_bytes", ())] == 0 and got[("xskbroker_resident_memory_bytes", ())] > 1 << 20
+    assert got[("xskbroker_resident_memory_bytes", ())] > 1 << 20
     assert got[("xskbroker_policy_reloads_total", (("result", "ok"),))] == 1
     assert got[("xskbroker_policy_reloads_total", (("result", "failed"),))] == 0
     assert got[("xskbroker_start_time_seconds", ())] == 1_700_000_000.25
@@ -236,7 +235,7 @@ def test_the_service_counts_and_only_admins_see_metrics(tmp_path: Path) -> None:
     assert m["leases"]["bound"] == len(admin["leases"]) and m["reloads"] == {"ok": 1, "failed": 0}
     assert m["pinned_bytes"] == sum(x["umem_bytes"] for x in admin["leases"]) > 0
     assert m["connections"] == 0  # no server around the service: nobody to count
-    assert m["umem_pool_bytes"] == rig.service.pool.pooled_bytes and m["rss_bytes"] > 0
+    assert m["pool"]["pinned_bytes"] == rig.service.pool.pooled_bytes and m["rss_bytes"] > 0
 
 
 def test_version_names_the_package(capsys: pytest.CaptureFixture[str]) -> None:

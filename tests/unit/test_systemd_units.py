@@ -143,9 +143,13 @@ def test_reload_checks_the_policy_before_the_broker_is_told() -> None:
 
 def test_watchdog_and_task_limit() -> None:
     from xskbroker.broker.closer import WORKERS
-    from xskbroker.broker.workers import THREADS
+    from xskbroker.broker.service import ABORT_CLOSERS
+    from xskbroker.broker.umem_pool import FILLERS
+    from xskbroker.broker.workers import LIGHT_THREADS, THREADS
     s = unit("xskbroker.service")
     assert 10 <= _seconds(one(s, "WatchdogSec")) <= 120
-    threads = 1 + WORKERS + THREADS + 1 + 1  # the loop, closers, grant workers, the UMEM pool, untrusted fds
+    # the loop, closers (sent fds, failed grants'), grant workers and their pinning children, the UMEM pool,
+    # untrusted fds
+    threads = 1 + WORKERS + ABORT_CLOSERS + 2 * THREADS + LIGHT_THREADS + FILLERS + 1
     assert threads + 2 <= int(one(s, "TasksMax")) <= 4 * threads  # room for ExecReload=, not a blank cheque
     assert "MemoryMax" not in s  # bounded by the policy: docs/systemd.md says why and how to size one

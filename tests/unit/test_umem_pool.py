@@ -1,101 +1,166 @@
-"""The UMEM pool: sealed, zeroed, prefaulted memfds, bounded in bytes, refilled after each take."""
+"""The UMEM pool: sockets made ahead per geometry, each handed out once, bounded in bytes, refilled after
+each take, dropped on flush, on interface removal (when no other interface wants them) and at close.
+The real sockets are the integration tests' (tests/integration/test_prepared.py); here a fake maker."""
 
-import fcntl
-import os
-import resource
+from __future__ import annotations
+
 import threading
 import time
+from collections.abc import Callable
 
-import pytest
-
-from xskbroker.broker import umem_pool, xsk
-from xskbroker.broker.umem_pool import PER_SIZE, UmemPool
-from xskbroker.broker.xsk import SEALS
+from xskbroker.broker.umem_pool import MAX_PER_GEOMETRY, PER_GEOMETRY, UmemPool, cost
+from xskbroker.wire.protocol import Geometry
 
 MiB = 1 << 20
+SMALL = Geometry(umem_size=1 * MiB, fill=64, completion=64, rx=64, tx=64)
+OTHER = Geometry(umem_size=2 * MiB, fill=64, completion=64, rx=64, tx=64)
 
 
-def _wait(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
+class Made:
+    count = 0
+
+    def __init__(self, g: Geometry) -> None:
+        Made.count += 1
+        self.n, self.geometry, self.closed = Made.count, g, False
+
+    def close(self) -> None:
+        assert not self.closed, "closed twice"
+        self.closed = True
+
+
+class Maker:
+    def __init__(self) -> None:
+        self.made: list[Made] = []
+        self.fail = False
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, g: Geometry) -> Made:
+        self.gate.wait(5)
+        if self.fail:
+            raise OSError(12, "Cannot allocate memory")
+        m = Made(g)
+        self.made.append(m)
+        return m
+
+    def open(self) -> list[Made]:
+        return [m for m in self.made if not m.closed]
+
+
+def _wait(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
 
 
-def test_take_gives_a_sealed_memfd_and_the_pool_refills_it_prefaulted():
-    pool = UmemPool(16 * MiB)
+def test_a_take_learns_the_geometry_and_later_takes_get_fresh_sockets_never_the_same_twice() -> None:
+    maker = Maker()
+    pool = UmemPool(16 * MiB, maker)
     try:
-        first = pool.take(2 * MiB)  # nothing pooled yet: made on the spot
-        assert os.fstat(first).st_size == 2 * MiB
-        assert fcntl.fcntl(first, fcntl.F_GET_SEALS) & SEALS == SEALS
-        os.close(first)
-        _wait(lambda: pool.pooled_bytes == PER_SIZE * 2 * MiB)
-        fd = pool.take(2 * MiB)
-        st = os.fstat(fd)
-        assert st.st_blocks * 512 >= 2 * MiB  # its pages exist already: registration only pins them
-        assert os.pread(fd, 4096, 0) == bytes(4096)  # and they are zeros: never used by anyone
-        os.close(fd)
+        assert pool.take(SMALL, 1) is None  # nothing made yet: the grant makes its own
+        _wait(lambda: pool.ready(SMALL) >= PER_GEOMETRY)
+        got = [pool.take(SMALL, 1) for _ in range(3)]
+        assert all(isinstance(x, Made) for x in got[:2])
+        assert len({id(x) for x in got if x is not None}) == len([x for x in got if x is not None])
+        _wait(lambda: pool.ready(SMALL) >= 1)
+        again = pool.take(SMALL, 1)
+        assert again is not None and again not in got
     finally:
         pool.close()
+    taken = [x for x in [*got, again] if x is not None]
+    assert [m for m in maker.open() if m not in taken] == [], "close() leaves nothing of its own open"
     assert pool.pooled_bytes == 0
 
 
-def test_the_pool_stays_within_its_bytes_and_forgets_old_sizes_first():
-    pool = UmemPool(8 * MiB)
+def test_the_budget_bounds_what_is_pinned_and_old_geometries_make_room() -> None:
+    maker = Maker()
+    budget = 3 * cost(OTHER)
+    pool = UmemPool(budget, maker)
     try:
-        os.close(pool.take(2 * MiB))
-        _wait(lambda: pool.ready(2 * MiB) == PER_SIZE)  # 4 MiB pooled
-        os.close(pool.take(4 * MiB))
-        # PER_SIZE of the newest size fit only if every memfd of the older size went
-        _wait(lambda: pool.ready(4 * MiB) == PER_SIZE)
-        assert pool.ready(2 * MiB) == 0 and pool.pooled_bytes == 8 * MiB
-        fd = pool.take(4 * MiB)
-        assert os.fstat(fd).st_blocks * 512 >= 4 * MiB  # prefaulted: one the pool made
-        os.close(fd)
+        for _ in range(4):  # misses double the target: more than the budget holds
+            pool.take(SMALL, 1)
+        _wait(lambda: pool.ready(SMALL) >= 2)
+        time.sleep(0.05)
+        assert pool.pooled_bytes <= budget
+        pool.take(OTHER, 1)  # asked more recently: SMALL gives way
+        _wait(lambda: pool.ready(OTHER) >= PER_GEOMETRY)
+        time.sleep(0.05)
+        assert pool.pooled_bytes <= budget
+        assert pool.snapshot()["pinned_bytes"] == sum(cost(m.geometry) for m in maker.open())
+    finally:
+        pool.close()
+    assert not maker.open()
+
+
+def test_a_geometry_over_half_the_budget_is_never_pooled() -> None:
+    maker = Maker()
+    pool = UmemPool(cost(SMALL), maker)
+    try:
+        assert pool.take(SMALL, 1) is None
+        time.sleep(0.05)
+        assert not maker.made
     finally:
         pool.close()
 
 
-def test_a_failed_refill_closes_none_of_the_pooled_memfds(monkeypatch: pytest.MonkeyPatch) -> None:
-    failed = threading.Event()
-    real = xsk.sealed_memfd
-
-    def sealed_memfd(size: int) -> int:  # the real one, telling when it failed on the pool's thread
-        try:
-            return real(size)
-        except OSError:
-            if threading.current_thread() is not threading.main_thread():
-                failed.set()
-            raise
-
-    monkeypatch.setattr(umem_pool.xsk, "sealed_memfd", sealed_memfd)
-    pool = UmemPool(16 * MiB)
+def test_a_burst_raises_the_target_up_to_its_cap() -> None:
+    maker = Maker()
+    pool = UmemPool(1 << 30, maker)
     try:
-        os.close(pool.take(2 * MiB))
-        _wait(lambda: pool.ready(2 * MiB) == PER_SIZE)
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        lowest = os.dup(0)
-        os.close(lowest)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))  # every fd below is taken: memfd_create fails
-        try:
-            with pytest.raises(OSError):
-                pool.take(MiB)  # EMFILE here, and on the pool's thread, which tries to refill it
-            assert failed.wait(5)
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        os.close(pool.take(3 * MiB))
-        _wait(lambda: pool.ready(3 * MiB) == PER_SIZE)  # wants are served in order: the failed refill is over
-        for _ in range(PER_SIZE):  # the memfds pooled before the failure are all still open, and still theirs
-            fd = pool.take(2 * MiB)
-            assert os.fstat(fd).st_size == 2 * MiB and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
-            os.close(fd)
+        for _ in range(10):
+            pool.take(SMALL, 1)
+        _wait(lambda: pool.ready(SMALL) == MAX_PER_GEOMETRY)
     finally:
         pool.close()
 
 
-def test_a_disabled_pool_makes_every_memfd_on_the_spot():
-    pool = UmemPool(0)
-    fd = pool.take(MiB)
-    assert os.fstat(fd).st_size == MiB and pool.pooled_bytes == 0
-    os.close(fd)
+def test_flush_and_interface_removal_close_what_is_ready_and_what_was_being_made() -> None:
+    maker = Maker()
+    pool = UmemPool(64 * MiB, maker)
+    try:
+        pool.take(SMALL, 1)
+        pool.take(OTHER, 2)
+        pool.take(OTHER, 1)
+        _wait(lambda: pool.ready(SMALL) >= 2 and pool.ready(OTHER) >= 2)
+        pool.forget_interface(2)  # OTHER is still wanted by interface 1
+        assert pool.ready(OTHER) >= 2
+        pool.forget_interface(1)
+        assert pool.ready(SMALL) == pool.ready(OTHER) == 0
+        _wait(lambda: not maker.open())
+        maker.gate.clear()  # the next one is held while being made
+        pool.take(SMALL, 3)
+        _wait(lambda: pool.snapshot()["sockets"] >= 1)
+        pool.flush()
+        maker.gate.set()  # made after the flush: closed, not pooled
+        _wait(lambda: pool.snapshot()["sockets"] == 0)
+        _wait(lambda: not maker.open())
+        assert pool.ready(SMALL) == 0 and pool.pooled_bytes == 0
+    finally:
+        pool.close()
+
+
+def test_a_failure_to_make_one_stops_the_refill_until_the_next_take() -> None:
+    maker = Maker()
+    maker.fail = True
+    pool = UmemPool(64 * MiB, maker)
+    try:
+        pool.take(SMALL, 1)
+        _wait(lambda: pool.snapshot()["failed"] >= 1)
+        time.sleep(0.05)
+        failed = pool.snapshot()["failed"]
+        assert failed <= 2, "it keeps trying"
+        maker.fail = False
+        pool.take(SMALL, 1)
+        _wait(lambda: pool.ready(SMALL) >= 1)
+        assert pool.snapshot()["pinned_bytes"] == pool.ready(SMALL) * cost(SMALL)
+    finally:
+        pool.close()
+
+
+def test_an_empty_budget_makes_nothing() -> None:
+    maker = Maker()
+    pool = UmemPool(0, maker)
+    assert pool.take(SMALL, 1) is None
     pool.close()
+    assert not maker.made
