@@ -18,6 +18,7 @@ joins a hub with a `dgram` netdev on loopback, and libvirtd runs in the test's n
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pwd
 import shutil
@@ -37,6 +38,7 @@ from .real_qemu import DataPath, qemu_binary
 from .test_libvirt import LIBVIRT_USER, finished_state, gone, leases, libvirt_missing, libvirtd, transient_domain, virsh
 
 SEABIOS = "/usr/share/seabios/bios-256k.bin"
+LIBVIRT_CAPS_CACHE = "/var/cache/libvirt/qemu/capabilities"
 FRAMES = 200
 CAP_IPC_LOCK = 1 << 14
 # one queue for QEMU's user: the lease has to end for the queue to be granted again
@@ -110,6 +112,10 @@ def ipc_lock_emulator(qemu: str) -> Iterator[str]:
         yield wrapper
     finally:
         shutil.rmtree(where, ignore_errors=True)
+        # libvirtd's probe of this emulator, cached under the hash of its path: a path no run uses again
+        digest = hashlib.sha256(os.path.join(where, "qemu").encode()).hexdigest()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{LIBVIRT_CAPS_CACHE}/{digest}.xml")
 
 
 def cap_eff(pid: int) -> int:
