@@ -7,6 +7,7 @@ privileged code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EPILOG = """\
@@ -46,6 +47,33 @@ def _endpoint(text: str) -> object:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _columns() -> int:
+    """shutil.get_terminal_size().columns, without importing shutil (with bz2 and lzma ~2 ms of a cold start:
+    argparse makes a formatter, which reads the width, for every add_argument)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's, with the width as argparse would take it (less 2), read by _columns()."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+class _RawFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 class _Version(argparse.Action):
     """--version: the package's version, looked up only when asked (importlib.metadata costs milliseconds)."""
 
@@ -67,12 +95,12 @@ def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
     from xskbroker.policy.sizes import size_arg
 
     p = argparse.ArgumentParser(
-        prog="xskbroker", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="xskbroker", formatter_class=_RawFormatter, epilog=EPILOG,
         description="Hand AF_XDP sockets to unprivileged programs, as a policy allows.")
     p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the broker in the foreground (root)",
+    s = sub.add_parser("serve", help="run the broker in the foreground (root)", formatter_class=_Formatter,
                        description="Run the broker in the foreground. Every decision is one audit record: a "
                        "JSON line on stderr, or a journal entry (--audit). SIGHUP reloads the policy (a bad file "
                        "keeps the old one); SIGTERM/SIGINT stop it. Started by systemd socket activation it "

@@ -16,7 +16,7 @@ import stat
 import sys
 from typing import Any
 
-from xskbroker.broker import dpendpoint, faults, lastgood, limits, pins, systemd
+from xskbroker.broker import faults, lastgood, limits, pins, systemd
 from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.server import MAX_CONNECTIONS, Server, listen
@@ -115,8 +115,11 @@ def serve(args: argparse.Namespace) -> int:
                     refuse_fds=not getattr(args, "accept_passed_fds", False), max_connections=max_connections,
                     holders=holders, fault=fault, watchdog=watchdog, policy_loader=keeper.reload)
     status.service = service
-    server.endpoints = list(dpendpoint.start_all(getattr(args, "device_plugin", None) or [], server,
-                                                 lambda text: print(f"xskbroker: {text}", file=sys.stderr)))
+    if getattr(args, "device_plugin", None):  # imported only when configured: cold start pays for every import
+        from xskbroker.broker import dpendpoint
+
+        server.endpoints = list(dpendpoint.start_all(args.device_plugin, server,
+                                                     lambda text: print(f"xskbroker: {text}", file=sys.stderr)))
     service.describe = lambda admin: {"policy": keeper.describe(admin), "limits": limits.effective(max_connections)}
     audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
            "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid(),

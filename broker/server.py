@@ -16,7 +16,6 @@ import socket
 import stat
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -405,6 +404,8 @@ class Server:
 
     def _internal_error(self, who: peers.PeerInfo, e: Exception) -> Outcome:
         """A bug must cost one request, never the broker and everyone's leases: record it, answer it."""
+        import traceback  # here: only a bug needs it, and with textwrap it costs a cold start ~3 ms
+
         self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
                     "trace": traceback.format_exc(limit=8)})
         return Outcome(ErrorReply(ErrorCode.INTERNAL_ERROR, f"the broker failed to handle this request: {e!r}"))

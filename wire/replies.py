@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -31,11 +32,28 @@ def _opt(omit: Callable[[Any, Any], bool] = _omit_if_none) -> Any:
     return field(default=None, metadata={"omit": omit})
 
 
-@dataclass(frozen=True)
+# Records are frozen dataclasses whose ==, hash() and repr() are written once, in Record, exactly as dataclass
+# would generate them, instead of generated for every class (eq=False, repr=False below): each generated
+# method is an exec at import, and a socket-activated broker pays for all of them before its first grant.
+@dataclass(frozen=True, eq=False, repr=False)
 class Record:
     """A JSON object with a known set of keys, in wire order; unknown keys ride along in `extra`."""
 
     extra: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        names = _shape(type(self))[0]
+        return tuple(getattr(self, n) for n in names) == tuple(getattr(other, n) for n in names)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, n) for n in _shape(type(self))[1]))
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        values = ", ".join(f"{n}={getattr(self, n)!r}" for n in _shape(type(self))[2])
+        return f"{type(self).__qualname__}({values})"
 
     @classmethod
     def from_wire(cls, obj: Any, where: str = "reply") -> typing.Self:
@@ -60,6 +78,20 @@ class Record:
         if self.extra:
             out.update(self.extra)
         return out
+
+
+_SHAPES: dict[type, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _shape(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The fields a dataclass's ==, hash() and repr() would use, in field order (found once per class)."""
+    got = _SHAPES.get(cls)
+    if got is None:
+        fields = dataclasses.fields(cls)
+        got = _SHAPES[cls] = (tuple(f.name for f in fields if f.compare),
+                              tuple(f.name for f in fields if (f.compare if f.hash is None else f.hash)),
+                              tuple(f.name for f in fields if f.repr))
+    return got
 
 
 _FIELDS: dict[type, tuple[tuple[dataclasses.Field[Any], Any], ...]] = {}
@@ -146,7 +178,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 
 # ---- the pieces of replies --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class PeerCred(Record):
     """The caller as the kernel reported it (SO_PEERCRED)."""
 
@@ -155,14 +187,14 @@ class PeerCred(Record):
     pid: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class UmemGeometry(Record):
     size: int
     frame_size: int
     headroom: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RingSizes(Record):
     fill: int
     completion: int
@@ -170,7 +202,7 @@ class RingSizes(Record):
     tx: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class BoundSocket(Record):
     """A bound grant's socket: fd and umem_fd are indexes into the reply's SCM_RIGHTS array."""
 
@@ -195,7 +227,7 @@ class BoundSocket(Record):
                    RingSizes(g.fill, g.completion, g.rx, g.tx))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class BareSocket(Record):
     """A bare grant's unbound socket: fd is an index into the reply's SCM_RIGHTS array."""
 
@@ -203,7 +235,7 @@ class BareSocket(Record):
     fd: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RevokedLease(Record):
     lease: str
     emptied_queues: tuple[int, ...]
@@ -213,7 +245,7 @@ class RevokedLease(Record):
     not_signalled: str | None = _opt()  # why a signal asked for was not sent
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class LeaseInfo(Record):
     lease: str
     uid: int
@@ -229,7 +261,7 @@ class LeaseInfo(Record):
     misbound: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class InterfaceInfo(Record):
     ifindex: int
     interface: str | None  # None: the broker has not learnt the name
@@ -239,7 +271,7 @@ class InterfaceInfo(Record):
     leases: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class QuotaUsage(Record):
     quota: str
     scope: str
@@ -249,7 +281,7 @@ class QuotaUsage(Record):
     max_umem: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class HistogramInfo(Record):
     """A histogram as Prometheus keeps one: `buckets[i]` observations were at most `le[i]` (cumulative, `le`
     ascending); `count` is every observation (the +Inf bucket), `sum` their total."""
@@ -269,7 +301,7 @@ class HistogramInfo(Record):
         return h
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class MetricsInfo(Record):
     """Broker-wide counters since the broker started, for admins only (see docs/protocol.md, `status`)."""
 
@@ -291,7 +323,7 @@ class MetricsInfo(Record):
 
 # ---- replies ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class OkReply(Record):
     OP: ClassVar[str]
     req_id: int | str | None = field(default=None, kw_only=True)
@@ -309,7 +341,7 @@ class OkReply(Record):
         return proto.ok_reply(self.OP, self.req_id, **self.to_wire())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class HelloReply(OkReply):
     OP = "hello"
     server: str
@@ -317,7 +349,7 @@ class HelloReply(OkReply):
     peer: PeerCred
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class GrantReply(OkReply):
     """Every kind of grant; sockets for bound and bare grants, map_fd and map_entries for map grants."""
 
@@ -349,20 +381,20 @@ class GrantReply(OkReply):
         return max(indexes, default=-1) + 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class ReleaseReply(OkReply):
     OP = "release"
     lease: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RevokeReply(OkReply):
     OP = "revoke"
     revoked: tuple[RevokedLease, ...]
     note: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StatusReply(OkReply):
     OP = "status"
     leases: tuple[LeaseInfo, ...]

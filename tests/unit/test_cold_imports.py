@@ -11,16 +11,26 @@ import sys
 # must not come with it. ctypes.util runs ldconfig in a child to find a library (~17 ms).
 NOT_ON_SERVE_PATH = ("xskbroker.broker.doctor", "xskbroker.broker.doctor_probes", "xskbroker.client.cli",
                      "xskbroker.client.qmp_cli", "xskbroker.policy.cli", "xskbroker.testbed", "ctypes.util",
-                     "subprocess")
+                     "subprocess",
+                     # nor what only a configured or later feature needs: the device-plugin endpoint, the UMEM
+                     # pool's preparer (after the first grant), QEMU's QMP, the version lookup, a bug's traceback
+                     "xskbroker.broker.dpendpoint", "xskbroker.broker.dpsocket", "xskbroker.wire.deviceplugin",
+                     "xskbroker.broker.preparer", "xskbroker.client.qmp", "xskbroker.client.hotplug",
+                     "importlib.metadata", "traceback", "hypothesis",
+                     # nor stdlib modules that cost milliseconds and that serve has no use for: shutil (with bz2
+                     # and lzma) came with argparse's terminal width, pathlib (with urllib.parse, fnmatch)
+                     "shutil", "pathlib", "tempfile", "logging", "asyncio", "concurrent.futures", "multiprocessing")
 
+# what the interpreter had loaded before (an editable install's import hook brings pathlib) is not serve's
 PROBE = """
 import json, sys
+before = set(sys.modules)
 from xskbroker.broker import cli
 cli._serve = lambda args: 0  # parse as serve would, without serving
 assert cli.main(["serve", "--policy", "/nonexistent"]) == 0
 import xskbroker.broker.daemon, xskbroker.broker.bpf
 xskbroker.broker.bpf.libbpf(), xskbroker.broker.bpf.libxdp()
-print(json.dumps(sorted(sys.modules)))
+print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
 

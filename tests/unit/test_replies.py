@@ -3,6 +3,8 @@ builds today, decodes back to itself, and a reply of the wrong shape is bad-repl
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import socket
@@ -123,6 +125,61 @@ def test_unknown_fields_ride_along_in_order() -> None:
     reply = r.decode_reply(data)
     assert reply == r.ReleaseReply("ab", req_id=1, extra={"later": {"x": 1}, "more": 2})
     assert reply.encode() == data
+
+
+def _records(value: Any) -> Iterator[r.Record]:
+    """value and every record inside it (sockets, peers, leases, ...)."""
+    if isinstance(value, r.Record):
+        yield value
+        for f in dataclasses.fields(value):
+            yield from _records(getattr(value, f.name))
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _records(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _records(v)
+
+
+@functools.cache
+def _generated_class(cls: type) -> Any:
+    """cls, its ==, hash() and repr() made by dataclass (the default)."""
+    return dataclasses.dataclass(frozen=True)(type(cls.__name__, (cls,), {"__qualname__": cls.__qualname__}))
+
+
+def _generated(record: r.Record) -> Any:
+    return _generated_class(type(record))(**{f.name: getattr(record, f.name) for f in dataclasses.fields(record)})
+
+
+def _hash(value: Any) -> Any:
+    try:
+        return hash(value)
+    except TypeError as e:
+        return str(e)
+
+
+def test_records_compare_hash_and_print_as_generated_ones_would() -> None:
+    # Record writes ==, hash() and repr() once instead of dataclass generating them per class (cold start)
+    samples = [typed for typed, _ in CASES]
+    samples += [r.PeerCred(1, 2, 3), r.UmemGeometry(1, 2, 3), r.UmemGeometry(1, 2, 4), r.RingSizes(1, 2, 3, 4),
+                r.ReleaseReply("a", req_id=1, raw={"x": 1}), r.ReleaseReply("a", req_id=1, raw=None),
+                r.MetricsInfo("1", 2.0, 3.0, 4, {}, {"bound": 1}, 5, 6, {},
+                              {"allow": r.HistogramInfo((0.1,), (1,), 0.5, 2)})]
+    samples = [x for sample in samples for x in _records(sample)]
+    assert {type(x) for x in samples} >= {c for c in vars(r).values() if isinstance(c, type) and
+                                          issubclass(c, r.Record) and c not in (r.Record, r.OkReply)}
+    for a in samples:
+        ga = _generated(a)
+        assert repr(a) == repr(ga) and _hash(a) == _hash(ga)
+        assert a.__eq__(object()) is NotImplemented and a == dataclasses.replace(a)
+        for b in samples:
+            if type(a) is type(b):
+                assert (a == b) == (ga == _generated(b))
+    for hashable in (r.UmemGeometry(1, 2, 3, extra=frozenset()), r.ReleaseReply("a", raw={}, extra=frozenset())):
+        assert hash(hashable) == hash(_generated(hashable))  # raw is not hashed
+    assert r.ReleaseReply("a", raw={"x": 1}) == r.ReleaseReply("a")  # raw is not compared
+    for cls in (r.GrantReply, r.BoundSocket, r.StatusReply):  # and none of them made its own
+        assert not {"__eq__", "__hash__", "__repr__"} & set(vars(cls))
 
 
 GRANT = json.loads(CASES[1][1])

@@ -1,0 +1,52 @@
+"""What a real `xskbroker serve` imports up to its first grant (issue 13, cold start): the unit test's list
+checked against the whole run, imports made at run time included (a lazy import inside serve, the first
+request's handling), as PYTHONPROFILEIMPORTTIME reports them on the broker's stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from xskbroker.client.grant import request_fds
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
+from xskbroker.wire.protocol import Geometry
+
+from ..unit.test_cold_imports import NOT_ON_SERVE_PATH
+
+POLICY = """\
+version = 1
+
+[[allow]]
+name = "root"
+users = [0]
+interfaces = ["xsk*"]
+kinds = ["bound"]
+"""
+
+
+def _imported_before_first_grant(log: str) -> list[str]:
+    """Module names from the importtime lines that precede the broker's first `grant` audit record, less the
+    interpreter's start (`site` and what it imported: an editable install's hook brings pathlib)."""
+    names: list[str] = []
+    for line in log.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+\d+ \| (\s*)(\S+)$", line)
+        if m:
+            names = [] if (m.group(1), m.group(2)) == ("", "site") else [*names, m.group(2)]
+        elif line.startswith("{") and json.loads(line).get("event") == "grant":
+            return names
+    raise AssertionError(f"no grant record in the broker's log:\n{log[-2000:]}")
+
+
+def test_serve_imports_nothing_it_does_not_need_before_its_first_grant(veth: VethNamespace) -> None:
+    # UMEM pool off: its filler thread starts the preparer (subprocess, a helper process) when the first grant
+    # misses, while that grant is still being made, so with it the order of their imports is a race
+    with BrokerProcess(veth.name, POLICY, env={"PYTHONPROFILEIMPORTTIME": "1"}) as broker:
+        reply, fds = request_fds(veth.inside, [0], kind="bound", geometry=Geometry(umem_size=1 << 20),
+                                 socket_path=broker.socket_path)
+        for fd in fds:
+            os.close(fd)
+        assert reply["ok"] and reply["kind"] == "bound"
+        loaded = _imported_before_first_grant(broker.log())
+    assert "xskbroker.broker.daemon" in loaded and "xskbroker.broker.xsk" in loaded
+    assert sorted(set(loaded).intersection(NOT_ON_SERVE_PATH)) == []
