@@ -126,13 +126,10 @@ class Grants(MapGrants):
         """The interface's index and queue count, after every check that changes nothing in the kernel:
         the name is the interface's own (the one the policy judged), every requested queue exists, and no
         map lease holds a requested queue (its socket is in the tenant's map, where claim() cannot see it)."""
-        try:
-            ifindex = self.kernel.resolve(req.interface)
-        except NotCanonical as e:
-            raise Refused(ErrorCode.NOT_CANONICAL_NAME, str(e), canonical=e.canonical) from None
-        except NoSuchInterface as e:
-            raise Refused(ErrorCode.NO_SUCH_INTERFACE, str(e)) from None
-        nqueues = self.kernel.queue_count(req.interface)
+        ifindex, nqueues = self._interface(req.interface)
+        if any(q >= nqueues for q in req.queues) and nqueues == self.net.queues.get(ifindex):
+            self.net.queues.pop(ifindex)  # a remembered count never refuses: ask the kernel again
+            ifindex, nqueues = self._interface(req.interface)
         bad = [q for q in req.queues if q >= nqueues]
         if bad:
             raise Refused(ErrorCode.NO_SUCH_QUEUE, f"{req.interface} has {nqueues} queue(s) (0-{nqueues - 1}); "
@@ -142,6 +139,27 @@ class Grants(MapGrants):
             if held and held.kind == "map":
                 raise Refused(ErrorCode.QUEUE_BUSY, f"{req.interface} queue {q} is held by lease {held.id} (a map "
                               f"grant to uid {held.uid}) until it ends")
+        return ifindex, nqueues
+
+    def _interface(self, name: str) -> tuple[int, int]:
+        """The ifindex of the interface whose own name is `name`, and its queue count: remembered between
+        link events (broker.netcache) once the events the kernel has queued are read."""
+        if self.link_events:
+            self.link_sync()
+        net = self.net if self.link_events else None
+        ifindex = net.ifindex.get(name) if net else None
+        if ifindex is None:
+            try:
+                ifindex = self.kernel.resolve(name)
+            except NotCanonical as e:
+                raise Refused(ErrorCode.NOT_CANONICAL_NAME, str(e), canonical=e.canonical) from None
+            except NoSuchInterface as e:
+                raise Refused(ErrorCode.NO_SUCH_INTERFACE, str(e)) from None
+        nqueues = net.queues.get(ifindex) if net else None
+        if nqueues is None:
+            nqueues = self.kernel.queue_count(name)
+        if net and self.link_events:  # still watched: link_sync may have lost the watch (an overrun)
+            net.ifindex[name], net.queues[ifindex] = ifindex, nqueues
         return ifindex, nqueues
 
     def _target(self, req: proto.Grant) -> tuple[int, Program]:
@@ -225,7 +243,23 @@ class Grants(MapGrants):
         # Claimed slots and pinned UMEM count against the quota from now on, while workers bind (and
         # make what the pool had not) and while a queue's deferred release is waited for on the timer.
         self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
-        job = self._submit(Job(work, undo), heavy)
+        if not fresh and self._bind_inline(ifindex, req):
+            # every socket came from the pool and binds in copy mode: a bind is a ~50 us syscall with no DMA
+            # mapping or queue reset, cheaper here than a worker's hand-off and wake-up (two thread switches)
+            try:
+                for p in prepared:
+                    where[0] = p.queue
+                    if p.try_bind():
+                        bound.append(p)
+            except BaseException as e:
+                self.net.forget_interface(ifindex)
+                raise abort(e, where[0]) from None
+            if len(bound) == len(prepared):
+                self.pending.pop(id(prepared), None)
+                return self._finish_bound(peer, req, ifindex, prog, prepared)
+            waiting[:] = [p for p in prepared if p not in bound]  # EBUSY: rebound on a worker, on the timer
+        else:
+            job = self._submit(Job(work, undo), heavy)
         if heavy:
             heavy_job = True
             self.jobs[peer.uid] += 1
@@ -273,6 +307,13 @@ class Grants(MapGrants):
         return Deferred(step, cancel, parked=lambda: job is not None and not job.done,
                         ready=lambda: job is not None and job.done)
 
+    def _bind_inline(self, ifindex: int, req: proto.Grant) -> bool:
+        """Whether the loop may bind the grant's sockets itself: copy mode for sure (asked for, or what "auto"
+        gave on this interface since the last link event) and a small UMEM (a copy-mode bind maps nothing)."""
+        copy = req.bind_mode == "copy" or (req.bind_mode == "auto" and self.link_events
+                                            and ifindex in self.net.copy_mode)
+        return copy and len(req.queues) * req.geometry.umem_size <= INLINE_UMEM
+
     def _submit(self, job: Job, heavy: bool) -> Job | None:
         """Hand a grant's kernel work to a worker (typed Optional: the grant's job is None between jobs)."""
         return self.workers.submit(job, heavy=heavy)
@@ -310,6 +351,8 @@ class Grants(MapGrants):
     def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program,
                       prepared: list[Prepared]) -> Outcome:
         made = [p.finish() for p in prepared]
+        if req.bind_mode == "auto" and self.link_events and not any(s.zerocopy for s in made):
+            self.net.copy_mode.add(ifindex)  # no zero-copy here: later binds may run on the loop
         fds: list[int] = []
         sockets = []
         for s in made:
