@@ -42,6 +42,7 @@ INLINE_UMEM = 4 << 20
 # Large grants being made (running or queued for a worker) at once, in all and per uid: one user cannot
 # keep every worker busy, and nobody can queue unbounded work.
 MAX_JOBS = 16
+INLINE_WAIT = 0.001  # seconds the loop may wait for a light job before deferring the grant
 MAX_JOBS_PER_UID = 2
 
 
@@ -199,6 +200,8 @@ class Grants(MapGrants):
                 if r is not None:
                     r.close()
             self.pending.pop(id(prepared), None)
+            if isinstance(e, OSError) and not isinstance(e, QueueBusy):
+                self.net.forget_interface(ifindex)  # the kernel said no: perhaps the device changed unannounced
             return refusal(e, req.interface, queue)
 
         def work(job: Job) -> None:  # on a worker thread: nothing shared but these lists
@@ -243,23 +246,7 @@ class Grants(MapGrants):
         # Claimed slots and pinned UMEM count against the quota from now on, while workers bind (and
         # make what the pool had not) and while a queue's deferred release is waited for on the timer.
         self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
-        if not fresh and self._bind_inline(ifindex, req):
-            # every socket came from the pool and binds in copy mode: a bind is a ~50 us syscall with no DMA
-            # mapping or queue reset, cheaper here than a worker's hand-off and wake-up (two thread switches)
-            try:
-                for p in prepared:
-                    where[0] = p.queue
-                    if p.try_bind():
-                        bound.append(p)
-            except BaseException as e:
-                self.net.forget_interface(ifindex)
-                raise abort(e, where[0]) from None
-            if len(bound) == len(prepared):
-                self.pending.pop(id(prepared), None)
-                return self._finish_bound(peer, req, ifindex, prog, prepared)
-            waiting[:] = [p for p in prepared if p not in bound]  # EBUSY: rebound on a worker, on the timer
-        else:
-            job = self._submit(Job(work, undo), heavy)
+        job = self._submit(Job(work, undo), heavy)
         if heavy:
             heavy_job = True
             self.jobs[peer.uid] += 1
@@ -304,15 +291,15 @@ class Grants(MapGrants):
                 return
             abort(OSError(errno.ECANCELED, "the broker is stopping"), req.queues[0])
 
-        return Deferred(step, cancel, parked=lambda: job is not None and not job.done,
-                        ready=lambda: job is not None and job.done)
-
-    def _bind_inline(self, ifindex: int, req: proto.Grant) -> bool:
-        """Whether the loop may bind the grant's sockets itself: copy mode for sure (asked for, or what "auto"
-        gave on this interface since the last link event) and a small UMEM (a copy-mode bind maps nothing)."""
-        copy = req.bind_mode == "copy" or (req.bind_mode == "auto" and self.link_events
-                                            and ifindex in self.net.copy_mode)
-        return copy and len(req.queues) * req.geometry.umem_size <= INLINE_UMEM
+        deferred = Deferred(step, cancel, parked=lambda: job is not None and not job.done,
+                            ready=lambda: job is not None and job.done)
+        # A light job (a bind of sockets the pool made, a small registration) is usually done within
+        # INLINE_WAIT: wait for it here (the GIL is released meanwhile) and answer at once, saving the
+        # worker's wake-up of the loop, a select round and the connection's unregister/register. The loop
+        # is held at most INLINE_WAIT: a bind stuck behind the kernel's rtnl lock waits on the timer instead.
+        if job is not None and not heavy and job.wait(INLINE_WAIT):
+            return step() or deferred
+        return deferred
 
     def _submit(self, job: Job, heavy: bool) -> Job | None:
         """Hand a grant's kernel work to a worker (typed Optional: the grant's job is None between jobs)."""
@@ -351,8 +338,6 @@ class Grants(MapGrants):
     def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program,
                       prepared: list[Prepared]) -> Outcome:
         made = [p.finish() for p in prepared]
-        if req.bind_mode == "auto" and self.link_events and not any(s.zerocopy for s in made):
-            self.net.copy_mode.add(ifindex)  # no zero-copy here: later binds may run on the loop
         fds: list[int] = []
         sockets = []
         for s in made:

@@ -1,5 +1,5 @@
-"""Interface facts a grant would otherwise ask the kernel for every time: the exact name's ifindex, the
-queue count, and whether binds on the interface come out in copy mode.
+"""Interface facts a grant would otherwise ask the kernel for every time: the exact name's ifindex and the
+queue count.
 
 Each lookup costs throwaway sockets and ioctls (three per grant, ~6 % of the loop). They change only when
 the link does, and every such change (rename, altname, removal, XDP program, channel count on drivers that
@@ -15,18 +15,13 @@ class NetCache:
     def __init__(self) -> None:
         self.ifindex: dict[str, int] = {}  # exact (canonical) name -> ifindex
         self.queues: dict[int, int] = {}  # ifindex -> queue count (ethtool channels)
-        # interfaces where an "auto" bind came out in copy mode (no zero-copy driver support): a bind there
-        # is a cheap syscall with no DMA mapping or queue reset, fit for the event loop
-        self.copy_mode: set[int] = set()
 
     def forget(self) -> None:
         self.ifindex.clear()
         self.queues.clear()
-        self.copy_mode.clear()
 
     def forget_interface(self, ifindex: int) -> None:
         """Drop what is known of one interface (its grant failed in the kernel: perhaps it changed)."""
         self.queues.pop(ifindex, None)
-        self.copy_mode.discard(ifindex)
         for name in [n for n, i in self.ifindex.items() if i == ifindex]:
             del self.ifindex[name]
