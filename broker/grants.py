@@ -183,7 +183,7 @@ class Grants(MapGrants):
             raise Refused(ErrorCode.GRANTS_IN_PROGRESS, f"the broker is already making {self.jobs.total()} large "
                           f"grants ({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
         ifindex, prog = self._target(req)
-        ready = [self.pool.take(g, ifindex) for _ in req.queues]  # taken for this grant: never pooled again
+        ready = [self.pool.take(g, ifindex, wake=False) for _ in req.queues]  # taken for this grant: never pooled again
         prepared: list[Prepared] = []
         fresh: list[Prepared] = []  # claimed bare: the worker adds their UMEM
         bound: list[Prepared] = []  # bound by a worker

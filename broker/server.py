@@ -345,6 +345,9 @@ class Server:
             self._evict_one(evict, who)
         self.conns[conn.fileno()] = (conn, who)
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
+        # a client usually sends its request right after connect: read it now rather than after another
+        # select round (nothing there: recvmsg says EAGAIN and the selector watches as ever)
+        self._readable(conn)
 
     def _say_and_close(self, conn: socket.socket, reply: ErrorReply) -> None:
         """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:
@@ -456,6 +459,7 @@ class Server:
             # the client has its own copies now; ours would keep the sockets alive
             self.closer.close_later(outcome.fds, KEEP_SENT, outcome.lease_id)
             outcome.fds = []
+            self.service.pool.kick()  # refill what the grant took, now that its reply is out
 
     def watch_pid(self, pid: int, conn: socket.socket | None = None, start: int | None = None,
                   ino: int | None = None) -> None:

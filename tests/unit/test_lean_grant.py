@@ -17,9 +17,16 @@ from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.policy import parse_policy
 from xskbroker.wire import protocol as proto
 
-from .test_service import ALICE, POLICY, SMALL, FakeKernel, FakePrepared, Rig, finish, make_rig, rig  # noqa: F401 (a fixture)
+from .test_service import ALICE, POLICY, SMALL, FakeKernel, FakePrepared, Rig, finish, make_rig
 
 VETH0 = 7  # FakeKernel's ifindex of veth0
+
+
+@pytest.fixture(name="rig")
+def plain_rig(tmp_path: Path) -> Iterable[Rig]:
+    r = make_rig(tmp_path)
+    yield r
+    r.service.close()
 
 
 @pytest.fixture
