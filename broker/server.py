@@ -345,9 +345,6 @@ class Server:
             self._evict_one(evict, who)
         self.conns[conn.fileno()] = (conn, who)
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
-        # a client usually sends its request right after connect: read it now rather than after another
-        # select round (nothing there: recvmsg says EAGAIN and the selector watches as ever)
-        self._readable(conn)
 
     def _say_and_close(self, conn: socket.socket, reply: ErrorReply) -> None:
         """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:
