@@ -46,6 +46,7 @@ class Closer:
         self._later: collections.deque[tuple[float, list[int], str | None]] = collections.deque()  # due in order
         self._later_wake = threading.Condition(self._lock)
         self._later_thread: threading.Thread | None = None
+        self._in_flight = 0  # fds handed to close() and not closed yet
         self._spawn(keep=True)
 
     def close_later(self, fds: list[int], delay: float, key: str | None = None) -> None:
@@ -99,9 +100,15 @@ class Closer:
         with self._lock:
             grow = not self._idle and not self._stopping and self._live() < self._max
             self._idle = max(0, self._idle - 1)  # the one this batch will wake, if any
+            self._in_flight += len(fds)
         if grow:
             self._spawn()
         self._fds.put(list(fds))
+
+    def pending(self) -> bool:
+        """Whether fds wait to be closed (kept, queued or closing): a socket among them may still hold a map slot."""
+        with self._lock:
+            return self._in_flight > 0 or bool(self._later)
 
     def _live(self) -> int:
         self._threads = [t for t in self._threads if t.is_alive()]
@@ -129,6 +136,8 @@ class Closer:
                     _no_linger(fd)
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            with self._lock:
+                self._in_flight -= len(batch)
 
     def stop(self, wait: bool = True) -> None:
         """Close whatever is still queued, then end the threads (without waiting for a close that may never

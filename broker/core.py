@@ -42,6 +42,10 @@ class Outcome:
     fds: list[int] = field(default_factory=list)
     lease_id: str | None = None
     holder_pid: int = 0  # whose exit ends the lease (the requester unless it named another process)
+    # keep the broker's copies of the fds a moment after the reply (bound sockets: the last close waits for a
+    # grace period, which the broker's closer then pays, not the client); bare and map fds are closed at once,
+    # so a holder that closes its copies frees the queue without waiting on the broker's
+    keep: bool = False
 
 
 @dataclass
@@ -103,6 +107,7 @@ class Core:
     workers: Workers
     closer: Closer  # closes what a failed grant made, off the loop
     sent_done: Callable[[str], None]  # a lease ended: the server closes its copies of the lease's fds now
+    closes_pending: Callable[[], bool]  # the server's closer still has sent fds to close
     squat: SquatWatch
     signal_holder: SignalFn
     # With link events watched, a change of XDP program drops the cached one as it happens, so a grant

@@ -44,6 +44,9 @@ INLINE_UMEM = 4 << 20
 MAX_JOBS = 16
 INLINE_WAIT = 0.001  # seconds the loop may wait for a light job before deferring the grant
 MAX_JOBS_PER_UID = 2
+# How long a bare grant waits for a busy slot while the broker's closer still has sent fds to close: a
+# closer thread needs the GIL, which the loop may hold for a switch interval (5 ms) per request.
+CLOSING_WAIT_SECONDS = 0.1
 
 
 class Grants(MapGrants):
@@ -345,7 +348,27 @@ class Grants(MapGrants):
             fds += [s.xsk_fd, s.umem_fd]
         return self._lease(peer, req, ifindex, prog, fds, sockets=tuple(sockets))
 
-    def _make_bare(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
+    def _make_bare(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome | Deferred:
+        """A busy slot while the broker still closes sent fds may be held by one of them (a holder that just
+        closed its copies): retried on the timer for a moment, never waited for on the loop."""
+        try:
+            return self._make_bare_now(peer, req, rule)
+        except Refused as e:
+            if e.code != ErrorCode.QUEUE_BUSY or not self.closes_pending():
+                raise
+        deadline = self.clock() + CLOSING_WAIT_SECONDS
+
+        def step() -> Outcome | None:
+            try:
+                return self._make_bare_now(peer, req, rule)
+            except Refused as e:
+                if e.code == ErrorCode.QUEUE_BUSY and self.clock() < deadline and self.closes_pending():
+                    return None
+                raise
+
+        return Deferred(step, lambda: None)  # nothing is held between steps: a step that fails undoes itself
+
+    def _make_bare_now(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
         unsupported = self.kernel.bare_supported()
         if unsupported:
             raise Refused(ErrorCode.UNSUPPORTED_KIND, unsupported)
@@ -384,7 +407,7 @@ class Grants(MapGrants):
         self.fault("after-lease-saved")
         reply = GrantReply(lease.id, req.kind, req.interface, ifindex, prog.mode, prog.prog_id, holder_pid=peer.pid,
                            req_id=req.req_id, **fields)
-        return Outcome(reply, fds, lease.id, peer.pid)
+        return Outcome(reply, fds, lease.id, peer.pid, keep=req.kind == "bound")
 
     def _memlock(self, peer: PeerInfo, needed: int, rule: Rule) -> dict[str, Any]:
         """Give a bare-grant holder the RLIMIT_MEMLOCK its own UMEM needs, where policy and privilege allow.

@@ -20,10 +20,22 @@ from xskbroker.wire.replies import ErrorReply, ReleaseReply, RevokedLease
 
 class Lifecycle(MapGrants):
     def abort(self, lease_id: str) -> None:
-        """The reply carrying a lease's fds never reached the client: forget the lease."""
-        lease = self.leases.remove(lease_id)
-        if lease:
-            self.audit({"event": "lease-aborted", "lease": lease_id})
+        """The reply carrying a lease's fds never reached the client: forget the lease, and empty its slots
+        now: the sockets in them close on a closer thread, and the queue must be free for the next grant."""
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return
+        self._empty_slots(lease)
+        self.leases.remove(lease_id)
+        self.audit({"event": "lease-aborted", "lease": lease_id})
+
+    def _empty_slots(self, lease: Lease) -> None:
+        """Take a bound or bare lease's sockets out of its map slots (a map lease's map is unplugged as it ends)."""
+        prog = self.programs.get(lease.ifindex)
+        if prog and lease.kind != "map":
+            for q in lease.queues:
+                with contextlib.suppress(OSError):
+                    self.kernel.map_delete(prog.map_fd, q)
 
     def _release(self, peer: PeerInfo, req: proto.Release) -> ReleaseReply | ErrorReply:
         lease = self.leases.get(req.lease)
@@ -35,11 +47,7 @@ class Lifecycle(MapGrants):
         if req.if_closed and not self._slots_empty(lease):
             return ErrorReply(ErrorCode.LEASE_IN_USE, f"lease {lease.id} still has open sockets in its map slots",
                               "release", req.req_id)
-        prog = self.programs.get(lease.ifindex)
-        if prog and lease.kind != "map":  # a map lease's program is detached as it ends (_lease_ended)
-            for q in lease.queues:
-                with contextlib.suppress(OSError):
-                    self.kernel.map_delete(prog.map_fd, q)
+        self._empty_slots(lease)
         self.leases.remove(lease.id)
         self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
         return ReleaseReply(lease.id, req_id=req.req_id)

@@ -151,6 +151,7 @@ class Server:
         self._next_orphan_check = 0.0
         self.closer = Closer()
         service.sent_done = self.closer.expedite  # a lease that ends needs no copy of its fds kept
+        service.closes_pending = self.closer.pending
         self._wake_r, self._wake_w = socket.socketpair()
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
@@ -444,6 +445,8 @@ class Server:
                 self.service.abort(outcome.lease_id)
             self.audit({"event": "reply-failed", "pid": who.pid, "error": str(e)})
             self._drop(conn)
+            self.closer.close(outcome.fds)  # nobody got them: nothing to keep them for
+            outcome.fds = []
         else:
             if outcome.lease_id:
                 self.fault("after-send")
@@ -454,7 +457,10 @@ class Server:
                                lease.pid_start if lease else None, lease.pid_ino if lease else None)
         finally:
             # the client has its own copies now; ours would keep the sockets alive
-            self.closer.close_later(outcome.fds, KEEP_SENT, outcome.lease_id)
+            if outcome.keep:
+                self.closer.close_later(outcome.fds, KEEP_SENT, outcome.lease_id)
+            else:
+                self.closer.close(outcome.fds)
             outcome.fds = []
             self.service.pool.kick()  # refill what the grant took, now that its reply is out
 

@@ -85,6 +85,9 @@ class Service(Grants, Lifecycle):
         self.metrics.pool = self.pool.snapshot
         self.closer = Closer(ABORT_CLOSERS, name="abort")
         self.sent_done: Callable[[str], None] = lambda lease_id: None
+        # whether the server's closer still has sent fds to close (set by the server): a queue busy meanwhile
+        # may be held by one of them, and a bare grant waits a moment instead of refusing
+        self.closes_pending: Callable[[], bool] = lambda: False
         self.pending: dict[int, Holding] = {}
         self.workers = Workers()
         self.jobs: collections.Counter[int] = collections.Counter()

@@ -35,9 +35,12 @@ def plug(iface: Interface, monitor: hotplug.Monitor, agent: Granter, qemu_pid: i
     """Grant, then getfd/netdev_add/device_add; on failure unwind in QEMU and release. Returns the record."""
     rec: dict[str, Any] = {"id": iface.id, "interface": iface.name, "queues": list(iface.queue_ids),
                            "device": iface.device, "status": "failed", "lease": None, "released": False}
-    memlock = qemu_support.umem_bytes(iface.queues)
+    # with CAP_IPC_LOCK QEMU's UMEM is not charged to its limit: nothing to ask for or warn about
+    ipc_lock = qemu_support.has_ipc_lock(qemu_pid)
+    memlock = 0 if ipc_lock else qemu_support.umem_bytes(iface.queues)
     log(f"{iface.id}: asking the broker at {agent.socket_path} as {agent.ident} for a bare grant of {iface.name} "
-        f"queue(s) {_queues_text(iface)}, held by QEMU (pid {qemu_pid}), memlock {memlock >> 20} MiB")
+        f"queue(s) {_queues_text(iface)}, held by QEMU (pid {qemu_pid}), "
+        + ("no memlock (QEMU has CAP_IPC_LOCK)" if ipc_lock else f"memlock {memlock >> 20} MiB"))
     try:
         reply, fds = agent.grant(iface.name, iface.queues, iface.start_queue, qemu_pid, memlock)
     except proto.BrokerError as e:

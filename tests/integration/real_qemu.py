@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 
 from xskbroker.client import qmp as q
+from xskbroker.testbed import links
 from xskbroker.testbed.links import in_netns
+from xskbroker.testbed.sandbox import VethNamespace
 
 from .conftest import CONSUMER_UID, SYSTEM_PYTHON, readable_code
 
@@ -84,6 +86,7 @@ class DataPath:
     inside_mac: bytes
     peer_mac: bytes
     qemu_port: int = 0
+    tag: bytes = TAG  # 4 bytes; two paths on one peer each count only their own frames
     raw: socket.socket = field(init=False)
     udp: socket.socket = field(init=False)
 
@@ -111,10 +114,9 @@ class DataPath:
         self.udp.close()
 
     def _frame(self, dst: bytes, src: bytes, seq: int) -> bytes:
-        return FRAME.pack(dst, src, ETH_P_TEST, TAG, seq).ljust(64, b"\0")
+        return FRAME.pack(dst, src, ETH_P_TEST, self.tag, seq).ljust(64, b"\0")
 
-    @staticmethod
-    def _seqs(sock: socket.socket, timeout: float, raw: bool) -> list[int]:
+    def _seqs(self, sock: socket.socket, timeout: float, raw: bool) -> list[int]:
         out = []
         ready = select.select([sock], [], [], timeout)[0]
         while ready:
@@ -126,7 +128,7 @@ class DataPath:
                 continue
             if len(data) >= FRAME.size:
                 _, _, ethertype, tag, seq = FRAME.unpack_from(data)
-                if ethertype == ETH_P_TEST and tag == TAG:
+                if ethertype == ETH_P_TEST and tag == self.tag:
                     out.append(seq)
         return out
 
@@ -202,6 +204,18 @@ class RealQemu:
                 self.proc.kill()
                 self.proc.wait()
         return int(self.proc.returncode)
+
+
+AF_XDP_EXEC = ["-netdev", "af-xdp,id=xdp0,ifname={ifname},queues={queues},start-queue={start_queue},inhibit=on,"
+               "sock-fds={sock_fds},mode={xdp_mode}", "-netdev", "hubport,id=hub-xdp0,hubid=0,netdev=xdp0"]
+
+
+def steer_to_queue(ns: VethNamespace, queue: int) -> None:
+    """Every frame the peer sends, from any CPU, on its tx queue `queue`: it arrives on the inside's rx queue
+    `queue` (veth keeps the queue)."""
+    ncpu = os.cpu_count() or 1
+    links.write_sysfs(ns.name, {f"/sys/class/net/{ns.peer}/queues/tx-{q}/xps_cpus":
+                                format((1 << ncpu) - 1, "x") if q == queue else "0" for q in range(ns.queues)})
 
 
 def qemu_args(binary: str, qmp_path: str, netdevs: Sequence[str]) -> list[str]:

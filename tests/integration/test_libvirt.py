@@ -384,9 +384,12 @@ def kvm_trap() -> str | None:
 
 
 @contextlib.contextmanager
-def libvirtd(workdir: Path, conf: Path) -> Iterator[None]:
+def libvirtd(workdir: Path, conf: Path, netns: str | None = None, kvm_group: bool = False) -> Iterator[None]:
     """virtlogd and libvirtd in the foreground, as our children, with the hook installed where libvirt looks
-    (/etc/libvirt/hooks/qemu.d: the path is built into libvirt) for their lifetime; all of it undone after."""
+    (/etc/libvirt/hooks/qemu.d: the path is built into libvirt) for their lifetime; all of it undone after.
+
+    netns: libvirtd (and so every QEMU it starts) runs in that network namespace. kvm_group: in libvirtd's
+    mount namespace /dev/kvm is root:kvm 0660, as Debian's udev rule makes it, so QEMU's user can use KVM."""
     made: list[Path] = []
     for d in (HOOKS_DIR.parent, HOOKS_DIR):
         if not d.exists():
@@ -399,7 +402,17 @@ def libvirtd(workdir: Path, conf: Path) -> Iterator[None]:
                          f"\n{body}")
     INSTALLED.chmod(0o755)
     daemon = ["libvirtd", "--pid-file", str(workdir / "libvirtd.pid")]
-    if kvm_trap():
+    if kvm_group:
+        # a node of the namespace's own, on a tmpfs there: the host's /dev/kvm and filesystems stay as they are
+        rdev = os.stat("/dev/kvm").st_rdev
+        (workdir / "dev").mkdir()
+        (workdir / "qemu.conf").write_text(Path("/etc/libvirt/qemu.conf").read_text() + "\nnamespaces = []\n")
+        daemon = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                  'mount -t tmpfs -o mode=0755 xskbroker-dev "$0" '
+                  f'&& mknod -m 0660 "$0/kvm" c {os.major(rdev)} {os.minor(rdev)} && chgrp kvm "$0/kvm" '
+                  '&& mount --bind "$0/kvm" /dev/kvm && mount --bind "$1" /etc/libvirt/qemu.conf && shift && exec "$@"',
+                  str(workdir / "dev"), str(workdir / "qemu.conf"), *daemon]
+    elif kvm_trap():
         # In a mount namespace of its own: /dev/kvm is a plain empty file there, so probe and check agree on
         # "no KVM"; and its qemu.conf says namespaces = [], since libvirt cannot carry a file mount at /dev/kvm
         # into a domain's private /dev ("Unable to move … mount to /dev/kvm"). The host sees neither change.
@@ -408,6 +421,8 @@ def libvirtd(workdir: Path, conf: Path) -> Iterator[None]:
         daemon = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                   'mount --bind "$0" /dev/kvm && mount --bind "$1" /etc/libvirt/qemu.conf && shift && exec "$@"',
                   str(workdir / "no-kvm"), str(workdir / "qemu.conf"), *daemon]
+    if netns:
+        daemon = ["nsenter", f"--net=/run/netns/{netns}", *daemon]  # not `ip netns exec`: it remounts /sys
     procs: list[subprocess.Popen[bytes]] = []
     log = open(workdir / "libvirt.log", "wb")  # noqa: SIM115 - closed below
     try:
@@ -445,8 +460,8 @@ def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def transient_domain(name: str, xml_path: Path) -> Iterator[subprocess.CompletedProcess[str]]:
-    done = virsh("create", str(xml_path), "--paused", check=False)
+def transient_domain(name: str, xml_path: Path, paused: bool = True) -> Iterator[subprocess.CompletedProcess[str]]:
+    done = virsh("create", str(xml_path), *(["--paused"] if paused else []), check=False)
     try:
         yield done
     finally:

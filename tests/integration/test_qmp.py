@@ -493,6 +493,48 @@ def test_a_requester_killed_mid_grant_leaves_no_socket_in_the_map(veth: VethName
         assert not [r for r in broker.records() if r.get("event") == "internal-error"]
 
 
+def test_a_grant_whose_reply_fails_frees_its_queue_for_the_very_next_grant(veth: VethNamespace) -> None:
+    """The requester dies before its reply is sent: the grant is aborted, and its socket leaves the map slot
+    then and there, not when a closer thread gets to close the broker's copy. The next grant was already
+    waiting (sent while the broker paused before the failing send), so it is decided right after the abort:
+    before the fix it found the aborted socket still in the slot and was refused `queue-busy`."""
+
+    from xskbroker.client.connection import Connection
+    from xskbroker.client.grant import request_fds
+    from xskbroker.wire import protocol as proto
+
+    with BrokerProcess(veth.name, BARE_POLICY, env={"XSKBROKER_FAULT": "before-send:pause"}) as broker:
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    c = Connection(broker.socket_path)
+                    c.sock.send(proto.encode_request(proto.Grant(interface=veth.inside, queues=(0,), kind="bare")))
+                    time.sleep(0.2)  # the broker has read it and sleeps before its reply
+                finally:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            os.waitpid(pid, 0)
+            _, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
+            hotplug.close_fds(fds)
+            wait_for(lambda: not _status(broker.socket_path), 10.0, "our own lease to end")
+        aborted = [r for r in broker.records() if r.get("event") == "lease-aborted"]
+        assert len(aborted) == 3, aborted
+
+
+def test_a_bare_queue_is_free_as_soon_as_its_holder_closes_its_sockets(veth: VethNamespace) -> None:
+    """The broker keeps no copy of a bare socket after its reply (a kept copy, however brief, left the slot
+    taken after the holder closed its own: the very next grant got `queue-busy`)."""
+
+    from xskbroker.client.grant import request_fds
+
+    with BrokerProcess(veth.name, BARE_POLICY) as broker:
+        for _ in range(10):
+            _, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
+            hotplug.close_fds(fds)
+            _, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
+            hotplug.close_fds(fds)
+
+
 # ---- QEMU's UMEM size and the broker's memlock answer (issue 10) ---------------------------------------
 
 def test_qemu_umem_from_the_user_sets_what_the_memlock_check_needs(

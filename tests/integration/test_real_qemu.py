@@ -23,7 +23,17 @@ from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, ns_name, wait_for
-from .real_qemu import MEMLOCK, DataPath, RealQemu, qemu_args, qemu_binary, run_qemu, unprivileged, xskbroker
+from .real_qemu import (
+    AF_XDP_EXEC,
+    MEMLOCK,
+    DataPath,
+    RealQemu,
+    qemu_args,
+    qemu_binary,
+    run_qemu,
+    unprivileged,
+    xskbroker,
+)
 
 FRAMES = 200
 # one queue at a time for the consumer: a re-attach fits only if detach really ended the first lease
@@ -67,10 +77,6 @@ def exec_prefix(ns: VethNamespace, b: BrokerProcess, ipc_lock: bool) -> list[str
     return [*unprivileged(ns.name, ipc_lock),
             *xskbroker("exec", "--socket", b.socket_path, "--interface", ns.inside, "--queues", "1", "--kind", "bare",
                        "--")]
-
-
-AF_XDP_EXEC = ["-netdev", "af-xdp,id=xdp0,ifname={ifname},queues={queues},start-queue={start_queue},inhibit=on,"
-               "sock-fds={sock_fds},mode={xdp_mode}", "-netdev", "hubport,id=hub-xdp0,hubid=0,netdev=xdp0"]
 
 
 def test_exec_runs_unprivileged_qemu_frames_both_ways_and_the_lease_ends_with_it(bed, figures) -> None:

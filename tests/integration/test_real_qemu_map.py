@@ -25,12 +25,11 @@ from typing import Any
 import pytest
 
 from xskbroker.client.connection import Connection
-from xskbroker.testbed import links
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, ns_name, wait_for
-from .real_qemu import DataPath, RealQemu, qemu_args, qemu_binary, run_qemu, unprivileged, xskbroker
+from .real_qemu import DataPath, RealQemu, qemu_args, qemu_binary, run_qemu, steer_to_queue, unprivileged, xskbroker
 
 OTHER_UID = 65532
 QUEUE = 1
@@ -79,14 +78,6 @@ class Bed:
                         lambda qmp: qemu_args(self.binary, qmp, [*self.path.netdevs(), *AF_XDP_MAP]))
 
 
-def _all_cpus_to_tx_queue(ns: VethNamespace, queue: int) -> None:
-    """Every frame the peer sends, from any CPU, on its tx queue `queue`: it arrives on the inside's rx queue
-    `queue` (veth keeps the queue), the one granted here."""
-    ncpu = os.cpu_count() or 1
-    links.write_sysfs(ns.name, {f"/sys/class/net/{ns.peer}/queues/tx-{q}/xps_cpus":
-                                format((1 << ncpu) - 1, "x") if q == queue else "0" for q in range(2)})
-
-
 @pytest.fixture
 def bed() -> Iterator[Bed]:
     binary = qemu_binary()  # first: a missing build fails here, before anything is made
@@ -96,7 +87,7 @@ def bed() -> Iterator[Bed]:
     try:
         with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
                 BrokerProcess(ns.name, POLICY, extra_args=["--pin-root", root]) as b:
-            _all_cpus_to_tx_queue(ns, QUEUE)
+            steer_to_queue(ns, QUEUE)
             path = DataPath(ns.name, ns.peer, ns.mac(ns.inside), ns.mac(ns.peer))
             try:
                 yield Bed(ns, b, path, binary, root)

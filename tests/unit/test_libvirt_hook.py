@@ -17,9 +17,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
+from xskbroker.client import qemu_support
 from xskbroker.client import qmp as q
 from xskbroker.client.libvirt import config as lvconf
 from xskbroker.client.libvirt import hook as lvhook
@@ -441,8 +443,9 @@ class FakeBroker:
         pairs = [socket.socketpair() for _ in range(queues)]
         self.peers += [b for _, b in pairs]
         reply = {"lease": f"L{len(self.calls)}", "interface": interface, "xdp_mode": "skb",
-                 "sockets": [{"queue": start_queue + i, "fd": i} for i in range(queues)],
-                 "memlock": {"ok": False, "raised": False, "reason": "too low", "hint": "raise it"}}
+                 "sockets": [{"queue": start_queue + i, "fd": i} for i in range(queues)]}
+        if memlock:  # the broker answers about memlock only when asked
+            reply["memlock"] = {"ok": False, "raised": False, "reason": "too low", "hint": "raise it"}
         return reply, [a.detach() for a, _ in pairs]
 
     def release(self, lease: str) -> dict[str, Any]:
@@ -465,7 +468,7 @@ def fake_qemu(tmp_path: Path) -> Iterator[FakeQemu]:
     f.close()
 
 
-def worker(fake_qemu: FakeQemu, tmp_path: Path, interfaces: list[lvmeta.Interface],
+def worker(fake_qemu: FakeQemu, tmp_path: Path, interfaces: list[lvmeta.Interface], ipc_lock: bool = False,
            **broker: Any) -> tuple[dict[str, Any], list[FakeBroker], list[str]]:
     brokers: list[FakeBroker] = []
 
@@ -475,8 +478,10 @@ def worker(fake_qemu: FakeQemu, tmp_path: Path, interfaces: list[lvmeta.Interfac
 
     lines: list[str] = []
     cfg = lvconf.Config(socket="/run/b.sock", state_dir=str(tmp_path), timeout=2.0)
-    state = lvworker.run_worker("vm1", interfaces, cfg, FakeMonitor(str(tmp_path / "vm.qmp"), 2.0), lines.append,
-                          str(tmp_path / "vm1.json"), factory)
+    # the fake QEMU is this process: whether it "has" CAP_IPC_LOCK is the test's choice, not root's
+    with mock.patch.object(qemu_support, "has_ipc_lock", lambda pid: ipc_lock):
+        state = lvworker.run_worker("vm1", interfaces, cfg, FakeMonitor(str(tmp_path / "vm.qmp"), 2.0),
+                                    lines.append, str(tmp_path / "vm1.json"), factory)
     assert state == lvstate.read_state(str(tmp_path / "vm1.json"))
     return state, brokers, lines
 
@@ -507,6 +512,15 @@ def test_worker_plugs_every_interface(fake_qemu: FakeQemu, tmp_path: Path) -> No
             s.recv(1)
     assert any("xdp0: warning: QEMU's RLIMIT_MEMLOCK looks too low for its UMEM: too low; raise it" in x for x in lines)
     assert lines[-1] == "done: 2 of 2 interface(s) attached"
+
+
+def test_a_qemu_with_cap_ipc_lock_is_asked_no_memlock_and_not_warned(fake_qemu: FakeQemu, tmp_path: Path) -> None:
+    # its UMEM is not charged to RLIMIT_MEMLOCK (libvirt's QEMU given the capability, docs/libvirt.md)
+    state, (broker,), lines = worker(fake_qemu, tmp_path, [lvmeta.Interface("xdp0", "eth1")], ipc_lock=True)
+    assert broker.calls == [("grant", ("eth1", 1, 0, os.getpid(), 0))]
+    assert state["interfaces"][0]["status"] == "attached"
+    assert any(x.endswith(", no memlock (QEMU has CAP_IPC_LOCK)") for x in lines), lines
+    assert not any("RLIMIT_MEMLOCK" in x for x in lines), lines
 
 
 def test_a_refused_device_add_is_unwound_and_released(fake_qemu: FakeQemu, tmp_path: Path) -> None:
