@@ -1,5 +1,9 @@
 """Grant latency: a client's request until the fds are in its hand, against the same kernel work done
-in-process by a privileged program (sealed memfd, UMEM registration, rings, bind, map slot)."""
+in-process by a privileged program (sealed memfd, UMEM registration, rings, bind, map slot).
+
+Brokered two ways, both through the public client API: a new connection per grant (request_fds as a
+one-off launcher calls it: connect, and the broker identifies a new peer) and one connection kept open
+for every grant (request_fds(connection=...), how a program that grants repeatedly should call it)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 from bench.common import bed, summary
 from xskbroker.broker import xsk
+from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import in_netns
 from xskbroker.wire.protocol import Geometry
@@ -26,22 +31,25 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
         for mib in SIZES_MIB:
             g = Geometry(umem_size=mib << 20)
             brokered: list[float] = []
+            kept: list[float] = []  # on one connection
             direct: list[float] = []
-            # alternate the two so a noisy neighbour hurts both alike; rotate queues so none is reused
+            conn = Connection(path)
+            # alternate them so a noisy neighbour hurts all alike; rotate queues so none is reused
             # within the ~20 ms the kernel takes to release a closed one
             for i in range(samples + 5):
-                q = (2 * i) % queues
-                t = time.perf_counter()
-                _, fds = request_fds("xsk0", [q], kind="bound", geometry=g, socket_path=path)
-                elapsed = time.perf_counter() - t
-                for fd in fds:
-                    os.close(fd)
-                if i >= 5:
-                    brokered.append(elapsed * 1000)
-                # the broker's UMEM pool refills in the background (its helper process zeroes and pins
-                # pages): let it finish, so it does not slow the direct sample that follows on 2 CPUs
-                time.sleep(PAUSE + mib * PAUSE_PER_MIB)
-                q = (2 * i + 1) % queues
+                for series, via in ((brokered, None), (kept, conn)):
+                    q = (3 * i + (via is not None)) % queues
+                    t = time.perf_counter()
+                    _, fds = request_fds("xsk0", [q], kind="bound", geometry=g, socket_path=path, connection=via)
+                    elapsed = time.perf_counter() - t
+                    for fd in fds:
+                        os.close(fd)
+                    if i >= 5:
+                        series.append(elapsed * 1000)
+                    # the broker's UMEM pool refills in the background (its helper process zeroes and pins
+                    # pages): let it finish, so it does not slow the sample that follows on 2 CPUs
+                    time.sleep(PAUSE + mib * PAUSE_PER_MIB)
+                q = (3 * i + 2) % queues
                 with in_netns(b.ns.name):
                     t = time.perf_counter()
                     s = xsk.create_bound(b.ifindex, q, b.program.map_fd, g)
@@ -49,8 +57,13 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
                 s.close()
                 if i >= 5:
                     direct.append(elapsed * 1000)
-            bs, ds = summary(brokered), summary(direct)
+            conn.close()
+            bs, ks, ds = summary(brokered), summary(kept), summary(direct)
             out[f"{mib}MiB"] = {"brokered_ms": bs, "direct_ms": ds, "ratio_p50": bs["p50"] / ds["p50"],
                                 "ratio_p99": bs["p99"] / ds["p99"], "p99_over_p50": bs["p99"] / bs["p50"],
-                                "samples_brokered": brokered, "samples_direct": direct}
+                                "one_connection_ms": ks, "one_connection_ratio_p50": ks["p50"] / ds["p50"],
+                                "one_connection_ratio_p99": ks["p99"] / ds["p99"],
+                                "one_connection_p99_over_p50": ks["p99"] / ks["p50"],
+                                "samples_brokered": brokered, "samples_one_connection": kept,
+                                "samples_direct": direct}
     return out

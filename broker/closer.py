@@ -64,7 +64,8 @@ class Closer:
                     self._later_thread = threading.Thread(target=self._run_later, name=f"xskbroker-{self._name}-later",
                                                           daemon=True)
                     self._later_thread.start()
-                self._later_wake.notify()
+                if len(self._later) == 1:  # else the thread already waits for an earlier one: no wake-up (and
+                    self._later_wake.notify()  # no thread switch) per grant
         if not later:
             self.close(fds)
 

@@ -15,6 +15,7 @@ from typing import Any
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.kernel import Kernel, Program
 from xskbroker.broker.leases import Lease, LeaseTable
+from xskbroker.broker.netcache import NetCache
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.squat import SquatWatch
 from xskbroker.broker.umem_pool import UmemPool
@@ -112,6 +113,8 @@ class Core:
     # With link events watched, a change of XDP program drops the cached one as it happens, so a grant
     # need not ask the kernel again; without them every grant re-checks (a netlink round trip).
     link_events: bool
+    net: NetCache  # interface facts kept between link events (broker.netcache)
+    link_sync: Callable[[], None]  # deliver the link events the kernel has queued, before net is trusted
 
     def _admin(self, peer: PeerInfo) -> bool:
         return is_admin(self.policy.admin, policy_peer(peer))

@@ -42,6 +42,7 @@ INLINE_UMEM = 4 << 20
 # Large grants being made (running or queued for a worker) at once, in all and per uid: one user cannot
 # keep every worker busy, and nobody can queue unbounded work.
 MAX_JOBS = 16
+INLINE_WAIT = 0.001  # seconds the loop may wait for a light job before deferring the grant
 MAX_JOBS_PER_UID = 2
 # How long a bare grant waits for a busy slot while the broker's closer still has sent fds to close: a
 # closer thread needs the GIL, which the loop may hold for a switch interval (5 ms) per request.
@@ -129,13 +130,10 @@ class Grants(MapGrants):
         """The interface's index and queue count, after every check that changes nothing in the kernel:
         the name is the interface's own (the one the policy judged), every requested queue exists, and no
         map lease holds a requested queue (its socket is in the tenant's map, where claim() cannot see it)."""
-        try:
-            ifindex = self.kernel.resolve(req.interface)
-        except NotCanonical as e:
-            raise Refused(ErrorCode.NOT_CANONICAL_NAME, str(e), canonical=e.canonical) from None
-        except NoSuchInterface as e:
-            raise Refused(ErrorCode.NO_SUCH_INTERFACE, str(e)) from None
-        nqueues = self.kernel.queue_count(req.interface)
+        ifindex, nqueues = self._interface(req.interface)
+        if any(q >= nqueues for q in req.queues) and nqueues == self.net.queues.get(ifindex):
+            self.net.queues.pop(ifindex)  # a remembered count never refuses: ask the kernel again
+            ifindex, nqueues = self._interface(req.interface)
         bad = [q for q in req.queues if q >= nqueues]
         if bad:
             raise Refused(ErrorCode.NO_SUCH_QUEUE, f"{req.interface} has {nqueues} queue(s) (0-{nqueues - 1}); "
@@ -145,6 +143,27 @@ class Grants(MapGrants):
             if held and held.kind == "map":
                 raise Refused(ErrorCode.QUEUE_BUSY, f"{req.interface} queue {q} is held by lease {held.id} (a map "
                               f"grant to uid {held.uid}) until it ends")
+        return ifindex, nqueues
+
+    def _interface(self, name: str) -> tuple[int, int]:
+        """The ifindex of the interface whose own name is `name`, and its queue count: remembered between
+        link events (broker.netcache) once the events the kernel has queued are read."""
+        if self.link_events:
+            self.link_sync()
+        net = self.net if self.link_events else None
+        ifindex = net.ifindex.get(name) if net else None
+        if ifindex is None:
+            try:
+                ifindex = self.kernel.resolve(name)
+            except NotCanonical as e:
+                raise Refused(ErrorCode.NOT_CANONICAL_NAME, str(e), canonical=e.canonical) from None
+            except NoSuchInterface as e:
+                raise Refused(ErrorCode.NO_SUCH_INTERFACE, str(e)) from None
+        nqueues = net.queues.get(ifindex) if net else None
+        if nqueues is None:
+            nqueues = self.kernel.queue_count(name)
+        if net and self.link_events:  # still watched: link_sync may have lost the watch (an overrun)
+            net.ifindex[name], net.queues[ifindex] = ifindex, nqueues
         return ifindex, nqueues
 
     def _target(self, req: proto.Grant) -> tuple[int, Program]:
@@ -167,7 +186,7 @@ class Grants(MapGrants):
             raise Refused(ErrorCode.GRANTS_IN_PROGRESS, f"the broker is already making {self.jobs.total()} large "
                           f"grants ({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
         ifindex, prog = self._target(req)
-        ready = [self.pool.take(g, ifindex) for _ in req.queues]  # taken for this grant: never pooled again
+        ready = [self.pool.take(g, ifindex, wake=False) for _ in req.queues]  # taken for this grant: never pooled again
         prepared: list[Prepared] = []
         fresh: list[Prepared] = []  # claimed bare: the worker adds their UMEM
         bound: list[Prepared] = []  # bound by a worker
@@ -184,6 +203,8 @@ class Grants(MapGrants):
                 if r is not None:
                     r.close()
             self.pending.pop(id(prepared), None)
+            if isinstance(e, OSError) and not isinstance(e, QueueBusy):
+                self.net.forget_interface(ifindex)  # the kernel said no: perhaps the device changed unannounced
             return refusal(e, req.interface, queue)
 
         def work(job: Job) -> None:  # on a worker thread: nothing shared but these lists
@@ -273,8 +294,15 @@ class Grants(MapGrants):
                 return
             abort(OSError(errno.ECANCELED, "the broker is stopping"), req.queues[0])
 
-        return Deferred(step, cancel, parked=lambda: job is not None and not job.done,
-                        ready=lambda: job is not None and job.done)
+        deferred = Deferred(step, cancel, parked=lambda: job is not None and not job.done,
+                            ready=lambda: job is not None and job.done)
+        # A light job (a bind of sockets the pool made, a small registration) is usually done within
+        # INLINE_WAIT: wait for it here (the GIL is released meanwhile) and answer at once, saving the
+        # worker's wake-up of the loop, a select round and the connection's unregister/register. The loop
+        # is held at most INLINE_WAIT: a bind stuck behind the kernel's rtnl lock waits on the timer instead.
+        if job is not None and not heavy and job.wait(INLINE_WAIT):
+            return step() or deferred
+        return deferred
 
     def _submit(self, job: Job, heavy: bool) -> Job | None:
         """Hand a grant's kernel work to a worker (typed Optional: the grant's job is None between jobs)."""

@@ -72,6 +72,7 @@ class LeaseTable:
     def __init__(self, state_file: str | None = None) -> None:
         self._by_id: dict[str, Lease] = {}
         self._by_slot: dict[tuple[int, int], str] = {}
+        self._ended: dict[str, Lease] = {}  # out of the table, their on_end still to come (add, remove)
         self.state_file = state_file
         self._journal: TextIO | None = None
         self._lines = 0
@@ -99,12 +100,16 @@ class LeaseTable:
         lease = Lease(os.urandom(8).hex(), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
                       pid_start, pid_ino=pid_ino, cgroup=cgroup)
         # A fresh grant on a slot proves the old holder's socket is gone (the kernel freed the slot).
+        ended = []
         for q in queues:
             old = self.holder(ifindex, q)
             if old:
-                self.remove(old.id)
+                self._remove(old.id)
+                ended.append({"end": old.id})
         self._insert(lease)
-        self.record(lease)
+        self._append(*ended, {"lease": lease.record()})  # one write for the grant, ends and all
+        for entry in ended:
+            self.on_end(self._ended.pop(entry["end"]))
         return lease
 
     def _insert(self, lease: Lease) -> None:
@@ -113,13 +118,20 @@ class LeaseTable:
             self._by_slot[(lease.ifindex, q)] = lease.id
 
     def remove(self, lease_id: str) -> Lease | None:
+        lease = self._remove(lease_id)
+        if lease:
+            self._append({"end": lease_id})
+            self.on_end(self._ended.pop(lease_id))
+        return lease
+
+    def _remove(self, lease_id: str) -> Lease | None:
+        """Out of the table, not yet journaled nor ended (kept in _ended until the caller does both)."""
         lease = self._by_id.pop(lease_id, None)
         if lease:
             for q in lease.queues:
                 if self._by_slot.get((lease.ifindex, q)) == lease_id:
                     del self._by_slot[(lease.ifindex, q)]
-            self._append({"end": lease_id})
-            self.on_end(lease)
+            self._ended[lease_id] = lease
         return lease
 
     def orphans(self) -> list[Lease]:
@@ -137,17 +149,18 @@ class LeaseTable:
         """Journal a new or changed lease (a later record of the same id replaces the earlier one)."""
         self._append({"lease": lease.record()})
 
-    def _append(self, entry: dict[str, Any]) -> None:
+    def _append(self, *entries: dict[str, Any]) -> None:
         if not self.state_file:
             return
         if self._journal is None or self._lines > 1000 + 4 * len(self._by_id):
             self.compact()
-            if entry.get("end") or "lease" in entry:
+            if all(e.get("end") or "lease" in e for e in entries):
                 return  # the compacted journal already holds the current state
         assert self._journal is not None
-        # one write(2) per record, no buffering layer: it is on the grant path
-        os.write(self._journal.fileno(), (json.dumps(entry, separators=(",", ":")) + "\n").encode())
-        self._lines += 1
+        # one write(2) per call, no buffering layer: it is on the grant path
+        os.write(self._journal.fileno(), "".join(json.dumps(e, separators=(",", ":")) + "\n"
+                                                 for e in entries).encode())
+        self._lines += len(entries)
 
     def compact(self) -> None:
         """Rewrite the journal as the current leases only (temp file + rename: old or new, never half)."""

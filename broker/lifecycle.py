@@ -176,6 +176,7 @@ class Lifecycle(MapGrants):
     # ---- interfaces come and go ------------------------------------------------------------------------
 
     def link_event(self, ev: LinkEvent) -> None:
+        self.net.forget()  # names, queue counts, bind modes: any of them may have changed
         old_name = self.names.get(ev.ifindex)
         if ev.removed:
             prog = self.programs.pop(ev.ifindex, None)

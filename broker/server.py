@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -164,6 +165,9 @@ class Server:
             self.links = linkwatch.open_socket()
             self.sel.register(self.links, selectors.EVENT_READ, self._link_events)
             service.watch_links()
+            self._links_queued = select.poll()  # one poll(2), no exception, when nothing is queued (the usual case)
+            self._links_queued.register(self.links, select.POLLIN)
+            service.link_sync = self._link_sync
         except OSError as e:  # lifecycle tracking is lost, grants still work: say so and go on
             self.audit({"event": "linkwatch-unavailable", "error": str(e)})
         for lease in service.leases:
@@ -459,6 +463,7 @@ class Server:
             else:
                 self.closer.close(outcome.fds)
             outcome.fds = []
+            self.service.pool.kick()  # refill what the grant took, now that its reply is out
 
     def watch_pid(self, pid: int, conn: socket.socket | None = None, start: int | None = None,
                   ino: int | None = None) -> None:
@@ -496,6 +501,11 @@ class Server:
         fds = passed_fds(ancdata)
         self.untrusted.close(fds)
         return len(fds)
+
+    def _link_sync(self) -> None:
+        """Deliver the link events already queued (a grant is about to trust what they would change)."""
+        if self.links is not None and self._links_queued.poll(0):
+            self._link_events(self.links)
 
     def _link_events(self, sock: socket.socket) -> None:
         while True:

@@ -30,6 +30,7 @@ from xskbroker.broker.kernel import Kernel, LinuxKernel, Program
 from xskbroker.broker.leases import LeaseTable
 from xskbroker.broker.lifecycle import Lifecycle
 from xskbroker.broker.metrics import Metrics
+from xskbroker.broker.netcache import NetCache
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.umem_pool import UmemPool
 from xskbroker.broker.workers import Workers
@@ -95,6 +96,8 @@ class Service(Grants, Lifecycle):
         self.pin_root = pin_root  # a bpffs directory where map grants are pinned for their tenants
         self.pinned: dict[str, str] = {}
         self.link_events = link_events
+        self.net = NetCache()  # trusted only while link events are watched (link_events)
+        self.link_sync: Callable[[], None] = lambda: None  # the server: read the link events already queued
         self.squat = squat.SquatWatch(self.kernel.slot_probe)  # where bare sockets are bound (their holders bind)
         # the daemon's `policy` (last-good fallback) and `limits` fields of the status reply, given admin or not
         self.describe: Callable[[bool], StatusExtras] = lambda admin: {}
@@ -102,6 +105,7 @@ class Service(Grants, Lifecycle):
     def watch_links(self, watched: bool = True) -> None:
         """Link events are (or are no longer) delivered to link_event(): cached programs can be trusted."""
         self.link_events = watched
+        self.net.forget()
 
     def reload(self, policy: Policy, source: str | None = None) -> None:
         """Judge every request from now on by `policy` (leases already granted stay)."""
@@ -115,6 +119,7 @@ class Service(Grants, Lifecycle):
         for prog in self.programs.values():
             prog.close()
         self.programs.clear()
+        self.net.forget()
 
     def close(self) -> None:
         self.forget_programs()

@@ -70,6 +70,7 @@ class UmemPool:
         self._made = self._taken = self._missed = self._failed = 0
         self._lock = threading.Condition()
         self._last_take = 0.0
+        self._kick = False  # a take(wake=False) left the refilling thread asleep
         self._stopping = False
         self._threads = [threading.Thread(target=self._fill, name=f"xskbroker-umem-pool-{i}", daemon=True)
                          for i in range(fillers if max_bytes > 0 else 0)]
@@ -79,9 +80,11 @@ class UmemPool:
     def fits(self, g: Geometry) -> bool:
         return 0 < cost(g) * PER_GEOMETRY <= self.max_bytes
 
-    def take(self, g: Geometry, ifindex: int) -> Ready | None:
+    def take(self, g: Geometry, ifindex: int, wake: bool = True) -> Ready | None:
         """A ready socket of geometry g, now, or None (the caller makes one). Either way g is wanted
-        (on behalf of interface ifindex) and refilled in the background."""
+        (on behalf of interface ifindex) and refilled in the background. wake=False: a socket taken leaves
+        the refilling thread asleep until kick() (the server's, once the reply is out), so that it does not
+        compete with the grant for the CPU and the GIL; a miss wakes it at once."""
         if not self._threads or not self.fits(g):
             return None
         with self._lock:
@@ -99,8 +102,18 @@ class UmemPool:
                 self._taken += 1
                 self._bytes -= cost(g)
                 self._sockets -= 1
-            self._lock.notify_all()
+            if wake or got is None:
+                self._lock.notify_all()
+            else:
+                self._kick = True
         return got
+
+    def kick(self) -> None:
+        """Wake the refilling thread for what take(wake=False) took."""
+        if self._kick:
+            with self._lock:
+                self._kick = False
+                self._lock.notify_all()
 
     def ready(self, g: Geometry) -> int:
         with self._lock:

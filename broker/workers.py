@@ -31,6 +31,8 @@ class Job:
         self.cancelled = False  # work looks at it between steps
         self._child: int | None = None  # pidfd of a child process doing a step
         self._lock = threading.Lock()
+        self._finished = threading.Event()
+        self._waited = False  # the loop waits for it (wait()): it needs no wake-up when it is done
 
     def watch(self, pidfd: int | None) -> None:
         """A child process does a step (pidfd), or no longer (None): cancel() kills it meanwhile."""
@@ -44,7 +46,8 @@ class Job:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._child, signal.SIGKILL)
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Do the work; True when the loop must be woken to see it done (nobody was waiting in wait())."""
         try:
             self.work(self)
         except BaseException as e:
@@ -52,8 +55,22 @@ class Job:
         with self._lock:
             self.done = True
             late = self.cancelled
+            waited = self._waited
+        self._finished.set()
         if late:
             self.undo()
+        return not waited
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to timeout seconds for the work to be done (the GIL is released meanwhile); whether it is."""
+        with self._lock:
+            if self.done:
+                return True
+            self._waited = True
+        self._finished.wait(timeout)
+        with self._lock:
+            self._waited = False  # from now on, a job that ends wakes the loop
+            return self.done
 
     def cancel(self) -> None:
         """Give up: undo now if the work is over, else when it is (a child doing a step is killed)."""
@@ -85,9 +102,9 @@ class Workers:
 
     def _run(self, jobs: queue.SimpleQueue[Job | None]) -> None:
         while (job := jobs.get()) is not None:
-            job.run()
-            with contextlib.suppress(OSError):  # full (the loop is behind: it will look anyway) or closed
-                self._wake_w.send(b"\0")
+            if job.run():
+                with contextlib.suppress(OSError):  # full (the loop is behind: it will look anyway) or closed
+                    self._wake_w.send(b"\0")
 
     def drain(self) -> None:
         with contextlib.suppress(OSError):

@@ -62,11 +62,14 @@ class Record:
         values: dict[str, Any] = {}
         for f, hint in _wire_fields(cls):
             if f.name in obj:
-                values[f.name] = _check(obj[f.name], hint, f"{where}.{f.name}")
+                value = obj[f.name]
+                # on every grant's path: a scalar of exactly its type needs no generic check (nor its message)
+                values[f.name] = value if hint in _EXACT and type(value) is hint else \
+                    _check(value, hint, f"{where}.{f.name}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise BrokerError(ErrorCode.BAD_REPLY, f"broker reply: {where} lacks {f.name!r}")
-        known = {f.name for f, _ in _wire_fields(cls)}
-        return cls(**values, extra={k: v for k, v in obj.items() if k not in known})
+        known = _KNOWN[cls]
+        return cls(**values, extra={k: v for k, v in obj.items() if k not in known} if len(obj) > len(values) else {})
 
     def to_wire(self) -> dict[str, Any]:
         # on the grant path: a precomputed (name, omit) list per class, scalars copied as they are
@@ -95,6 +98,8 @@ def _shape(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]
 
 
 _FIELDS: dict[type, tuple[tuple[dataclasses.Field[Any], Any], ...]] = {}
+_KNOWN: dict[type, frozenset[str]] = {}  # the names in _FIELDS[cls]
+_EXACT = frozenset({int, str, bool})  # hints a JSON value of exactly that type satisfies as it is
 
 
 def _wire_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
@@ -104,6 +109,7 @@ def _wire_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
         hints = typing.get_type_hints(cls)
         got = _FIELDS[cls] = tuple((f, hints[f.name]) for f in dataclasses.fields(cls)
                                    if f.name not in ("extra", "req_id", "raw"))
+        _KNOWN[cls] = frozenset(f.name for f, _ in got)
     return got
 
 

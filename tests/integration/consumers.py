@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from xskbroker.broker import xsk as kernel_xsk  # only its thin bind() wrapper is used, unprivileged
+from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.xdp_abi import (
@@ -32,6 +33,20 @@ def try_grant(path: str, iface: str, queues: list[int], umem: int = 4 << 20) -> 
         return {"ok": False, "code": e.code, "message": e.message, "uid": os.getuid()}
     except (ConnectionError, OSError) as e:
         return {"ok": False, "code": "connection-error", "message": str(e), "uid": os.getuid()}
+
+
+def grants_on_one_connection(path: str, iface: str) -> dict[str, Any]:
+    """Grant, release, grant again, be refused and grant once more, all on one kept connection."""
+    out: dict[str, Any] = {"leases": [], "refused": None}
+    with Connection(path) as conn:
+        for queues in ([0], [1], [0, 1, 2], [1]):  # three queues is over the policy's max_queues
+            try:
+                with request(iface, queues, geometry=proto.Geometry(umem_size=1 << 20), connection=conn) as g:
+                    out["leases"].append(g.lease)
+            except proto.BrokerError as e:
+                out["refused"] = e.code
+        out["hello"] = conn.call(proto.Hello())[0]["ok"]  # still open: release() left it to its owner
+    return out
 
 
 def hold_grant(path: str, iface: str, queues: list[int], seconds: float) -> dict[str, Any]:

@@ -166,6 +166,35 @@ interfaces = ["{ALTNAME}", "xsk0"]
         assert by_name["ok"] and by_name["interface"] == "xsk0", by_name
 
 
+def test_a_name_moved_to_another_device_is_followed_at_once() -> None:
+    """The broker remembers xsk0's ifindex between link events: xsk0 renamed away and another device named
+    xsk0 right before the next request must get that request judged and granted on the new device, and
+    the old one, under its new name, refused."""
+    policy = f"""\
+version = 1
+
+[[allow]]
+name = "xsk0-only"
+users = [{CONSUMER_UID}]
+interfaces = ["xsk0"]
+"""
+    with bed(policy) as (ns, b):
+        first = spawn_unprivileged(_try, b.socket_path, proto.Grant("xsk0", (0,)),
+                                   uid=CONSUMER_UID).result()
+        assert first["ok"], first
+        ns.rename("xsk0", "xskold")
+        ns.add_veth("xsk0", "xsknewp")
+        with in_netns(ns.name):
+            new_index = socket.if_nametoindex("xsk0")
+        assert new_index != first["ifindex"]
+        again = spawn_unprivileged(_try, b.socket_path, proto.Grant("xsk0", (0,)),
+                                   uid=CONSUMER_UID).result()
+        assert again["ok"] and again["ifindex"] == new_index, (again, new_index)
+        old = spawn_unprivileged(_try, b.socket_path, proto.Grant("xskold", (0,)),
+                                 uid=CONSUMER_UID).result()
+        assert old["code"] == "interface-not-allowed", old
+
+
 # ---- finding 4: a map fd that outlives its lease ---------------------------------------------------------
 
 MAP_POLICY = f"""\

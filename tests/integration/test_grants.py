@@ -28,7 +28,7 @@ from xskbroker.testbed.sandbox import (
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, wait_for
-from .consumers import attempt_escapes, hold_grant, try_grant
+from .consumers import attempt_escapes, grants_on_one_connection, hold_grant, try_grant
 
 # the command line imports its subcommands lazily: load them here, since the children that run it have dropped
 # to a uid that may not read the clone
@@ -197,6 +197,14 @@ def test_release_ends_the_lease_and_frees_the_queue(broker: BrokerProcess, veth:
     for _ in range(3):
         got = spawn_unprivileged(try_grant, broker.socket_path, veth.inside, [0, 1], uid=CONSUMER_UID).result()
         assert got["ok"] is True and got["queues"] == [0, 1], got
+    assert _status(broker)["leases"] == []
+    assert len([r for r in broker.records() if r.get("event") == "release"]) == 3
+
+
+def test_a_kept_connection_grants_again_and_again(broker: BrokerProcess, veth: VethNamespace) -> None:
+    """request(connection=...): every grant on it is judged and released like one on its own connection."""
+    got = spawn_unprivileged(grants_on_one_connection, broker.socket_path, veth.inside, uid=CONSUMER_UID).result()
+    assert len(set(got["leases"])) == 3 and got["refused"] == "too-many-queues" and got["hello"], got
     assert _status(broker)["leases"] == []
     assert len([r for r in broker.records() if r.get("event") == "release"]) == 3
 

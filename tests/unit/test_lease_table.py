@@ -168,3 +168,21 @@ def test_the_record_round_trips(tmp_path: Path) -> None:
     a.map_id, a.misbound = 42, 3
     assert Lease.from_record(json.loads(json.dumps(a.record()))) == a
     assert leases_mod.STATE_VERSION == 1
+
+
+def test_a_grant_that_ends_its_slots_old_lease_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ended lease and the new one go out in a single write(2) (the grant path pays one syscall), in
+    that order, and a restart reads the new lease alone."""
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    old = add(t, pid=10, queues=(0, 1))
+    writes: list[bytes] = []
+    real = leases_mod.os.write
+    monkeypatch.setattr(leases_mod.os, "write", lambda fd, data: writes.append(data) or real(fd, data))
+    ended: list[str] = []
+    t.on_end = lambda lease: ended.append(lease.id)
+    new = add(t, pid=11, queues=(1,))
+    assert len(writes) == 1
+    assert [json.loads(x) for x in writes[0].decode().splitlines()] == [{"end": old.id}, {"lease": new.record()}]
+    assert ended == [old.id] and t.get(old.id) is None
+    assert [x.id for x in table(path).load()] == [new.id]

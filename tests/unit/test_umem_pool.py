@@ -164,3 +164,22 @@ def test_an_empty_budget_makes_nothing() -> None:
     assert pool.take(SMALL, 1) is None
     pool.close()
     assert not maker.made
+
+
+def test_a_take_without_wake_refills_only_after_the_kick() -> None:
+    """The server takes with wake=False (the refilling thread must not compete with the grant) and kicks once
+    the reply is out: nothing is made in between, everything after."""
+    maker = Maker()
+    pool = UmemPool(16 * MiB, maker)
+    try:
+        pool.take(SMALL, 1)
+        _wait(lambda: pool.ready(SMALL) >= PER_GEOMETRY)
+        time.sleep(0.05)  # the filler has nothing left to do: it sleeps until told
+        made = len(maker.made)
+        assert pool.take(SMALL, 1, wake=False) is not None
+        time.sleep(0.05)
+        assert len(maker.made) == made, "no refill before the kick"
+        pool.kick()
+        _wait(lambda: len(maker.made) > made)
+    finally:
+        pool.close()
