@@ -70,27 +70,34 @@ def _vm(path: str, iface: str, gate: int, queue: int, other_queue: int) -> dict[
     lines = os.fdopen(gate, "r")
     if lines.readline().strip() != "go":
         raise RuntimeError("no go")
-    out: dict[str, Any] = {}
     with open("/proc/self/cgroup") as f:
-        out["cgroup"] = next(line[3:].strip() for line in f if line.startswith("0::"))
+        cgroup = next(line[3:].strip() for line in f if line.startswith("0::"))
     with request(iface, [queue], socket_path=path) as g:
-        out["lease"] = g.lease
         other_lease, other_pid = lines.readline().split()
-        out["other_queue"] = try_grant(path, iface, [other_queue])
-        with Connection(path) as c:
-            out["seen"] = [lease["lease"] for lease in c.call(proto.Status())[0]["leases"]]
-            try:
-                c.call(proto.Release(other_lease))
-                out["release_other"] = "released"
-            except proto.BrokerError as e:
-                out["release_other"] = e.code
-        try:  # its own queue (the policy allows it), but held by the other VM's process
-            _, fds = request_fds(iface, [queue], kind="bound", socket_path=path, holder_pid=int(other_pid))
-            for fd in fds:
-                os.close(fd)
-            out["holder_other"] = "granted"
+        # its own queue (the policy allows it), but held by the other VM's process
+        out = _against_the_other(path, iface, queue, other_queue, other_lease, int(other_pid), "bound")
+        return {"cgroup": cgroup, "lease": g.lease, **out}
+
+
+def _against_the_other(path: str, iface: str, own_queue: int, other_queue: int, other_lease: str, other_pid: int,
+                       kind: str) -> dict[str, Any]:
+    """What a process of one VM's uid and cgroup tries against the other VM: take its queue, see and release
+    its lease, and name its process as the holder of a queue of its own."""
+    out: dict[str, Any] = {"other_queue": try_grant(path, iface, [other_queue])}
+    with Connection(path) as c:
+        out["seen"] = [lease["lease"] for lease in c.call(proto.Status())[0]["leases"]]
+        try:
+            c.call(proto.Release(other_lease))
+            out["release_other"] = "released"
         except proto.BrokerError as e:
-            out["holder_other"] = f"{e.code}: {e.message}"
+            out["release_other"] = e.code
+    try:
+        _, fds = request_fds(iface, [own_queue], kind=kind, socket_path=path, holder_pid=other_pid)
+        for fd in fds:
+            os.close(fd)
+        out["holder_other"] = "granted"
+    except proto.BrokerError as e:
+        out["holder_other"] = f"{e.code}: {e.message}"
     return out
 
 
@@ -188,25 +195,10 @@ def _in_cgroup(d: Path, argv: list[str]) -> list[str]:
 def _neighbour(gate: int, path: str, iface: str, own_queue: int, other_queue: int, other_lease: str,
                other_pid: int) -> dict[str, Any]:
     """Another process of the VM's uid in the VM's cgroup (a compromised QEMU would be one): everything it
-    tries against the other VM."""
+    tries against the other VM (a bare queue its own rule allows, for the other VM's QEMU to hold)."""
     if os.fdopen(gate, "r").readline().strip() != "go":
         raise RuntimeError("no go")
-    out: dict[str, Any] = {"other_queue": try_grant(path, iface, [other_queue])}
-    with Connection(path) as c:
-        out["seen"] = [lease["lease"] for lease in c.call(proto.Status())[0]["leases"]]
-        try:
-            c.call(proto.Release(other_lease))
-            out["release_other"] = "released"
-        except proto.BrokerError as e:
-            out["release_other"] = e.code
-    try:  # a queue its own rule allows, for the other VM's QEMU to hold
-        _, fds = request_fds(iface, [own_queue], kind="bare", socket_path=path, holder_pid=other_pid)
-        for fd in fds:
-            os.close(fd)
-        out["holder_other"] = "granted"
-    except proto.BrokerError as e:
-        out["holder_other"] = f"{e.code}: {e.message}"
-    return out
+    return _against_the_other(path, iface, own_queue, other_queue, other_lease, other_pid, "bare")
 
 
 def _from_cgroup(d: Path, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
