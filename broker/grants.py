@@ -357,16 +357,28 @@ class Grants(MapGrants):
             if e.code != ErrorCode.QUEUE_BUSY or not self.closes_pending():
                 raise
         deadline = self.clock() + CLOSING_WAIT_SECONDS
+        # the queues count against the quota while the grant waits, as a bound grant's do: another grant of
+        # the same principal decided meanwhile must see them
+        token = [req]
+        self.pending[id(token)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
 
         def step() -> Outcome | None:
+            waiting = False
             try:
                 return self._make_bare_now(peer, req, rule)
             except Refused as e:
-                if e.code == ErrorCode.QUEUE_BUSY and self.clock() < deadline and self.closes_pending():
+                waiting = e.code == ErrorCode.QUEUE_BUSY and self.clock() < deadline and self.closes_pending()
+                if waiting:
                     return None
                 raise
+            finally:
+                if not waiting:
+                    self.pending.pop(id(token), None)
 
-        return Deferred(step, lambda: None)  # nothing is held between steps: a step that fails undoes itself
+        def cancel() -> None:  # nothing else is held between steps: a step that fails undoes itself
+            self.pending.pop(id(token), None)
+
+        return Deferred(step, cancel)
 
     def _make_bare_now(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
         unsupported = self.kernel.bare_supported()

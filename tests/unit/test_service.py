@@ -998,3 +998,21 @@ def test_holders_signal_only_the_process_the_lease_recorded() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_bare_grant_waiting_for_the_brokers_own_closes_counts_against_the_quota() -> None:
+    """A bare grant that finds a slot still held by a socket the broker is closing waits on the timer; its
+    queues count against the quota meanwhile, so a second grant of the same user cannot slip past it."""
+    r = make_rig(policy=parse_policy(QUOTA))
+    first, _ = r.grant(queues=(0,), kind="bare")
+    r.service.leases.remove(first["lease"])  # its socket is still in slot 0, closing on the broker's closer
+    r.service.closes_pending = lambda: True
+    waiting = r.ask(ALICE, proto.Grant("veth0", (0, 1), kind="bare"))
+    assert isinstance(waiting, Deferred) and waiting.step() is None
+    over, _ = r.grant(interface="veth1", queues=(0,), kind="bare")  # 2 waiting + 1 > max_queues = 2
+    assert not over["ok"] and over["error"]["code"] == r.events("grant")[-1]["code"], over
+    r.kernel.slots.pop((r.kernel.maps[r.service.programs[7].map_fd], 0))  # the broker's close is done
+    done = waiting.step()
+    assert isinstance(done, Outcome) and json.loads(done.reply.encode())["ok"]
+    assert r.service.pending == {}
+    r.service.close()
