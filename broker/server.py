@@ -446,8 +446,7 @@ class Server:
                 self.service.abort(outcome.lease_id)
             self.audit({"event": "reply-failed", "pid": who.pid, "error": str(e)})
             self._drop(conn)
-            self.closer.close(outcome.fds)  # nobody got them: nothing to keep them for
-            outcome.fds = []
+            outcome.keep = False  # nobody got them: nothing to keep them for
         else:
             if outcome.lease_id:
                 self.fault("after-send")
@@ -457,7 +456,7 @@ class Server:
                 self.watch_pid(outcome.holder_pid or who.pid, conn if outcome.holder_pid in (0, who.pid) else None,
                                lease.pid_start if lease else None, lease.pid_ino if lease else None)
         finally:
-            # the client has its own copies now; ours would keep the sockets alive
+            # the client has its own copies now (or none); ours would keep the sockets alive
             if outcome.keep:
                 self.closer.close_later(outcome.fds, KEEP_SENT, outcome.lease_id)
             else:
