@@ -121,8 +121,7 @@ class Core:
 
     def holdings(self) -> list[Holding]:
         """What every lease and every grant being made holds, for the quotas."""
-        return [*(Holding(lease.uid, frozenset(lease.gids), frozenset(lease.groups), len(lease.queues),
-                          lease.umem_bytes) for lease in self.leases), *self.pending.values()]
+        return [*self.leases.holdings(), *self.pending.values()]
 
     # defined by broker.grants and broker.lifecycle, called across them
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> Program:

@@ -336,7 +336,7 @@ class Grants(MapGrants):
                 self.revoke_lease(lease, None, self.policy.admin.revoke_signal)
 
     def has_bare(self) -> bool:
-        return any(x.kind == "bare" and not x.revoked for x in self.leases)
+        return self.leases.has_bare()
 
     def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program,
                       prepared: list[Prepared]) -> Outcome:

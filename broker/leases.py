@@ -12,11 +12,12 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from xskbroker.common import safefiles
+from xskbroker.policy.quota import Holding
 from xskbroker.wire.replies import LeaseInfo
 
 STATE_VERSION = 1
@@ -73,6 +74,11 @@ class LeaseTable:
         self._by_id: dict[str, Lease] = {}
         self._by_slot: dict[tuple[int, int], str] = {}
         self._ended: dict[str, Lease] = {}  # out of the table, their on_end still to come (add, remove)
+        # kept with the table, not derived per request: every grant judges quotas over all leases, and every
+        # request prunes watched pids, so rebuilding these each time cost O(leases) on the grant path
+        self._holdings: dict[str, Holding] = {}
+        self._pids: dict[int, int] = {}  # holder pid -> how many leases it holds
+        self._bare: set[str] = set()
         self.state_file = state_file
         self._journal: TextIO | None = None
         self._lines = 0
@@ -116,6 +122,11 @@ class LeaseTable:
         self._by_id[lease.id] = lease
         for q in lease.queues:
             self._by_slot[(lease.ifindex, q)] = lease.id
+        self._holdings[lease.id] = Holding(lease.uid, frozenset(lease.gids), frozenset(lease.groups), len(lease.queues),
+                                           lease.umem_bytes)
+        self._pids[lease.pid] = self._pids.get(lease.pid, 0) + 1
+        if lease.kind == "bare":
+            self._bare.add(lease.id)
 
     def remove(self, lease_id: str) -> Lease | None:
         lease = self._remove(lease_id)
@@ -131,8 +142,24 @@ class LeaseTable:
             for q in lease.queues:
                 if self._by_slot.get((lease.ifindex, q)) == lease_id:
                     del self._by_slot[(lease.ifindex, q)]
+            del self._holdings[lease_id]
+            left = self._pids.pop(lease.pid) - 1
+            if left:
+                self._pids[lease.pid] = left
+            self._bare.discard(lease_id)
             self._ended[lease_id] = lease
         return lease
+
+    def holdings(self) -> Iterable[Holding]:
+        """What each lease holds, for the quotas (a lease's uid, groups, queues and UMEM never change)."""
+        return self._holdings.values()
+
+    def holds(self, pid: int) -> bool:
+        """Whether pid holds a lease."""
+        return pid in self._pids
+
+    def has_bare(self) -> bool:
+        return any(not self._by_id[i].revoked for i in self._bare)
 
     def orphans(self) -> list[Lease]:
         return [lease for lease in self._by_id.values() if lease.orphaned]
