@@ -109,12 +109,40 @@ def peer_label(sock: socket.socket) -> str | None:
 
 def read_cgroup(pid: int) -> str | None:
     """The cgroup v2 path in /proc/<pid>/cgroup's "0::" line (present on unified and hybrid hosts), or None.
-    Bare: only a caller that then proves the pid still named its pinned process may believe it."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            return next((line[3:].rstrip("\n") for line in f if line.startswith("0::")), None)
+    Bare: only a caller that then proves the pid still named its pinned process may believe it.
+
+    A cgroup name is any bytes but '/' and newline, and whoever owns a delegated subtree names its own: the
+    path is decoded losslessly (surrogateescape), never with an error a client could provoke at will."""
+    try:  # raw os calls: this read is on every new connection's path
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
     except OSError:
         return None
+    text = b"".join(chunks)
+    if text.startswith(b"0::"):
+        at = 3
+    else:
+        at = text.find(b"\n0::") + 4
+        if at < 4:
+            return None
+    return text[at:].split(b"\n", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def printable_cgroup(cgroup: str | None) -> bool:
+    """Whether a cgroup path can be judged and recorded as it is: valid UTF-8 (a policy names cgroups in
+    UTF-8, and audit records and replies carry them as text)."""
+    if cgroup is None:
+        return True
+    try:
+        cgroup.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def cgroup_of(pid: int, start: int) -> str | None:

@@ -316,6 +316,16 @@ class Server:
         except OSError:
             conn.close()
             return
+        except Exception as e:  # a bug must cost one connection, never the broker
+            self._internal_error(None, e)
+            conn.close()
+            return
+        if not peers.printable_cgroup(who.cgroup):
+            self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": ErrorCode.IDENTITY_UNREADABLE})
+            self._say_and_close(conn, ErrorReply(ErrorCode.IDENTITY_UNREADABLE, (
+                f"the broker cannot judge this process: its cgroup path {who.cgroup!r} is not valid UTF-8, so no "
+                "policy can name it; run it in a cgroup whose name is UTF-8")))
+            return
         held = [Holding(p.uid, p.gids, p.groups, connections=1) for _, p in self.conns.values()]
         refused = quotas.check(self.service.policy, policy_peer(who), held, connections=1)
         code: ErrorCode | None = ErrorCode(refused.code) if refused else None
@@ -406,11 +416,11 @@ class Server:
             return
         self._reply(conn, outcome, who)
 
-    def _internal_error(self, who: peers.PeerInfo, e: Exception) -> Outcome:
+    def _internal_error(self, who: peers.PeerInfo | None, e: Exception) -> Outcome:
         """A bug must cost one request, never the broker and everyone's leases: record it, answer it."""
         import traceback  # here: only a bug needs it, and with textwrap it costs a cold start ~3 ms
 
-        self.audit({"event": "internal-error", "pid": who.pid, "error": repr(e),
+        self.audit({"event": "internal-error", "pid": who.pid if who else None, "error": repr(e),
                     "trace": traceback.format_exc(limit=8)})
         return Outcome(ErrorReply(ErrorCode.INTERNAL_ERROR, f"the broker failed to handle this request: {e!r}"))
 
@@ -482,8 +492,8 @@ class Server:
 
     def _prune_pidfds(self) -> None:
         """Stop watching processes that no longer hold a lease (they released, or were revoked and ended)."""
-        held = {lease.pid for lease in self.service.leases}
-        for pid in [p for p in self.pidfds if p not in held]:
+        held = self.service.leases.holds
+        for pid in [p for p in self.pidfds if not held(p)]:
             pidfd = self.pidfds.pop(pid)
             self.sel.unregister(pidfd)
             os.close(pidfd)

@@ -78,9 +78,25 @@ class Connection:
         assert reply.raw is not None
         return reply.raw, fds
 
+    def _queued_refusal(self) -> proto.BrokerError | None:
+        try:
+            msg = self.sock.recv(SMALL_REPLY, socket.MSG_DONTWAIT)
+            reply = replies.decode_reply(msg) if msg else None
+        except (OSError, proto.BrokerError):
+            return None
+        return reply.exception() if isinstance(reply, replies.ErrorReply) else None
+
     def _exchange(self, data: bytes, reply_size: int,
                   expected: type[replies.OkReply] | None = None) -> tuple[replies.OkReply, list[int]]:
-        self.sock.send(data)
+        try:
+            self.sock.send(data)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            # a connection the broker refused on arrival (too many connections, an identity it cannot judge)
+            # has that refusal queued before the close: say why, not "broken pipe"
+            refusal = self._queued_refusal()
+            if refusal is not None:
+                raise refusal from None
+            raise ConnectionError(f"the broker closed the connection: {e.strerror or e}") from e
         msg, fds, flags, _ = socket.recv_fds(self.sock, reply_size, MAX_FDS)
         try:
             if not msg:

@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate-limited"
     QUOTA_CONNECTIONS = "quota-connections"
     TOO_MANY_CONNECTIONS = "too-many-connections"
+    IDENTITY_UNREADABLE = "identity-unreadable"  # the peer's identity cannot be judged (a cgroup path not UTF-8)
     QUOTA_QUEUES = "quota-queues"
     QUOTA_UMEM = "quota-umem"
     # the policy's decision (policy/decide.py)
