@@ -105,6 +105,9 @@ class Core:
     bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty
     pool: UmemPool
     workers: Workers
+    # the server's loop has other events to handle in this round: a grant then never waits for its bind
+    # inline (INLINE_WAIT), which would idle the loop while other clients' requests wait in line
+    loop_busy: bool
     closer: Closer  # closes what a failed grant made, off the loop
     sent_done: Callable[[str], None]  # a lease ended: the server closes its copies of the lease's fds now
     closes_pending: Callable[[], bool]  # the server's closer still has sent fds to close

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import grp
 import os
 import resource
@@ -125,6 +126,9 @@ def serve(args: argparse.Namespace) -> int:
            "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid(),
            "policy_fallback": keeper.fallback, "limits": limits.effective(max_connections),
            "watchdog_s": watchdog.interval * 2 if watchdog else None})
+    # What start-up made (modules, classes, the policy) lives as long as the broker: out of the collector's
+    # sight, a full collection walks only what came after, instead of pausing a grant for milliseconds
+    gc.freeze()
     notifier.ready(status.text())
     try:
         server.run()

@@ -300,7 +300,8 @@ class Grants(MapGrants):
         # INLINE_WAIT: wait for it here (the GIL is released meanwhile) and answer at once, saving the
         # worker's wake-up of the loop, a select round and the connection's unregister/register. The loop
         # is held at most INLINE_WAIT: a bind stuck behind the kernel's rtnl lock waits on the timer instead.
-        if job is not None and not heavy and job.wait(INLINE_WAIT):
+        # Not when other clients' events wait in this round: the loop serves them while the worker binds.
+        if job is not None and not heavy and not self.loop_busy and job.wait(INLINE_WAIT):
             return step() or deferred
         return deferred
 

@@ -193,8 +193,11 @@ class Server:
                 ping = self.watchdog.timeout() if self.watchdog is not None else None
                 timeout = min((t for t in (poll, idle_left, retry, summary, ping) if t is not None), default=None)
                 events = self.sel.select(timeout)
-                for key, _ in events:
+                last = len(events) - 1
+                for i, (key, _) in enumerate(events):
+                    self.service.loop_busy = i < last
                     key.data(key.fileobj)
+                self.service.loop_busy = False
                 if self.waiting:
                     self._retry_waiting()
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
@@ -355,6 +358,9 @@ class Server:
             self._evict_one(evict, who)
         self.conns[conn.fileno()] = (conn, who)
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
+        # a client connects and sends its request at once: it is usually there already, so read it now rather
+        # than after another round of select (nothing there: recvmsg says EAGAIN, and select will tell)
+        self._readable(conn)
 
     def _say_and_close(self, conn: socket.socket, reply: ErrorReply) -> None:
         """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:

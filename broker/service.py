@@ -90,6 +90,7 @@ class Service(Grants, Lifecycle):
         self.closes_pending: Callable[[], bool] = lambda: False
         self.pending: dict[int, Holding] = {}
         self.workers = Workers()
+        self.loop_busy = False
         self.jobs: collections.Counter[int] = collections.Counter()
         self.bare_empty: set[str] = set()
         self.signal_holder = signal_holder
