@@ -34,9 +34,12 @@ GEOMETRY = Geometry(umem_size=32 << 20, fill=8192, completion=4096, rx=8192, tx=
 C_REF = Path(__file__).resolve().parent.parent / "build" / "bench" / "xsk_ref"
 C_RUNS = 3
 FRAME_LEN = 64
-# each kind of socket measured five times, alternating, its median run kept: neither side is favoured
-# by running first or last on a machine whose load drifts
-ORDER = ("brokered", "self-made", "self-made", "brokered") * 2 + ("brokered", "self-made")
+# Brokered and self-made runs in adjacent pairs, each pair's order swapped from the last: the load of this
+# shared machine drifts over seconds, so a pair's two runs see nearly the same machine, and the median of
+# the pairs' ratios is the parity figure (one run's rate swings +-10% here; a ratio of medians of separate
+# runs swung 0.96-1.05 between identical sockets).
+PAIRS = 12
+RUN_SECONDS = 0.3
 
 
 def _frame(dst: bytes, src: bytes) -> bytes:
@@ -151,17 +154,20 @@ def _c_rate(b: Bed, mode: str, seconds: float, frame: bytes) -> float:
 
 
 def _compare(b: Bed, measure: Callable[[XskSocket], float], baseline: float, c_ref: float | None) -> dict[str, Any]:
-    """Brokered and self-made sockets, same code, in alternating runs; the median run of each counts."""
+    """Brokered and self-made sockets, same code, in adjacent pairs of runs; the median pair ratio counts."""
     runs: dict[str, list[float]] = {"brokered": [], "self-made": []}
-    for label in ORDER:
-        xs = _socket(b, label)
-        try:
-            runs[label].append(measure(xs))
-        finally:
-            xs.close()
-        time.sleep(0.05)  # the kernel releases the queue ~20 ms after close
+    for i in range(PAIRS):
+        for label in ("brokered", "self-made") if i % 2 == 0 else ("self-made", "brokered"):
+            xs = _socket(b, label)
+            try:
+                runs[label].append(measure(xs))
+            finally:
+                xs.close()
+            time.sleep(0.05)  # the kernel releases the queue ~20 ms after close
     brokered, own = statistics.median(runs["brokered"]), statistics.median(runs["self-made"])
-    out = {"brokered": brokered, "self_made": own, "ratio": brokered / own, "af_packet": baseline,
+    ratios = [x / y for x, y in zip(runs["brokered"], runs["self-made"], strict=True)]
+    out = {"brokered": brokered, "self_made": own, "ratio": statistics.median(ratios), "pair_ratios": ratios,
+           "ratio_of_medians": brokered / own, "af_packet": baseline,
            "library_over_af_packet": brokered / baseline, "runs": runs}
     if c_ref is not None:
         out |= {"c_ref": c_ref, "library_over_c": brokered / c_ref}
@@ -183,13 +189,13 @@ def run(seconds: float = 1.0) -> dict[str, Any]:
             try:
                 packet_rx = _packet_rx_rate(ns.name, ns.inside, seconds)
                 c_rx = _c_rate(b, "rx", seconds, frame) if have_c else None
-                out["rx_pps"] = _compare(b, lambda xs: _rx_rate(xs, seconds), packet_rx, c_rx)
+                out["rx_pps"] = _compare(b, lambda xs: _rx_rate(xs, RUN_SECONDS), packet_rx, c_rx)
             finally:
                 os.kill(sender, signal.SIGKILL)
                 os.waitpid(sender, 0)
             packet_tx = _packet_tx_rate(ns.name, ns.inside, reverse, seconds)
             c_tx = _c_rate(b, "tx", seconds, reverse) if have_c else None
-            out["tx_pps"] = _compare(b, lambda xs: _tx_rate(xs, reverse, seconds), packet_tx, c_tx)
+            out["tx_pps"] = _compare(b, lambda xs: _tx_rate(xs, reverse, RUN_SECONDS), packet_tx, c_tx)
         finally:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return out
