@@ -116,7 +116,8 @@ def replace(obj: _T, /, **changes: Any) -> _T:
 
 
 def asdict(obj: Any) -> dict[str, Any]:
-    """The record as a dict, records, lists, tuples and dicts inside it converted too, other values deep-copied."""
+    """The record as a dict, records, lists, tuples and dicts inside it converted too, other values deep-copied
+    (named tuples are not handled: nothing here puts one in a record)."""
     if not is_record(obj) or isinstance(obj, type):
         raise TypeError("asdict() should be called on record instances")
     import copy  # only doctor's JSON output needs it: not on the serve path
@@ -124,8 +125,6 @@ def asdict(obj: Any) -> dict[str, Any]:
     def inner(value: Any) -> Any:
         if is_record(value) and not isinstance(value, type):
             return {name: inner(getattr(value, name)) for name in value.__record_fields__}
-        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple takes its items positionally
-            return type(value)(*[inner(v) for v in value])
         if isinstance(value, list | tuple):
             return type(value)(inner(v) for v in value)
         if isinstance(value, dict):
@@ -164,8 +163,8 @@ def _process(cls: type[_T], frozen: bool, eq: bool, repr: bool, kw_only: bool) -
             any_frozen_base = any_frozen_base or base.__dict__["__record_frozen__"]
             all_fields.update(base_fields)
     if has_record_base and any_frozen_base != frozen:
-        raise TypeError("cannot inherit non-frozen record from a frozen one" if frozen
-                        else "cannot inherit frozen record from a non-frozen one")
+        raise TypeError("cannot inherit frozen record from a non-frozen one" if frozen
+                        else "cannot inherit non-frozen record from a frozen one")
 
     annotations = own.get("__annotations__", {})
     module = sys.modules.get(cls.__module__)
@@ -208,14 +207,14 @@ def _process(cls: type[_T], frozen: bool, eq: bool, repr: bool, kw_only: bool) -
     if eq and not frozen and not explicit_hash:
         cls.__hash__ = None  # type: ignore[assignment]  # mutable and compared by value: unhashable, as dataclass
     if repr and "__repr__" not in own:
-        setattr(cls, "__repr__", _repr_fn(cls, tuple(f.name for f in listed if f.repr)))
+        cls.__repr__ = _repr_fn(cls, tuple(f.name for f in listed if f.repr))  # type: ignore[method-assign]
     if frozen:
         for name in ("__setattr__", "__delattr__"):
             if name in own:
-                raise TypeError(f"cannot overwrite attribute {name} in class {cls.__name__}")
+                raise TypeError(f"Cannot overwrite attribute {name} in class {cls.__name__}")
         cls.__setattr__, cls.__delattr__ = _frozen_fns(cls, tuple(all_fields))  # type: ignore[method-assign]
     if "__match_args__" not in own:
-        cls.__match_args__ = tuple(f.name for f in listed if not f.kw_only)  # type: ignore[attr-defined]
+        cls.__match_args__ = tuple(f.name for f in listed if not f.kw_only)  # type: ignore[attr-defined, misc]
     return cls
 
 
@@ -296,11 +295,11 @@ def _frozen_fns(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, str, 
     def __setattr__(self: Any, name: str, value: Any) -> None:
         if type(self) is cls or name in names:
             raise FrozenInstanceError(f"cannot assign to field {name!r}")
-        super(cls, self).__setattr__(name, value)
+        super(cls, self).__setattr__(name, value)  # type: ignore[arg-type]  # mypy: cls is a type
 
     def __delattr__(self: Any, name: str) -> None:
         if type(self) is cls or name in names:
             raise FrozenInstanceError(f"cannot delete field {name!r}")
-        super(cls, self).__delattr__(name)
+        super(cls, self).__delattr__(name)  # type: ignore[arg-type]
 
     return __setattr__, __delattr__
