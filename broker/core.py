@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from xskbroker.broker.closer import Closer
@@ -20,6 +19,7 @@ from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.squat import SquatWatch
 from xskbroker.broker.umem_pool import UmemPool
 from xskbroker.broker.workers import Workers
+from xskbroker.common.records import field, record
 from xskbroker.policy import Holding, Peer, Policy
 from xskbroker.policy.admin import is_admin
 from xskbroker.wire.errors import ErrorCode
@@ -34,7 +34,7 @@ def no_signals(lease: Lease, signame: str) -> str | None:
     return "the broker has no way to signal processes"
 
 
-@dataclass
+@record
 class Outcome:
     """A reply and the fds it carries; the server encodes and sends them, then closes its copies."""
 
@@ -48,7 +48,7 @@ class Outcome:
     keep: bool = False
 
 
-@dataclass
+@record
 class Deferred:
     """A request that waits for the kernel: the server calls step() on a timer until it returns the
     Outcome (step() may also end the wait with a refusal Outcome)."""
@@ -62,7 +62,7 @@ class Deferred:
     ready: Callable[[], bool] = lambda: False
 
 
-@dataclass
+@record
 class MemlockRaise:
     """A holder's RLIMIT_MEMLOCK as it was before the broker raised it, restored when its last lease that
     needed the raise ends (if the process still runs and nobody changed the limit meanwhile)."""

@@ -20,11 +20,11 @@ import struct
 import textwrap
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from xskbroker.broker import doctor_probes as probe
 from xskbroker.broker import lastgood, netdev, xsk
+from xskbroker.common.records import asdict, field, record
 
 OK, DEGRADED, UNUSABLE, UNKNOWN = "ok", "degraded", "unusable", "unknown"
 RANK = {UNKNOWN: 0, OK: 0, DEGRADED: 1, UNUSABLE: 2}
@@ -38,7 +38,7 @@ NATIVE_XDP_DRIVERS = frozenset({"veth", "virtio_net", "tun", "ixgbe", "ixgbevf",
                                 "netdevsim", "fec", "mvneta", "mvpp2", "gve", "idpf", "hv_netvsc"})
 
 
-@dataclass
+@record
 class Check:
     name: str
     status: str

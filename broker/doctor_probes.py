@@ -14,11 +14,11 @@ import glob
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
 from xskbroker.broker import bpf, netdev, netlink, xdp_prog
 from xskbroker.common.libc import libc
 from xskbroker.common.procfs import has_cap, memlock_limits, pidfd_ino, pidfd_open, status_fields
+from xskbroker.common.records import record
 
 CAP_NET_RAW, CAP_IPC_LOCK, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_BPF = 13, 14, 21, 24, 39
 AF_XDP = 44
@@ -55,7 +55,7 @@ def bpf_prog_load() -> None:
 
 
 # ---- process facts
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProcessLimits:
     pid: int
     uid: int
@@ -248,7 +248,7 @@ def _genl(sock: socket.socket, family: int, cmd: int, attr_type: int, value: byt
     raise OSError(errno.EBADMSG, "no reply from generic netlink")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class XdpFeatures:
     basic: bool  # native (driver) XDP
     redirect: bool
@@ -274,7 +274,7 @@ def xdp_features(ifindex: int) -> XdpFeatures | None:
                        bool(flags & XDP_ACT_XSK_ZEROCOPY), segs)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Attached:
     owner: str  # "none", "ours", "foreign", "unknown" (this user may not look inside the program)
     prog_id: int = 0

@@ -20,13 +20,13 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from xskbroker.broker import dpsocket
 from xskbroker.broker import peer as peers
 from xskbroker.broker.core import Deferred, policy_peer
 from xskbroker.broker.server import MAX_FDS_IN, Server, passed_fds, refuse_passed_fds
+from xskbroker.common.records import record
 from xskbroker.wire import deviceplugin as dp
 from xskbroker.wire import protocol as proto
 
@@ -34,7 +34,7 @@ DEFAULT_PATH = "/tmp/afxdp_dp/{iface}/afxdp.sock"  # DPDK's dp_path default
 MAX_CONNECTIONS = 32  # per endpoint: DPDK makes one per queue, one after the other
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EndpointSpec:
     interface: str
     uid: int
@@ -86,7 +86,7 @@ def parse_spec(text: str) -> EndpointSpec:
     return EndpointSpec(fields["interface"], uid, gid, queues, path)
 
 
-@dataclass
+@record
 class _Conn:
     sock: socket.socket
     who: peers.PeerInfo

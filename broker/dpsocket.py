@@ -17,7 +17,8 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass, field
+
+from xskbroker.common.records import field, record
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_NAME = 64  # the bound name (via /proc/self/fd/N/) must fit sun_path's 108 bytes
@@ -27,7 +28,7 @@ class UnsafePath(OSError):
     pass
 
 
-@dataclass
+@record
 class Placed:
     path: str
     sock: socket.socket

@@ -18,10 +18,10 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from xskbroker.common import safefiles
+from xskbroker.common.records import record
 from xskbroker.policy import Policy, PolicyError, load_policy
 from xskbroker.policy.loader import parse_documents
 
@@ -33,7 +33,7 @@ class CopyError(Exception):
     """The copy exists but cannot be used (not ours, not JSON, not a valid policy)."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Copy:
     policy: Policy
     saved_at: float  # wall clock, seconds since the epoch

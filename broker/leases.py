@@ -13,15 +13,15 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from xskbroker.common import safefiles
+from xskbroker.common.records import field, record
 from xskbroker.policy.quota import Holding
 from xskbroker.wire.replies import LeaseInfo
 
 STATE_VERSION = 1
-@dataclass
+@record
 class Lease:
     id: str
     uid: int

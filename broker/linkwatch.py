@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
 
 from xskbroker.broker import netlink
 from xskbroker.broker.netlink import NLMSGHDR, align
+from xskbroker.common.records import record
 
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 1
@@ -24,7 +24,7 @@ IFLA_XDP_PROG_ID = 4
 _IFINFOMSG = struct.Struct("=BxHiII")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LinkEvent:
     removed: bool
     ifindex: int

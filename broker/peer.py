@@ -10,9 +10,9 @@ import pwd
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
 
 from xskbroker.common.procfs import is_process, pidfd_ino, pidfd_open, pinned_start
+from xskbroker.common.records import field, record
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -22,7 +22,7 @@ _UCRED = struct.Struct("=iII")
 MAX_GROUPS = 65536
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PeerInfo:
     pid: int
     uid: int

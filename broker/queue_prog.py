@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from dataclasses import dataclass, field
 
 from xskbroker.broker import bpf, bpfsys, xdp_prog
+from xskbroker.common.records import field, record
 
 PROG_NAME = "xskb_queues"
 OUTER_NAME = "xskb_outer"
@@ -54,7 +54,7 @@ def _program(outer_fd: int) -> bytes:
     ])
 
 
-@dataclass
+@record
 class _Attached:
     link_fd: int
     prog_id: int
@@ -64,7 +64,7 @@ class _Attached:
     entries: int
 
 
-@dataclass
+@record
 class QueueProgram:
     """A handle on the attached program (the Program the grants use): map_fd is the shared XSKMAP."""
 

@@ -17,7 +17,8 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
+
+from xskbroker.common.records import record
 
 LISTEN_FDS_START = 3
 LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -25,7 +26,7 @@ WATCHDOG_VARS = ("WATCHDOG_USEC", "WATCHDOG_PID")
 MAX_STATUS = 512  # STATUS= is shown by `systemctl status`: one line, kept short
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PassedFd:
     fd: int
     name: str

@@ -11,9 +11,9 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from xskbroker.broker import bpf
+from xskbroker.common.records import record
 
 XSK_PROG_NAME = "xsk_def_prog"
 XSK_MAP_NAME = "xsks_map"
@@ -50,7 +50,7 @@ class ForeignProgram(OSError):
     """Another XDP program owns the interface."""
 
 
-@dataclass
+@record
 class XskProgram:
     ifindex: int
     prog_id: int

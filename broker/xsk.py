@@ -16,11 +16,11 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from xskbroker.broker import bpf
 from xskbroker.common.libc import MAP_FAILED, PR_SET_PDEATHSIG, errno_error, libc
 from xskbroker.common.procfs import pidfd_open
+from xskbroker.common.records import record
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import (
     AF_XDP,
@@ -54,7 +54,7 @@ class QueueBusy(OSError):
     """The queue is held by a live socket (its xsks_map slot is taken)."""
 
 
-@dataclass
+@record
 class BoundSocket:
     xsk_fd: int
     umem_fd: int
@@ -169,7 +169,7 @@ def claim_slot(map_fd: int, queue: int, fd: int) -> None:
         raise
 
 
-@dataclass
+@record
 class PreparedSocket:
     """A socket with its slot claimed, UMEM registered and rings sized: everything but the bind.
 
@@ -233,7 +233,7 @@ class PreparedSocket:
         self.sock.close()
 
 
-@dataclass
+@record
 class Unbound:
     """A socket made ahead of any request: fresh sealed memfd, UMEM registered (its pages pinned), rings
     sized. Not bound, in no map, never handed out: it depends on the geometry alone, so a grant of that

@@ -19,10 +19,10 @@ import errno
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
 from xskbroker.broker import bpf
 from xskbroker.broker.netlink import NLA, NLMSG_DONE, NLMSGHDR, attrs, messages
+from xskbroker.common.records import record
 
 NETLINK_SOCK_DIAG = 4
 NETLINK_GENERIC = 16
@@ -45,7 +45,7 @@ class Unsupported(OSError):
     """The kernel lacks this source (no xsk_diag, no netdev family or no queue XSK attribute)."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class XskSocket:
     inode: int
     ifindex: int  # 0 while unbound

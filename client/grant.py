@@ -5,17 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from xskbroker.client.connection import DEFAULT_SOCKET, Connection
 from xskbroker.client.xsk import XskSocket
+from xskbroker.common.records import field, record
 from xskbroker.wire import protocol as proto
 from xskbroker.wire import replies
 from xskbroker.wire.errors import ErrorCode
 
 
-@dataclass
+@record
 class Grant:
     lease: str
     interface: str

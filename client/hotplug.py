@@ -13,10 +13,10 @@ import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from xskbroker.client.qmp_codec import QMPConnectionError, QMPError, QMPTimeout
+from xskbroker.common.records import record
 
 QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")  # QEMU's id_wellformed(): netdev and device ids
 
@@ -88,7 +88,7 @@ def close_fds(fds: Iterable[int]) -> None:
 
 # ---- attach --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Attachment:
     netdev_id: str
     ifname: str
@@ -179,7 +179,7 @@ def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str]) -> list[s
 
 # ---- detach --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Detached:
     netdev_id: str
     device_id: str

@@ -5,10 +5,10 @@ query-qmp-schema), and what its af-xdp UMEM needs of the process's RLIMIT_MEMLOC
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from xskbroker.common.procfs import has_cap, memlock_limits
+from xskbroker.common.records import record
 
 AF_XDP_UMEM_BYTES = 32 << 20  # QEMU's af-xdp UMEM per queue: (2048 + 2048) * 2 frames of 4 KiB
 CAP_IPC_LOCK = 14
@@ -32,7 +32,7 @@ def umem_bytes(queues: int, per_queue: int | None = None) -> int:
     return (AF_XDP_UMEM_BYTES if per_queue is None else per_queue) * queues
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class QemuVersion:
     major: int
     minor: int
@@ -52,7 +52,7 @@ class QemuVersion:
         return (self.major, self.minor) >= (major, minor)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NetdevSupport:
     """What query-qmp-schema says about netdev_add: the backend types and the af-xdp options."""
 

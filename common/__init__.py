@@ -1,1 +1,2 @@
-"""Small OS helpers both sides use (safe file creation, /proc parsing); nothing of the broker or the client."""
+"""Small helpers both sides use (safe file creation, /proc parsing, records in place of dataclasses); nothing of
+the broker or the client."""

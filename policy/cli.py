@@ -7,12 +7,13 @@ process exit status.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import grp
 import json
 import os
 import pwd
 import sys
+
+from xskbroker.common import records
 
 from .decide import Decision, Peer, Request, decide
 from .loader import DEFAULT_POLICY_PATH, PolicyError, load_policy
@@ -271,7 +272,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"xskbroker policy explain: --cgroup {args.cgroup!r} must be an absolute cgroup v2 path, e.g. "
               "/system.slice/vm-a.service", file=sys.stderr)
         return EXIT_USAGE
-    peer = dataclasses.replace(peer, cgroup=args.cgroup, label=args.label)
+    peer = records.replace(peer, cgroup=args.cgroup, label=args.label)
     # the broker refuses a name the kernel never gives ("veth0:1" matches "veth*") before any rule sees it
     from xskbroker.wire.protocol import ifname_problem
 

@@ -6,9 +6,10 @@ whole request grants it; if none does, the answer explains the allow rule that c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
+
+from xskbroker.common.records import field, record
 
 from .model import KINDS, Policy, Rule
 from .sizes import format_size
@@ -33,7 +34,7 @@ CODES = (
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Peer:
     """Who is asking, as the kernel reported it; names are resolved by the caller (or absent)."""
 
@@ -49,7 +50,7 @@ class Peer:
         return f"{who} in cgroup {self.cgroup}" if self.cgroup is not None else who
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Request:
     """What is asked for; the caller has already rejected malformed requests (e.g. no queues)."""
 
@@ -67,7 +68,7 @@ class Request:
         }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Decision:
     allowed: bool
     code: str

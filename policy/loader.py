@@ -11,8 +11,9 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
+
+from xskbroker.common.records import field, record
 
 from . import trust
 from .model import KINDS, Action, Admin, Policy, QueueSet, Quota, Rule
@@ -50,7 +51,7 @@ class _Invalid(Exception):
     """A value failed validation; the caller adds file, line and rule."""
 
 
-@dataclass
+@record
 class _Parsed:
     """One file's result: the rules that validated, every rule's name and where, and the errors."""
 

@@ -6,8 +6,9 @@ Nothing here reads files or resolves names; see loader.py and decide.py.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
+
+from xskbroker.common.records import record
 
 Kind = Literal["bound", "bare", "map"]
 KINDS: tuple[Kind, ...] = ("bound", "bare", "map")
@@ -19,7 +20,7 @@ Action = Literal["allow", "deny"]
 DEFAULT_MAX_UMEM = 256 << 20
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class QueueSet:
     """A set of queue ids as inclusive ranges; ``ranges=None`` means any queue."""
 
@@ -66,7 +67,7 @@ class QueueSet:
 ANY_QUEUE = QueueSet(None)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Rule:
     """One [[allow]] or [[deny]] table.
 
@@ -100,7 +101,7 @@ class Rule:
         return DEFAULT_MAX_UMEM if self.max_umem is None else self.max_umem
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Quota:
     """One [[quota]] table: limits on what the peers it names hold at once.
 
@@ -121,7 +122,7 @@ class Quota:
         return f"quota {self.name!r} ({self.source})"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Admin:
     """The [admin] table: who may revoke leases and see every lease, and how a revoked holder is told."""
 
@@ -131,7 +132,7 @@ class Admin:
     source: str = "<default>"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Policy:
     """Rules in file order (main file first, then policy.d/*.toml sorted) and the files they came from."""
 

@@ -6,7 +6,8 @@ The broker supplies the holdings (from its leases and connections) and the clock
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+
+from xskbroker.common.records import field, record
 
 from .decide import Decision, Peer
 from .model import Policy, Quota
@@ -18,7 +19,7 @@ QUOTA_CONNECTIONS = "quota-connections"
 RATE_LIMITED = "rate-limited"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Holding:
     """What one holder has now: its identity, the queues it holds and the UMEM pinned for it."""
 
@@ -80,7 +81,7 @@ def check(policy: Policy, peer: Peer, holdings: Iterable[Holding], queues: int =
     return None
 
 
-@dataclass
+@record
 class RateLimiter:
     """Token buckets per (scope, quota): `rate` requests per second with a burst of one second's worth."""
 
@@ -111,7 +112,7 @@ TOO_MANY_CONNECTIONS = "too-many-connections"
 ADMIN_RESERVE_FRACTION = 16  # 1/16 of the connection table is kept for admins
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Admission:
     """Whether a new connection is taken, and whose connection makes room for it (a uid, or None)."""
 

@@ -18,7 +18,7 @@ BusyPoll), whose answer() gives the bytes to send.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from xskbroker.common.records import record
 
 MAX_REQUEST = 64  # DPDK's UDS_MAX_CMD_LEN: it never writes more
 MAX_REPLY = 128  # DPDK's UDS_MAX_CMD_RESP
@@ -31,17 +31,17 @@ _PRINTABLE = frozenset(range(0x21, 0x7F))  # no space, no control, no NUL, ASCII
 IFNAMSIZ = 16
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Connect:
     hostname: str  # the client's claim, recorded and never believed
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MapFd:
     interface: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BusyPoll:
     timeout_us: int
     budget: int
@@ -50,7 +50,7 @@ class BusyPoll:
 Question = Connect | MapFd | BusyPoll
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Step:
     """What feed() made of one message: bytes to send now, or a question for the broker (answer with
     Session.answer), and why a message was refused (for the audit), if it was."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass, field
 from typing import Any
+
+from xskbroker.common.records import field, record
 
 # re-exported: callers know them as protocol.BrokerError and protocol.ProtocolError
 from xskbroker.wire.errors import BrokerError as BrokerError
@@ -30,7 +31,7 @@ KINDS = ("bound", "bare", "map")
 BIND_MODES = ("auto", "copy", "zerocopy")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Geometry:
     """UMEM and ring sizes of one bound socket."""
 
@@ -54,19 +55,19 @@ class Geometry:
                 "rings": {"fill": self.fill, "completion": self.completion, "rx": self.rx, "tx": self.tx}}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Hello:
     req_id: Any = None
     op: str = "hello"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Status:
     req_id: Any = None
     op: str = "status"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Release:
     lease: str
     req_id: Any = None
@@ -76,7 +77,7 @@ class Release:
     if_closed: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Revoke:
     """Admin: end leases by id, or every lease on an interface (optionally one queue of it)."""
 
@@ -88,7 +89,7 @@ class Revoke:
     op: str = "revoke"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Grant:
     interface: str
     queues: tuple[int, ...]

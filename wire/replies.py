@@ -1,24 +1,24 @@
 """Protocol v1 replies as typed values, both ways: encode() on the broker's side, decode_reply() on the client's.
 
-Like h11's events: a reply is a frozen dataclass, turned into bytes once, at the boundary, and read back
+Like h11's events: a reply is a frozen record (common.records), turned into bytes once, at the boundary, and read back
 into the same type, validated. encode() gives exactly the bytes protocol.ok_reply / error_reply give for
-the same content (it calls them), so the broker may build replies either way. Each dataclass lists its
+the same content (it calls them), so the broker may build replies either way. Each record lists its
 JSON keys in wire order; keys this client does not know are kept in `extra` (re-encoded at the end), so
 a newer broker's additions pass through. `raw` holds the JSON object as received (not compared).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
+from xskbroker.common import records
+from xskbroker.common.records import field, record
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import BrokerError, ErrorCode
 
@@ -32,10 +32,10 @@ def _opt(omit: Callable[[Any, Any], bool] = _omit_if_none) -> Any:
     return field(default=None, metadata={"omit": omit})
 
 
-# Records are frozen dataclasses whose ==, hash() and repr() are written once, in Record, exactly as dataclass
-# would generate them, instead of generated for every class (eq=False, repr=False below): each generated
-# method is an exec at import, and a socket-activated broker pays for all of them before its first grant.
-@dataclass(frozen=True, eq=False, repr=False)
+# Records are frozen records whose ==, hash() and repr() are written once, in Record, exactly as record
+# would generate them, instead of generated for every class (eq=False, repr=False below): a socket-activated
+# broker pays for every class's generated code before its first grant.
+@record(frozen=True, eq=False, repr=False)
 class Record:
     """A JSON object with a known set of keys, in wire order; unknown keys ride along in `extra`."""
 
@@ -66,7 +66,7 @@ class Record:
                 # on every grant's path: a scalar of exactly its type needs no generic check (nor its message)
                 values[f.name] = value if hint in _EXACT and type(value) is hint else \
                     _check(value, hint, f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            elif f.default is records.MISSING and f.default_factory is records.MISSING:
                 raise BrokerError(ErrorCode.BAD_REPLY, f"broker reply: {where} lacks {f.name!r}")
         known = _KNOWN[cls]
         return cls(**values, extra={k: v for k, v in obj.items() if k not in known} if len(obj) > len(values) else {})
@@ -87,27 +87,27 @@ _SHAPES: dict[type, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
 
 
 def _shape(cls: type) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """The fields a dataclass's ==, hash() and repr() would use, in field order (found once per class)."""
+    """The fields a record's ==, hash() and repr() would use, in field order (found once per class)."""
     got = _SHAPES.get(cls)
     if got is None:
-        fields = dataclasses.fields(cls)
+        fields = records.fields(cls)
         got = _SHAPES[cls] = (tuple(f.name for f in fields if f.compare),
-                              tuple(f.name for f in fields if (f.compare if f.hash is None else f.hash)),
+                              tuple(f.name for f in fields if f.compare),  # records have no hash= of their own
                               tuple(f.name for f in fields if f.repr))
     return got
 
 
-_FIELDS: dict[type, tuple[tuple[dataclasses.Field[Any], Any], ...]] = {}
+_FIELDS: dict[type, tuple[tuple[records.Field, Any], ...]] = {}
 _KNOWN: dict[type, frozenset[str]] = {}  # the names in _FIELDS[cls]
 _EXACT = frozenset({int, str, bool})  # hints a JSON value of exactly that type satisfies as it is
 
 
-def _wire_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
+def _wire_fields(cls: type) -> tuple[tuple[records.Field, Any], ...]:
     """A reply class's wire fields with their resolved type hints (resolved once per class)."""
     got = _FIELDS.get(cls)
     if got is None:
         hints = typing.get_type_hints(cls)
-        got = _FIELDS[cls] = tuple((f, hints[f.name]) for f in dataclasses.fields(cls)
+        got = _FIELDS[cls] = tuple((f, hints[f.name]) for f in records.fields(cls)
                                    if f.name not in ("extra", "req_id", "raw"))
         _KNOWN[cls] = frozenset(f.name for f, _ in got)
     return got
@@ -184,7 +184,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 
 # ---- the pieces of replies --------------------------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class PeerCred(Record):
     """The caller as the kernel reported it (SO_PEERCRED)."""
 
@@ -193,14 +193,14 @@ class PeerCred(Record):
     pid: int
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class UmemGeometry(Record):
     size: int
     frame_size: int
     headroom: int
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class RingSizes(Record):
     fill: int
     completion: int
@@ -208,7 +208,7 @@ class RingSizes(Record):
     tx: int
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class BoundSocket(Record):
     """A bound grant's socket: fd and umem_fd are indexes into the reply's SCM_RIGHTS array."""
 
@@ -233,7 +233,7 @@ class BoundSocket(Record):
                    RingSizes(g.fill, g.completion, g.rx, g.tx))
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class BareSocket(Record):
     """A bare grant's unbound socket: fd is an index into the reply's SCM_RIGHTS array."""
 
@@ -241,7 +241,7 @@ class BareSocket(Record):
     fd: int
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class RevokedLease(Record):
     lease: str
     emptied_queues: tuple[int, ...]
@@ -251,7 +251,7 @@ class RevokedLease(Record):
     not_signalled: str | None = _opt()  # why a signal asked for was not sent
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class LeaseInfo(Record):
     lease: str
     uid: int
@@ -267,7 +267,7 @@ class LeaseInfo(Record):
     misbound: int | None = None
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class InterfaceInfo(Record):
     ifindex: int
     interface: str | None  # None: the broker has not learnt the name
@@ -277,7 +277,7 @@ class InterfaceInfo(Record):
     leases: int = 0
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class QuotaUsage(Record):
     quota: str
     scope: str
@@ -287,7 +287,7 @@ class QuotaUsage(Record):
     max_umem: int | None
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class HistogramInfo(Record):
     """A histogram as Prometheus keeps one: `buckets[i]` observations were at most `le[i]` (cumulative, `le`
     ascending); `count` is every observation (the +Inf bucket), `sum` their total."""
@@ -307,7 +307,7 @@ class HistogramInfo(Record):
         return h
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class MetricsInfo(Record):
     """Broker-wide counters since the broker started, for admins only (see docs/protocol.md, `status`)."""
 
@@ -329,7 +329,7 @@ class MetricsInfo(Record):
 
 # ---- replies ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class OkReply(Record):
     OP: ClassVar[str]
     req_id: int | str | None = field(default=None, kw_only=True)
@@ -347,7 +347,7 @@ class OkReply(Record):
         return proto.ok_reply(self.OP, self.req_id, **self.to_wire())
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class HelloReply(OkReply):
     OP = "hello"
     server: str
@@ -355,7 +355,7 @@ class HelloReply(OkReply):
     peer: PeerCred
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class GrantReply(OkReply):
     """Every kind of grant; sockets for bound and bare grants, map_fd and map_entries for map grants."""
 
@@ -387,20 +387,20 @@ class GrantReply(OkReply):
         return max(indexes, default=-1) + 1
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class ReleaseReply(OkReply):
     OP = "release"
     lease: str
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class RevokeReply(OkReply):
     OP = "revoke"
     revoked: tuple[RevokedLease, ...]
     note: str
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@record(frozen=True, eq=False, repr=False)
 class StatusReply(OkReply):
     OP = "status"
     leases: tuple[LeaseInfo, ...]
@@ -422,7 +422,7 @@ class StatusExtras(typing.TypedDict, total=False):
     limits: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ErrorReply:
     """An error reply. code is a plain string (a newer broker may send one this client does not know);
     details are the error object's other keys ("errno" with kernel-error, "canonical", "lease")."""
@@ -488,7 +488,7 @@ def reply_from_dict(msg: Any) -> Reply:
     reply = OK_REPLIES[op].from_wire(body)
     if isinstance(reply, GrantReply):
         _check_grant(reply)
-    return dataclasses.replace(reply, req_id=req_id, raw=msg)  # type: ignore[return-value]
+    return records.replace(reply, req_id=req_id, raw=msg)  # type: ignore[return-value]
 
 
 def _check_grant(reply: GrantReply) -> None:

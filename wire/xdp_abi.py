@@ -6,7 +6,8 @@ Pure data: nothing here touches the kernel.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from xskbroker.common.records import record
 
 AF_XDP = 44
 SOL_XDP = 283
@@ -45,7 +46,7 @@ XDP_RING_OFFSET = struct.Struct("=QQQQ")  # producer, consumer, desc, flags
 XDP_STATISTICS_STRUCT = struct.Struct("=6Q")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RingOffsets:
     producer: int
     consumer: int
@@ -53,7 +54,7 @@ class RingOffsets:
     flags: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MmapOffsets:
     rx: RingOffsets
     tx: RingOffsets

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import stat
 import tomllib
-from dataclasses import dataclass
 from typing import Any
 
+from xskbroker.common.records import record
 from xskbroker.policy import trust
 
 DEFAULT_CONFIG = "/etc/xskbroker/libvirt.conf"
@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """The hook's configuration file cannot be used."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Config:
     socket: str = "/run/xskbroker/broker.sock"  # the broker
     state_dir: str = "/run/xskbroker-libvirt"  # DOMAIN.log and DOMAIN.json

@@ -4,13 +4,13 @@ by pid and start time for good, and the hook's one privilege drop (to QEMU's use
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from xskbroker.common import privileges, procfs
+from xskbroker.common.records import record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Identity:
     """Who a process runs as: the effective ids and the supplementary groups."""
 

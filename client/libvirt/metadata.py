@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from xskbroker.client.hotplug import QEMU_ID as _ID  # QEMU's id_wellformed(); also good enough for driver names
+from xskbroker.common.records import record
 from xskbroker.wire import protocol as proto
 
 NS = "urn:xskbroker:libvirt:1"
@@ -34,7 +34,7 @@ class MetadataError(ValueError):
     """The xskbroker declaration in a domain's <metadata> cannot be used; the message says where and why."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Interface:
     """One <xsk:interface>: queues start_queue.. of host interface `name`, plugged as netdev `id`."""
 

@@ -51,7 +51,7 @@ def _readable_copy() -> str:
     where = tempfile.mkdtemp(prefix="xskbroker-consumer-")
     os.chmod(where, 0o755)
     shutil.copy(Path(__file__).with_name("qemu_like_consumer.py"), where)
-    readable_copy(Path(where), ("client", "wire", "testbed"))
+    readable_copy(Path(where), ("client", "wire", "common", "testbed"))  # wire's records are common's
     return where
 
 

@@ -19,7 +19,10 @@ NOT_ON_SERVE_PATH = ("xskbroker.broker.doctor", "xskbroker.broker.doctor_probes"
                      "importlib.metadata", "traceback", "hypothesis",
                      # nor stdlib modules that cost milliseconds and that serve has no use for: shutil (with bz2
                      # and lzma) came with argparse's terminal width, pathlib (with urllib.parse, fnmatch)
-                     "shutil", "pathlib", "tempfile", "logging", "asyncio", "concurrent.futures", "multiprocessing")
+                     "shutil", "pathlib", "tempfile", "logging", "asyncio", "concurrent.futures", "multiprocessing",
+                     # dataclasses brings inspect, ast, tokenize (11-16 ms) and compiles several functions per class:
+                     # the package's records are common.records'
+                     "dataclasses", "inspect", "ast")
 
 # what the interpreter had loaded before (an editable install's import hook brings pathlib) is not serve's
 PROBE = """

@@ -3,7 +3,6 @@ builds today, decodes back to itself, and a reply of the wrong shape is bad-repl
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -18,6 +17,7 @@ import pytest
 from xskbroker.broker.leases import Lease
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import open_sockets
+from xskbroker.common import records
 from xskbroker.wire import protocol as proto
 from xskbroker.wire import replies as r
 from xskbroker.wire.errors import BrokerError, ErrorCode
@@ -131,7 +131,7 @@ def _records(value: Any) -> Iterator[r.Record]:
     """value and every record inside it (sockets, peers, leases, ...)."""
     if isinstance(value, r.Record):
         yield value
-        for f in dataclasses.fields(value):
+        for f in records.fields(value):
             yield from _records(getattr(value, f.name))
     elif isinstance(value, tuple | list):
         for v in value:
@@ -143,12 +143,13 @@ def _records(value: Any) -> Iterator[r.Record]:
 
 @functools.cache
 def _generated_class(cls: type) -> Any:
-    """cls, its ==, hash() and repr() made by dataclass (the default)."""
-    return dataclasses.dataclass(frozen=True)(type(cls.__name__, (cls,), {"__qualname__": cls.__qualname__}))
+    """cls, its ==, hash() and repr() made by record (the default; tests/unit/test_records.py checks those
+    against dataclasses')."""
+    return records.record(frozen=True)(type(cls.__name__, (cls,), {"__qualname__": cls.__qualname__}))
 
 
 def _generated(record: r.Record) -> Any:
-    return _generated_class(type(record))(**{f.name: getattr(record, f.name) for f in dataclasses.fields(record)})
+    return _generated_class(type(record))(**{f.name: getattr(record, f.name) for f in records.fields(record)})
 
 
 def _hash(value: Any) -> Any:
@@ -159,7 +160,7 @@ def _hash(value: Any) -> Any:
 
 
 def test_records_compare_hash_and_print_as_generated_ones_would() -> None:
-    # Record writes ==, hash() and repr() once instead of dataclass generating them per class (cold start)
+    # Record writes ==, hash() and repr() once instead of record generating them per class (cold start)
     samples = [typed for typed, _ in CASES]
     samples += [r.PeerCred(1, 2, 3), r.UmemGeometry(1, 2, 3), r.UmemGeometry(1, 2, 4), r.RingSizes(1, 2, 3, 4),
                 r.ReleaseReply("a", req_id=1, raw={"x": 1}), r.ReleaseReply("a", req_id=1, raw=None),
@@ -171,7 +172,7 @@ def test_records_compare_hash_and_print_as_generated_ones_would() -> None:
     for a in samples:
         ga = _generated(a)
         assert repr(a) == repr(ga) and _hash(a) == _hash(ga)
-        assert a.__eq__(object()) is NotImplemented and a == dataclasses.replace(a)
+        assert a.__eq__(object()) is NotImplemented and a == records.replace(a)
         for b in samples:
             if type(a) is type(b):
                 assert (a == b) == (ga == _generated(b))
