@@ -7,6 +7,7 @@ privileged code.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -178,13 +179,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(only_serve=argv[:1] == ["serve"]).parse_args(argv)
+    if argv[:1] == ["serve"]:
+        # start-up allocates thousands of long-lived objects (modules, classes, the policy) and no garbage worth
+        # a collection: collecting them meanwhile only delays a socket-activated first grant (serve freezes
+        # them out of the collector's sight, then turns it back on, before it says READY)
+        gc.disable()
     try:
+        args = build_parser(only_serve=argv[:1] == ["serve"]).parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 1
+    finally:
+        gc.enable()  # a serve that never got to READY (or a caller of main in-process) has it back
 
 
 if __name__ == "__main__":

@@ -127,8 +127,10 @@ def serve(args: argparse.Namespace) -> int:
            "policy_fallback": keeper.fallback, "limits": limits.effective(max_connections),
            "watchdog_s": watchdog.interval * 2 if watchdog else None})
     # What start-up made (modules, classes, the policy) lives as long as the broker: out of the collector's
-    # sight, a full collection walks only what came after, instead of pausing a grant for milliseconds
+    # sight, a full collection walks only what came after, instead of pausing a grant for milliseconds.
+    # (`xskbroker serve` kept the collector off until now: start-up makes no garbage worth collecting.)
     gc.freeze()
+    gc.enable()
     notifier.ready(status.text())
     try:
         server.run()
