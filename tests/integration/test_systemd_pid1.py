@@ -178,6 +178,36 @@ def test_socket_activation_and_a_grant_for_a_member_of_the_socket_group(box: Con
     assert "READY=1" not in box.show(UNIT, "StatusText")
 
 
+def test_kernel_tunables_are_out_of_the_brokers_reach(box: Container) -> None:
+    """What ProtectKernelTunables= would guard, in the running broker's own mount namespace: /sys and every
+    mount under it read-only (ReadOnlyPaths=/sys), /proc/sys and the other kernel files of /proc absent
+    (ProcSubset=pid), while its clients' /proc/PID entries stay readable."""
+    # the container's own /sys is read-only already: a writable mount under it, made before the broker
+    # starts, shows whether the unit makes /sys read-only itself (a host's /sys is writable)
+    box.systemctl("stop", UNIT)
+    spot = next(d for d in ("/sys/kernel/config", "/sys/fs/fuse/connections", "/sys/kernel/tracing", "/sys/fs/bpf")
+                if box.run("test", "-d", d, check=False).returncode == 0)
+    box.run("mount", "-t", "tmpfs", "-o", "size=64k", "xsktest", spot)
+    try:
+        granted(box)
+        pid = main_pid(box)
+        mounts = [line.split() for line in box.run("cat", f"/proc/{pid}/mountinfo").stdout.splitlines()]
+    finally:
+        box.systemctl("stop", UNIT)
+        box.run("umount", spot)
+    under_sys = dict((m[4], m[5]) for m in mounts if m[4] == "/sys" or m[4].startswith("/sys/"))
+    assert "/sys" in under_sys and spot in under_sys, under_sys
+    assert all("ro" in opts.split(",") for opts in under_sys.values()), under_sys
+    granted(box)
+    pid = main_pid(box)
+    root = f"/proc/{pid}/root"
+    for hidden in ("proc/sys", "proc/sysrq-trigger", "proc/kcore", "proc/kallsyms", "proc/irq", "proc/fs",
+                   "proc/acpi", "proc/latency_stats", "proc/timer_list"):
+        assert box.run("test", "-e", f"{root}/{hidden}", check=False).returncode != 0, hidden
+    assert box.run("test", "-r", f"{root}/proc/1/stat", check=False).returncode == 0
+    assert box.run("test", "-d", f"{root}/sys/class/net/xsk0", check=False).returncode == 0  # read, as it must
+
+
 def test_a_user_outside_the_socket_group_cannot_connect(box: Container) -> None:
     done = box.run("runuser", "-u", STRANGER, "--", XSK, "request", "--interface", "xsk0", "--json", check=False)
     assert done.returncode != 0

@@ -91,15 +91,28 @@ def exposure(service: Path) -> tuple[float, str]:
     return float(m.group(1)), done.stdout
 
 
+# ProtectKernelTunables= is replaced by what covers the same ground for this unit and costs a socket-activated
+# start 8 ms less (ProcSubset=pid hides /proc/sys and the rest of what it guards in /proc, ReadOnlyPaths=/sys):
+# systemd-analyze does not credit the pair, so its 0.1 is granted back only while both are there
+# (tests/integration/test_systemd_pid1.py checks their effect in the running broker)
+TUNABLES_BY_EQUIVALENTS = 0.1
+
+
 @needs_analyze
 def test_security_exposure_is_at_most_2() -> None:
     score, report = exposure(UNITS / "xskbroker.service")
     open_items = [line for line in report.splitlines() if line.startswith("✗")]
     print(f"\nsystemd-analyze security --offline=true xskbroker.service: overall exposure {score} "
           f"({len(open_items)} items not fully hardened)")
-    assert score <= MAX_EXPOSURE, f"exposure {score} > {MAX_EXPOSURE}:\n" + "\n".join(open_items)
+    allowed = MAX_EXPOSURE
+    if any(line.split()[1] == "ProtectKernelTunables=" for line in open_items):
+        s = unit("xskbroker.service")
+        assert one(s, "ProcSubset") == "pid" and "/sys" in one(s, "ReadOnlyPaths").split(), \
+            "kernel tunables are reachable: neither ProtectKernelTunables= nor its equivalents"
+        allowed += TUNABLES_BY_EQUIVALENTS
+    assert score <= allowed + 1e-9, f"exposure {score} > {allowed}:\n" + "\n".join(open_items)
     # the same judgement by systemd's own threshold (exposure x 10)
-    done = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--threshold={int(MAX_EXPOSURE * 10)}",
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--threshold={round(allowed * 10)}",
                            str(UNITS / "xskbroker.service")], capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, f"exposure {score}"
 
