@@ -175,7 +175,7 @@ def _importtime(box: Container, client: str, top: int = 15) -> tuple[float, list
     return total / 1000, sorted(rows, key=lambda r: -r[1])[:top]
 
 
-def run(rounds: int = 9) -> dict[str, Any]:
+def run(rounds: int = 15) -> dict[str, Any]:
     missing = container.host_missing()
     if missing:
         return {"skipped": missing}
