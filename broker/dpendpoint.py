@@ -147,6 +147,15 @@ class Endpoint:
             except OSError:
                 conn.close()
                 continue
+            except Exception as e:  # a bug must cost one connection, never the broker
+                server._internal_error(None, e)
+                conn.close()
+                continue
+            if not peers.printable_cgroup(who.cgroup):  # no policy can name it (docs/security.md)
+                server.audit({"event": "dp-refused", "path": self.spec.where, "peer": who.as_dict(),
+                              "reason": "its cgroup path is not valid UTF-8"})
+                conn.close()
+                continue
             if len(self.conns) >= MAX_CONNECTIONS:
                 oldest = min(self.conns.values(), key=lambda c: c.since)
                 server.audit({"event": "dp-connection-evicted", "path": self.spec.where,
@@ -166,6 +175,15 @@ class Endpoint:
         server = self.server
         assert server is not None
         c = self.conns[sock.fileno()]
+        try:
+            self._serve(c, sock)
+        except Exception as e:  # a bug must cost one connection, never the broker and everyone's leases
+            server._internal_error(c.who, e)
+            self._drop(c)
+
+    def _serve(self, c: _Conn, sock: socket.socket) -> None:
+        server = self.server
+        assert server is not None
         try:
             data, anc, flags, _ = sock.recvmsg(dp.MAX_REQUEST + 1, socket.CMSG_SPACE(MAX_FDS_IN * 4))
         except (BlockingIOError, InterruptedError):

@@ -5,7 +5,12 @@ would end the broker (and every other client's service) at each connect."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +20,7 @@ from xskbroker.client.connection import Connection
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
-from .conftest import CONSUMER_UID
+from .conftest import CONSUMER_UID, wait_for
 from .test_vm_identity import _unified
 
 POLICY = f"""version = 1
@@ -42,34 +47,78 @@ def _connect_when_placed(path: str, gate: int) -> dict[str, Any]:
         return {"cgroup": cgroup, "ok": False, "code": "connection-error", "message": str(e)}
 
 
-def test_a_cgroup_named_with_bytes_that_are_not_utf8_is_refused_clearly_and_the_broker_lives_on(
-        veth: VethNamespace) -> None:
+@contextlib.contextmanager
+def _bad_cgroup() -> Iterator[Path]:
     root = _unified()
     if root is None:
         pytest.skip("no cgroup v2 hierarchy mounted")
     bad = Path(os.fsdecode(os.fsencode(str(root)) + f"/xskt{os.getpid()}-".encode() + b"\xff\xfe"))
     bad.mkdir()
     try:
-        with BrokerProcess(veth.name, POLICY) as b:
-            rfd, wfd = os.pipe()
-            child = spawn_unprivileged(_connect_when_placed, b.socket_path, rfd, uid=CONSUMER_UID)
-            os.close(rfd)
-            try:
-                (bad / "cgroup.procs").write_text(str(child.pid))  # placed before it connects
-                os.write(wfd, b"go\n")
-                result = child.result()
-            finally:
-                child.kill()
-                os.close(wfd)
-            assert result["cgroup"].endswith(b"\xff\xfe"), result
-            assert not result["ok"], result
-            assert result["code"] == "identity-unreadable", result
-            assert "not valid UTF-8" in result["message"]
-            # the broker is alive and serves the next client (root: an admin)
+        yield bad
+    finally:
+        bad.rmdir()  # empty by now: the child was reaped
+
+
+def _run_in(cgroup: Path, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """fn(*args, gate) as the consumer uid, placed in cgroup before it is let go."""
+    rfd, wfd = os.pipe()
+    child = spawn_unprivileged(fn, *args, rfd, uid=CONSUMER_UID)
+    os.close(rfd)
+    try:
+        (cgroup / "cgroup.procs").write_text(str(child.pid))
+        os.write(wfd, b"go\n")
+        result: dict[str, Any] = child.result()
+    finally:
+        child.kill()
+        os.close(wfd)
+    return result
+
+
+def test_a_cgroup_named_with_bytes_that_are_not_utf8_is_refused_clearly_and_the_broker_lives_on(
+        veth: VethNamespace) -> None:
+    with _bad_cgroup() as bad, BrokerProcess(veth.name, POLICY) as b:
+        result = _run_in(bad, _connect_when_placed, b.socket_path)
+        assert result["cgroup"].endswith(b"\xff\xfe"), result
+        assert not result["ok"], result
+        assert result["code"] == "identity-unreadable", result
+        assert "not valid UTF-8" in result["message"]
+        # the broker is alive and serves the next client (root: an admin)
+        assert b.proc is not None and b.proc.poll() is None, b.log()
+        with Connection(b.socket_path) as c:
+            assert c.call(proto.Status())[0]["leases"] == []
+        refused = [r for r in b.records() if r.get("event") == "connection-refused"]
+        assert refused and refused[-1]["code"] == "identity-unreadable", b.log()
+
+
+def _dp_connect_when_placed(path: str, gate: int) -> dict[str, Any]:
+    """DPDK's first message to a device-plugin endpoint; what comes back (nothing: the connection closed)."""
+    if os.fdopen(gate, "r").readline().strip() != "go":
+        raise RuntimeError("no go")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(5)
+        s.connect(path)
+        with contextlib.suppress(OSError):
+            s.send(b"/connect,host")
+        try:
+            return {"reply": s.recv(4096)}
+        except OSError as e:
+            return {"reply": b"", "error": e.strerror}
+
+
+def test_the_device_plugin_endpoint_refuses_it_too(veth: VethNamespace) -> None:
+    base = tempfile.mkdtemp(prefix="xd-", dir="/tmp")
+    os.chmod(base, 0o755)
+    path = f"{base}/afxdp_dp/xsk0/afxdp.sock"
+    try:
+        endpoint = ["--device-plugin", f"interface=xsk0,user={CONSUMER_UID},path={path}"]
+        with _bad_cgroup() as bad, BrokerProcess(veth.name, POLICY, endpoint) as b:
+            result = _run_in(bad, _dp_connect_when_placed, path)
+            assert result["reply"] == b"", result  # dropped before any answer: no lease, no map
+            refused = wait_for(lambda: [r for r in b.records() if r.get("event") == "dp-refused"], what="a record")
+            assert "not valid UTF-8" in refused[-1]["reason"], refused
             assert b.proc is not None and b.proc.poll() is None, b.log()
             with Connection(b.socket_path) as c:
                 assert c.call(proto.Status())[0]["leases"] == []
-            refused = [r for r in b.records() if r.get("event") == "connection-refused"]
-            assert refused and refused[-1]["code"] == "identity-unreadable", b.log()
     finally:
-        bad.rmdir()
+        shutil.rmtree(base, ignore_errors=True)
