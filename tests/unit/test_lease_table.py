@@ -34,6 +34,28 @@ def test_the_index_by_id_slot_pid_and_interface() -> None:
     assert list(t) == [b]
 
 
+def test_the_quota_holdings_holders_and_bare_leases_follow_every_add_and_end() -> None:
+    """Kept with the table (a grant judges quotas over them all): they must match the leases at every step."""
+    t = table(None)
+    a = add(t, pid=10, queues=(0, 1))
+    b = add(t, pid=10, ifindex=8, queues=(0,), kind="bare")
+    c = add(t, pid=11, ifindex=9)
+    held = sorted((h.uid, h.queues, h.umem, tuple(sorted(h.gids)), tuple(sorted(h.groups))) for h in t.holdings())
+    assert held == [(1000, 1, 1 << 20, (1000,), ("xsk",))] * 2 + [(1000, 2, 1 << 20, (1000,), ("xsk",))]
+    assert t.holds(10) and t.holds(11) and not t.holds(12) and t.has_bare()
+    b.revoked = True
+    assert not t.has_bare()  # a revoked bare lease is not watched for squatting any more
+    b.revoked = False
+    t.remove(b.id)
+    assert t.holds(10) and not t.has_bare() and len(list(t.holdings())) == 2
+    add(t, pid=12, queues=(1,))  # takes a's slot 1: a ends
+    assert not t.holds(10) and t.holds(12) and t.get(a.id) is None
+    t.remove(c.id)
+    assert not t.holds(11) and [h.queues for h in t.holdings()] == [1]
+    t.adopt(Lease("x" * 16, 1001, 13, 7, "veth0", (5,), "bare", 4096))  # a recovered lease is counted too
+    assert t.holds(13) and t.has_bare() and sorted(h.uid for h in t.holdings()) == [1000, 1001]
+
+
 def test_a_fresh_grant_on_a_slot_ends_the_lease_that_held_it() -> None:
     t = table(None)
     ended: list[str] = []
