@@ -200,6 +200,7 @@ class Server:
                 self.service.loop_busy = False
                 if self.waiting:
                     self._retry_waiting()
+                self._compact_journal()
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
@@ -213,6 +214,13 @@ class Server:
             signal.set_wakeup_fd(old_fd)
             for s, h in handlers.items():
                 signal.signal(s, h)
+
+    def _compact_journal(self) -> None:
+        """The lease journal's compaction, between rounds of requests (its replies are out): off every grant."""
+        try:
+            self.service.leases.compact_if_due()
+        except OSError as e:  # kept appending to the old journal; tried again after another 1000 lines
+            self.audit({"event": "journal-compact-failed", "error": str(e)})
 
     def idle(self) -> bool:
         """Nothing would be lost by exiting: no client connected, no lease to watch."""

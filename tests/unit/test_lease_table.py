@@ -159,12 +159,52 @@ def test_compaction_keeps_the_current_leases_only(tmp_path: Path, monkeypatch: p
     keep = add(t, queues=(0,))
     for _ in range(600):  # grant and release: 1200 lines, past the 1000 + 4 per lease threshold
         t.remove(add(t, queues=(1,)).id)
+        t.compact_if_due()  # what the server does after each round of requests
     assert len(lines(path)) < 1000
     state = table(path).load()
     assert [x.id for x in state] == [keep.id]
     t.compact()
     assert lines(path) == [{"version": STATE_VERSION}, {"lease": keep.record()}]
     assert not (tmp_path / "leases.jsonl.tmp").exists()
+    t.close()
+
+
+def test_a_grant_never_compacts_the_journal_and_a_failed_compaction_waits_1000_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewriting every lease cost the grant that crossed the bound ~2 ms: appends only append, the server's
+    compact_if_due (between rounds) compacts; one that fails is not retried on every round."""
+    path = tmp_path / "leases.jsonl"
+    t = table(path)
+    add(t, queues=(0,))
+    for _ in range(600):
+        t.remove(add(t, queues=(1,)).id)
+    assert len(lines(path)) == 2 + 1200  # header and first lease, then every change: nothing compacted
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(t, "compact", broken)
+    with pytest.raises(OSError):
+        t.compact_if_due()
+    t.compact_if_due()  # not again at once
+    for _ in range(400):
+        t.remove(add(t, queues=(1,)).id)
+    t.compact_if_due()
+    assert len(calls) == 1  # 800 lines later: still waiting
+    for _ in range(110):  # past 1000 lines after the failure
+        t.remove(add(t, queues=(1,)).id)
+    with pytest.raises(OSError):
+        t.compact_if_due()
+    assert len(calls) == 2
+    monkeypatch.undo()
+    t.compact_if_due()
+    assert len(calls) == 2 and len(lines(path)) > 2000  # deferred again by the second failure
+    for _ in range(505):
+        t.remove(add(t, queues=(1,)).id)
+    t.compact_if_due()
+    assert len(lines(path)) == 2  # compacted: the header and the one lease
     t.close()
 
 
