@@ -115,10 +115,10 @@ def read_cgroup(pid: int) -> str | None:
     path is decoded losslessly (surrogateescape), never with an error a client could provoke at will."""
     try:  # raw os calls: this read is on every new connection's path
         fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            chunks = []
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
+        try:  # one read returns it all unless it fills the buffer (a short read is the end of a /proc file)
+            chunks = [os.read(fd, 65536)]
+            while len(chunks[-1]) == 65536:
+                chunks.append(os.read(fd, 65536))
         finally:
             os.close(fd)
     except OSError:
