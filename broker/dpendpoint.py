@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import pwd
 import selectors
@@ -142,19 +143,8 @@ class Endpoint:
                 return
             refuse_passed_fds(conn)
             conn.setblocking(False)
-            try:
-                who = peers.identify(conn)
-            except OSError:
-                conn.close()
-                continue
-            except Exception as e:  # a bug must cost one connection, never the broker
-                server._internal_error(None, e)
-                conn.close()
-                continue
-            if not peers.printable_cgroup(who.cgroup):  # no policy can name it (docs/security.md)
-                server.audit({"event": "dp-refused", "path": self.spec.where, "peer": who.as_dict(),
-                              "reason": "its cgroup path is not valid UTF-8"})
-                conn.close()
+            who = server.identify(conn, functools.partial(self._unjudgeable, conn))
+            if who is None:
                 continue
             if len(self.conns) >= MAX_CONNECTIONS:
                 oldest = min(self.conns.values(), key=lambda c: c.since)
@@ -163,6 +153,11 @@ class Endpoint:
                 self._drop(oldest)
             self.conns[conn.fileno()] = _Conn(conn, who, dp.Session(), time.monotonic())
             server.sel.register(conn, selectors.EVENT_READ, self._readable)
+
+    def _unjudgeable(self, conn: socket.socket, who: peers.PeerInfo, why: str) -> None:
+        assert self.server is not None
+        self.server.audit({"event": "dp-refused", "path": self.spec.where, "peer": who.as_dict(), "reason": why})
+        conn.close()  # DPDK's protocol has no word for it before /connect: it sees the connection end
 
     def _drop(self, c: _Conn) -> None:
         self.conns.pop(c.sock.fileno(), None)

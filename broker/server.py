@@ -322,20 +322,14 @@ class Server:
         if self.refuse_fds:
             refuse_passed_fds(conn)  # inherited from the listener, but one accepted before we set it may not have
         conn.setblocking(False)
-        try:
-            who = peers.identify(conn)
-        except OSError:
-            conn.close()
-            return
-        except Exception as e:  # a bug must cost one connection, never the broker
-            self._internal_error(None, e)
-            conn.close()
-            return
-        if not peers.printable_cgroup(who.cgroup):
+
+        def unjudgeable(who: peers.PeerInfo, why: str) -> None:
             self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": ErrorCode.IDENTITY_UNREADABLE})
             self._say_and_close(conn, ErrorReply(ErrorCode.IDENTITY_UNREADABLE, (
-                f"the broker cannot judge this process: its cgroup path {who.cgroup!r} is not valid UTF-8, so no "
-                "policy can name it; run it in a cgroup whose name is UTF-8")))
+                f"the broker cannot judge this process: {why}; run it in a cgroup whose name is UTF-8")))
+
+        who = self.identify(conn, unjudgeable)
+        if who is None:
             return
         held = [Holding(p.uid, p.gids, p.groups, connections=1) for _, p in self.conns.values()]
         refused = quotas.check(self.service.policy, policy_peer(who), held, connections=1)
@@ -369,6 +363,24 @@ class Server:
         # a client connects and sends its request at once: it is usually there already, so read it now rather
         # than after another round of select (nothing there: recvmsg says EAGAIN, and select will tell)
         self._readable(conn)
+
+    def identify(self, conn: socket.socket, refuse: Callable[[peers.PeerInfo, str], None]) -> peers.PeerInfo | None:
+        """Who is at the other end of a new connection (the broker's or an endpoint's); None once the connection
+        is closed: its peer is gone, its identity cannot be judged (refuse(peer, why) answers and closes), or a
+        bug (recorded: it costs one connection, never the broker)."""
+        try:
+            who = peers.identify(conn)
+        except OSError:
+            conn.close()
+            return None
+        except Exception as e:
+            self._internal_error(None, e)
+            conn.close()
+            return None
+        if not peers.printable_cgroup(who.cgroup):  # no policy can name it (docs/security.md)
+            refuse(who, f"its cgroup path {who.cgroup!r} is not valid UTF-8, so no policy can name it")
+            return None
+        return who
 
     def _say_and_close(self, conn: socket.socket, reply: ErrorReply) -> None:
         """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:
