@@ -26,7 +26,7 @@ from typing import Any
 from xskbroker.broker import dpsocket
 from xskbroker.broker import peer as peers
 from xskbroker.broker.core import Deferred, policy_peer
-from xskbroker.broker.server import MAX_FDS_IN, Server, passed_fds, refuse_passed_fds
+from xskbroker.broker.server import MAX_FDS_IN, Server, refuse_passed_fds
 from xskbroker.common.records import record
 from xskbroker.wire import deviceplugin as dp
 from xskbroker.wire import protocol as proto
@@ -186,9 +186,7 @@ class Endpoint:
         except OSError:
             self._drop(c)
             return
-        fds = passed_fds(anc)
-        server.untrusted.close(fds)  # closing one can block as long as its sender likes: never on the loop
-        nfds = len(fds) + (1 if flags & socket.MSG_CTRUNC else 0)
+        nfds = server._discard_passed_fds(anc) + (1 if flags & socket.MSG_CTRUNC else 0)
         if not data and not nfds:
             self._drop(c)  # orderly close
             return
