@@ -24,7 +24,7 @@ from xskbroker.testbed.dpdk_like import handshake
 from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
-from .conftest import CONSUMER_UID, STRANGER_UID, ns_name, wait_for
+from .conftest import CONSUMER_UID, STRANGER_UID, wait_for
 from .probe import RootProbe
 from .tenants import spawn_tenant, tenant
 
@@ -47,12 +47,6 @@ max_umem = "16MiB"
 [admin]
 users = [0]
 """
-
-
-@pytest.fixture
-def veth() -> Iterator[VethNamespace]:
-    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns:
-        yield ns
 
 
 @pytest.fixture

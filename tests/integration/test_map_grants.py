@@ -19,7 +19,7 @@ from xskbroker.testbed.links import in_netns
 from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
-from .conftest import CONSUMER_UID, ns_name, wait_for
+from .conftest import CONSUMER_UID, wait_for
 from .tenants import spawn_tenant, tenant
 
 OTHER_UID = 65532
@@ -37,12 +37,6 @@ max_umem = "16MiB"
 [admin]
 users = [0]
 """
-
-
-@pytest.fixture
-def veth() -> Iterator[VethNamespace]:
-    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns:
-        yield ns
 
 
 @pytest.fixture
