@@ -290,19 +290,26 @@ def spawn_unprivileged(fn: Callable[..., Any], *args: Any, uid: int = 65534, gid
 
     Forking rather than exec'ing lets the child run code from a tree an unprivileged uid may not read.
     """
+    return fork_child(lambda: drop_privileges(uid, gid), uid, fn, *args)
+
+
+def fork_child(become: Callable[[], dict[str, str] | None], uid: int, fn: Callable[..., Any], *args: Any) -> Child:
+    """Fork; in the child, become() first (drop privileges, enter a namespace: whatever it must be before it
+    runs), then run fn(*args) and send back its result. What become() returns (the capabilities it kept) is
+    added to a dict result under "capabilities"; None adds nothing."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         code = 0
         try:
             os.close(rfd)
-            caps = drop_privileges(uid, gid)
+            caps = become()
             try:
                 value = (True, fn(*args))
             except BaseException:
                 value = (False, traceback.format_exc())
                 code = 1
-            if isinstance(value[1], dict):
+            if isinstance(value[1], dict) and caps is not None:
                 value[1].setdefault("capabilities", caps)
             data = pickle.dumps(value)
             with os.fdopen(wfd, "wb") as w:

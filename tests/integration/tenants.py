@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pickle
 import socket
 import struct
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +20,7 @@ from xskbroker.client.xsk import XskSocket
 from xskbroker.common.libc import PR_SET_NO_NEW_PRIVS, libc
 from xskbroker.testbed.echo import Reflector
 from xskbroker.testbed.links import setns
-from xskbroker.testbed.sandbox import Child
+from xskbroker.testbed.sandbox import Child, fork_child
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import AF_XDP, XDP_COPY, XDP_USE_NEED_WAKEUP
@@ -54,27 +52,11 @@ def drop_keeping_net_raw(uid: int) -> str:
 
 def spawn_tenant(fn: Callable[..., Any], *args: Any, uid: int, netns: str) -> Child:
     """Fork a tenant into the interface's namespace (its sockets bind there), then drop to uid + CAP_NET_RAW."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(rfd)
-            setns(netns)
-            drop_keeping_net_raw(uid)
-            try:
-                value: tuple[bool, Any] = (True, fn(*args))
-            except BaseException:
-                value, code = (False, traceback.format_exc()), 1
-            with os.fdopen(wfd, "wb") as w:
-                w.write(pickle.dumps(value))
-        except BaseException:
-            traceback.print_exc()
-            code = 2
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    return Child(pid, rfd, uid)
+    def become() -> None:
+        setns(netns)
+        drop_keeping_net_raw(uid)
+
+    return fork_child(become, uid, fn, *args)
 
 
 def own_socket(ifname: str, queue: int) -> XskSocket:
