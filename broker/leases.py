@@ -21,6 +21,7 @@ from xskbroker.policy.quota import Holding
 from xskbroker.wire.replies import LeaseInfo
 
 STATE_VERSION = 1
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one for every journal line: json.dumps makes one per call
 COMPACT_LINES = 1000
 @record
 class Lease:
@@ -189,8 +190,7 @@ class LeaseTable:
                 return  # the compacted journal already holds the current state
         assert self._journal is not None
         # one write(2) per call, no buffering layer: it is on the grant path
-        os.write(self._journal.fileno(), "".join(json.dumps(e, separators=(",", ":")) + "\n"
-                                                 for e in entries).encode())
+        os.write(self._journal.fileno(), "".join(_ENCODER.encode(e) + "\n" for e in entries).encode())
         self._lines += len(entries)
 
     def compact_if_due(self) -> None:

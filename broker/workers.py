@@ -31,7 +31,10 @@ class Job:
         self.cancelled = False  # work looks at it between steps
         self._child: int | None = None  # pidfd of a child process doing a step
         self._lock = threading.Lock()
-        self._finished = threading.Event()
+        # held until the work is done: wait() acquires it (a bare lock: an Event's Condition would allocate a
+        # lock of its own and take two more on every wait, on the loop's side of each grant)
+        self._finished = threading.Lock()
+        self._finished.acquire()
         self._waited = False  # the loop waits for it (wait()): it needs no wake-up when it is done
 
     def watch(self, pidfd: int | None) -> None:
@@ -56,7 +59,7 @@ class Job:
             self.done = True
             late = self.cancelled
             waited = self._waited
-        self._finished.set()
+        self._finished.release()
         if late:
             self.undo()
         return not waited
@@ -67,7 +70,8 @@ class Job:
             if self.done:
                 return True
             self._waited = True
-        self._finished.wait(timeout)
+        if self._finished.acquire(timeout=timeout):
+            self._finished.release()  # done for good: a later wait() must not block
         with self._lock:
             self._waited = False  # from now on, a job that ends wakes the loop
             return self.done

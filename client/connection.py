@@ -20,17 +20,19 @@ SMALL_REPLY = 1 << 16  # any reply but status: a grant of MAX_QUEUES sockets is 
 class Connection:
     def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 30.0) -> None:
         self.path = path
+        self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            # A Python timeout would make connect non-blocking, and a full accept backlog (a busy or
-            # flooded broker) would then fail at once with EAGAIN. A blocking connect waits its turn,
-            # bounded by SO_SNDTIMEO.
+            # The timeout is the kernel's (SO_SNDTIMEO, SO_RCVTIMEO) on a blocking socket, not Python's: a
+            # Python timeout makes connect non-blocking, and a full accept backlog (a busy or flooded broker)
+            # would then fail at once with EAGAIN, where a blocking connect waits its turn; and it costs a
+            # poll(2) before every send and every receive.
             if timeout is not None:
                 sec = int(timeout)
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                     struct.pack("ll", sec, int((timeout - sec) * 1e6)))
+                tv = struct.pack("ll", sec, int((timeout - sec) * 1e6))
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             self.sock.connect(path)
-            self.sock.settimeout(timeout)
         except OSError as e:
             self.sock.close()
             raise ConnectionError(f"cannot reach the broker at {path}: {e.strerror or e}") from e
@@ -86,10 +88,15 @@ class Connection:
             return None
         return reply.exception() if isinstance(reply, replies.ErrorReply) else None
 
+    def _timed_out(self, what: str) -> TimeoutError:
+        return TimeoutError(f"the broker at {self.path} did not {what} within {self.timeout} s")
+
     def _exchange(self, data: bytes, reply_size: int,
                   expected: type[replies.OkReply] | None = None) -> tuple[replies.OkReply, list[int]]:
         try:
             self.sock.send(data)
+        except BlockingIOError:  # SO_SNDTIMEO ran out
+            raise self._timed_out("take the request") from None
         except (BrokenPipeError, ConnectionResetError) as e:
             # a connection the broker refused on arrival (too many connections, an identity it cannot judge)
             # has that refusal queued before the close: say why, not "broken pipe"
@@ -97,7 +104,10 @@ class Connection:
             if refusal is not None:
                 raise refusal from None
             raise ConnectionError(f"the broker closed the connection: {e.strerror or e}") from e
-        msg, fds, flags, _ = socket.recv_fds(self.sock, reply_size, MAX_FDS)
+        try:
+            msg, fds, flags, _ = socket.recv_fds(self.sock, reply_size, MAX_FDS)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            raise self._timed_out("answer") from None
         try:
             if not msg:
                 raise ConnectionError("the broker closed the connection without a reply")

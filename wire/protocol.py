@@ -140,8 +140,12 @@ def ifname_problem(name: str) -> str | None:
 
 # ---- encoding ---------------------------------------------------------------------------------------
 
+# one encoder for every message: json.dumps with separators= would build one per call
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps({"v": VERSION, **message}, separators=(",", ":")).encode()
+    return _ENCODER.encode({"v": VERSION, **message}).encode()
 
 
 def encode_request(req: Request) -> bytes:
@@ -195,6 +199,8 @@ def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing field {name!r}")
         return default
     value = msg[name]
+    if type(value) is kind:  # the usual case, first: JSON gives exact types (never a subclass)
+        return value
     # bool is an int subclass: never accept it where a number is meant
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {name!r} must be {_type_name(kind)}")
@@ -217,7 +223,8 @@ def _bounded(name: str, value: int, lo: int, hi: int) -> int:
 
 
 def _power_of_two(name: str, value: int, hi: int) -> int:
-    _bounded(name, value, 1, hi)
+    if not 1 <= value <= hi:
+        _bounded(name, value, 1, hi)
     if value & (value - 1):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be a power of two, not {value}")
     return value
@@ -253,15 +260,17 @@ def _geometry(msg: dict[str, Any]) -> Geometry:
     if size % 4096:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "umem.size must be a multiple of 4096 (the page size)")
     headroom = _bounded("umem.headroom", _field(umem, "headroom", int, d.headroom), 0, frame - 256)
-    ring = {k: _power_of_two(f"rings.{k}", _field(rings, k, int, getattr(d, k)), MAX_RING)
-            for k in ("fill", "completion", "rx", "tx")}
-    key = _first_unknown(umem, ("size", "frame_size", "headroom"))
-    if key is not None:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field 'umem.{key}'")
-    key = _first_unknown(rings, ring)
-    if key is not None:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field 'rings.{key}'")
-    return Geometry(size, frame, headroom, **ring)
+    ring = [_power_of_two(f"rings.{k}", _field(rings, k, int, getattr(d, k)), MAX_RING) for k in _RINGS]
+    if not umem.keys() <= _UMEM_KEYS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field 'umem.{_first_unknown(umem, _UMEM_KEYS)}'")
+    if not rings.keys() <= _RING_KEYS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field 'rings.{_first_unknown(rings, _RING_KEYS)}'")
+    return Geometry(size, frame, headroom, *ring)
+
+
+_RINGS = ("fill", "completion", "rx", "tx")  # Geometry's order
+_RING_KEYS = frozenset(_RINGS)
+_UMEM_KEYS = frozenset(("size", "frame_size", "headroom"))
 
 
 def _first_unknown(msg: dict[str, Any], known: Collection[str]) -> str | None:
@@ -319,9 +328,9 @@ def decode_request(data: bytes, *, truncated: bool = False, fds: int = 0) -> Req
         if op not in _FIELDS:
             raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {msg.get('op')!r}; expected one of "
                                 + ", ".join(sorted(_FIELDS)))
-        key = _first_unknown(msg, _FIELDS[op])
-        if key is not None:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field {key!r} in {op} request")
+        if not msg.keys() <= _FIELDS[op]:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field {_first_unknown(msg, _FIELDS[op])!r} in {op} "
+                                "request")
         if "id" in msg and req_id is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'id' must be an integer or a string")
         if op == "hello":

@@ -56,20 +56,21 @@ class Record:
         return f"{type(self).__qualname__}({values})"
 
     @classmethod
-    def from_wire(cls, obj: Any, where: str = "reply") -> typing.Self:
+    def from_wire(cls, obj: Any, where: str = "reply", given: dict[str, Any] | None = None) -> typing.Self:
+        """The record read from its JSON object; `given` are more fields, not from the object (a reply's id)."""
         if not isinstance(obj, dict):
             raise _bad(where, "an object")
-        values: dict[str, Any] = {}
-        for f, hint in _wire_fields(cls):
-            if f.name in obj:
-                value = obj[f.name]
-                # on every grant's path: a scalar of exactly its type needs no generic check (nor its message)
-                values[f.name] = value if hint in _EXACT and type(value) is hint else \
-                    _check(value, hint, f"{where}.{f.name}")
-            elif f.default is records.MISSING and f.default_factory is records.MISSING:
-                raise BrokerError(ErrorCode.BAD_REPLY, f"broker reply: {where} lacks {f.name!r}")
+        values: dict[str, Any] = given or {}
+        for name, required, exact, check in _reader(cls):
+            if name in obj:
+                value = obj[name]
+                # on every grant's path: a scalar of exactly its type needs no check (nor its message)
+                values[name] = value if type(value) is exact else check(value, f"{where}.{name}")
+            elif required:
+                raise BrokerError(ErrorCode.BAD_REPLY, f"broker reply: {where} lacks {name!r}")
         known = _KNOWN[cls]
-        return cls(**values, extra={k: v for k, v in obj.items() if k not in known} if len(obj) > len(values) else {})
+        read = len(values) - (len(given) if given else 0)
+        return cls(**values, extra={k: v for k, v in obj.items() if k not in known} if len(obj) > read else {})
 
     def to_wire(self) -> dict[str, Any]:
         # on the grant path: a precomputed (name, omit) list per class, scalars copied as they are
@@ -113,6 +114,20 @@ def _wire_fields(cls: type) -> tuple[tuple[records.Field, Any], ...]:
     return got
 
 
+_READERS: dict[type, tuple[tuple[str, bool, type | None, Checker], ...]] = {}
+
+
+def _reader(cls: type) -> tuple[tuple[str, bool, type | None, Checker], ...]:
+    """What from_wire reads for a class: each wire field's name, whether it is required, the scalar type a value
+    may have to be taken as it is (None: always checked), and its check (made once per class)."""
+    got = _READERS.get(cls)
+    if got is None:
+        got = _READERS[cls] = tuple(
+            (f.name, f.default is records.MISSING and f.default_factory is records.MISSING,
+             hint if hint in _EXACT else None, _checker(hint)) for f, hint in _wire_fields(cls))
+    return got
+
+
 _PLANS: dict[type, tuple[tuple[str, Callable[[Any, Any], bool] | None], ...]] = {}
 _SCALARS = frozenset({int, str, bool, float, type(None)})
 
@@ -142,44 +157,83 @@ def _bad(where: str, what: str) -> BrokerError:
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
 
 
+Checker = Callable[[Any, str], Any]
+_CHECKERS: dict[Any, Checker] = {}
+
+
 def _check(value: Any, hint: Any, where: str) -> Any:
     """value as the type hint says (lists become tuples, objects records), or BrokerError bad-reply."""
+    return _checker(hint)(value, where)
+
+
+def _checker(hint: Any) -> Checker:
+    """The check of one type hint, worked out from the hint once (typing's introspection is slow, and every
+    grant reply a client reads goes through these)."""
+    got = _CHECKERS.get(hint)
+    if got is None:
+        got = _CHECKERS[hint] = _make_checker(hint)
+    return got
+
+
+def _make_checker(hint: Any) -> Checker:
     if hint is Any:
-        return value
+        return lambda value, where: value
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        args = typing.get_args(hint)
+        nullable = type(None) in args
+        options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # X | None, not None: X's own message says what is wrong inside it
-            return _check(value, options[0], where)
-        for option in typing.get_args(hint):
-            try:
-                return _check(value, option, where)
-            except BrokerError:
-                continue
-        raise _bad(where, " or ".join(_NAMES.get(a, getattr(a, "__name__", str(a))) for a in typing.get_args(hint)))
+            inner = _checker(options[0])
+            return lambda value, where: None if value is None and nullable else inner(value, where)
+        checks = [_checker(a) for a in args]
+        names = " or ".join(_NAMES.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+        def union(value: Any, where: str) -> Any:
+            if value is None and nullable:
+                return None
+            for check in checks:
+                try:
+                    return check(value, where)
+                except BrokerError:
+                    continue
+            raise _bad(where, names)
+        return union
     if origin is tuple:
-        if not isinstance(value, list):
-            raise _bad(where, "a list")
-        item = typing.get_args(hint)[0]
-        return tuple(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        item = _checker(typing.get_args(hint)[0])
+
+        def items(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise _bad(where, "a list")
+            return tuple(item(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return items
     if origin in (dict, Mapping):
-        if not isinstance(value, dict):
-            raise _bad(where, "an object")
-        item = typing.get_args(hint)[1] if typing.get_args(hint) else Any
-        return value if item is Any else {k: _check(v, item, f"{where}.{k}") for k, v in value.items()}
+        args = typing.get_args(hint)
+        entry = _checker(args[1]) if args and args[1] is not Any else None
+
+        def mapping(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise _bad(where, "an object")
+            return value if entry is None else {k: entry(v, f"{where}.{k}") for k, v in value.items()}
+        return mapping
     if isinstance(hint, type) and issubclass(hint, Record):
-        return hint.from_wire(value, where)
+        return hint.from_wire
     if hint is float:  # a JSON number: 0 may come as an integer
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        def ok(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
     elif hint is int:  # bool is an int subclass: never accept it where a number is meant
-        ok = type(value) is int
+        def ok(value: Any) -> bool:
+            return type(value) is int
     else:
-        ok = isinstance(value, hint)
-    if not ok:
-        raise _bad(where, _NAMES.get(hint, getattr(hint, "__name__", str(hint))))
-    return value
+        def ok(value: Any) -> bool:
+            return isinstance(value, hint)
+    what = _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+    def scalar(value: Any, where: str) -> Any:
+        if not ok(value):
+            raise _bad(where, what)
+        return value
+    return scalar
 
 
 # ---- the pieces of replies --------------------------------------------------------------------------------
@@ -298,8 +352,8 @@ class HistogramInfo(Record):
     count: int
 
     @classmethod
-    def from_wire(cls, obj: Any, where: str = "reply") -> typing.Self:
-        h = super().from_wire(obj, where)
+    def from_wire(cls, obj: Any, where: str = "reply", given: dict[str, Any] | None = None) -> typing.Self:
+        h = super().from_wire(obj, where, given)
         counts = (*h.buckets, h.count)
         if len(h.le) != len(h.buckets) or list(h.le) != sorted(set(h.le)) or counts[0] < 0 or any(
                 a > b for a, b in itertools.pairwise(counts)):
@@ -485,10 +539,10 @@ def reply_from_dict(msg: Any) -> Reply:
     if not isinstance(op, str) or op not in OK_REPLIES:
         raise _bad("reply.op", "one of " + ", ".join(OK_REPLIES))
     body = {k: v for k, v in msg.items() if k not in ("v", "ok", "op", "id")}
-    reply = OK_REPLIES[op].from_wire(body)
+    reply = OK_REPLIES[op].from_wire(body, given={"req_id": req_id, "raw": msg})
     if isinstance(reply, GrantReply):
         _check_grant(reply)
-    return records.replace(reply, req_id=req_id, raw=msg)  # type: ignore[return-value]
+    return reply  # type: ignore[return-value]
 
 
 def _check_grant(reply: GrantReply) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,19 @@ def test_connection_call_returns_the_dict_and_call_typed_the_type(fake_broker: A
         with pytest.raises(BrokerError) as info:
             conn.call_typed(proto.Grant("x", (0,)))
         assert info.value.code == "kernel-error" and info.value.reply["error"]["errno"] == "EBUSY"
+
+
+def test_a_broker_that_never_answers_times_out_with_the_timeout_it_was_given(tmp_path: Path) -> None:
+    # the timeout is the kernel's (SO_RCVTIMEO), not Python's: its EAGAIN must still read as a timeout
+    path = str(tmp_path / "silent.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(path)
+        listener.listen()
+        with Connection(path, timeout=0.3) as conn:
+            peer, _ = listener.accept()
+            with peer:
+                started = time.monotonic()
+                with pytest.raises(TimeoutError, match=r"did not answer within 0\.3 s"):
+                    conn.call(proto.Hello())
+                assert 0.25 <= time.monotonic() - started < 3
+                assert peer.recv(proto.MAX_REQUEST)  # the request itself went out
