@@ -191,6 +191,47 @@ def test_idle_exit_waits_for_the_whole_timeout(figures) -> None:  # type: ignore
         assert idle_exit - last_work >= 4.0 - 0.05, records[-4:]
 
 
+def requests_behind_a_waiting_grant(path: str, extra: int, wait: float) -> dict[str, Any]:
+    """Make a grant wait for the kernel (its queue is still bound by a socket this client keeps), send `extra`
+    hellos behind it on the same connection without waiting, then free the queue after `wait` seconds: the
+    replies must come back one per request, in the order asked."""
+    grant, fds = request_fds("xsk0", [0], kind="bound", geometry=SMALL, socket_path=path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(10)
+    s.connect(path)
+    s.send(proto.encode_request(proto.Release(grant["lease"])))
+    _recv_reply(s)
+    s.send(proto.encode_request(proto.Grant("xsk0", (0,), geometry=SMALL, req_id=0)))
+    for i in range(extra):
+        s.send(proto.encode_request(proto.Hello(req_id=i + 1)))
+    time.sleep(wait)
+    for fd in fds:  # the queue is released (a grace period later) and the waiting grant binds
+        os.close(fd)
+    got = []
+    for _ in range(1 + extra):
+        msg, more, _, _ = socket.recv_fds(s, 1 << 16, 8)
+        for fd in more:
+            os.close(fd)
+        reply = json.loads(msg)
+        got.append((reply["id"], reply["op"], reply["ok"]))
+    s.close()
+    return {"replies": got}
+
+
+def test_requests_sent_behind_a_waiting_grant_are_answered_in_order_without_spinning(figures) -> None:  # type: ignore[no-untyped-def]
+    """A connection whose grant waits stays registered with the loop; its next requests (and a readable socket
+    is all they make it) must neither be answered before the grant nor keep the loop busy."""
+    with bed() as (_, b):
+        ticks = _cpu_ticks(b.pid)
+        got = spawn_unprivileged(requests_behind_a_waiting_grant, b.socket_path, 3, 0.4, uid=CONSUMER_UID).result(30)
+        cpu_s = (_cpu_ticks(b.pid) - ticks) / os.sysconf("SC_CLK_TCK")
+        figures(replies=got["replies"], broker_cpu_s=round(cpu_s, 3))
+        assert got["replies"] == [(0, "grant", True), (1, "hello", True), (2, "hello", True), (3, "hello", True)]
+        assert cpu_s < 0.3, "the broker spun on the readable connection while its grant waited"
+        probe = RootProbe(b.socket_path).run(1)
+        figures(**probe.figures())
+
+
 # ---- 5. connection-table lockout -----------------------------------------------------------------------------
 
 def connection_hog(path: str, limit: int, hold: float) -> dict[str, Any]:
