@@ -33,6 +33,12 @@ def _goal(value: float, bound: float, at_most: bool, fmt: str = "{:.2f}") -> tup
 def _rows(r: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     for size, g in r.get("grant_latency", {}).items():
+        if size == "floor":  # not a size: what any request costs here before its own work (grant_latency.floor)
+            rows.append((f"… floor: a hello round trip after the grants' {g['pause_ms']:.0f} ms pause / back to back",
+                         f"{g['hello_after_pause_ms']:.2f} / {g['hello_back_to_back_ms']:.2f} ms",
+                         f"SEQPACKET ping-pong: {g['pingpong_after_pause_ms']:.3f} / "
+                         f"{g['pingpong_back_to_back_ms']:.3f} ms", "", "", ""))
+            continue
         d = g["direct_ms"]
         # two ways a client grants (bench.grant_latency): a new connection each time, or one kept open
         for way, key, pre in (("new connection", "brokered_ms", ""), ("one connection", "one_connection_ms",
@@ -124,7 +130,7 @@ def plot(r: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("bench: matplotlib is not installed; no plot (pip install '.[bench]')", file=sys.stderr)
         return False
-    sizes = list(r["grant_latency"])
+    sizes = [s for s in r["grant_latency"] if s != "floor"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), sharey=True)
     for ax, size in zip(axes, sizes, strict=True):
         g = r["grant_latency"][size]

@@ -8,6 +8,7 @@ for every grant (request_fds(connection=...), how a program that grants repeated
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from xskbroker.broker import xsk
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import in_netns
+from xskbroker.wire import protocol as proto
 from xskbroker.wire.protocol import Geometry
 
 SIZES_MIB = (1, 4, 16)
@@ -57,6 +59,8 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
                 s.close()
                 if i >= 5:
                     direct.append(elapsed * 1000)
+            if mib == SIZES_MIB[0]:
+                out["floor"] = floor(conn, samples, PAUSE + mib * PAUSE_PER_MIB)
             conn.close()
             bs, ks, ds = summary(brokered), summary(kept), summary(direct)
             out[f"{mib}MiB"] = {"brokered_ms": bs, "direct_ms": ds, "ratio_p50": bs["p50"] / ds["p50"],
@@ -67,3 +71,42 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
                                 "samples_brokered": brokered, "samples_one_connection": kept,
                                 "samples_direct": direct}
     return out
+
+
+def _round_trips(call: Any, samples: int, pause: float) -> float:
+    """p50 in ms of call(), each after `pause` seconds of idling (0: back to back)."""
+    times = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1000)
+        if pause:
+            time.sleep(pause)
+    return summary(times)["p50"]
+
+
+def floor(conn: Connection, samples: int, pause: float) -> dict[str, float]:
+    """What any brokered request costs before its own work, on this machine: a hello on the kept connection,
+    and a bare SEQPACKET ping-pong with a child process, each after the pause the grant samples have and back
+    to back. After an idle pause every process's code runs from cold caches (a VM's halted vCPU, others'
+    work on its core): the gap between the two columns is what a grant's extra process costs for that."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the echo: nothing but recv and send
+        ours.close()
+        while data := theirs.recv(64):
+            theirs.send(data)
+        os._exit(0)
+    theirs.close()
+    try:
+        def ping() -> None:
+            ours.send(b"x")
+            ours.recv(64)
+
+        out = {f"{what}_{when}_ms": _round_trips(call, samples, p)
+               for what, call in (("hello", lambda: conn.call(proto.Hello())), ("pingpong", ping))
+               for when, p in (("after_pause", pause), ("back_to_back", 0.0))}
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+    return {**out, "pause_ms": pause * 1000}
