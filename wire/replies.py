@@ -161,14 +161,10 @@ Checker = Callable[[Any, str], Any]
 _CHECKERS: dict[Any, Checker] = {}
 
 
-def _check(value: Any, hint: Any, where: str) -> Any:
-    """value as the type hint says (lists become tuples, objects records), or BrokerError bad-reply."""
-    return _checker(hint)(value, where)
-
-
 def _checker(hint: Any) -> Checker:
-    """The check of one type hint, worked out from the hint once (typing's introspection is slow, and every
-    grant reply a client reads goes through these)."""
+    """The check of one type hint, made from the hint once (typing's introspection is slow, and every grant reply a
+    client reads goes through these): it returns the value as the hint says (lists become tuples, objects
+    records), or raises BrokerError bad-reply."""
     got = _CHECKERS.get(hint)
     if got is None:
         got = _CHECKERS[hint] = _make_checker(hint)
