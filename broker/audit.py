@@ -183,59 +183,6 @@ BURST = 5
 WINDOW = 10.0
 
 
-# The records of routine requests, written after the round's replies; any other record is written at once
-# (an internal error, a program attached: what a broker that dies next should have said), after what was held.
-HELD = frozenset({"grant", "release"})
-
-
-class Held:
-    """An audit sink in front of another that can hold records back while replies are on their way: the
-    server holds a round of its loop's grant and release records and writes them once that round's replies
-    are sent, so a record's write (a journal message, a STATUS= update) is never part of a client's wait.
-    Order is kept; only a broker killed within that round loses them. Called on the loop's thread only."""
-
-    def __init__(self, sink: AuditFn) -> None:
-        self.sink = sink
-        self._held: list[dict[str, Any]] | None = None
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        if self._held is None:
-            self.sink(record)
-        elif record.get("event") in HELD:
-            self._held.append(record)
-        else:  # written now, after what came before it
-            held, self._held = self._held, []
-            for earlier in held:
-                self.sink(earlier)
-            self.sink(record)
-
-    def hold(self) -> None:
-        if self._held is None:
-            self._held = []
-
-    def release(self) -> None:
-        """Write what was held, in order, and stop holding."""
-        held, self._held = self._held, None
-        for record in held or ():
-            self.sink(record)
-
-    # the server's summary timer, passed through to the sink (a Throttle)
-    def next_flush(self) -> float | None:
-        next_flush = getattr(self.sink, "next_flush", None)
-        return next_flush() if next_flush is not None else None
-
-    def flush_if_due(self) -> None:
-        flush = getattr(self.sink, "flush_if_due", None)
-        if flush is not None:
-            flush()
-
-    def flush(self) -> None:
-        self.release()
-        flush = getattr(self.sink, "flush", None)
-        if flush is not None:
-            flush()
-
-
 class Throttle:
     """An audit sink in front of another: noisy events summarised per window, everything else passed on."""
 

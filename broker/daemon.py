@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from xskbroker.broker import faults, lastgood, limits, pins, systemd
-from xskbroker.broker.audit import AuditFn, AuditSetupError, Held, Throttle, make_audit
+from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.server import MAX_CONNECTIONS, Server, listen
 from xskbroker.broker.service import Service
@@ -76,8 +76,7 @@ def serve(args: argparse.Namespace) -> int:
         notifier.send(STATUS=f"not starting: the policy has errors ({e.errors[0] if e.errors else ''})")
         return 1
     status = _Status(sink, notifier, keeper)
-    # held by the server while a round's replies go out (audit.Held), then written
-    audit = Held(Throttle(status))
+    audit: AuditFn = Throttle(status)
     keeper.audit = audit
     if keeper.save_error:  # at start the copy was written before there was an audit to tell
         audit({"event": "policy-lastgood-unsaved", "error": keeper.save_error})

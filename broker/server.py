@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 from xskbroker.broker import faults, linkwatch
 from xskbroker.broker import peer as peers
-from xskbroker.broker.audit import Held
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.service import Deferred, Outcome, Service, policy_peer
@@ -136,7 +135,6 @@ class Server:
         self.service = service
         service.metrics.connections = lambda: len(self.conns)
         self.audit = audit
-        self.held = audit if isinstance(audit, Held) else None
         self.policy_path = policy_path
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, tuple[socket.socket, peers.PeerInfo]] = {}
@@ -200,19 +198,13 @@ class Server:
                 ping = self.watchdog.timeout() if self.watchdog is not None else None
                 timeout = min((t for t in (poll, idle_left, retry, summary, ping) if t is not None), default=None)
                 events = self.sel.select(timeout)
-                if self.held is not None:  # the round's records are written once its replies are out
-                    self.held.hold()
-                try:
-                    last = len(events) - 1
-                    for i, (key, _) in enumerate(events):
-                        self.service.loop_busy = i < last
-                        key.data(key.fileobj)
-                    self.service.loop_busy = False
-                    if self.waiting:
-                        self._retry_waiting()
-                finally:
-                    if self.held is not None:
-                        self.held.release()
+                last = len(events) - 1
+                for i, (key, _) in enumerate(events):
+                    self.service.loop_busy = i < last
+                    key.data(key.fileobj)
+                self.service.loop_busy = False
+                if self.waiting:
+                    self._retry_waiting()
                 self._compact_journal()
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
