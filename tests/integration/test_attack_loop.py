@@ -151,14 +151,22 @@ def test_fds_queued_before_accept_are_closed_off_the_event_loop(figures) -> None
 
 # ---- 3. idle exit --------------------------------------------------------------------------------------------
 
-def abandoned_deferred_grant(path: str) -> dict[str, Any]:
-    """Take queue 0, release it but keep the socket (the queue stays bound), ask again (the grant waits for the
-    kernel) and hang up at once."""
+def _released_but_bound(path: str, timeout: float | None = None) -> tuple[socket.socket, list[int]]:
+    """Take queue 0 and release it but keep its fds (the queue stays bound, so the next grant of it waits for the
+    kernel): a connection to the broker, and those fds."""
     grant, fds = request_fds("xsk0", [0], kind="bound", geometry=SMALL, socket_path=path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(timeout)
     s.connect(path)
     s.send(proto.encode_request(proto.Release(grant["lease"])))
     _recv_reply(s)
+    return s, fds
+
+
+def abandoned_deferred_grant(path: str) -> dict[str, Any]:
+    """Take queue 0, release it but keep the socket (the queue stays bound), ask again (the grant waits for the
+    kernel) and hang up at once."""
+    s, fds = _released_but_bound(path)
     s.send(proto.encode_request(proto.Grant("xsk0", (0,), geometry=SMALL)))
     time.sleep(0.05)
     s.close()
@@ -195,12 +203,7 @@ def requests_behind_a_waiting_grant(path: str, extra: int, wait: float) -> dict[
     """Make a grant wait for the kernel (its queue is still bound by a socket this client keeps), send `extra`
     hellos behind it on the same connection without waiting, then free the queue after `wait` seconds: the
     replies must come back one per request, in the order asked."""
-    grant, fds = request_fds("xsk0", [0], kind="bound", geometry=SMALL, socket_path=path)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(10)
-    s.connect(path)
-    s.send(proto.encode_request(proto.Release(grant["lease"])))
-    _recv_reply(s)
+    s, fds = _released_but_bound(path, timeout=10)
     s.send(proto.encode_request(proto.Grant("xsk0", (0,), geometry=SMALL, req_id=0)))
     for i in range(extra):
         s.send(proto.encode_request(proto.Hello(req_id=i + 1)))
