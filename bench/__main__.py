@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.grant_latency import CPU_WAIT_MS
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -51,6 +53,11 @@ def _rows(r: dict[str, Any]) -> list[Row]:
             rows.append((f"grant latency {size} p99, {way}", f"{b['p99']:.2f} ms", f"{d['p99']:.2f} ms",
                          f"{g[pre + 'ratio_p99']:.2f} (p99/p50 {g[pre + 'p99_over_p50']:.2f})",
                          *_goal(g[pre + "p99_over_p50"], 1.5, True, "{:.1f} × p50")))
+            tail = g.get(pre + "tail_cpu_wait")
+            if tail and g[pre + "p99_over_p50"] > 1.5:  # a goal not met: say what held the slow ones up
+                rows.append((f"… its tail: samples over 1.5 × p50 / of them, the broker's loop and the client kept "
+                             f"from a CPU ≥ {CPU_WAIT_MS} ms", f"{tail['tail']} of {tail['of']} / {tail['held_up']}",
+                             "", "", "", ""))
     for n, t in r.get("throughput", {}).items():
         if n == "hello_during_1gib_grant":
             h, big = t["hello_ms"], t["big_grant_ms"]

@@ -63,7 +63,8 @@ def _activated_first_grant(workdir: str, rounds: int) -> tuple[float, float]:
     """(first grant through systemd-socket-activate, the same grant against the then warm broker), ms.
 
     The first one pays the broker's start: interpreter, imports, policy, finding the XSK program."""
-    first, warm = [], []
+    first: list[float] = []
+    warm: list[float] = []
     with VethNamespace(f"xskbench{os.getpid()}c", inside="xsk0", peer="xsk0p") as ns:
         for i in range(rounds):
             path = os.path.join(workdir, f"act{i}.sock")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from typing import Any
 
-from bench.common import bed, summary
+from bench.common import Bed, bed, summary
 from xskbroker.broker import xsk
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
@@ -24,6 +25,19 @@ SIZES_MIB = (1, 4, 16)
 # seconds: the broker's UMEM pool starts refilling 5 ms after a take (umem_pool.REFILL_DELAY), and making a
 # socket (fallocate, then pinning) runs at about 1 ms per MiB here
 PAUSE, PAUSE_PER_MIB = 0.012, 0.002
+SLOW = 1.5  # a sample over this many times its series' p50 is a tail sample (the goal's p99 bound)
+CPU_WAIT_MS = 0.5  # a tail sample whose broker loop waited this long for a CPU was held up by something else
+
+
+def _waited_ms(pid: int) -> float:
+    """How long the broker's loop (its main thread) and this thread have waited, runnable, for a CPU: /proc
+    schedstat's second field. Read around each sample, it says whether a slow grant was the broker's doing or
+    a CPU taken from one side or the other."""
+    total = 0.0
+    for path in (f"/proc/{pid}/schedstat", f"/proc/self/task/{threading.get_native_id()}/schedstat"):
+        with open(path) as f:
+            total += int(f.read().split()[1]) / 1e6
+    return total
 
 
 def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
@@ -35,30 +49,9 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
             brokered: list[float] = []
             kept: list[float] = []  # on one connection
             direct: list[float] = []
+            waits: dict[int, list[float]] = {id(brokered): [], id(kept): []}  # the loop's CPU wait per sample
             conn = Connection(path)
-            # alternate them so a noisy neighbour hurts all alike; rotate queues so none is reused
-            # within the ~20 ms the kernel takes to release a closed one
-            for i in range(samples + 5):
-                for series, via in ((brokered, None), (kept, conn)):
-                    q = (3 * i + (via is not None)) % queues
-                    t = time.perf_counter()
-                    _, fds = request_fds("xsk0", [q], kind="bound", geometry=g, socket_path=path, connection=via)
-                    elapsed = time.perf_counter() - t
-                    for fd in fds:
-                        os.close(fd)
-                    if i >= 5:
-                        series.append(elapsed * 1000)
-                    # the broker's UMEM pool refills in the background (its helper process zeroes and pins
-                    # pages): let it finish, so it does not slow the sample that follows on 2 CPUs
-                    time.sleep(PAUSE + mib * PAUSE_PER_MIB)
-                q = (3 * i + 2) % queues
-                with in_netns(b.ns.name):
-                    t = time.perf_counter()
-                    s = xsk.create_bound(b.ifindex, q, b.program.map_fd, g)
-                    elapsed = time.perf_counter() - t
-                s.close()
-                if i >= 5:
-                    direct.append(elapsed * 1000)
+            _sample(b, conn, g, mib, samples, queues, brokered, kept, direct, waits)
             if mib == SIZES_MIB[0]:
                 out["floor"] = floor(conn, samples, PAUSE + mib * PAUSE_PER_MIB)
             conn.close()
@@ -68,9 +61,55 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
                                 "one_connection_ms": ks, "one_connection_ratio_p50": ks["p50"] / ds["p50"],
                                 "one_connection_ratio_p99": ks["p99"] / ds["p99"],
                                 "one_connection_p99_over_p50": ks["p99"] / ks["p50"],
+                                "tail_cpu_wait": _tail_cpu_wait(brokered, waits[id(brokered)]),
+                                "one_connection_tail_cpu_wait": _tail_cpu_wait(kept, waits[id(kept)]),
                                 "samples_brokered": brokered, "samples_one_connection": kept,
                                 "samples_direct": direct}
     return out
+
+
+def _sample(b: Bed, conn: Connection, g: Geometry, mib: int, samples: int, queues: int, brokered: list[float],
+            kept: list[float], direct: list[float], waits: dict[int, list[float]]) -> None:
+    """samples (after 5 to warm up) of each series: a new connection, the kept one, direct. Alternated so that
+    a noisy neighbour hurts all alike; queues rotate so that none is reused within the ~20 ms the kernel
+    takes to release a closed one."""
+    path = b.broker.socket_path
+    for i in range(samples + 5):
+        for series, via in ((brokered, None), (kept, conn)):
+            q = (3 * i + (via is not None)) % queues
+            before = _waited_ms(b.broker.pid)
+            t = time.perf_counter()
+            _, fds = request_fds("xsk0", [q], kind="bound", geometry=g, socket_path=path, connection=via)
+            elapsed = time.perf_counter() - t
+            waited = _waited_ms(b.broker.pid) - before
+            for fd in fds:
+                os.close(fd)
+            if i >= 5:
+                series.append(elapsed * 1000)
+                waits[id(series)].append(waited)
+            # the broker's UMEM pool refills in the background (its helper process zeroes and pins
+            # pages): let it finish, so it does not slow the sample that follows on 2 CPUs
+            time.sleep(PAUSE + mib * PAUSE_PER_MIB)
+        q = (3 * i + 2) % queues
+        with in_netns(b.ns.name):
+            t = time.perf_counter()
+            s = xsk.create_bound(b.ifindex, q, b.program.map_fd, g)
+            elapsed = time.perf_counter() - t
+        s.close()
+        if i >= 5:
+            direct.append(elapsed * 1000)
+
+
+def _tail_cpu_wait(samples: list[float], waited: list[float]) -> dict[str, Any]:
+    """The tail samples (over SLOW x p50) and how many of them the broker's loop and the client spent at least
+    CPU_WAIT_MS runnable but waiting for a CPU another task held. Traced with sched_switch here: kworkers
+    (on a kernel without preemption one runs until it is done), the broker's other threads, and the client
+    itself running on after its request on the CPU the broker was woken on (the waker's)."""
+    p50 = summary(samples)["p50"]
+    tail = [i for i, x in enumerate(samples) if x > SLOW * p50]
+    held = [i for i in tail if waited[i] >= CPU_WAIT_MS]
+    return {"tail": len(tail), "held_up": len(held), "of": len(samples),
+            "held_up_wait_ms": sorted(round(waited[i], 3) for i in held)}
 
 
 def _round_trips(call: Any, samples: int, pause: float) -> float:
