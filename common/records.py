@@ -285,8 +285,7 @@ def _generate(cls: type, listed: tuple[Field, ...], namespace: dict[str, Any], f
     params: list[str] = []
     kw_params: list[str] = []
     body: list[str] = []
-    seen_default = False
-    for f in listed:
+    for f in listed:  # their order was checked at the class's definition (_check_order)
         value = f.name
         if f.default_factory is not MISSING:
             env[f"__dflt_{f.name}__"] = f.default_factory
@@ -300,9 +299,6 @@ def _generate(cls: type, listed: tuple[Field, ...], namespace: dict[str, Any], f
         if f.kw_only:
             kw_params.append(param)
         else:
-            if param == f.name and seen_default:
-                raise TypeError(f"non-default argument {f.name!r} follows default argument")
-            seen_default = seen_default or param != f.name
             params.append(param)
         body.append(f"  __record_object__.__setattr__({self_name}, {f.name!r}, {value})" if frozen
                     else f"  {self_name}.{f.name} = {value}")
