@@ -26,7 +26,7 @@ SIZES_MIB = (1, 4, 16)
 # socket (fallocate, then pinning) runs at about 1 ms per MiB here
 PAUSE, PAUSE_PER_MIB = 0.012, 0.002
 SLOW = 1.5  # a sample over this many times its series' p50 is a tail sample (the goal's p99 bound)
-CPU_WAIT_MS = 0.5  # a tail sample whose broker loop waited this long for a CPU was held up by something else
+CPU_WAIT_MS = 0.5  # a tail sample whose broker loop and client waited this long for a CPU was held up by another task
 
 
 def _waited_ms(pid: int) -> float:
@@ -49,7 +49,7 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
             brokered: list[float] = []
             kept: list[float] = []  # on one connection
             direct: list[float] = []
-            waits: dict[int, list[float]] = {id(brokered): [], id(kept): []}  # the loop's CPU wait per sample
+            waits: dict[str, list[float]] = {"new": [], "kept": []}  # CPU waits per sample (_waited_ms)
             conn = Connection(path)
             _sample(b, conn, g, mib, samples, queues, brokered, kept, direct, waits)
             if mib == SIZES_MIB[0]:
@@ -61,21 +61,21 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
                                 "one_connection_ms": ks, "one_connection_ratio_p50": ks["p50"] / ds["p50"],
                                 "one_connection_ratio_p99": ks["p99"] / ds["p99"],
                                 "one_connection_p99_over_p50": ks["p99"] / ks["p50"],
-                                "tail_cpu_wait": _tail_cpu_wait(brokered, waits[id(brokered)]),
-                                "one_connection_tail_cpu_wait": _tail_cpu_wait(kept, waits[id(kept)]),
+                                "tail_cpu_wait": _tail_cpu_wait(brokered, waits["new"]),
+                                "one_connection_tail_cpu_wait": _tail_cpu_wait(kept, waits["kept"]),
                                 "samples_brokered": brokered, "samples_one_connection": kept,
                                 "samples_direct": direct}
     return out
 
 
 def _sample(b: Bed, conn: Connection, g: Geometry, mib: int, samples: int, queues: int, brokered: list[float],
-            kept: list[float], direct: list[float], waits: dict[int, list[float]]) -> None:
+            kept: list[float], direct: list[float], waits: dict[str, list[float]]) -> None:
     """samples (after 5 to warm up) of each series: a new connection, the kept one, direct. Alternated so that
     a noisy neighbour hurts all alike; queues rotate so that none is reused within the ~20 ms the kernel
     takes to release a closed one."""
     path = b.broker.socket_path
     for i in range(samples + 5):
-        for series, via in ((brokered, None), (kept, conn)):
+        for way, series, via in (("new", brokered, None), ("kept", kept, conn)):
             q = (3 * i + (via is not None)) % queues
             before = _waited_ms(b.broker.pid)
             t = time.perf_counter()
@@ -86,7 +86,7 @@ def _sample(b: Bed, conn: Connection, g: Geometry, mib: int, samples: int, queue
                 os.close(fd)
             if i >= 5:
                 series.append(elapsed * 1000)
-                waits[id(series)].append(waited)
+                waits[way].append(waited)
             # the broker's UMEM pool refills in the background (its helper process zeroes and pins
             # pages): let it finish, so it does not slow the sample that follows on 2 CPUs
             time.sleep(PAUSE + mib * PAUSE_PER_MIB)
