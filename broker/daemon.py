@@ -20,7 +20,8 @@ from typing import Any
 from xskbroker.broker import faults, lastgood, limits, pins, systemd
 from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
 from xskbroker.broker.holders import Holders
-from xskbroker.broker.server import MAX_CONNECTIONS, Server, listen
+from xskbroker.broker.listener import MAX_CONNECTIONS, listen
+from xskbroker.broker.server import Server
 from xskbroker.broker.service import Service
 from xskbroker.common import safefiles
 from xskbroker.policy import PolicyError

@@ -26,7 +26,8 @@ from typing import Any
 from xskbroker.broker import dpsocket
 from xskbroker.broker import peer as peers
 from xskbroker.broker.core import Deferred, policy_peer
-from xskbroker.broker.server import MAX_FDS_IN, Server, refuse_passed_fds
+from xskbroker.broker.listener import MAX_FDS_IN, refuse_passed_fds
+from xskbroker.broker.server import Server
 from xskbroker.common.records import record
 from xskbroker.wire import deviceplugin as dp
 from xskbroker.wire import protocol as proto

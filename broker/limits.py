@@ -13,6 +13,7 @@ import functools
 import resource
 from typing import Any
 
+from xskbroker.broker.listener import connection_capacity
 from xskbroker.common.procfs import has_cap
 from xskbroker.policy.sizes import format_size
 
@@ -46,7 +47,6 @@ def effective(max_connections: int | None = None) -> dict[str, Any]:
         "nofile": {"soft": _value(fd_soft), "hard": _value(fd_hard)},
     }
     if max_connections is not None:
-        from xskbroker.broker.server import connection_capacity  # here: the server imports what imports us
         out["max_connections"] = connection_capacity(max_connections)
     return out
 

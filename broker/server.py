@@ -9,40 +9,34 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import resource
 import select
 import selectors
 import signal
 import socket
-import stat
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from xskbroker.broker import faults, linkwatch
 from xskbroker.broker import peer as peers
+from xskbroker.broker.admission import admit
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.holders import Holders
-from xskbroker.broker.service import Deferred, Outcome, Service, policy_peer
+from xskbroker.broker.listener import (
+    MAX_CONNECTIONS,
+    MAX_FDS_IN,
+    open_spare,
+    passed_fds,
+    refuse_passed_fds,
+)
+from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.broker.systemd import Watchdog
-from xskbroker.broker.umem_pool import MAX_SOCKETS as MAX_POOLED
 from xskbroker.common.procfs import is_process, pidfd_open
-from xskbroker.policy import Holding, Policy, PolicyError, load_policy
-from xskbroker.policy import quota as quotas
-from xskbroker.policy.admin import is_admin
+from xskbroker.policy import Policy, PolicyError, load_policy
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
 from xskbroker.wire.replies import ErrorReply
 
-# fds a client might attach where the kernel cannot refuse them: room for all of them (SCM_MAX_FD), because
-# any the buffer cannot hold are closed by the kernel in the receiving thread, and such a close can block
-MAX_FDS_IN = 253
-MAX_CONNECTIONS = 1024
-FDS_PER_CONNECTION = 2  # a connection, plus room for what its holder may need (a pidfd, fds in flight)
-# listener, netlink, wake-up pair, journal, grants being made, and the UMEM pool's sockets (two fds each)
-FD_HEADROOM = 64 + 2 * MAX_POOLED
-SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS at the socket
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
 # how long the broker keeps its copies of sent fds: a client that closes its own soon after (most do within
@@ -56,62 +50,6 @@ class Endpoint(Protocol):
     def close(self) -> None: ...
 
 
-def connection_capacity(limit: int = MAX_CONNECTIONS) -> int:
-    """Connections the fd limit leaves room for (RLIMIT_NOFILE, as systemd's LimitNOFILE= sets it)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return limit
-    return max(16, min(limit, (soft - FD_HEADROOM) // FDS_PER_CONNECTION))
-
-
-def refuse_passed_fds(sock: socket.socket) -> bool:
-    """Make the kernel refuse fds sent to this socket (the sender gets EPERM); False where it can't."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
-    except OSError:
-        return False
-    return True
-
-
-def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.socket:
-    """A SEQPACKET listener at path; a stale socket file left by a dead broker is replaced."""
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-        else:
-            raise FileExistsError(errno.EADDRINUSE, f"a broker is already listening on {path}")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        old = os.umask(0o777)  # no window where the socket is reachable with the default mode
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        # by the inode just made, never by name: a link swapped in for it (in a directory others can
-        # write) would make root chmod/chown the link's target
-        node = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            st = os.fstat(node)
-            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
-                raise FileExistsError(errno.EEXIST, f"{path} was replaced while it was being created")
-            os.chmod(f"/proc/self/fd/{node}", mode)
-            if group is not None:
-                os.chown(f"/proc/self/fd/{node}", -1, group)
-        finally:
-            os.close(node)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class Server:
@@ -131,7 +69,7 @@ class Server:
         self.untrusted = Closer(workers=1, name="untrusted", defuse=True)
         self.max_connections = max_connections
         # one fd kept spare: when accept fails for want of fds, freeing it lets us take the connection and say why
-        self._spare: int | None = _open_spare()
+        self._spare: int | None = open_spare()
         self.service = service
         service.metrics.connections = lambda: len(self.conns)
         self.audit = audit
@@ -320,7 +258,7 @@ class Server:
             conn.setblocking(False)
             self._say_and_close(conn, ErrorReply(ErrorCode.TOO_MANY_CONNECTIONS, "the broker has no file "
                                                  "descriptors left for another connection; try again later"))
-        self._spare = _open_spare()
+        self._spare = open_spare()
         self.audit({"event": "accept-failed", "error": str(e), "errno": e.errno})
 
     def _admit(self, conn: socket.socket) -> None:
@@ -336,27 +274,8 @@ class Server:
         who = self.identify(conn, unjudgeable)
         if who is None:
             return
-        held = [Holding(p.uid, p.gids, p.groups, connections=1) for _, p in self.conns.values()]
-        refused = quotas.check(self.service.policy, policy_peer(who), held, connections=1)
-        code: ErrorCode | None = ErrorCode(refused.code) if refused else None
-        reason = refused.reason if refused else ""
-        evict: int | None = None
-        if not refused:
-            counts: dict[int, int] = {}
-            admin_uid: dict[int, bool] = {}  # judged once per uid, not once per connection
-            for _, p in self.conns.values():
-                counts[p.uid] = counts.get(p.uid, 0) + 1
-                if p.uid not in admin_uid:
-                    admin_uid[p.uid] = is_admin(self.service.policy.admin, policy_peer(p))
-            admins = {uid for uid, yes in admin_uid.items() if yes}
-            # the fd limit may have been lowered under us (prlimit): read it now, a syscall is cheap
-            capacity = connection_capacity(self.max_connections)
-            admission = quotas.admit_connection(counts, who.uid, capacity,
-                                                admin=is_admin(self.service.policy.admin, policy_peer(who)),
-                                                admins=frozenset(admins))
-            if not admission.admit:
-                code, reason = ErrorCode.TOO_MANY_CONNECTIONS, admission.reason
-            evict = admission.evict_uid
+        code, reason, evict = admit(self.service.policy, who, (p for _, p in self.conns.values()),
+                                    self.max_connections)
         if code is not None:
             self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": code, "reason": reason})
             self._say_and_close(conn, ErrorReply(code, reason))
@@ -569,21 +488,6 @@ class Server:
             for ev in linkwatch.parse(data):
                 self.service.link_event(ev)
 
-
-def passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds += [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4)]
-    return fds
-
-
-def _open_spare() -> int | None:
-    try:
-        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
 
 
 def _flush_if_due(audit: Callable[[dict[str, Any]], None]) -> None:

@@ -245,7 +245,7 @@ def test_socket_swapped_for_a_link_after_bind_is_not_chmodded_through(victim: Pa
                                                                       figures) -> None:  # type: ignore[no-untyped-def]
     import socket
 
-    from xskbroker.broker.server import listen
+    from xskbroker.broker.listener import listen
 
     d = Path(tempfile.mkdtemp(prefix="xskf-sock-"))
     path = d / "broker.sock"

@@ -56,7 +56,7 @@ def test_service_unit_runs_serve_as_the_cli_understands_it() -> None:
 
 
 def test_service_unit_fd_limit_fits_the_connection_cap() -> None:
-    from xskbroker.broker.server import FD_HEADROOM, FDS_PER_CONNECTION
+    from xskbroker.broker.listener import FD_HEADROOM, FDS_PER_CONNECTION
 
     s = unit("xskbroker.service")
     args = build_parser().parse_args(shlex.split(one(s, "ExecStart"))[1:])
