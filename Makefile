@@ -10,8 +10,8 @@ export PATH := $(PATH):/usr/local/sbin:/usr/sbin:/sbin
 # program loading), iproute2 (`ip netns exec` runs the broker with the namespace's own /sys), util-linux.
 RUNTIME_APT_PACKAGES := python3 python3-venv libxdp1 libbpf1 iproute2 util-linux
 # What only the tests need on top: QEMU and libvirt (test_qmp, test_libvirt), systemd's tools
-# (systemd-socket-activate, sysusers/tmpfiles, journald) and python3-systemd for the journal test.
-TEST_APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients systemd python3-systemd
+# (systemd-socket-activate, sysusers/tmpfiles, journald).
+TEST_APT_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients systemd
 # tests/integration/test_systemd_pid1.py boots a cached Debian tree with systemd as PID 1 (make test only)
 CONTAINER_APT_PACKAGES := debootstrap systemd-container
 # make bench only: the C reference consumer (bench/c/xsk_ref.c) is built against libxdp's xsk.h

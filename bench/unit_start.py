@@ -61,8 +61,10 @@ def records(cursor):
     found = {}
     for line in out.splitlines():
         entry = json.loads(line)
-        if isinstance(entry.get("MESSAGE"), str) and entry["MESSAGE"].startswith("{"):
+        event = entry.get("XSKBROKER_EVENT")  # a native entry; a JSON line (--audit json) carries it in MESSAGE
+        if event is None and isinstance(entry.get("MESSAGE"), str) and entry["MESSAGE"].startswith("{"):
             event = json.loads(entry["MESSAGE"]).get("event")
+        if event is not None:
             found.setdefault(event, int(entry["__MONOTONIC_TIMESTAMP"]) / 1e6)
     return found
 

@@ -1,7 +1,7 @@
 """Audit records: every decision and lifecycle event as one structured record.
 
-Two sinks with the same content: JSON lines on stderr (any host), or native journal entries through
-systemd-python (the optional `journal` extra) where every field is queryable with journalctl:
+Two sinks with the same content: JSON lines on stderr (any host), or native journal entries (broker.journal
+speaks journald's protocol itself) where every field is queryable with journalctl:
 MESSAGE for people, XSKBROKER_EVENT, PEER_UID, PEER_PID, PEER_EXE, PEER_CGROUP, DECISION, RULE, LEASE,
 CODE, ... for matching, and XSKBROKER_RECORD with the whole record as the JSON line would carry it.
 """
@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from xskbroker.broker.journal import JOURNAL_SOCKET, Journal
+
 AuditFn = Callable[[dict[str, Any]], None]
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
 MODES = ("auto", "journal", "json")
 
 # syslog priorities: what an operator filters on with journalctl -p
@@ -143,34 +144,17 @@ class JournalAudit:
             self.fallback({**record, "journal_error": str(e)})
 
 
-def journal_send() -> Callable[..., None] | None:
-    """systemd.journal.send when systemd-python is importable, else None."""
-    try:
-        from systemd import journal  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return journal.send  # type: ignore[no-any-return]
-
-
 class AuditSetupError(Exception):
     pass
 
 
 def make_audit(mode: str = "auto", stream: TextIO = sys.stderr, journal_socket: str = JOURNAL_SOCKET) -> AuditFn:
-    """auto: the journal when systemd-python is installed and journald is listening, else JSON lines;
-    journal: the journal or an error saying what is missing; json: JSON lines on the stream."""
+    """auto: the journal when journald is listening, else JSON lines; journal: the journal (a record it
+    refuses becomes a JSON line); json: JSON lines on the stream."""
     if mode not in MODES:
         raise AuditSetupError(f"audit mode must be one of {', '.join(MODES)}")
-    if mode == "json":
-        return JsonAudit(stream)
-    send = journal_send()
-    if mode == "journal":
-        if send is None:
-            raise AuditSetupError("--audit journal needs systemd-python: pip install 'xskbroker[journal]' "
-                                  "or apt-get install python3-systemd")
-        return JournalAudit(send, JsonAudit(stream))
-    if send is not None and os.path.exists(journal_socket):
-        return JournalAudit(send, JsonAudit(stream))
+    if mode == "journal" or (mode == "auto" and os.path.exists(journal_socket)):
+        return JournalAudit(Journal(journal_socket).send, JsonAudit(stream))
     return JsonAudit(stream)
 
 

@@ -139,8 +139,8 @@ def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
     # Tests only: act as on a kernel without SO_PASSRIGHTS, where clients' fds do arrive and must be discarded.
     s.add_argument("--accept-passed-fds", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--audit", choices=("auto", "journal", "json"), default="auto",
-                   help="audit records as journal entries (needs systemd-python) or JSON lines on stderr; "
-                   "auto: the journal when systemd-python is installed and journald runs (default: auto)")
+                   help="audit records as native journal entries or JSON lines on stderr; "
+                   "auto: the journal when journald runs (default: auto)")
     s.set_defaults(func=_serve)
     if only_serve:
         return p

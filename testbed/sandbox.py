@@ -139,7 +139,8 @@ class BrokerProcess:
     def start(self, timeout: float = 10.0) -> None:
         cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "xskbroker.broker", "serve", "--socket",
                self.socket_path, "--policy", self.policy_path, "--socket-mode", "0666", "--state-dir", self.workdir,
-               "--umem-pool", self.umem_pool, *self.extra_args]
+               # JSON lines in its log, which records() reads: never the host's journal, even where journald runs
+               "--umem-pool", self.umem_pool, "--audit", "json", *self.extra_args]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
                "LIBXDP_SKIP_DISPATCHER": "1", **self.env}
         readies = sum(r.get("event") == "ready" for r in self.records())  # a restart appends to the same log

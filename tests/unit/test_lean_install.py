@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_ONLY = {"qemu-system-x86", "libvirt-daemon-system", "libvirt-clients", "systemd", "python3-systemd"}
+TEST_ONLY = {"qemu-system-x86", "libvirt-daemon-system", "libvirt-clients", "systemd"}
 
 
 def dry_run(target: str) -> str:

@@ -1,17 +1,20 @@
-"""Audit records as journal fields (systemd-python's send, faked here) or JSON lines, and choosing between them."""
+"""Audit records as journal fields (in journald's native protocol, read back from a socket of the test's own) or
+JSON lines, and choosing between them."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
-import sys
-import types
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from xskbroker.broker import audit
+from xskbroker.broker import audit, journal
 from xskbroker.broker.audit import JournalAudit, JsonAudit, journal_fields, make_audit
 
 GRANT = {
@@ -83,33 +86,81 @@ def test_json_lines() -> None:
     assert [x["decision"] for x in lines] == ["allow", "deny"] and all("ts" in x for x in lines)
 
 
-@pytest.fixture
-def fake_systemd(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
-    sent: list[tuple[str, dict[str, Any]]] = []
-    journal = types.ModuleType("systemd.journal")
-    journal.send = lambda message, **fields: sent.append((message, fields))  # type: ignore[attr-defined]
-    package = types.ModuleType("systemd")
-    package.journal = journal  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "systemd", package)
-    monkeypatch.setitem(sys.modules, "systemd.journal", journal)
-    return sent
+def _journald(path: Path) -> socket.socket:
+    """A datagram socket where journald's would be: what the broker sends is read back as it arrives."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    return sock
 
 
-def test_choosing_the_sink(fake_systemd: list[Any], tmp_path: Path) -> None:
-    journald = tmp_path / "socket"
-    journald.touch()
-    assert isinstance(make_audit("json"), JsonAudit)
-    assert isinstance(make_audit("journal", journal_socket=str(tmp_path / "absent")), JournalAudit)
-    assert isinstance(make_audit("auto", journal_socket=str(journald)), JournalAudit)
-    assert isinstance(make_audit("auto", journal_socket=str(tmp_path / "absent")), JsonAudit)  # no journald
-    make_audit("auto", journal_socket=str(journald))(GRANT)
-    assert fake_systemd[0][1]["LEASE"] == "0123abcd"
+def _entry(data: bytes) -> dict[str, bytes]:
+    """Parse one native-protocol entry, as journald does."""
+    fields: dict[str, bytes] = {}
+    while data:
+        line, sep, rest = data.partition(b"\n")
+        assert sep, data
+        if b"=" in line:
+            name, _, value = line.partition(b"=")
+            data = rest
+        else:
+            name, size = line, int.from_bytes(rest[:8], "little")
+            value, data = rest[8:8 + size], rest[8 + size:]
+            assert data[:1] == b"\n", data[:16]
+            data = data[1:]
+        fields[name.decode()] = value
+    return fields
+
+
+def test_choosing_the_sink(tmp_path: Path) -> None:
+    with _journald(tmp_path / "socket") as journald:
+        assert isinstance(make_audit("json"), JsonAudit)
+        assert isinstance(make_audit("journal", journal_socket=str(tmp_path / "absent")), JournalAudit)
+        assert isinstance(make_audit("auto", journal_socket=str(tmp_path / "socket")), JournalAudit)
+        assert isinstance(make_audit("auto", journal_socket=str(tmp_path / "absent")), JsonAudit)  # no journald
+        make_audit("auto", journal_socket=str(tmp_path / "socket"))(GRANT)
+        got = _entry(journald.recv(1 << 16))
+    assert got["LEASE"] == b"0123abcd" and got["MESSAGE"].startswith(b"grant allowed for uid 1000")
+    assert json.loads(got["XSKBROKER_RECORD"])["request"]["queues"] == [0, 1]
     with pytest.raises(audit.AuditSetupError):
         make_audit("syslog")
 
 
-def test_journal_mode_without_systemd_python_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "systemd", None)  # import fails
-    assert isinstance(make_audit("auto"), JsonAudit)
-    with pytest.raises(audit.AuditSetupError, match=r"xskbroker\[journal\]"):
-        make_audit("journal")
+def test_native_protocol_encoding() -> None:
+    assert journal.encode({"MESSAGE": "hi", "A": "1"}) == b"MESSAGE=hi\nA=1\n"
+    # a value with a newline goes with its length, so it cannot forge another field
+    assert journal.encode({"TRACE": "x\nPRIORITY=0"}) == b"TRACE\n" + (12).to_bytes(8, "little") + b"x\nPRIORITY=0\n"
+    assert _entry(journal.encode({"A": "x\nPRIORITY=0", "B": "2"})) == {"A": b"x\nPRIORITY=0", "B": b"2"}
+    # a name the kernel gave as bytes that are not UTF-8 (os.fsdecode's surrogates) keeps its own bytes
+    assert journal.encode({"EXE": "/tmp/\udcff"}) == b"EXE=/tmp/\xff\n"
+
+
+def test_an_entry_too_big_for_a_datagram_goes_in_a_sealed_memfd(tmp_path: Path) -> None:
+    big = "x" * (journal.SNDBUF + 1)  # more than any datagram the socket may send
+    with _journald(tmp_path / "socket") as journald:
+        sink = journal.Journal(str(tmp_path / "socket"))
+        sink.send("big", TRACE=big)
+        data, fds, _, _ = socket.recv_fds(journald, 1 << 16, 1)
+        sink.close()
+    assert data == b"" and len(fds) == 1
+    try:
+        seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+        got = _entry(os.pread(fds[0], os.fstat(fds[0]).st_size, 0))  # as journald reads it: from the start
+    finally:
+        os.close(fds[0])
+    assert got == {"MESSAGE": b"big", "TRACE": big.encode()}
+
+
+def test_a_journald_that_has_fallen_behind_never_blocks_the_broker(tmp_path: Path) -> None:
+    """Its queue full, a send fails at once and the record becomes a JSON line: the loop never waits."""
+    out = io.StringIO()
+    with _journald(tmp_path / "socket"):  # never read
+        sink = make_audit("journal", stream=out, journal_socket=str(tmp_path / "socket"))
+        started = time.monotonic()
+        for _ in range(2000):
+            sink(GRANT)
+        elapsed = time.monotonic() - started
+    fell_back = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert fell_back and all(r["lease"] == "0123abcd" and "journal_error" in r for r in fell_back)
+    assert elapsed < 5, elapsed
