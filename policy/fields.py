@@ -49,24 +49,28 @@ def _cgroups(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _labels(value: Any) -> tuple[str, ...]:
+def _patterns(value: Any, example: str, bad: str) -> tuple[str, ...]:
+    """A non-empty list of names or fnmatch globs, each one printable word."""
     if not isinstance(value, list) or not value:
-        raise Invalid('must be a non-empty list of LSM labels or globs, e.g. ["system_u:system_r:svirt_t:*"]')
+        raise Invalid(f"must be a non-empty list of {example}")
     for item in value:
         if not isinstance(item, str) or not item or not item.isprintable() or any(c.isspace() for c in item):
-            raise Invalid(f"bad label {item!r}: use an LSM label (SO_PEERSEC) or an fnmatch glob")
+            raise Invalid(f"bad {bad.format(item=repr(item))}")
     return tuple(value)
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    return _patterns(value, 'LSM labels or globs, e.g. ["system_u:system_r:svirt_t:*"]',
+                     "label {item}: use an LSM label (SO_PEERSEC) or an fnmatch glob")
 
 
 def _interfaces(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise Invalid('must be a non-empty list of interface names or globs, e.g. ["veth*", "eth1"]')
-    for item in value:
-        if not isinstance(item, str) or not item or not item.isprintable() or any(c.isspace() for c in item):
-            raise Invalid(f"bad interface {item!r}: use an interface name or an fnmatch glob")
+    names = _patterns(value, 'interface names or globs, e.g. ["veth*", "eth1"]',
+                      "interface {item}: use an interface name or an fnmatch glob")
+    for item in names:
         if not any(c in item for c in "*?[") and len(item) >= _IFNAMSIZ:
             raise Invalid(f"interface {item!r} is longer than 15 characters, so no interface can match it")
-    return tuple(value)
+    return names
 
 
 def _queues(value: Any) -> QueueSet:
