@@ -23,8 +23,9 @@ class Admission(NamedTuple):
 
 def admit(policy: Policy, who: peers.PeerInfo, connected: Iterable[peers.PeerInfo], max_connections: int) -> Admission:
     connected = list(connected)
+    peer = policy_peer(who)
     held = [Holding(p.uid, p.gids, p.groups, connections=1) for p in connected]
-    refused = quotas.check(policy, policy_peer(who), held, connections=1)
+    refused = quotas.check(policy, peer, held, connections=1)
     if refused:
         return Admission(ErrorCode(refused.code), refused.reason, None)
     counts: dict[int, int] = {}
@@ -36,7 +37,7 @@ def admit(policy: Policy, who: peers.PeerInfo, connected: Iterable[peers.PeerInf
     admins = {uid for uid, yes in admin_uid.items() if yes}
     # the fd limit may have been lowered under us (prlimit): read it now, a syscall is cheap
     capacity = connection_capacity(max_connections)
-    admission = quotas.admit_connection(counts, who.uid, capacity, admin=is_admin(policy.admin, policy_peer(who)),
+    admission = quotas.admit_connection(counts, who.uid, capacity, admin=is_admin(policy.admin, peer),
                                         admins=frozenset(admins))
     if not admission.admit:
         return Admission(ErrorCode.TOO_MANY_CONNECTIONS, admission.reason, None)
