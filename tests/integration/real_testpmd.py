@@ -7,8 +7,8 @@ testpmd runs in the test's network namespace, in a private mount namespace where
 read-only over itself, with /dev, /proc and the namespace's /sys bound in, a fresh tmpfs on /tmp (its
 XDG_RUNTIME_DIR is there: a non-root EAL needs a writable one) and the endpoint's socket directory bound at
 /tmp/dp. Then chroot, and the tree's own setpriv drops to the tenant uid with CAP_NET_RAW as its only
-capability (socket(AF_XDP)). Memory: 2 MiB hugepages through memfd (--in-memory: no hugetlbfs mount), made
-on demand while the test runs (hugepages_on_demand: surplus pages, none reserved), and 2600 mbufs (the PMD
+capability (socket(AF_XDP)). Memory: 2 MiB hugepages through memfd (--in-memory: no hugetlbfs mount),
+reserved while the test runs (hugepages_reserved, which says why not on demand), and 2600 mbufs (the PMD
 takes 2048 for its fill ring at once), so its UMEM fits the 8 MiB memlock limit (a limit, not a
 capability). Interactive (-i): the test types commands on its stdin and reads the stats back (stdbuf -oL:
 testpmd's printf output would otherwise sit in stdio's pipe buffer while its prompt, written directly, runs
@@ -167,19 +167,23 @@ class RunningPmd:
         return self.proc.returncode
 
 
-OVERCOMMIT = Path("/proc/sys/vm/nr_overcommit_hugepages")
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
 @contextlib.contextmanager
-def hugepages_on_demand(pages: int = 128) -> Iterator[None]:
-    """Let 2 MiB hugepages be made on demand (surplus pages, given back when freed) while the block runs;
-    none are reserved. The previous setting comes back after."""
-    before = int(OVERCOMMIT.read_text())
-    OVERCOMMIT.write_text(str(max(before, pages)))
+def hugepages_reserved(pages: int = 128) -> Iterator[None]:
+    """At least `pages` 2 MiB hugepages in the pool while the block runs; the previous count comes back after
+    (pages still in use then are given back as they are freed).
+
+    Reserved, not made on demand (nr_overcommit_hugepages): EAL counts a NUMA node's free hugepages when the
+    node reports any, and only those, so with pages made on demand a testpmd starting while another process
+    had made pages and not yet used them saw just those (2 MB) and gave up."""
+    before = int(NR_HUGEPAGES.read_text())
+    NR_HUGEPAGES.write_text(str(max(before, pages)))
     try:
         yield
     finally:
-        OVERCOMMIT.write_text(str(before))
+        NR_HUGEPAGES.write_text(str(before))
 
 
 @contextlib.contextmanager
