@@ -224,7 +224,7 @@ def test_unprivileged_testpmd_moves_frames_both_ways_until_revoked(veth: VethNam
         figures(handshake_to_first_frame_ms=round((first - connect["ts"]) * 1000, 1))
 
 
-MAP_HUGETLB = 0x40000
+MAP_HUGETLB = 0x40000  # Linux's value; Python 3.11's mmap module has no name for it
 
 
 def test_a_testpmd_starts_while_hugepages_made_for_another_process_are_still_free(veth: VethNamespace,
