@@ -73,6 +73,14 @@ def _rows(r: dict[str, Any]) -> list[Row]:
             rows.append(("… CPU per grant+release: clients / broker / its helpers (direct: its threads)",
                          f"{cpu['clients']:.2f} / {cpu['broker']:.2f} / {cpu['helpers']:.2f} ms",
                          f"{t['direct_cpu_ms_per_op']:.2f} ms", "", "", ""))
+        bm, dm = t.get("brokered_machine"), t.get("direct_machine")
+        if bm and dm and str(n) == "32":
+            rows.append(("… the whole machine: CPUs busy / user + system ms per grant+release, every process and "
+                         "kernel thread / taken by the host (steal)",
+                         f"{bm['busy_share']:.0%} / {bm['user_ms_per_op']:.2f} + {bm['system_ms_per_op']:.2f} ms / "
+                         f"{bm['steal_share']:.0%}",
+                         f"{dm['busy_share']:.0%} / {dm['user_ms_per_op']:.2f} + {dm['system_ms_per_op']:.2f} ms / "
+                         f"{dm['steal_share']:.0%}", "", "", ""))
     c = r.get("cold_start")
     if c:
         u = c.get("unit") or {}

@@ -90,22 +90,49 @@ def _cpu_split(broker_pid: int | None) -> dict[str, float]:
     return split
 
 
+def stat_times(line: str) -> tuple[int, int, int, int]:
+    """/proc/stat's "cpu" line (every CPU's time so far, in clock ticks) as user (with nice), system (with irq
+    and softirq), idle (with iowait) and steal (a virtual CPU's time taken by the host for others)."""
+    name, *values = line.split()
+    if name != "cpu":
+        raise ValueError(f"not /proc/stat's all-CPU line: {line!r}")
+    user, nice, system, idle, iowait, irq, softirq, steal = ([int(v) for v in values] + [0] * 8)[:8]
+    return user + nice, system + irq + softirq, idle + iowait, steal
+
+
+def machine_cpu(before: tuple[int, int, int, int], after: tuple[int, int, int, int], ops: int,
+                hz: int) -> dict[str, float]:
+    """The whole machine's CPU between two stat_times(): the share of it busy, the host's share (steal), and
+    user and system ms per operation, every process and kernel thread counted (kworkers finishing releases)."""
+    user, system, idle, steal = (a - b for a, b in zip(after, before, strict=True))
+    total = max(1, user + system + idle + steal)
+    per_op = 1000 / hz / max(1, ops)
+    return {"busy_share": round((user + system) / total, 4), "steal_share": round(steal / total, 4),
+            "user_ms_per_op": round(user * per_op, 4), "system_ms_per_op": round(system * per_op, 4)}
+
+
+def _stat() -> tuple[int, int, int, int]:
+    with open("/proc/stat") as f:
+        return stat_times(f.readline())
+
+
 def _measure(target, args_for, clients: int, seconds: float,  # type: ignore[no-untyped-def]
-             broker_pid: int | None = None) -> tuple[float, dict[str, float]]:
-    """Operations per second, and the CPU each part used per operation (ms)."""
+             broker_pid: int | None = None) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Operations per second, the CPU each part used per operation (ms), and the whole machine's (machine_cpu)."""
     counts = [0] * clients
     deadline = time.monotonic() + seconds
     threads = [threading.Thread(target=target, args=(*args_for(i), deadline, counts, i)) for i in range(clients)]
-    before = _cpu_split(broker_pid)
+    before, machine = _cpu_split(broker_pid), _stat()
     start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     rate = sum(counts) / (time.monotonic() - start)
-    after = _cpu_split(broker_pid)
+    after, machine_after = _cpu_split(broker_pid), _stat()
     ops = max(1, sum(counts))
-    return rate, {k: round((after[k] - before[k]) / ops, 4) for k in after}
+    return (rate, {k: round((after[k] - before[k]) / ops, 4) for k in after},
+            machine_cpu(machine, machine_after, ops, os.sysconf("SC_CLK_TCK")))
 
 
 BIG = proto.Geometry(umem_size=1 << 30)
@@ -155,14 +182,16 @@ def run(clients: tuple[int, ...] = (1, 8, 32), seconds: float = 3.0, queues: int
             def own(i: int, share: int = share) -> list[int]:
                 return list(range(i * share, (i + 1) * share))
 
-            brokered, brokered_cpu = _measure(_brokered, lambda i, own=own: (b.broker.socket_path, own(i)), n,
-                                              seconds, b.broker.pid)
-            direct, direct_cpu = _measure(_direct, lambda i, own=own: (b.ns.name, b.ifindex, b.program.map_fd,
-                                                                       own(i)), n, seconds)
+            brokered, brokered_cpu, brokered_machine = _measure(
+                _brokered, lambda i, own=own: (b.broker.socket_path, own(i)), n, seconds, b.broker.pid)
+            direct, direct_cpu, direct_machine = _measure(
+                _direct, lambda i, own=own: (b.ns.name, b.ifindex, b.program.map_fd, own(i)), n, seconds)
             # where a grant+release's CPU goes (ms per operation): with 2 CPUs, the brokered rate is bounded by
-            # the sum of the parts, the direct one by its threads' own kernel work
+            # the sum of the parts, the direct one by its threads' own kernel work; the whole machine's share
+            # busy says which of the two runs the CPUs were the limit of
             out[str(n)] = {"brokered_grants_per_s": brokered, "direct_grants_per_s": direct,
                            "ratio": brokered / direct, "brokered_cpu_ms_per_op": brokered_cpu,
-                           "direct_cpu_ms_per_op": direct_cpu["clients"]}
+                           "direct_cpu_ms_per_op": direct_cpu["clients"], "brokered_machine": brokered_machine,
+                           "direct_machine": direct_machine}
         out["hello_during_1gib_grant"] = hello_during_big_grant(b.broker.socket_path, queues - 1)
     return out
