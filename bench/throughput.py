@@ -187,8 +187,8 @@ def run(clients: tuple[int, ...] = (1, 8, 32), seconds: float = 3.0, queues: int
             direct, direct_cpu, direct_machine = _measure(
                 _direct, lambda i, own=own: (b.ns.name, b.ifindex, b.program.map_fd, own(i)), n, seconds)
             # where a grant+release's CPU goes (ms per operation): with 2 CPUs, the brokered rate is bounded by
-            # the sum of the parts, the direct one by its threads' own kernel work; the whole machine's share
-            # busy says which of the two runs the CPUs were the limit of
+            # the sum of the parts; the direct one by its threads' own kernel work and their waits (each close
+            # waits out a grace period: here the CPUs stay half idle); the whole machine's share busy says which
             out[str(n)] = {"brokered_grants_per_s": brokered, "direct_grants_per_s": direct,
                            "ratio": brokered / direct, "brokered_cpu_ms_per_op": brokered_cpu,
                            "direct_cpu_ms_per_op": direct_cpu["clients"], "brokered_machine": brokered_machine,
