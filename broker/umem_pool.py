@@ -94,6 +94,7 @@ class UmemPool:
             self._kinds.move_to_end(g)
             kind.interfaces.add(ifindex)
             self._last_take = time.monotonic()
+            kind.target = max(kind.target, PER_GEOMETRY)  # asked again, if it gave way (_evict)
             got = kind.ready.pop() if kind.ready else None
             if got is None:
                 self._missed += 1
@@ -178,13 +179,16 @@ class UmemPool:
             made.close()
 
     def _evict(self) -> list[Ready]:
-        """Over budget: the least recently asked geometries' ready sockets go (under the lock)."""
+        """Over budget: the least recently asked geometries' ready sockets go (under the lock). One that
+        gave way keeps what is left as its target until it is asked again: refilled at once (empty) right
+        after the next take elsewhere, it would only be evicted again by that take's refill."""
         out: list[Ready] = []
         for g, kind in self._kinds.items():
             while self._bytes > self.max_bytes and kind.ready:
                 out.append(kind.ready.pop(0))
                 self._bytes -= cost(g)
                 self._sockets -= 1
+                kind.target = len(kind.ready) + kind.making
         return out
 
     def forget_interface(self, ifindex: int) -> None:

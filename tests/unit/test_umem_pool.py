@@ -183,3 +183,38 @@ def test_a_take_without_wake_refills_only_after_the_kick() -> None:
         _wait(lambda: len(maker.made) > made)
     finally:
         pool.close()
+
+
+def test_a_geometry_that_gave_way_is_not_refilled_until_it_is_asked_again() -> None:
+    """An older geometry's sockets evicted to make room for a newer one must not be made again while only
+    the newer one is asked for: each would be made right after a take of the newer (there is room again, and
+    an empty geometry is refilled at once) and evicted by the newer's refill moments later, pinning and
+    zeroing pages for nothing on a CPU the grant's client wants (the bench's 16 MiB grants after 1 MiB ones
+    had the helper making a 1 MiB socket during each reply)."""
+    maker = Maker()
+    budget = 3 * cost(OTHER) + cost(SMALL) // 2
+    pool = UmemPool(budget, maker)
+    taken: list[Made] = []
+    try:
+        pool.take(SMALL, 1)  # learned first, then asked no more
+        _wait(lambda: pool.ready(SMALL) >= PER_GEOMETRY)
+        pool.take(OTHER, 1)  # a miss: OTHER's target doubles past what the budget holds
+        _wait(lambda: pool.ready(OTHER) >= 3)
+        time.sleep(0.05)
+        assert pool.ready(SMALL) == 0, "SMALL gave way"
+        small_made = sum(m.geometry == SMALL for m in maker.made)
+        for _ in range(6):  # takes of OTHER alone, each followed by its refill
+            got = pool.take(OTHER, 1)
+            assert isinstance(got, Made)
+            taken.append(got)
+            _wait(lambda: pool.ready(OTHER) >= 3)
+            time.sleep(0.02)
+        assert sum(m.geometry == SMALL for m in maker.made) == small_made, "SMALL made only to be evicted"
+        assert pool.pooled_bytes <= budget
+        pool.take(SMALL, 1)  # asked again: refilled again
+        _wait(lambda: sum(m.geometry == SMALL for m in maker.made) > small_made)
+    finally:
+        pool.close()
+        for m in taken:
+            m.close()
+    assert not maker.open()
