@@ -8,9 +8,10 @@ threads (the syscalls release the GIL), so a grant of a common geometry only cla
 What a pooled socket may hold, and what it may not (docs/security.md): a memfd no one else has ever seen
 (all zeros, sealed), its registration and rings. It is bound to nothing, in no map, and handed out once:
 take() removes it for good, and a grant that fails closes it. The pool is bounded in bytes (UMEM and rings,
-the same figure a grant counts against quotas), least recently asked geometries evicted first; its pinned
-memory is the broker's own and shown in `status`. Geometries are learned per interface: when the last
-interface that asked for one goes away, or on a policy reload, its sockets are closed.
+the same figure a grant counts against quotas), least recently asked geometries evicted first (and not
+made again until asked again); its pinned memory is the broker's own and shown in `status`. Geometries
+are learned per interface: when the last interface that asked for one goes away, or on a policy reload,
+its sockets are closed.
 """
 
 from __future__ import annotations
