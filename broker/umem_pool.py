@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from xskbroker.wire.protocol import Geometry
 
-PER_GEOMETRY = 2  # sockets kept per geometry at first; a take that finds none doubles it (a burst)
+PER_GEOMETRY = 2  # sockets kept per geometry at first; a take that then finds none doubles it (a burst)
 MAX_PER_GEOMETRY = 32  # at most: 32 clients at once find theirs ready
 MAX_SOCKETS = 96  # two fds each: bounded whatever the budget
 FILLERS = 1  # the helper process makes one at a time
@@ -90,16 +90,21 @@ class UmemPool:
             return None
         with self._lock:
             kind = self._kinds.get(g)
+            # none ready for a geometry never asked for, or one that gave way (_evict) or failed since, is no
+            # burst: it gets the first target again, not twice it (a one-off 16 MiB grant would otherwise have
+            # the pool pin 64 MiB of its kind, evicting every other)
+            fresh = kind is None or kind.target < PER_GEOMETRY
             if kind is None:
                 kind = self._kinds[g] = _Kind()
             self._kinds.move_to_end(g)
             kind.interfaces.add(ifindex)
             self._last_take = time.monotonic()
-            kind.target = max(kind.target, PER_GEOMETRY)  # asked again, if it gave way (_evict)
+            kind.target = max(kind.target, PER_GEOMETRY)
             got = kind.ready.pop() if kind.ready else None
             if got is None:
                 self._missed += 1
-                kind.target = max(PER_GEOMETRY, min(MAX_PER_GEOMETRY, kind.target * 2))
+                if not fresh:
+                    kind.target = min(MAX_PER_GEOMETRY, kind.target * 2)
             else:
                 self._taken += 1
                 self._bytes -= cost(g)

@@ -198,7 +198,10 @@ def test_a_geometry_that_gave_way_is_not_refilled_until_it_is_asked_again() -> N
     try:
         pool.take(SMALL, 1)  # learned first, then asked no more
         _wait(lambda: pool.ready(SMALL) >= PER_GEOMETRY)
-        pool.take(OTHER, 1)  # a miss: OTHER's target doubles past what the budget holds
+        maker.gate.clear()
+        pool.take(OTHER, 1)  # learned: PER_GEOMETRY wanted
+        pool.take(OTHER, 1)  # none ready yet, a burst: OTHER's target doubles past what the budget holds
+        maker.gate.set()
         _wait(lambda: pool.ready(OTHER) >= 3)
         time.sleep(0.05)
         assert pool.ready(SMALL) == 0, "SMALL gave way"
@@ -218,3 +221,27 @@ def test_a_geometry_that_gave_way_is_not_refilled_until_it_is_asked_again() -> N
         for m in taken:
             m.close()
     assert not maker.open()
+
+
+def test_the_first_take_of_a_geometry_is_no_burst() -> None:
+    """Nothing is ready for a geometry never asked for: that miss keeps the first target (a one-off 16 MiB
+    grant must not have the pool pin four of them, evicting every other geometry); a miss once it is
+    known doubles it."""
+    maker = Maker()
+    pool = UmemPool(64 * MiB, maker)
+    try:
+        assert pool.take(SMALL, 1) is None
+        _wait(lambda: pool.ready(SMALL) >= PER_GEOMETRY)
+        time.sleep(0.05)
+        assert pool.ready(SMALL) == PER_GEOMETRY
+        assert len(maker.made) == PER_GEOMETRY
+        maker.gate.clear()
+        taken = [pool.take(SMALL, 1) for _ in range(PER_GEOMETRY + 1)]  # the last finds none: a burst
+        maker.gate.set()
+        assert taken[-1] is None
+        _wait(lambda: pool.ready(SMALL) >= 2 * PER_GEOMETRY)
+        for m in taken:
+            if m is not None:
+                m.close()
+    finally:
+        pool.close()
