@@ -92,7 +92,7 @@ class UmemPool:
             kind = self._kinds.get(g)
             # none ready for a geometry never asked for, or one that gave way (_evict) or failed since, is no
             # burst: it gets the first target again, not twice it (a one-off 16 MiB grant would otherwise have
-            # the pool pin 64 MiB of its kind, evicting every other)
+            # the pool want four of its kind, 64 MiB, evicting every other geometry to make them)
             fresh = kind is None or kind.target < PER_GEOMETRY
             if kind is None:
                 kind = self._kinds[g] = _Kind()
