@@ -225,7 +225,7 @@ def test_a_geometry_that_gave_way_is_not_refilled_until_it_is_asked_again() -> N
 
 def test_the_first_take_of_a_geometry_is_no_burst() -> None:
     """Nothing is ready for a geometry never asked for: that miss keeps the first target (a one-off 16 MiB
-    grant must not have the pool pin four of them, evicting every other geometry); a miss once it is
+    grant must not have the pool want four of them, evicting every other geometry); a miss once it is
     known doubles it."""
     maker = Maker()
     pool = UmemPool(64 * MiB, maker)
