@@ -17,7 +17,7 @@ from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.policy import parse_policy
 from xskbroker.wire import protocol as proto
 
-from .test_service import ALICE, POLICY, SMALL, FakeKernel, FakePrepared, Rig, finish, make_rig
+from .service_rig import ALICE, POLICY, SMALL, FakeKernel, FakePrepared, Rig, finish, make_rig
 
 VETH0 = 7  # FakeKernel's ifindex of veth0
 

@@ -1,7 +1,7 @@
 """The broker's metrics: the registry, its snapshot on the wire, and the two ways `status` prints it.
 
 The exposition is read back with Prometheus's own text-format parser (prometheus_client), never by
-hand; the service's counts are checked against a fake kernel (tests/unit/test_service.py's rig).
+hand; the service's counts are checked against a fake kernel (tests/unit/service_rig.py's rig).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import BrokerError
 from xskbroker.wire.replies import HistogramInfo, MetricsInfo, StatusReply, decode_reply
 
-from .test_service import ALICE, BOB, POLICY, ROOT, make_rig
+from .service_rig import ALICE, BOB, POLICY, ROOT, make_rig
 
 
 def families(text: str) -> dict[str, Any]:
