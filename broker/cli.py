@@ -133,6 +133,10 @@ def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--idle-timeout", type=_seconds, metavar="SECONDS",
                    help="exit after this long with no connection and no lease (for socket activation; "
                    "default: never)")
+    s.add_argument("--split-cpus", action=argparse.BooleanOptionalAction, default=True,
+                   help="with two CPUs or more to run on, do the slow kernel work (closing sockets, whose UMEM the "
+                   "kernel then releases on the closing CPU; making UMEMs ahead; pinning large ones) on the last of "
+                   "them and answer clients on the others, so that no grant waits behind it (default: split)")
     s.add_argument("--max-connections", type=int, default=1024, metavar="N",
                    help="client connections open at once, shared fairly between users, 1/16 kept for admins; "
                    "lowered to what the fd limit (LimitNOFILE) leaves room for (default: %(default)s)")

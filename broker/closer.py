@@ -30,6 +30,8 @@ import struct
 import threading
 import time
 
+from xskbroker.broker import cpus
+
 WORKERS = 64  # closes in flight at most: each waits ~10 ms, so 64 keep pace with ~6,000 closes a second
 IDLE_SECONDS = 5.0  # a thread with nothing to close for this long ends (the first one stays)
 
@@ -70,6 +72,7 @@ class Closer:
             self.close(fds)
 
     def _run_later(self) -> None:
+        cpus.background()
         while True:
             with self._lock:
                 while not self._stopping and (not self._later or self._later[0][0] > time.monotonic()):
@@ -120,6 +123,7 @@ class Closer:
             return self._live()
 
     def _run(self, keep: bool) -> None:
+        cpus.background()  # a socket's last close queues the kernel's release of its UMEM on this CPU
         while True:
             with self._lock:
                 self._idle += 1

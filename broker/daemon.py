@@ -17,7 +17,7 @@ import stat
 import sys
 from typing import Any
 
-from xskbroker.broker import faults, lastgood, limits, pins, systemd
+from xskbroker.broker import cpus, faults, lastgood, limits, pins, systemd
 from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.listener import MAX_CONNECTIONS, listen
@@ -107,6 +107,8 @@ def serve(args: argparse.Namespace) -> int:
     if bad_root:
         print(f"xskbroker: --pin-root {pin_root}: {bad_root}", file=sys.stderr)
         return 1
+    # before the service starts its threads: they inherit the loop's CPUs, and the background ones move
+    split = cpus.configure(getattr(args, "split_cpus", True))
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
                       umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault, pin_root=pin_root)
     service.recover()
@@ -126,7 +128,8 @@ def serve(args: argparse.Namespace) -> int:
     audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
            "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid(),
            "policy_fallback": keeper.fallback, "limits": limits.effective(max_connections),
-           "watchdog_s": watchdog.interval * 2 if watchdog else None})
+           "watchdog_s": watchdog.interval * 2 if watchdog else None,
+           "cpus": {"serving": sorted(split[0]), "background": sorted(split[1])} if split else None})
     # What start-up made (modules, classes, the policy) lives as long as the broker: out of the collector's
     # sight, a full collection walks only what came after, instead of pausing a grant for milliseconds.
     # (`xskbroker serve` kept the collector off until now: start-up makes no garbage worth collecting.)

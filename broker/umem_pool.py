@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from xskbroker.broker import cpus
 from xskbroker.wire.protocol import Geometry
 
 PER_GEOMETRY = 2  # sockets kept per geometry at first; a take that then finds none doubles it (a burst)
@@ -151,6 +152,7 @@ class UmemPool:
         return free >= cost(g)
 
     def _fill(self) -> None:
+        cpus.background()  # zeroing and pinning pages: its helper process, started from here, inherits the CPU
         while True:
             with self._lock:
                 while not self._stopping and not isinstance(wanted := self._wanted(), tuple):

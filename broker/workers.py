@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from xskbroker.broker import cpus
+
 THREADS = 4  # for heavy jobs: pinning a large UMEM (seconds)
 LIGHT_THREADS = 8  # for the rest: binds, small registrations (a few ms at most), so grants of different
 # queues bind in parallel and none waits behind a large pin
@@ -105,6 +107,8 @@ class Workers:
         return job
 
     def _run(self, jobs: queue.SimpleQueue[Job | None]) -> None:
+        # binds answer a client now; pinning a large UMEM takes seconds (and its child inherits the CPU)
+        (cpus.serving if jobs is self._light else cpus.background)()
         while (job := jobs.get()) is not None:
             if job.run():
                 with contextlib.suppress(OSError):  # full (the loop is behind: it will look anyway) or closed

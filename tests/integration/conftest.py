@@ -81,6 +81,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _ids = itertools.count()
 
 
+def cpu_list(text: str) -> frozenset[int]:
+    """A kernel CPU list ("0-2,5") as a set."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(out)
+
+
 def ns_name() -> str:
     return f"xskt{os.getpid()}-{next(_ids)}"
 

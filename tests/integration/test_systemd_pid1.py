@@ -23,7 +23,7 @@ import pytest
 from xskbroker.testbed import container
 from xskbroker.testbed.container import OPT, SRC, Container
 
-from .conftest import FIGURES
+from .conftest import FIGURES, cpu_list
 
 ROOT = Path(__file__).resolve().parents[2]
 USER = "alice"  # a member of the socket group
@@ -176,6 +176,12 @@ def test_socket_activation_and_a_grant_for_a_member_of_the_socket_group(box: Con
     assert re.search(r"^NoNewPrivs:\s+1", status, re.M)
     assert re.search(r"^Seccomp:\s+2", status, re.M)
     assert "READY=1" not in box.show(UNIT, "StatusText")
+    # the CPU split took effect under the unit's system call filter (sched_setaffinity allowed by name)
+    lists = box.run("sh", "-c", f"grep -h Cpus_allowed_list /proc/{pid}/task/*/status").stdout.split()[1::2]
+    allowed = set().union(*map(cpu_list, lists))
+    if len(allowed) > 1:
+        main = cpu_list(re.search(r"^Cpus_allowed_list:\s+(\S+)", status, re.M).group(1))  # type: ignore[union-attr]
+        assert main == allowed - {max(allowed)} and {max(allowed)} in map(cpu_list, lists), lists
 
 
 def test_kernel_tunables_are_out_of_the_brokers_reach(box: Container) -> None:

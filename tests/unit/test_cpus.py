@@ -1,0 +1,76 @@
+"""broker/cpus.py: which CPUs answer clients and which do the slow kernel work, and the threads that move."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from xskbroker.broker import cpus
+
+
+def test_the_last_cpu_does_the_background_work_and_one_cpu_is_not_split() -> None:
+    assert cpus.split(frozenset({0, 1})) == (frozenset({0}), frozenset({1}))
+    assert cpus.split(frozenset({2, 5, 7})) == (frozenset({2, 5}), frozenset({7}))  # a cpuset's own numbers
+    assert cpus.split(frozenset({3})) is None
+    assert cpus.split(frozenset()) is None
+
+
+def _on_a_thread(body: Callable[[], Any]) -> Any:
+    """body() on a thread of its own, whose CPU affinity it may change (the test's thread keeps its own)."""
+    out: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(body())
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+@pytest.fixture
+def plan() -> Any:
+    yield
+    cpus.configure(False)  # the module's plan is process-wide: leave none behind
+
+
+def test_configure_moves_the_calling_thread_and_background_moves_another(plan: None) -> None:
+    allowed = frozenset(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip(f"this machine lets the tests run on one CPU only ({sorted(allowed)}): nothing to split")
+    serving, background = cpus.split(allowed) or (frozenset(), frozenset())
+
+    def loop() -> tuple[Any, frozenset[int], frozenset[int]]:
+        got = cpus.configure(True)
+        here = frozenset(os.sched_getaffinity(0))
+        there = _on_a_thread(lambda: (cpus.background(), frozenset(os.sched_getaffinity(0)))[1])
+        return got, here, there
+
+    got, here, there = _on_a_thread(loop)
+    assert got == (serving, background)
+    assert here == serving and there == background
+    assert frozenset(os.sched_getaffinity(0)) == allowed  # only the threads that asked moved
+
+
+def test_no_split_when_disabled_or_on_one_cpu(plan: None) -> None:
+    def one_cpu() -> tuple[Any, frozenset[int]]:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        got = cpus.configure(True)
+        cpus.background()  # no plan: a no-op
+        return got, frozenset(os.sched_getaffinity(0))
+
+    got, here = _on_a_thread(one_cpu)
+    assert got is None and len(here) == 1
+    assert _on_a_thread(lambda: cpus.configure(False)) is None
+    everywhere = frozenset(os.sched_getaffinity(0))
+    assert _on_a_thread(lambda: (cpus.background(), frozenset(os.sched_getaffinity(0)))[1]) == everywhere
