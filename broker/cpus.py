@@ -29,14 +29,17 @@ _plan: tuple[frozenset[int], frozenset[int]] | None = None
 
 
 def configure(enabled: bool = True) -> tuple[frozenset[int], frozenset[int]] | None:
-    """Decide the split from this process's affinity and move the calling thread (the event loop's, before it
-    starts any other) to the serving CPUs; None when there is none (one CPU, disabled, or refused)."""
+    """Decide the split from this process's affinity; None when there is none (one CPU, disabled, or the kernel
+    refuses). Threads started from now on move themselves (serving(), background()); the caller, the event
+    loop's thread, stays where it is until it calls serving(): pinned now, it would wait for its CPU behind each
+    thread it starts, which runs there until it moves (~4 ms of a socket-activated start)."""
     global _plan
     _plan = None
     if not enabled:
         return None
-    plan = split(frozenset(os.sched_getaffinity(0)))
-    if plan is not None and _pin(plan[0]):
+    allowed = frozenset(os.sched_getaffinity(0))
+    plan = split(allowed)
+    if plan is not None and _pin(allowed):  # no change yet: only whether the kernel lets us
         _plan = plan
     return _plan
 

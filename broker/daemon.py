@@ -107,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     if bad_root:
         print(f"xskbroker: --pin-root {pin_root}: {bad_root}", file=sys.stderr)
         return 1
-    # before the service starts its threads: they inherit the loop's CPUs, and the background ones move
+    # before the service starts its threads: each moves itself to its side of the split
     split = cpus.configure(getattr(args, "split_cpus", True))
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
                       umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault, pin_root=pin_root)
@@ -135,6 +135,7 @@ def serve(args: argparse.Namespace) -> int:
     # (`xskbroker serve` kept the collector off until now: start-up makes no garbage worth collecting.)
     gc.freeze()
     gc.enable()
+    cpus.serving()  # the loop's thread, now that every other thread has started (cpus.configure)
     notifier.ready(status.text())
     try:
         server.run()

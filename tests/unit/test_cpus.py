@@ -44,21 +44,22 @@ def plan() -> Any:
     cpus.configure(False)  # the module's plan is process-wide: leave none behind
 
 
-def test_configure_moves_the_calling_thread_and_background_moves_another(plan: None) -> None:
+def test_threads_move_themselves_once_configured_and_the_caller_only_when_it_asks(plan: None) -> None:
     allowed = frozenset(os.sched_getaffinity(0))
     if len(allowed) < 2:
         pytest.skip(f"this machine lets the tests run on one CPU only ({sorted(allowed)}): nothing to split")
     serving, background = cpus.split(allowed) or (frozenset(), frozenset())
 
-    def loop() -> tuple[Any, frozenset[int], frozenset[int]]:
+    def loop() -> tuple[Any, frozenset[int], frozenset[int], frozenset[int]]:
         got = cpus.configure(True)
-        here = frozenset(os.sched_getaffinity(0))
+        before = frozenset(os.sched_getaffinity(0))  # not moved yet: the threads it starts must not queue behind it
         there = _on_a_thread(lambda: (cpus.background(), frozenset(os.sched_getaffinity(0)))[1])
-        return got, here, there
+        cpus.serving()
+        return got, before, frozenset(os.sched_getaffinity(0)), there
 
-    got, here, there = _on_a_thread(loop)
+    got, before, here, there = _on_a_thread(loop)
     assert got == (serving, background)
-    assert here == serving and there == background
+    assert before == allowed and here == serving and there == background
     assert frozenset(os.sched_getaffinity(0)) == allowed  # only the threads that asked moved
 
 
