@@ -27,6 +27,12 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def _near(value: float, bound: float) -> str:
+    """value to two decimals, or three where two would print the goal's own bound (1.003 is not <= 1.00)."""
+    two = f"{value:.2f}"
+    return f"{value:.3f}" if two == f"{bound:.2f}" and value != bound else two
+
+
 def _goal(value: float, bound: float, at_most: bool, fmt: str = "{:.2f}") -> tuple[str, str]:
     """The goal as text and whether VALUE meets it."""
     return ("≤ " if at_most else "≥ ") + fmt.format(bound), _met(value <= bound if at_most else value >= bound)
@@ -49,9 +55,9 @@ def _rows(r: dict[str, Any]) -> list[Row]:
                 continue
             b = g[key]
             rows.append((f"grant latency {size} p50, {way}", f"{b['p50']:.2f} ms", f"{d['p50']:.2f} ms",
-                         f"{g[pre + 'ratio_p50']:.2f}", *_goal(g[pre + "ratio_p50"], 1.0, True)))
+                         _near(g[pre + "ratio_p50"], 1.0), *_goal(g[pre + "ratio_p50"], 1.0, True)))
             rows.append((f"grant latency {size} p99, {way}", f"{b['p99']:.2f} ms", f"{d['p99']:.2f} ms",
-                         f"{g[pre + 'ratio_p99']:.2f} (p99/p50 {g[pre + 'p99_over_p50']:.2f})",
+                         f"{g[pre + 'ratio_p99']:.2f} (p99/p50 {_near(g[pre + 'p99_over_p50'], 1.5)})",
                          *_goal(g[pre + "p99_over_p50"], 1.5, True, "{:.1f} × p50")))
             tail = g.get(pre + "tail_cpu_wait")
             if tail and g[pre + "p99_over_p50"] > 1.5:  # a goal not met: say what held the slow ones up
@@ -67,7 +73,7 @@ def _rows(r: dict[str, Any]) -> list[Row]:
             continue
         goal = _goal(t["ratio"], 0.9, False) if str(n) == "32" else ("", "")
         rows.append((f"grant+release, {n} clients", f"{t['brokered_grants_per_s']:.0f}/s",
-                     f"{t['direct_grants_per_s']:.0f}/s", f"{t['ratio']:.2f}", *goal))
+                     f"{t['direct_grants_per_s']:.0f}/s", _near(t["ratio"], 0.9), *goal))
         cpu = t.get("brokered_cpu_ms_per_op")
         if cpu and str(n) == "32":
             rows.append(("… CPU per grant+release: clients / broker / its helpers (direct: its threads)",
