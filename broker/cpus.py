@@ -32,7 +32,7 @@ def configure(enabled: bool = True) -> tuple[frozenset[int], frozenset[int]] | N
     """Decide the split from this process's affinity; None when there is none (one CPU, disabled, or the kernel
     refuses). Threads started from now on move themselves (serving(), background()); the caller, the event
     loop's thread, stays where it is until it calls serving(): pinned now, it would wait for its CPU behind each
-    thread it starts, which runs there until it moves (~4 ms of a socket-activated start)."""
+    thread it starts, which runs there until it moves."""
     global _plan
     _plan = None
     if not enabled:

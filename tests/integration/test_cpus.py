@@ -5,9 +5,7 @@ thread's affinity; none of it with --no-split-cpus or with one CPU to run on, an
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
+from ..threads import on_own_thread
 from .conftest import POLICY, cpu_list, ns_name, wait_for
 
 
@@ -49,26 +48,6 @@ def grant_and_release(b: BrokerProcess) -> None:
 
 def ready(b: BrokerProcess) -> dict[str, Any]:
     return next(r for r in b.records() if r.get("event") == "ready")
-
-
-def on_thread_with(cpus: set[int], body: Callable[[], Any]) -> Any:
-    """body() on a thread of its own limited to cpus: a broker it starts inherits them."""
-    out: list[Any] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            os.sched_setaffinity(0, cpus)
-            out.append(body())
-        except BaseException as e:
-            errors.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
-    return out[0]
 
 
 ALLOWED = frozenset(os.sched_getaffinity(0))
@@ -112,7 +91,7 @@ def test_no_split_when_told_or_with_one_cpu_and_grants_still_work() -> None:
             ns.__exit__(None, None, None)
             raise
 
-    b, ns = on_thread_with(one, start_on_one_cpu)
+    b, ns = on_own_thread(start_on_one_cpu, one)
     try:
         grant_and_release(b)
         assert ready(b)["cpus"] is None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from xskbroker.broker import cpus
+
+from ..threads import on_own_thread
 
 
 def test_the_last_cpu_does_the_background_work_and_one_cpu_is_not_split() -> None:
@@ -17,25 +17,6 @@ def test_the_last_cpu_does_the_background_work_and_one_cpu_is_not_split() -> Non
     assert cpus.split(frozenset({2, 5, 7})) == (frozenset({2, 5}), frozenset({7}))  # a cpuset's own numbers
     assert cpus.split(frozenset({3})) is None
     assert cpus.split(frozenset()) is None
-
-
-def _on_a_thread(body: Callable[[], Any]) -> Any:
-    """body() on a thread of its own, whose CPU affinity it may change (the test's thread keeps its own)."""
-    out: list[Any] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            out.append(body())
-        except BaseException as e:
-            errors.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
-    return out[0]
 
 
 @pytest.fixture
@@ -53,11 +34,11 @@ def test_threads_move_themselves_once_configured_and_the_caller_only_when_it_ask
     def loop() -> tuple[Any, frozenset[int], frozenset[int], frozenset[int]]:
         got = cpus.configure(True)
         before = frozenset(os.sched_getaffinity(0))  # not moved yet: the threads it starts must not queue behind it
-        there = _on_a_thread(lambda: (cpus.background(), frozenset(os.sched_getaffinity(0)))[1])
+        there = on_own_thread(lambda: (cpus.background(), frozenset(os.sched_getaffinity(0)))[1])
         cpus.serving()
         return got, before, frozenset(os.sched_getaffinity(0)), there
 
-    got, before, here, there = _on_a_thread(loop)
+    got, before, here, there = on_own_thread(loop)
     assert got == (serving, background)
     assert before == allowed and here == serving and there == background
     assert frozenset(os.sched_getaffinity(0)) == allowed  # only the threads that asked moved
@@ -70,8 +51,8 @@ def test_no_split_when_disabled_or_on_one_cpu(plan: None) -> None:
         cpus.background()  # no plan: a no-op
         return got, frozenset(os.sched_getaffinity(0))
 
-    got, here = _on_a_thread(one_cpu)
+    got, here = on_own_thread(one_cpu)
     assert got is None and len(here) == 1
-    assert _on_a_thread(lambda: cpus.configure(False)) is None
+    assert on_own_thread(lambda: cpus.configure(False)) is None
     everywhere = frozenset(os.sched_getaffinity(0))
-    assert _on_a_thread(lambda: (cpus.background(), frozenset(os.sched_getaffinity(0)))[1]) == everywhere
+    assert on_own_thread(lambda: (cpus.background(), frozenset(os.sched_getaffinity(0)))[1]) == everywhere
