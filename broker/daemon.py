@@ -109,6 +109,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     # before the service starts its threads: each moves itself to its side of the split
     split = cpus.configure(getattr(args, "split_cpus", True))
+    split_text = {"serving": sorted(split[0]), "background": sorted(split[1])} if split else None
     service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
                       umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault, pin_root=pin_root)
     service.recover()
@@ -124,12 +125,13 @@ def serve(args: argparse.Namespace) -> int:
 
         server.endpoints = list(dpendpoint.start_all(args.device_plugin, server,
                                                      lambda text: print(f"xskbroker: {text}", file=sys.stderr)))
-    service.describe = lambda admin: {"policy": keeper.describe(admin), "limits": limits.effective(max_connections)}
+    service.describe = lambda admin: {"policy": keeper.describe(admin), "limits": limits.effective(max_connections),
+                                      "cpus": split_text}
     audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
            "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid(),
            "policy_fallback": keeper.fallback, "limits": limits.effective(max_connections),
            "watchdog_s": watchdog.interval * 2 if watchdog else None,
-           "cpus": {"serving": sorted(split[0]), "background": sorted(split[1])} if split else None})
+           "cpus": split_text})
     # What start-up made (modules, classes, the policy) lives as long as the broker: out of the collector's
     # sight, a full collection walks only what came after, instead of pausing a grant for milliseconds.
     # (`xskbroker serve` kept the collector off until now: start-up makes no garbage worth collecting.)

@@ -251,6 +251,8 @@ class StatusReply(OkReply):
     # effective memlock and fd limits; absent from older brokers
     policy: dict[str, Any] | None = optional()
     limits: dict[str, Any] | None = optional()
+    # which CPUs answer clients and which do the slow kernel work (serve --split-cpus); None: not split
+    cpus: dict[str, Any] | None = optional()
 
 
 class StatusExtras(typing.TypedDict, total=False):
@@ -258,6 +260,7 @@ class StatusExtras(typing.TypedDict, total=False):
 
     policy: dict[str, Any]
     limits: dict[str, Any]
+    cpus: dict[str, Any] | None
 
 
 @record(frozen=True)

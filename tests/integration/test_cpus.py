@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
+from xskbroker.wire import replies
 
 from ..threads import on_own_thread
 from .conftest import POLICY, cpu_list, ns_name, wait_for
@@ -46,6 +48,11 @@ def grant_and_release(b: BrokerProcess) -> None:
         time.sleep(0.1)
 
 
+def status(b: BrokerProcess) -> replies.StatusReply:
+    with Connection(b.socket_path) as c:
+        return c.call_typed(proto.Status())[0]
+
+
 def ready(b: BrokerProcess) -> dict[str, Any]:
     return next(r for r in b.records() if r.get("event") == "ready")
 
@@ -71,7 +78,9 @@ def test_the_loop_answers_on_its_cpus_while_closes_and_umem_making_run_on_the_la
         helpers = wait_for(lambda: children(b.pid), what="the UMEM pool's helper process")
         for pid in helpers:
             assert set(affinity(pid).values()) == {background}, (pid, affinity(pid))
-        assert ready(b)["cpus"] == {"serving": sorted(serving), "background": sorted(background)}
+        split = {"serving": sorted(serving), "background": sorted(background)}
+        assert ready(b)["cpus"] == split
+        assert status(b).cpus == split
 
 
 def test_no_split_when_told_or_with_one_cpu_and_grants_still_work() -> None:
@@ -79,7 +88,7 @@ def test_no_split_when_told_or_with_one_cpu_and_grants_still_work() -> None:
     with VethNamespace(name, inside="xsk0", peer="xsk0p"), \
             BrokerProcess(name, POLICY.format(uid=0), ["--no-split-cpus"], umem_pool=POOL) as b:
         grant_and_release(b)
-        assert ready(b)["cpus"] is None
+        assert ready(b)["cpus"] is None and status(b).cpus is None
         assert set(affinity(b.pid).values()) == {ALLOWED}
     one = {min(ALLOWED)}
 
