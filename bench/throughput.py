@@ -18,7 +18,7 @@ from bench.common import bed, summary
 from xskbroker.broker import xsk
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
-from xskbroker.testbed.sandbox import in_netns
+from xskbroker.testbed.sandbox import child_pids, in_netns
 from xskbroker.wire import protocol as proto
 
 GEOMETRY = proto.Geometry(umem_size=256 << 10, fill=256, completion=256, rx=256, tx=256)
@@ -72,12 +72,9 @@ def _cpu_ms(pid: int) -> float:
 
 
 def _children(pid: int) -> list[int]:
-    out: list[int] = []
     with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    return out
+        return child_pids(pid)
+    return []
 
 
 def _cpu_split(broker_pid: int | None) -> dict[str, float]:

@@ -221,6 +221,16 @@ class BrokerProcess:
         self.stop()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes pid's threads started (a broker's UMEM helper, a child pinning a large UMEM); a thread
+    that ends while they are read is skipped."""
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return out
+
+
 # ---- unprivileged consumers --------------------------------------------------------------------
 
 def drop_privileges(uid: int, gid: int | None = None) -> dict[str, str]:

@@ -18,7 +18,14 @@ from typing import Any
 
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request
-from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, echo_consumer, spawn_unprivileged
+from xskbroker.testbed.sandbox import (
+    BrokerProcess,
+    PacketPeer,
+    VethNamespace,
+    child_pids,
+    echo_consumer,
+    spawn_unprivileged,
+)
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, ns_name, wait_for
@@ -80,14 +87,6 @@ def _making_big_umem(b: BrokerProcess) -> bool:
         except OSError:
             continue
     return False
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
 
 
 def _grant_record(b: BrokerProcess, uid: int) -> dict[str, Any] | None:
@@ -167,7 +166,7 @@ def test_a_broker_stopped_during_a_large_grant_leaves_nothing_behind(figures) ->
         try:
             wait_for(lambda: _making_big_umem(b), timeout=10, what="the broker making the large UMEM")
             time.sleep(0.1)
-            pinning = _children(b.pid)  # the process that pins the UMEM's pages for the broker
+            pinning = child_pids(b.pid)  # the process that pins the UMEM's pages for the broker
             stopped = time.monotonic()
             b.signal(signal.SIGTERM)
             assert b.proc is not None

@@ -13,7 +13,7 @@ import pytest
 
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, child_pids
 from xskbroker.wire import protocol as proto
 from xskbroker.wire import replies
 
@@ -31,11 +31,6 @@ def affinity(pid: int) -> dict[int, frozenset[int]]:
             continue  # ended while we looked
         out[int(tid)] = cpu_list(status.split("Cpus_allowed_list:")[1].split()[0])
     return out
-
-
-def children(pid: int) -> list[int]:
-    return [int(c) for t in os.listdir(f"/proc/{pid}/task")
-            for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
 
 
 def grant_and_release(b: BrokerProcess) -> None:
@@ -75,7 +70,7 @@ def test_the_loop_answers_on_its_cpus_while_closes_and_umem_making_run_on_the_la
         assert set(threads.values()) == {serving, background}, threads
         # closers, the pool's fillers, the heavy workers; the bind workers stay with the loop
         assert sum(cpus == background for cpus in threads.values()) >= 4, threads
-        helpers = wait_for(lambda: children(b.pid), what="the UMEM pool's helper process")
+        helpers = wait_for(lambda: child_pids(b.pid), what="the UMEM pool's helper process")
         for pid in helpers:
             assert set(affinity(pid).values()) == {background}, (pid, affinity(pid))
         split = {"serving": sorted(serving), "background": sorted(background)}

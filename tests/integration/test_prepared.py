@@ -32,6 +32,7 @@ from xskbroker.testbed.sandbox import (
     BrokerProcess,
     PacketPeer,
     VethNamespace,
+    child_pids,
     echo_consumer,
     in_netns,
     spawn_unprivileged,
@@ -204,14 +205,6 @@ def test_a_failure_mid_grant_leaves_no_trace(bed) -> None:  # type: ignore[no-un
         _release(b, held, held_fds)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
-
-
 def test_sighup_interface_removal_and_stop_free_the_pool() -> None:
     with VethNamespace(_ns(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
             BrokerProcess(ns.name, POLICY.format(uid=CONSUMER_UID), umem_pool="64MiB") as b:
@@ -232,7 +225,7 @@ def test_sighup_interface_removal_and_stop_free_the_pool() -> None:
         wait_for(lambda: SMALL.umem_size not in _memfds(b), what="xsk1's sockets closed with it")
         assert _memfds(b).count(G.umem_size) >= 2, "xsk0's were closed too"
         # stop: the helper that makes them exits with the broker, and the broker's sockets go with it
-        helpers = [p for p in _children(b.pid) if b"xskbroker.broker.preparer" in
+        helpers = [p for p in child_pids(b.pid) if b"xskbroker.broker.preparer" in
                    Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(helpers) == 1, helpers
         b.signal(signal.SIGTERM)
