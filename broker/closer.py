@@ -29,6 +29,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from xskbroker.broker import cpus
 
@@ -37,8 +38,10 @@ IDLE_SECONDS = 5.0  # a thread with nothing to close for this long ends (the fir
 
 
 class Closer:
-    def __init__(self, workers: int = WORKERS, name: str = "closer", defuse: bool = False) -> None:
+    def __init__(self, workers: int = WORKERS, name: str = "closer", defuse: bool = False,
+                 on_closed: Callable[[int], None] | None = None) -> None:
         self._fds: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
+        self._on_closed = on_closed  # told how many fds each batch closed (broker.sent_copies' helper counts them)
         self._defuse = defuse
         self._max, self._name = workers, name
         self._lock = threading.Lock()
@@ -142,6 +145,8 @@ class Closer:
                     os.close(fd)
             with self._lock:
                 self._in_flight -= len(batch)
+            if self._on_closed is not None:
+                self._on_closed(len(batch))
 
     def stop(self, wait: bool = True) -> None:
         """Close whatever is still queued, then end the threads (without waiting for a close that may never

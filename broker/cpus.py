@@ -56,6 +56,16 @@ def background() -> None:
         _pin(_plan[1])
 
 
+def background_cpus() -> frozenset[int] | None:
+    """The background CPUs, for a helper process started from a serving thread to move to; None: not split."""
+    return _plan[1] if _plan is not None else None
+
+
+def pin(cpus: frozenset[int]) -> bool:
+    """Move the calling thread (and what it starts from now on) to cpus; False where the kernel refuses."""
+    return _pin(cpus)
+
+
 def _pin(cpus: frozenset[int]) -> bool:
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, cpus)  # pid 0: the calling thread alone

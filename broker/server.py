@@ -29,6 +29,7 @@ from xskbroker.broker.listener import (
     passed_fds,
     refuse_passed_fds,
 )
+from xskbroker.broker.sent_copies import HAND_OVER_DELAY, SentCopies
 from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.broker.systemd import Watchdog
 from xskbroker.common.procfs import is_process, pidfd_open
@@ -40,7 +41,7 @@ from xskbroker.wire.replies import ErrorReply
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
 # how long the broker keeps its copies of sent fds: a client that closes its own soon after (most do within
-# a millisecond or two) then leaves the last close, and its grace period, to the broker's closer threads
+# a millisecond or two) then leaves the last close, and its grace period, to the broker's closing helper
 KEEP_SENT = 0.005
 
 
@@ -91,7 +92,7 @@ class Server:
         self._set_aside: set[int] = set()
         self.stopping = False
         self._next_orphan_check = 0.0
-        self.closer = Closer()
+        self.closer = SentCopies()
         service.sent_done = self.closer.expedite  # a lease that ends needs no copy of its fds kept
         service.closes_pending = self.closer.pending
         self._wake_r, self._wake_w = socket.socketpair()
@@ -134,15 +135,21 @@ class Server:
                 idle_left = self._idle_left()
                 summary = _flush_due(self.audit)
                 ping = self.watchdog.timeout() if self.watchdog is not None else None
-                timeout = min((t for t in (poll, idle_left, retry, summary, ping) if t is not None), default=None)
+                copies = self.closer.due()
+                timeout = min((t for t in (poll, idle_left, retry, summary, ping, copies) if t is not None),
+                              default=None)
                 events = self.sel.select(timeout)
                 last = len(events) - 1
                 for i, (key, _) in enumerate(events):
                     self.service.loop_busy = i < last
                     key.data(key.fileobj)
+                    if i < last:  # the copies of what it sent, and a lease's end, go to the closing helper now:
+                        self.closer.flush()  # a released queue is wanted again
                 self.service.loop_busy = False
                 if self.waiting:
                     self._retry_waiting()
+                # after the round's last request, a moment later: its client, woken by the reply, runs first
+                self.closer.flush(HAND_OVER_DELAY)
                 self._compact_journal()
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS

@@ -1,0 +1,334 @@
+"""The broker's own copies of the fds it sent: handed to a helper process that keeps them a moment and closes them.
+
+After a reply the broker still holds a copy of every fd it sent. Whoever closes a bound AF_XDP socket last
+waits out an RCU grace period (5-15 ms), so the copies are kept a moment (a client that closes its own soon
+after leaves that wait to us, not to its own thread), then closed, or at once when their lease ends (expedite).
+
+Kept and closed on the broker's own threads (broker.closer), they cost the event loop a share of every request:
+each closer thread back from its close takes the GIL, and the loop then waits for it after a syscall of its
+own. A helper process (this module run as `python -m`, nothing of the broker inherited) keeps and closes them
+instead. After each request the loop sends what it has to hand over in one message (SCM_RIGHTS) and closes its
+own copies at once: the message and then the helper hold them, so the loop's close is never the last. Copies
+are always held a moment (NOW_DELAY even for those to close now), so the helper never closes one before the
+loop has closed its own, which would make the loop's the last. The helper answers, every few milliseconds, how
+many it has closed, so pending() still says whether a socket among them may still hold a queue.
+
+Nothing waits on it: while it starts (its first answer says it reads), when a send would block (it is behind
+or stopped), or once it has died, the copies go to the closer threads as before. It runs on the background CPU
+(broker.cpus), exits when its socket reaches end of file (after its last closes) and gets SIGTERM if the broker
+dies first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from xskbroker.broker import cpus
+from xskbroker.broker.closer import WORKERS, Closer
+
+if TYPE_CHECKING:
+    import subprocess
+
+PER_MESSAGE = 250  # fds per message: the kernel takes at most SCM_MAX_FD (253)
+# seconds the loop may wait before it hands copies over when no other request is there to send them after:
+# after a reply the client runs first, usually on the loop's CPU (a unix socket's wake-up is a sync one)
+HAND_OVER_DELAY = 0.001
+NOW_DELAY = 0.002  # seconds the helper holds even a copy to close now: the loop closes its own first
+ANSWER_EVERY = 0.002  # seconds: the helper answers at most this often (pending() reads the answers when asked)
+STOP_SECONDS = 2.0  # how long stop() waits for the helper's last closes before it kills it
+_COUNT = struct.Struct("=Q")  # an answer: how many fds the helper has closed so far
+# one entry of a message: how many of its fds are the entry's (0: close now what is kept under the key),
+# after how many microseconds to close them, and the key's length (the key follows)
+_ENTRY = struct.Struct("=HIB")
+MAX_KEY = 64
+
+
+class SentCopies:
+    """Used by the event loop alone: close, close_later and expedite only queue; flush() sends."""
+
+    def __init__(self, helper: bool = True) -> None:
+        # (fds, delay, key) to hand over; fds empty: an expedite of key
+        self._out: list[tuple[list[int], float, str | None]] = []
+        self._since = 0.0  # when the oldest of _out was queued
+        self._kept: dict[str, float] = {}  # key -> when the helper closes it anyway (expedite needs no message after)
+        self._sent = 0  # fds the helper was sent
+        self._closed = 0  # of those, how many it says it has closed
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._broken = not helper  # no helper (it could not start, or it died): the closer threads close
+        self._ready = False  # the helper has answered once: it is reading
+        self._threads: Closer | None = None
+
+    def close(self, fds: list[int]) -> None:
+        if fds:
+            self._queue((list(fds), NOW_DELAY, None))
+
+    def close_later(self, fds: list[int], delay: float, key: str | None = None) -> None:
+        """Close fds after `delay` seconds, or when expedite(key) says their holder is done with them."""
+        if fds:
+            self._queue((list(fds), max(delay, NOW_DELAY), key))
+
+    def expedite(self, key: str) -> None:
+        """Close now what close_later keeps under `key` (a lease ended: its queue is free for the next grant)."""
+        due = self._kept.pop(key, None)
+        if (due is not None and due > time.monotonic()) or any(k == key for _, _, k in self._out):
+            self._queue(([], 0.0, key))  # one still queued: the helper reads the two in order
+
+    def _queue(self, entry: Entry) -> None:
+        if not self._out:
+            self._since = time.monotonic()
+        self._out.append(entry)
+
+    def due(self) -> float | None:
+        """Seconds until flush(HAND_OVER_DELAY) would hand something over (the loop's select timeout)."""
+        return max(0.0, self._since + HAND_OVER_DELAY - time.monotonic()) if self._out else None
+
+    def flush(self, min_age: float = 0.0) -> None:
+        """Hand over what close, close_later and expedite queued, once the oldest of it has waited min_age."""
+        if not self._out or (min_age and time.monotonic() - self._since < min_age):
+            return
+        entries, self._out = self._out, []
+        sock = self._started()
+        if sock is not None and not self._ready:
+            self._answers()
+            # one still starting (about 30 ms) would hold the copies meanwhile: a holder that exits then would
+            # leave its sockets open here, and its lease orphaned
+            sock = self._sock if self._ready else None
+        for chunk in _messages(entries):
+            fds = [fd for group, _, _ in chunk for fd in group]
+            if sock is not None:
+                try:
+                    socket.send_fds(sock, [_header(chunk)], fds)
+                except BlockingIOError:  # the helper is behind: these go to the threads, the next try it again
+                    pass
+                except OSError:
+                    self._lost()
+                    sock = None
+                else:
+                    self._sent += len(fds)
+                    for fd in fds:  # ours: the message holds them, then the helper, for at least NOW_DELAY
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                    now = time.monotonic()
+                    for group, delay, key in chunk:
+                        if group and key is not None:
+                            self._kept[key] = now + delay
+                    continue
+            self._to_threads(chunk)
+        if len(self._kept) > 1024:  # keys whose copies are closed by now: no expedite needs them
+            now = time.monotonic()
+            self._kept = {k: due for k, due in self._kept.items() if due > now}
+
+    def pending(self) -> bool:
+        """Whether fds wait to be closed (queued, kept or closing): a socket among them may still hold a queue."""
+        if self._sent > self._closed:
+            self._answers()
+        return bool(self._out or self._sent > self._closed or (self._threads is not None and self._threads.pending()))
+
+    def stop(self) -> None:
+        """Hand over what is queued, then end the helper once its closes are done (killed after STOP_SECONDS):
+        what it keeps it closes at once when told to stop."""
+        self.flush()
+        if self._sock is not None:
+            self._sock.close()  # end of file: the helper closes what it keeps and exits
+            self._sock = None
+        if self._proc is not None:
+            import subprocess
+
+            try:
+                self._proc.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._threads is not None:
+            self._threads.stop()
+
+    def helper_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def helper_ready(self) -> bool:
+        """Whether the helper is reading (copies go to it, not to the closer threads)."""
+        if self._sock is not None and not self._ready:
+            self._answers()
+        return self._sock is not None and self._ready
+
+    def _to_threads(self, chunk: list[tuple[list[int], float, str | None]]) -> None:
+        if self._threads is None:
+            self._threads = Closer()
+        for group, delay, key in chunk:
+            if not group:
+                if key is not None:
+                    self._threads.expedite(key)
+            elif delay > NOW_DELAY:
+                self._threads.close_later(group, delay, key)
+            else:
+                self._threads.close(group)
+
+    def _answers(self) -> None:
+        """Read how many the helper has closed (each answer is its running total)."""
+        while self._sock is not None:
+            try:
+                data = self._sock.recv(64, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._lost()
+                return
+            if not data:
+                self._lost()
+                return
+            if len(data) == _COUNT.size:
+                self._ready = True
+                self._closed = max(self._closed, _COUNT.unpack(data)[0])
+
+    def _lost(self) -> None:
+        """The helper is gone: its exit closed what it kept and what was queued to it."""
+        self._closed = self._sent
+        self._kept.clear()
+        self._broken = True
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _started(self) -> socket.socket | None:
+        if self._sock is not None or self._broken:
+            return self._sock
+        import subprocess  # here: the first grant's reply is out before its copies are handed over (a cold start)
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        background = cpus.background_cpus()
+        try:
+            # the broker's own import path: it may have found the package where the interpreter alone would not
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            cpu_arg = ",".join(map(str, sorted(background))) if background else ""
+            self._proc = subprocess.Popen([sys.executable, "-P", "-m", "xskbroker.broker.sent_copies",
+                                           str(theirs.fileno()), cpu_arg], pass_fds=[theirs.fileno()],
+                                          stdin=subprocess.DEVNULL, close_fds=True, env=env)
+        except OSError:
+            ours.close()
+            self._broken = True
+            return None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        return ours
+
+
+Entry = tuple[list[int], float, str | None]
+
+
+def _messages(entries: list[Entry]) -> list[list[Entry]]:
+    """Entries packed into messages of at most PER_MESSAGE fds (a larger group is cut), in order."""
+    out: list[list[Entry]] = [[]]
+    room = PER_MESSAGE
+    for group, delay, key in entries:
+        parts = [group[at:at + PER_MESSAGE] for at in range(0, len(group), PER_MESSAGE)] or [[]]
+        for part in parts:
+            if len(part) > room or len(out[-1]) >= 255:
+                out.append([])
+                room = PER_MESSAGE
+            out[-1].append((part, delay, key))
+            room -= len(part)
+    return [m for m in out if m]
+
+
+def _header(chunk: list[Entry]) -> bytes:
+    out = [bytes([len(chunk)])]
+    for group, delay, key in chunk:
+        k = (key or "").encode()[:MAX_KEY]
+        out.append(_ENTRY.pack(len(group), int(delay * 1e6), len(k)) + k)
+    return b"".join(out)
+
+
+def parse(header: bytes, fds: list[int]) -> list[Entry]:
+    """The helper's side of _header: each entry's fds, delay and key. A header that does not add up to the fds
+    (never from our broker) closes every fd now."""
+    out: list[Entry] = []
+    try:
+        at, count = 1, header[0]
+        used = 0
+        for _ in range(count):
+            n, micros, klen = _ENTRY.unpack_from(header, at)
+            at += _ENTRY.size
+            key = header[at:at + klen].decode() if klen else None
+            at += klen
+            out.append((fds[used:used + n], micros / 1e6, key))
+            used += n
+        if used != len(fds) or at != len(header):
+            raise ValueError("the header does not match the fds")
+    except (IndexError, ValueError, struct.error, UnicodeDecodeError):
+        return [([fd], 0.0, None) for fd in fds]
+    return out
+
+
+class _Answers:
+    """The helper's running total of fds closed, sent back by a thread of its own: a broker that is slow to
+    read blocks only this thread, and the next answer carries everything closed meanwhile."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._total = 0
+        self._told = -1  # the first answer (0) says the helper is reading
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, name="answers", daemon=True).start()
+
+    def closed(self, n: int) -> None:
+        with self._changed:
+            self._total += n
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._total == self._told:
+                    self._changed.wait()
+                total = self._total
+            try:
+                self._sock.send(_COUNT.pack(total))
+            except OSError:
+                return
+            self._told = total
+            time.sleep(ANSWER_EVERY)  # closes meanwhile share the next answer: one wake-up, not one per close
+
+
+def serve(sock: socket.socket) -> None:
+    closer = Closer(WORKERS, name="sent", on_closed=_Answers(sock).closed)
+    try:
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(sock, 1 + 255 * (_ENTRY.size + MAX_KEY), PER_MESSAGE)
+            except OSError:
+                return
+            if not msg and not fds:
+                return  # end of file: the broker is stopping
+            for group, delay, key in parse(msg, fds):
+                if group:
+                    closer.close_later(group, delay, key)  # each group on a closer thread of its own when due
+                elif key is not None:
+                    closer.expedite(key)
+    finally:
+        closer.stop(wait=True)  # what is kept closes now, every close done before the exit says so
+
+
+def main() -> None:
+    from xskbroker.common.libc import PR_SET_PDEATHSIG, libc
+
+    libc.prctl(PR_SET_PDEATHSIG, 15, 0, 0, 0)  # SIGTERM when the broker thread that started it is gone
+    fd = int(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2]:
+        cpus.pin(frozenset(int(c) for c in sys.argv[2].split(",")))  # its closer threads inherit it
+    with contextlib.suppress(KeyboardInterrupt), socket.socket(fileno=fd) as sock:
+        serve(sock)
+
+
+if __name__ == "__main__":
+    main()

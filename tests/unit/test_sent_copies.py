@@ -1,0 +1,185 @@
+"""broker/sent_copies.py: the broker's copies of sent fds, kept a moment, then closed by a helper process.
+
+Each copy here is a pipe's write end: its read end sees end of file only once every copy is closed, whoever
+held it (this process, a message in flight, the helper)."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from xskbroker.broker.sent_copies import NOW_DELAY, SentCopies, parse
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def closed(r: int) -> bool:
+    """Whether every copy of the pipe's write end is closed (its read end is at end of file)."""
+    return bool(select.select([r], [], [], 0)[0]) and os.read(r, 1) == b""
+
+
+def alive(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def copies() -> Iterator[SentCopies]:
+    sc = SentCopies()
+    reads: list[int] = []
+    sc.reads = reads  # type: ignore[attr-defined]
+    yield sc
+    sc.stop()
+    for r in reads:
+        os.close(r)
+
+
+def pipe(sc: SentCopies) -> tuple[int, int]:
+    r, w = os.pipe()
+    sc.reads.append(r)  # type: ignore[attr-defined]
+    return r, w
+
+
+def ready(sc: SentCopies) -> int:
+    """Start the helper (the first copies go to the closer threads while it starts) and wait until it reads."""
+    r, w = pipe(sc)
+    sc.close([w])
+    sc.flush()
+    wait_for(lambda: closed(r), "the first copy to be closed")
+    wait_for(sc.helper_ready, "the helper to read")
+    pid = sc.helper_pid()
+    assert pid is not None
+    return pid
+
+
+def test_kept_copies_close_when_due_or_when_their_lease_ends(copies: SentCopies) -> None:
+    ready(copies)
+    (r1, w1), (r2, w2) = pipe(copies), pipe(copies)
+    copies.close_later([w1], 0.3, "one")
+    copies.close_later([w2], 0.3, "two")
+    assert alive(w1) and alive(w2)  # queued until the loop hands them over
+    t = time.monotonic()
+    copies.flush()
+    assert not alive(w1) and not alive(w2)  # ours closed at once: the helper keeps the copies
+    assert copies.pending()
+    copies.expedite("two")
+    copies.flush()
+    wait_for(lambda: closed(r2), "the expedited copy to be closed")
+    assert not closed(r1) and copies.pending()
+    wait_for(lambda: closed(r1), "the kept copy to be closed once due")
+    assert time.monotonic() - t >= 0.3
+    wait_for(lambda: not copies.pending(), "the helper to say it closed them")
+
+
+def test_a_copy_to_close_now_is_held_a_moment_so_that_ours_is_never_the_last(copies: SentCopies) -> None:
+    ready(copies)
+    r, w = pipe(copies)
+    copies.close([w])
+    t = time.monotonic()
+    copies.flush()
+    assert not alive(w)
+    wait_for(lambda: closed(r), "the copy to be closed")
+    assert time.monotonic() - t >= NOW_DELAY
+
+
+def test_the_helper_closes_the_copies_and_pending_knows_until_it_has(copies: SentCopies) -> None:
+    pid = ready(copies)
+    r, w = pipe(copies)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        copies.close([w])
+        copies.flush()
+        assert not alive(w)  # the broker's copy is closed at once...
+        time.sleep(0.05)
+        assert not closed(r)  # ...the one in the message to the stopped helper is not
+        assert copies.pending()  # a socket among them may still hold its queue
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: closed(r), "the helper to close it")
+    wait_for(lambda: not copies.pending(), "the helper to say so")
+
+
+def test_a_helper_that_stops_reading_never_blocks_the_loop_nor_keeps_the_copies(copies: SentCopies) -> None:
+    pid = ready(copies)
+    os.kill(pid, signal.SIGSTOP)
+    pipes: list[tuple[int, int]] = []
+    try:
+        t = time.monotonic()
+        # one message per round, until its queue is full (a few hundred here): the rest go to the closer threads
+        while len(pipes) < 4000 and sum(closed(r) for r, _ in pipes[-16:]) < 8:
+            pipes.append(pipe(copies))
+            copies.close([pipes[-1][1]])
+            copies.flush()
+        assert time.monotonic() - t < 2.0
+        assert sum(closed(r) for r, _ in pipes) >= 8, len(pipes)  # closed while the helper is stopped
+        assert copies.pending()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: all(closed(r) for r, _ in pipes), "every copy to be closed")
+    wait_for(lambda: not copies.pending(), "nothing pending")
+
+
+def test_a_helper_that_dies_takes_the_copies_it_held_and_the_threads_close_the_rest(copies: SentCopies) -> None:
+    pid = ready(copies)
+    (r1, w1), (r2, w2) = pipe(copies), pipe(copies)
+    os.kill(pid, signal.SIGSTOP)
+    copies.close([w1])
+    copies.flush()  # in flight to a helper about to die
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: closed(r1), "the kernel to close what was queued to the dead helper")
+    wait_for(lambda: not copies.pending(), "its copies to count as closed")
+    copies.close([w2])
+    copies.flush()
+    wait_for(lambda: closed(r2), "the closer threads to close it")
+    assert not copies.helper_ready()
+
+
+def test_stop_closes_what_is_kept_and_ends_the_helper(copies: SentCopies) -> None:
+    pid = ready(copies)
+    r, w = pipe(copies)
+    copies.close_later([w], 60.0, "kept")
+    copies.stop()
+    assert closed(r)
+    assert copies.helper_pid() is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # exited and reaped
+
+
+def test_without_a_helper_the_closer_threads_close(copies: SentCopies) -> None:
+    sc = SentCopies(helper=False)
+    try:
+        r, w = os.pipe()
+        sc.close_later([w], 0.0, "x")
+        sc.flush()
+        wait_for(lambda: closed(r), "the threads to close it")
+        assert sc.helper_pid() is None and not sc.helper_ready()
+        os.close(r)
+    finally:
+        sc.stop()
+
+
+def test_the_helper_reads_each_entry_and_closes_all_of_a_message_it_cannot_read() -> None:
+    from xskbroker.broker.sent_copies import _header, _messages
+
+    entries = [([3, 4], 0.005, "lease-a"), ([], 0.0, "lease-b"), ([5], 0.002, None)]
+    (chunk,) = _messages(entries)
+    assert parse(_header(chunk), [3, 4, 5]) == entries
+    assert parse(_header(chunk), [3, 4]) == [([3], 0.0, None), ([4], 0.0, None)]  # fds that do not add up
+    assert parse(b"", [7]) == [([7], 0.0, None)]
+    big = _messages([(list(range(300)), 0.005, "k"), (list(range(300, 310)), 0.005, "m")])
+    assert [sum(len(g) for g, _, _ in m) for m in big] == [250, 60]  # SCM_MAX_FD: cut, in order
+    assert [g for m in big for g, _, _ in m] == [list(range(250)), list(range(250, 300)), list(range(300, 310))]
