@@ -37,9 +37,6 @@ if TYPE_CHECKING:
     import subprocess
 
 PER_MESSAGE = 250  # fds per message: the kernel takes at most SCM_MAX_FD (253)
-# seconds the loop may wait before it hands copies over when no other request is there to send them after:
-# after a reply the client runs first, usually on the loop's CPU (a unix socket's wake-up is a sync one)
-HAND_OVER_DELAY = 0.001
 NOW_DELAY = 0.002  # seconds the helper holds even a copy to close now: the loop closes its own first
 ANSWER_EVERY = 0.002  # seconds: the helper answers at most this often (pending() reads the answers when asked)
 STOP_SECONDS = 2.0  # how long stop() waits for the helper's last closes before it kills it
@@ -56,7 +53,6 @@ class SentCopies:
     def __init__(self, helper: bool = True) -> None:
         # (fds, delay, key) to hand over; fds empty: an expedite of key
         self._out: list[tuple[list[int], float, str | None]] = []
-        self._since = 0.0  # when the oldest of _out was queued
         self._kept: dict[str, float] = {}  # key -> when the helper closes it anyway (expedite needs no message after)
         self._sent = 0  # fds the helper was sent
         self._closed = 0  # of those, how many it says it has closed
@@ -68,31 +64,22 @@ class SentCopies:
 
     def close(self, fds: list[int]) -> None:
         if fds:
-            self._queue((list(fds), NOW_DELAY, None))
+            self._out.append((list(fds), NOW_DELAY, None))
 
     def close_later(self, fds: list[int], delay: float, key: str | None = None) -> None:
         """Close fds after `delay` seconds, or when expedite(key) says their holder is done with them."""
         if fds:
-            self._queue((list(fds), max(delay, NOW_DELAY), key))
+            self._out.append((list(fds), max(delay, NOW_DELAY), key))
 
     def expedite(self, key: str) -> None:
         """Close now what close_later keeps under `key` (a lease ended: its queue is free for the next grant)."""
         due = self._kept.pop(key, None)
         if (due is not None and due > time.monotonic()) or any(k == key for _, _, k in self._out):
-            self._queue(([], 0.0, key))  # one still queued: the helper reads the two in order
+            self._out.append(([], 0.0, key))  # one still queued: the helper reads the two in order
 
-    def _queue(self, entry: Entry) -> None:
+    def flush(self) -> None:
+        """Hand over what close, close_later and expedite queued (the event loop calls it after each event)."""
         if not self._out:
-            self._since = time.monotonic()
-        self._out.append(entry)
-
-    def due(self) -> float | None:
-        """Seconds until flush(HAND_OVER_DELAY) would hand something over (the loop's select timeout)."""
-        return max(0.0, self._since + HAND_OVER_DELAY - time.monotonic()) if self._out else None
-
-    def flush(self, min_age: float = 0.0) -> None:
-        """Hand over what close, close_later and expedite queued, once the oldest of it has waited min_age."""
-        if not self._out or (min_age and time.monotonic() - self._since < min_age):
             return
         entries, self._out = self._out, []
         sock = self._started()

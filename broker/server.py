@@ -29,7 +29,7 @@ from xskbroker.broker.listener import (
     passed_fds,
     refuse_passed_fds,
 )
-from xskbroker.broker.sent_copies import HAND_OVER_DELAY, SentCopies
+from xskbroker.broker.sent_copies import SentCopies
 from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.broker.systemd import Watchdog
 from xskbroker.common.procfs import is_process, pidfd_open
@@ -135,21 +135,19 @@ class Server:
                 idle_left = self._idle_left()
                 summary = _flush_due(self.audit)
                 ping = self.watchdog.timeout() if self.watchdog is not None else None
-                copies = self.closer.due()
-                timeout = min((t for t in (poll, idle_left, retry, summary, ping, copies) if t is not None),
-                              default=None)
+                timeout = min((t for t in (poll, idle_left, retry, summary, ping) if t is not None), default=None)
                 events = self.sel.select(timeout)
                 last = len(events) - 1
                 for i, (key, _) in enumerate(events):
                     self.service.loop_busy = i < last
                     key.data(key.fileobj)
-                    if i < last:  # the copies of what it sent, and a lease's end, go to the closing helper now:
-                        self.closer.flush()  # a released queue is wanted again
+                    # the copies of what it sent, and a lease's end, go to the closing helper now, not after a
+                    # round of many requests: a released queue is wanted again
+                    self.closer.flush()
                 self.service.loop_busy = False
                 if self.waiting:
                     self._retry_waiting()
-                # after the round's last request, a moment later: its client, woken by the reply, runs first
-                self.closer.flush(HAND_OVER_DELAY)
+                    self.closer.flush()
                 self._compact_journal()
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
