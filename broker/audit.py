@@ -190,14 +190,19 @@ class Throttle:
         self.sink(record)
 
     def next_flush(self) -> float | None:
-        """When the current window's summary is due (None while nothing was left out)."""
-        if any(n > self.burst for n in self.seen.values()):
-            return self.started + self.window
-        return None
+        """When the current window's summary, or the sink's own delayed output (its next_flush), is due
+        (None while nothing waits)."""
+        ours = self.started + self.window if any(n > self.burst for n in self.seen.values()) else None
+        sink_next = getattr(self.sink, "next_flush", None)
+        theirs = sink_next() if sink_next is not None else None
+        return min((t for t in (ours, theirs) if t is not None), default=None)
 
     def flush_if_due(self) -> None:
         if self.clock() - self.started >= self.window:
             self.flush()
+        sink_flush = getattr(self.sink, "flush_if_due", None)
+        if sink_flush is not None:
+            sink_flush()
 
     def flush(self) -> None:
         """Write the summary of what the window left out, and start a new window."""

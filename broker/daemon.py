@@ -15,6 +15,8 @@ import resource
 import socket
 import stat
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from xskbroker.broker import cpus, faults, lastgood, limits, pins, systemd
@@ -170,17 +172,27 @@ def _path_of(sock: socket.socket) -> str | None:
     return None
 
 
+STATUS_EVERY = 1.0  # seconds between two STATUS= lines at most: each wakes the service manager (PID 1)
+
+
 class _Status:
     """The audit sink, plus a STATUS= line for the service manager kept current as leases come and go
-    (`systemctl status xskbroker` shows it). Sent only when it changes."""
+    (`systemctl status xskbroker` shows it). Sent when it changed, at most every STATUS_EVERY seconds: one
+    per audit record cost the loop a /proc read and a walk of every lease, and PID 1 a wake-up, per request
+    (thousands a second under load). What changes meanwhile is sent when the event loop's timer says so
+    (next_flush, flush_if_due: the audit throttle in front asks)."""
 
-    def __init__(self, sink: AuditFn, notifier: systemd.Notifier, keeper: lastgood.PolicyKeeper | None = None) -> None:
+    def __init__(self, sink: AuditFn, notifier: systemd.Notifier, keeper: lastgood.PolicyKeeper | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sink = sink
         self.notifier = notifier
         self.keeper = keeper
         self.service: Service | None = None
         self.allowed = self.denied = 0
         self.stop_reason = "stopping"
+        self.clock = clock
+        self._stale = False  # something changed since the last STATUS=
+        self._next = 0.0  # when the next STATUS= may go
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.sink(record)
@@ -195,6 +207,17 @@ class _Status:
         elif event == "stopping":
             self.stop_reason = f"stopping on {record.get('signal')}"
         if self.service is not None and self.notifier.enabled and event not in ("ready", "stopped"):
+            self._stale = True
+            self.flush_if_due()
+
+    def next_flush(self) -> float | None:
+        """When a changed STATUS= is due (None: nothing to send)."""
+        return self._next if self._stale else None
+
+    def flush_if_due(self) -> None:
+        if self._stale and self.clock() >= self._next:
+            self._stale = False
+            self._next = self.clock() + STATUS_EVERY
             self.notifier.status(self.text())
 
     def text(self) -> str:

@@ -157,3 +157,34 @@ def test_watchdog_pings_every_half_of_the_timeout(tmp_path: Path) -> None:
         assert _messages(rx, 2) == [{"WATCHDOG": "1"}, {"WATCHDOG": "1"}]
     finally:
         rx.close()
+
+
+def test_status_goes_at_most_once_a_second_and_the_last_change_is_sent_when_due() -> None:
+    """One STATUS= per audit record cost the loop a walk of every lease and PID 1 a wake-up per request: a
+    burst of grants now sends the first at once and the rest as one line when the loop's timer is due."""
+    from types import SimpleNamespace
+
+    from xskbroker.broker.audit import Throttle
+    from xskbroker.broker.daemon import STATUS_EVERY, _Status
+
+    address = f"@xskbroker-test-{os.getpid()}-{time.monotonic_ns()}"
+    rx = _receiver(address)
+    now = [100.0]
+    try:
+        status = _Status(lambda record: None, Notifier({"NOTIFY_SOCKET": address}), clock=lambda: now[0])
+        status.service = SimpleNamespace(leases=[])  # type: ignore[assignment]
+        audit = Throttle(status, clock=lambda: now[0])
+        for _ in range(50):
+            audit({"event": "grant", "decision": "allow"})
+        got = _messages(rx)
+        assert len(got) == 1 and "1 granted" in got[0]["STATUS"]  # the first at once, then no more for now
+        assert audit.next_flush() == 100.0 + STATUS_EVERY  # what the loop's select waits for
+        audit.flush_if_due()
+        assert _messages(rx) == []  # not yet due
+        now[0] += STATUS_EVERY
+        audit.flush_if_due()
+        got = _messages(rx, 1)
+        assert "50 granted" in got[0]["STATUS"]  # the last change, once
+        assert audit.next_flush() is None  # nothing changed since
+    finally:
+        rx.close()
