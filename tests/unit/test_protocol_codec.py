@@ -72,6 +72,10 @@ def test_encoding_is_compact_json_with_version_first_and_no_id_when_absent() -> 
     assert encode_request(Status(req_id=3)) == b'{"v":1,"op":"status","id":3}'
     assert encode_request(Release("L", req_id="x")) == b'{"v":1,"op":"release","id":"x","lease":"L"}'
     assert encode_request(Release("L", if_closed=True)) == b'{"v":1,"op":"release","lease":"L","if_closed":true}'
+    assert encode_request(Grant("eth0", (1,), geometry=Geometry(8192, fill=64), req_id=7, holder_pid=9)) == (
+        b'{"v":1,"op":"grant","id":7,"interface":"eth0","kind":"bound","bind_mode":"auto","need_wakeup":true,'
+        b'"umem":{"size":8192,"frame_size":4096,"headroom":0},"rings":{"fill":64,"completion":2048,"rx":2048,'
+        b'"tx":2048},"queues":[1],"holder_pid":9}')
     msg = json.loads(encode_request(Grant("eth0", (1, 2))))
     assert list(msg)[:2] == ["v", "op"] and "id" not in msg and "memlock" not in msg
     assert msg == {"v": 1, "op": "grant", "interface": "eth0", "queues": [1, 2], "kind": "bound",

@@ -3,6 +3,7 @@ builds today, decodes back to itself, and a reply of the wrong shape is bad-repl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -292,3 +293,55 @@ def test_a_broker_that_never_answers_times_out_with_the_timeout_it_was_given(tmp
                     conn.call(proto.Hello())
                 assert 0.25 <= time.monotonic() - started < 3
                 assert peer.recv(proto.MAX_REQUEST)  # the request itself went out
+
+
+def test_grant_fds_counts_what_every_kind_names_and_refuses_what_a_launcher_could_not_use() -> None:
+    from xskbroker.client.connection import grant_fds
+
+    assert [grant_fds(json.loads(data)) for typed, data in CASES if isinstance(typed, r.GrantReply)] == \
+        [typed.fd_count() for typed, _ in CASES if isinstance(typed, r.GrantReply)]
+    for bad in (_grant(v=2), _grant(op="status"), _grant(lease=...), _grant(lease=5), _grant(kind="other"),
+                _grant(sockets=...), _grant(sockets={}), _grant(sockets=[1]),
+                _grant(sockets=[{"queue": 0, "fd": 0}]),  # a bound socket without its UMEM's fd
+                _grant(sockets=[{**GRANT["sockets"][0], "fd": "0"}]),
+                _grant(sockets=[{**GRANT["sockets"][0], "fd": -1}]),
+                _grant(sockets=[{**GRANT["sockets"][0], "umem_fd": True}]), _grant(kind="map")):
+        with pytest.raises(BrokerError) as info:
+            grant_fds(json.loads(bad))
+        assert info.value.code == ErrorCode.BAD_REPLY, bad
+
+
+def test_request_fds_over_the_lean_path_gives_the_dict_and_closes_fds_of_a_reply_it_refuses(fake_broker: Any) -> None:
+    from xskbroker.client.grant import request_fds
+
+    path, script = fake_broker
+    script += [(CASES[1][1], 4), (CASES[1][1], 3), (b"not json", 2),
+               (proto.error_reply("queue-busy", "held", "grant"), 0), (CASES[5][1], 1)]
+    with Connection(path, timeout=5) as conn:
+        reply, fds = request_fds("xdoc0", [0, 5], kind="bound", socket_path=path, connection=conn)
+        assert reply == json.loads(CASES[1][1]) and len(fds) == 4
+        for fd in fds:
+            os.close(fd)
+        before = _null_fds()
+        with pytest.raises(BrokerError, match="names 4 fds but carried 3"):
+            request_fds("xdoc0", [0, 5], kind="bound", socket_path=path, connection=conn)
+        with pytest.raises(BrokerError) as info:
+            request_fds("xdoc0", [0], socket_path=path, connection=conn)
+        assert info.value.code == ErrorCode.BAD_REPLY
+        with pytest.raises(BrokerError) as info:
+            request_fds("xdoc0", [0], socket_path=path, connection=conn)
+        assert info.value.code == "queue-busy"
+        with pytest.raises(BrokerError) as info:  # an ok reply to something else
+            request_fds("xdoc0", [0], socket_path=path, connection=conn)
+        assert info.value.code == ErrorCode.BAD_REPLY
+        assert _null_fds() == before  # every fd of a refused reply closed (the fake broker sends /dev/null's)
+
+
+def _null_fds() -> int:
+    """This process's fds open on /dev/null, once the fake broker's thread has closed its own copies."""
+    time.sleep(0.05)
+    out = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out += os.readlink(f"/proc/self/fd/{fd}") == os.devnull
+    return out
