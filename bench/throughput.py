@@ -2,8 +2,8 @@
 a privileged program doing the same kernel work in-process (create, then close).
 
 Closing the last fd of a bound AF_XDP socket waits for an RCU grace period (5-15 ms). A direct program
-pays it in the closing thread; a brokered client usually does not, because the broker still holds its
-copy for a moment and closes it in its own closer threads. That difference is part of what is measured."""
+pays it in the closing thread; a brokered client usually does not, because the broker's copy is kept for a
+moment and closed by its closing helper (broker.sent_copies). That difference is part of what is measured."""
 
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ class _Status:
     (`systemctl status xskbroker` shows it). Sent when it changed, at most every STATUS_EVERY seconds: one
     per audit record cost the loop a /proc read and a walk of every lease, and PID 1 a wake-up, per request
     (thousands a second under load). What changes meanwhile is sent when the event loop's timer says so
-    (next_flush, flush_if_due: the audit throttle in front asks)."""
+    (next_flush, flush_if_due: the audit throttle in front asks); what a policy reload changes, at once."""
 
     def __init__(self, sink: AuditFn, notifier: systemd.Notifier, keeper: lastgood.PolicyKeeper | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -208,6 +208,8 @@ class _Status:
             self.stop_reason = f"stopping on {record.get('signal')}"
         if self.service is not None and self.notifier.enabled and event not in ("ready", "stopped"):
             self._stale = True
+            if str(event).startswith("policy-"):  # a reload (or its failure) is told at once: an operator waits
+                self._next = 0.0
             self.flush_if_due()
 
     def next_flush(self) -> float | None:

@@ -44,12 +44,31 @@ class PeerInfo:
         return out
 
 
+PY_SOCKOPT_MAX = 1024  # Python's getsockopt refuses a larger buffer itself ("buflen out of range"), kernel unasked
+
+
+def read_sockopt(sock: socket.socket, opt: int, size: int) -> bytes:
+    """getsockopt(SOL_SOCKET, opt) into `size` bytes: through libc past the 1024 Python's own allows (a peer's
+    supplementary groups past 256, an LSM label past 1 KiB). OSError carries the kernel's errno."""
+    if size <= PY_SOCKOPT_MAX:
+        return sock.getsockopt(socket.SOL_SOCKET, opt, size)
+    import ctypes
+
+    from xskbroker.common.libc import errno_error, libc
+
+    buf = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    if libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, opt, buf, ctypes.byref(length)) != 0:
+        raise errno_error(f"getsockopt {opt}")
+    return buf.raw[:length.value]
+
+
 def peer_groups(sock: socket.socket) -> frozenset[int]:
     size = 64 * 4
     while True:
         try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-            return frozenset(struct.unpack(f"={len(raw) // 4}I", raw))
+            raw = read_sockopt(sock, SO_PEERGROUPS, size)
+            return frozenset(struct.unpack(f"={len(raw) // 4}I", raw[:len(raw) - len(raw) % 4]))
         except OSError as e:
             # the list is longer than the buffer: grow it (bounded by NGROUPS_MAX)
             if e.errno != errno.ERANGE or size >= MAX_GROUPS * 4:
@@ -98,11 +117,19 @@ def identify(sock: socket.socket) -> PeerInfo:
 
 def peer_label(sock: socket.socket) -> str | None:
     """The peer's LSM label (SELinux context, AppArmor profile) as the kernel recorded it at connect(2);
-    None where no LSM labels sockets (ENOPROTOOPT) or the label is empty."""
+    None where no LSM labels sockets (ENOPROTOOPT) or the label is empty. Any other failure raises: a rule
+    that denies by label must never be judged without it (the connection is refused)."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERSEC, MAX_LABEL)
-    except OSError:
-        return None
+        try:
+            raw = read_sockopt(sock, SO_PEERSEC, PY_SOCKOPT_MAX)
+        except OSError as e:
+            if e.errno != errno.ERANGE:
+                raise
+            raw = read_sockopt(sock, SO_PEERSEC, MAX_LABEL)  # a long context (many MLS categories)
+    except OSError as e:
+        if e.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            return None
+        raise
     label = raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
     return label or None
 

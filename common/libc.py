@@ -16,6 +16,7 @@ libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_i
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.bind.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32)]
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 PR_SET_PDEATHSIG = 1

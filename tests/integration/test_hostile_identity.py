@@ -6,6 +6,7 @@ would end the broker (and every other client's service) at each connect."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -122,3 +123,41 @@ def test_the_device_plugin_endpoint_refuses_it_too(veth: VethNamespace) -> None:
                 assert c.call(proto.Status())[0]["leases"] == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_member_of_more_than_256_groups_is_identified_with_all_of_them(tmp_path: Path) -> None:
+    """SO_PEERGROUPS past 256 groups needs a buffer over 1 KiB, which Python's getsockopt refuses before the
+    kernel is asked ("buflen out of range"): such a client's every connection was dropped unanswered. The LSM
+    label (SO_PEERSEC) is read the same way: a rule that denies by label must see labels past 1 KiB too."""
+    from xskbroker.broker import peer
+
+    groups = list(range(200_000, 200_300))
+    path = str(tmp_path / "s.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(path)
+        listener.listen()
+        pid = os.fork()
+        if pid == 0:  # the child: 300 supplementary groups, then connect and wait to be read
+            try:
+                os.setgroups(groups)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+                    c.connect(path)
+                    c.recv(1)
+            finally:
+                os._exit(0)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                assert peer.peer_groups(conn) == frozenset(groups)
+                who = peer.identify(conn)
+                assert who.pid == pid and frozenset(groups) <= who.gids
+                try:  # the kernel is asked with a buffer past Python's 1 KiB: its own answer comes back
+                    label = peer.read_sockopt(conn, peer.SO_PEERSEC, peer.MAX_LABEL)
+                except OSError as e:
+                    assert e.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP), e  # no LSM labels sockets here
+                    assert who.label is None
+                else:
+                    assert who.label == (label.split(b"\0", 1)[0].decode(errors="replace").strip() or None)
+                conn.send(b"x")
+        finally:
+            os.waitpid(pid, 0)

@@ -186,5 +186,9 @@ def test_status_goes_at_most_once_a_second_and_the_last_change_is_sent_when_due(
         got = _messages(rx, 1)
         assert "50 granted" in got[0]["STATUS"]  # the last change, once
         assert audit.next_flush() is None  # nothing changed since
+        audit({"event": "grant", "decision": "allow"})
+        audit({"event": "policy-reloaded"})  # what an operator who just reloaded waits to see: at once
+        assert "51 granted" in _messages(rx, 1)[0]["STATUS"]  # the grant before it rides along
+        assert _messages(rx) == [] and audit.next_flush() is None
     finally:
         rx.close()
