@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 
-from xskbroker.broker import xsk
+from xskbroker.broker import helper_process, xsk
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import AF_XDP
 
@@ -74,21 +74,12 @@ class Preparer:
     def _started(self) -> socket.socket | None:
         if self._sock is not None or self._broken:
             return self._sock
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            # the broker's own import path: it may have found the package where the interpreter alone would not
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            self._proc = subprocess.Popen([sys.executable, "-m", "xskbroker.broker.preparer", str(theirs.fileno())],
-                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
-                                          env=env)
-        except OSError:
-            ours.close()
+        started = helper_process.start("xskbroker.broker.preparer")
+        if started is None:
             self._broken = True
             return None
-        finally:
-            theirs.close()
-        self._sock = ours
-        return ours
+        self._sock, self._proc = started
+        return self._sock
 
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
@@ -102,11 +93,7 @@ class Preparer:
             self._sock.close()  # end of file: it exits
             self._sock = None
         if self._proc is not None:
-            try:
-                self._proc.wait(2)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            helper_process.stop(self._proc, 2.0)
             self._proc = None
 
 

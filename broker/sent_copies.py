@@ -127,13 +127,9 @@ class SentCopies:
             self._sock.close()  # end of file: the helper closes what it keeps and exits
             self._sock = None
         if self._proc is not None:
-            import subprocess
+            from xskbroker.broker import helper_process
 
-            try:
-                self._proc.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            helper_process.stop(self._proc, STOP_SECONDS)
             self._proc = None
         if self._threads is not None:
             self._threads.stop()
@@ -188,26 +184,18 @@ class SentCopies:
     def _started(self) -> socket.socket | None:
         if self._sock is not None or self._broken:
             return self._sock
-        import subprocess  # here: the first grant's reply is out before its copies are handed over (a cold start)
+        # here, not at import: the first grant's reply is out before its copies are handed over (a cold start)
+        from xskbroker.broker import helper_process
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         background = cpus.background_cpus()
-        try:
-            # the broker's own import path: it may have found the package where the interpreter alone would not
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            cpu_arg = ",".join(map(str, sorted(background))) if background else ""
-            self._proc = subprocess.Popen([sys.executable, "-P", "-m", "xskbroker.broker.sent_copies",
-                                           str(theirs.fileno()), cpu_arg], pass_fds=[theirs.fileno()],
-                                          stdin=subprocess.DEVNULL, close_fds=True, env=env)
-        except OSError:
-            ours.close()
+        started = helper_process.start("xskbroker.broker.sent_copies",
+                                       ",".join(map(str, sorted(background))) if background else "")
+        if started is None:
             self._broken = True
             return None
-        finally:
-            theirs.close()
-        ours.setblocking(False)
-        self._sock = ours
-        return ours
+        self._sock, self._proc = started
+        self._sock.setblocking(False)
+        return self._sock
 
 
 Entry = tuple[list[int], float, str | None]
