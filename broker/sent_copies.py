@@ -22,6 +22,7 @@ dies first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -40,6 +41,7 @@ PER_MESSAGE = 250  # fds per message: the kernel takes at most SCM_MAX_FD (253)
 NOW_DELAY = 0.002  # seconds the helper holds even a copy to close now: the loop closes its own first
 ANSWER_EVERY = 0.002  # seconds: the helper answers at most this often (pending() reads the answers when asked)
 STOP_SECONDS = 2.0  # how long stop() waits for the helper's last closes before it kills it
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)  # a send that says the helper is gone
 _COUNT = struct.Struct("=Q")  # an answer: how many fds the helper has closed so far
 # one entry of a message: how many of its fds are the entry's (0: close now what is kept under the key),
 # after how many microseconds to close them, and the key's length (the key follows)
@@ -93,11 +95,12 @@ class SentCopies:
             if sock is not None:
                 try:
                     socket.send_fds(sock, [_header(chunk)], fds)
-                except BlockingIOError:  # the helper is behind: these go to the threads, the next try it again
-                    pass
-                except OSError:
-                    self._lost()
-                    sock = None
+                except OSError as e:
+                    if e.errno in _GONE:
+                        self._lost()
+                        sock = None
+                    # else the helper is behind (EAGAIN), or too many fds are in flight (ETOOMANYREFS: a user's
+                    # limit, RLIMIT_NOFILE): these go to the threads, the next message tries it again
                 else:
                     self._sent += len(fds)
                     for fd in fds:  # ours: the message holds them, then the helper, for at least NOW_DELAY
