@@ -96,9 +96,9 @@ def request_fds(interface: str, queues: int | Sequence[int] = 1, *, kind: str = 
     req = proto.Grant(interface=interface, queues=ids, kind=kind, geometry=geometry or proto.Geometry(),
                       memlock=memlock, holder_pid=holder_pid)
     if connection is not None:
-        return connection.call_grant_fds(req)
+        return connection.call(req)
     with Connection(socket_path, timeout) as conn:
-        return conn.call_grant_fds(req)
+        return conn.call(req)
 
 
 def open_sockets(reply: replies.GrantReply | dict[str, Any], fds: list[int]) -> list[XskSocket]:
