@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import os
+import select
 import socket
 import struct
 import sys
@@ -248,53 +250,88 @@ def parse(header: bytes, fds: list[int]) -> list[Entry]:
     return out
 
 
-class _Answers:
-    """The helper's running total of fds closed, sent back by a thread of its own: a broker that is slow to
-    read blocks only this thread, and the next answer carries everything closed meanwhile."""
+class _Helper:
+    """The helper's side: one thread reads the broker's messages, keeps the copies until due (or expedited),
+    hands each due group to a closer thread of its own, and answers how many are closed, at most every
+    ANSWER_EVERY: no thread of its own for the timing or the answers, whose wake-ups cost the background CPU
+    more than the closes' own bookkeeping."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._total = 0
+        self.sock = sock
+        self._closed = 0  # fds the closer threads have closed (they add; this thread reads)
+        self._lock = threading.Lock()
+        self.closer = Closer(WORKERS, name="sent", on_closed=self._count)
+        self.kept: list[tuple[float, int, list[int], str | None]] = []  # a heap by when due
+        self._seq = 0  # keeps the heap from comparing fds
         self._told = -1  # the first answer (0) says the helper is reading
-        self._changed = threading.Condition()
-        threading.Thread(target=self._run, name="answers", daemon=True).start()
+        self._next_answer = 0.0
 
-    def closed(self, n: int) -> None:
-        with self._changed:
-            self._total += n
-            self._changed.notify()
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._closed += n
 
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                while self._total == self._told:
-                    self._changed.wait()
-                total = self._total
+    def serve(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        try:
+            while True:
+                timeout = self._due_work()
+                if timeout is False:
+                    return
+                if not poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999))):
+                    continue
+                try:
+                    msg, fds, _, _ = socket.recv_fds(self.sock, 1 + 255 * (_ENTRY.size + MAX_KEY), PER_MESSAGE)
+                except OSError:
+                    return
+                if not msg and not fds:
+                    return  # end of file: the broker is stopping
+                self._take(parse(msg, fds))
+        finally:
+            for _, _, group, _ in self.kept:  # what is kept closes now, every close done before the exit says so
+                self.closer.close(group)
+            self.kept = []
+            self.closer.stop(wait=True)
+
+    def _take(self, entries: list[Entry]) -> None:
+        now = time.monotonic()
+        for group, delay, key in entries:
+            if group:
+                self._seq += 1
+                heapq.heappush(self.kept, (now + delay, self._seq, group, key))
+            elif key is not None:  # a lease ended: its copies close now
+                found = [e for e in self.kept if e[3] == key]
+                if found:
+                    self.kept = [e for e in self.kept if e[3] != key]
+                    heapq.heapify(self.kept)
+                    for e in found:
+                        self.closer.close(e[2])
+
+    def _due_work(self) -> float | bool | None:
+        """Close what is due and answer if it is time; the seconds until there is more to do (None: nothing
+        until a message comes; False: the broker is gone)."""
+        now = time.monotonic()
+        while self.kept and self.kept[0][0] <= now:
+            self.closer.close(heapq.heappop(self.kept)[2])  # each group on a closer thread of its own
+        with self._lock:
+            total = self._closed
+        if total != self._told and now >= self._next_answer:
             try:
-                self._sock.send(_COUNT.pack(total))
+                self.sock.send(_COUNT.pack(total), socket.MSG_DONTWAIT)
+            except BlockingIOError:  # the broker is behind reading answers: the next one carries this too
+                pass
             except OSError:
-                return
-            self._told = total
-            time.sleep(ANSWER_EVERY)  # closes meanwhile share the next answer: one wake-up, not one per close
+                return False
+            else:
+                self._told, self._next_answer = total, now + ANSWER_EVERY
+        waits = [self.kept[0][0] - now] if self.kept else []
+        if self.closer.pending() or total != self._told:  # closes in flight: answer again soon
+            waits.append(ANSWER_EVERY)
+        return max(0.0, min(waits)) if waits else None
 
 
 def serve(sock: socket.socket) -> None:
-    closer = Closer(WORKERS, name="sent", on_closed=_Answers(sock).closed)
-    try:
-        while True:
-            try:
-                msg, fds, _, _ = socket.recv_fds(sock, 1 + 255 * (_ENTRY.size + MAX_KEY), PER_MESSAGE)
-            except OSError:
-                return
-            if not msg and not fds:
-                return  # end of file: the broker is stopping
-            for group, delay, key in parse(msg, fds):
-                if group:
-                    closer.close_later(group, delay, key)  # each group on a closer thread of its own when due
-                elif key is not None:
-                    closer.expedite(key)
-    finally:
-        closer.stop(wait=True)  # what is kept closes now, every close done before the exit says so
+    _Helper(sock).serve()
 
 
 def main() -> None:
