@@ -178,8 +178,8 @@ def test_watchdog_and_task_limit() -> None:
     from xskbroker.broker.workers import LIGHT_THREADS, THREADS
     s = unit("xskbroker.service")
     assert 10 <= _seconds(one(s, "WatchdogSec")) <= 120
-    # the loop, closers (sent fds: in their helper process, with its reader and its answers; failed grants'),
-    # grant workers and their pinning children, the UMEM pool, untrusted fds
-    threads = 1 + (WORKERS + 2) + ABORT_CLOSERS + 2 * THREADS + LIGHT_THREADS + FILLERS + 1
+    # the loop, closers (sent fds: in their helper process, with its reading thread; failed grants'), grant
+    # workers and their pinning children, the UMEM pool, untrusted fds
+    threads = 1 + (WORKERS + 1) + ABORT_CLOSERS + 2 * THREADS + LIGHT_THREADS + FILLERS + 1
     assert threads + 2 <= int(one(s, "TasksMax")) <= 4 * threads  # room for ExecReload=, not a blank cheque
     assert "MemoryMax" not in s  # bounded by the policy: docs/systemd.md says why and how to size one
