@@ -80,6 +80,8 @@ class SentCopies:
         due = self._kept.pop(key, None)
         if (due is not None and due > time.monotonic()) or any(k == key for _, _, k in self._out):
             self._out.append(([], 0.0, key))  # one still queued: the helper reads the two in order
+        if self._threads is not None:  # given to the threads while the helper started, or was behind
+            self._threads.expedite(key)
 
     def flush(self) -> None:
         """Hand over what close, close_later and expedite queued (the event loop calls it after each event)."""

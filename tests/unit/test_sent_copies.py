@@ -159,12 +159,14 @@ def test_stop_closes_what_is_kept_and_ends_the_helper(copies: SentCopies) -> Non
         os.kill(pid, 0)  # exited and reaped
 
 
-def test_without_a_helper_the_closer_threads_close(copies: SentCopies) -> None:
+def test_without_a_helper_the_closer_threads_close_and_a_lease_end_still_closes_at_once(copies: SentCopies) -> None:
     sc = SentCopies(helper=False)
     try:
         r, w = os.pipe()
-        sc.close_later([w], 0.0, "x")
+        sc.close_later([w], 60.0, "x")
         sc.flush()
+        assert not closed(r)
+        sc.expedite("x")
         wait_for(lambda: closed(r), "the threads to close it")
         assert sc.helper_pid() is None and not sc.helper_ready()
         os.close(r)
