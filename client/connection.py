@@ -176,8 +176,7 @@ def grant_fds(reply: dict[str, Any]) -> int:
             or kind not in ("bound", "bare", "map")):
         raise proto.BrokerError(ErrorCode.BAD_REPLY, "broker reply is not a version-1 grant reply with a lease and "
                                 "a kind of bound, bare or map")
-    names = ("map_fd",) if kind == "map" else ()
-    indexes = [reply.get(n) for n in names]
+    indexes: list[Any] = []
     if kind != "map":
         sockets = reply.get("sockets")
         if not isinstance(sockets, list) or not all(isinstance(s, dict) for s in sockets):
@@ -185,6 +184,8 @@ def grant_fds(reply: dict[str, Any]) -> int:
                                     "objects")
         keys = ("fd", "umem_fd") if kind == "bound" else ("fd",)
         indexes = [s.get(k) for s in sockets for k in keys]
+    if kind == "map" or reply.get("map_fd") is not None:  # as GrantReply.fd_count counts it, for every kind
+        indexes.append(reply.get("map_fd"))
     checked = [i for i in indexes if type(i) is int and 0 <= i < MAX_FDS]
     if len(checked) != len(indexes):
         raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply: a {kind} grant names an fd index that is not "

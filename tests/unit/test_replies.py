@@ -300,7 +300,10 @@ def test_grant_fds_counts_what_every_kind_names_and_refuses_what_a_launcher_coul
 
     assert [grant_fds(json.loads(data)) for typed, data in CASES if isinstance(typed, r.GrantReply)] == \
         [typed.fd_count() for typed, _ in CASES if isinstance(typed, r.GrantReply)]
-    for bad in (_grant(v=2), _grant(op="status"), _grant(lease=...), _grant(lease=5), _grant(kind="other"),
+    # a map fd beside a grant's sockets counts as the typed reading counts it
+    assert grant_fds({**GRANT, "map_fd": 6}) == r.reply_from_dict({**GRANT, "map_fd": 6}).fd_count() == 7
+    for bad in (_grant(map_fd="6"), _grant(v=2), _grant(op="status"), _grant(lease=...), _grant(lease=5),
+                _grant(kind="other"),
                 _grant(sockets=...), _grant(sockets={}), _grant(sockets=[1]),
                 _grant(sockets=[{"queue": 0, "fd": 0}]),  # a bound socket without its UMEM's fd
                 _grant(sockets=[{**GRANT["sockets"][0], "fd": "0"}]),
