@@ -267,6 +267,9 @@ class _Helper:
         self._seq = 0  # keeps the heap from comparing fds
         self._told = -1  # the first answer (0) says the helper is reading
         self._next_answer = 0.0
+        # the broker's end is full (it reads answers only when it asks pending()): wait until it has room,
+        # not on a timer, or an idle helper would wake every ANSWER_EVERY for as long as the broker is idle
+        self._blocked = False
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -280,8 +283,10 @@ class _Helper:
                 timeout = self._due_work()
                 if timeout is False:
                     return
-                if not poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999))):
-                    continue
+                poller.modify(self.sock, select.POLLIN | (select.POLLOUT if self._blocked else 0))
+                ready = poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 0.999)))
+                if not any(ev & ~select.POLLOUT for _, ev in ready):
+                    continue  # a timer, or room for an answer: nothing to read
                 try:
                     msg, fds, _, _ = socket.recv_fds(self.sock, 1 + 255 * (_ENTRY.size + MAX_KEY), PER_MESSAGE)
                 except OSError:
@@ -321,13 +326,13 @@ class _Helper:
             try:
                 self.sock.send(_COUNT.pack(total), socket.MSG_DONTWAIT)
             except BlockingIOError:  # the broker is behind reading answers: the next one carries this too
-                pass
+                self._blocked = True
             except OSError:
                 return False
             else:
-                self._told, self._next_answer = total, now + ANSWER_EVERY
+                self._told, self._next_answer, self._blocked = total, now + ANSWER_EVERY, False
         waits = [self.kept[0][0] - now] if self.kept else []
-        if self.closer.pending() or total != self._told:  # closes in flight: answer again soon
+        if self.closer.pending() or (total != self._told and not self._blocked):  # answer again soon
             waits.append(ANSWER_EVERY)
         return max(0.0, min(waits)) if waits else None
 

@@ -185,3 +185,27 @@ def test_the_helper_reads_each_entry_and_closes_all_of_a_message_it_cannot_read(
     big = _messages([(list(range(300)), 0.005, "k"), (list(range(300, 310)), 0.005, "m")])
     assert [sum(len(g) for g, _, _ in m) for m in big] == [250, 60]  # SCM_MAX_FD: cut, in order
     assert [g for m in big for g, _, _ in m] == [list(range(250)), list(range(250, 300)), list(range(300, 310))]
+
+
+def voluntary_switches(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_an_idle_helper_sleeps_even_when_the_broker_has_not_read_its_answers(copies: SentCopies) -> None:
+    """The broker reads the helper's answers only when it asks pending(): once its end is full, a helper that
+    retried on a timer woke every 2 ms for as long as the broker stayed idle."""
+    pid = ready(copies)
+    pipes = []
+    deadline = time.monotonic() + 1.0  # answers go at most every 2 ms: a few hundred fill the broker's end
+    while time.monotonic() < deadline:
+        pipes.append(pipe(copies))
+        copies.close([pipes[-1][1]])
+        copies.flush()
+        time.sleep(0.002)
+    wait_for(lambda: all(closed(r) for r, _ in pipes), "every copy to be closed")
+    time.sleep(0.2)  # its closer threads are idle now
+    before = voluntary_switches(pid)
+    time.sleep(1.0)
+    assert voluntary_switches(pid) - before < 20  # asleep, not retrying its answer every 2 ms
+    wait_for(lambda: not copies.pending(), "the answers, once read, to say everything is closed")
