@@ -188,8 +188,8 @@ def test_the_helper_reads_each_entry_and_closes_all_of_a_message_it_cannot_read(
 
 
 def voluntary_switches(pid: int) -> int:
-    status = open(f"/proc/{pid}/status").read()
-    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("voluntary_ctxt_switches:")[1].split()[0])
 
 
 def test_an_idle_helper_sleeps_even_when_the_broker_has_not_read_its_answers(copies: SentCopies) -> None:
