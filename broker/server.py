@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from xskbroker.broker import faults, linkwatch
 from xskbroker.broker import peer as peers
-from xskbroker.broker.admission import admit
+from xskbroker.broker.admission import Connected, admit
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.listener import (
@@ -77,6 +77,7 @@ class Server:
         self.policy_path = policy_path
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, tuple[socket.socket, peers.PeerInfo]] = {}
+        self.connected = Connected()  # the peers of self.conns, tallied for admission
         # the lease holders' pidfds (pid -> pidfd), shared with the service's signal_holder when the daemon
         # gave both the same Holders
         self.holders = holders if holders is not None else Holders()
@@ -279,8 +280,7 @@ class Server:
         who = self.identify(conn, unjudgeable)
         if who is None:
             return
-        code, reason, evict = admit(self.service.policy, who, (p for _, p in self.conns.values()),
-                                    self.max_connections)
+        code, reason, evict = admit(self.service.policy, who, self.connected, self.max_connections)
         if code is not None:
             self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": code, "reason": reason})
             self._say_and_close(conn, ErrorReply(code, reason))
@@ -288,6 +288,7 @@ class Server:
         if evict is not None:
             self._evict_one(evict, who)
         self.conns[conn.fileno()] = (conn, who)
+        self.connected.add(who)
         self.sel.register(conn, selectors.EVENT_READ, self._readable)
         # a client connects and sends its request at once: it is usually there already, so read it now rather
         # than after another round of select (nothing there: recvmsg says EAGAIN, and select will tell)
@@ -333,7 +334,7 @@ class Server:
             if who.uid == uid and id(conn) not in busy:
                 self.audit({"event": "connection-evicted", "peer": who.as_dict(),
                             "code": ErrorCode.TOO_MANY_CONNECTIONS, "for_uid": newcomer.uid})
-                self.conns.pop(conn.fileno(), None)
+                self._forget(conn)
                 with contextlib.suppress(KeyError, ValueError):
                     self.sel.unregister(conn)
                 self._say_and_close(conn, ErrorReply(
@@ -341,10 +342,15 @@ class Server:
                     f"another user's (uid {uid} held the most)"))
                 return
 
+    def _forget(self, conn: socket.socket) -> None:
+        entry = self.conns.pop(conn.fileno(), None)
+        if entry is not None:
+            self.connected.remove(entry[1])
+
     def _drop(self, conn: socket.socket) -> None:
         self._in_flight.discard(conn.fileno())
         self._set_aside.discard(conn.fileno())
-        self.conns.pop(conn.fileno(), None)
+        self._forget(conn)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(conn)
         conn.close()
