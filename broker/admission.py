@@ -25,6 +25,10 @@ class Admission(NamedTuple):
 Principal = tuple[int, frozenset[int], frozenset[str], str | None]
 
 
+def _principal(who: peers.PeerInfo) -> Principal:
+    return who.uid, who.gids, who.groups, who.user
+
+
 class Connected:
     """The peers connected now, tallied by principal: kept as connections come and go (add, remove), so that
     judging a newcomer costs the number of distinct principals, not of connections (it walked all 1,000 of a
@@ -36,11 +40,11 @@ class Connected:
             self.add(p)
 
     def add(self, who: peers.PeerInfo) -> None:
-        key = (who.uid, who.gids, who.groups, who.user)
+        key = _principal(who)
         self._count[key] = self._count.get(key, 0) + 1
 
     def remove(self, who: peers.PeerInfo) -> None:
-        key = (who.uid, who.gids, who.groups, who.user)
+        key = _principal(who)
         n = self._count.get(key, 0) - 1
         if n > 0:
             self._count[key] = n
