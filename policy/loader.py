@@ -9,8 +9,7 @@ import errno
 import os
 import re
 import stat
-import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from xskbroker.common.records import field, record
@@ -20,7 +19,8 @@ from .fields import FIELDS, Invalid
 from .model import KINDS, Action, Admin, Policy, QueueSet, Quota, Rule
 from .sizes import parse_size
 
-__all__ = ["DEFAULT_POLICY_PATH", "PolicyError", "load_policy", "parse_policy", "parse_size"]
+__all__ = ["DEFAULT_POLICY_PATH", "Document", "PolicyError", "load_documents", "load_policy", "parse_policy",
+           "parse_size"]
 
 DEFAULT_POLICY_PATH = "/etc/xskbroker/policy.toml"
 DROPIN_DIR = "policy.d"
@@ -35,6 +35,9 @@ _ADMIN_KEYS = (*_PRINCIPAL_KEYS, "revoke_signal")
 # A table header line: [name] or [[name]], name possibly quoted; used only to find line numbers.
 _HEADER_RE = re.compile(r"""^\s*(\[\[?)\s*["']?([^\]"']*?)["']?\s*\]""")
 _SYNTAX_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+
+# One file as it was parsed: (path, text, the TOML document tomllib made of the text)
+Document = tuple[str, str, dict[str, Any]]
 
 
 class PolicyError(Exception):
@@ -55,6 +58,7 @@ class _Parsed:
     admin: Admin | None = None
     names: list[tuple[str, int]] = field(default_factory=list)  # (name, line of its name key)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (line, message)
+    doc: dict[str, Any] | None = None  # the TOML document, None when the text is not TOML
 
 
 class _Lines:
@@ -219,20 +223,28 @@ def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines
     )
 
 
-def _parse_text(text: str, filename: str) -> _Parsed:
+def _parse_text(text: str, filename: str, doc: dict[str, Any] | None = None) -> _Parsed:
+    """One file's rules; DOC, when given, is what tomllib made of this very text before (the broker's last
+    good copy keeps it), validated here as a fresh parse would be."""
     out = _Parsed(filename)
     lines = _Lines(text)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        msg = str(e)
-        m = _SYNTAX_POS_RE.search(msg)
-        if m:
-            line, column = int(m.group(1)), m.group(2)
-            out.errors.append((line, f"TOML syntax error: {msg[: m.start()]} (column {column})"))
-        else:
-            out.errors.append((lines.last, f"TOML syntax error: {msg}"))
-        return out
+    if doc is None:
+        # imported here: tomllib compiles its regular expressions at import, ~6 ms of a socket-activated start
+        # that the last good copy's documents spare it (broker/lastgood.py)
+        import tomllib
+
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            msg = str(e)
+            m = _SYNTAX_POS_RE.search(msg)
+            if m:
+                line, column = int(m.group(1)), m.group(2)
+                out.errors.append((line, f"TOML syntax error: {msg[: m.start()]} (column {column})"))
+            else:
+                out.errors.append((lines.last, f"TOML syntax error: {msg}"))
+            return out
+    out.doc = doc
 
     for key in doc:
         if key not in _TOP_KEYS:
@@ -291,10 +303,13 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
     return _merge([_parse_text(text, filename)], [], [filename])
 
 
-def parse_documents(documents: list[tuple[str, str]]) -> Policy:
+def parse_documents(documents: list[tuple[str, str]], docs: Mapping[tuple[str, str], dict[str, Any]] | None = None
+                    ) -> Policy:
     """Parse and merge (filename, text) documents as load_policy merges a file and its policy.d/ (the
-    broker's last-good copy holds them so); raises PolicyError listing every problem."""
-    return _merge([_parse_text(text, name) for name, text in documents], [], [name for name, _ in documents])
+    broker's last-good copy holds them so); raises PolicyError listing every problem. DOCS: see load_documents."""
+    known = docs or {}
+    return _merge([_parse_text(text, name, known.get((name, text))) for name, text in documents], [],
+                  [name for name, _ in documents])
 
 
 def _read(path: str, errors: list[str], name: str | None = None, dir_fd: int | None = None) -> str | None:
@@ -357,6 +372,15 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
     Rule names must be unique across all files. Raises PolicyError listing every problem in every file.
     """
+    return load_documents(path)[0]
+
+
+def load_documents(path: str | os.PathLike[str], docs: Mapping[tuple[str, str], dict[str, Any]] | None = None
+                   ) -> tuple[Policy, list[Document]]:
+    """load_policy's policy, and each file as it was read and parsed: what runs, for the last good copy.
+
+    DOCS maps (path, text) to the TOML document parsed from exactly that text before: a file whose text is
+    found there is validated from it instead of parsed again."""
     # os.path rather than pathlib, whose import would add a tenth to the broker's start-up
     main = os.fspath(path)
     errors: list[str] = []
@@ -367,10 +391,14 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     if os.path.isdir(dropin):
         errors += trust.dir_chain_problems(dropin, seen)
         texts += _dropins(dropin, errors)
+    known = docs or {}
     parsed: list[_Parsed] = []
-    sources: list[str] = []
+    documents: list[Document] = []
     for file, text in texts:
         if text is not None:
-            parsed.append(_parse_text(text, file))
-            sources.append(file)
-    return _merge(parsed, errors, sources)
+            one = _parse_text(text, file, known.get((file, text)))
+            parsed.append(one)
+            if one.doc is not None:
+                documents.append((file, text, one.doc))
+    policy = _merge(parsed, errors, [file for file, _, _ in documents])
+    return policy, documents

@@ -25,28 +25,47 @@ kinds = ["bound"]
 """
 
 
-def _imported_before_first_grant(log: str) -> list[str]:
-    """Module names from the importtime lines that precede the broker's first `grant` audit record, less the
-    interpreter's start (`site` and what it imported: an editable install's hook brings pathlib)."""
-    names: list[str] = []
+def _imported_before_first_grants(log: str) -> list[list[str]]:
+    """For each start in the log, the module names from the importtime lines that precede its first `grant` audit
+    record, less the interpreter's start (`site` and what it imported: an editable install's hook brings
+    pathlib)."""
+    starts: list[list[str]] = []
+    names: list[str] | None = []
     for line in log.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+\d+ \| (\s*)(\S+)$", line)
         if m:
-            names = [] if (m.group(1), m.group(2)) == ("", "site") else [*names, m.group(2)]
-        elif line.startswith("{") and json.loads(line).get("event") == "grant":
-            return names
-    raise AssertionError(f"no grant record in the broker's log:\n{log[-2000:]}")
+            if (m.group(1), m.group(2)) == ("", "site"):
+                names = []
+            elif names is not None:
+                names.append(m.group(2))
+        elif line.startswith("{") and json.loads(line).get("event") == "grant" and names is not None:
+            starts.append(names)
+            names = None  # what it imports after its first grant is not the cold start's
+    assert starts, f"no grant record in the broker's log:\n{log[-2000:]}"
+    return starts
+
+
+def _grant(veth: VethNamespace, broker: BrokerProcess) -> None:
+    reply, fds = request_fds(veth.inside, [0], kind="bound", geometry=Geometry(umem_size=1 << 20),
+                             socket_path=broker.socket_path)
+    for fd in fds:
+        os.close(fd)
+    assert reply["ok"] and reply["kind"] == "bound"
 
 
 def test_serve_imports_nothing_it_does_not_need_before_its_first_grant(veth: VethNamespace) -> None:
     # UMEM pool off: its filler thread starts the preparer (subprocess, a helper process) when the first grant
     # misses, while that grant is still being made, so with it the order of their imports is a race
     with BrokerProcess(veth.name, POLICY, env={"PYTHONPROFILEIMPORTTIME": "1"}) as broker:
-        reply, fds = request_fds(veth.inside, [0], kind="bound", geometry=Geometry(umem_size=1 << 20),
-                                 socket_path=broker.socket_path)
-        for fd in fds:
-            os.close(fd)
-        assert reply["ok"] and reply["kind"] == "bound"
-        loaded = _imported_before_first_grant(broker.log())
-    assert "xskbroker.broker.daemon" in loaded and "xskbroker.broker.xsk" in loaded
-    assert sorted(set(loaded).intersection(NOT_ON_SERVE_PATH)) == []
+        _grant(veth, broker)
+        # the next start (an idle exit, a restart) finds the policy's texts in its last good copy, parsed
+        assert broker.proc is not None
+        broker.proc.terminate()
+        broker.proc.wait(10)
+        broker.start()
+        _grant(veth, broker)
+        first, again = _imported_before_first_grants(broker.log())
+    for loaded in (first, again):
+        assert "xskbroker.broker.daemon" in loaded and "xskbroker.broker.xsk" in loaded
+        assert sorted(set(loaded).intersection(NOT_ON_SERVE_PATH)) == []
+    assert "tomllib" in first and "tomllib" not in again

@@ -109,14 +109,14 @@ def test_the_policy_check_loads_the_file_as_the_broker_does(tmp_path: Path) -> N
 
 def test_a_broken_policy_with_a_last_good_copy_is_degraded_not_unusable(tmp_path: Path) -> None:
     from xskbroker.broker import lastgood
-    from xskbroker.policy import load_policy
+    from xskbroker.policy.loader import load_documents
 
     good = tmp_path / "policy.toml"
     good.write_text("version = 1\n[[allow]]\nname = 'x'\nusers = [65534]\ninterfaces = ['eth1']\n")
     good.chmod(0o644)
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    assert lastgood.save(str(state), load_policy(str(good)))
+    assert lastgood.save(str(state), load_documents(str(good))[1])
     good.write_text("version = 1\n[[allow]]\nname = 'x'\nusers = \n")  # broken since the copy was saved
     c = doctor.check_policy(str(good), state_dirs=(str(tmp_path / "none"), str(state)))
     assert c.status == DEGRADED and "last good copy" in c.found and "policy check" in c.fix, c

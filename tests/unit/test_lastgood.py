@@ -11,6 +11,7 @@ import pytest
 from xskbroker.broker import lastgood
 from xskbroker.broker.lastgood import FILENAME, CopyError, PolicyKeeper
 from xskbroker.policy import PolicyError, load_policy
+from xskbroker.policy.loader import load_documents
 
 GOOD = 'version = 1\n[[allow]]\nname = "a"\nusers = [1000]\ninterfaces = ["xsk*"]\n'
 OTHER = 'version = 1\n[[allow]]\nname = "b"\nusers = [2000]\ninterfaces = ["eth*"]\n'
@@ -102,11 +103,12 @@ def test_a_damaged_copy_is_named_and_not_run(site: tuple[Path, Path]) -> None:
 
 def test_the_copy_is_what_was_loaded_never_a_later_edit(site: tuple[Path, Path]) -> None:
     policy_file, state = site
-    policy = load_policy(policy_file)
+    policy, documents = load_documents(policy_file)
     policy_file.write_text(OTHER)  # edited between the load and the save
-    assert lastgood.save(str(state), policy) is None and not (state / FILENAME).exists()
-    policy_file.write_text(GOOD)
-    assert lastgood.save(str(state), policy) == str(state / FILENAME)
+    assert lastgood.save(str(state), documents) == str(state / FILENAME)
+    loaded = lastgood.load(str(state))
+    assert loaded is not None and loaded.policy == policy
+    assert [d["text"] for d in json.loads((state / FILENAME).read_text())["documents"]] == [GOOD]
 
 
 def test_saving_never_follows_a_planted_link(site: tuple[Path, Path], tmp_path: Path) -> None:
@@ -120,9 +122,9 @@ def test_saving_never_follows_a_planted_link(site: tuple[Path, Path], tmp_path: 
 
 def test_an_unchanged_policy_keeps_its_copy_and_its_date(site: tuple[Path, Path]) -> None:
     policy_file, state = site
-    policy = load_policy(policy_file)
-    lastgood.save(str(state), policy, now=1000.0)
-    lastgood.save(str(state), policy, now=2000.0)
+    _, documents = load_documents(policy_file)
+    lastgood.save(str(state), documents, now=1000.0)
+    lastgood.save(str(state), documents, now=2000.0)
     loaded = lastgood.load(str(state))
     assert loaded is not None and loaded.saved_at == 1000.0
 
@@ -151,3 +153,77 @@ def test_a_state_dir_it_cannot_write_is_reported_and_the_policy_still_runs(site:
     keeper = PolicyKeeper(str(policy_file), str(state / "missing"), records.append)
     assert keeper.start().rules
     assert records[0]["event"] == "policy-lastgood-unsaved" and keeper.describe()["copy_error"]
+
+
+# --- the parsed documents the copy keeps (a start spared tomllib) -------------------------------------------
+
+START = """
+import json, sys
+sys.path[:0] = %r
+from xskbroker.broker.lastgood import PolicyKeeper
+policy = PolicyKeeper(%r, %r).start()
+print(json.dumps({"tomllib": "tomllib" in sys.modules, "rules": [r.name for r in policy.rules]}))
+"""
+
+
+def _start_elsewhere(policy_file: Path, state: Path) -> dict[str, object]:
+    """A start in a fresh interpreter: what it imported is its own."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", START % (sys.path, str(policy_file), str(state))],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_a_start_whose_files_match_the_copy_validates_its_documents_without_tomllib(
+        site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    first = _start_elsewhere(policy_file, state)  # no copy yet: parsed, and the copy written with its document
+    assert first == {"tomllib": True, "rules": ["a"]}
+    kept = json.loads((state / FILENAME).read_text())
+    assert kept["format"] == 2 and kept["documents"][0]["toml"]["allow"][0]["name"] == "a"
+    assert _start_elsewhere(policy_file, state) == {"tomllib": False, "rules": ["a"]}
+    policy_file.write_text(OTHER)  # a changed text is parsed afresh, whatever the copy keeps
+    assert _start_elsewhere(policy_file, state) == {"tomllib": True, "rules": ["b"]}
+
+
+def test_a_kept_document_that_does_not_validate_loses_to_the_file(
+        site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    PolicyKeeper(str(policy_file), str(state)).start()
+    copy = json.loads((state / FILENAME).read_text())
+    copy["documents"][0]["toml"]["allow"][0]["bogus"] = 1  # the same text, a document it never gave (and invalid)
+    (state / FILENAME).write_text(json.dumps(copy))
+    keeper = PolicyKeeper(str(policy_file), str(state))
+    policy = keeper.start()
+    assert [r.users for r in policy.rules] == [load_policy(policy_file).rules[0].users] and not keeper.fallback
+
+
+def test_the_example_policy_read_from_its_kept_document_is_the_policy_its_text_gives() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "policy.example.toml"
+    text = example.read_text()
+    _, [(_, _, doc)] = load_documents(example)
+    again = json.loads(lastgood.encode([("p", text, doc)], 0.0))["documents"][0]["toml"]
+    from xskbroker.policy.loader import parse_documents
+
+    assert again == doc and parse_documents([("p", text)], {("p", text): again}) == parse_documents([("p", text)])
+
+
+def test_a_document_json_cannot_hold_is_kept_as_text_alone() -> None:
+    import datetime
+
+    data = json.loads(lastgood.encode([("p", "t", {"when": datetime.date(2026, 1, 1)}), ("q", "u", {"n": 1.5})], 0.0))
+    assert "toml" not in data["documents"][0] and data["documents"][1]["toml"] == {"n": 1.5}
+
+
+def test_a_copy_of_the_first_format_is_read_and_upgraded_keeping_its_date(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    (state / FILENAME).write_text(json.dumps({"format": 1, "saved_at": 1000.0, "documents": [
+        {"path": str(policy_file), "text": GOOD}]}))
+    (state / FILENAME).chmod(0o600)
+    loaded = lastgood.load(str(state))
+    assert loaded is not None and loaded.saved_at == 1000.0 and loaded.policy == load_policy(policy_file)
+    PolicyKeeper(str(policy_file), str(state)).start()
+    copy = json.loads((state / FILENAME).read_text())
+    assert copy["format"] == 2 and copy["saved_at"] == 1000.0 and "toml" in copy["documents"][0]
