@@ -6,7 +6,6 @@ Under systemd it reports READY=1, a STATUS= line that follows the leases, and ST
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import grp
@@ -17,7 +16,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xskbroker.broker import cpus, faults, lastgood, limits, pins, systemd
 from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
@@ -27,6 +26,9 @@ from xskbroker.broker.server import Server
 from xskbroker.broker.service import Service
 from xskbroker.common import safefiles
 from xskbroker.policy import PolicyError
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def _runtime_directory() -> str | None:

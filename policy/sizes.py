@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 
 # Binary units only: "M" meaning 10**6 in one place and 2**20 in another is how limits go wrong.
@@ -34,6 +33,8 @@ def size_arg(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as e:
+        import argparse  # only for the usage error: serve's start-up reads its options without argparse
+
         raise argparse.ArgumentTypeError(str(e)) from None
 
 

@@ -20,6 +20,9 @@ NOT_ON_SERVE_PATH = ("xskbroker.broker.doctor", "xskbroker.broker.doctor_probes"
                      # nor stdlib modules that cost milliseconds and that serve has no use for: shutil (with bz2
                      # and lzma) came with argparse's terminal width, pathlib (with urllib.parse, fnmatch)
                      "shutil", "pathlib", "tempfile", "logging", "asyncio", "concurrent.futures", "multiprocessing",
+                     # argparse (with gettext and locale: ~4 ms with serve's parser) reads only a command line that
+                     # is not plain (broker/serve_options.py)
+                     "argparse", "gettext", "locale",
                      # dataclasses brings inspect, ast, tokenize (11-16 ms) and compiles several functions per class:
                      # the package's records are common.records'
                      "dataclasses", "inspect", "ast")
