@@ -86,7 +86,7 @@ class UmemPool:
         """A ready socket of geometry g, now, or None (the caller makes one). Either way g is wanted
         (on behalf of interface ifindex) and refilled in the background. wake=False: a socket taken leaves
         the refilling thread asleep until kick() (the server's, once the reply is out), so that it does not
-        compete with the grant for the CPU and the GIL; a miss wakes it at once."""
+        compete with the grant for the CPU and the GIL; a miss wakes it at once, unless g is fresh."""
         if not self._threads or not self.fits(g):
             return None
         with self._lock:
@@ -110,7 +110,10 @@ class UmemPool:
                 self._taken += 1
                 self._bytes -= cost(g)
                 self._sockets -= 1
-            if wake or got is None:
+            # a miss wakes it at once, to make the next ones while the grant makes its own; not the first take of
+            # a geometry, which a burst cannot follow: the first make may start the helper process (its import
+            # and spawn hold the GIL), which a socket-activated start's first grant must not wait behind
+            if wake or (got is None and not fresh):
                 self._lock.notify_all()
             else:
                 self._kick = True

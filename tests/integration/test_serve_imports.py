@@ -54,9 +54,9 @@ def _grant(veth: VethNamespace, broker: BrokerProcess) -> None:
 
 
 def test_serve_imports_nothing_it_does_not_need_before_its_first_grant(veth: VethNamespace) -> None:
-    # UMEM pool off: its filler thread starts the preparer (subprocess, a helper process) when the first grant
-    # misses, while that grant is still being made, so with it the order of their imports is a race
-    with BrokerProcess(veth.name, POLICY, env={"PYTHONPROFILEIMPORTTIME": "1"}) as broker:
+    # with the UMEM pool, as shipped: its filler starts the preparer (subprocess, a helper process) only once the
+    # first grant's reply is out (a first take of a geometry waits for the kick), never while that grant is made
+    with BrokerProcess(veth.name, POLICY, env={"PYTHONPROFILEIMPORTTIME": "1"}, umem_pool="64MiB") as broker:
         _grant(veth, broker)
         # the next start (an idle exit, a restart) finds the policy's texts in its last good copy, parsed
         assert broker.proc is not None

@@ -185,6 +185,21 @@ def test_a_take_without_wake_refills_only_after_the_kick() -> None:
         pool.close()
 
 
+def test_the_first_take_of_a_geometry_without_wake_makes_nothing_before_the_kick() -> None:
+    """A socket-activated start's first grant misses: the filler's first make would start the helper process
+    (an import and a spawn holding the GIL) while that grant is made. It waits for the reply's kick."""
+    maker = Maker()
+    pool = UmemPool(16 * MiB, maker)
+    try:
+        assert pool.take(SMALL, 1, wake=False) is None
+        time.sleep(0.05)
+        assert maker.made == [], "nothing made before the first grant's reply is out"
+        pool.kick()
+        _wait(lambda: pool.ready(SMALL) >= PER_GEOMETRY)
+    finally:
+        pool.close()
+
+
 def test_a_geometry_that_gave_way_is_not_refilled_until_it_is_asked_again() -> None:
     """An older geometry's sockets evicted to make room for a newer one must not be made again while only
     the newer one is asked for: each would be made right after a take of the newer (there is room again, and
