@@ -71,7 +71,9 @@ def _read(data: bytes) -> tuple[list[tuple[str, str]], dict[tuple[str, str], dic
     documents = [(d["path"], d["text"]) for d in obj["documents"]]
     if not documents or not all(isinstance(p, str) and isinstance(t, str) for p, t in documents):
         raise ValueError("no documents")
-    docs = {(d["path"], d["text"]): d["toml"] for d in obj["documents"] if isinstance(d.get("toml"), dict)}
+    # only what TOML could have given (no null): the loader's checks then judge it as they judge any file
+    docs = {(d["path"], d["text"]): d["toml"] for d in obj["documents"]
+            if isinstance(d.get("toml"), dict) and _json_only(d["toml"])}
     return documents, docs, float(obj["saved_at"])
 
 

@@ -200,6 +200,16 @@ def test_a_kept_document_that_does_not_validate_loses_to_the_file(
     assert [r.users for r in policy.rules] == [load_policy(policy_file).rules[0].users] and not keeper.fallback
 
 
+def test_a_kept_document_no_toml_could_give_is_not_used(site: tuple[Path, Path]) -> None:
+    policy_file, state = site
+    PolicyKeeper(str(policy_file), str(state)).start()
+    copy = json.loads((state / FILENAME).read_text())
+    copy["documents"][0]["toml"]["allow"][0]["users"] = [None]  # JSON's null: no TOML file gives it
+    (state / FILENAME).write_text(json.dumps(copy))
+    assert lastgood.known_documents(str(state)) == {}
+    assert PolicyKeeper(str(policy_file), str(state)).start() == load_policy(policy_file)
+
+
 def test_the_example_policy_read_from_its_kept_document_is_the_policy_its_text_gives() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "policy.example.toml"
     text = example.read_text()
