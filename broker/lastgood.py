@@ -10,7 +10,7 @@ there is nothing safe to run: the start fails as before.
 The copy holds each source file's text (the main file, then policy.d/*.toml), so what runs is re-parsed and
 validated by the same loader as the files were; it is trusted because only this uid can write it. Beside each
 text it keeps the TOML document parsed from it: a start whose files still read exactly so validates those
-(the same checks) instead of importing tomllib and parsing again, ~7 ms of a socket-activated first grant.
+(the same checks) instead of importing tomllib and parsing again, ~6 ms of a socket-activated first grant.
 """
 
 from __future__ import annotations
