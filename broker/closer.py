@@ -143,10 +143,11 @@ class Closer:
                     _no_linger(fd)
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            with self._lock:
-                self._in_flight -= len(batch)
+            # counted before it stops being pending: whoever sees pending() false sees this batch counted
             if self._on_closed is not None:
                 self._on_closed(len(batch))
+            with self._lock:
+                self._in_flight -= len(batch)
 
     def stop(self, wait: bool = True) -> None:
         """Close whatever is still queued, then end the threads (without waiting for a close that may never

@@ -320,6 +320,10 @@ class _Helper:
         now = time.monotonic()
         while self.kept and self.kept[0][0] <= now:
             self.closer.close(heapq.heappop(self.kept)[2])  # each group on a closer thread of its own
+        # pending first, then the count: a closer thread counts a batch before it stops being pending, so a
+        # helper that finds nothing pending has the final count (read the other way round, a batch closed in
+        # between was neither pending nor counted, and its count was never sent: pending() stayed true)
+        busy = self.closer.pending()
         with self._lock:
             total = self._closed
         if total != self._told and now >= self._next_answer:
@@ -332,7 +336,7 @@ class _Helper:
             else:
                 self._told, self._next_answer, self._blocked = total, now + ANSWER_EVERY, False
         waits = [self.kept[0][0] - now] if self.kept else []
-        if self.closer.pending() or (total != self._told and not self._blocked):  # answer again soon
+        if busy or (total != self._told and not self._blocked):  # answer again soon
             waits.append(ANSWER_EVERY)
         return max(0.0, min(waits)) if waits else None
 

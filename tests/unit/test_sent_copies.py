@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from xskbroker.broker.closer import Closer
 from xskbroker.broker.sent_copies import NOW_DELAY, SentCopies, parse
 
 
@@ -209,3 +210,24 @@ def test_an_idle_helper_sleeps_even_when_the_broker_has_not_read_its_answers(cop
     time.sleep(1.0)
     assert voluntary_switches(pid) - before < 20  # asleep, not retrying its answer every 2 ms
     wait_for(lambda: not copies.pending(), "the answers, once read, to say everything is closed")
+
+
+def test_a_closer_counts_a_batch_before_it_stops_being_pending() -> None:
+    """The helper reads pending() and then the count: a batch that had stopped being pending before it was
+    counted was in neither, its count was never sent, and the broker's pending() stayed true (a run of the
+    whole suite caught it: every copy closed, "nothing pending" never came)."""
+    counted: list[int] = []
+
+    def slow_count(n: int) -> None:
+        time.sleep(0.05)
+        counted.append(n)
+
+    closer = Closer(2, name="t", on_closed=slow_count)
+    r, w = os.pipe()
+    try:
+        closer.close([w])
+        wait_for(lambda: not closer.pending(), "the batch to be closed")
+        assert counted == [1]
+    finally:
+        closer.stop()
+        os.close(r)
