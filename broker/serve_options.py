@@ -117,7 +117,7 @@ def quick_parse(args: list[str]) -> SimpleNamespace | None:
             values[dest("--" + name[5:])] = False
             i += 1
             continue
-        if kw is None or not name.startswith("--"):
+        if kw is None:
             return None
         action = kw.get("action")
         if action in ("store_true", "bool"):
@@ -136,7 +136,7 @@ def quick_parse(args: list[str]) -> SimpleNamespace | None:
             converted = kw.get("type", str)(value)
         except Exception:
             return None
-        if converted not in kw.get("choices", (converted,)):
+        if "choices" in kw and converted not in kw["choices"]:
             return None
         values[dest(name)] = [*(values[dest(name)] or []), converted] if action == "append" else converted
     return SimpleNamespace(command="serve", **values)

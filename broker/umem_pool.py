@@ -110,9 +110,10 @@ class UmemPool:
                 self._taken += 1
                 self._bytes -= cost(g)
                 self._sockets -= 1
-            # a miss wakes it at once, to make the next ones while the grant makes its own; not the first take of
-            # a geometry, which a burst cannot follow: the first make may start the helper process (its import
-            # and spawn hold the GIL), which a socket-activated start's first grant must not wait behind
+            # a miss wakes it at once, to make the next ones while the grant makes its own; not a miss of a fresh
+            # geometry (never asked, or given way), which is no burst: a broker's first make starts the helper
+            # process (an import and a spawn under the GIL), which a socket-activated start's first grant must not
+            # wait behind
             if wake or (got is None and not fresh):
                 self._lock.notify_all()
             else:
