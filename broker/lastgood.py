@@ -114,9 +114,9 @@ def save(state_dir: str, documents: list[Document], now: float | None = None) ->
             pass
         else:
             if texts == [(p, t) for p, t, _ in documents]:
-                if len(docs) == len(documents) or not all(_json_only(d) for _, _, d in documents):
+                if docs == {(p, t): d for p, t, d in documents if _json_only(d)}:
                     return path  # unchanged: keep its date (when this policy was first seen good)
-                saved_at = old_saved_at  # the same texts, now with their parsed documents
+                saved_at = old_saved_at  # the same texts, with their documents (new, or mended)
     tmp = path + ".tmp"
     fd = safefiles.create_new(tmp)  # O_EXCL|O_NOFOLLOW: a planted link is unlinked, never followed
     try:

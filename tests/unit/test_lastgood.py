@@ -188,7 +188,7 @@ def test_a_start_whose_files_match_the_copy_validates_its_documents_without_toml
     assert _start_elsewhere(policy_file, state) == {"tomllib": True, "rules": ["b"]}
 
 
-def test_a_kept_document_that_does_not_validate_loses_to_the_file(
+def test_a_kept_document_that_does_not_validate_loses_to_the_file_and_is_mended(
         site: tuple[Path, Path]) -> None:
     policy_file, state = site
     PolicyKeeper(str(policy_file), str(state)).start()
@@ -198,6 +198,10 @@ def test_a_kept_document_that_does_not_validate_loses_to_the_file(
     keeper = PolicyKeeper(str(policy_file), str(state))
     policy = keeper.start()
     assert [r.users for r in policy.rules] == [load_policy(policy_file).rules[0].users] and not keeper.fallback
+    # and the copy is mended: the next start validates the file's own document from it
+    [(_, _, doc)] = load_documents(policy_file)[1]
+    assert lastgood.known_documents(str(state)) == {(str(policy_file), GOOD): doc}
+    assert json.loads((state / FILENAME).read_text())["saved_at"] == copy["saved_at"]  # still first seen good then
 
 
 def test_a_kept_document_no_toml_could_give_is_not_used(site: tuple[Path, Path]) -> None:
