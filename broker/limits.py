@@ -9,12 +9,11 @@ in force is read, never assumed.
 
 from __future__ import annotations
 
-import functools
 import resource
 from typing import Any
 
 from xskbroker.broker.listener import connection_capacity
-from xskbroker.common.procfs import has_cap
+from xskbroker.common.procfs import own_caps
 from xskbroker.policy.sizes import format_size
 
 CAP_IPC_LOCK = 14
@@ -28,14 +27,11 @@ def _size(n: int) -> str:
     return "unlimited" if n == resource.RLIM_INFINITY else format_size(n)
 
 
-@functools.cache  # capabilities do not change under a running broker; STATUS= asks at every grant
 def ipc_lock() -> bool:
-    """Whether this process holds CAP_IPC_LOCK (then no memlock limit applies to what it pins)."""
-    try:
-        with open("/proc/self/status") as f:
-            return has_cap(f.read(), CAP_IPC_LOCK)
-    except OSError:
-        return False
+    """Whether this process holds CAP_IPC_LOCK (then no memlock limit applies to what it pins). Read once
+    (own_caps): STATUS= asks at every grant."""
+    caps = own_caps()
+    return caps is not None and bool(caps >> CAP_IPC_LOCK & 1)
 
 
 def effective(max_connections: int | None = None) -> dict[str, Any]:

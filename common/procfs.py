@@ -6,6 +6,7 @@ Raw os calls where they sit on the grant path. Used by the broker (lease holders
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import select
 
@@ -49,6 +50,17 @@ def has_cap(status_text: str, cap: int, field: str = "CapEff") -> bool:
     """Whether capability number `cap` is in the set `field` (CapEff, CapPrm, ...) of /proc/<pid>/status text."""
     value = status_fields(status_text).get(field)
     return value is not None and bool(int(value, 16) >> cap & 1)
+
+
+@functools.cache  # the broker's capabilities do not change while it runs (it neither drops nor gains any)
+def own_caps() -> int | None:
+    """This process's effective capabilities (CapEff of /proc/self/status) as a bit mask; None when unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            value = status_fields(f.read()).get("CapEff")
+    except OSError:
+        return None
+    return int(value, 16) if value is not None else 0
 
 
 def process_start(pid: int) -> int | None:
