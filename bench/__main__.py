@@ -116,8 +116,9 @@ def _rows(r: dict[str, Any]) -> list[Row]:
         if not d:
             continue
         name = way[:2].upper()
-        pairs = len(d.get("pair_ratios", ()))
-        rows.append((f"{name} pps, brokered vs self-made socket (median ratio of {pairs} paired runs)",
+        couples = len(d.get("pair_ratios", ())) // 2
+        rows.append((f"{name} pps, brokered vs self-made socket (median of {couples} order-balanced couples of "
+                     f"paired runs)",
                      f"{d['brokered']:,.0f}", f"{d['self_made']:,.0f}", f"{d['ratio']:.3f}",
                      *_goal(d["ratio"], 0.98, False)))
         if "c_ref" in d:
