@@ -12,7 +12,7 @@ import errno
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.common import bed, summary
 from xskbroker.broker import xsk
@@ -22,6 +22,7 @@ from xskbroker.testbed.sandbox import child_pids, in_netns
 from xskbroker.wire import protocol as proto
 
 GEOMETRY = proto.Geometry(umem_size=256 << 10, fill=256, completion=256, rx=256, tx=256)
+ROUND_ORDER = ("brokered", "direct", "direct", "brokered")  # each of half the seconds
 
 
 def _brokered(path: str, queues: list[int], deadline: float, counts: list[int], slot: int) -> None:
@@ -113,9 +114,18 @@ def _stat() -> tuple[int, int, int, int]:
         return stat_times(f.readline())
 
 
+class Round(NamedTuple):
+    """One timed run of N threads: operations done, seconds, CPU used by each part (ms) and the machine's
+    /proc/stat times used (stat_times deltas)."""
+
+    ops: int
+    seconds: float
+    cpu_ms: dict[str, float]
+    machine: tuple[int, int, int, int]
+
+
 def _measure(target, args_for, clients: int, seconds: float,  # type: ignore[no-untyped-def]
-             broker_pid: int | None = None) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Operations per second, the CPU each part used per operation (ms), and the whole machine's (machine_cpu)."""
+             broker_pid: int | None = None) -> Round:
     counts = [0] * clients
     deadline = time.monotonic() + seconds
     threads = [threading.Thread(target=target, args=(*args_for(i), deadline, counts, i)) for i in range(clients)]
@@ -125,11 +135,21 @@ def _measure(target, args_for, clients: int, seconds: float,  # type: ignore[no-
         t.start()
     for t in threads:
         t.join()
-    rate = sum(counts) / (time.monotonic() - start)
+    elapsed = time.monotonic() - start
     after, machine_after = _cpu_split(broker_pid), _stat()
-    ops = max(1, sum(counts))
-    return (rate, {k: round((after[k] - before[k]) / ops, 4) for k in after},
-            machine_cpu(machine, machine_after, ops, os.sysconf("SC_CLK_TCK")))
+    return Round(sum(counts), elapsed, {k: after[k] - before[k] for k in after},
+                 tuple(a - b for a, b in zip(machine_after, machine, strict=True)))  # type: ignore[arg-type]
+
+
+def combine(rounds: list[Round]) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Operations per second over all the rounds, the CPU each part used per operation (ms), and the whole
+    machine's (machine_cpu)."""
+    ops = sum(r.ops for r in rounds)
+    per_op = max(1, ops)
+    cpu = {k: round(sum(r.cpu_ms[k] for r in rounds) / per_op, 4) for k in rounds[0].cpu_ms}
+    machine = tuple(sum(r.machine[i] for r in rounds) for i in range(4))
+    return (ops / sum(r.seconds for r in rounds), cpu,
+            machine_cpu((0, 0, 0, 0), machine, per_op, os.sysconf("SC_CLK_TCK")))  # type: ignore[arg-type]
 
 
 BIG = proto.Geometry(umem_size=1 << 30)
@@ -179,16 +199,27 @@ def run(clients: tuple[int, ...] = (1, 8, 32), seconds: float = 3.0, queues: int
             def own(i: int, share: int = share) -> list[int]:
                 return list(range(i * share, (i + 1) * share))
 
-            brokered, brokered_cpu, brokered_machine = _measure(
-                _brokered, lambda i, own=own: (b.broker.socket_path, own(i)), n, seconds, b.broker.pid)
-            direct, direct_cpu, direct_machine = _measure(
-                _direct, lambda i, own=own: (b.ns.name, b.ifindex, b.program.map_fd, own(i)), n, seconds)
+            # brokered and direct rounds in the order B D D B: the load of this shared machine drifts over
+            # seconds, and one run of each (the figure until now) swung 0.81-1.00 at 32 clients over seven runs
+            # of one code; interleaved, a drift that is linear over the four rounds cancels in the ratio
+            rounds: dict[str, list[Round]] = {"brokered": [], "direct": []}
+            for kind in ROUND_ORDER:
+                if kind == "brokered":
+                    rounds[kind].append(_measure(_brokered, lambda i, own=own: (b.broker.socket_path, own(i)), n,
+                                                 seconds / 2, b.broker.pid))
+                else:
+                    rounds[kind].append(_measure(
+                        _direct, lambda i, own=own: (b.ns.name, b.ifindex, b.program.map_fd, own(i)), n,
+                        seconds / 2))
+            brokered, brokered_cpu, brokered_machine = combine(rounds["brokered"])
+            direct, direct_cpu, direct_machine = combine(rounds["direct"])
             # where a grant+release's CPU goes (ms per operation): with 2 CPUs, the brokered rate is bounded by
             # the sum of the parts; the direct one by its threads' own kernel work and their waits (each close
             # waits out a grace period: here the CPUs stay half idle); the whole machine's share busy says which
             out[str(n)] = {"brokered_grants_per_s": brokered, "direct_grants_per_s": direct,
                            "ratio": brokered / direct, "brokered_cpu_ms_per_op": brokered_cpu,
                            "direct_cpu_ms_per_op": direct_cpu["clients"], "brokered_machine": brokered_machine,
-                           "direct_machine": direct_machine}
+                           "direct_machine": direct_machine,
+                           "rounds": {k: [r.ops / r.seconds for r in v] for k, v in rounds.items()}}
         out["hello_during_1gib_grant"] = hello_during_big_grant(b.broker.socket_path, queues - 1)
     return out

@@ -42,3 +42,20 @@ def test_this_machines_stat_line_parses() -> None:
     with open("/proc/stat") as f:
         user, system, idle, steal = stat_times(f.readline())
     assert user > 0 and system > 0 and idle > 0 and steal >= 0
+
+
+def test_rounds_combine_into_one_rate_and_cpu_per_operation() -> None:
+    from bench.throughput import ROUND_ORDER, Round, combine
+
+    # the machine slows linearly over the four rounds (B D D B): each kind's rounds straddle the same midpoint,
+    # so the drift cancels and two equal rates stay equal
+    speed = [1.0, 0.9, 0.8, 0.7]
+    rounds: dict[str, list[Round]] = {"brokered": [], "direct": []}
+    for kind, s in zip(ROUND_ORDER, speed, strict=True):
+        rounds[kind].append(Round(int(1000 * s), 1.0, {"clients": 100.0 * s}, (10, 5, 5, 0)))
+    b_rate, b_cpu, b_machine = combine(rounds["brokered"])
+    d_rate, _, _ = combine(rounds["direct"])
+    assert ROUND_ORDER == ("brokered", "direct", "direct", "brokered")
+    assert b_rate == pytest.approx(850) and b_rate / d_rate == pytest.approx(1.0)
+    assert b_cpu == {"clients": pytest.approx(0.1)}
+    assert b_machine["busy_share"] == pytest.approx(0.75)
