@@ -10,8 +10,8 @@ close, which unpins the pages and empties the slots, and a child dies with the t
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import queue
 import signal
 import socket
 import threading
@@ -88,31 +88,89 @@ class Job:
             self.undo()
 
 
+class _Slot:
+    """One thread's place: asleep on a lock of its own until a job is put in it (None: stop)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.job: Job | None = None
+
+
+class _Pool:
+    """Threads of one kind. A job wakes exactly one idle thread, the last to go idle (its stack and caches
+    the warmest). A queue all the threads waited on woke two per job: CPython's SimpleQueue.get hands its lock
+    on after taking an item, so a second thread woke, took the GIL, found nothing and slept again, on the
+    loop's CPU in the middle of the grant."""
+
+    def __init__(self, name: str, threads: int, pin: Callable[[], None], wake: Callable[[bool], None]) -> None:
+        self._mu = threading.Lock()
+        self._backlog: collections.deque[Job] = collections.deque()
+        self._stopping = False
+        self._pin, self._wake = pin, wake
+        slots = [_Slot() for _ in range(threads)]
+        self._idle = list(reversed(slots))  # the first thread is the first given a job
+        self.threads = [threading.Thread(target=self._run, args=(slot,), name=f"{name}-{i}", daemon=True)
+                        for i, slot in enumerate(slots)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, job: Job) -> None:
+        with self._mu:
+            if not self._idle:
+                self._backlog.append(job)
+                return
+            slot = self._idle.pop()
+            slot.job = job
+        slot.lock.release()
+
+    def _run(self, slot: _Slot) -> None:
+        self._pin()
+        while True:
+            slot.lock.acquire()
+            job = slot.job
+            while job is not None:
+                self._wake(job.run())
+                with self._mu:
+                    if self._backlog:
+                        job = self._backlog.popleft()
+                        continue
+                    job = slot.job = None
+                    if self._stopping:
+                        return
+                    self._idle.append(slot)
+            if self._stopping:
+                return
+
+    def stop(self) -> None:
+        """Idle threads end now; busy ones when the jobs already submitted are done."""
+        with self._mu:
+            self._stopping = True
+            idle, self._idle = self._idle, []
+        for slot in idle:
+            slot.job = None
+            slot.lock.release()
+
+
 class Workers:
     def __init__(self, threads: int = THREADS, light: int = LIGHT_THREADS) -> None:
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._light: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.wake, self._wake_w = socket.socketpair()  # the loop selects on `wake`
         self.wake.setblocking(False)
         self._wake_w.setblocking(False)
-        self._threads = [threading.Thread(target=self._run, args=(self._jobs,), name=f"xskbroker-worker-{i}",
-                                          daemon=True) for i in range(threads)]
-        self._threads += [threading.Thread(target=self._run, args=(self._light,), name=f"xskbroker-light-{i}",
-                                           daemon=True) for i in range(light)]
-        for t in self._threads:
-            t.start()
+        # binds answer a client now; pinning a large UMEM takes seconds (and its child inherits the CPU)
+        self._heavy = _Pool("xskbroker-worker", threads, cpus.background, self._woken)
+        self._light = _Pool("xskbroker-light", light, cpus.serving, self._woken)
+        self._threads = self._heavy.threads + self._light.threads
 
     def submit(self, job: Job, heavy: bool = True) -> Job:
-        (self._jobs if heavy else self._light).put(job)
+        (self._heavy if heavy else self._light).submit(job)
         return job
 
-    def _run(self, jobs: queue.SimpleQueue[Job | None]) -> None:
-        # binds answer a client now; pinning a large UMEM takes seconds (and its child inherits the CPU)
-        (cpus.serving if jobs is self._light else cpus.background)()
-        while (job := jobs.get()) is not None:
-            if job.run():
-                with contextlib.suppress(OSError):  # full (the loop is behind: it will look anyway) or closed
-                    self._wake_w.send(b"\0")
+    def _woken(self, needed: bool) -> None:
+        """A job is done: wake the loop, unless it was waiting for the job itself (Job.run says which)."""
+        if needed:
+            with contextlib.suppress(OSError):  # full (the loop is behind: it will look anyway) or closed
+                self._wake_w.send(b"\0")
 
     def drain(self) -> None:
         with contextlib.suppress(OSError):
@@ -122,8 +180,8 @@ class Workers:
     def stop(self, wait: float = 0.5) -> None:
         """End the threads. One still pinning pages is not waited for past `wait`: it undoes its job
         itself when the syscall returns, or the process exit does."""
-        for t in self._threads:
-            (self._light if t.name.startswith("xskbroker-light") else self._jobs).put(None)
+        self._heavy.stop()
+        self._light.stop()
         deadline = time.monotonic() + wait
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))

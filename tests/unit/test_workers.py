@@ -8,6 +8,7 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from xskbroker.broker.workers import Job, Workers
 
@@ -92,3 +93,47 @@ def test_cancel_kills_the_child_process_a_job_is_waiting_for() -> None:
         assert str(job.error) == f"[Errno 0] child ended with {-signal.SIGKILL}"
     finally:
         w.stop()
+
+
+def _switches(t: threading.Thread) -> int:
+    with open(f"/proc/self/task/{t.native_id}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches:"))
+
+
+def test_a_job_wakes_one_thread_alone() -> None:
+    """Each wake-up of an idle thread is a voluntary context switch back from its sleep: jobs one after another
+    wake the one thread that runs them, never another that then finds nothing to do (a SimpleQueue all the
+    threads waited on woke a second thread per job, on the loop's CPU)."""
+    w = Workers(threads=1, light=4)
+    try:
+        light = [t for t in w._threads if t.name.startswith("xskbroker-light")]
+        time.sleep(0.2)  # every thread asleep on its lock
+        before = [_switches(t) for t in light]
+        for _ in range(5):
+            job = w.submit(Job(lambda job: None, lambda: None), heavy=False)
+            assert job.wait(5)
+            time.sleep(0.02)  # time for any other thread woken to go back to sleep
+        woken = [t.name for t, n in zip(light, before, strict=True) if _switches(t) != n]
+        assert woken == ["xskbroker-light-0"]
+    finally:
+        w.stop()
+
+
+def test_jobs_beyond_the_idle_threads_wait_their_turn_and_stop_ends_every_thread() -> None:
+    w = Workers(threads=1, light=2)
+    release = threading.Event()
+    ran: list[int] = []
+
+    def work(i: int) -> Callable[[Job], None]:
+        def run(job: Job) -> None:
+            release.wait(5)
+            ran.append(i)
+        return run
+
+    jobs = [w.submit(Job(work(i), lambda: None), heavy=False) for i in range(5)]
+    time.sleep(0.1)
+    assert ran == []  # two running, three waiting
+    release.set()
+    assert all(j.wait(5) for j in jobs) and sorted(ran) == [0, 1, 2, 3, 4]
+    w.stop()
+    assert not any(t.is_alive() for t in w._threads)
