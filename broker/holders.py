@@ -9,15 +9,57 @@ from __future__ import annotations
 
 import errno
 import os
+import selectors
 import signal
+import socket
+from collections.abc import Callable
 
 from xskbroker.broker.leases import Lease
+from xskbroker.broker.peer import peer_pidfd
 from xskbroker.common.procfs import is_process, pidfd_open, pinned_start
 
 
 class Holders:
     def __init__(self) -> None:
         self.pidfds: dict[int, int] = {}  # pid -> pidfd, kept by the server while the pid holds a lease
+        self._sel: selectors.BaseSelector | None = None
+        self._exited: Callable[[int], None] = lambda pid: None
+
+    def attach(self, sel: selectors.BaseSelector, exited: Callable[[int], None]) -> None:
+        """Watch the pidfds through the server's selector; exited(pid) once a holder is gone."""
+        self._sel, self._exited = sel, exited
+
+    def watch(self, pid: int, conn: socket.socket | None = None, start: int | None = None,
+              ino: int | None = None) -> None:
+        """Learn when a lease holder exits: its pidfd becomes readable. Without the connection, the pid is
+        opened bare: it is the holder only if the process has the start time (and inode) the lease recorded."""
+        if pid in self.pidfds:
+            return
+        pidfd = peer_pidfd(conn, pid) if conn is not None else pidfd_open(pid)
+        if pidfd is not None and conn is None and not is_process(pidfd, pid, start, ino):
+            os.close(pidfd)  # the holder exited and the pid names another process
+            pidfd = None
+        if pidfd is None:
+            self._exited(pid)  # already gone
+            return
+        self.pidfds[pid] = pidfd
+        assert self._sel is not None, "attach() first"
+        self._sel.register(pidfd, selectors.EVENT_READ, lambda fd, pid=pid: self._on_exit(pid))
+
+    def prune(self, held: Callable[[int], bool]) -> None:
+        """Stop watching the processes that no longer hold a lease (held(pid) says)."""
+        for pid in [p for p in self.pidfds if not held(p)]:
+            self._forget(pid)
+
+    def _on_exit(self, pid: int) -> None:
+        self._forget(pid)
+        self._exited(pid)
+
+    def _forget(self, pid: int) -> None:
+        pidfd = self.pidfds.pop(pid)
+        if self._sel is not None:
+            self._sel.unregister(pidfd)
+        os.close(pidfd)
 
     def signal(self, lease: Lease, signame: str) -> str | None:
         """Signal a lease's holder through a pidfd proven to be it (the start time and pidfs inode recorded

@@ -32,7 +32,6 @@ from xskbroker.broker.listener import (
 from xskbroker.broker.sent_copies import SentCopies
 from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.broker.systemd import Watchdog
-from xskbroker.common.procfs import is_process, pidfd_open
 from xskbroker.policy import Policy, PolicyError, load_policy
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
@@ -81,7 +80,7 @@ class Server:
         # the lease holders' pidfds (pid -> pidfd), shared with the service's signal_holder when the daemon
         # gave both the same Holders
         self.holders = holders if holders is not None else Holders()
-        self.pidfds = self.holders.pidfds
+        self.holders.attach(self.sel, service.holder_exited)
         self.fault = fault
         # requests waiting for the kernel: (when to retry, the request, its connection, its peer);
         # their connections are not read meanwhile, so each client still gets its replies in order
@@ -446,33 +445,12 @@ class Server:
 
     def watch_pid(self, pid: int, conn: socket.socket | None = None, start: int | None = None,
                   ino: int | None = None) -> None:
-        """Learn when a lease holder exits: its pidfd becomes readable. Without the connection, the pid is
-        opened bare: it is the holder only if the process has the start time (and inode) the lease recorded."""
-        if pid in self.pidfds:
-            return
-        pidfd = peers.peer_pidfd(conn, pid) if conn is not None else pidfd_open(pid)
-        if pidfd is not None and conn is None and not is_process(pidfd, pid, start, ino):
-            os.close(pidfd)  # the holder exited and the pid names another process
-            pidfd = None
-        if pidfd is None:
-            self.service.holder_exited(pid)  # already gone
-            return
-        self.pidfds[pid] = pidfd
-        self.sel.register(pidfd, selectors.EVENT_READ, lambda fd, pid=pid: self._exited(pid))
+        """Learn when a lease holder exits (broker.holders.Holders.watch)."""
+        self.holders.watch(pid, conn, start, ino)
 
     def _prune_pidfds(self) -> None:
         """Stop watching processes that no longer hold a lease (they released, or were revoked and ended)."""
-        held = self.service.leases.holds
-        for pid in [p for p in self.pidfds if not held(p)]:
-            pidfd = self.pidfds.pop(pid)
-            self.sel.unregister(pidfd)
-            os.close(pidfd)
-
-    def _exited(self, pid: int) -> None:
-        pidfd = self.pidfds.pop(pid)
-        self.sel.unregister(pidfd)
-        os.close(pidfd)
-        self.service.holder_exited(pid)
+        self.holders.prune(self.service.leases.holds)
 
     def _discard_passed_fds(self, ancdata: list[tuple[int, int, bytes]]) -> int:
         """Count the fds a client attached and hand them to the untrusted closer: closing one can block for as
