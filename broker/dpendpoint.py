@@ -26,7 +26,7 @@ from typing import Any
 from xskbroker.broker import dpsocket
 from xskbroker.broker import peer as peers
 from xskbroker.broker.core import Deferred, policy_peer
-from xskbroker.broker.listener import MAX_FDS_IN, refuse_passed_fds
+from xskbroker.broker.listener import MAX_FDS_IN, MSG_CTRUNC, MSG_TRUNC, refuse_passed_fds
 from xskbroker.broker.server import Server
 from xskbroker.common.records import record
 from xskbroker.wire import deviceplugin as dp
@@ -187,7 +187,7 @@ class Endpoint:
         except OSError:
             self._drop(c)
             return
-        nfds = server._discard_passed_fds(anc) + (1 if flags & socket.MSG_CTRUNC else 0)
+        nfds = server._discard_passed_fds(anc) + (1 if flags & MSG_CTRUNC else 0)
         if not data and not nfds:
             self._drop(c)  # orderly close
             return
@@ -198,7 +198,7 @@ class Endpoint:
                           "code": limited.code, "reason": limited.reason})
             self._drop(c)
             return
-        step = c.session.feed(data, truncated=bool(flags & socket.MSG_TRUNC), fds=nfds)
+        step = c.session.feed(data, truncated=bool(flags & MSG_TRUNC), fds=nfds)
         if step.refused:
             server.audit({"event": "dp-refused", "path": self.spec.where, "peer": c.who.as_dict(),
                           "reply": (step.reply or b"").decode(), "reason": step.refused})

@@ -21,6 +21,9 @@ FDS_PER_CONNECTION = 2  # a connection, plus room for what its holder may need (
 # listener, netlink, wake-up pair, journal, grants being made, and the UMEM pool's sockets (two fds each)
 FD_HEADROOM = 64 + 2 * MAX_POOLED
 SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux 6.16: refuse SCM_RIGHTS at the socket
+# recvmsg's flags tested as plain ints: `flags & socket.MSG_TRUNC` runs enum.IntFlag's __rand__ in Python (four
+# calls into enum per request)
+MSG_TRUNC, MSG_CTRUNC = int(socket.MSG_TRUNC), int(socket.MSG_CTRUNC)
 
 
 def connection_capacity(limit: int = MAX_CONNECTIONS) -> int:

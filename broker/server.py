@@ -25,6 +25,8 @@ from xskbroker.broker.holders import Holders
 from xskbroker.broker.listener import (
     MAX_CONNECTIONS,
     MAX_FDS_IN,
+    MSG_CTRUNC,
+    MSG_TRUNC,
     open_spare,
     passed_fds,
     refuse_passed_fds,
@@ -367,12 +369,12 @@ class Server:
         except OSError:
             self._drop(conn)
             return
-        nfds = self._discard_passed_fds(anc) + (1 if flags & socket.MSG_CTRUNC else 0)
+        nfds = self._discard_passed_fds(anc) + (1 if flags & MSG_CTRUNC else 0)
         if not data and not nfds:
             self._drop(conn)  # orderly close
             return
         try:
-            outcome = self.service.handle(who, data, truncated=bool(flags & socket.MSG_TRUNC), fds=nfds)
+            outcome = self.service.handle(who, data, truncated=bool(flags & MSG_TRUNC), fds=nfds)
             self._prune_pidfds()
         except Exception as e:
             outcome = self._internal_error(who, e)

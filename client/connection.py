@@ -16,6 +16,7 @@ from xskbroker.wire.errors import ErrorCode
 DEFAULT_SOCKET = os.environ.get("XSKBROKER_SOCKET", "/run/xskbroker/broker.sock")
 MAX_FDS = 2 * proto.MAX_QUEUES
 SMALL_REPLY = 1 << 16  # any reply but status: a grant of MAX_QUEUES sockets is about 32 KiB
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # a plain int: a test on an IntFlag runs enum code
 
 
 class Connection:
@@ -136,7 +137,7 @@ class Connection:
             msg, fds, flags, _ = socket.recv_fds(self.sock, reply_size, MAX_FDS)
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise self._timed_out("answer") from None
-        if not msg or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if not msg or flags & _TRUNCATED:
             _close_all(fds)
             if not msg:
                 raise ConnectionError("the broker closed the connection without a reply")
