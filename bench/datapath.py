@@ -42,7 +42,7 @@ FRAME_LEN = 64
 # self-made-first 1.04), which the median of the pairs' raw ratios does not cancel: it lands wherever the two
 # orders' ratios meet. Parity is the median over couples of pairs, one of each order, of the geometric mean
 # of their two ratios, in which a multiplicative order effect cancels.
-PAIRS = 20  # 10 couples
+PAIRS = 30  # 15 couples
 RUN_SECONDS = 0.3
 
 
