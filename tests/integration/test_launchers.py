@@ -210,6 +210,14 @@ def test_map_grants_need_a_rule_and_unused_queues() -> None:
             assert refused["ok"] is False and refused["code"] == "kind-not-allowed", refused
             ok = spawn_unprivileged(_map_grant, b.socket_path, "xsk1", uid=CONSUMER_UID).result()
             assert ok == {"ok": True, "fds": 1, "entries": 1, "capabilities": ok["capabilities"]}
+            # A map lease ends when its holder exits (its map fd may live on in a child), which the broker learns
+            # from the holder's pidfd; the test has the consumer's result before the broker has seen it exit. A
+            # bound grant asked before then is rightly refused queue-busy (it failed so, on a loaded machine):
+            # wait for the end.
+            deadline = time.monotonic() + 5
+            while not any(r.get("event") == "lease-ended" for r in b.records()):
+                assert time.monotonic() < deadline, "the map lease did not end after its holder exited"
+                time.sleep(0.01)
             # while someone holds a socket on the interface, its map is not handed out
             from .consumers import hold_grant
             holder = spawn_unprivileged(hold_grant, b.socket_path, "xsk1", [0], 30.0, uid=CONSUMER_UID)
@@ -217,6 +225,8 @@ def test_map_grants_need_a_rule_and_unused_queues() -> None:
                 deadline = time.monotonic() + 5
                 while not any(r.get("decision") == "allow" and r["request"]["kind"] == "bound"
                               for r in b.records() if r.get("event") == "grant"):
+                    if not holder.alive():
+                        holder.result()  # raises with the holder's own error (its grant was refused)
                     assert time.monotonic() < deadline
                     time.sleep(0.01)
                 busy = spawn_unprivileged(_map_grant, b.socket_path, "xsk1", uid=CONSUMER_UID).result()
