@@ -140,7 +140,13 @@ class Server:
                 timeout = min((t for t in (poll, idle_left, retry, summary, ping) if t is not None), default=None)
                 events = self.sel.select(timeout)
                 last = len(events) - 1
+                registered = self.sel.get_map()
                 for i, (key, _) in enumerate(events):
+                    # an earlier event of this round may have closed this one's object (a release that ends the
+                    # watch on its holder's pidfd, whose exit is in the same round; an evicted connection): its
+                    # event is stale, and a new registration on the same fd has a key of its own
+                    if registered.get(key.fd) is not key:
+                        continue
                     self.service.loop_busy = i < last
                     key.data(key.fileobj)
                     # the copies of what it sent, and a lease's end, go to the closing helper now, not after a

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns, spawn_unprivileged
 from xskbroker.wire import protocol as proto
@@ -441,3 +442,38 @@ def test_without_so_passrights_attached_fds_are_closed_and_refused(figures) -> N
             assert eof, "the broker kept the fd it was sent"
         finally:
             os.close(r)
+
+
+def _release_and_leave(path: str, queue: int) -> str:
+    """Take a grant, send its release and exit without waiting for the answer: the broker then meets the
+    release and the holder's exit (its pidfd turns readable) in one round of events."""
+    c = Connection(path)
+    reply, fds = c.call(proto.Grant("xsk0", (queue,), kind="bound", geometry=SMALL))
+    for fd in fds:
+        os.close(fd)
+    c.sock.send(proto.encode_request(proto.Release(reply["lease"])))
+    return str(reply["lease"])
+
+
+def test_a_holder_that_releases_and_exits_at_once_cannot_crash_the_broker(figures) -> None:  # type: ignore[no-untyped-def]
+    """Handling the release stops the watch on the holder's pidfd; the pidfd's own event, already in that round's
+    list, must then be skipped, not handled for a pid no longer watched (it raised KeyError out of the loop and
+    the broker exited: any client could stop it with one message)."""
+    with bed() as (_, b):
+        rounds = 0
+        for i in range(40):
+            holder = spawn_unprivileged(_release_and_leave, b.socket_path, i % 2, uid=CONSUMER_UID)
+            try:
+                holder.result()
+            except RuntimeError:  # its grant met a broker that had exited: said below
+                if b.proc.poll() is None:
+                    raise
+            assert b.proc.poll() is None, f"the broker exited after {rounds} holders:\n{b.log()[-2000:]}"
+            rounds += 1
+        time.sleep(0.2)  # the last holders' exits
+        assert b.proc.poll() is None, f"the broker exited:\n{b.log()[-3000:]}"
+        with Connection(b.socket_path, timeout=2.0) as c:
+            assert c.call(proto.Hello())[0]["ok"] is True
+        released = [r for r in b.records() if r.get("event") == "release"]
+        assert len(released) == rounds
+        figures(holders=rounds, releases_recorded=len(released))
