@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -477,3 +478,73 @@ def test_a_holder_that_releases_and_exits_at_once_cannot_crash_the_broker(figure
         released = [r for r in b.records() if r.get("event") == "release"]
         assert len(released) == rounds
         figures(holders=rounds, releases_recorded=len(released))
+
+
+def _fill(path: str, conns: list[socket.socket]) -> None:
+    """Open connections until the broker refuses one."""
+    for _ in range(1024):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(2.0)
+        try:
+            s.connect(path)
+            s.send(proto.encode_request(proto.Hello()))
+            ok = _recv_reply(s).get("ok")
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            s.close()
+            return
+        conns.append(s)
+
+
+def chatty_hog(path: str, seconds: float) -> dict[str, Any]:
+    """Keep the connection table full (taking back what another user's connection made room for) and a hello
+    in flight on every connection, so that most rounds of the broker's events hold one of them."""
+    conns: list[socket.socket] = []
+    _fill(path, conns)
+    held, sent, lost = len(conns), 0, 0
+    end = time.monotonic() + seconds
+    while conns and time.monotonic() < end:
+        for s in list(conns):
+            try:
+                s.send(proto.encode_request(proto.Hello()))
+                sent += 1
+                if _recv_reply(s).get("ok"):
+                    continue
+            except (OSError, ValueError):
+                pass
+            conns.remove(s)  # evicted for another user's connection
+            s.close()
+            lost += 1
+        if len(conns) < held:
+            _fill(path, conns)
+    for s in conns:
+        s.close()
+    return {"held": held, "sent": sent, "lost": lost}
+
+
+def test_a_connection_evicted_while_its_request_waits_in_the_round_cannot_crash_the_broker(figures) -> None:  # type: ignore[no-untyped-def]
+    """Another user's connection evicts the hog's oldest; when that one's own request is in the same round of
+    events, after the newcomer's, its event must be skipped (it read the closed connection's entry: KeyError out
+    of the loop)."""
+    with bed() as (_, b):
+        os.system(f"prlimit --pid {b.pid} --nofile=256:256")  # a small connection table
+        hog = spawn_unprivileged(chatty_hog, b.socket_path, 4.0, uid=ATTACKERS[0])
+        try:
+            time.sleep(1.0)
+            answered = 0
+            for _ in range(60):
+                try:
+                    answered += bool(spawn_unprivileged(_hello_as, b.socket_path, uid=STRANGER_UID).result(10)["ok"])
+                except RuntimeError:  # no reply: said below if the broker is exiting
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        b.proc.wait(5)
+                    if b.proc.poll() is None:
+                        raise
+                    break
+            assert b.proc.poll() is None, f"the broker exited:\n{b.log()[-1500:]}"
+            held = hog.result(30)
+        finally:
+            hog.kill()
+        figures(hog_held=held["held"], hog_hellos=held["sent"], hog_evicted=held["lost"], stranger_answered=answered)
+        assert held["lost"] >= 30 and answered == 60  # (the audit summarises evictions: the hog counts them)
