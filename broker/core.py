@@ -118,6 +118,8 @@ class Core:
     link_events: bool
     net: NetCache  # interface facts kept between link events (broker.netcache)
     link_sync: Callable[[], None]  # deliver the link events the kernel has queued, before net is trusted
+    # a holder's exit the kernel has reported and the loop not yet read, handled now: True if it has exited
+    exit_sync: Callable[[int], bool]
 
     def _admin(self, peer: PeerInfo) -> bool:
         return is_admin(self.policy.admin, policy_peer(peer))

@@ -140,6 +140,8 @@ class Grants(MapGrants):
                           f"queue {bad[0]} does not exist")
         for q in req.queues if req.kind != "map" else ():
             held = self.leases.holder(ifindex, q)
+            if held and held.kind == "map" and self.exit_sync(held.pid):
+                held = self.leases.holder(ifindex, q)  # its holder had exited: the lease may have ended
             if held and held.kind == "map":
                 raise Refused(ErrorCode.QUEUE_BUSY, f"{req.interface} queue {q} is held by lease {held.id} (a map "
                               f"grant to uid {held.uid}) until it ends")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import selectors
 import signal
 import socket
@@ -45,6 +46,20 @@ class Holders:
         self.pidfds[pid] = pidfd
         assert self._sel is not None, "attach() first"
         self._sel.register(pidfd, selectors.EVENT_READ, lambda fd, pid=pid: self._on_exit(pid))
+
+    def deliver_exit(self, pid: int) -> bool:
+        """Whether holder pid has exited: if the kernel already says so (its pidfd is readable) but the loop
+        has not yet read that event, the exit is handled now (exited(pid)), so that a lease it ended never
+        refuses a request that came in the same round. The event itself is then stale, and skipped."""
+        pidfd = self.pidfds.get(pid)
+        if pidfd is None:
+            return False
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        self._on_exit(pid)
+        return True
 
     def prune(self, held: Callable[[int], bool]) -> None:
         """Stop watching the processes that no longer hold a lease (held(pid) says)."""

@@ -41,6 +41,8 @@ class MapGrants(Core):
         queues = req.queues or tuple(range(nqueues))
         for q in queues:
             holder = self.leases.holder(ifindex, q)
+            if holder and (holder.kind == "map" or holder.revoked) and self.exit_sync(holder.pid):
+                holder = self.leases.holder(ifindex, q)  # its holder had exited: the lease may have ended
             if holder and (holder.kind == "map" or holder.revoked):
                 raise Refused(ErrorCode.QUEUE_BUSY, f"{req.interface} queue {q} is held by lease {holder.id}")
         prog = self._queue_program(ifindex, req.interface, nqueues)

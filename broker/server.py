@@ -83,6 +83,7 @@ class Server:
         # gave both the same Holders
         self.holders = holders if holders is not None else Holders()
         self.holders.attach(self.sel, service.holder_exited)
+        service.exit_sync = self.holders.deliver_exit
         self.fault = fault
         # requests waiting for the kernel: (when to retry, the request, its connection, its peer);
         # their connections are not read meanwhile, so each client still gets its replies in order

@@ -99,6 +99,7 @@ class Service(Grants, Lifecycle):
         self.link_events = link_events
         self.net = NetCache()  # trusted only while link events are watched (link_events)
         self.link_sync: Callable[[], None] = lambda: None  # the server: read the link events already queued
+        self.exit_sync: Callable[[int], bool] = lambda pid: False  # the server: a holder's exit already reported
         self.squat = squat.SquatWatch(self.kernel.slot_probe)  # where bare sockets are bound (their holders bind)
         # the daemon's `policy` (last-good fallback) and `limits` fields of the status reply, given admin or not
         self.describe: Callable[[bool], StatusExtras] = lambda admin: {}

@@ -211,7 +211,7 @@ def test_map_grants_need_a_rule_and_unused_queues() -> None:
             ok = spawn_unprivileged(_map_grant, b.socket_path, "xsk1", uid=CONSUMER_UID).result()
             assert ok == {"ok": True, "fds": 1, "entries": 1, "capabilities": ok["capabilities"]}
             # A map lease ends when its holder exits (its map fd may live on in a child), which the broker learns
-            # from the holder's pidfd; the test has the consumer's result before the broker has seen it exit. A
+            # from the holder's pidfd; the test has the consumer's result before the consumer has exited. A
             # bound grant asked before then is rightly refused queue-busy (it failed so, on a loaded machine):
             # wait for the end.
             deadline = time.monotonic() + 5

@@ -229,6 +229,39 @@ def test_a_map_grant_needs_the_interface_unused(rig: Rig) -> None:
     r.service.close()
 
 
+@pytest.mark.parametrize("exited", [True, False])
+@pytest.mark.parametrize("kind", ["bound", "map"])
+def test_a_map_lease_whose_holder_has_exited_does_not_refuse_the_next_grant(tmp_path: Path, exited: bool,
+                                                                            kind: str) -> None:
+    """A map lease ends when its holder exits, which the loop learns from the holder's pidfd. A grant that
+    meets the lease first asks the loop (exit_sync) for an exit the kernel already reported: if the holder is
+    gone the lease ends now and the grant goes on; if it lives, the queue is busy."""
+    policy = parse_policy(POLICY.replace('kinds = ["map"]', 'kinds = ["map", "bound"]'))
+    r = make_rig(tmp_path, policy=policy)
+    try:
+        reply, _ = r.grant(interface="vmap0", queues=(), kind="map")
+        assert reply["ok"]
+        asked: list[int] = []
+
+        def exit_sync(pid: int) -> bool:
+            asked.append(pid)
+            if exited:
+                r.service.holder_exited(pid)
+            return exited
+
+        r.service.exit_sync = exit_sync
+        successor = PeerInfo(pid=4343, uid=ALICE.uid, gid=ALICE.gid, gids=ALICE.gids, user="alice", start=99)
+        again, _ = r.grant(peer=successor, interface="vmap0", queues=(0,) if kind == "bound" else (), kind=kind)
+        assert asked[:1] == [ALICE.pid]
+        if exited:
+            assert again["ok"], again
+            assert r.events("lease-ended")[0]["reason"] == "holder exited"
+        else:
+            assert again["error"]["code"] == "queue-busy" and r.service.leases.get(reply["lease"]) is not None
+    finally:
+        r.service.close()
+
+
 # ---- denials: nothing reaches the kernel ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("peer", "interface", "queues", "code"), [

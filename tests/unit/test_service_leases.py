@@ -266,3 +266,34 @@ def test_holders_signal_only_the_process_the_lease_recorded() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_holders_deliver_an_exit_the_kernel_reported_before_the_loop_reads_it() -> None:
+    import selectors
+    import subprocess
+
+    from xskbroker.broker.holders import Holders
+    from xskbroker.common.procfs import process_start
+
+    child = subprocess.Popen(["sleep", "30"])
+    sel = selectors.DefaultSelector()
+    exited: list[int] = []
+    try:
+        holders = Holders()
+        holders.attach(sel, exited.append)
+        holders.watch(child.pid, start=process_start(child.pid))
+        assert child.pid in holders.pidfds
+        assert holders.deliver_exit(child.pid) is False  # running: nothing to deliver
+        assert exited == [] and child.pid in holders.pidfds
+        child.kill()
+        child.wait(5)
+        events = sel.select(0)  # the loop's round: the pidfd is readable
+        assert [key.fd for key, _ in events] == [holders.pidfds[child.pid]]
+        assert holders.deliver_exit(child.pid) is True  # handled before the loop reads its event
+        assert exited == [child.pid] and holders.pidfds == {}
+        assert sel.get_map().get(events[0][0].fd) is not events[0][0]  # the event is stale: the server skips it
+        assert holders.deliver_exit(child.pid) is False and exited == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+        sel.close()
