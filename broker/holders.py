@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import selectors
 import signal
 import socket
@@ -17,7 +16,7 @@ from collections.abc import Callable
 
 from xskbroker.broker.leases import Lease
 from xskbroker.broker.peer import peer_pidfd
-from xskbroker.common.procfs import is_process, pidfd_open, pinned_start
+from xskbroker.common.procfs import has_exited, is_process, pidfd_open, pinned_start
 
 
 class Holders:
@@ -52,11 +51,7 @@ class Holders:
         has not yet read that event, the exit is handled now (exited(pid)), so that a lease it ended never
         refuses a request that came in the same round. The event itself is then stale, and skipped."""
         pidfd = self.pidfds.get(pid)
-        if pidfd is None:
-            return False
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        if not poller.poll(0):
+        if pidfd is None or not has_exited(pidfd):
             return False
         self._on_exit(pid)
         return True

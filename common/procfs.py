@@ -90,11 +90,16 @@ def pinned_start(pidfd: int, pid: int) -> int | None:
     named the pinned process during the read, so the start time read is its own.
     """
     start = process_start(pid)
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    if start is None or poller.poll(0):  # readable: the process has exited (a zombie, or reaped)
+    if start is None or has_exited(pidfd):
         return None
     return start
+
+
+def has_exited(pidfd: int) -> bool:
+    """Whether the process a pidfd pins has exited: its pidfd is readable (a zombie, or reaped)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def pidfd_ino(pidfd: int) -> int | None:
