@@ -36,12 +36,12 @@ C_REF = Path(__file__).resolve().parent.parent / "build" / "bench" / "xsk_ref"
 C_RUNS = 3
 FRAME_LEN = 64
 # Brokered and self-made runs in adjacent pairs, each pair's order swapped from the last: the load of this
-# shared machine drifts over seconds, so a pair's two runs see nearly the same machine (one run's rate swings
-# +-10% here; a ratio of medians of separate runs swung 0.96-1.05 between identical sockets). The runs also
-# have an order effect (in one make bench, TX pairs run brokered-first gave a median ratio of 0.935, those run
-# self-made-first 1.04), which the median of the pairs' raw ratios does not cancel: it lands wherever the two
-# orders' ratios meet. Parity is the median over couples of pairs, one of each order, of the geometric mean
-# of their two ratios, in which a multiplicative order effect cancels.
+# shared machine drifts over seconds, so a pair's two runs see nearly the same machine (one run's RX rate
+# swung 466-817 kpps within one make bench; a ratio of medians of separate runs swung 0.96-1.05 between
+# identical sockets). Parity is the median over couples of pairs, one of each order, of the geometric mean of
+# their two ratios, in which an order effect cancels; the median of the pairs' raw ratios lands wherever the
+# two orders' ratios meet (one make bench had TX pairs run brokered-first at a median ratio of 0.935 and those
+# run self-made-first at 1.04, though later runs showed no such effect).
 PAIRS = 30  # 15 couples
 RUN_SECONDS = 0.3
 

@@ -12,6 +12,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from bench.common import bed, summary
@@ -98,8 +99,7 @@ def stat_times(line: str) -> tuple[int, int, int, int]:
     return user + nice, system + irq + softirq, idle + iowait, steal
 
 
-def machine_cpu(before: tuple[int, int, int, int], after: tuple[int, int, int, int], ops: int,
-                hz: int) -> dict[str, float]:
+def machine_cpu(before: Sequence[int], after: Sequence[int], ops: int, hz: int) -> dict[str, float]:
     """The whole machine's CPU between two stat_times(): the share of it busy, the host's share (steal), and
     user and system ms per operation, every process and kernel thread counted (kworkers finishing releases)."""
     user, system, idle, steal = (a - b for a, b in zip(after, before, strict=True))
@@ -121,7 +121,7 @@ class Round(NamedTuple):
     ops: int
     seconds: float
     cpu_ms: dict[str, float]
-    machine: tuple[int, int, int, int]
+    machine: tuple[int, ...]
 
 
 def _measure(target, args_for, clients: int, seconds: float,  # type: ignore[no-untyped-def]
@@ -138,7 +138,7 @@ def _measure(target, args_for, clients: int, seconds: float,  # type: ignore[no-
     elapsed = time.monotonic() - start
     after, machine_after = _cpu_split(broker_pid), _stat()
     return Round(sum(counts), elapsed, {k: after[k] - before[k] for k in after},
-                 tuple(a - b for a, b in zip(machine_after, machine, strict=True)))  # type: ignore[arg-type]
+                 tuple(a - b for a, b in zip(machine_after, machine, strict=True)))
 
 
 def combine(rounds: list[Round]) -> tuple[float, dict[str, float], dict[str, float]]:
@@ -149,7 +149,7 @@ def combine(rounds: list[Round]) -> tuple[float, dict[str, float], dict[str, flo
     cpu = {k: round(sum(r.cpu_ms[k] for r in rounds) / per_op, 4) for k in rounds[0].cpu_ms}
     machine = tuple(sum(r.machine[i] for r in rounds) for i in range(4))
     return (ops / sum(r.seconds for r in rounds), cpu,
-            machine_cpu((0, 0, 0, 0), machine, per_op, os.sysconf("SC_CLK_TCK")))  # type: ignore[arg-type]
+            machine_cpu((0, 0, 0, 0), machine, per_op, os.sysconf("SC_CLK_TCK")))
 
 
 BIG = proto.Geometry(umem_size=1 << 30)
