@@ -1,18 +1,20 @@
 """What the service's parts share: the results a request ends in, and the state they all work on.
 
-The service is split by job (broker.grants makes grants, broker.lifecycle ends and recovers leases,
-broker.service takes requests in and answers status and revoke); `Core` declares the state they share,
-which broker.service.Service sets up.
+The service is split by job (broker.grants makes grants, broker.baregrants and broker.mapgrants those two
+kinds, broker.lifecycle ends and recovers leases, broker.service takes requests in and answers status and
+revoke); `Core` declares the state they share, which broker.service.Service sets up.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 from collections.abc import Callable
 from typing import Any
 
+from xskbroker.broker import limits
 from xskbroker.broker.closer import Closer
-from xskbroker.broker.kernel import Kernel, Program
+from xskbroker.broker.kernel import Kernel, Program, QueueBusy
 from xskbroker.broker.leases import Lease, LeaseTable
 from xskbroker.broker.netcache import NetCache
 from xskbroker.broker.peer import PeerInfo
@@ -85,6 +87,19 @@ class Refused(Exception):
 
 def policy_peer(peer: PeerInfo) -> Peer:
     return Peer(peer.uid, peer.gids, peer.user, peer.groups, peer.cgroup, peer.label)
+
+
+def refusal(e: BaseException, ifname: str, queue: int) -> BaseException:
+    """A kernel failure making queue's socket, as the refusal the client reads (other exceptions unchanged)."""
+    if isinstance(e, QueueBusy):
+        return Refused(ErrorCode.QUEUE_BUSY, f"{ifname} queue {queue} is held by another socket")
+    if isinstance(e, OSError):
+        pinning = e.errno in (errno.ENOBUFS, errno.ENOMEM) and "XDP_UMEM_REG" in (e.strerror or "")
+        why = limits.memlock_exhausted() if pinning else None  # else the bare "No buffer space available"
+        message = f"{ifname} queue {queue}: {e.strerror or e}" + (f"; {why}" if why else "")
+        return Refused(ErrorCode.KERNEL_ERROR, message,
+                       errno=errno.errorcode.get(e.errno or 0, str(e.errno)))
+    return e
 
 
 class Core:

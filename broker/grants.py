@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
-from resource import RLIM_INFINITY
 from typing import Any
 
-from xskbroker.broker import limits, squat
-from xskbroker.broker.core import Deferred, MemlockRaise, Outcome, Refused, policy_peer
+from xskbroker.broker import squat
+from xskbroker.broker.baregrants import BareGrants
+from xskbroker.broker.core import Deferred, Outcome, Refused, policy_peer, refusal
 from xskbroker.broker.kernel import (
     BUSY_RETRY_SECONDS,
     ForeignProgram,
@@ -24,15 +24,13 @@ from xskbroker.broker.kernel import (
     QueueBusy,
     bpf_blocked,
 )
-from xskbroker.broker.mapgrants import MapGrants
 from xskbroker.broker.peer import PeerInfo, cgroup_of
 from xskbroker.broker.workers import Job
 from xskbroker.policy import Holding, Request, Rule, decide
 from xskbroker.policy import quota as quotas
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
-from xskbroker.wire.replies import BareSocket, BoundSocket, GrantReply
-from xskbroker.wire.xdp_abi import XDP_COPY, XDP_USE_NEED_WAKEUP
+from xskbroker.wire.replies import BoundSocket, GrantReply
 
 # The event loop decodes, decides and replies; the kernel work of a bound grant (bind, and registration
 # when the UMEM pool had no socket ready) runs on worker threads. Registering more than INLINE_UMEM (all
@@ -44,12 +42,9 @@ INLINE_UMEM = 4 << 20
 MAX_JOBS = 16
 INLINE_WAIT = 0.001  # seconds the loop may wait for a light job before deferring the grant
 MAX_JOBS_PER_UID = 2
-# How long a bare grant waits for a busy slot while the broker's closer still has sent fds to close: a
-# closer thread needs the GIL, which the loop may hold for a switch interval (5 ms) per request.
-CLOSING_WAIT_SECONDS = 0.1
 
 
-class Grants(MapGrants):
+class Grants(BareGrants):
     def _grant(self, peer: PeerInfo, req: proto.Grant) -> Outcome | Deferred:
         started = time.perf_counter()
         record: dict[str, Any] = {"event": "grant", "peer": peer.as_dict(), "request": describe(req)}
@@ -320,27 +315,6 @@ class Grants(MapGrants):
                                **({"lease": culprit.id} if culprit else {}))
         return OSError(errno.EBUSY, f"still bound by a released socket after {BUSY_RETRY_SECONDS} s")
 
-    def check_bare(self, prog: Program | None = None) -> None:
-        """Revoke the bare leases whose sockets are bound to a queue they were not granted (squatting it).
-
-        Called on each grant on the interface and on the server's poll timer while bare leases live;
-        costs loading a probe program (about 60 us) and one BPF_PROG_TEST_RUN (about 3 us) per bare slot."""
-        for p in [prog] if prog else list(self.programs.values()):
-            bare = [x for x in self.leases.on_interface(p.ifindex) if x.kind == "bare" and not x.revoked]
-            if not bare:
-                continue
-            for lease, slot, queue in self.squat.misbound(p, bare):
-                if lease.revoked:
-                    continue  # two misbound slots of one lease: revoked once
-                lease.misbound = queue
-                self.audit({"event": "bare-misbound", "lease": lease.id, "uid": lease.uid, "pid": lease.pid,
-                            "interface": lease.ifname, "granted_queues": list(lease.queues), "slot": slot,
-                            "bound_queue": queue})
-                self.revoke_lease(lease, None, self.policy.admin.revoke_signal)
-
-    def has_bare(self) -> bool:
-        return self.leases.has_bare()
-
     def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program,
                       prepared: list[Prepared]) -> Outcome:
         made = [p.finish() for p in prepared]
@@ -350,67 +324,6 @@ class Grants(MapGrants):
             sockets.append(BoundSocket.of(s.queue, len(fds), len(fds) + 1, s.bind_flags, s.zerocopy, req.geometry))
             fds += [s.xsk_fd, s.umem_fd]
         return self._lease(peer, req, ifindex, prog, fds, sockets=tuple(sockets))
-
-    def _make_bare(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome | Deferred:
-        """A busy slot while the broker still closes sent fds may be held by one of them (a holder that just
-        closed its copies): retried on the timer for a moment, never waited for on the loop."""
-        try:
-            return self._make_bare_now(peer, req, rule)
-        except Refused as e:
-            if e.code != ErrorCode.QUEUE_BUSY or not self.closes_pending():
-                raise
-        deadline = self.clock() + CLOSING_WAIT_SECONDS
-        # the queues count against the quota while the grant waits, as a bound grant's do: another grant of
-        # the same principal decided meanwhile must see them
-        token = [req]
-        self.pending[id(token)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
-
-        def step() -> Outcome | None:
-            waiting = False
-            try:
-                return self._make_bare_now(peer, req, rule)
-            except Refused as e:
-                waiting = e.code == ErrorCode.QUEUE_BUSY and self.clock() < deadline and self.closes_pending()
-                if waiting:
-                    return None
-                raise
-            finally:
-                if not waiting:
-                    self.pending.pop(id(token), None)
-
-        def cancel() -> None:  # nothing else is held between steps: a step that fails undoes itself
-            self.pending.pop(id(token), None)
-
-        return Deferred(step, cancel)
-
-    def _make_bare_now(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
-        unsupported = self.kernel.bare_supported()
-        if unsupported:
-            raise Refused(ErrorCode.UNSUPPORTED_KIND, unsupported)
-        ifindex, prog = self._target(req)
-        fds: list[int] = []
-        try:
-            for q in req.queues:
-                fds.append(self.kernel.create_bare(req.interface, q, prog.map_fd))
-        except BaseException as e:
-            for q_done, fd in zip(req.queues, fds, strict=False):
-                self.kernel.map_delete(prog.map_fd, q_done)
-                self.kernel.close(fd)
-            raise refusal(e, req.interface, q) from None
-        sockets = tuple(BareSocket(q, i) for i, q in enumerate(req.queues))
-        try:  # the holder may die here (its /proc is read): any failure must take the sockets back out
-            memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
-            out = self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
-                              bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
-        except BaseException:
-            for q_done, fd in zip(req.queues, fds, strict=True):
-                with contextlib.suppress(OSError):
-                    self.kernel.map_delete(prog.map_fd, q_done)
-                self.kernel.close(fd)
-            raise
-        if memlock and memlock["raised"] and out.lease_id and peer.pid in self.raised:
-            self.raised[peer.pid].leases.add(out.lease_id)  # restored when the last such lease ends
-        return out
 
     def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program, fds: list[int],
                queues: tuple[int, ...] | None = None, **fields: Any) -> Outcome:
@@ -423,38 +336,6 @@ class Grants(MapGrants):
         reply = GrantReply(lease.id, req.kind, req.interface, ifindex, prog.mode, prog.prog_id, holder_pid=peer.pid,
                            req_id=req.req_id, **fields)
         return Outcome(reply, fds, lease.id, peer.pid, keep=req.kind == "bound")
-
-    def _memlock(self, peer: PeerInfo, needed: int, rule: Rule) -> dict[str, Any]:
-        """Give a bare-grant holder the RLIMIT_MEMLOCK its own UMEM needs, where policy and privilege allow.
-
-        Never lowers a limit. When it cannot raise it, the reply says exactly what is missing.
-        """
-        try:
-            soft, hard = self.kernel.memlock(peer.pid)
-        except OSError as e:  # the holder is gone: its sockets are made, so answer rather than fail the grant
-            return {"needed": needed, "ok": False, "raised": False, "reason": f"cannot read its limit: {e}"}
-        info: dict[str, Any] = {"needed": needed, "soft": soft, "hard": hard, "raised": False}
-        if soft == RLIM_INFINITY or soft >= needed:
-            return {**info, "ok": True}
-        hint = (f"raise the limit of the process that will register the UMEM to at least {needed} bytes: "
-                f"LimitMEMLOCK={needed} in its systemd unit, `prlimit --pid {peer.pid} --memlock={needed}:{needed}` "
-                f"as root, a memlock line in limits.conf, or CAP_IPC_LOCK")
-        if rule.raise_memlock is None or needed > rule.raise_memlock:
-            allowed = "no raise" if rule.raise_memlock is None else f"raises up to {rule.raise_memlock} bytes"
-            return {**info, "ok": False, "reason": f"{rule.describe()} allows {allowed}", "hint": hint}
-        # only what is needed: the soft limit to `needed`, the hard one only when it is below (soft <= hard)
-        new = (needed, hard if hard == RLIM_INFINITY else max(hard, needed))
-        try:
-            self.kernel.set_memlock(peer.pid, new)
-        except OSError as e:
-            reason = ("the broker lacks CAP_SYS_RESOURCE to raise another process's hard limit"
-                      if e.errno == errno.EPERM else f"prlimit failed: {e.strerror}")
-            return {**info, "ok": False, "reason": reason, "hint": hint}
-        earlier = self.raised.get(peer.pid)
-        self.raised[peer.pid] = MemlockRaise(earlier.before if earlier else (soft, hard), new,
-                                             earlier.leases if earlier else set())
-        self.audit({"event": "memlock-raised", "pid": peer.pid, "from": soft, "to": needed, "hard": new[1]})
-        return {**info, "ok": True, "raised": True}
 
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> Program:
         """The cached XSK program of the interface, re-found when someone changed what is attached."""
@@ -483,18 +364,6 @@ class Grants(MapGrants):
             self.audit({"event": "xdp-attach", "interface": ifname, "ifindex": ifindex, "prog_id": prog.prog_id,
                         "mode": prog.mode, "map_entries": prog.max_entries})
         return prog
-
-
-def refusal(e: BaseException, ifname: str, queue: int) -> BaseException:
-    if isinstance(e, QueueBusy):
-        return Refused(ErrorCode.QUEUE_BUSY, f"{ifname} queue {queue} is held by another socket")
-    if isinstance(e, OSError):
-        pinning = e.errno in (errno.ENOBUFS, errno.ENOMEM) and "XDP_UMEM_REG" in (e.strerror or "")
-        why = limits.memlock_exhausted() if pinning else None  # else the bare "No buffer space available"
-        message = f"{ifname} queue {queue}: {e.strerror or e}" + (f"; {why}" if why else "")
-        return Refused(ErrorCode.KERNEL_ERROR, message,
-                       errno=errno.errorcode.get(e.errno or 0, str(e.errno)))
-    return e
 
 
 def describe(req: proto.Grant) -> dict[str, Any]:
