@@ -215,3 +215,17 @@ class Throttle:
                        "detail": [{"event": e, "uid": u, "code": c, "left_out": n} for (e, u, c), n in left_out]})
         self.seen.clear()
         self.started = self.clock()
+
+
+def summarise_if_due(audit: AuditFn) -> None:
+    """Write the throttle's summary of suppressed records if its window is over (any other sink: nothing)."""
+    flush = getattr(audit, "flush_if_due", None)
+    if flush is not None:
+        flush()
+
+
+def seconds_to_summary(audit: AuditFn) -> float | None:
+    """Seconds until the audit throttle's next summary is due, if it has one to write."""
+    next_flush = getattr(audit, "next_flush", None)
+    due = next_flush() if next_flush is not None else None
+    return None if due is None else max(0.0, due - time.monotonic())

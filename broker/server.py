@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from xskbroker.broker import faults, linkwatch
 from xskbroker.broker import peer as peers
 from xskbroker.broker.admission import Connected, admit
+from xskbroker.broker.audit import seconds_to_summary, summarise_if_due
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.listener import (
@@ -136,7 +137,7 @@ class Server:
                 due = [w[0] for w in self.waiting if not w[1].parked()]
                 retry = max(0.0, min(due) - time.monotonic()) if due else None
                 idle_left = self._idle_left()
-                summary = _flush_due(self.audit)
+                summary = seconds_to_summary(self.audit)
                 ping = self.watchdog.timeout() if self.watchdog is not None else None
                 timeout = min((t for t in (poll, idle_left, retry, summary, ping) if t is not None), default=None)
                 events = self.sel.select(timeout)
@@ -163,7 +164,7 @@ class Server:
                     self.service.check_orphans()
                     self.service.check_bare()
                 if summary is not None:
-                    _flush_if_due(self.audit)
+                    summarise_if_due(self.audit)
                 if self._idle_left() == 0.0:
                     self.audit({"event": "idle-exit", "after_s": self.idle_timeout})
                     self.stopping = True
@@ -486,16 +487,3 @@ class Server:
             for ev in linkwatch.parse(data):
                 self.service.link_event(ev)
 
-
-
-def _flush_if_due(audit: Callable[[dict[str, Any]], None]) -> None:
-    flush = getattr(audit, "flush_if_due", None)
-    if flush is not None:
-        flush()
-
-
-def _flush_due(audit: Callable[[dict[str, Any]], None]) -> float | None:
-    """Seconds until the audit throttle's next summary is due, if it has one to write."""
-    next_flush = getattr(audit, "next_flush", None)
-    due = next_flush() if next_flush is not None else None
-    return None if due is None else max(0.0, due - time.monotonic())
