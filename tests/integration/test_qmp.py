@@ -2,23 +2,18 @@
 
 Debian 12's QEMU (7.2) has no af-xdp backend, so these tests prove what can be proved with it: fds really
 reach QEMU through getfd, the capability check says af-xdp is absent, QEMU's own error text comes through
-untouched, the unwind leaves QEMU holding nothing, and detach waits for the guest's DEVICE_DELETED.
+untouched, the unwind leaves QEMU holding nothing, and detach waits for the guest's DEVICE_DELETED. Whose lease a
+hand-over leaves, and when it ends: tests/integration/test_qmp_leases.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,109 +24,17 @@ from xskbroker.client import qmp as q
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 
 from .conftest import wait_for
+from .paused_qemu import BARE_POLICY, SKIP, Qemu, binary_version, eof, held, inode, qemu
 
-QEMU = shutil.which("qemu-system-x86_64")
-pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed "
-                                "(apt-get install qemu-system-x86; `make test` does)")
+pytestmark = SKIP
 
 NOT_AF_XDP = "Parameter 'type' does not accept value 'af-xdp'"  # QEMU 7.2's own words for an unknown netdev type
-
-
-@dataclass
-class Qemu:
-    proc: subprocess.Popen[bytes]
-    qmp_path: str
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def fd_links(self) -> list[str]:
-        out = []
-        for name in os.listdir(f"/proc/{self.pid}/fd"):
-            with contextlib.suppress(FileNotFoundError):
-                out.append(os.readlink(f"/proc/{self.pid}/fd/{name}"))
-        return out
-
-    def connect(self, timeout: float = 5.0) -> q.QMP:
-        return q.QMP(self.qmp_path, timeout)
-
-
-@contextlib.contextmanager
-def qemu(*machine: str, user: int | None = None) -> Iterator[Qemu]:
-    """A paused QEMU with a QMP socket in a fresh directory (0777 when QEMU runs as `user`, to make it there)."""
-    assert QEMU is not None
-    workdir = tempfile.mkdtemp(prefix="xskqmp-")
-    os.chmod(workdir, 0o777 if user is not None else 0o700)
-    path = os.path.join(workdir, "vm.qmp")
-    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user is not None else []
-    cmd = [*prefix, QEMU, *machine, "-nodefaults", "-display", "none", "-S", "-qmp", f"unix:{path},server=on,wait=off"]
-    log = open(os.path.join(workdir, "qemu.log"), "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(path):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"QEMU did not start ({' '.join(cmd)}):\n{Path(log.name).read_text()}")
-            time.sleep(0.005)
-        vm = Qemu(proc, path)
-        # the socket exists before QEMU has finished starting (it makes more fds after): one answered
-        # command proves it is up, then its connection's socket must be gone before tests count fds
-        listening = [x for x in vm.fd_links() if x.startswith("socket:")]  # made before the file is bound
-        while True:  # bound before it listens: ECONNREFUSED for a moment
-            try:
-                with vm.connect() as m:
-                    m.execute("query-status")
-                break
-            except q.QMPConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
-        wait_for(lambda: [x for x in vm.fd_links() if x.startswith("socket:")] == listening, 5.0,
-                 "QEMU to drop the start-up QMP connection")
-        yield vm
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
 def vm() -> Iterator[Qemu]:
     with qemu("-M", "none") as v:
         yield v
-
-
-def binary_version() -> str:
-    assert QEMU is not None
-    out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
-    m = re.match(r"QEMU emulator version (\S+)", out)
-    assert m, out
-    return m.group(1)
-
-
-def inode(s: socket.socket) -> str:
-    return f"socket:[{os.fstat(s.fileno()).st_ino}]"
-
-
-def eof(s: socket.socket) -> bool:
-    """True once no process (this one or QEMU) holds the other end of the pair."""
-    s.settimeout(2.0)
-    return s.recv(1) == b""
-
-
-def held(s: socket.socket) -> bool:
-    s.settimeout(0.05)
-    try:
-        s.recv(1)
-    except TimeoutError:
-        return True
-    return False
 
 
 # ---- the QMP client against QEMU -----------------------------------------------------------------------
@@ -279,19 +182,6 @@ def test_unprivileged_qemu_takes_fds_and_its_memlock_limit_is_flagged(
 
 # ---- through a real broker -----------------------------------------------------------------------------
 
-BARE_POLICY = """\
-version = 1
-
-[[allow]]
-name = "qmp-tests"
-users = [0]
-interfaces = ["xsk*"]
-queues = ["0-7"]
-kinds = ["bare"]
-max_queues = 2
-"""
-
-
 def test_qmp_attach_with_a_real_bare_grant(veth: VethNamespace, vm: Qemu, capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(vm.fd_links())  # nobody connected yet
     with BrokerProcess(veth.name, BARE_POLICY) as broker:
@@ -344,195 +234,6 @@ def test_real_bare_sockets_reach_qemu_and_qemu_alone_keeps_them_in_the_map(veth:
         again, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path)
         hotplug.close_fds(fds)
         assert [s["queue"] for s in again["sockets"]] == [0, 1]
-
-
-# ---- whose lease: the requester's, the holder it names, or an orphan -----------------------------------
-
-def _status(path: str) -> list[dict]:
-    from xskbroker.client.connection import Connection
-    from xskbroker.wire import protocol as proto
-
-    with Connection(path) as c:
-        return c.call(proto.Status())[0]["leases"]
-
-
-def _hand_to_qemu(qmp_path: str, reply: dict, fds: list[int]) -> None:
-    with q.QMP(qmp_path, 5.0) as m:
-        for s in reply["sockets"]:
-            m.execute("getfd", {"fdname": hotplug.fd_name("xdp0", s["queue"])}, fds=[fds[s["fd"]]])
-    hotplug.close_fds(fds)
-
-
-def test_the_lease_follows_the_qemu_a_launcher_names_as_holder(veth: VethNamespace) -> None:
-    from xskbroker.client.grant import request_fds
-
-    with qemu("-M", "none") as vm, BrokerProcess(veth.name, BARE_POLICY) as broker:
-        reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path, holder_pid=vm.pid)
-        _hand_to_qemu(vm.qmp_path, reply, fds)
-        assert reply["holder_pid"] == vm.pid
-        (lease,) = _status(broker.socket_path)
-        assert lease["pid"] == vm.pid and not lease["orphaned"]
-        vm.proc.kill()
-        vm.proc.wait()
-        wait_for(lambda: not _status(broker.socket_path), 5.0, "the lease to end with QEMU")
-        ended = [r for r in broker.records() if r.get("event") == "lease-ended"]
-        assert ended[-1]["pid"] == vm.pid and ended[-1]["reason"] == "holder exited"
-
-
-def test_a_launcher_that_exits_after_passing_the_sockets_leaves_an_orphan_until_they_close(
-        veth: VethNamespace) -> None:
-    from xskbroker.client.grant import request_fds
-
-    with qemu("-M", "none") as vm, BrokerProcess(veth.name, BARE_POLICY) as broker:
-        pid = os.fork()
-        if pid == 0:  # a launcher that names no holder, hands the sockets over and exits
-            code = 1
-            try:
-                reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path)
-                _hand_to_qemu(vm.qmp_path, reply, fds)
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        wait_for(lambda: [x for x in _status(broker.socket_path) if x["orphaned"]], 5.0, "the lease to be orphaned")
-        with vm.connect() as m:
-            m.execute("closefd", {"fdname": hotplug.fd_name("xdp0", 0)})
-        wait_for(lambda: not _status(broker.socket_path), 10.0, "the orphan to end once QEMU closed the socket")
-        reasons = [r["reason"] for r in broker.records() if r.get("event") in ("lease-orphaned", "lease-ended")]
-        assert reasons == ["holder exited but its sockets are still open elsewhere", "its sockets were closed"]
-
-
-def test_a_holder_of_another_user_is_refused(veth: VethNamespace) -> None:
-    from xskbroker.testbed.sandbox import spawn_unprivileged
-
-    def ask(path: str, iface: str) -> str:
-        from xskbroker.client.grant import request_fds
-        from xskbroker.wire import protocol as proto
-
-        try:
-            _, fds = request_fds(iface, 1, kind="bare", socket_path=path, holder_pid=1)
-        except proto.BrokerError as e:
-            return e.code
-        hotplug.close_fds(fds)
-        return "granted"
-
-    with BrokerProcess(veth.name, BARE_POLICY.replace("users = [0]", "users = [0, 65534]")) as broker:
-        assert spawn_unprivileged(ask, broker.socket_path, veth.inside, uid=65534).result() == "bad-holder"
-
-
-# ---- the lease ends with the sockets, though QEMU lives on (issue 10) ----------------------------------
-
-QUOTA_POLICY = BARE_POLICY + """
-[[quota]]
-name = "one-vm"
-users = ["*"]
-max_queues = 2
-"""
-
-
-def test_a_rolled_back_attach_releases_its_lease_so_a_retry_fits_the_quota(
-        veth: VethNamespace, vm: Qemu, capsys: pytest.CaptureFixture[str]) -> None:
-    with BrokerProcess(veth.name, QUOTA_POLICY) as broker:
-        for _ in range(2):  # the second attempt reaches QEMU again: no stale lease holds the quota
-            rc = qmp_cli.main(["qmp-attach", "--qmp", vm.qmp_path, "--id", "xdp0", "-i", veth.inside, "-q", "2",
-                               "--socket", broker.socket_path, "--force", "--json"])
-            out = json.loads(capsys.readouterr().out)
-            if out["error"]["code"] == "unsupported-kind":
-                pytest.skip(f"the broker does not make bare grants yet: {out['error']['message']}")
-            assert rc == 1 and out["error"]["code"] == "qmp-error", out
-            assert any(n.endswith("was released") for n in out["error"]["notes"]), out
-            assert not _status(broker.socket_path)
-        assert len([r for r in broker.records() if r.get("event") == "release"]) == 2
-
-
-def test_a_bare_lease_ends_when_its_living_holder_closes_the_sockets(veth: VethNamespace) -> None:
-    from xskbroker.client.grant import request_fds
-
-    with qemu("-M", "none") as vm, BrokerProcess(veth.name, QUOTA_POLICY) as broker:
-        reply, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path, holder_pid=vm.pid)
-        _hand_to_qemu(vm.qmp_path, reply, fds)
-        time.sleep(2.5)  # at least one poll while QEMU holds them: the lease stays
-        assert [x["lease"] for x in _status(broker.socket_path)] == [reply["lease"]]
-        with vm.connect() as m:  # what netdev_del does: QEMU closes its sockets and lives on
-            for s in reply["sockets"]:
-                m.execute("closefd", {"fdname": hotplug.fd_name("xdp0", s["queue"])})
-        wait_for(lambda: not _status(broker.socket_path), 6.0, "the lease to end once QEMU closed the sockets")
-        ended = [r for r in broker.records() if r.get("event") == "lease-ended"]
-        assert ended[-1]["lease"] == reply["lease"] and ended[-1]["pid"] == vm.pid
-        assert ended[-1]["reason"] == "its sockets were closed while its holder lives"
-        # a re-attach within the quota
-        again, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path, holder_pid=vm.pid)
-        hotplug.close_fds(fds)
-        assert again["lease"] != reply["lease"]
-
-
-def test_a_requester_killed_mid_grant_leaves_no_socket_in_the_map(veth: VethNamespace) -> None:
-    """A bare grant with memlock whose requester is SIGKILLed at once: whatever the broker got to, the
-    queue is free again (no socket held by the broker itself, no lease), so the next grant succeeds."""
-
-    from xskbroker.client.connection import Connection
-    from xskbroker.client.grant import request_fds
-    from xskbroker.wire import protocol as proto
-
-    with BrokerProcess(veth.name, BARE_POLICY) as broker:
-        for _ in range(4):
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    c = Connection(broker.socket_path)
-                    c.sock.send(proto.encode_request(proto.Grant(interface=veth.inside, queues=(0,), kind="bare",
-                                                                 memlock=32 << 20)))
-                finally:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            os.waitpid(pid, 0)
-            wait_for(lambda: not _status(broker.socket_path), 5.0, "the dead requester's lease to end")
-            _, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path, timeout=10)
-            hotplug.close_fds(fds)
-            wait_for(lambda: not _status(broker.socket_path), 5.0, "our own lease to end")
-        assert not [r for r in broker.records() if r.get("event") == "internal-error"]
-
-
-def test_a_grant_whose_reply_fails_frees_its_queue_for_the_very_next_grant(veth: VethNamespace) -> None:
-    """The requester dies before its reply is sent: the grant is aborted, and its socket leaves the map slot
-    then and there, not when a closer thread gets to close the broker's copy. The next grant was already
-    waiting (sent while the broker paused before the failing send), so it is decided right after the abort:
-    before the fix it found the aborted socket still in the slot and was refused `queue-busy`."""
-
-    from xskbroker.client.connection import Connection
-    from xskbroker.client.grant import request_fds
-    from xskbroker.wire import protocol as proto
-
-    with BrokerProcess(veth.name, BARE_POLICY, env={"XSKBROKER_FAULT": "before-send:pause"}) as broker:
-        for _ in range(3):
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    c = Connection(broker.socket_path)
-                    c.sock.send(proto.encode_request(proto.Grant(interface=veth.inside, queues=(0,), kind="bare")))
-                    time.sleep(0.2)  # the broker has read it and sleeps before its reply
-                finally:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            os.waitpid(pid, 0)
-            _, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
-            hotplug.close_fds(fds)
-            wait_for(lambda: not _status(broker.socket_path), 10.0, "our own lease to end")
-        aborted = [r for r in broker.records() if r.get("event") == "lease-aborted"]
-        assert len(aborted) == 3, aborted
-
-
-def test_a_bare_queue_is_free_as_soon_as_its_holder_closes_its_sockets(veth: VethNamespace) -> None:
-    """The broker keeps no copy of a bare socket after its reply (a kept copy, however brief, left the slot
-    taken after the holder closed its own: the very next grant got `queue-busy`)."""
-
-    from xskbroker.client.grant import request_fds
-
-    with BrokerProcess(veth.name, BARE_POLICY) as broker:
-        for _ in range(10):
-            _, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
-            hotplug.close_fds(fds)
-            _, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
-            hotplug.close_fds(fds)
 
 
 # ---- QEMU's UMEM size and the broker's memlock answer (issue 10) ---------------------------------------
