@@ -24,6 +24,8 @@ QEMU = shutil.which("qemu-system-x86_64")
 SKIP = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed "
                                 "(apt-get install qemu-system-x86; `make test` does)")
 
+NOT_AF_XDP = "Parameter 'type' does not accept value 'af-xdp'"  # QEMU 7.2's own words for an unknown netdev type
+
 
 @dataclass
 class Qemu:

@@ -34,8 +34,8 @@ import pytest
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 
 from .conftest import ns_name, wait_for
+from .libvirtd_rig import LIBVIRT_USER, finished_state, gone, leases, libvirt_missing, libvirtd, transient_domain, virsh
 from .real_qemu import DataPath, qemu_binary
-from .test_libvirt import LIBVIRT_USER, finished_state, gone, leases, libvirt_missing, libvirtd, transient_domain, virsh
 
 SEABIOS = "/usr/share/seabios/bios-256k.bin"
 LIBVIRT_CAPS_CACHE = "/var/cache/libvirt/qemu/capabilities"

@@ -24,11 +24,10 @@ from xskbroker.client import qmp as q
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 
 from .conftest import wait_for
-from .paused_qemu import BARE_POLICY, SKIP, Qemu, binary_version, eof, held, inode, qemu
+from .paused_qemu import BARE_POLICY, NOT_AF_XDP, SKIP, Qemu, binary_version, eof, held, inode, qemu
 
 pytestmark = SKIP
 
-NOT_AF_XDP = "Parameter 'type' does not accept value 'af-xdp'"  # QEMU 7.2's own words for an unknown netdev type
 
 
 @pytest.fixture
