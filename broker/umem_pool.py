@@ -29,6 +29,10 @@ from xskbroker.wire.protocol import Geometry
 PER_GEOMETRY = 2  # sockets kept per geometry at first; a take that then finds none doubles it (a burst)
 MAX_PER_GEOMETRY = 32  # at most: 32 clients at once find theirs ready
 MAX_SOCKETS = 96  # two fds each: bounded whatever the budget
+# geometries remembered with nothing ready nor being made: every distinct geometry a client asks for (any
+# multiple of 4 KiB up to 4 GiB, any headroom and rings) was remembered for good, ~1 KiB each, so one allowed
+# client asking a new one each time (even refused, queue busy) grew the broker without end
+MAX_GEOMETRIES = MAX_SOCKETS
 FILLERS = 1  # the helper process makes one at a time
 # Making a socket right after a take competes with the grant that took it (2 CPUs here), even in the helper
 # process that makes them (broker.preparer): 1 MiB grants took 1.4 ms in the broker instead of 0.6. So a
@@ -97,6 +101,7 @@ class UmemPool:
             fresh = kind is None or kind.target < PER_GEOMETRY
             if kind is None:
                 kind = self._kinds[g] = _Kind()
+                self._forget_unused(keep=g)
             self._kinds.move_to_end(g)
             kind.interfaces.add(ifindex)
             self._last_take = time.monotonic()
@@ -119,6 +124,17 @@ class UmemPool:
             else:
                 self._kick = True
         return got
+
+    def _forget_unused(self, keep: Geometry) -> None:
+        """Past MAX_GEOMETRIES, forget the least recently asked geometries (but `keep`) that hold no socket (under
+        the lock). Those holding one stay, MAX_SOCKETS + FILLERS of them at most: their sockets are closed off the
+        loop, by _evict or a flush."""
+        excess = len(self._kinds) - MAX_GEOMETRIES
+        if excess <= 0:
+            return
+        unused = [g for g, kind in self._kinds.items() if not kind.ready and not kind.making and g != keep]
+        for g in unused[:excess]:
+            del self._kinds[g]
 
     def kick(self) -> None:
         """Wake the refilling thread for what take(wake=False) took."""

@@ -248,3 +248,56 @@ def test_large_grants_in_flight_count_against_quotas_and_per_uid_bounds(figures)
         decided = [r.get("code") for r in b.records()[before:] if r.get("event") == "grant"]
         assert decided == ["quota-umem", "ok"], decided  # refused while the first was not yet a lease
         figures(per_uid_bound=codes, quota=codes2)
+
+
+# ---- geometries remembered by the UMEM pool ---------------------------------------------------------------
+
+POOL_POLICY = f"""\
+version = 1
+
+[[allow]]
+name = "tenants"
+users = [{CONSUMER_UID}]
+interfaces = ["xsk0"]
+queues = [0]
+kinds = ["bound"]
+max_umem = "4MiB"
+
+[admin]
+users = [0]
+"""
+ASKED = 600  # distinct geometries; the pool remembers at most MAX_SOCKETS (96) of those holding no socket
+
+
+def _ask_new_geometries(path: str, n: int) -> list[tuple[str, int]]:
+    """Hold queue 0, then ask for it again n times, each time with a geometry never asked before: each grant is
+    refused (queue-busy), after the pool was asked for a socket of that geometry."""
+    codes: dict[str, int] = {}
+    with Connection(path) as c:
+        c.call(proto.Grant("xsk0", (0,), geometry=SMALL))
+        for i in range(n):
+            g = proto.Geometry(umem_size=(2 + i) * 4096, fill=64, completion=64, rx=64, tx=64)
+            try:
+                c.call(proto.Grant("xsk0", (0,), geometry=g))
+                code = "ok"
+            except proto.BrokerError as e:
+                code = e.code
+            codes[code] = codes.get(code, 0) + 1
+    return sorted(codes.items())
+
+
+def test_geometries_asked_for_once_are_not_remembered_without_end(figures) -> None:  # type: ignore[no-untyped-def]
+    """The pool remembered every geometry ever asked for (~1 KiB each, never forgotten but on SIGHUP or link
+    removal): one allowed client asking for a new one each time grew the broker without end, refused or not."""
+    from xskbroker.broker.umem_pool import FILLERS, MAX_SOCKETS
+
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=1) as ns, \
+            BrokerProcess(ns.name, POOL_POLICY, umem_pool="64M") as b:
+        codes = spawn_unprivileged(_ask_new_geometries, b.socket_path, ASKED, uid=CONSUMER_UID).result(120)
+        assert codes == [("queue-busy", ASKED)], codes
+        with Connection(b.socket_path) as c:
+            pool = c.call(proto.Status())[0]["metrics"]["pool"]
+        figures(asked=ASKED + 1, remembered=pool["geometries"], pooled_sockets=pool["sockets"])
+        # those holding no socket (MAX_GEOMETRIES, as many as MAX_SOCKETS), and those holding one (the pool holds
+        # at most MAX_SOCKETS, and makes one at a time)
+        assert pool["geometries"] <= 2 * MAX_SOCKETS + FILLERS, pool
