@@ -125,9 +125,19 @@ def _summary(request: Request) -> str:
     return f"{request.kind} on {request.interface} queues {_queue_list(request.queues)}"
 
 
+def _hidden_from(rule: Rule, peer: Peer) -> bool:
+    """The deny names cgroups and the peer's is unknown. A peer can make its own unknown at will (the process that
+    connected exits before the broker reads its cgroup, leaving the connection to another in the same cgroup; or
+    its path is too long for /proc/PID/cgroup), so a deny naming cgroups applies to an unknown cgroup too: one
+    that stopped at an unknown cgroup would let a process inside the denied cgroups through."""
+    return bool(rule.cgroups) and peer.cgroup is None
+
+
 def _deny_applies(rule: Rule, peer: Peer, request: Request) -> bool:
     return (
-        principal_matches(rule, peer)
+        user_matches(rule, peer)
+        and (cgroup_matches(rule, peer) or _hidden_from(rule, peer))
+        and label_matches(rule, peer)
         and interface_matches(rule, request.interface)
         and (rule.queues.is_any or any(rule.queues.contains(q) for q in request.queues))
         and request.kind in rule.kinds
@@ -181,6 +191,9 @@ def decide(policy: Policy, peer: Peer, request: Request) -> Decision:
     for rule in policy.deny_rules:
         if _deny_applies(rule, peer, request):
             reason = f"{rule.describe()} denies {_summary(request)} to {peer}"
+            if _hidden_from(rule, peer):
+                reason += (f" (its cgroup is unknown, and a deny naming cgroups applies to an unknown cgroup: it "
+                           f"might be in {', '.join(rule.cgroups)})")
             return Decision(False, DENIED_BY_RULE, rule, reason)
 
     best: tuple[int, str, str, Rule] | None = None

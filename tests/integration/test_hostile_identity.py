@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import socket
@@ -161,3 +162,74 @@ def test_a_member_of_more_than_256_groups_is_identified_with_all_of_them(tmp_pat
                 conn.send(b"x")
         finally:
             os.waitpid(pid, 0)
+
+
+# ---- a deny naming the client's cgroup, escaped by making that cgroup unknown -------------------------------
+
+DENY_POLICY = f"""version = 1
+
+[[allow]]
+name = "consumer"
+users = [{CONSUMER_UID}]
+interfaces = ["xsk*"]
+kinds = ["bound"]
+max_umem = "4MiB"
+
+[[deny]]
+name = "not-from-the-sandbox"
+users = ["*"]
+cgroups = ["/xskt*-sandbox"]
+interfaces = ["*"]
+"""
+SMALL = proto.Geometry(umem_size=1 << 20, fill=64, completion=64, rx=64, tx=64)
+TRIES = 200  # before the fix the broker lost the race to the connector's exit within ~15 tries here
+
+
+def _grant_through_a_connection_its_connector_left(path: str, tries: int, gate: int) -> dict[str, Any]:
+    """A child connects and exits at once, leaving the connection (the same open socket) to this process, in the
+    same cgroup: when the broker reads the connector's identity only after that exit, its cgroup is unknown."""
+    if os.fdopen(gate, "r").readline().strip() != "go":
+        raise RuntimeError("no go")
+    codes: list[str] = []
+    for attempt in range(tries):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            connector = os.fork()
+            if connector == 0:
+                try:
+                    s.connect(path)
+                finally:
+                    os._exit(0)
+            os.waitpid(connector, 0)
+            s.send(proto.encode_request(proto.Grant("xsk0", (0,), geometry=SMALL)))
+            data, fds, _, _ = socket.recv_fds(s, 1 << 16, 8)
+            for fd in fds:
+                os.close(fd)
+            reply = json.loads(data)
+            if reply["ok"]:
+                return {"granted_at": attempt, "lease": reply["lease"], "codes": codes}
+            codes.append(reply["error"]["code"])
+    return {"granted_at": None, "codes": codes}
+
+
+def test_a_deny_naming_the_clients_cgroup_cannot_be_escaped_by_hiding_the_cgroup(veth: VethNamespace,
+                                                                                 figures) -> None:  # type: ignore[no-untyped-def]
+    """A deny that names cgroups did not apply to a peer whose cgroup the broker could not read, and a client can
+    make its own unreadable: its connection made by a child that exits before the broker identifies it. The
+    process in the denied cgroup then got bound sockets the policy denies it."""
+    root = _unified()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    sandbox = root / f"xskt{os.getpid()}-sandbox"
+    sandbox.mkdir()
+    try:
+        with BrokerProcess(veth.name, DENY_POLICY) as b:
+            result = _run_in(sandbox, _grant_through_a_connection_its_connector_left, b.socket_path, TRIES)
+            grants = [r for r in b.records() if r.get("event") == "grant"]
+            unknown = [r for r in grants if r["peer"]["cgroup"] is None]
+            figures(tries=len(grants), cgroup_unknown=len(unknown))
+            assert result["granted_at"] is None, (result, unknown[:1])
+            assert set(result["codes"]) == {"denied-by-rule"}, result
+            assert all(r["decision"] == "deny" for r in grants)
+            assert not unknown or "its cgroup is unknown" in unknown[0]["reason"]
+    finally:
+        sandbox.rmdir()

@@ -167,3 +167,14 @@ def test_the_cgroup_is_journalled_and_an_old_journal_loads_without_it(tmp_path: 
     state.chmod(0o600)
     [old] = LeaseTable(str(state)).load()
     assert old.cgroup is None and old.owned_by(1000, VM_B)
+
+
+def test_a_deny_naming_cgroups_applies_to_an_unknown_cgroup() -> None:
+    """A peer can make its cgroup unknown (its connector exits first): a deny naming cgroups must still apply."""
+    text = POLICY + '\n[[deny]]\nname = "sandbox"\nusers = ["*"]\ncgroups = ["/sandbox*"]\ninterfaces = ["*"]\n'
+    policy = parse_policy(text.replace('cgroups = ["/machine.slice/machine-qemu\\\\x2d1*"]\n', ""), "p.toml")
+    assert decide(policy, peer(VM_A), Request("veth0", (0,))).allowed  # outside the sandbox: vm-a (any cgroup)
+    assert not decide(policy, peer("/sandbox/x"), Request("veth0", (0,))).allowed
+    d = decide(policy, peer(None), Request("veth0", (0,)))
+    assert not d.allowed and d.code == "denied-by-rule" and d.rule is not None and d.rule.name == "sandbox"
+    assert "its cgroup is unknown" in d.reason
