@@ -113,10 +113,14 @@ class Grants(BareGrants):
         if uid != peer.uid and not admin:
             raise Refused(ErrorCode.BAD_HOLDER,
                           f"holder_pid {pid} belongs to uid {uid}, not to the requester (uid {peer.uid})")
-        # same uid is not enough: another VM of the same user is another principal (its own cgroup)
-        if not admin and peer.cgroup is not None and cgroup_of(pid, start) != peer.cgroup:
+        # same uid is not enough: another VM of the same user is another principal (its own cgroup). A requester
+        # pinned (start known) whose cgroup is unknown all the same (its /proc/PID/cgroup failed, or has no v2
+        # line) may name only a holder whose cgroup is unknown too. Without SO_PEERPIDFD (no start) no
+        # requester's cgroup is ever known, and there is nothing to compare.
+        if not admin and (peer.cgroup is not None or peer.start is not None) and cgroup_of(pid, start) != peer.cgroup:
+            mine = peer.cgroup if peer.cgroup is not None else "unknown: the kernel would not give its path"
             raise Refused(ErrorCode.BAD_HOLDER, f"holder_pid {pid} is not in the requester's cgroup "
-                          f"({peer.cgroup}): only a process of its own cgroup may hold its lease")
+                          f"({mine}): only a process of its own cgroup may hold its lease")
         # the lease stays the REQUESTER's (its identity was judged); only pid, start and inode are the holder's
         return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup, start, ino,
                         peer.label)

@@ -11,7 +11,7 @@ import socket
 import struct
 import time
 
-from xskbroker.common.procfs import is_process, own_caps, pidfd_ino, pidfd_open, pinned_start
+from xskbroker.common.procfs import has_exited, is_process, own_caps, pidfd_ino, pidfd_open, process_start
 from xskbroker.common.records import field, record
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -127,12 +127,25 @@ def peer_exe(pid: int, uid: int) -> str | None:
         return None
 
 
+class PeerGone(OSError):
+    """The process that connected had exited before the broker read who it is: what the kernel recorded at
+    connect (peer: pid, uid, gid, groups) is all there is, and the connection is in other hands, if any."""
+
+    def __init__(self, peer: PeerInfo) -> None:
+        super().__init__(errno.ESRCH, f"the process that connected (pid {peer.pid}) has exited")
+        self.peer = peer
+
+
 def identify(sock: socket.socket) -> PeerInfo:
+    """Raises PeerGone when the kernel says the connecting process has exited, OSError when the socket fails."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     gids = peer_groups(sock) | {gid}
     exe = peer_exe(pid, uid)
     names = frozenset(n for n in (_name(grp.getgrgid, g) for g in gids) if n)
-    cgroup, start, ino = _peer_identity(sock, pid)
+    found = _peer_identity(sock, pid)
+    if found is None:
+        raise PeerGone(PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names))
+    cgroup, start, ino = found
     return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup, start, ino, peer_label(sock))
 
 
@@ -206,18 +219,23 @@ def cgroup_of(pid: int, start: int) -> str | None:
         os.close(pidfd)
 
 
-def _peer_identity(sock: socket.socket, pid: int) -> tuple[str | None, int | None, int | None]:
+def _peer_identity(sock: socket.socket, pid: int) -> tuple[str | None, int | None, int | None] | None:
     """The connecting process's cgroup, start time and pidfs inode, read through SO_PEERPIDFD (which
-    names it race-free). The cgroup is read before the pidfd is polled: still running after the read means
-    the pid named that process during it. Nothing (None) if it has exited (its pid may already name another
-    process) or the kernel has no SO_PEERPIDFD (< 6.5): a rule that names cgroups then never matches."""
+    names it race-free). The reads come before the pidfd is polled: still running after them means the pid
+    named that process during them. None if it has exited: its pid may already name another process, and the
+    connection it made may be in another's hands, which no identity of the connector's may judge (a process that
+    left its connection to one in another cgroup would get its requests judged with no cgroup). (None, None,
+    None) when the kernel has no SO_PEERPIDFD (< 6.5) or /proc hides the process: a rule that names cgroups then
+    never allows."""
     try:
         pidfd = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
-    except OSError:
-        return None, None, None
+    except OSError as e:
+        return None if e.errno == errno.ESRCH else (None, None, None)  # ESRCH: reaped before a pidfd was made
     try:
         cgroup = read_cgroup(pid)
-        start = pinned_start(pidfd, pid)
+        start = process_start(pid)
+        if has_exited(pidfd):
+            return None
         if start is None:
             return None, None, None
         return cgroup, start, pidfd_ino(pidfd)

@@ -282,9 +282,10 @@ class Server:
         conn.setblocking(False)
 
         def unjudgeable(who: peers.PeerInfo, why: str) -> None:
-            self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": ErrorCode.IDENTITY_UNREADABLE})
-            self._say_and_close(conn, ErrorReply(ErrorCode.IDENTITY_UNREADABLE, (
-                f"the broker cannot judge this process: {why}; run it in a cgroup whose name is UTF-8")))
+            self.audit({"event": "connection-refused", "peer": who.as_dict(), "code": ErrorCode.IDENTITY_UNREADABLE,
+                        "reason": why})
+            self._say_and_close(conn, ErrorReply(ErrorCode.IDENTITY_UNREADABLE,
+                                                 f"the broker cannot judge this process: {why}"))
 
         who = self.identify(conn, unjudgeable)
         if who is None:
@@ -309,6 +310,10 @@ class Server:
         bug (recorded: it costs one connection, never the broker)."""
         try:
             who = peers.identify(conn)
+        except peers.PeerGone as e:
+            refuse(e.peer, f"{e.strerror} before the broker could read its identity; a connection is judged as the "
+                           "process that made it, so connect from the process that makes the requests")
+            return None
         except OSError:
             conn.close()
             return None
@@ -317,7 +322,8 @@ class Server:
             conn.close()
             return None
         if not peers.printable_cgroup(who.cgroup):  # no policy can name it (docs/security.md)
-            refuse(who, f"its cgroup path {who.cgroup!r} is not valid UTF-8, so no policy can name it")
+            refuse(who, f"its cgroup path {who.cgroup!r} is not valid UTF-8, so no policy can name it; run it in a "
+                        "cgroup whose name is UTF-8")
             return None
         return who
 

@@ -185,6 +185,19 @@ SMALL = proto.Geometry(umem_size=1 << 20, fill=64, completion=64, rx=64, tx=64)
 TRIES = 200  # before the fix the broker lost the race to the connector's exit within ~15 tries here
 
 
+def _ask(s: socket.socket, request: proto.Request) -> tuple[bytes, list[int]]:
+    """Send, and receive the reply. A connection whose connector has exited is refused at once: the refusal is
+    sent and the connection closed, maybe before this send (EPIPE) or just after it (the request left unread, so
+    the first receive fails ECONNRESET): the refusal is still there to read."""
+    with contextlib.suppress(BrokenPipeError):
+        s.send(proto.encode_request(request))
+    try:
+        data, fds, _, _ = socket.recv_fds(s, 1 << 16, 8)
+    except ConnectionResetError:
+        data, fds, _, _ = socket.recv_fds(s, 1 << 16, 8)
+    return data, fds
+
+
 def _grant_through_a_connection_its_connector_left(path: str, tries: int, gate: int) -> dict[str, Any]:
     """A child connects and exits at once, leaving the connection (the same open socket) to this process, in the
     same cgroup: when the broker reads the connector's identity only after that exit, its cgroup is unknown."""
@@ -200,8 +213,7 @@ def _grant_through_a_connection_its_connector_left(path: str, tries: int, gate: 
                 finally:
                     os._exit(0)
             os.waitpid(connector, 0)
-            s.send(proto.encode_request(proto.Grant("xsk0", (0,), geometry=SMALL)))
-            data, fds, _, _ = socket.recv_fds(s, 1 << 16, 8)
+            data, fds = _ask(s, proto.Grant("xsk0", (0,), geometry=SMALL))
             for fd in fds:
                 os.close(fd)
             reply = json.loads(data)
@@ -228,8 +240,97 @@ def test_a_deny_naming_the_clients_cgroup_cannot_be_escaped_by_hiding_the_cgroup
             unknown = [r for r in grants if r["peer"]["cgroup"] is None]
             figures(tries=len(grants), cgroup_unknown=len(unknown))
             assert result["granted_at"] is None, (result, unknown[:1])
-            assert set(result["codes"]) == {"denied-by-rule"}, result
+            # denied, or refused at once when the broker saw the connector had exited (identity-unreadable)
+            assert set(result["codes"]) <= {"denied-by-rule", "identity-unreadable"}, result
             assert all(r["decision"] == "deny" for r in grants)
             assert not unknown or "its cgroup is unknown" in unknown[0]["reason"]
     finally:
         sandbox.rmdir()
+
+
+# ---- a holder in another cgroup, named through a connection whose connector has exited -----------------------
+
+HOLDER_POLICY = f"""version = 1
+
+[[allow]]
+name = "consumer"
+users = [{CONSUMER_UID}]
+interfaces = ["xsk*"]
+kinds = ["bound"]
+max_umem = "4MiB"
+"""
+
+
+def _hold(gate: int, ours: int) -> dict[str, Any]:
+    """A process of the consumer's uid in another cgroup (another VM's QEMU): lives until the gate closes."""
+    os.close(ours)  # the test's end, inherited at the fork
+    with os.fdopen(gate, "r") as f:
+        f.read()
+    return {}
+
+
+def _name_a_holder(path: str, holder: int, tries: int, gate: int) -> dict[str, Any]:
+    """From a live connection first (the broker knows this cgroup), then from connections whose connector exited
+    at once (the broker may not), ask for a grant held by `holder`."""
+    if os.fdopen(gate, "r").readline().strip() != "go":
+        raise RuntimeError("no go")
+    grant = proto.Grant("xsk0", (0,), geometry=SMALL, holder_pid=holder)
+    try:
+        with Connection(path) as c:
+            c.call(grant)
+        live = "granted"
+    except proto.BrokerError as e:
+        live = e.code
+    codes: list[str] = []
+    for attempt in range(tries):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            connector = os.fork()
+            if connector == 0:
+                try:
+                    s.connect(path)
+                finally:
+                    os._exit(0)
+            os.waitpid(connector, 0)
+            data, fds = _ask(s, grant)
+            for fd in fds:
+                os.close(fd)
+            reply = json.loads(data)
+            if reply["ok"]:
+                return {"live": live, "granted_at": attempt, "codes": codes}
+            codes.append(reply["error"]["code"])
+    return {"live": live, "granted_at": None, "codes": codes}
+
+
+def test_a_holder_in_another_cgroup_cannot_be_named_by_hiding_the_requesters_cgroup(veth: VethNamespace,
+                                                                                   figures) -> None:  # type: ignore[no-untyped-def]
+    """Same uid is not enough to hold a lease: a holder must be in the requester's cgroup (another VM of the same
+    user is another principal). That check was skipped when the requester's cgroup was unknown, which a client
+    makes so at will (its connection made by a child that exits before the broker identifies it)."""
+    root = _unified()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    mine, theirs = root / f"xskt{os.getpid()}-vm-a", root / f"xskt{os.getpid()}-vm-b"
+    mine.mkdir()
+    theirs.mkdir()
+    rfd, wfd = os.pipe()
+    holder = spawn_unprivileged(_hold, rfd, wfd, uid=CONSUMER_UID)
+    os.close(rfd)
+    try:
+        (theirs / "cgroup.procs").write_text(str(holder.pid))
+        with BrokerProcess(veth.name, HOLDER_POLICY) as b:
+            result = _run_in(mine, _name_a_holder, b.socket_path, holder.pid, TRIES)
+            grants = [r for r in b.records() if r.get("event") == "grant"]
+            gone = [r for r in b.records() if r.get("event") == "connection-refused"]
+            figures(tries=len(result["codes"]) + 1, **{f"code_{c}": result["codes"].count(c)
+                                                       for c in set(result["codes"])})
+        # each connection refused at once was one whose connector had exited, and says so
+        assert len(gone) == result["codes"].count("identity-unreadable"), gone
+        assert all("has exited before the broker could read its identity" in r["reason"] for r in gone), gone
+        assert result["live"] == "bad-holder", result
+        assert result["granted_at"] is None, (result, [g for g in grants if g["decision"] != "deny"][:1])
+        assert all(g["decision"] == "deny" for g in grants)
+    finally:
+        os.close(wfd)
+        holder.kill()
+        mine.rmdir()
+        theirs.rmdir()

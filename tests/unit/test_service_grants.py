@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
+from xskbroker.broker import peer as peers
 from xskbroker.broker.kernel import BUSY_RETRY_SECONDS
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.service import Deferred, Outcome
+from xskbroker.common import procfs
 from xskbroker.policy import parse_policy
 from xskbroker.wire import protocol as proto
 
@@ -301,6 +304,21 @@ def test_an_own_holder_gets_the_lease(rig: Rig) -> None:
     lease = rig.service.leases.get(reply["lease"])
     assert lease is not None and (lease.pid, lease.pid_start, lease.pid_ino) == (6000, 99, 12)
     assert out.holder_pid == 6000
+
+
+def test_a_requester_of_unknown_cgroup_may_not_name_a_holder_of_a_known_one(rig: Rig) -> None:
+    """Alice is pinned (a start time) but the kernel gave no cgroup path for her: a holder whose cgroup is known
+    (here this test's own process, real) is in another cgroup than hers, as far as anyone can tell."""
+    me, start = os.getpid(), procfs.process_start(os.getpid())
+    assert start is not None and peers.cgroup_of(me, start) is not None
+    rig.kernel.procs[me] = (ALICE.uid, start, None)
+    reply, _ = rig.grant(holder_pid=me)
+    assert reply["error"]["code"] == "bad-holder", reply
+    assert "(unknown: the kernel would not give its path)" in reply["error"]["message"]
+    # without SO_PEERPIDFD (no start time) no requester's cgroup is ever known: nothing to compare
+    unpinned = PeerInfo(ALICE.pid, ALICE.uid, ALICE.gid, ALICE.gids, ALICE.user)
+    reply, _ = rig.grant(peer=unpinned, holder_pid=me)
+    assert reply["ok"], reply
 
 
 # ---- quotas ------------------------------------------------------------------------------------------------
