@@ -137,6 +137,13 @@ class Connection:
             msg, fds, flags, _ = socket.recv_fds(self.sock, reply_size, MAX_FDS)
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise self._timed_out("answer") from None
+        except ConnectionResetError as e:
+            # refused on arrival, and closed with this request unread (it came after the broker had drained
+            # what was there): the kernel reports the reset before the refusal queued ahead of it
+            refusal = self._queued_refusal()
+            if refusal is not None:
+                raise refusal from None
+            raise ConnectionError(f"the broker closed the connection: {e.strerror or e}") from e
         if not msg or flags & _TRUNCATED:
             _close_all(fds)
             if not msg:

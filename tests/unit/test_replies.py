@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -293,6 +294,40 @@ def test_a_broker_that_never_answers_times_out_with_the_timeout_it_was_given(tmp
                     conn.call(proto.Hello())
                 assert 0.25 <= time.monotonic() - started < 3
                 assert peer.recv(proto.MAX_REQUEST)  # the request itself went out
+
+
+def test_a_refusal_on_arrival_is_read_though_the_close_left_the_request_unread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker refusing a connection on arrival sends its refusal, drains what came, and closes. A request that
+    came after the drain is left unread, and the kernel then fails the client's receive with ECONNRESET ahead of
+    the refusal queued for it: the client must still say the broker's reason, not "connection reset"."""
+    path = str(tmp_path / "refusing.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(path)
+        listener.listen()
+        with Connection(path, timeout=5) as conn:
+            peer, _ = listener.accept()
+            peer.send(proto.error_reply("too-many-connections", "the connection table is full", None))
+
+            def close_once_the_request_is_there() -> None:
+                select.select([peer], [], [], 5)
+                peer.close()  # unread
+
+            closer = threading.Thread(target=close_once_the_request_is_there)
+            closer.start()
+            real = socket.recv_fds
+
+            def after_the_close(*args: Any) -> Any:  # the client's receive comes after the close: the race's loser
+                closer.join()
+                return real(*args)
+
+            monkeypatch.setattr("xskbroker.client.connection.socket.recv_fds", after_the_close)
+            try:
+                with pytest.raises(BrokerError) as info:
+                    conn.call(proto.Hello())
+            finally:
+                closer.join()
+    assert info.value.code == "too-many-connections" and "table is full" in info.value.message
 
 
 def test_grant_fds_counts_what_every_kind_names_and_refuses_what_a_launcher_could_not_use() -> None:
