@@ -201,8 +201,8 @@ class Grants(BareGrants):
             for p in prepared:
                 p.abort(close=self.closer.close)  # a bound socket's close waits for a grace period
             for r in ready:
-                if r is not None:
-                    r.close()
+                if r is not None:  # untouched: still the pool's to give
+                    self.pool.give_back(g, r)
             self.pending.pop(id(prepared), None)
             if isinstance(e, OSError) and not isinstance(e, QueueBusy):
                 self.net.forget_interface(ifindex)  # the kernel said no: perhaps the device changed unannounced
@@ -243,8 +243,12 @@ class Grants(BareGrants):
                     fresh.append(self.kernel.claim(ifindex, q, prog.map_fd, req.bind_mode, req.need_wakeup))
                     prepared.append(fresh[-1])
                 else:
-                    prepared.append(self.kernel.claim_ready(r, ifindex, q, prog.map_fd, req.bind_mode,
-                                                            req.need_wakeup))
+                    try:
+                        prepared.append(self.kernel.claim_ready(r, ifindex, q, prog.map_fd, req.bind_mode,
+                                                                req.need_wakeup))
+                    except QueueBusy:
+                        ready[i] = r  # left as it was: back to the pool with the others
+                        raise
         except BaseException as e:
             raise abort(e, where[0]) from None
         # Claimed slots and pinned UMEM count against the quota from now on, while workers bind (and

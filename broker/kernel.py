@@ -136,7 +136,8 @@ class Kernel(Protocol):
 
     def claim_ready(self, ready: Ready, ifindex: int, queue: int, map_fd: int, bind_mode: str,
                     need_wakeup: bool) -> Prepared:
-        """The Prepared socket of a grant from a Ready one: its slot claimed (closed on failure)."""
+        """The Prepared socket of a grant from a Ready one: its slot claimed. QueueBusy leaves the Ready one as it
+        was (the caller's still); any other failure closes it."""
         ...
 
     def stop(self) -> None:

@@ -125,6 +125,20 @@ class UmemPool:
                 self._kick = True
         return got
 
+    def give_back(self, g: Geometry, ready: Ready) -> None:
+        """A socket take() gave for a grant that then failed before using it (its queue was held by another
+        socket): ready again, as if never taken. A client asking for a busy queue over and over would otherwise
+        cost the pool a socket, and its helper a refill, each time."""
+        with self._lock:
+            kind = self._kinds.get(g)
+            if kind is not None and not self._stopping:
+                kind.ready.append(ready)
+                self._bytes += cost(g)
+                self._sockets += 1
+                self._taken -= 1
+                return
+        ready.close()  # forgotten or stopping meanwhile
+
     def _forget_unused(self, keep: Geometry) -> None:
         """Past MAX_GEOMETRIES, forget the least recently asked geometries (but `keep`) that hold no socket (under
         the lock). Those holding one stay, MAX_SOCKETS + FILLERS of them at most: their sockets are closed off the

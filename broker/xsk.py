@@ -274,11 +274,14 @@ def make_unbound(g: Geometry, apart: Callable[[int | None], None] | None = None)
 def claim_unbound(u: Unbound, ifindex: int, queue: int, map_fd: int, bind_mode: str = "auto",
                   need_wakeup: bool = True, fault: Callable[[str], None] = _no_fault) -> PreparedSocket:
     """A prepared socket for a grant from an Unbound one: its xsks_map[queue] claim is all that is left
-    before the bind. On failure the Unbound one is closed (it was taken for this grant: never reused)."""
+    before the bind. A queue held by another socket (QueueBusy) left it as it was: still the caller's, to give
+    back to the pool. On any other failure it is closed."""
     try:
         fault("after-socket")
         claim_slot(map_fd, queue, u.sock.fileno())
         fault("after-map-claim")
+    except QueueBusy:
+        raise
     except BaseException:
         u.close()
         raise

@@ -342,6 +342,8 @@ class FakeKernel:
         except OSError:
             ready.close()
             raise
+        if (self.maps[map_fd], queue) in self.slots:  # as the kernel's: a busy queue leaves it the caller's
+            raise QueueBusy(errno.EBUSY, f"queue {queue} is held by another socket")
         self._claim_slot(map_fd, queue, ready.sock)
         return FakePrepared(self, ready.sock, ifindex, queue, map_fd, ready.umem_fd)
 
