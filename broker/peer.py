@@ -10,6 +10,7 @@ import pwd
 import socket
 import struct
 import time
+from collections.abc import Iterable
 
 from xskbroker.common.procfs import has_exited, is_process, own_caps, pidfd_ino, pidfd_open, process_start
 from xskbroker.common.records import field, record
@@ -19,7 +20,11 @@ SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 SO_PEERSEC = getattr(socket, "SO_PEERSEC", 31)
 MAX_LABEL = 4096  # the kernel's own bound on a security context handed out through SO_PEERSEC
 _UCRED = struct.Struct("=iII")
-MAX_GROUPS = 65536
+MAX_GROUPS = 65536  # NGROUPS_MAX
+# Supplementary groups a peer may have and still be judged. Any user with subordinate gids (newgidmap) can
+# have 65,536 in a user namespace of its own, and what is judged per group (the policy's numeric group
+# entries, a quota for each group "*", the lease journal's record) would then cost every client the loop's time.
+MAX_PEER_GROUPS = 1024
 
 
 @record(frozen=True)
@@ -63,17 +68,21 @@ def read_sockopt(sock: socket.socket, opt: int, size: int) -> bytes:
     return buf.raw[:length.value]
 
 
-def peer_groups(sock: socket.socket) -> frozenset[int]:
+def peer_groups(sock: socket.socket, most: int = MAX_GROUPS) -> frozenset[int] | None:
+    """The peer's supplementary groups as the kernel recorded them at connect(2); None if there are more than
+    `most` of them (the list is never read past that)."""
     size = 64 * 4
     while True:
         try:
             raw = read_sockopt(sock, SO_PEERGROUPS, size)
             return frozenset(struct.unpack(f"={len(raw) // 4}I", raw[:len(raw) - len(raw) % 4]))
         except OSError as e:
-            # the list is longer than the buffer: grow it (bounded by NGROUPS_MAX)
-            if e.errno != errno.ERANGE or size >= MAX_GROUPS * 4:
+            # the list is longer than the buffer: grow it, up to `most`
+            if e.errno != errno.ERANGE:
                 raise
-            size *= 4
+            if size >= most * 4:
+                return None
+            size = min(size * 4, most * 4)
 
 
 def peer_pidfd(sock: socket.socket | None, pid: int) -> int | None:
@@ -86,6 +95,39 @@ def peer_pidfd(sock: socket.socket | None, pid: int) -> int | None:
 
 NAME_TTL = 30.0  # seconds a resolved user/group name is trusted: NSS (files, LDAP, sssd) is slow to ask
 _names: dict[tuple[str, int], tuple[float, str | None]] = {}
+
+
+class GroupNames:
+    """A peer's group names, as far as the policy can tell them apart: of the group names the policy names, those
+    whose gid (NSS, asked at most once per NAME_TTL per name) the peer holds.
+
+    Not NSS asked for the name of each of the peer's gids: that was one lookup per gid per new connection, on
+    the loop, and the peer chooses its gids (65,536 of them froze every client for 5 s a connect)."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self.names = frozenset(names)
+        self._gids: dict[str, tuple[float, int | None]] = {}
+
+    def use(self, names: frozenset[str]) -> None:
+        """Judge by these names from now on (a policy reload); what is known of names kept stays."""
+        if names != self.names:
+            self.names = names
+            self._gids = {n: v for n, v in self._gids.items() if n in names}
+
+    def of(self, gids: frozenset[int]) -> frozenset[str]:
+        now = time.monotonic()
+        out = []
+        for name in self.names:
+            hit = self._gids.get(name)
+            if hit is None or now - hit[0] >= NAME_TTL:
+                try:
+                    gid: int | None = grp.getgrnam(name).gr_gid
+                except (KeyError, ValueError):  # no such group (ValueError: a name with a NUL)
+                    gid = None
+                hit = self._gids[name] = (now, gid)
+            if hit[1] is not None and hit[1] in gids:
+                out.append(name)
+        return frozenset(out)
 
 
 def _name(lookup, ident: int) -> str | None:  # type: ignore[no-untyped-def]
@@ -127,24 +169,32 @@ def peer_exe(pid: int, uid: int) -> str | None:
         return None
 
 
-class PeerGone(OSError):
-    """The process that connected had exited before the broker read who it is: what the kernel recorded at
-    connect (peer: pid, uid, gid, groups) is all there is, and the connection is in other hands, if any."""
+class Unjudgeable(Exception):
+    """A peer the broker will not judge, and why (what the kernel recorded at connect is in peer)."""
 
-    def __init__(self, peer: PeerInfo) -> None:
-        super().__init__(errno.ESRCH, f"the process that connected (pid {peer.pid}) has exited")
-        self.peer = peer
+    def __init__(self, peer: PeerInfo, why: str) -> None:
+        super().__init__(why)
+        self.peer, self.why = peer, why
 
 
-def identify(sock: socket.socket) -> PeerInfo:
-    """Raises PeerGone when the kernel says the connecting process has exited, OSError when the socket fails."""
+def identify(sock: socket.socket, groups: GroupNames) -> PeerInfo:
+    """Raises Unjudgeable for a peer that cannot be judged (its process has exited; too many groups), OSError
+    when the socket fails."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    gids = peer_groups(sock) | {gid}
+    supplementary = peer_groups(sock, MAX_PEER_GROUPS)
+    if supplementary is None:
+        raise Unjudgeable(PeerInfo(pid, uid, gid, frozenset({gid}), _name(pwd.getpwuid, uid)),
+                          f"it is in more than {MAX_PEER_GROUPS} supplementary groups, the most the broker judges; "
+                          f"run it with fewer (setgroups)")
+    gids = supplementary | {gid}
     exe = peer_exe(pid, uid)
-    names = frozenset(n for n in (_name(grp.getgrgid, g) for g in gids) if n)
+    names = groups.of(gids)
     found = _peer_identity(sock, pid)
     if found is None:
-        raise PeerGone(PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names))
+        raise Unjudgeable(PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names),
+                          f"the process that connected (pid {pid}) has exited before the broker could read its "
+                          "identity; a connection is judged as the process that made it, so connect from the "
+                          "process that makes the requests")
     cgroup, start, ino = found
     return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup, start, ino, peer_label(sock))
 

@@ -80,6 +80,8 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, tuple[socket.socket, peers.PeerInfo]] = {}
         self.connected = Connected()  # the peers of self.conns, tallied for admission
+        self.group_names = peers.GroupNames()  # the policy's group names, and their gids as NSS last said
+        self._named_by: Policy | None = None  # the policy group_names holds the names of
         # the lease holders' pidfds (pid -> pidfd), shared with the service's signal_holder when the daemon
         # gave both the same Holders
         self.holders = holders if holders is not None else Holders()
@@ -308,11 +310,13 @@ class Server:
         """Who is at the other end of a new connection (the broker's or an endpoint's); None once the connection
         is closed: its peer is gone, its identity cannot be judged (refuse(peer, why) answers and closes), or a
         bug (recorded: it costs one connection, never the broker)."""
+        if self.service.policy is not self._named_by:  # a reload: the names a peer's groups are judged by
+            self._named_by = self.service.policy
+            self.group_names.use(self._named_by.group_names)
         try:
-            who = peers.identify(conn)
-        except peers.PeerGone as e:
-            refuse(e.peer, f"{e.strerror} before the broker could read its identity; a connection is judged as the "
-                           "process that made it, so connect from the process that makes the requests")
+            who = peers.identify(conn, self.group_names)
+        except peers.Unjudgeable as e:
+            refuse(e.peer, e.why)
             return None
         except OSError:
             conn.close()

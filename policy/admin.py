@@ -7,11 +7,11 @@ wildcard (an admin table that matched everyone by accident would hand out revoca
 
 from __future__ import annotations
 
-from .decide import Peer
+from .decide import Peer, in_groups
 from .model import Admin
 
 
 def is_admin(admin: Admin, peer: Peer) -> bool:
     """True when the peer's uid or user name, or one of its groups (by name or gid), is listed in [admin]."""
     return (str(peer.uid) in admin.users or (peer.user is not None and peer.user in admin.users)
-            or any(g in admin.groups for g in peer.groups) or any(str(g) in admin.groups for g in peer.gids))
+            or in_groups(admin.groups, peer))

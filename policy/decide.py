@@ -109,7 +109,18 @@ def user_matches(rule: Rule, peer: Peer) -> bool:
         return True
     if str(peer.uid) in rule.users or (peer.user is not None and peer.user in rule.users):
         return True
-    return any(g in rule.groups for g in peer.groups) or any(str(g) in rule.groups for g in peer.gids)
+    return in_groups(rule.groups, peer)
+
+
+def in_groups(entries: frozenset[str], peer: Peer) -> bool:
+    """Whether the peer is in a group the entries name: by name, or by gid written as a number ("106").
+    Costs the entries, not the peer's groups: a peer chooses how many of those it has."""
+    return any(g in entries for g in peer.groups) or any(_gid(e) in peer.gids for e in entries)
+
+
+def _gid(entry: str) -> int | None:
+    """The gid a group entry writes as a plain decimal number (as str(gid) spells it), else None."""
+    return int(entry) if entry.isascii() and entry.isdigit() and str(int(entry)) == entry else None
 
 
 def interface_matches(rule: Rule, interface: str) -> bool:

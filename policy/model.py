@@ -148,3 +148,9 @@ class Policy:
     @property
     def deny_rules(self) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if r.action == "deny")
+
+    @property
+    def group_names(self) -> frozenset[str]:
+        """Every group entry of the rules, quotas and [admin]: the names a peer's groups are judged by."""
+        return frozenset().union(*(r.groups for r in self.rules), *(q.groups for q in self.quotas),
+                                 self.admin.groups)

@@ -31,7 +31,7 @@ class Holding:
     connections: int = 0
 
     def in_group(self, group: str) -> bool:
-        return group in self.groups or (group.isdigit() and int(group) in self.gids)
+        return group in self.groups or (group.isascii() and group.isdigit() and int(group) in self.gids)
 
 
 Scope = tuple[str, str]  # ("user", "<uid>") or ("group", "<name or gid as the quota spells it>")

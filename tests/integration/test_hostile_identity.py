@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import json
 import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from xskbroker.broker.peer import MAX_PEER_GROUPS
 from xskbroker.client.connection import Connection
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
+from xskbroker.common.privileges import drop_to
+from xskbroker.testbed.sandbox import BrokerProcess, Child, VethNamespace, fork_child, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
@@ -150,7 +154,7 @@ def test_a_member_of_more_than_256_groups_is_identified_with_all_of_them(tmp_pat
             conn, _ = listener.accept()
             with conn:
                 assert peer.peer_groups(conn) == frozenset(groups)
-                who = peer.identify(conn)
+                who = peer.identify(conn, peer.GroupNames())
                 assert who.pid == pid and frozenset(groups) <= who.gids
                 try:  # the kernel is asked with a buffer past Python's 1 KiB: its own answer comes back
                     label = peer.read_sockopt(conn, peer.SO_PEERSEC, peer.MAX_LABEL)
@@ -334,3 +338,74 @@ def test_a_holder_in_another_cgroup_cannot_be_named_by_hiding_the_requesters_cgr
         holder.kill()
         mine.rmdir()
         theirs.rmdir()
+
+
+# ---- a client in very many groups ------------------------------------------------------------------------------
+
+MANY_GROUPS_POLICY = """version = 1
+
+[[allow]]
+name = "staff"
+groups = ["staff"]
+interfaces = ["xsk*"]
+kinds = ["bound"]
+max_umem = "4MiB"
+
+[[quota]]
+name = "each-group"
+groups = ["*"]
+max_queues = 4
+"""
+
+
+def _connect_in_groups(path: str, gate: int) -> dict[str, Any]:
+    if os.fdopen(gate, "r").readline().strip() != "go":
+        raise RuntimeError("no go")
+    started = time.monotonic()
+    try:
+        with Connection(path) as c:
+            _, fds = c.call(proto.Grant("xsk0", (1,), geometry=SMALL))
+        for fd in fds:
+            os.close(fd)
+        return {"code": "ok", "s": time.monotonic() - started}
+    except proto.BrokerError as e:
+        return {"code": e.code, "message": e.message, "s": time.monotonic() - started}
+
+
+def _in_groups(path: str, gids: list[int]) -> Child:
+    """The consumer uid with these supplementary groups (set while still root, as a user namespace with
+    subordinate gids would let the user itself), asking for a grant."""
+    rfd, wfd = os.pipe()
+    child = fork_child(lambda: drop_to(CONSUMER_UID, CONSUMER_UID, gids), CONSUMER_UID, _connect_in_groups, path,
+                       rfd)
+    os.close(rfd)
+    os.write(wfd, b"go\n")
+    os.close(wfd)
+    return child
+
+
+@pytest.mark.parametrize("count", [65536, 1024])
+def test_a_client_in_very_many_groups_stalls_nobody(veth: VethNamespace, count: int,
+                                                    figures) -> None:  # type: ignore[no-untyped-def]
+    """The broker asked NSS for the name of each of a peer's groups, on the loop: a client in 65,536 groups (any
+    user with subordinate gids can be, in a user namespace of its own) froze every client for ~5 s per connect.
+    Now a peer's group names are those the policy names, and a peer in more groups than the broker judges is
+    refused at once. A member of 1024, one of them named in the policy, is judged by that name."""
+    gids = [grp.getgrnam("staff").gr_gid, *range(400_000, 400_000 + count - 1)]
+    with BrokerProcess(veth.name, MANY_GROUPS_POLICY) as b, Connection(b.socket_path) as probe:
+        child = _in_groups(b.socket_path, gids)
+        worst = 0.0
+        while child.alive():
+            t = time.monotonic()
+            probe.call(proto.Hello())
+            worst = max(worst, time.monotonic() - t)
+            time.sleep(0.005)
+        result = child.result()
+    figures(groups=count, code=result["code"], client_s=round(result["s"], 3),
+            worst_probe_hello_ms=round(worst * 1e3, 1))
+    assert worst < 0.5, (worst, result)
+    if count > MAX_PEER_GROUPS:
+        assert result["code"] == "identity-unreadable", result
+        assert f"more than {MAX_PEER_GROUPS} supplementary groups" in result["message"], result
+    else:
+        assert result["code"] == "ok", result  # by the name "staff", one of its 1024 groups
