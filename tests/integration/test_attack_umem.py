@@ -269,14 +269,14 @@ users = [0]
 ASKED = 600  # distinct geometries; the pool remembers at most MAX_SOCKETS (96) of those holding no socket
 
 
-def _ask_new_geometries(path: str, n: int) -> list[tuple[str, int]]:
-    """Hold queue 0, then ask for it again n times, each time with a geometry never asked before: each grant is
-    refused (queue-busy), after the pool was asked for a socket of that geometry."""
+def _ask_a_held_queue(path: str, geometries: list[proto.Geometry], pause: float = 0.0) -> list[tuple[str, int]]:
+    """Hold queue 0, then ask for it again with each geometry (after `pause` seconds): each grant is refused
+    (queue-busy), after the pool was asked for a socket of that geometry."""
     codes: dict[str, int] = {}
     with Connection(path) as c:
         c.call(proto.Grant("xsk0", (0,), geometry=SMALL))
-        for i in range(n):
-            g = proto.Geometry(umem_size=(2 + i) * 4096, fill=64, completion=64, rx=64, tx=64)
+        for g in geometries:
+            time.sleep(pause)
             try:
                 c.call(proto.Grant("xsk0", (0,), geometry=g))
                 code = "ok"
@@ -286,6 +286,11 @@ def _ask_new_geometries(path: str, n: int) -> list[tuple[str, int]]:
     return sorted(codes.items())
 
 
+def _new_geometries(n: int) -> list[proto.Geometry]:
+    """n geometries never asked before."""
+    return [proto.Geometry(umem_size=(2 + i) * 4096, fill=64, completion=64, rx=64, tx=64) for i in range(n)]
+
+
 def test_geometries_asked_for_once_are_not_remembered_without_end(figures) -> None:  # type: ignore[no-untyped-def]
     """The pool remembered every geometry ever asked for (~1 KiB each, never forgotten but on SIGHUP or link
     removal): one allowed client asking for a new one each time grew the broker without end, refused or not."""
@@ -293,7 +298,8 @@ def test_geometries_asked_for_once_are_not_remembered_without_end(figures) -> No
 
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=1) as ns, \
             BrokerProcess(ns.name, POOL_POLICY, umem_pool="64M") as b:
-        codes = spawn_unprivileged(_ask_new_geometries, b.socket_path, ASKED, uid=CONSUMER_UID).result(120)
+        codes = spawn_unprivileged(_ask_a_held_queue, b.socket_path, _new_geometries(ASKED),
+                                   uid=CONSUMER_UID).result(120)
         assert codes == [("queue-busy", ASKED)], codes
         with Connection(b.socket_path) as c:
             pool = c.call(proto.Status())[0]["metrics"]["pool"]
@@ -308,29 +314,14 @@ def test_geometries_asked_for_once_are_not_remembered_without_end(figures) -> No
 BUSY_ASKS = 30
 
 
-def _ask_a_busy_queue(path: str, n: int) -> list[tuple[str, int]]:
-    """Hold queue 0, then ask for it again n times with the same geometry: each refused queue-busy, after the pool
-    gave a ready socket for it."""
-    codes: dict[str, int] = {}
-    with Connection(path) as c:
-        c.call(proto.Grant("xsk0", (0,), geometry=SMALL))
-        for _ in range(n):
-            time.sleep(0.02)  # the pool refills between asks, as it would between a client's retries
-            try:
-                c.call(proto.Grant("xsk0", (0,), geometry=SMALL))
-                code = "ok"
-            except proto.BrokerError as e:
-                code = e.code
-            codes[code] = codes.get(code, 0) + 1
-    return sorted(codes.items())
-
-
 def test_a_busy_queue_asked_for_again_costs_the_pool_nothing(figures) -> None:  # type: ignore[no-untyped-def]
     """A grant refused because its queue was held closed the socket the pool had given it: a client retrying a
     busy queue cost the pool a socket and its helper process a refill (pinning a UMEM) each time."""
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=1) as ns, \
             BrokerProcess(ns.name, POOL_POLICY, umem_pool="64M") as b:
-        codes = spawn_unprivileged(_ask_a_busy_queue, b.socket_path, BUSY_ASKS, uid=CONSUMER_UID).result(60)
+        # the pool refills between asks, as it would between a client's retries
+        codes = spawn_unprivileged(_ask_a_held_queue, b.socket_path, [SMALL] * BUSY_ASKS, 0.02,
+                                   uid=CONSUMER_UID).result(60)
         assert codes == [("queue-busy", BUSY_ASKS)], codes
         with Connection(b.socket_path) as c:
             pool = c.call(proto.Status())[0]["metrics"]["pool"]

@@ -189,24 +189,26 @@ SMALL = proto.Geometry(umem_size=1 << 20, fill=64, completion=64, rx=64, tx=64)
 TRIES = 200  # before the fix the broker lost the race to the connector's exit within ~15 tries here
 
 
-def _ask(s: socket.socket, request: proto.Request) -> tuple[bytes, list[int]]:
-    """Send, and receive the reply. A connection whose connector has exited is refused at once: the refusal is
-    sent and the connection closed, maybe before this send (EPIPE) or just after it (the request left unread, so
-    the first receive fails ECONNRESET): the refusal is still there to read."""
+def _ask(s: socket.socket, request: proto.Request) -> dict[str, Any]:
+    """Send, and receive the reply (its fds closed). A connection whose connector has exited is refused at once:
+    the refusal is sent and the connection closed, maybe before this send (EPIPE) or just after it (the request
+    left unread, so the first receive fails ECONNRESET): the refusal is still there to read."""
     with contextlib.suppress(BrokenPipeError):
         s.send(proto.encode_request(request))
     try:
         data, fds, _, _ = socket.recv_fds(s, 1 << 16, 8)
     except ConnectionResetError:
         data, fds, _, _ = socket.recv_fds(s, 1 << 16, 8)
-    return data, fds
+    for fd in fds:
+        os.close(fd)
+    reply: dict[str, Any] = json.loads(data)
+    return reply
 
 
-def _grant_through_a_connection_its_connector_left(path: str, tries: int, gate: int) -> dict[str, Any]:
-    """A child connects and exits at once, leaving the connection (the same open socket) to this process, in the
-    same cgroup: when the broker reads the connector's identity only after that exit, its cgroup is unknown."""
-    if os.fdopen(gate, "r").readline().strip() != "go":
-        raise RuntimeError("no go")
+def _through_left_connections(path: str, request: proto.Request, tries: int) -> dict[str, Any]:
+    """Up to `tries` times: a child connects and exits at once, leaving the connection (the same open socket) to
+    this process, in the same cgroup, which sends the request. When the broker reads the connector's identity only
+    after that exit, its cgroup is unknown. The first grant ends it."""
     codes: list[str] = []
     for attempt in range(tries):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
@@ -217,14 +219,17 @@ def _grant_through_a_connection_its_connector_left(path: str, tries: int, gate: 
                 finally:
                     os._exit(0)
             os.waitpid(connector, 0)
-            data, fds = _ask(s, proto.Grant("xsk0", (0,), geometry=SMALL))
-            for fd in fds:
-                os.close(fd)
-            reply = json.loads(data)
-            if reply["ok"]:
-                return {"granted_at": attempt, "lease": reply["lease"], "codes": codes}
-            codes.append(reply["error"]["code"])
+            reply = _ask(s, request)
+        if reply["ok"]:
+            return {"granted_at": attempt, "lease": reply["lease"], "codes": codes}
+        codes.append(reply["error"]["code"])
     return {"granted_at": None, "codes": codes}
+
+
+def _grant_through_a_connection_its_connector_left(path: str, tries: int, gate: int) -> dict[str, Any]:
+    if os.fdopen(gate, "r").readline().strip() != "go":
+        raise RuntimeError("no go")
+    return _through_left_connections(path, proto.Grant("xsk0", (0,), geometry=SMALL), tries)
 
 
 def test_a_deny_naming_the_clients_cgroup_cannot_be_escaped_by_hiding_the_cgroup(veth: VethNamespace,
@@ -285,24 +290,7 @@ def _name_a_holder(path: str, holder: int, tries: int, gate: int) -> dict[str, A
         live = "granted"
     except proto.BrokerError as e:
         live = e.code
-    codes: list[str] = []
-    for attempt in range(tries):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-            connector = os.fork()
-            if connector == 0:
-                try:
-                    s.connect(path)
-                finally:
-                    os._exit(0)
-            os.waitpid(connector, 0)
-            data, fds = _ask(s, grant)
-            for fd in fds:
-                os.close(fd)
-            reply = json.loads(data)
-            if reply["ok"]:
-                return {"live": live, "granted_at": attempt, "codes": codes}
-            codes.append(reply["error"]["code"])
-    return {"live": live, "granted_at": None, "codes": codes}
+    return {"live": live, **_through_left_connections(path, grant, tries)}
 
 
 def test_a_holder_in_another_cgroup_cannot_be_named_by_hiding_the_requesters_cgroup(veth: VethNamespace,
