@@ -170,7 +170,7 @@ def test_a_member_of_more_than_256_groups_is_identified_with_all_of_them(tmp_pat
 
 # ---- a deny naming the client's cgroup, escaped by making that cgroup unknown -------------------------------
 
-DENY_POLICY = f"""version = 1
+BOUND_POLICY = f"""version = 1
 
 [[allow]]
 name = "consumer"
@@ -178,7 +178,8 @@ users = [{CONSUMER_UID}]
 interfaces = ["xsk*"]
 kinds = ["bound"]
 max_umem = "4MiB"
-
+"""
+DENY_POLICY = BOUND_POLICY + """
 [[deny]]
 name = "not-from-the-sandbox"
 users = ["*"]
@@ -259,17 +260,6 @@ def test_a_deny_naming_the_clients_cgroup_cannot_be_escaped_by_hiding_the_cgroup
 
 # ---- a holder in another cgroup, named through a connection whose connector has exited -----------------------
 
-HOLDER_POLICY = f"""version = 1
-
-[[allow]]
-name = "consumer"
-users = [{CONSUMER_UID}]
-interfaces = ["xsk*"]
-kinds = ["bound"]
-max_umem = "4MiB"
-"""
-
-
 def _hold(gate: int, ours: int) -> dict[str, Any]:
     """A process of the consumer's uid in another cgroup (another VM's QEMU): lives until the gate closes."""
     os.close(ours)  # the test's end, inherited at the fork
@@ -309,7 +299,7 @@ def test_a_holder_in_another_cgroup_cannot_be_named_by_hiding_the_requesters_cgr
     os.close(rfd)
     try:
         (theirs / "cgroup.procs").write_text(str(holder.pid))
-        with BrokerProcess(veth.name, HOLDER_POLICY) as b:
+        with BrokerProcess(veth.name, BOUND_POLICY) as b:
             result = _run_in(mine, _name_a_holder, b.socket_path, holder.pid, TRIES)
             grants = [r for r in b.records() if r.get("event") == "grant"]
             gone = [r for r in b.records() if r.get("event") == "connection-refused"]
