@@ -325,21 +325,37 @@ class Grants(BareGrants):
 
     def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program,
                       prepared: list[Prepared]) -> Outcome:
-        made = [p.finish() for p in prepared]
-        fds: list[int] = []
-        sockets = []
-        for s in made:
-            sockets.append(BoundSocket.of(s.queue, len(fds), len(fds) + 1, s.bind_flags, s.zerocopy, req.geometry))
-            fds += [s.xsk_fd, s.umem_fd]
-        return self._lease(peer, req, ifindex, prog, fds, sockets=tuple(sockets))
+        made: list[Any] = []
+        try:
+            for p in prepared:
+                made.append(p.finish())
+            fds: list[int] = []
+            sockets = []
+            for s in made:
+                sockets.append(BoundSocket.of(s.queue, len(fds), len(fds) + 1, s.bind_flags, s.zerocopy,
+                                              req.geometry))
+                fds += [s.xsk_fd, s.umem_fd]
+            return self._lease(peer, req, ifindex, prog, fds, sockets=tuple(sockets))
+        except BaseException:  # nothing granted: no slot, socket or memfd left (closes wait for a grace period)
+            for p in prepared[len(made):]:
+                p.abort(close=self.closer.close)
+            for s in made:
+                with contextlib.suppress(OSError):
+                    self.kernel.map_delete(prog.map_fd, s.queue)
+                self.closer.close([s.xsk_fd, s.umem_fd])
+            raise
 
     def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program, fds: list[int],
                queues: tuple[int, ...] | None = None, **fields: Any) -> Outcome:
         # recorded (and persisted) before the fds leave: a crash after this line leaves a record that
         # recovery checks against the kernel, never a socket nobody accounts for
-        lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
-                                req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)), peer.start,
-                                peer.ino, peer.cgroup)
+        try:
+            lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
+                                    req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)),
+                                    peer.start, peer.ino, peer.cgroup)
+        except OSError as e:  # a lease that cannot be recorded is not granted (the caller undoes what it made)
+            raise Refused(ErrorCode.KERNEL_ERROR, f"{e.strerror}; nothing was granted",
+                          errno=errno.errorcode.get(e.errno or 0, str(e.errno))) from None
         self.fault("after-lease-saved")
         reply = GrantReply(lease.id, req.kind, req.interface, ifindex, prog.mode, prog.prog_id, holder_pid=peer.pid,
                            req_id=req.req_id, **fields)

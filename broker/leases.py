@@ -23,6 +23,7 @@ from xskbroker.wire.replies import LeaseInfo
 STATE_VERSION = 1
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one for every journal line: json.dumps makes one per call
 COMPACT_LINES = 1000
+JOURNAL_RETRY_SECONDS = 5.0  # a journal behind the table (a full file system) is rewritten this often until it can be
 @record
 class Lease:
     id: str
@@ -87,6 +88,10 @@ class LeaseTable:
         self._compact_after = COMPACT_LINES  # lines past the leases' own before compact_if_due compacts
         # every lease ends through remove(): the service undoes there what the lease did outside the table
         self.on_end: Callable[[Lease], None] = lambda lease: None
+        # the journal could not be written (the error), or could again (None): the service audits it
+        self.on_journal: Callable[[OSError | None], None] = lambda error: None
+        self.unjournaled: OSError | None = None  # the journal on disk is behind the table (a full file system)
+        self._retry_at = 0.0
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -116,7 +121,15 @@ class LeaseTable:
                 self._remove(old.id)
                 ended.append({"end": old.id})
         self._insert(lease)
-        self._append(*ended, {"lease": lease.record()})  # one write for the grant, ends and all
+        try:
+            self._append(*ended, {"lease": lease.record()})  # one write for the grant, ends and all
+        except OSError as e:  # not recorded, so not granted; the ends stand (the kernel freed those slots)
+            self._remove(lease.id)
+            del self._ended[lease.id]
+            self._broken(e)
+            for entry in ended:
+                self.on_end(self._ended.pop(entry["end"]))
+            raise OSError(e.errno, f"the lease journal {self.state_file} cannot be written: {e.strerror}") from e
         for entry in ended:
             self.on_end(self._ended.pop(entry["end"]))
         return lease
@@ -134,7 +147,7 @@ class LeaseTable:
     def remove(self, lease_id: str) -> Lease | None:
         lease = self._remove(lease_id)
         if lease:
-            self._append({"end": lease_id})
+            self._append_or_note({"end": lease_id})  # ended all the same: what it held is freed
             self.on_end(self._ended.pop(lease_id))
         return lease
 
@@ -177,7 +190,25 @@ class LeaseTable:
 
     def record(self, lease: Lease) -> None:
         """Journal a new or changed lease (a later record of the same id replaces the earlier one)."""
-        self._append({"lease": lease.record()})
+        self._append_or_note({"lease": lease.record()})
+
+    def _append_or_note(self, entry: dict[str, Any]) -> None:
+        """A change the table makes whatever the disk says (an end, an orphan, a revocation): a journal that
+        cannot take it is behind, and is rewritten whole once it can (compact_if_due). A restart meanwhile
+        recovers from the older journal, which recovery checks against the kernel."""
+        try:
+            self._append(entry)
+        except OSError as e:
+            self._broken(e)
+
+    def _broken(self, error: OSError) -> None:
+        if self._journal is not None:
+            with contextlib.suppress(OSError):
+                self._journal.close()
+            self._journal = None  # the next write rewrites the whole journal (compact), and so catches up
+        if self.unjournaled is None:
+            self.on_journal(error)
+        self.unjournaled = error
 
     def _append(self, *entries: dict[str, Any]) -> None:
         if not self.state_file:
@@ -193,9 +224,19 @@ class LeaseTable:
         os.write(self._journal.fileno(), "".join(_ENCODER.encode(e) + "\n" for e in entries).encode())
         self._lines += len(entries)
 
-    def compact_if_due(self) -> None:
+    def compact_if_due(self, now: float | None = None) -> None:
         """Compact a journal grown past 1000 lines beyond what the leases need (the server calls it after each
-        round of requests). A compaction that fails is tried again after another 1000 lines."""
+        round of requests). A compaction that fails is tried again after another 1000 lines; a journal behind
+        the table (unjournaled) is rewritten every few seconds until it can be."""
+        if self.unjournaled is not None and self.state_file:
+            now = time.monotonic() if now is None else now
+            if now >= self._retry_at:
+                self._retry_at = now + JOURNAL_RETRY_SECONDS
+                try:
+                    self.compact()
+                except OSError as e:
+                    self.unjournaled = e
+            return
         if self._journal is not None and self._lines > self._compact_after + 4 * len(self._by_id):
             try:
                 self.compact()
@@ -227,6 +268,9 @@ class LeaseTable:
         self._journal = f
         self._lines = len(self._by_id)
         self._compact_after = COMPACT_LINES
+        if self.unjournaled is not None:
+            self.unjournaled = None
+            self.on_journal(None)
 
     def close(self) -> None:
         if self._journal is not None:

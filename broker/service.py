@@ -74,6 +74,10 @@ class Service(Grants, Lifecycle):
         self.kernel = kernel if kernel is not None else LinuxKernel(fault)
         self.leases = LeaseTable(state_file)
         self.leases.on_end = self._lease_ended
+        self.leases.on_journal = lambda error: self.audit(
+            {"event": "journal-write-failed", "path": state_file, "error": str(error),
+             "effect": "grants are refused until it can be written; ends and changes are kept and written then"}
+            if error is not None else {"event": "journal-written", "path": state_file})
         self.raised: dict[int, MemlockRaise] = {}
         self.programs: dict[int, Program] = {}
         self.names: dict[int, str] = {}
