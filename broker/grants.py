@@ -203,6 +203,7 @@ class Grants(BareGrants):
             for r in ready:
                 if r is not None:  # untouched: still the pool's to give
                     self.pool.give_back(g, r)
+            self.pool.refused(g, len(req.queues))
             self.pending.pop(id(prepared), None)
             if isinstance(e, OSError) and not isinstance(e, QueueBusy):
                 self.net.forget_interface(ifindex)  # the kernel said no: perhaps the device changed unannounced

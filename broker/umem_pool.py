@@ -55,13 +55,14 @@ def cost(g: Geometry) -> int:
 class _Kind:
     """The sockets of one geometry: those ready, those being made, how many to keep, and who asked."""
 
-    __slots__ = ("interfaces", "making", "ready", "target")
+    __slots__ = ("asks", "interfaces", "making", "ready", "target")
 
     def __init__(self) -> None:
         self.ready: list[Ready] = []
         self.making = 0
         self.target = PER_GEOMETRY
         self.interfaces: set[int] = set()
+        self.asks = 0  # takes of it since it was first asked (refused() forgets one no grant but a refused asked)
 
 
 class UmemPool:
@@ -103,6 +104,7 @@ class UmemPool:
                 kind = self._kinds[g] = _Kind()
                 self._forget_unused(keep=g)
             self._kinds.move_to_end(g)
+            kind.asks += 1
             kind.interfaces.add(ifindex)
             self._last_take = time.monotonic()
             kind.target = max(kind.target, PER_GEOMETRY)
@@ -124,6 +126,15 @@ class UmemPool:
             else:
                 self._kick = True
         return got
+
+    def refused(self, g: Geometry, takes: int) -> None:
+        """A grant of g that made `takes` take() calls was refused: if those were all g was ever asked (nothing
+        ready nor being made for it), g is forgotten. A refused request teaches the pool nothing: a client asking
+        a held queue with a new geometry each time had the helper pin two sockets of each, nobody's to take."""
+        with self._lock:
+            kind = self._kinds.get(g)
+            if kind is not None and kind.asks <= takes and not kind.ready and not kind.making:
+                del self._kinds[g]
 
     def give_back(self, g: Geometry, ready: Ready) -> None:
         """A socket take() gave for a grant that then failed before using it (its queue was held by another
