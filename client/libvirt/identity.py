@@ -27,8 +27,14 @@ class Identity:
 
 
 def identity_from_status(status_text: str) -> Identity:
-    # the effective ids (the second of real, effective, saved, fs): those the broker sees with SO_PEERCRED
-    uid, gid = procfs.status_ids(status_text, "Uid")[1], procfs.status_ids(status_text, "Gid")[1]
+    """The ids a process runs as; ValueError for a set-user-id or set-group-id one (its ids differ).
+
+    QEMU never is one, but whoever listens on a QMP socket can exec one (su, passwd, sudo waiting for a
+    password) and so make /proc name root as "QEMU's" user: the agent would then ask the broker as root."""
+    uids, gids = procfs.status_ids(status_text, "Uid"), procfs.status_ids(status_text, "Gid")
+    if len(set(uids)) != 1 or len(set(gids)) != 1:
+        raise ValueError(f"the process runs set-user-id or set-group-id (uids {uids}, gids {gids}): it is not QEMU")
+    uid, gid = uids[1], gids[1]  # all four are equal: the effective ones are those the broker sees
     groups = procfs.status_fields(status_text).get("Groups", "")
     return Identity(uid, gid, tuple(int(g) for g in groups.split()))
 

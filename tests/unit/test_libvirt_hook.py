@@ -406,8 +406,12 @@ def test_a_fake_virsh_gets_the_fd(tmp_path: Path) -> None:
 
 
 def test_proc_parsing() -> None:
-    status = "Name:\tqemu\nUid:\t64055\t64055\t64055\t64055\nGid:\t1000\t64055\t64055\t64055\nGroups:\t108 64055 \n"
+    status = "Name:\tqemu\nUid:\t64055\t64055\t64055\t64055\nGid:\t64055\t64055\t64055\t64055\nGroups:\t108 64055 \n"
     assert lvid.identity_from_status(status) == lvid.Identity(64055, 64055, (108, 64055))
+    # a set-group-id or set-user-id process is never QEMU (test_libvirt_qmp_peer.py: an exec'd setuid program)
+    for ids in ("Uid:\t1000\t0\t0\t0\nGid:\t1000\t1000\t1000\t1000\n", "Uid:\t7\t7\t7\t7\nGid:\t1000\t42\t42\t42\n"):
+        with pytest.raises(ValueError, match="set-user-id or set-group-id"):
+            lvid.identity_from_status(ids + "Groups:\n")
     assert lvid.identity_from_status("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\n") == lvid.Identity(0, 0, ())
     with pytest.raises(ValueError):
         lvid.identity_from_status("Name: x\n")
