@@ -4,8 +4,12 @@ LoggedMonitor records every command and QEMU's answer in the domain's log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -13,9 +17,12 @@ from typing import Any, Protocol
 
 from xskbroker.client.hotplug import Monitor
 from xskbroker.client.libvirt.config import Config, read_trusted
+from xskbroker.client.libvirt.identity import Identity
 from xskbroker.client.qemu_support import QemuVersion
 from xskbroker.client.qmp import QMP
 from xskbroker.client.qmp_codec import QMPConnectionError, QMPError, QMPTimeout, command_json, reply_value
+
+SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer (for a connected socket: the process that called listen)
 
 # ---- virsh replies (pure) ------------------------------------------------------------------------------
 
@@ -46,6 +53,7 @@ class WorkerMonitor(Monitor, Protocol):
 
     def open(self, deadline: float) -> None: ...
     def pid(self) -> int: ...
+    def confirm(self, pid: int, ident: Identity) -> None: ...
     def version(self) -> QemuVersion: ...
     def describe(self) -> str: ...
     def close(self) -> None: ...
@@ -104,6 +112,9 @@ class VirshMonitor:
             raise QMPConnectionError(f"QEMU (pid {pid} from {path}) is not running")
         return pid
 
+    def confirm(self, pid: int, ident: Identity) -> None:
+        """Nothing to confirm: the pid is libvirt's own record of the QEMU it started."""
+
     def version(self) -> QemuVersion:
         return QemuVersion.from_wire(self.execute("query-version"))
 
@@ -121,6 +132,7 @@ class QMPMonitor:
     def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.path, self.timeout = path, timeout
         self._m: QMP | None = None
+        self._peer_pidfd: int | None = None  # the process that listens on the socket, pinned (SO_PEERPIDFD)
 
     def open(self, deadline: float) -> None:
         while True:
@@ -128,6 +140,8 @@ class QMPMonitor:
             try:
                 self._m = QMP(self.path, max(left, 0.01))
                 self._m.timeout = self.timeout
+                with contextlib.suppress(OSError):  # kernels before 6.5: the ids are compared all the same
+                    self._peer_pidfd = self._m.sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
                 return
             except QMPConnectionError:  # not there yet, or refused for a moment
                 if left <= 0:
@@ -150,6 +164,20 @@ class QMPMonitor:
             raise QMPConnectionError(f"cannot tell QEMU's pid from the QMP socket {self.path}")
         return pid
 
+    def confirm(self, pid: int, ident: Identity) -> None:
+        """That `ident`, read from /proc/PID after pid(), is the identity of the process that listens on the
+        socket. SO_PEERCRED keeps naming the pid of a listener that has exited, and that pid can be another
+        user's process by now: the agent would ask the broker as that user, and the fds go to this socket."""
+        pidfd = self._peer_pidfd
+        # still running after the read: the pid named the listener while /proc was read
+        if pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+            raise QMPConnectionError(f"the process that listens on the QMP socket {self.path} (pid {pid}) has "
+                                     "exited: that pid is not QEMU's")
+        _, uid, gid = struct.unpack("3i", self.m.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if (ident.uid, ident.gid) != (uid, gid):
+            raise QMPConnectionError(f"pid {pid} runs as {ident}, but the QMP socket {self.path} was opened as uid "
+                                     f"{uid} gid {gid}: that pid is not the process that listens on it")
+
     def version(self) -> QemuVersion:
         return self.m.version
 
@@ -160,6 +188,9 @@ class QMPMonitor:
         if self._m is not None:
             self._m.close()
             self._m = None
+        if self._peer_pidfd is not None:
+            os.close(self._peer_pidfd)
+            self._peer_pidfd = None
 
 
 def make_monitor(cfg: Config, domain: str) -> WorkerMonitor:

@@ -121,6 +121,7 @@ def run_worker(domain: str, interfaces: Sequence[Interface], cfg: Config, monito
         monitor.open(time.monotonic() + 2 * cfg.timeout)
         pid = monitor.pid()
         ident = Identity.of_process(pid)
+        monitor.confirm(pid, ident)  # the pid read is still the process behind the monitor, as that user
     except (QMPError, QMPTimeout, QMPConnectionError, OSError, ValueError) as e:
         log(f"cannot reach QEMU through {monitor.describe()}: {e}")
         state.update(finished=True, error=str(e))

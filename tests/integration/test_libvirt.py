@@ -156,6 +156,9 @@ class Spy:
     def pid(self) -> int:
         return self.inner.pid()
 
+    def confirm(self, pid: int, ident: lvid.Identity) -> None:
+        self.inner.confirm(pid, ident)
+
     def version(self) -> qemu_support.QemuVersion:
         return self.inner.version()
 
