@@ -81,10 +81,12 @@ class QMP:
             except QMPTimeout:
                 raise QMPTimeout(f"no QMP greeting from {path} within {timeout:g} s; QEMU serves one QMP client "
                                  "per monitor socket: is another one connected?") from None
-            if "QMP" not in greeting:
-                raise QMPConnectionError(f"{path} did not greet like a QMP monitor: {json.dumps(greeting)[:120]}")
-            self.greeting: dict[str, Any] = greeting["QMP"]
-            self.version = QemuVersion.from_wire(self.greeting.get("version", {}))
+            try:  # whoever serves the socket chose these shapes: a wrong one is a peer that is not QEMU
+                self.greeting: dict[str, Any] = greeting["QMP"]
+                self.version = QemuVersion.from_wire(self.greeting.get("version", {}))
+            except (KeyError, AttributeError, TypeError, ValueError):
+                raise QMPConnectionError(f"{path} did not greet like a QMP monitor: "
+                                         f"{json.dumps(greeting)[:120]}") from None
             self.execute("qmp_capabilities")
         except BaseException:
             self.close()

@@ -94,7 +94,8 @@ def warn_if_no_af_xdp(monitor: WorkerMonitor, log: Callable[[str], None]) -> str
     try:
         version = monitor.version()
         support = qemu_support.netdev_support(monitor.execute("query-qmp-schema"))
-    except (QMPError, QMPTimeout, QMPConnectionError) as e:
+    # the reply's shapes are the peer's (only a warning depends on them): a wrong one is not a crash
+    except (QMPError, QMPTimeout, QMPConnectionError, AttributeError, TypeError, ValueError) as e:
         log(f"could not read QEMU's netdev backends: {e}")
         return None
     reason = qemu_support.unsupported_message(version, monitor.describe(), support)

@@ -155,3 +155,38 @@ def test_an_unreachable_monitor_is_recorded(tmp_path: Path) -> None:
                                 str(tmp_path / "vm1.json"), lambda *a: pytest.fail("the broker was asked"))
     assert state["finished"] and "No such file or directory" in state["error"] and state["interfaces"] == []
     assert json.loads((tmp_path / "vm1.json").read_text())["error"] == state["error"]
+
+
+@pytest.mark.parametrize("greeting", [{"QMP": 1}, {"QMP": {"version": []}}, {"QMP": {"version": {"qemu": "x"}}}])
+def test_a_monitor_that_greets_with_the_wrong_shapes_is_recorded_not_a_crash(greeting: Any, tmp_path: Path) -> None:
+    # a QMP peer is whoever serves the configured socket: its greeting's shape is not to be trusted
+    fake = FakeQemu(str(tmp_path / "vm.qmp"), greeting=greeting)
+    try:
+        lines: list[str] = []
+        cfg = lvconf.Config(socket="/run/b.sock", state_dir=str(tmp_path), timeout=0.5)
+        state = lvworker.run_worker("vm1", [lvmeta.Interface("xdp0", "eth1")], cfg,
+                                    FakeMonitor(str(tmp_path / "vm.qmp"), 0.5), lines.append, str(tmp_path / "s.json"))
+    finally:
+        fake.close()
+    # open() tries again until its deadline (the fake serves one client): the error is then the timeout's
+    assert state["finished"] and state["error"] and state["interfaces"] == []
+    assert lines[-1].startswith(f"cannot reach QEMU through QMP socket {tmp_path / 'vm.qmp'}: ")
+    assert lvstate.read_state(str(tmp_path / "s.json")) == state
+
+
+class HostileSchema(FakeMonitor):
+    def execute(self, command: str, arguments: Any = None, fds: Any = None) -> Any:
+        if command == "query-qmp-schema":  # members that are not objects
+            return [{"name": "netdev_add", "arg-type": "x"}, {"name": "x", "members": [1], "variants": [2]}]
+        return super().execute(command, arguments, fds)
+
+
+def test_a_schema_of_the_wrong_shapes_is_only_a_warning(fake_qemu: FakeQemu, tmp_path: Path) -> None:
+    lines: list[str] = []
+    cfg = lvconf.Config(socket="/run/b.sock", state_dir=str(tmp_path), timeout=2.0)
+    with mock.patch.object(qemu_support, "has_ipc_lock", lambda pid: False):
+        state = lvworker.run_worker("vm1", [lvmeta.Interface("xdp0", "eth1")], cfg,
+                                    HostileSchema(str(tmp_path / "vm.qmp"), 2.0), lines.append, None,
+                                    lambda i, p, t: FakeBroker(i, p, t))
+    assert state["finished"] and state["interfaces"][0]["status"] == "attached"
+    assert any(x.startswith("could not read QEMU's netdev backends") for x in lines)
