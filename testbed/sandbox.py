@@ -211,11 +211,9 @@ class BrokerProcess:
                 self.proc.kill()
                 self.proc.wait()
         if self.workdir:
-            for name in ("broker.sock", "broker.log", "policy.toml", "leases.jsonl", "leases.jsonl.tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.workdir, name))
-            with contextlib.suppress(OSError):
-                os.rmdir(self.workdir)
+            # all of it: the broker writes more than the bed gave it (its last good policy copy), and a list of
+            # names left every bed's directory behind in /tmp
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
