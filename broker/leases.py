@@ -23,7 +23,9 @@ from xskbroker.wire.replies import LeaseInfo
 STATE_VERSION = 1
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one for every journal line: json.dumps makes one per call
 COMPACT_LINES = 1000
-JOURNAL_RETRY_SECONDS = 5.0  # a journal behind the table (a full file system) is rewritten this often until it can be
+JOURNAL_RETRY_SECONDS = 5.0  # how often a journal behind the table (a full file system) is rewritten until it can be
+
+
 @record
 class Lease:
     id: str
