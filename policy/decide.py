@@ -137,10 +137,9 @@ def _summary(request: Request) -> str:
 
 
 def _hidden_from(rule: Rule, peer: Peer) -> bool:
-    """The deny names cgroups and the peer's is unknown. A peer can make its own unknown at will (the process that
-    connected exits before the broker reads its cgroup, leaving the connection to another in the same cgroup; or
-    its path is too long for /proc/PID/cgroup), so a deny naming cgroups applies to an unknown cgroup too: one
-    that stopped at an unknown cgroup would let a process inside the denied cgroups through."""
+    """The deny names cgroups and the peer's is unknown. A deny naming cgroups applies to an unknown cgroup too: one
+    that stopped there would let through a process inside the denied cgroups that made its cgroup unknown (shown
+    with a connection left by a connector that exited at once, which the broker now refuses outright)."""
     return bool(rule.cgroups) and peer.cgroup is None
 
 
