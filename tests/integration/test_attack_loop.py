@@ -1,9 +1,10 @@
 """Hostile clients against the event loop: each attack runs while a root probe measures the broker's answers.
 
-Attacks (security findings 1, 3, 5 and 7): an fd passed on a request whose close would block (a lingering TCP
-socket that can never drain), a deferred grant abandoned to make a hand-started broker idle out, connection
-floods from several uids (and under a low fd limit, where accept fails with EMFILE), and floods of malformed
-requests under a rate quota. Every attacker is a forked child that dropped to an unprivileged uid first.
+Attacks (security findings 1 and 3, and the stale events of a round): an fd passed on a request whose close
+would block (a lingering TCP socket that can never drain), a deferred grant abandoned to make a hand-started
+broker idle out, a holder that releases and exits at once, a connection evicted while its request waits in the
+round. Connection floods and floods of malformed requests: test_attack_floods.py. Every attacker is a forked
+child that dropped to an unprivileged uid first.
 """
 
 from __future__ import annotations
@@ -11,64 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns, spawn_unprivileged
+from xskbroker.testbed.sandbox import in_netns, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
-from .conftest import CONSUMER_UID, STRANGER_UID, ns_name
-from .probe import PROBE_LIMIT, RootProbe
-
-MiB = 1 << 20
-ATTACKERS = (4100, 4101, 4102)
-SMALL = proto.Geometry(umem_size=MiB, fill=512, completion=512, rx=512, tx=512)
-
-POLICY = f"""\
-version = 1
-
-[[allow]]
-name = "tenants"
-users = [0, {CONSUMER_UID}, {STRANGER_UID}]
-interfaces = ["xsk0"]
-queues = ["0-1"]
-kinds = ["bound"]
-max_umem = "4MiB"
-"""
-
-RATE_POLICY = POLICY + f"""
-[[quota]]
-name = "slow"
-users = [{CONSUMER_UID}]
-max_requests_per_second = 5
-"""
-
-
-@contextmanager
-def bed(policy: str = POLICY, extra: list[str] | None = None) -> Iterator[tuple[VethNamespace, BrokerProcess]]:
-    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
-            BrokerProcess(ns.name, policy, extra_args=extra or []) as b:
-        yield ns, b
-
-
-def _probe_conn(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    s.settimeout(PROBE_LIMIT)
-    s.connect(path)
-    return s
-
-
-def _recv_reply(s: socket.socket) -> dict[str, Any]:
-    return json.loads(s.recv(1 << 16))
-
+from .conftest import CONSUMER_UID, STRANGER_UID
+from .loop_rig import ATTACKERS, SMALL, _cpu_ticks, _hello_as, _recv_reply, bed
+from .probe import RootProbe
 
 # ---- 1. an fd whose close blocks -----------------------------------------------------------------------------
 
@@ -235,214 +192,6 @@ def test_requests_sent_behind_a_waiting_grant_are_answered_in_order_without_spin
         assert cpu_s < 0.3, "the broker spun on the readable connection while its grant waited"
         probe = RootProbe(b.socket_path).run(1)
         figures(**probe.figures())
-
-
-# ---- 5. connection-table lockout -----------------------------------------------------------------------------
-
-def connection_hog(path: str, limit: int, hold: float) -> dict[str, Any]:
-    """Open as many connections as the broker accepts (up to limit) and hold them."""
-    held, refused = [], 0
-    for _ in range(limit):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.settimeout(2.0)
-        try:
-            s.connect(path)
-            s.send(proto.encode_request(proto.Hello()))
-            reply = _recv_reply(s)
-        except (OSError, ValueError):
-            s.close()
-            refused += 1
-            continue
-        if not reply.get("ok"):
-            s.close()
-            refused += 1
-            continue
-        held.append(s)
-    time.sleep(hold)
-    alive = 0
-    for s in held:  # the broker may have closed some to make room for others
-        s.setblocking(False)
-        try:
-            alive += s.recv(1, socket.MSG_PEEK) != b""
-        except BlockingIOError:
-            alive += 1
-        except OSError:
-            pass
-        s.close()
-    return {"held": len(held), "refused": refused, "alive_at_end": alive}
-
-
-def _hello_as(path: str) -> dict[str, Any]:
-    """A hello, and the reply: to it, or the refusal the broker sent on connect (it may have closed the
-    connection before the hello went out, which the send then reports; the refusal is still there to read)."""
-    with _probe_conn(path) as s:
-        with contextlib.suppress(BrokenPipeError):
-            s.send(proto.encode_request(proto.Hello()))
-        return _recv_reply(s)
-
-
-def test_two_uids_cannot_lock_everyone_out_of_the_connection_table(figures) -> None:  # type: ignore[no-untyped-def]
-    with bed() as (_, b):
-        hogs = [spawn_unprivileged(connection_hog, b.socket_path, 700, 4.0, uid=u) for u in ATTACKERS[:2]]
-        try:
-            time.sleep(3.0)  # both hogs have opened what they can
-            probe = RootProbe(b.socket_path).run(3)
-            other = spawn_unprivileged(_hello_as, b.socket_path, uid=STRANGER_UID).result(10)
-            results = [h.result(30) for h in hogs]
-        finally:
-            for h in hogs:
-                h.kill()
-        figures(**probe.figures(), hog_held=[r["held"] for r in results])
-        assert other["ok"], other
-
-
-def test_accept_under_a_low_fd_limit_neither_spins_nor_floods_the_log(figures) -> None:  # type: ignore[no-untyped-def]
-    with bed() as (_, b):
-        os.system(f"prlimit --pid {b.pid} --nofile=64:64")
-        utime0 = _cpu_ticks(b.pid)
-        hog = spawn_unprivileged(connection_hog, b.socket_path, 120, 3.0, uid=ATTACKERS[0])
-        try:
-            time.sleep(2.0)
-            cpu = (_cpu_ticks(b.pid) - utime0) / os.sysconf("SC_CLK_TCK") / 2.0
-            probe = RootProbe(b.socket_path).run(3)
-            hog.result(30)
-        finally:
-            hog.kill()
-        records = [r for r in b.records() if r.get("event") in ("accept-failed", "connection-refused")]
-        figures(**probe.figures(), broker_cpu_share=round(cpu, 2), refusal_records=len(records))
-        assert cpu < 0.5, f"the broker used {cpu:.0%} of a CPU while accept failed"
-        assert len(records) < 50, f"{len(records)} records for one flood"
-
-
-def _cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-# ---- 7. floods that bypass limits ----------------------------------------------------------------------------
-
-def malformed_flood(path: str, count: int) -> dict[str, Any]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(5.0)
-    s.connect(path)
-    codes: dict[str, int] = {}
-    started = time.monotonic()
-    for i in range(count):
-        s.send(b"{not json" if i % 2 else b'{"v":1,"op":"nope"}')
-        reply = _recv_reply(s)
-        code = "ok" if reply.get("ok") else reply["error"]["code"]
-        codes[code] = codes.get(code, 0) + 1
-    s.close()
-    return {"codes": codes, "seconds": time.monotonic() - started}
-
-
-def test_malformed_requests_count_against_the_rate_limit_and_are_summarised(figures) -> None:  # type: ignore[no-untyped-def]
-    with bed(RATE_POLICY) as (_, b):
-        result = spawn_unprivileged(malformed_flood, b.socket_path, 2000, uid=CONSUMER_UID).result(60)
-        probe = RootProbe(b.socket_path).run(3)
-        codes = result["codes"]
-        answered = sum(v for k, v in codes.items() if k != "rate-limited")
-        allowed = 5 + 5 * result["seconds"] + 1  # a burst of one second's worth, then the rate
-        records = b.records()
-        noisy = [r for r in records if r.get("event") in ("bad-request", "rate-limited")]
-        figures(**probe.figures(), answered=answered, rate_limited=codes.get("rate-limited", 0),
-                records=len(noisy), flood_s=round(result["seconds"], 2))
-        assert answered <= allowed, f"{answered} malformed requests judged in {result['seconds']:.1f}s: {codes}"
-        assert len(noisy) < 100, f"{len(noisy)} audit records for one peer's flood"
-
-
-def refused_connection_flood(path: str, count: int) -> dict[str, Any]:
-    """Hold the one connection the quota allows, then knock count more times."""
-    first = _probe_conn(path)
-    refused = 0
-    for _ in range(count):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-            s.settimeout(5.0)
-            s.connect(path)
-            reply = _recv_reply(s)  # refused on connect: the broker speaks first
-            refused += not reply.get("ok")
-    first.close()
-    return {"refused": refused}
-
-
-def test_refused_connections_are_summarised_not_logged_one_by_one(figures) -> None:  # type: ignore[no-untyped-def]
-    policy = POLICY + f"""
-[[quota]]
-name = "none"
-users = [{ATTACKERS[0]}]
-max_connections = 1
-"""
-    with bed(policy) as (_, b):
-        result = spawn_unprivileged(refused_connection_flood, b.socket_path, 2000, uid=ATTACKERS[0]).result(60)
-        probe = RootProbe(b.socket_path).run(3)
-        time.sleep(0.2)
-        records = [r for r in b.records() if r.get("event") == "connection-refused"]
-        summaries = [r for r in b.records() if r.get("event") == "suppressed"]
-        figures(**probe.figures(), refused=result["refused"], records=len(records))
-        assert result["refused"] == 2000
-        assert len(records) < 50, f"{len(records)} records for 2000 refused connections"
-        b.signal(signal.SIGTERM)  # the summary of what was left out is written at the latest when it stops
-        assert b.proc is not None
-        b.proc.wait(5)
-        summaries = [r for r in b.records() if r.get("event") == "suppressed"]
-        counted = sum(s["counts"].get("connection-refused", 0) for s in summaries)
-        assert counted + len(records) == 2000, (counted, len(records))
-
-
-def test_out_of_fds_the_broker_answers_refusals_and_does_not_spin(figures) -> None:  # type: ignore[no-untyped-def]
-    """The fd limit lowered below what the broker already holds plus a few: accept fails with EMFILE. The
-    listener stays readable; the broker must neither spin nor write a record per attempt, must tell each
-    refused client why, and must serve again once fds are free."""
-    with bed() as (_, b):
-        RootProbe(b.socket_path).run(1)
-        os.system(f"prlimit --pid {b.pid} --nofile={b.settled_fds() + 4}:{20000}")
-        utime0 = _cpu_ticks(b.pid)
-        hog = spawn_unprivileged(connection_hog, b.socket_path, 300, 2.5, uid=ATTACKERS[0])
-        try:
-            time.sleep(2.0)
-            cpu = (_cpu_ticks(b.pid) - utime0) / os.sysconf("SC_CLK_TCK") / 2.0
-            refused = _hello_as(b.socket_path)  # root too: there is no fd for it
-            got = hog.result(30)
-        finally:
-            hog.kill()
-        time.sleep(0.2)
-        probe = RootProbe(b.socket_path).run(3)  # the hog is gone: its fds are free again
-        records = [r for r in b.records() if r.get("event") == "accept-failed"]
-        figures(**probe.figures(), broker_cpu_share=round(cpu, 2), accept_failed_records=len(records),
-                hog_held=got["held"], hog_refused=got["refused"])
-        assert refused["error"]["code"] == "too-many-connections", refused
-        assert got["refused"] > 200, got
-        assert cpu < 0.5, f"the broker used {cpu:.0%} of a CPU while accept failed"
-        assert 0 < len(records) < 20, f"{len(records)} accept-failed records"
-
-
-def test_without_so_passrights_attached_fds_are_closed_and_refused(figures) -> None:  # type: ignore[no-untyped-def]
-    """The fallback path: fds that do arrive are counted, closed (off the loop) and the request refused."""
-    with bed(extra=["--accept-passed-fds"]) as (_, b):
-        r, w = os.pipe()
-        try:
-            with _probe_conn(b.socket_path) as s:
-                socket.send_fds(s, [proto.encode_request(proto.Hello())], [w])
-                reply = _recv_reply(s)
-        finally:
-            os.close(w)
-        try:
-            os.set_blocking(r, False)
-            # the broker closed its copy of the write end: the pipe has no writer left anywhere
-            assert reply["error"]["code"] == "fds-not-allowed", reply
-            deadline = time.monotonic() + 2.0
-            while True:
-                try:
-                    eof = os.read(r, 1) == b""
-                except BlockingIOError:
-                    eof = False
-                if eof or time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
-            assert eof, "the broker kept the fd it was sent"
-        finally:
-            os.close(r)
 
 
 def _release_and_leave(path: str, queue: int) -> str:

@@ -1,0 +1,73 @@
+"""What the event-loop attack tests share: their policies, a bed (a veth namespace and a broker), and the probe's
+raw connection."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
+from xskbroker.wire import protocol as proto
+
+from .conftest import CONSUMER_UID, STRANGER_UID, ns_name
+from .probe import PROBE_LIMIT
+
+MiB = 1 << 20
+ATTACKERS = (4100, 4101, 4102)
+SMALL = proto.Geometry(umem_size=MiB, fill=512, completion=512, rx=512, tx=512)
+
+POLICY = f"""\
+version = 1
+
+[[allow]]
+name = "tenants"
+users = [0, {CONSUMER_UID}, {STRANGER_UID}]
+interfaces = ["xsk0"]
+queues = ["0-1"]
+kinds = ["bound"]
+max_umem = "4MiB"
+"""
+
+RATE_POLICY = POLICY + f"""
+[[quota]]
+name = "slow"
+users = [{CONSUMER_UID}]
+max_requests_per_second = 5
+"""
+
+
+@contextmanager
+def bed(policy: str = POLICY, extra: list[str] | None = None) -> Iterator[tuple[VethNamespace, BrokerProcess]]:
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
+            BrokerProcess(ns.name, policy, extra_args=extra or []) as b:
+        yield ns, b
+
+
+def _probe_conn(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s.settimeout(PROBE_LIMIT)
+    s.connect(path)
+    return s
+
+
+def _recv_reply(s: socket.socket) -> dict[str, Any]:
+    return json.loads(s.recv(1 << 16))
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _hello_as(path: str) -> dict[str, Any]:
+    """A hello, and the reply: to it, or the refusal the broker sent on connect (it may have closed the
+    connection before the hello went out, which the send then reports; the refusal is still there to read)."""
+    with _probe_conn(path) as s:
+        with contextlib.suppress(BrokenPipeError):
+            s.send(proto.encode_request(proto.Hello()))
+        return _recv_reply(s)
