@@ -17,12 +17,11 @@ import struct
 
 from xskbroker.broker import bpf, netdev, netlink, xdp_prog
 from xskbroker.common.libc import libc
-from xskbroker.common.procfs import has_cap, memlock_limits, pidfd_ino, pidfd_open, status_fields
+from xskbroker.common.procfs import SO_PEERPIDFD, has_cap, memlock_limits, pidfd_ino, pidfd_open, status_fields
 from xskbroker.common.records import record
 
 CAP_NET_RAW, CAP_IPC_LOCK, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_BPF = 13, 14, 21, 24, 39
 AF_XDP = 44
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)
 
 # ---- bpf(2), raw: libbpf's wrappers would log and probe features around the one call we want to see

@@ -12,11 +12,18 @@ import struct
 import time
 from collections.abc import Iterable
 
-from xskbroker.common.procfs import has_exited, is_process, own_caps, pidfd_ino, pidfd_open, process_start
+from xskbroker.common.procfs import (
+    SO_PEERPIDFD,
+    has_exited,
+    is_process,
+    own_caps,
+    pidfd_ino,
+    pidfd_open,
+    pinned_start,
+)
 from xskbroker.common.records import field, record
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 SO_PEERSEC = getattr(socket, "SO_PEERSEC", 31)
 MAX_LABEL = 4096  # the kernel's own bound on a security context handed out through SO_PEERSEC
 _UCRED = struct.Struct("=iII")
@@ -283,11 +290,9 @@ def _peer_identity(sock: socket.socket, pid: int) -> tuple[str | None, int | Non
         return None if e.errno == errno.ESRCH else (None, None, None)  # ESRCH: reaped before a pidfd was made
     try:
         cgroup = read_cgroup(pid)
-        start = process_start(pid)
-        if has_exited(pidfd):
-            return None
-        if start is None:
-            return None, None, None
+        start = pinned_start(pidfd, pid)
+        if start is None:  # gone, or /proc would not tell
+            return None if has_exited(pidfd) else (None, None, None)
         return cgroup, start, pidfd_ino(pidfd)
     finally:
         os.close(pidfd)

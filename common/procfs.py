@@ -9,8 +9,13 @@ import ctypes
 import functools
 import os
 import select
+import socket
 
 from xskbroker.common.libc import libc
+
+# Linux 6.5: getsockopt(SOL_SOCKET) gives a pidfd of a unix socket's peer (for a connecting socket, the process
+# that listens); Python 3.11 has no name for it
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 
 PIDFS_MAGIC = 0x50494446
 _pidfs: bool | None = None  # whether pidfds live on pidfs (Linux 6.9+), found on first use

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import socket
 import struct
 import subprocess
@@ -21,8 +20,7 @@ from xskbroker.client.libvirt.identity import Identity
 from xskbroker.client.qemu_support import QemuVersion
 from xskbroker.client.qmp import QMP
 from xskbroker.client.qmp_codec import QMPConnectionError, QMPError, QMPTimeout, command_json, reply_value
-
-SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer (for a connected socket: the process that called listen)
+from xskbroker.common.procfs import SO_PEERPIDFD, has_exited
 
 # ---- virsh replies (pure) ------------------------------------------------------------------------------
 
@@ -170,7 +168,7 @@ class QMPMonitor:
         user's process by now: the agent would ask the broker as that user, and the fds go to this socket."""
         pidfd = self._peer_pidfd
         # still running after the read: the pid named the listener while /proc was read
-        if pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+        if pidfd is not None and has_exited(pidfd):
             raise QMPConnectionError(f"the process that listens on the QMP socket {self.path} (pid {pid}) has "
                                      "exited: that pid is not QEMU's")
         _, uid, gid = struct.unpack("3i", self.m.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
