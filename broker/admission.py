@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from xskbroker.broker import peer as peers
-from xskbroker.broker.core import policy_peer
+from xskbroker.broker.core import policy_peer, quota_peer
 from xskbroker.broker.listener import connection_capacity
 from xskbroker.policy import Holding, Peer, Policy
 from xskbroker.policy import quota as quotas
@@ -21,12 +21,13 @@ class Admission(NamedTuple):
     evict_uid: int | None  # admitted by closing this uid's oldest idle connection
 
 
-# what admission knows of a connected peer: quotas count by uid and groups, admins are named by them and the name
-Principal = tuple[int, frozenset[int], frozenset[str], str | None]
+# what admission knows of a connected peer: quotas and shares count by principal (its uid, or the owner of that
+# subordinate uid: broker.subids) and groups, admins are named by uid, groups and name
+Principal = tuple[int, int, frozenset[int], frozenset[str], str | None]
 
 
 def _principal(who: peers.PeerInfo) -> Principal:
-    return who.uid, who.gids, who.groups, who.user
+    return who.principal, who.uid, who.gids, who.groups, who.user
 
 
 class Connected:
@@ -59,20 +60,21 @@ def admit(policy: Policy, who: peers.PeerInfo, connected: Connected | Iterable[p
           max_connections: int) -> Admission:
     tally = connected if isinstance(connected, Connected) else Connected(connected)
     peer = policy_peer(who)
-    held = [Holding(uid, gids, groups, connections=n) for (uid, gids, groups, _), n in tally.items()]
-    refused = quotas.check(policy, peer, held, connections=1)
+    held = [Holding(principal, gids, groups, connections=n) for (principal, _, gids, groups, _), n in tally.items()]
+    refused = quotas.check(policy, quota_peer(who), held, connections=1)
     if refused:
         return Admission(ErrorCode(refused.code), refused.reason, None)
+    # shares are per principal: one user's subordinate uids share its one (they filled the table, one each)
     counts: dict[int, int] = {}
-    admin_uid: dict[int, bool] = {}  # judged once per uid (its longest-connected principal), not per connection
-    for (uid, gids, groups, user), n in tally.items():
-        counts[uid] = counts.get(uid, 0) + n
-        if uid not in admin_uid:
-            admin_uid[uid] = is_admin(policy.admin, Peer(uid, gids, user, groups))
+    admin_uid: dict[int, bool] = {}  # judged once per principal (its longest-connected peer), not per connection
+    for (principal, uid, gids, groups, user), n in tally.items():
+        counts[principal] = counts.get(principal, 0) + n
+        if principal not in admin_uid:
+            admin_uid[principal] = is_admin(policy.admin, Peer(uid, gids, user, groups))
     admins = {uid for uid, yes in admin_uid.items() if yes}
     # the fd limit may have been lowered under us (prlimit): read it now, a syscall is cheap
     capacity = connection_capacity(max_connections)
-    admission = quotas.admit_connection(counts, who.uid, capacity, admin=is_admin(policy.admin, peer),
+    admission = quotas.admit_connection(counts, who.principal, capacity, admin=is_admin(policy.admin, peer),
                                         admins=frozenset(admins))
     if not admission.admit:
         return Admission(ErrorCode.TOO_MANY_CONNECTIONS, admission.reason, None)

@@ -181,7 +181,8 @@ class Throttle:
         if event in NOISY:
             self.flush_if_due()
             peer = record.get("peer")
-            uid = peer.get("uid") if isinstance(peer, dict) else record.get("uid")
+            # a subordinate uid's records share its owner's burst (broker.subids): one user, one burst
+            uid = peer.get("owner", peer.get("uid")) if isinstance(peer, dict) else record.get("uid")
             key = (str(event), uid, record.get("code") or record.get("errno"))
             n = self.seen.get(key, 0) + 1
             self.seen[key] = n

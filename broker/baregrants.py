@@ -63,7 +63,7 @@ class BareGrants(MapGrants):
         # the queues count against the quota while the grant waits, as a bound grant's do: another grant of
         # the same principal decided meanwhile must see them
         token = [req]
-        self.pending[id(token)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
+        self.pending[id(token)] = Holding(peer.principal, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
 
         def step() -> Outcome | None:
             waiting = False

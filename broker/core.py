@@ -89,6 +89,15 @@ def policy_peer(peer: PeerInfo) -> Peer:
     return Peer(peer.uid, peer.gids, peer.user, peer.groups, peer.cgroup, peer.label)
 
 
+def quota_peer(peer: PeerInfo) -> Peer:
+    """The peer as per-user quotas and rate limits count it: a subordinate uid as its owner (broker.subids),
+    so one user's thousands of uids draw on one budget. Never for decisions: a rule naming the owner does not
+    allow its subordinate uids."""
+    if peer.owner is None:
+        return policy_peer(peer)
+    return Peer(peer.owner, peer.gids, None, peer.groups, peer.cgroup, peer.label)
+
+
 def refusal(e: BaseException, ifname: str, queue: int) -> BaseException:
     """A kernel failure making queue's socket, as the refusal the client reads (other exceptions unchanged)."""
     if isinstance(e, QueueBusy):

@@ -25,7 +25,7 @@ from typing import Any
 
 from xskbroker.broker import dpsocket
 from xskbroker.broker import peer as peers
-from xskbroker.broker.core import Deferred, policy_peer
+from xskbroker.broker.core import Deferred, quota_peer
 from xskbroker.broker.listener import MAX_FDS_IN, MSG_CTRUNC, MSG_TRUNC, refuse_passed_fds
 from xskbroker.broker.server import Server
 from xskbroker.common.records import record
@@ -192,7 +192,7 @@ class Endpoint:
             self._drop(c)  # orderly close
             return
         service = server.service
-        limited = service.limiter.allow(service.policy, policy_peer(c.who), service.clock())
+        limited = service.limiter.allow(service.policy, quota_peer(c.who), service.clock())
         if limited:
             server.audit({"event": "rate-limited", "peer": c.who.as_dict(), "op": "device-plugin",
                           "code": limited.code, "reason": limited.reason})

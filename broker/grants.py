@@ -13,7 +13,7 @@ from typing import Any
 
 from xskbroker.broker import squat
 from xskbroker.broker.baregrants import BareGrants
-from xskbroker.broker.core import Deferred, Outcome, Refused, policy_peer, refusal
+from xskbroker.broker.core import Deferred, Outcome, Refused, policy_peer, quota_peer, refusal
 from xskbroker.broker.kernel import (
     BUSY_RETRY_SECONDS,
     ForeignProgram,
@@ -69,7 +69,8 @@ class Grants(BareGrants):
             if not decision.allowed or decision.rule is None:
                 raise Refused(ErrorCode(decision.code), decision.reason)
             # a map grant holds every queue of the device: it counts them all (req.queues is empty)
-            over = quotas.check(self.policy, who, self.holdings(), queues=len(queues), umem=req.pinned_bytes)
+            over = quotas.check(self.policy, quota_peer(peer), self.holdings(), queues=len(queues),
+                                umem=req.pinned_bytes)
             if over:
                 record["quota"] = over.reason
                 raise Refused(ErrorCode(over.code), over.reason)
@@ -123,7 +124,7 @@ class Grants(BareGrants):
                           f"({mine}): only a process of its own cgroup may hold its lease")
         # the lease stays the REQUESTER's (its identity was judged); only pid, start and inode are the holder's
         return PeerInfo(pid, peer.uid, peer.gid, peer.gids, peer.user, peer.groups, peer.exe, peer.cgroup, start, ino,
-                        peer.label)
+                        peer.label, peer.owner)
 
     def _checked(self, req: proto.Grant) -> tuple[int, int]:
         """The interface's index and queue count, after every check that changes nothing in the kernel:
@@ -183,9 +184,9 @@ class Grants(BareGrants):
         # sockets the pool made ahead of time need only a slot and a bind; the others are made by a worker,
         # a heavy one (a large UMEM: seconds) by one of the few that may pin for long, in a child process
         heavy = (len(req.queues) - self.pool.ready(g)) * g.umem_size > INLINE_UMEM
-        if heavy and (self.jobs[peer.uid] >= MAX_JOBS_PER_UID or self.jobs.total() >= MAX_JOBS):
+        if heavy and (self.jobs[peer.principal] >= MAX_JOBS_PER_UID or self.jobs.total() >= MAX_JOBS):
             raise Refused(ErrorCode.GRANTS_IN_PROGRESS, f"the broker is already making {self.jobs.total()} large "
-                          f"grants ({self.jobs[peer.uid]} for uid {peer.uid}); try again when one is done")
+                          f"grants ({self.jobs[peer.principal]} for uid {peer.principal}); try again when one is done")
         ifindex, prog = self._target(req)
         ready = [self.pool.take(g, ifindex, wake=False) for _ in req.queues]  # taken for this grant: never pooled again
         prepared: list[Prepared] = []
@@ -230,9 +231,9 @@ class Grants(BareGrants):
         def job_over() -> None:
             nonlocal job, heavy_job
             if heavy_job:
-                self.jobs[peer.uid] -= 1
-                if not self.jobs[peer.uid]:
-                    del self.jobs[peer.uid]
+                self.jobs[peer.principal] -= 1
+                if not self.jobs[peer.principal]:
+                    del self.jobs[peer.principal]
                 heavy_job = False
             job = None
 
@@ -254,11 +255,11 @@ class Grants(BareGrants):
             raise abort(e, where[0]) from None
         # Claimed slots and pinned UMEM count against the quota from now on, while workers bind (and
         # make what the pool had not) and while a queue's deferred release is waited for on the timer.
-        self.pending[id(prepared)] = Holding(peer.uid, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
+        self.pending[id(prepared)] = Holding(peer.principal, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
         job = self._submit(Job(work, undo), heavy)
         if heavy:
             heavy_job = True
-            self.jobs[peer.uid] += 1
+            self.jobs[peer.principal] += 1
         else:
             deadline = self.clock() + BUSY_RETRY_SECONDS
         checked = False  # whether a squatter was looked for
@@ -353,7 +354,7 @@ class Grants(BareGrants):
         try:
             lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
                                     req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)),
-                                    peer.start, peer.ino, peer.cgroup)
+                                    peer.start, peer.ino, peer.cgroup, peer.principal)
         except OSError as e:  # a lease that cannot be recorded is not granted (the caller undoes what it made)
             raise Refused(ErrorCode.KERNEL_ERROR, f"{e.strerror}; nothing was granted",
                           errno=errno.errorcode.get(e.errno or 0, str(e.errno))) from None

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
+from xskbroker.broker.subids import principal
 from xskbroker.common import safefiles
 from xskbroker.common.records import field, record
 from xskbroker.policy.quota import Holding
@@ -110,7 +111,8 @@ class LeaseTable:
 
     def add(self, uid: int, pid: int, ifindex: int, ifname: str, queues: tuple[int, ...], kind: str,
             umem_bytes: int, gids: tuple[int, ...] = (), groups: tuple[str, ...] = (),
-            pid_start: int | None = None, pid_ino: int | None = None, cgroup: str | None = None) -> Lease:
+            pid_start: int | None = None, pid_ino: int | None = None, cgroup: str | None = None,
+            principal: int | None = None) -> Lease:
         # pid_start must have been read while the holder was pinned by a pidfd (broker.peer): read here,
         # from the bare pid, it could be the start time of a process that reused the pid
         lease = Lease(os.urandom(8).hex(), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
@@ -122,7 +124,7 @@ class LeaseTable:
             if old:
                 self._remove(old.id)
                 ended.append({"end": old.id})
-        self._insert(lease)
+        self._insert(lease, principal)
         try:
             self._append(*ended, {"lease": lease.record()})  # one write for the grant, ends and all
         except OSError as e:  # not recorded, so not granted; the ends stand (the kernel freed those slots)
@@ -136,12 +138,15 @@ class LeaseTable:
             self.on_end(self._ended.pop(entry["end"]))
         return lease
 
-    def _insert(self, lease: Lease) -> None:
+    def _insert(self, lease: Lease, counted_as: int | None = None) -> None:
         self._by_id[lease.id] = lease
         for q in lease.queues:
             self._by_slot[(lease.ifindex, q)] = lease.id
-        self._holdings[lease.id] = Holding(lease.uid, frozenset(lease.gids), frozenset(lease.groups), len(lease.queues),
-                                           lease.umem_bytes)
+        # counted against the user whose subordinate uid it is, if it is one (broker.subids): as the grant's peer
+        # was, or (recovered from the journal) as the uid is now
+        who = counted_as if counted_as is not None else principal(lease.uid)
+        self._holdings[lease.id] = Holding(who, frozenset(lease.gids), frozenset(lease.groups),
+                                           len(lease.queues), lease.umem_bytes)
         self._pids[lease.pid] = self._pids.get(lease.pid, 0) + 1
         if lease.kind == "bare":
             self._bare.add(lease.id)

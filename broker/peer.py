@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Iterable
 
+from xskbroker.broker.subids import owner_of
 from xskbroker.common.procfs import (
     SO_PEERPIDFD,
     has_exited,
@@ -47,12 +48,20 @@ class PeerInfo:
     start: int | None = None  # start time, proven through a pidfd; None: this process can never be signalled
     ino: int | None = None  # its pidfs inode (common.procfs.pidfd_ino)
     label: str | None = None  # its LSM label (SO_PEERSEC) when an LSM labels sockets, else None
+    owner: int | None = None  # the user whose subordinate uid this is (broker.subids), else None
+
+    @property
+    def principal(self) -> int:
+        """The uid its use is counted against: per-user quotas, shares, audit bursts (broker.subids)."""
+        return self.uid if self.owner is None else self.owner
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user,
                                   "exe": self.exe, "cgroup": self.cgroup}
         if self.label is not None:
             out["label"] = self.label
+        if self.owner is not None:
+            out["owner"] = self.owner
         return out
 
 
@@ -188,9 +197,10 @@ def identify(sock: socket.socket, groups: GroupNames) -> PeerInfo:
     """Raises Unjudgeable for a peer that cannot be judged (its process has exited; too many groups), OSError
     when the socket fails."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    owner = owner_of(uid)
     supplementary = peer_groups(sock, MAX_PEER_GROUPS)
     if supplementary is None:
-        raise Unjudgeable(PeerInfo(pid, uid, gid, frozenset({gid}), _name(pwd.getpwuid, uid)),
+        raise Unjudgeable(PeerInfo(pid, uid, gid, frozenset({gid}), _name(pwd.getpwuid, uid), owner=owner),
                           f"it is in more than {MAX_PEER_GROUPS} supplementary groups, the most the broker judges; "
                           f"run it with fewer (setgroups)")
     gids = supplementary | {gid}
@@ -198,12 +208,13 @@ def identify(sock: socket.socket, groups: GroupNames) -> PeerInfo:
     names = groups.of(gids)
     found = _peer_identity(sock, pid)
     if found is None:
-        raise Unjudgeable(PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names),
+        raise Unjudgeable(PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, owner=owner),
                           f"the process that connected (pid {pid}) has exited before the broker could read its "
                           "identity; a connection is judged as the process that made it, so connect from the "
                           "process that makes the requests")
     cgroup, start, ino = found
-    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup, start, ino, peer_label(sock))
+    return PeerInfo(pid, uid, gid, gids, _name(pwd.getpwuid, uid), names, exe, cgroup, start, ino, peer_label(sock),
+                    owner)
 
 
 def peer_label(sock: socket.socket) -> str | None:

@@ -350,7 +350,7 @@ class Server:
         """Close the oldest connection of uid that has no request in flight, to make room for another user."""
         busy = {id(w[2]) for w in self.waiting}
         for conn, who in self.conns.values():
-            if who.uid == uid and id(conn) not in busy:
+            if who.principal == uid and id(conn) not in busy:
                 self.audit({"event": "connection-evicted", "peer": who.as_dict(),
                             "code": ErrorCode.TOO_MANY_CONNECTIONS, "for_uid": newcomer.uid})
                 self._forget(conn)

@@ -24,6 +24,7 @@ from xskbroker.broker.core import (
     SignalFn,
     no_signals,
     policy_peer,
+    quota_peer,
 )
 from xskbroker.broker.grants import Grants
 from xskbroker.broker.kernel import Kernel, LinuxKernel, Program
@@ -148,7 +149,7 @@ class Service(Grants, Lifecycle):
         if now - self._buckets_swept > 60.0:  # idle buckets are full again: drop them, the table stays small
             self.limiter.forget_idle(now)
             self._buckets_swept = now
-        limited = self.limiter.allow(self.policy, policy_peer(peer), now)
+        limited = self.limiter.allow(self.policy, quota_peer(peer), now)
         if limited:
             op, req_id = (bad.op, bad.req_id) if bad else (req.op, req.req_id)
             self.audit({"event": "rate-limited", "peer": peer.as_dict(), "op": op, "code": limited.code,
@@ -195,7 +196,7 @@ class Service(Grants, Lifecycle):
         leases = tuple(lease.info() for lease in self.leases if admin or lease.owned_by(peer.uid, peer.cgroup))
         interfaces = tuple(InterfaceInfo(p.ifindex, self.names.get(p.ifindex), p.prog_id, p.mode, p.max_entries,
                                          len(self.leases.on_interface(p.ifindex))) for p in self.programs.values())
-        me = policy_peer(peer)
+        me = quota_peer(peer)
         held = self.holdings()
         usage = []
         for q in self.policy.quotas:

@@ -91,7 +91,8 @@ def cpu_list(text: str) -> frozenset[int]:
 
 
 def ns_name() -> str:
-    return f"xskt{os.getpid()}-{next(_ids)}"
+    # XSKT_NS_PREFIX: runs sharing a machine tell their namespaces apart (and clean up only theirs)
+    return f"{os.environ.get('XSKT_NS_PREFIX', 'xskt')}{os.getpid()}-{next(_ids)}"
 
 
 @pytest.fixture

@@ -45,6 +45,6 @@ def test_the_servers_tally_judges_as_the_list_of_connected_peers_would() -> None
     assert admit(POLICY, _peer(1003), tally, 16) == admit(POLICY, _peer(1003), peers, 16) == (None, "", None)
     tally.remove(_peer(1000))
     tally.remove(_peer(1000))  # one too many (a peer dropped twice) leaves no negative count behind
-    assert (1000, frozenset({1000}), frozenset({"u1000"}), "u1000") not in dict(tally.items())
+    assert (1000, 1000, frozenset({1000}), frozenset({"u1000"}), "u1000") not in dict(tally.items())
     tally.add(_peer(1000))
-    assert dict(tally.items())[(1000, frozenset({1000}), frozenset({"u1000"}), "u1000")] == 1
+    assert dict(tally.items())[(1000, 1000, frozenset({1000}), frozenset({"u1000"}), "u1000")] == 1
