@@ -157,6 +157,54 @@ max_connections = 1
         assert counted + len(records) == 2000, (counted, len(records))
 
 
+def denied_request_flood(path: str, grants: int, revokes: int) -> dict[str, Any]:
+    """Requests the policy denies, as fast as they are answered: grants of a queue no rule gives this uid, and
+    revokes by a non-admin."""
+    s = _probe_conn(path)
+    codes: dict[str, int] = {}
+    started = time.monotonic()
+    for op, n in ((proto.Grant("xsk0", (0,)), grants), (proto.Revoke(interface="xsk0"), revokes)):
+        data = proto.encode_request(op)
+        for _ in range(n):
+            s.send(data)
+            reply = _recv_reply(s)
+            code = "ok" if reply.get("ok") else reply["error"]["code"]
+            codes[code] = codes.get(code, 0) + 1
+    s.close()
+    return {"codes": codes, "seconds": time.monotonic() - started}
+
+
+def test_denied_requests_are_summarised_so_a_flood_cannot_hide_a_grant(figures) -> None:  # type: ignore[no-untyped-def]
+    """Every denied grant and revoke was written in full: one client under a policy with no rate quota wrote
+    ~6,000 records a second (10,000 in 1.6 s), and journald's default limit (10,000 per 30 s) then drops every
+    record of the broker's for the rest of its interval, the grants that follow included."""
+    with bed() as (_, b):
+        result = spawn_unprivileged(denied_request_flood, b.socket_path, 2000, 200, uid=ATTACKERS[1]).result(60)
+        probe = RootProbe(b.socket_path).run(3)
+        granted = spawn_unprivileged(_grant_as, b.socket_path, uid=CONSUMER_UID).result(10)
+        denials = [r for r in b.records() if r.get("decision") == "deny" and r["peer"]["uid"] == ATTACKERS[1]]
+        figures(**probe.figures(), codes=result["codes"], flood_s=round(result["seconds"], 2), records=len(denials))
+        assert sum(result["codes"].values()) == 2200 and "ok" not in result["codes"], result
+        assert granted["ok"], granted
+        allowed = [r for r in b.records() if r.get("event") == "grant" and r.get("decision") == "allow"
+                   and r["peer"]["uid"] == CONSUMER_UID]
+        assert len(allowed) == 1, "an allowed grant is always recorded"
+        assert len(denials) <= 10, f"{len(denials)} records for one client's denied requests"
+        b.signal(signal.SIGTERM)
+        assert b.proc is not None
+        b.proc.wait(5)
+        summaries = [r for r in b.records() if r.get("event") == "suppressed"]
+        counted = sum(s["counts"].get("grant", 0) + s["counts"].get("revoke", 0) for s in summaries)
+        assert counted + len(denials) == 2200, (counted, len(denials))
+
+
+def _grant_as(path: str) -> dict[str, Any]:
+    from xskbroker.client.grant import request
+
+    with request("xsk0", [0], geometry=proto.Geometry(umem_size=1 << 20), socket_path=path, timeout=5.0) as g:
+        return {"ok": bool(g.lease)}
+
+
 def test_out_of_fds_the_broker_answers_refusals_and_does_not_spin(figures) -> None:  # type: ignore[no-untyped-def]
     """The fd limit lowered below what the broker already holds plus a few: accept fails with EMFILE. The
     listener stays readable; the broker must neither spin nor write a record per attempt, must tell each
