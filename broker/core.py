@@ -17,7 +17,7 @@ from xskbroker.broker.closer import Closer
 from xskbroker.broker.kernel import Kernel, Program, QueueBusy
 from xskbroker.broker.leases import Lease, LeaseTable
 from xskbroker.broker.netcache import NetCache
-from xskbroker.broker.peer import PeerInfo
+from xskbroker.broker.peer import PeerInfo, user_name
 from xskbroker.broker.squat import SquatWatch
 from xskbroker.broker.umem_pool import UmemPool
 from xskbroker.broker.workers import Workers
@@ -95,7 +95,7 @@ def quota_peer(peer: PeerInfo) -> Peer:
     allow its subordinate uids."""
     if peer.owner is None:
         return policy_peer(peer)
-    return Peer(peer.owner, peer.gids, None, peer.groups, peer.cgroup, peer.label)
+    return Peer(peer.owner, peer.gids, user_name(peer.owner), peer.groups, peer.cgroup, peer.label)
 
 
 def refusal(e: BaseException, ifname: str, queue: int) -> BaseException:

@@ -162,6 +162,11 @@ def _name(lookup, ident: int) -> str | None:  # type: ignore[no-untyped-def]
     return name
 
 
+def user_name(uid: int) -> str | None:
+    """uid's login name (NSS, cached as a peer's own is)."""
+    return _name(pwd.getpwuid, uid)
+
+
 CAP_SYS_PTRACE = 19
 
 

@@ -57,6 +57,7 @@ def test_subordinate_uids_share_their_owners_place_in_the_connection_table() -> 
 def test_per_user_quotas_count_subordinate_uids_as_their_owner_decisions_do_not() -> None:
     peer = _sub(300001)
     assert quota_peer(peer).uid == 4200 and peer.principal == 4200 and peer.as_dict()["owner"] == 4200
+    assert quota_peer(_sub(300001, owner=0)).user == "root"  # a quota naming the owner by name applies too
     r = make_rig(policy=parse_policy(QUOTA.replace('users = ["alice"]', 'users = ["alice", 300001, 300002]')))
     one = PeerInfo(pid=ALICE.pid, uid=300001, gid=1, gids=frozenset({1}), start=ALICE.start, owner=4200)
     two = PeerInfo(pid=ALICE.pid, uid=300002, gid=1, gids=frozenset({1}), start=ALICE.start, owner=4200)
