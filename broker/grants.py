@@ -351,6 +351,9 @@ class Grants(BareGrants):
                queues: tuple[int, ...] | None = None, **fields: Any) -> Outcome:
         # recorded (and persisted) before the fds leave: a crash after this line leaves a record that
         # recovery checks against the kernel, never a socket nobody accounts for
+        # Holders are watched and ended by pid: an earlier holder of this pid that has exited, its exit not yet
+        # read by the loop, is ended now, or that exit would end (or orphan) this lease and leave it unwatched
+        self.exit_sync(peer.pid)
         try:
             lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
                                     req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)),

@@ -1,0 +1,149 @@
+"""Lease lifecycle races on the real kernel: a holder's pid reused before the broker read the holder's exit.
+
+The broker's loop handles one round of events at a time. A holder may exit, be reaped, and its pid be taken by
+a new process that asks for a grant, all while the loop is busy; the new process's request can then be served
+before the old holder's exit event of the same round. Here the loop is held still with SIGSTOP (standing for a
+busy round), and the pid is reused for real (/proc/sys/kernel/ns_last_pid, retried until it lands). Holders
+run as an unprivileged uid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import request_fds
+from xskbroker.testbed.sandbox import BrokerProcess, Child, VethNamespace, drop_privileges, fork_child
+from xskbroker.wire import protocol as proto
+
+from .conftest import CONSUMER_UID, wait_for
+
+POLICY = f"""\
+version = 1
+
+[[allow]]
+name = "tenants"
+users = [{CONSUMER_UID}]
+interfaces = ["xsk0"]
+kinds = ["bare", "bound", "map"]
+max_umem = "16MiB"
+
+[admin]
+users = [0]
+"""
+
+
+def _status(b: BrokerProcess) -> list[dict]:
+    with Connection(b.socket_path) as c:
+        return c.call(proto.Status())[0]["leases"]
+
+
+def _records(b: BrokerProcess, event: str) -> list[dict]:
+    return [r for r in b.records() if r.get("event") == event]
+
+
+def hold_until_told(path: str, iface: str, queue: int, kind: str) -> dict[str, str]:
+    """Take a lease (this process is its holder), and exit on SIGUSR1: its fds close with it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    reply, _fds = request_fds(iface, [queue], kind=kind, socket_path=path)
+    signal.sigwait({signal.SIGUSR1})
+    return {"lease": reply["lease"]}
+
+
+def ask_and_hold(path: str, iface: str, queue: int, kind: str, report: int) -> None:
+    """Connect, send a grant, say so (b"S"), wait for the reply, report its lease id, hold the fds."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(path)
+    sock.send(proto.encode_request(proto.Grant(interface=iface, queues=(queue,), kind=kind)))
+    os.write(report, b"S")
+    data, _fds, _, _ = socket.recv_fds(sock, 1 << 16, 16)  # held until killed
+    reply = json.loads(data)
+    os.write(report, (reply.get("lease") or "refused:" + json.dumps(reply)).encode() + b"\n")
+    time.sleep(60)  # holding the sockets until killed
+
+
+@contextlib.contextmanager
+def child_at(pid: int, fn, *args: object, tries: int = 20000) -> Iterator[Child]:  # type: ignore[no-untyped-def]
+    """fork_child(fn, *args) as CONSUMER_UID with exactly this pid (free now): root chooses the next pid
+    through ns_last_pid, and the child does nothing until it is known to have landed on it."""
+    for _ in range(tries):
+        go_r, go_w = os.pipe()
+
+        def become(go_r: int = go_r, go_w: int = go_w) -> dict[str, str]:
+            os.close(go_w)
+            if os.read(go_r, 1) != b"y":
+                os._exit(0)
+            os.close(go_r)
+            return drop_privileges(CONSUMER_UID)
+
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        child = fork_child(become, CONSUMER_UID, fn, *args)
+        os.close(go_r)
+        if child.pid == pid:
+            os.write(go_w, b"y")
+            os.close(go_w)
+            break
+        os.close(go_w)
+        child.kill()
+    else:
+        raise AssertionError(f"pid {pid} never came round again in {tries} forks")
+    try:
+        yield child
+    finally:
+        child.kill()
+
+
+@pytest.mark.parametrize("kind", ["bare", "map"])
+def test_a_pid_reused_before_the_old_holders_exit_is_read_keeps_its_own_lease(veth: VethNamespace, kind: str) -> None:
+    """Holder A (pid P) exits; before the loop reads A's exit, B takes pid P and is granted a lease. A's exit
+    must end A's lease only: B's lease stays B's (neither ended nor orphaned), and B's own exit ends it."""
+    with BrokerProcess(veth.name, POLICY) as b:
+        a = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, hold_until_told, b.socket_path,
+                       veth.inside, 0, kind)
+        stopped = False
+        other: socket.socket | None = None
+        try:
+            (held,) = wait_for(lambda: [x for x in _status(b) if x["pid"] == a.pid], what="A's lease")
+            b.signal(signal.SIGSTOP)  # the loop is busy: nothing below is read until SIGCONT
+            stopped = True
+            # a connection queued before A exits (a busy broker has some): the listener is first in the next round
+            other = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            other.connect(b.socket_path)
+            os.kill(a.pid, signal.SIGUSR1)
+            assert a.result()["lease"] == held["lease"]  # A has exited and is reaped: pid P is free
+            report_r, report_w = os.pipe()
+            with child_at(a.pid, ask_and_hold, b.socket_path, veth.inside, 1, kind, report_w) as bee:
+                os.close(report_w)
+                assert os.read(report_r, 1) == b"S"  # B's request is queued behind A's exit
+                b.signal(signal.SIGCONT)
+                stopped = False
+                got = os.read(report_r, 4096).decode().strip()
+                assert got and not got.startswith("refused"), got
+                time.sleep(0.3)  # A's exit, read in the same round, has been handled
+                leases = {x["lease"]: x for x in _status(b)}
+                assert held["lease"] not in leases, leases
+                mine = leases.get(got)
+                assert mine is not None, f"B's live lease ended with A's exit: {_records(b, 'lease-ended')}"
+                assert mine["pid"] == bee.pid and mine["orphaned"] is False, \
+                    f"A's exit orphaned B's lease (B, pid {bee.pid}, is alive and holds its sockets): {mine}"
+                bee.kill()
+                ended = wait_for(lambda: [r for r in _records(b, "lease-ended") if r["lease"] == got], timeout=1.5,
+                                 what="B's exit to end B's lease")
+                assert ended[0]["reason"] == "holder exited", ended
+            os.close(report_r)
+        finally:
+            if stopped:
+                b.signal(signal.SIGCONT)
+            if other is not None:
+                other.close()
+            a.kill()
+        assert b.proc is not None and b.proc.poll() is None, b.log()
