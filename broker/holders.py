@@ -18,31 +18,51 @@ from xskbroker.broker.leases import Lease
 from xskbroker.broker.peer import peer_pidfd
 from xskbroker.common.procfs import has_exited, is_process, pidfd_open, pinned_start
 
+# a process as a lease records it: (start time, pidfs inode), either unknown (None)
+Identity = tuple[int | None, int | None]
+ExitedFn = Callable[[int, int | None, int | None], None]
+
+
+def same_process(a: Identity, b: Identity) -> bool:
+    """Whether two identities of one pid may be the same process (what either does not know matches)."""
+    return all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))
+
 
 class Holders:
     def __init__(self) -> None:
         self.pidfds: dict[int, int] = {}  # pid -> pidfd, kept by the server while the pid holds a lease
+        self._who: dict[int, Identity] = {}  # pid -> the identity of the process its pidfd pins
         self._sel: selectors.BaseSelector | None = None
-        self._exited: Callable[[int], None] = lambda pid: None
+        self._exited: ExitedFn = lambda pid, start, ino: None
 
-    def attach(self, sel: selectors.BaseSelector, exited: Callable[[int], None]) -> None:
-        """Watch the pidfds through the server's selector; exited(pid) once a holder is gone."""
+    def attach(self, sel: selectors.BaseSelector, exited: ExitedFn) -> None:
+        """Watch the pidfds through the server's selector; exited(pid, start, ino) once a holder is gone: pids are
+        reused, so it ends only the leases of that process, not those of another process with its pid."""
         self._sel, self._exited = sel, exited
 
     def watch(self, pid: int, conn: socket.socket | None = None, start: int | None = None,
               ino: int | None = None) -> None:
         """Learn when a lease holder exits: its pidfd becomes readable. Without the connection, the pid is
         opened bare: it is the holder only if the process has the start time (and inode) the lease recorded."""
-        if pid in self.pidfds:
-            return
+        watched = self.pidfds.get(pid)
+        if watched is not None:
+            if same_process(self._who[pid], (start, ino)):
+                return
+            # the pid names two processes: the watched one exited and its pid was reused (its exit is handled
+            # now, for its own leases), or this lease's holder exited before it could be watched
+            if not has_exited(watched):
+                self._exited(pid, start, ino)
+                return
+            self._on_exit(pid)
         pidfd = peer_pidfd(conn, pid) if conn is not None else pidfd_open(pid)
         if pidfd is not None and conn is None and not is_process(pidfd, pid, start, ino):
             os.close(pidfd)  # the holder exited and the pid names another process
             pidfd = None
         if pidfd is None:
-            self._exited(pid)  # already gone
+            self._exited(pid, start, ino)  # already gone
             return
         self.pidfds[pid] = pidfd
+        self._who[pid] = (start, ino)
         assert self._sel is not None, "attach() first"
         self._sel.register(pidfd, selectors.EVENT_READ, lambda fd, pid=pid: self._on_exit(pid))
 
@@ -62,11 +82,13 @@ class Holders:
             self._forget(pid)
 
     def _on_exit(self, pid: int) -> None:
+        start, ino = self._who[pid]
         self._forget(pid)
-        self._exited(pid)
+        self._exited(pid, start, ino)
 
     def _forget(self, pid: int) -> None:
         pidfd = self.pidfds.pop(pid)
+        del self._who[pid]
         if self._sel is not None:
             self._sel.unregister(pidfd)
         os.close(pidfd)
@@ -104,3 +126,4 @@ class Holders:
         for pidfd in self.pidfds.values():
             os.close(pidfd)
         self.pidfds.clear()
+        self._who.clear()

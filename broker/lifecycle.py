@@ -9,6 +9,7 @@ import contextlib
 
 from xskbroker.broker.baregrants import CLOSING_WAIT_SECONDS
 from xskbroker.broker.core import Deferred, MemlockRaise, Outcome, Refused
+from xskbroker.broker.holders import same_process
 from xskbroker.broker.kernel import NoSuchInterface
 from xskbroker.broker.leases import Lease
 from xskbroker.broker.linkwatch import LinkEvent
@@ -121,11 +122,12 @@ class Lifecycle(MapGrants):
             return
         self.audit({"event": "memlock-restored", "pid": lease.pid, "to": raised.before[0], "hard": raised.before[1]})
 
-    def holder_exited(self, pid: int) -> None:
+    def holder_exited(self, pid: int, start: int | None = None, ino: int | None = None) -> None:
         """A holder is gone. Its sockets usually died with it (and the kernel emptied their slots), but it
-        may have passed them on (a launcher to QEMU over QMP): a slot still taken means they live on."""
+        may have passed them on (a launcher to QEMU over QMP): a slot still taken means they live on. With
+        its start time and pidfs inode, only its own leases: another process may hold leases under its pid."""
         for lease in self.leases.of_pid(pid):
-            if lease.orphaned:
+            if lease.orphaned or not same_process((lease.pid_start, lease.pid_ino), (start, ino)):
                 continue
             if self._still_held(lease):
                 lease.orphaned = True

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +231,51 @@ def try_bound(path: str, iface: str, queue: int) -> str:
     for fd in fds:
         os.close(fd)
     return "ok"
+
+
+# ---- a named holder that exits while its grant is made -----------------------------------------------------
+
+def grant_for(path: str, iface: str, queue: int, holder: int) -> str:
+    """A launcher: ask for a bound grant held by another process of its own (holder_pid), then close the fds."""
+    reply, fds = request_fds(iface, [queue], kind="bound", socket_path=path, holder_pid=holder)
+    for fd in fds:
+        os.close(fd)
+    return str(reply["lease"])
+
+
+def test_a_named_holder_whose_pid_is_reused_mid_grant_does_not_leave_its_lease_on_the_new_process(
+        veth: VethNamespace) -> None:
+    """A launcher names holder H (pid P) for a bound grant; while the grant binds, H exits and D takes pid P and a
+    lease of its own. H's lease must not be tied to D's watch: it ends once its sockets are closed, not when D
+    exits (until then its queue and UMEM counted against the quota, a lease without a socket)."""
+    gate = tempfile.mkdtemp(prefix="gate-") + "/release"
+    with BrokerProcess(veth.name, POLICY, env={"XSKBROKER_FAULT": f"before-bind:hold={gate}"}) as b:
+        holder = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, time.sleep, 60)
+        Path(gate + ".armed").touch()
+        launcher = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, grant_for, b.socket_path,
+                              veth.inside, 0, holder.pid)
+        report_r, report_w = os.pipe()
+        try:
+            wait_for(lambda: os.path.exists(gate + ".held"), what="the grant inside its bind")
+            holder.kill()  # H exits and is reaped: pid P is free
+            with child_at(holder.pid, ask_and_hold, b.socket_path, veth.inside, 1, "bare", report_w) as dee:
+                os.close(report_w)
+                assert os.read(report_r, 1) == b"S"
+                theirs = os.read(report_r, 4096).decode().strip()
+                assert theirs and not theirs.startswith("refused"), theirs
+                Path(gate).touch()  # the launcher's grant goes on, for H, which is gone
+                named = launcher.result()  # and the launcher has closed its fds
+                try:
+                    wait_for(lambda: [r for r in _records(b, "lease-ended") if r["lease"] == named], timeout=4.0)
+                except AssertionError:
+                    raise AssertionError(f"H's lease lives on (H is gone, its sockets closed; D, pid {dee.pid}, "
+                                         f"lives): {[x for x in _status(b) if x['lease'] == named]}") from None
+                (mine,) = [x for x in _status(b) if x["lease"] == theirs]
+                assert mine["pid"] == dee.pid and mine["orphaned"] is False, mine
+        finally:
+            Path(gate).touch()
+            launcher.kill()
+            holder.kill()
+            os.close(report_r)
+            shutil.rmtree(os.path.dirname(gate), ignore_errors=True)
+        assert b.proc is not None and b.proc.poll() is None, b.log()

@@ -16,6 +16,7 @@ from pathlib import Path
 from xskbroker.broker import faults
 from xskbroker.broker.leases import Lease
 from xskbroker.broker.linkwatch import LinkEvent
+from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.service import Outcome
 from xskbroker.policy import parse_policy
 from xskbroker.wire import protocol as proto
@@ -108,6 +109,17 @@ def test_holder_exit_ends_its_leases(rig: Rig) -> None:
     rig.service.holder_exited(ALICE.pid)
     assert len(rig.service.leases) == 0
     assert rig.events("lease-ended")[0]["reason"] == "holder exited"
+
+
+def test_a_holder_exit_ends_only_the_leases_of_that_process_not_of_the_next_with_its_pid(rig: Rig) -> None:
+    """pids are reused: the exit of the process that started at 77 must not end a lease of the one at 78."""
+    _, first = rig.grant()
+    later = PeerInfo(ALICE.pid, ALICE.uid, ALICE.gid, ALICE.gids, ALICE.user, start=78)
+    second, _ = rig.grant(later, queues=(1,))
+    rig.kernel.holder_closes(first.fds)
+    rig.service.holder_exited(ALICE.pid, 77, None)
+    assert [x.id for x in rig.service.leases] == [second["lease"]]
+    assert not rig.service.leases.get(second["lease"]).orphaned  # type: ignore[union-attr]
 
 
 def test_a_holder_that_passed_its_sockets_on_leaves_an_orphan_until_they_close(rig: Rig) -> None:
@@ -293,7 +305,7 @@ def test_holders_deliver_an_exit_the_kernel_reported_before_the_loop_reads_it() 
     exited: list[int] = []
     try:
         holders = Holders()
-        holders.attach(sel, exited.append)
+        holders.attach(sel, lambda pid, *_: exited.append(pid))
         holders.watch(child.pid, start=process_start(child.pid))
         assert child.pid in holders.pidfds
         assert holders.deliver_exit(child.pid) is False  # running: nothing to deliver
