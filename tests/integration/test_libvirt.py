@@ -320,10 +320,6 @@ def test_release_asks_the_broker_to_release_leases_still_recorded(veth: VethName
                 "domain": "vm1", "finished": True, "identity": {"uid": 0, "gid": 0, "groups": []},
                 "interfaces": [{"id": "xdp0", "lease": reply["lease"], "status": "attached", "released": False},
                                {"id": "xdp1", "lease": "0123456789abcdef", "status": "attached", "released": False}]})
-            # libvirt's release hook runs once QEMU is gone: its sockets are closed (a lease released with its
-            # sockets open is kept, revoked, until they close)
-            hotplug.close_fds(fds)
-            fds = []
             assert lvlife.forget("vm1", cfg, "release") is not None
             assert leases(broker.socket_path) == []
             log = (tmp_path / "vm1.log").read_text()
