@@ -138,12 +138,6 @@ class Lifecycle(MapGrants):
             self.leases.remove(lease.id)
             self.audit({"event": "lease-ended", "lease": lease.id, "pid": pid, "reason": "holder exited"})
 
-    def needs_polling(self) -> bool:
-        """Whether check_orphans has leases to look at: orphans, bare leases (a holder may bind its socket to a
-        queue it was not granted) and leases released while their sockets were open give no event when those
-        close."""
-        return bool(self.leases.orphans() or self.leases.has_bare() or self.released_held)
-
     def check_orphans(self) -> None:
         """End the orphaned leases whose sockets have finally been closed, and the bare leases whose
         sockets were all closed while their holder lives (QEMU after netdev_del or a rolled-back attach):
@@ -155,10 +149,10 @@ class Lifecycle(MapGrants):
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed"})
         for lease_id in list(self.released_held):  # released with its sockets open: ends once they are closed
-            kept = self.leases.get(lease_id)
-            if kept is not None and not self._bound(kept):
-                self.leases.remove(kept.id)
-                self.audit({"event": "lease-ended", "lease": kept.id, "pid": kept.pid,
+            lease = self.leases.get(lease_id)
+            if lease is not None and not self._bound(lease):
+                self.leases.remove(lease.id)
+                self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "released, and its sockets were closed since"})
         # A bare lease is ended only when its slots were empty at two polls in a row: a holder that closes its
         # sockets and then releases (the client library's order) must find its lease there to release.

@@ -133,8 +133,10 @@ class Server:
             while not self.stopping:
                 if self.watchdog is not None:
                     self.watchdog.beat()
-                # leases whose sockets give no event when they close (Lifecycle.needs_polling): looked at every few s
-                poll = ORPHAN_POLL_SECONDS if self.service.needs_polling() else None
+                # orphaned and released leases give no event when their sockets close, nor does a bare socket bound
+                # by its holder to a queue it was not granted: look at them every few seconds
+                poll = (ORPHAN_POLL_SECONDS if self.service.leases.orphans() or self.service.has_bare()
+                        or self.service.released_held else None)
                 due = [w[0] for w in self.waiting if not w[1].parked()]
                 retry = max(0.0, min(due) - time.monotonic()) if due else None
                 idle_left = self._idle_left()
@@ -424,7 +426,6 @@ class Server:
                 deferred.delay = min(deferred.delay * 2, RETRY_CAP)
                 still.append((now + deferred.delay, deferred, conn, who))
                 continue
-            self._prune_pidfds()  # a release that waited ends its lease here, not in _readable
             self._in_flight.discard(conn.fileno())
             if conn.fileno() in self._set_aside:
                 self._set_aside.discard(conn.fileno())
