@@ -127,7 +127,6 @@ class Core:
     pending: dict[int, Holding]  # grants waiting (for a queue's release, a worker), by identity
     jobs: collections.Counter[int]  # large grants being made, by uid
     bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty
-    released_held: set[str]  # leases released while the kernel had their sockets bound: kept until they close
     pool: UmemPool
     workers: Workers
     # the server's loop has other events to handle in this round: a grant then never waits for its bind

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-from xskbroker.broker.baregrants import CLOSING_WAIT_SECONDS
-from xskbroker.broker.core import Deferred, MemlockRaise, Outcome, Refused
+from xskbroker.broker.core import MemlockRaise, Refused
 from xskbroker.broker.holders import same_process
 from xskbroker.broker.kernel import NoSuchInterface
 from xskbroker.broker.leases import Lease
@@ -39,7 +38,7 @@ class Lifecycle(MapGrants):
                 with contextlib.suppress(OSError):
                     self.kernel.map_delete(prog.map_fd, q)
 
-    def _release(self, peer: PeerInfo, req: proto.Release) -> ReleaseReply | ErrorReply | Deferred:
+    def _release(self, peer: PeerInfo, req: proto.Release) -> ReleaseReply | ErrorReply:
         lease = self.leases.get(req.lease)
         # another cgroup of the same uid (another VM) is told the same as a stranger: no such lease of its own
         if lease is None or (not lease.owned_by(peer.uid, peer.cgroup) and not self._admin(peer)):
@@ -49,59 +48,14 @@ class Lifecycle(MapGrants):
         if req.if_closed and not self._slots_empty(lease):
             return ErrorReply(ErrorCode.LEASE_IN_USE, f"lease {lease.id} still has open sockets in its map slots",
                               "release", req.req_id)
-        if lease.kind == "map":
-            return self._released(peer, req, lease, held=False)
-        if lease.revoked:  # its slots were emptied: only the kernel's bound queues tell whether its sockets live
-            return self._released(peer, req, lease, held=bool(self._bound(lease)))
-        if self._slots_empty(lease):
-            return self._released(peer, req, lease, held=False)
-        # A socket still in its slot is open somewhere: in the holder's hands (then, forgotten, it would count
-        # against no quota, and release-and-keep would hold any number of queues and pinned bytes), or only in
-        # our own copies of the sent fds, kept a moment after the grant: those close now, then the slot tells.
-        self.sent_done(lease.id)
-        deadline = self.clock() + CLOSING_WAIT_SECONDS
-
-        def judge() -> ReleaseReply | None:
-            if self.leases.get(lease.id) is not lease:  # ended meanwhile (its holder exited, its interface went)
-                self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id, "ended": "before"})
-                return ReleaseReply(lease.id, req_id=req.req_id)
-            held = not self._slots_empty(lease)
-            if held and self.closes_pending() and self.clock() < deadline:
-                return None
-            return self._released(peer, req, lease, held)
-
-        def step() -> Outcome | None:
-            reply = judge()
-            return None if reply is None else Outcome(reply)
-
-        return judge() or Deferred(step, lambda: None)
-
-    def _released(self, peer: PeerInfo, req: proto.Release, lease: Lease, held: bool) -> ReleaseReply:
-        """Empty the lease's slots (RX stops) and end it; one whose sockets are still open (held) is kept, revoked,
-        so that it still counts against the quotas: check_orphans ends it once the kernel has them unbound."""
         self._empty_slots(lease)
-        if not held:
-            self.leases.remove(lease.id)
-            self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
-            return ReleaseReply(lease.id, req_id=req.req_id)
-        lease.revoked = True
-        self.leases.record(lease)
-        self.released_held.add(lease.id)
-        self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id, "kept": True,
-                    "reason": "its sockets are still open: it counts against the quotas until they are closed"})
+        self.leases.remove(lease.id)
+        self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
         return ReleaseReply(lease.id, req_id=req.req_id)
-
-    def _bound(self, lease: Lease) -> set[int]:
-        """The lease's queues an AF_XDP socket is bound to, as the kernel says (nothing where it cannot say)."""
-        try:
-            return self.kernel.bound_queues(lease.ifindex) & set(lease.queues)
-        except OSError:
-            return set()
 
     def _lease_ended(self, lease: Lease) -> None:
         """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
         self.sent_done(lease.id)
-        self.released_held.discard(lease.id)
         if lease.kind == "map":
             self._end_map(lease)
         raised = self.raised.get(lease.pid)
@@ -148,12 +102,6 @@ class Lifecycle(MapGrants):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed"})
-        for lease_id in list(self.released_held):  # released with its sockets open: ends once they are closed
-            lease = self.leases.get(lease_id)
-            if lease is not None and not self._bound(lease):
-                self.leases.remove(lease.id)
-                self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
-                            "reason": "released, and its sockets were closed since"})
         # A bare lease is ended only when its slots were empty at two polls in a row: a holder that closes its
         # sockets and then releases (the client library's order) must find its lease there to release.
         seen, self.bare_empty = self.bare_empty, set()

@@ -98,7 +98,6 @@ class Service(Grants, Lifecycle):
         self.loop_busy = False
         self.jobs: collections.Counter[int] = collections.Counter()
         self.bare_empty: set[str] = set()
-        self.released_held: set[str] = set()
         self.signal_holder = signal_holder
         self.pin_root = pin_root  # a bpffs directory where map grants are pinned for their tenants
         self.pinned: dict[str, str] = {}
@@ -165,8 +164,7 @@ class Service(Grants, Lifecycle):
         if isinstance(req, proto.Status):
             return Outcome(self._status(peer, req))
         if isinstance(req, proto.Release):
-            released = self._release(peer, req)
-            return released if isinstance(released, Deferred) else Outcome(released)
+            return Outcome(self._release(peer, req))
         if isinstance(req, proto.Revoke):
             return Outcome(self._revoke(peer, req))
         return self._grant(peer, req)

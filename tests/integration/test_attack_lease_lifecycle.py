@@ -22,10 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from xskbroker.broker import xskdiag
 from xskbroker.client.connection import Connection
-from xskbroker.client.grant import request, request_fds
-from xskbroker.testbed.links import in_netns
+from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, Child, VethNamespace, drop_privileges, fork_child
 from xskbroker.wire import protocol as proto
 
@@ -151,86 +149,6 @@ def test_a_pid_reused_before_the_old_holders_exit_is_read_keeps_its_own_lease(ve
                 other.close()
             a.kill()
         assert b.proc is not None and b.proc.poll() is None, b.log()
-
-
-# ---- quotas: a lease released while its sockets live on -------------------------------------------------
-
-QUOTA_POLICY = POLICY + f"""
-[[quota]]
-name = "per-tenant"
-users = [{CONSUMER_UID}]
-max_queues = 1
-max_umem = "6MiB"
-"""
-
-
-def release_and_keep(path: str, iface: str, report: int) -> None:
-    """Take a 4 MiB bound grant of queue 0, release it but keep its sockets, then ask for queue 1 the same way;
-    report what each grant answered, then hold every socket until killed."""
-    answers, kept = [], []
-    for q in (0, 1):
-        try:
-            reply, fds = request_fds(iface, [q], kind="bound", socket_path=path)
-        except proto.BrokerError as e:
-            answers.append(e.code)
-            continue
-        kept += fds
-        with Connection(path) as c:
-            c.call(proto.Release(reply["lease"]))
-        answers.append("ok")
-    os.write(report, json.dumps(answers).encode())
-    time.sleep(60)
-
-
-def close_release_and_ask_again(path: str, iface: str) -> dict[str, object]:
-    """The client library's order: close the sockets, release, and at once ask again at the quota's limit."""
-    out: dict[str, object] = {}
-    for q in (0, 1, 0):
-        g = request(iface, [q], socket_path=path)
-        started = time.perf_counter()
-        g.release()
-        out.setdefault("release_ms", []).append(round((time.perf_counter() - started) * 1000, 1))  # type: ignore[union-attr]
-    return out
-
-
-def test_a_released_lease_whose_sockets_are_kept_still_counts_against_the_quota(veth: VethNamespace) -> None:
-    """Release ends a lease but cannot close the holder's sockets: a bound socket stays bound to its queue, with
-    its UMEM pinned. Its queue and UMEM must still count against the holder's quota until they are closed."""
-    with BrokerProcess(veth.name, QUOTA_POLICY) as b:
-        # a holder that closed its sockets before releasing gets its quota back with the reply
-        polite = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, close_release_and_ask_again,
-                            b.socket_path, veth.inside).result()
-        assert len(polite["release_ms"]) == 3, polite
-        report_r, report_w = os.pipe()
-        holder = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, release_and_keep, b.socket_path,
-                            veth.inside, report_w)
-        os.close(report_w)
-        try:
-            answers = json.loads(os.read(report_r, 4096) or b"null")
-            with in_netns(veth.name):
-                bound = xskdiag.xsk_queues(socket.if_nametoindex(veth.inside))
-            assert answers == ["ok", "quota-queues"], \
-                f"uid {CONSUMER_UID} (quota: 1 queue, 6 MiB) holds sockets bound to queues {sorted(bound)}: {answers}"
-            holder.kill()
-            # once the sockets are closed, the charge goes: the same grant is then made
-            wait_for(lambda: not _status(b), timeout=4.0, what="the released lease's charge to end")
-            ok = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, try_bound, b.socket_path,
-                            veth.inside, 1).result()
-            assert ok == "ok", ok
-        finally:
-            holder.kill()
-            os.close(report_r)
-        assert b.proc is not None and b.proc.poll() is None, b.log()
-
-
-def try_bound(path: str, iface: str, queue: int) -> str:
-    try:
-        _, fds = request_fds(iface, [queue], kind="bound", socket_path=path)
-    except proto.BrokerError as e:
-        return e.code
-    for fd in fds:
-        os.close(fd)
-    return "ok"
 
 
 # ---- a named holder that exits while its grant is made -----------------------------------------------------
