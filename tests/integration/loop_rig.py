@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,3 +71,28 @@ def _hello_as(path: str) -> dict[str, Any]:
         with contextlib.suppress(BrokenPipeError):
             s.send(proto.encode_request(proto.Hello()))
         return _recv_reply(s)
+
+
+def still_open(socks: list[socket.socket]) -> int:
+    """How many of these connections the broker has not closed (it may close some to make room for others)."""
+    alive = 0
+    for s in socks:
+        s.setblocking(False)
+        try:
+            alive += s.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+    return alive
+
+
+def tally(s: socket.socket, messages: Iterable[bytes]) -> dict[str, int]:
+    """Send each message and read its reply: how many replies had each code ("ok" for a success)."""
+    codes: dict[str, int] = {}
+    for data in messages:
+        s.send(data)
+        reply = _recv_reply(s)
+        code = "ok" if reply.get("ok") else reply["error"]["code"]
+        codes[code] = codes.get(code, 0) + 1
+    return codes

@@ -16,7 +16,18 @@ from xskbroker.testbed.sandbox import spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID
-from .loop_rig import ATTACKERS, POLICY, RATE_POLICY, _cpu_ticks, _hello_as, _probe_conn, _recv_reply, bed
+from .loop_rig import (
+    ATTACKERS,
+    POLICY,
+    RATE_POLICY,
+    _cpu_ticks,
+    _hello_as,
+    _probe_conn,
+    _recv_reply,
+    bed,
+    still_open,
+    tally,
+)
 from .probe import RootProbe
 
 # ---- 5. connection-table lockout -----------------------------------------------------------------------------
@@ -41,15 +52,8 @@ def connection_hog(path: str, limit: int, hold: float) -> dict[str, Any]:
             continue
         held.append(s)
     time.sleep(hold)
-    alive = 0
-    for s in held:  # the broker may have closed some to make room for others
-        s.setblocking(False)
-        try:
-            alive += s.recv(1, socket.MSG_PEEK) != b""
-        except BlockingIOError:
-            alive += 1
-        except OSError:
-            pass
+    alive = still_open(held)
+    for s in held:
         s.close()
     return {"held": len(held), "refused": refused, "alive_at_end": alive}
 
@@ -93,13 +97,8 @@ def malformed_flood(path: str, count: int) -> dict[str, Any]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(5.0)
     s.connect(path)
-    codes: dict[str, int] = {}
     started = time.monotonic()
-    for i in range(count):
-        s.send(b"{not json" if i % 2 else b'{"v":1,"op":"nope"}')
-        reply = _recv_reply(s)
-        code = "ok" if reply.get("ok") else reply["error"]["code"]
-        codes[code] = codes.get(code, 0) + 1
+    codes = tally(s, (b"{not json" if i % 2 else b'{"v":1,"op":"nope"}' for i in range(count)))
     s.close()
     return {"codes": codes, "seconds": time.monotonic() - started}
 
@@ -161,15 +160,10 @@ def denied_request_flood(path: str, grants: int, revokes: int) -> dict[str, Any]
     """Requests the policy denies, as fast as they are answered: grants of a queue no rule gives this uid, and
     revokes by a non-admin."""
     s = _probe_conn(path)
-    codes: dict[str, int] = {}
     started = time.monotonic()
-    for op, n in ((proto.Grant("xsk0", (0,)), grants), (proto.Revoke(interface="xsk0"), revokes)):
-        data = proto.encode_request(op)
-        for _ in range(n):
-            s.send(data)
-            reply = _recv_reply(s)
-            code = "ok" if reply.get("ok") else reply["error"]["code"]
-            codes[code] = codes.get(code, 0) + 1
+    grant = proto.encode_request(proto.Grant("xsk0", (0,)))
+    revoke = proto.encode_request(proto.Revoke(interface="xsk0"))
+    codes = tally(s, [grant] * grants + [revoke] * revokes)
     s.close()
     return {"codes": codes, "seconds": time.monotonic() - started}
 

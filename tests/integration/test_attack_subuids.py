@@ -19,7 +19,7 @@ from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unpriv
 from xskbroker.wire import protocol as proto
 
 from .conftest import STRANGER_UID, ns_name
-from .loop_rig import POLICY, _hello_as, _recv_reply
+from .loop_rig import POLICY, _hello_as, _recv_reply, still_open
 from .probe import RootProbe
 
 OWNER = 4200
@@ -76,16 +76,7 @@ def _as_many_uids(path: str, uids: int, per_uid: int, requests: int, go: int, re
         os.setresuid(0, 0, 0)
     os.write(ready, b"h")
     os.read(done, 1)
-    alive = 0
-    for s in held:  # the broker may have closed some to make room for others
-        s.setblocking(False)
-        try:
-            alive += s.recv(1, socket.MSG_PEEK) != b""
-        except BlockingIOError:
-            alive += 1
-        except OSError:
-            pass
-    return {"codes": codes, "alive": alive}
+    return {"codes": codes, "alive": still_open(held)}
 
 
 @contextlib.contextmanager
