@@ -112,7 +112,7 @@ class LeaseTable:
     def add(self, uid: int, pid: int, ifindex: int, ifname: str, queues: tuple[int, ...], kind: str,
             umem_bytes: int, gids: tuple[int, ...] = (), groups: tuple[str, ...] = (),
             pid_start: int | None = None, pid_ino: int | None = None, cgroup: str | None = None,
-            principal: int | None = None) -> Lease:
+            counted_as: int | None = None) -> Lease:
         # pid_start must have been read while the holder was pinned by a pidfd (broker.peer): read here,
         # from the bare pid, it could be the start time of a process that reused the pid
         lease = Lease(os.urandom(8).hex(), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
@@ -124,7 +124,7 @@ class LeaseTable:
             if old:
                 self._remove(old.id)
                 ended.append({"end": old.id})
-        self._insert(lease, principal)
+        self._insert(lease, counted_as)
         try:
             self._append(*ended, {"lease": lease.record()})  # one write for the grant, ends and all
         except OSError as e:  # not recorded, so not granted; the ends stand (the kernel freed those slots)
