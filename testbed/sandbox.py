@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request
 from xskbroker.common.privileges import drop_to
 from xskbroker.testbed import links
@@ -34,6 +35,7 @@ from xskbroker.testbed import links
 # Imported here, while still root: after the drop, modules under a 0700 home cannot be loaded.
 from xskbroker.testbed.echo import ETH_P_DEMO, FRAME, MAGIC, PING, TO_CONSUMER, TO_PEER, Reflector
 from xskbroker.testbed.links import in_netns, setns
+from xskbroker.wire import protocol as proto
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import XDP_ZEROCOPY
 
@@ -161,12 +163,18 @@ class BrokerProcess:
         except FileNotFoundError:
             return ""
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The broker's records (the JSON lines of its log), or only those of one event."""
         out = []
         for line in self.log().splitlines():
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
-        return out
+        return out if event is None else [r for r in out if r.get("event") == event]
+
+    def leases(self) -> list[dict[str, Any]]:
+        """The leases `status` lists to root (every lease where root is an admin, as the test policies make it)."""
+        with Connection(self.socket_path) as c:
+            return list(c.call(proto.Status())[0]["leases"])
 
     @property
     def pid(self) -> int:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, Child, VethNamespace, drop_privileges, fork_child
 from xskbroker.wire import protocol as proto
@@ -44,13 +43,6 @@ users = [0]
 """
 
 
-def _status(b: BrokerProcess) -> list[dict]:
-    with Connection(b.socket_path) as c:
-        return c.call(proto.Status())[0]["leases"]
-
-
-def _records(b: BrokerProcess, event: str) -> list[dict]:
-    return [r for r in b.records() if r.get("event") == event]
 
 
 def hold_until_told(path: str, iface: str, queue: int, kind: str) -> dict[str, str]:
@@ -114,7 +106,7 @@ def test_a_pid_reused_before_the_old_holders_exit_is_read_keeps_its_own_lease(ve
         stopped = False
         other: socket.socket | None = None
         try:
-            (held,) = wait_for(lambda: [x for x in _status(b) if x["pid"] == a.pid], what="A's lease")
+            (held,) = wait_for(lambda: [x for x in b.leases() if x["pid"] == a.pid], what="A's lease")
             b.signal(signal.SIGSTOP)  # the loop is busy: nothing below is read until SIGCONT
             stopped = True
             # a connection queued before A exits (a busy broker has some): the listener is first in the next round
@@ -131,14 +123,14 @@ def test_a_pid_reused_before_the_old_holders_exit_is_read_keeps_its_own_lease(ve
                 got = os.read(report_r, 4096).decode().strip()
                 assert got and not got.startswith("refused"), got
                 time.sleep(0.3)  # A's exit, read in the same round, has been handled
-                leases = {x["lease"]: x for x in _status(b)}
+                leases = {x["lease"]: x for x in b.leases()}
                 assert held["lease"] not in leases, leases
                 mine = leases.get(got)
-                assert mine is not None, f"B's live lease ended with A's exit: {_records(b, 'lease-ended')}"
+                assert mine is not None, f"B's live lease ended with A's exit: {b.records('lease-ended')}"
                 assert mine["pid"] == bee.pid and mine["orphaned"] is False, \
                     f"A's exit orphaned B's lease (B, pid {bee.pid}, is alive and holds its sockets): {mine}"
                 bee.kill()
-                ended = wait_for(lambda: [r for r in _records(b, "lease-ended") if r["lease"] == got], timeout=1.5,
+                ended = wait_for(lambda: [r for r in b.records("lease-ended") if r["lease"] == got], timeout=1.5,
                                  what="B's exit to end B's lease")
                 assert ended[0]["reason"] == "holder exited", ended
             os.close(report_r)
@@ -184,11 +176,11 @@ def test_a_named_holder_whose_pid_is_reused_mid_grant_does_not_leave_its_lease_o
                 Path(gate).touch()  # the launcher's grant goes on, for H, which is gone
                 named = launcher.result()  # and the launcher has closed its fds
                 try:
-                    wait_for(lambda: [r for r in _records(b, "lease-ended") if r["lease"] == named], timeout=4.0)
+                    wait_for(lambda: [r for r in b.records("lease-ended") if r["lease"] == named], timeout=4.0)
                 except AssertionError:
                     raise AssertionError(f"H's lease lives on (H is gone, its sockets closed; D, pid {dee.pid}, "
-                                         f"lives): {[x for x in _status(b) if x['lease'] == named]}") from None
-                (mine,) = [x for x in _status(b) if x["lease"] == theirs]
+                                         f"lives): {[x for x in b.leases() if x['lease'] == named]}") from None
+                (mine,) = [x for x in b.leases() if x["lease"] == theirs]
                 assert mine["pid"] == dee.pid and mine["orphaned"] is False, mine
         finally:
             Path(gate).touch()

@@ -19,10 +19,8 @@ from typing import Any
 
 import pytest
 
-from xskbroker.client.connection import Connection
 from xskbroker.testbed.dpdk_like import handshake
 from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, spawn_unprivileged
-from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, wait_for
 from .probe import RootProbe
@@ -69,11 +67,6 @@ def _broker(veth: VethNamespace, *args: str) -> Iterator[BrokerProcess]:
         assert b.proc is not None and b.proc.poll() is None, f"broker died:\n{b.log()}"
 
 
-def _leases(b: BrokerProcess) -> list[dict[str, Any]]:
-    with Connection(b.socket_path) as c:
-        reply, _ = c.call(proto.Status())
-    return list(reply["leases"])
-
 
 def _events(b: BrokerProcess, name: str) -> list[dict[str, Any]]:
     return [r for r in b.records() if r.get("event") == name]
@@ -116,7 +109,7 @@ def test_a_dpdk_client_gets_its_map_and_moves_frames_both_ways(veth: VethNamespa
         assert connect["hostname"] == socket.gethostname()  # recorded; the identity is the peer's uid
         assert _events(b, "dp-map-fd")[-1]["decision"] == "allow"
         # the holder exited: its lease ends, its queue goes back to the shared map
-        wait_for(lambda: not _leases(b), what="the lease to end with its holder")
+        wait_for(lambda: not b.leases(), what="the lease to end with its holder")
         wait_for(lambda: _events(b, "map-unplaced"), what="the tenant map taken out")
     # stopped: the socket and the directories the broker made are gone, the one it found stays
     assert not os.path.exists(f"{base}/afxdp_dp") and os.path.isdir(base)
@@ -136,13 +129,13 @@ def test_one_lease_per_holder_however_many_handshakes(veth: VethNamespace, base:
     with _broker(veth, *_endpoint(path, queues="0-1")) as b:
         # a first holder attaches the per-queue program (fds the broker keeps); then the broker's fds are counted
         spawn_tenant(handshake, path, "xsk0", uid=CONSUMER_UID, netns=veth.name).result()
-        wait_for(lambda: not _leases(b), what="the first holder's lease to end")
+        wait_for(lambda: not b.leases(), what="the first holder's lease to end")
         before = b.settled_fds()
         got = spawn_tenant(_two_handshakes, path, uid=CONSUMER_UID, netns=veth.name).result()
         assert got["maps"] == [b"/fd_ack", b"/fd_ack"] and got["ids"][0] == got["ids"][1] is not None
         grants = [r for r in _events(b, "grant") if r.get("decision") == "allow"]
         assert len(grants) == 2 and grants[1]["request"]["queues"] == [0, 1]
-        wait_for(lambda: not _leases(b), what="the lease to end with its holder")
+        wait_for(lambda: not b.leases(), what="the lease to end with its holder")
         assert b.settled_fds() == before, b.fd_targets()  # no map, connection or pidfd left behind
 
 
@@ -182,7 +175,7 @@ def test_a_uid_the_policy_denies_is_refused_at_host_nak(veth: VethNamespace, bas
         assert after == [b"/host_nak", b"/fd_nak"]
         deny = _events(b, "dp-connect")[-1]
         assert deny["decision"] == "deny" and deny["peer"]["uid"] == STRANGER_UID and deny["code"] == "user-not-allowed"
-        assert not _leases(b)
+        assert not b.leases()
         # and another uid cannot even connect: the socket is the tenant's, 0600
         assert spawn_unprivileged(_connect_only, path, uid=CONSUMER_UID).result() == "EACCES"
 
@@ -267,6 +260,6 @@ def test_garbage_gets_nak_and_leaves_no_trace(veth: VethNamespace, base: str) ->
         with_fds = _raw(path, [b"/connect,h", b"/config_busy_poll,10,64"], fds=True)
         assert with_fds in (["errno 1", "errno 1"], [b"/nak", b"/config_busy_poll_nak"]), with_fds
         assert b.settled_fds() == before, b.fd_targets()
-        assert not _leases(b)
+        assert not b.leases()
         refused = _events(b, "dp-refused")
         assert len(refused) >= 7 and all(r["reason"] for r in refused)

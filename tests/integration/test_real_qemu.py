@@ -63,10 +63,6 @@ def bed() -> Iterator[tuple[VethNamespace, BrokerProcess, DataPath, str]]:
         assert b.proc is not None and b.proc.poll() is None, f"broker died:\n{b.log()}"
 
 
-def leases(b: BrokerProcess) -> list[dict[str, Any]]:
-    with Connection(b.socket_path) as c:
-        return list(c.call(proto.Status())[0]["leases"])
-
 
 def run_cli(ns: VethNamespace, *args: str, ipc_lock: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*unprivileged(ns.name, ipc_lock), *xskbroker(*args)], capture_output=True, text=True,
@@ -90,12 +86,12 @@ def test_exec_runs_unprivileged_qemu_frames_both_ways_and_the_lease_ends_with_it
         first_ms = (time.monotonic() - started) * 1000
         status = Path(f"/proc/{vm.proc.pid}/status").read_text()
         assert f"Uid:\t{CONSUMER_UID}\t{CONSUMER_UID}" in status and "CapEff:\t0000000000004000" in status
-        held = leases(b)
+        held = b.leases()
         assert [(x["pid"], x["kind"], x["queues"]) for x in held] == [(vm.proc.pid, "bare", [0])], held
         to_qemu, from_qemu = path.to_qemu(FRAMES), path.from_qemu(FRAMES)
         assert (to_qemu, from_qemu) == (FRAMES, FRAMES), vm.log()
         assert vm.quit() == 0, vm.log()
-    wait_for(lambda: not leases(b), what="the lease to end with QEMU")
+    wait_for(lambda: not b.leases(), what="the lease to end with QEMU")
     assert any(r.get("event") == "lease-ended" and r.get("reason") == "holder exited" for r in b.records())
     figures(exec_to_qemu_holding_fds_ms=round(holding_ms, 1), exec_first_frame_ms=round(first_ms, 1),
             frames_each_way=FRAMES)
@@ -128,7 +124,7 @@ def test_qmp_attach_detach_reattach_into_a_running_unprivileged_qemu(bed, figure
         assert attached["warnings"] == [] and attached["queues"] == [0]
         _join_hub(vm)
         assert (path.to_qemu(FRAMES), path.from_qemu(FRAMES)) == (FRAMES, FRAMES), vm.log()
-        assert [x["lease"] for x in leases(b)] == [attached["lease"]]
+        assert [x["lease"] for x in b.leases()] == [attached["lease"]]
 
         detached = run_cli(ns, "qmp-detach", "--socket", b.socket_path, "--qmp", vm.qmp_path, "--id", "xdp0",
                            "--json")
@@ -136,7 +132,7 @@ def test_qmp_attach_detach_reattach_into_a_running_unprivileged_qemu(bed, figure
         out = json.loads(detached.stdout)
         # qmp-detach ended the lease itself, at once: not the broker's poll seconds later
         assert out["leases_ended"] == [attached["lease"]] and out["warnings"] == [], out
-        assert leases(b) == []
+        assert b.leases() == []
         ended = [r for r in b.records() if r.get("lease") == attached["lease"] and r.get("event") in
                  ("release", "lease-ended")]
         assert [(r["event"], r.get("peer", {}).get("uid")) for r in ended] == [("release", CONSUMER_UID)], ended
@@ -149,7 +145,7 @@ def test_qmp_attach_detach_reattach_into_a_running_unprivileged_qemu(bed, figure
         _join_hub(vm)
         assert (path.to_qemu(20), path.from_qemu(20)) == (20, 20), vm.log()
         assert vm.quit() == 0, vm.log()
-    wait_for(lambda: not leases(b), what="the re-attached lease to end with QEMU")
+    wait_for(lambda: not b.leases(), what="the re-attached lease to end with QEMU")
     figures(qmp_attach_ms=round(took * 1000, 1))
 
 
@@ -166,7 +162,7 @@ def test_qmp_detach_ends_only_the_lease_whose_sockets_qemu_closed(bed) -> None:
         with Connection(b.socket_path) as c, pytest.raises(proto.BrokerError) as e:
             c.call(proto.Release(attached["lease"], if_closed=True))
         assert e.value.code == "lease-in-use"
-        assert [x["lease"] for x in leases(b)] == [attached["lease"]]
+        assert [x["lease"] for x in b.leases()] == [attached["lease"]]
         _join_hub(vm)
         assert path.to_qemu(20) == 20, vm.log()
 
@@ -181,7 +177,7 @@ def test_stock_qemu_without_ipc_lock_is_told_why_it_cannot_register_its_umem(bed
     # before QEMU ran, exec said what will fail and what to do, in plain words
     assert f"RLIMIT_MEMLOCK is {MEMLOCK} bytes but the UMEM needs {32 << 20}" in log, log
     assert "CAP_IPC_LOCK" in log, log
-    wait_for(lambda: not leases(b), what="the lease to end with the QEMU that failed")
+    wait_for(lambda: not b.leases(), what="the lease to end with the QEMU that failed")
 
     with run_qemu(unprivileged(ns.name, ipc_lock=False), lambda qmp: qemu_args(binary, qmp, path.netdevs())) as vm:
         vm.wait_up()
@@ -189,4 +185,4 @@ def test_stock_qemu_without_ipc_lock_is_told_why_it_cannot_register_its_umem(bed
                        "--interface", ns.inside, "--queues", "1")
         assert done.returncode != 0, done.stdout
         assert "RLIMIT_MEMLOCK" in done.stderr and "CAP_IPC_LOCK" in done.stderr, done.stderr
-        assert leases(b) == [], done.stderr
+        assert b.leases() == [], done.stderr

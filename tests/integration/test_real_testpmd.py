@@ -152,14 +152,6 @@ def _endpoint(base: str, uid: int, queue: int) -> tuple[list[str], str]:
     return ["--device-plugin", f"interface=xsk0,user={uid},queues={queue},path={sockdir}/afxdp.sock"], sockdir
 
 
-def _records(b: BrokerProcess, event: str) -> list[dict[str, Any]]:
-    return [r for r in b.records() if r.get("event") == event]
-
-
-def _leases(b: BrokerProcess) -> list[dict[str, Any]]:
-    with Connection(b.socket_path) as c:
-        reply, _ = c.call(proto.Status())
-    return list(reply["leases"])
 
 
 def _program(veth: VethNamespace) -> int:
@@ -195,10 +187,10 @@ def test_unprivileged_testpmd_moves_frames_both_ways_until_revoked(veth: VethNam
             st = _status(t.proc.pid)
             assert st["Name"] == "dpdk-testpmd" and st["Uid"].split()[0] == str(CONSUMER_UID), st
             assert int(st["CapEff"], 16) == CAP_NET_RAW, st
-            connect = _records(b, "dp-connect")[-1]
+            connect = b.records("dp-connect")[-1]
             assert connect["decision"] == "allow" and connect["peer"]["uid"] == CONSUMER_UID
-            assert _records(b, "dp-map-fd")[-1]["decision"] == "allow"
-            (lease,) = _leases(b)
+            assert b.records("dp-map-fd")[-1]["decision"] == "allow"
+            (lease,) = b.leases()
             assert lease["pid"] == t.proc.pid, lease
 
             t.cmd("clear port stats 0")
@@ -211,7 +203,7 @@ def test_unprivileged_testpmd_moves_frames_both_ways_until_revoked(veth: VethNam
             with Connection(b.socket_path) as c:
                 revoked, _ = c.call(proto.Revoke(lease=lease["lease"]))
             assert revoked["revoked"][0]["ended"] is True
-            wait_for(lambda: any(r["queues"] == [0] for r in _records(b, "map-unplaced")),
+            wait_for(lambda: any(r["queues"] == [0] for r in b.records("map-unplaced")),
                      what="the tenant map taken out")
             t.cmd("clear port stats 0")
             after = peer.exchange(100, b"TPMD", cpu=0)
@@ -261,9 +253,9 @@ def test_a_refused_testpmd_gets_nothing_and_the_broker_carries_on(veth: VethName
         finally:
             status = t.close()
             print(f"testpmd exit status {status}:", t.text())
-        deny = _records(b, "dp-connect")[-1]
-        assert deny["decision"] == "deny" and deny["code"] == "user-not-allowed" and not _leases(b)
-        assert not _records(b, "dp-map-fd")
+        deny = b.records("dp-connect")[-1]
+        assert deny["decision"] == "deny" and deny["code"] == "user-not-allowed" and not b.leases()
+        assert not b.records("dp-map-fd")
 
 
 def test_two_testpmd_tenants_each_see_only_their_own_queue(veth: VethNamespace, base: str) -> None:
@@ -280,7 +272,7 @@ def test_two_testpmd_tenants_each_see_only_their_own_queue(veth: VethNamespace, 
                 t.cmd("clear port stats 0")
             got = [peer.exchange(100, b"QQ_0", cpu=0), peer.exchange(150, b"QQ_1", cpu=1)]
             rx = [t.stats()["rx_packets"] for t in tenants]
-            leases = _leases(b)
+            leases = b.leases()
         finally:
             for t in tenants:
                 t.close()
@@ -290,7 +282,7 @@ def test_two_testpmd_tenants_each_see_only_their_own_queue(veth: VethNamespace, 
         assert got == [{b"QQ_0": 100}, {b"QQ_1": 150}] and rx == [100, 150], (got, rx)
         assert sorted((x["uid"], x["pid"]) for x in leases) == sorted(
             (uid, t.proc.pid) for uid, t in zip((CONSUMER_UID, OTHER_UID), tenants, strict=True))
-        wait_for(lambda: not _leases(b), what="both leases to end with their testpmd")
+        wait_for(lambda: not b.leases(), what="both leases to end with their testpmd")
 
 
 def test_a_root_testpmds_exit_leaves_the_brokers_program(veth: VethNamespace, base: str) -> None:
@@ -319,7 +311,7 @@ def test_a_root_testpmds_exit_leaves_the_brokers_program(veth: VethNamespace, ba
             root.close()
             peer.close()
             print(tenant.text(), root.text(), sep="\n----\n")
-        wait_for(lambda: not _leases(b), what="both leases to end with their testpmd")
+        wait_for(lambda: not b.leases(), what="both leases to end with their testpmd")
 
 
 def _rate(t: RunningPmd, key: str, seconds: float = 1.0) -> float:
