@@ -3,9 +3,10 @@
 A fault hook is called with the name of each point a grant passes ("after-socket", "after-map-claim",
 "after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"). `from_spec` builds the
 hook the crash tests ask for: "<point>" makes the broker SIGKILL itself there, "<point>:pause" makes it
-sleep a second there (so a test can, say, delete the interface mid-grant), "<point>:hold=PATH" makes the first
-grant there once PATH.armed exists wait (creating PATH.held) until PATH exists, others passing by (so a test
-can prove that other grants go on meanwhile, with no timing involved). Nothing here reads the
+sleep a second there (so a test can, say, delete the interface mid-grant), "<point>:raise=PATH" raises there
+while PATH exists (a bug standing in), "<point>:hold=PATH" makes the first grant there once PATH.armed exists
+wait (creating PATH.held) until PATH exists, others passing by (so a test can prove that other grants go on
+meanwhile, with no timing involved). Nothing here reads the
 environment: the daemon reads its test-only variable once at start-up and passes the hook on.
 """
 
@@ -26,7 +27,8 @@ def none(name: str) -> None:
 
 
 def from_spec(spec: str) -> FaultHook:
-    """The hook for "<point>" (SIGKILL there) or "<point>:pause" (sleep 1 s there); "" is no fault."""
+    """The hook for "<point>" (SIGKILL there), "<point>:pause" (sleep 1 s there), "<point>:raise=PATH"
+    or "<point>:hold=PATH"; "" is no fault."""
     armed, _, action = spec.partition(":")
     if not armed:
         return none
@@ -44,6 +46,9 @@ def from_spec(spec: str) -> FaultHook:
                     time.sleep(0.005)
         elif action == "pause":
             time.sleep(1.0)
+        elif action.startswith("raise="):
+            if os.path.exists(action[len("raise="):]):
+                raise RuntimeError(f"fault injected at {name}")
         else:
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -433,14 +433,14 @@ class Server:
         self.waiting = still
 
     def _reply(self, conn: socket.socket, outcome: Outcome, who: peers.PeerInfo) -> None:
-        data = outcome.reply.encode()  # the one place a request's reply becomes bytes
         try:
+            data = outcome.reply.encode()  # the one place a request's reply becomes bytes
             self.fault("before-send")
             if outcome.fds:
                 socket.send_fds(conn, [data], outcome.fds)
             else:
                 conn.send(data)
-        except OSError as e:
+        except Exception as e:  # the send failed, or a bug: either way nobody has the fds, and only this request pays
             if outcome.lease_id:
                 self.service.abort(outcome.lease_id)
             self.audit({"event": "reply-failed", "pid": who.pid, "error": str(e)})

@@ -169,6 +169,26 @@ def test_interface_deleted_mid_grant(veth: VethNamespace) -> None:
         assert _events(b, "interface-removed")
 
 
+def test_a_bug_while_replying_costs_the_request_not_the_broker(veth: VethNamespace, tmp_path: Path) -> None:
+    """An exception between the grant and its send (here injected where the reply is sent) must not stop the loop
+    with everyone's leases: the request's lease is undone, its fds closed, and the next client is served."""
+    bug = tmp_path / "bug"
+    with BrokerProcess(veth.name, BASE, env={"XSKBROKER_FAULT": f"before-send:raise={bug}"}) as b:
+        # the interface's program and map, which the first grant loads, stay: count from after one
+        assert spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()["ok"]
+        baseline = b.settled_fds()
+        bug.touch()
+        for _ in range(3):
+            got = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
+            assert got["ok"] is False, got
+            assert b.proc.poll() is None, b.log()  # type: ignore[union-attr]
+        bug.unlink()
+        assert _status(b)["leases"] == []
+        assert b.settled_fds() <= baseline, b.fd_targets()
+        failed = _events(b, "reply-failed")
+        assert len(failed) == 3 and "fault injected at before-send" in failed[0]["error"], failed
+
+
 # ---- revocation ----------------------------------------------------------------------------------------------
 
 def test_revoke_stops_rx_and_is_admin_only(veth: VethNamespace) -> None:
