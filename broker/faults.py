@@ -6,8 +6,8 @@ hook the crash tests ask for: "<point>" makes the broker SIGKILL itself there, "
 sleep a second there (so a test can, say, delete the interface mid-grant), "<point>:raise=PATH" raises there
 while PATH exists (a bug standing in), "<point>:hold=PATH" makes the first grant there once PATH.armed exists
 wait (creating PATH.held) until PATH exists, others passing by (so a test can prove that other grants go on
-meanwhile, with no timing involved). Nothing here reads the
-environment: the daemon reads its test-only variable once at start-up and passes the hook on.
+meanwhile, with no timing involved). Nothing here reads the environment: the daemon reads its test-only
+variable once at start-up and passes the hook on.
 """
 
 from __future__ import annotations

@@ -116,12 +116,12 @@ def test_broker_revokes_a_bare_lease_bound_off_its_queue(figures) -> None:  # ty
         try:
             started = time.monotonic()
             # no other grant comes in: the broker's own poll must find it
-            record = wait_for(lambda: next((r for r in b.records() if r.get("event") == "bare-misbound"), None),
+            record = wait_for(lambda: next(iter(b.records("bare-misbound")), None),
                               timeout=6, what="a bare-misbound audit record")
             found_s = time.monotonic() - started
             probes = RootProbe(b.socket_path, "xsk0", 2).run(5).figures()
             lease = next(x for x in _status(b)["leases"] if x["lease"] == record["lease"])
-            revoke = next(r for r in b.records() if r.get("event") == "revoke" and r.get("lease") == lease["lease"])
+            revoke = next(r for r in b.records("revoke") if r.get("lease") == lease["lease"])
         finally:
             held = squat.stop()
         assert held["bind"] == "ok" and held["lease"] == record["lease"], held

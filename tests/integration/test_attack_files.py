@@ -89,9 +89,6 @@ def unstarted(veth: VethNamespace) -> Iterator[BrokerProcess]:
         shutil.rmtree(b.workdir, ignore_errors=True)
 
 
-def _events(b: BrokerProcess, event: str) -> list[dict[str, Any]]:
-    return [r for r in b.records() if r.get("event") == event]
-
 
 # ---- attacker actions (run as uid 65534) -------------------------------------------------------------------
 
@@ -170,7 +167,7 @@ def test_rewritten_world_writable_policy_is_not_reloaded(veth: VethNamespace, fi
         os.chmod(b.policy_path, 0o666)  # an admin's mistake
         assert spawn_unprivileged(make_self_admin, b.policy_path, uid=ATTACKER).result()["uid"] == ATTACKER
         b.signal(signal.SIGHUP)
-        wait_for(lambda: _events(b, "policy-reload-failed") or _events(b, "policy-reloaded"), what="the reload")
+        wait_for(lambda: b.records("policy-reload-failed") or b.records("policy-reloaded"), what="the reload")
         with Connection(b.socket_path) as c:  # a lease of root's, which only an admin could revoke
             reply, fds = c.call(proto.Grant(interface=veth.inside, queues=(1,),
                                             geometry=proto.Geometry(umem_size=MiB)))
@@ -182,8 +179,8 @@ def test_rewritten_world_writable_policy_is_not_reloaded(veth: VethNamespace, fi
                 for fd in fds:
                     os.close(fd)
         assert got["admin"] is False and got["revoke"] == "not-admin", got
-        assert not _events(b, "policy-reloaded")
-        failed = _events(b, "policy-reload-failed")
+        assert not b.records("policy-reloaded")
+        failed = b.records("policy-reload-failed")
         assert failed[0]["kept"] == "previous policy"
         assert any(e.startswith(f"{b.policy_path}: unsafe: ") and "chmod go-w" in e for e in failed[0]["errors"])
         figures(attacker_admin=got["admin"], attacker_revoke=got["revoke"],

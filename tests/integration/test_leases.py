@@ -32,9 +32,6 @@ def _status(b: BrokerProcess) -> dict:
         return c.call(proto.Status())[0]
 
 
-def _events(b: BrokerProcess, event: str) -> list[dict]:
-    return [r for r in b.records() if r.get("event") == event]
-
 
 def _hold(b: BrokerProcess, iface: str, queues: list[int], seconds: float = 60.0):  # type: ignore[no-untyped-def]
     before = len(_status(b)["leases"])
@@ -109,7 +106,7 @@ def test_live_consumer_keeps_working_across_a_broker_crash(veth: VethNamespace, 
             b.proc.kill()  # type: ignore[union-attr]
             b.proc.wait()  # type: ignore[union-attr]
             b.start()
-            assert _events(b, "lease-recovered")[-1]["lease"] == lease
+            assert b.records("lease-recovered")[-1]["lease"] == lease
             assert [x["lease"] for x in _status(b)["leases"]] == [lease]
             # the held queue is not granted twice by the new broker
             busy = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
@@ -159,14 +156,14 @@ def test_interface_deleted_mid_grant(veth: VethNamespace) -> None:
     with BrokerProcess(veth.name, BASE, env={"XSKBROKER_FAULT": "after-map-claim:pause"}) as b:
         baseline = b.settled_fds()
         child = spawn_unprivileged(try_grant, b.socket_path, "xsk1", [0], uid=CONSUMER_UID)
-        wait_for(lambda: _events(b, "xdp-attach"), what="the grant to reach the kernel")
+        wait_for(lambda: b.records("xdp-attach"), what="the grant to reach the kernel")
         veth.delete_link("xsk1")
         got = child.result()
         assert got["ok"] is False and got["code"] in ("kernel-error", "no-such-interface"), got
         assert b.proc.poll() is None  # type: ignore[union-attr]
         wait_for(lambda: not _status(b)["leases"], what="no lease on a deleted interface")
         assert b.settled_fds() <= baseline + 0, b.fd_targets()
-        assert _events(b, "interface-removed")
+        assert b.records("interface-removed")
 
 
 def test_a_bug_while_replying_costs_the_request_not_the_broker(veth: VethNamespace, tmp_path: Path) -> None:
@@ -185,7 +182,7 @@ def test_a_bug_while_replying_costs_the_request_not_the_broker(veth: VethNamespa
         bug.unlink()
         assert _status(b)["leases"] == []
         assert b.settled_fds() <= baseline, b.fd_targets()
-        failed = _events(b, "reply-failed")
+        failed = b.records("reply-failed")
         assert len(failed) == 3 and "fault injected at before-send" in failed[0]["error"], failed
 
 
@@ -249,9 +246,9 @@ def test_interface_removed_ends_its_leases(veth: VethNamespace) -> None:
             wait_for(lambda: not _status(b)["leases"], what="the lease to end with its interface")
         finally:
             holder.kill()
-        ended = _events(b, "lease-ended")
+        ended = b.records("lease-ended")
         assert ended and "removed" in ended[0]["reason"]
-        assert _events(b, "interface-removed")[0]["interface"] == "xsk1"
+        assert b.records("interface-removed")[0]["interface"] == "xsk1"
 
 
 def test_rename_keeps_leases_and_new_grants_follow_policy_by_name(veth: VethNamespace) -> None:
@@ -260,7 +257,7 @@ def test_rename_keeps_leases_and_new_grants_follow_policy_by_name(veth: VethName
         holder = _hold(b, "xsk1", [0])
         try:
             veth.rename("xsk1", "other1")
-            wait_for(lambda: _events(b, "interface-renamed"), what="the rename to be noticed")
+            wait_for(lambda: b.records("interface-renamed"), what="the rename to be noticed")
             (lease,) = _status(b)["leases"]
             assert lease["interface"] == "other1"
             refused = spawn_unprivileged(try_grant, b.socket_path, "other1", [1], uid=CONSUMER_UID).result()
@@ -278,7 +275,7 @@ def test_xdp_program_removed_by_someone_else_is_reported(veth: VethNamespace) ->
         holder = _hold(b, veth.inside, [0])
         try:
             veth.xdp_off(veth.inside)
-            changed = wait_for(lambda: _events(b, "xdp-program-changed"), what="the change to be reported")
+            changed = wait_for(lambda: b.records("xdp-program-changed"), what="the change to be reported")
             assert changed[0]["now"] is None and changed[0]["leases"]
         finally:
             holder.kill()
@@ -290,12 +287,12 @@ def test_corrupted_policy_on_reload_keeps_the_old_one(veth: VethNamespace) -> No
     with BrokerProcess(veth.name, BASE) as b:
         Path(b.policy_path).write_text("version = 1\n[[allow]\nname = broken")
         b.signal(signal.SIGHUP)
-        failed = wait_for(lambda: _events(b, "policy-reload-failed"), what="the failed reload")
+        failed = wait_for(lambda: b.records("policy-reload-failed"), what="the failed reload")
         assert any(":2:" in e for e in failed[0]["errors"]), failed
         assert spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()["ok"]
         Path(b.policy_path).write_text("version = 1\n")
         b.signal(signal.SIGHUP)
-        wait_for(lambda: _events(b, "policy-reloaded"), what="the good reload")
+        wait_for(lambda: b.records("policy-reloaded"), what="the good reload")
         denied = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
         assert denied["code"] == "user-not-allowed"
 
