@@ -64,6 +64,30 @@ class Deferred:
     ready: Callable[[], bool] = lambda: False
 
 
+def then(ready: Callable[[], bool], make: Callable[[], Outcome | Deferred]) -> Deferred:
+    """A request that first waits until ready() (stepped on the server's timer; it may raise Refused), then
+    is make()'s: its Outcome, or its own Deferred stepped in place of this one."""
+    inner: list[Deferred] = []
+
+    def step() -> Outcome | None:
+        if inner:
+            return inner[0].step()
+        if not ready():
+            return None
+        made = make()
+        if isinstance(made, Outcome):
+            return made
+        inner.append(made)
+        return None if not made.ready() else made.step()
+
+    def cancel() -> None:
+        if inner:
+            inner[0].cancel()
+
+    return Deferred(step, cancel, parked=lambda: bool(inner) and inner[0].parked(),
+                    ready=lambda: bool(inner) and inner[0].ready())
+
+
 @record
 class MemlockRaise:
     """A holder's RLIMIT_MEMLOCK as it was before the broker raised it, restored when its last lease that
@@ -157,4 +181,7 @@ class Core:
         raise NotImplementedError
 
     def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> RevokedLease:
+        raise NotImplementedError
+
+    def end_closed_releases(self) -> bool:
         raise NotImplementedError

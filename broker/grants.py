@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
+from collections.abc import Callable
 from typing import Any
 
 from xskbroker.broker import squat
 from xskbroker.broker.baregrants import BareGrants
-from xskbroker.broker.core import Deferred, Outcome, Refused, policy_peer, quota_peer, refusal
+from xskbroker.broker.core import Deferred, Outcome, Refused, policy_peer, quota_peer, refusal, then
 from xskbroker.broker.kernel import (
     BUSY_RETRY_SECONDS,
     ForeignProgram,
@@ -24,6 +25,7 @@ from xskbroker.broker.kernel import (
     QueueBusy,
     bpf_blocked,
 )
+from xskbroker.broker.leases import Lease
 from xskbroker.broker.peer import PeerInfo, cgroup_of
 from xskbroker.broker.workers import Job
 from xskbroker.policy import Holding, Request, Rule, decide
@@ -42,6 +44,9 @@ INLINE_UMEM = 4 << 20
 MAX_JOBS = 16
 INLINE_WAIT = 0.001  # seconds the loop may wait for a light job before deferring the grant
 MAX_JOBS_PER_UID = 2
+# how long a grant over quota waits for a lease released with its sockets open to end: the broker's own copies of
+# them close within milliseconds of the release; a holder that kept them keeps the charge
+RELEASE_SETTLE_SECONDS = 0.1
 
 
 class Grants(BareGrants):
@@ -65,18 +70,43 @@ class Grants(BareGrants):
             self.audit(record)
             return result
 
-        try:
-            if not decision.allowed or decision.rule is None:
-                raise Refused(ErrorCode(decision.code), decision.reason)
+        def within_quota() -> None:
             # a map grant holds every queue of the device: it counts them all (req.queues is empty)
             over = quotas.check(self.policy, quota_peer(peer), self.holdings(), queues=len(queues),
                                 umem=req.pinned_bytes)
+            if over and self.end_closed_releases():  # released leases whose sockets closed since are not held
+                over = quotas.check(self.policy, quota_peer(peer), self.holdings(), queues=len(queues),
+                                    umem=req.pinned_bytes)
             if over:
                 record["quota"] = over.reason
                 raise Refused(ErrorCode(over.code), over.reason)
+
+        def make() -> Outcome | Deferred:
+            assert decision.rule is not None
             holder = self._holder(peer, req.holder_pid) if req.holder_pid else peer
             maker = {"bound": self._make_bound, "bare": self._make_bare, "map": self._make_map}[req.kind]
-            result = maker(holder, req, decision.rule)
+            try:
+                return maker(holder, req, decision.rule)
+            except Refused as e:
+                # a released lease's socket still in the queue's slot: maybe only the broker's copy, closing now
+                released = self._released_on(req) if e.code == ErrorCode.QUEUE_BUSY else None
+                if released is None:
+                    raise
+                return then(self._slots_freed(released, req), make)
+
+        try:
+            if not decision.allowed or decision.rule is None:
+                raise Refused(ErrorCode(decision.code), decision.reason)
+            try:
+                within_quota()
+            except Refused:
+                # a lease released a moment ago may still have open sockets that are only the broker's own
+                # copies, closing now: judge again shortly rather than refuse (the loop is not held meanwhile)
+                if not self.leases.settling(time.time(), RELEASE_SETTLE_SECONDS):
+                    raise
+                result: Outcome | Deferred = then(self._settled(within_quota), make)
+            else:
+                result = make()
         except Refused as e:
             return settle(refused=e)
         if isinstance(result, Outcome):
@@ -93,6 +123,41 @@ class Grants(BareGrants):
 
         result.step = step
         return result  # its cancel() needs no record: nobody was granted or told anything
+
+    def _settled(self, check: Callable[[], None]) -> Callable[[], bool]:
+        """check() passes (True), fails for good (raises), or is worth a retry (False) while a release settles."""
+        def step() -> bool:
+            try:
+                check()
+            except Refused:
+                if self.leases.settling(time.time(), RELEASE_SETTLE_SECONDS):
+                    return False
+                raise
+            return True
+        return step
+
+    def _released_on(self, req: proto.Grant) -> Lease | None:
+        """A lease released with its sockets open that holds one of the requested queues."""
+        wanted = set(req.queues)
+        return next((x for x in self.leases.lingering() if x.released_at is not None and x.ifname == req.interface
+                     and wanted.intersection(x.queues)), None)
+
+    def _slots_freed(self, lease: Lease, req: proto.Grant) -> Callable[[], bool]:
+        """Whether the released lease's sockets closed (it ends, and the grant is made again), for up to
+        BUSY_RETRY_SECONDS; then the grant is refused naming it."""
+        deadline = self.clock() + BUSY_RETRY_SECONDS
+
+        def freed() -> bool:
+            self.end_closed_releases()
+            if self.leases.get(lease.id) is None:
+                return True
+            if self.clock() < deadline:
+                return False
+            queue = next(q for q in req.queues if q in lease.queues)
+            raise Refused(ErrorCode.QUEUE_BUSY, f"{req.interface} queue {queue} is still bound by a socket of lease "
+                          f"{lease.id}, which its holder (pid {lease.pid}) released but keeps open; it is free "
+                          "once that socket is closed", lease=lease.id)
+        return freed
 
     def _all_queues(self, ifname: str) -> tuple[int, ...]:
         try:

@@ -47,6 +47,9 @@ class Lease:
     misbound: int | None = None  # a bare socket found bound to this queue, not one it was granted
     map_id: int = 0  # map grants: the xsks_map handed out, whose program is detached when the lease ends
     cgroup: str | None = None  # the requester's cgroup v2 path: with uid, the principal that owns the lease
+    # when its holder released it while its sockets were still open (wall clock): the kernel cannot close them,
+    # so it stays charged to its quota until they close (the slots empty) or a new grant binds its queues
+    released_at: float | None = None
 
     def owned_by(self, uid: int, cgroup: str | None) -> bool:
         """Whether a peer of (uid, cgroup) is the principal that took this lease. Another cgroup of the same
@@ -57,7 +60,7 @@ class Lease:
         """The lease as a status reply lists it."""
         return LeaseInfo(self.id, self.uid, self.pid, self.ifname, self.ifindex, self.queues, self.kind,
                          self.umem_bytes, round(time.time() - self.created, 3), self.revoked, self.orphaned,
-                         self.misbound)
+                         self.misbound, self.released_at is not None)
 
     def record(self) -> dict[str, Any]:
         """The journal form (dataclasses.asdict is several times slower, and this is on the grant path)."""
@@ -65,7 +68,8 @@ class Lease:
                 "queues": list(self.queues), "kind": self.kind, "umem_bytes": self.umem_bytes,
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
                 "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino,
-                "misbound": self.misbound, "map_id": self.map_id, "cgroup": self.cgroup}
+                "misbound": self.misbound, "map_id": self.map_id, "cgroup": self.cgroup,
+                "released_at": self.released_at}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Lease:
@@ -184,8 +188,15 @@ class LeaseTable:
     def has_bare(self) -> bool:
         return any(not self._by_id[i].revoked for i in self._bare)
 
-    def orphans(self) -> list[Lease]:
-        return [lease for lease in self._by_id.values() if lease.orphaned]
+    def lingering(self) -> list[Lease]:
+        """Leases whose end waits for their sockets to close, which no event tells: orphaned or released ones."""
+        return [lease for lease in self._by_id.values() if lease.orphaned or lease.released_at is not None]
+
+    def settling(self, now: float, seconds: float) -> bool:
+        """Whether a lease was released less than `seconds` ago with its sockets still open (maybe only the
+        broker's own copies, being closed now)."""
+        return any(lease.released_at is not None and 0 <= now - lease.released_at < seconds
+                   for lease in self._by_id.values())
 
     def of_pid(self, pid: int) -> list[Lease]:
         return [lease for lease in self._by_id.values() if lease.pid == pid]

@@ -6,8 +6,9 @@ program, a raised memlock limit) is undone in _lease_ended, however the lease en
 from __future__ import annotations
 
 import contextlib
+import time
 
-from xskbroker.broker.core import MemlockRaise, Refused
+from xskbroker.broker.core import Deferred, MemlockRaise, Outcome, Refused
 from xskbroker.broker.holders import same_process
 from xskbroker.broker.kernel import NoSuchInterface
 from xskbroker.broker.leases import Lease
@@ -17,6 +18,10 @@ from xskbroker.broker.peer import PeerInfo
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
 from xskbroker.wire.replies import ErrorReply, ReleaseReply, RevokedLease
+
+# how long a release waits for its sockets' slots to empty while the broker's own copies of them are closing
+# (a holder that closed its own): then it ends the lease, or keeps it released while the holder's stay open
+RELEASE_WAIT = 0.02
 
 
 class Lifecycle(MapGrants):
@@ -38,20 +43,61 @@ class Lifecycle(MapGrants):
                 with contextlib.suppress(OSError):
                     self.kernel.map_delete(prog.map_fd, q)
 
-    def _release(self, peer: PeerInfo, req: proto.Release) -> ReleaseReply | ErrorReply:
+    def _release(self, peer: PeerInfo, req: proto.Release) -> Outcome | Deferred:
         lease = self.leases.get(req.lease)
         # another cgroup of the same uid (another VM) is told the same as a stranger: no such lease of its own
         if lease is None or (not lease.owned_by(peer.uid, peer.cgroup) and not self._admin(peer)):
             whose = f"uid {peer.uid}" + (f" in cgroup {peer.cgroup}" if peer.cgroup is not None else "")
-            return ErrorReply(ErrorCode.UNKNOWN_LEASE, f"no lease {req.lease!r} held by {whose}",
-                              "release", req.req_id)
+            return Outcome(ErrorReply(ErrorCode.UNKNOWN_LEASE, f"no lease {req.lease!r} held by {whose}",
+                                      "release", req.req_id))
         if req.if_closed and not self._slots_empty(lease):
-            return ErrorReply(ErrorCode.LEASE_IN_USE, f"lease {lease.id} still has open sockets in its map slots",
-                              "release", req.req_id)
+            return Outcome(ErrorReply(ErrorCode.LEASE_IN_USE, f"lease {lease.id} still has open sockets in its "
+                                      "map slots", "release", req.req_id))
+        if lease.kind == "map" or lease.revoked or not self._still_held(lease):
+            return Outcome(self._end_released(peer, req, lease))
+        # A socket is still in a slot. The kernel cannot close the holder's, and a queue and UMEM kept bound must
+        # stay on its quota: the lease lingers, its slots kept (their emptying is how the close is seen), until
+        # they close or a new grant binds its queues. It may be only the broker's own copy, kept a moment after
+        # the reply: that closes now, and the release waits for it (on the timer), up to RELEASE_WAIT.
+        copies = self.closes_pending()
+        self.sent_done(lease.id)
+        if not copies:
+            return Outcome(self._keep_released(peer, req, lease))
+        deadline = self.clock() + RELEASE_WAIT
+
+        def step() -> Outcome | None:
+            if self.leases.get(lease.id) is not lease:  # ended meanwhile (its holder exited): released all the same
+                self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
+                return Outcome(ReleaseReply(lease.id, req_id=req.req_id))
+            if not self._still_held(lease):
+                return Outcome(self._end_released(peer, req, lease))
+            return Outcome(self._keep_released(peer, req, lease)) if self.clock() >= deadline else None
+
+        return Deferred(step, lambda: None, delay=0.0002)
+
+    def _keep_released(self, peer: PeerInfo, req: proto.Release, lease: Lease) -> ReleaseReply:
+        if lease.released_at is None:
+            lease.released_at = time.time()
+            self.leases.record(lease)
+        self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id, "sockets": "open"})
+        return ReleaseReply(lease.id, req_id=req.req_id)
+
+    def _end_released(self, peer: PeerInfo, req: proto.Release, lease: Lease) -> ReleaseReply:
         self._empty_slots(lease)
         self.leases.remove(lease.id)
         self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
         return ReleaseReply(lease.id, req_id=req.req_id)
+
+    def end_closed_releases(self) -> bool:
+        """End the released leases whose sockets have closed since (their slots are empty); True if any."""
+        ended = False
+        for lease in self.leases.lingering():
+            if lease.released_at is not None and not lease.revoked and not self._still_held(lease):
+                self.leases.remove(lease.id)
+                self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
+                            "reason": "its sockets were closed after its release"})
+                ended = True
+        return ended
 
     def _lease_ended(self, lease: Lease) -> None:
         """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
@@ -97,8 +143,9 @@ class Lifecycle(MapGrants):
         sockets were all closed while their holder lives (QEMU after netdev_del or a rolled-back attach):
         the holder gives no event then, and the lease would hold its queues and quota until it exits.
         Called periodically."""
-        for lease in self.leases.orphans():
-            if not self._still_held(lease):
+        self.end_closed_releases()
+        for lease in self.leases.lingering():
+            if lease.orphaned and not self._still_held(lease):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed"})

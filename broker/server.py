@@ -133,9 +133,9 @@ class Server:
             while not self.stopping:
                 if self.watchdog is not None:
                     self.watchdog.beat()
-                # orphaned leases give no event when their sockets close, nor does a bare socket bound by its
-                # holder to a queue it was not granted: look at them every few seconds
-                poll = ORPHAN_POLL_SECONDS if self.service.leases.orphans() or self.service.has_bare() else None
+                # orphaned and released leases give no event when their sockets close, nor does a bare socket
+                # bound by its holder to a queue it was not granted: look at them every few seconds
+                poll = ORPHAN_POLL_SECONDS if self.service.leases.lingering() or self.service.has_bare() else None
                 due = [w[0] for w in self.waiting if not w[1].parked()]
                 retry = max(0.0, min(due) - time.monotonic()) if due else None
                 idle_left = self._idle_left()

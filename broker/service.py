@@ -164,7 +164,7 @@ class Service(Grants, Lifecycle):
         if isinstance(req, proto.Status):
             return Outcome(self._status(peer, req))
         if isinstance(req, proto.Release):
-            return Outcome(self._release(peer, req))
+            return self._release(peer, req)
         if isinstance(req, proto.Revoke):
             return Outcome(self._revoke(peer, req))
         return self._grant(peer, req)
@@ -192,6 +192,7 @@ class Service(Grants, Lifecycle):
                            "a holder that keeps its fds can still transmit until it closes them.", req_id=req.req_id)
 
     def _status(self, peer: PeerInfo, req: proto.Status) -> StatusReply:
+        self.end_closed_releases()  # released leases whose sockets closed since are not listed (nor counted)
         admin = self._admin(peer)
         leases = tuple(lease.info() for lease in self.leases if admin or lease.owned_by(peer.uid, peer.cgroup))
         interfaces = tuple(InterfaceInfo(p.ifindex, self.names.get(p.ifindex), p.prog_id, p.mode, p.max_entries,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from xskbroker.wire.replies import HistogramInfo, MetricsInfo, StatusReply
+from xskbroker.wire.replies import HistogramInfo, LeaseInfo, MetricsInfo, StatusReply
 
 # ---- the table -------------------------------------------------------------------------------------------
 
@@ -28,7 +28,7 @@ def table(reply: StatusReply) -> str:
     if reply.leases:
         out += _columns(("LEASE", "UID", "PID", "INTERFACE", "QUEUES", "KIND", "PINNED", "AGE", "STATE"),
                         [(x.lease, x.uid, x.pid, x.interface, queue_ranges(x.queues), x.kind, size(x.umem_bytes),
-                          duration(x.age_s), _state(x.revoked, x.orphaned, x.misbound)) for x in reply.leases])
+                          duration(x.age_s), _state(x)) for x in reply.leases])
     if reply.quotas:
         out += ["", "Quotas (what applies to you):"]
         out += _columns(("QUOTA", "SCOPE", "QUEUES", "PINNED"),
@@ -51,11 +51,11 @@ def summary(m: MetricsInfo) -> str:
                 f"pinned of a {size(m.pool.get('budget_bytes', 0))} budget" if m.pool else ""))
 
 
-def _state(revoked: bool, orphaned: bool, misbound: int | None) -> str:
+def _state(x: LeaseInfo) -> str:
     """"held", or what an operator should notice, in capitals."""
-    states = [s for s, on in (("REVOKED", revoked), ("ORPHANED", orphaned)) if on]
-    if misbound is not None:
-        states.append(f"MISBOUND@{misbound}")
+    states = [s for s, on in (("REVOKED", x.revoked), ("ORPHANED", x.orphaned), ("RELEASED-OPEN", x.released)) if on]
+    if x.misbound is not None:
+        states.append(f"MISBOUND@{x.misbound}")
     return ",".join(states) or "held"
 
 

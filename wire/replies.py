@@ -103,6 +103,7 @@ class LeaseInfo(Record):
     revoked: bool
     orphaned: bool = False
     misbound: int | None = None
+    released: bool = False  # released by its holder with its sockets still open: charged until they close
 
 
 @record(frozen=True, eq=False, repr=False)

@@ -129,3 +129,35 @@ def probe_connections(path: str, count: int) -> list[str]:
     hello = proto.encode_request(proto.Hello())
     with _connections(path, count) as socks:
         return [_ask(s, hello) for s in socks]
+
+
+def release_and_keep(path: str, iface: str) -> dict[str, Any]:
+    """Under a quota of one queue: take queue 0, release it but keep its sockets, ask for queue 1; then close them
+    and ask again; then the library's order (close, release) and at once queue 0 again."""
+    out: dict[str, Any] = {}
+
+    def ask(conn: Connection, queue: int) -> tuple[dict[str, Any], list[int]]:
+        started = time.monotonic()
+        try:
+            reply, fds = conn.call(proto.Grant(iface, (queue,), geometry=proto.Geometry(umem_size=1 << 20)))
+        except proto.BrokerError as e:
+            return {"ok": False, "code": e.code, "message": e.message, "s": time.monotonic() - started}, []
+        return {**reply, "s": time.monotonic() - started}, fds
+
+    with Connection(path) as conn:
+        first, kept = ask(conn, 0)
+        conn.call(proto.Release(first["lease"]))
+        mine = [x for x in conn.call(proto.Status())[0]["leases"] if x["lease"] == first["lease"]]
+        out["status_while_kept"] = mine
+        out["kept"], fds = ask(conn, 1)
+        for fd in kept + fds:
+            os.close(fd)
+        if out["kept"].get("ok"):
+            conn.call(proto.Release(out["kept"]["lease"]))
+        for step, queue in (("closed", 1), ("after_library_order", 0)):
+            out[step], fds = ask(conn, queue)
+            for fd in fds:
+                os.close(fd)
+            if out[step].get("ok"):
+                conn.call(proto.Release(out[step]["lease"]))
+    return out

@@ -361,14 +361,15 @@ raise_memlock = "8MiB"
 
 
 def bare_memlock_cycle(path: str, limits: tuple[int, int], needed: int) -> dict[str, Any]:
-    """Lower our own memlock limits, take a bare grant that needs `needed`, release it: limits at each step."""
+    """Lower our own memlock limits, take a bare grant that needs `needed`, close and release it (a lease released
+    with its sockets open lasts until they close): limits at each step."""
     resource.setrlimit(resource.RLIMIT_MEMLOCK, limits)
     with Connection(path) as c:
         reply, fds = c.call(proto.Grant("xsk0", (0,), kind="bare", memlock=needed))
         during = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        for fd in fds:
+            os.close(fd)
         c.call(proto.Release(reply["lease"]))
-    for fd in fds:
-        os.close(fd)
     return {"memlock": reply["memlock"], "during": during, "after": resource.getrlimit(resource.RLIMIT_MEMLOCK)}
 
 

@@ -13,7 +13,7 @@ from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, 
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
-from .consumers import exchange_raw, hold_grant, probe_connections, try_grant
+from .consumers import exchange_raw, hold_grant, probe_connections, release_and_keep, try_grant
 
 MiB = 1 << 20
 BASE = f"""\
@@ -67,6 +67,29 @@ max_umem = "6MiB"
         too_much = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], 8 * MiB, uid=CONSUMER_UID).result()
         assert too_much["code"] == "quota-umem" and "6 MiB" in too_much["message"], too_much
         figures(quota_refusals=2)
+
+
+def test_a_lease_released_with_its_sockets_kept_still_counts_against_the_quota(veth: VethNamespace,  # type: ignore[no-untyped-def]
+                                                                                 figures) -> None:
+    """Release and keep: the holder's sockets stay bound (the kernel cannot close them for it), so the lease stays
+    on its quota, listed as released, until they close. Before, the release freed the quota at once and a user
+    under a quota of one queue held two."""
+    policy = BASE + f"""
+[[quota]]
+name = "one-queue"
+users = [{CONSUMER_UID}]
+max_queues = 1
+"""
+    with BrokerProcess(veth.name, policy) as b:
+        got = spawn_unprivileged(release_and_keep, b.socket_path, veth.inside, uid=CONSUMER_UID).result(30)
+        assert [x["released"] for x in got["status_while_kept"]] == [True], got
+        assert got["kept"].get("code") == "quota-queues", got["kept"]
+        assert got["closed"].get("ok"), got["closed"]
+        assert got["after_library_order"].get("ok"), got["after_library_order"]
+        figures(**{f"{step}_ms": round(got[step]["s"] * 1000, 2) for step in ("kept", "closed", "after_library_order")})
+        ended = [r for r in b.records("lease-ended") if r["reason"] == "its sockets were closed after its release"]
+        assert ended, b.records("lease-ended")
+        wait_for(lambda: not _status(b)["leases"], what="every lease to end")
 
 
 def test_connection_quota_and_rate_limit(veth: VethNamespace) -> None:

@@ -315,6 +315,8 @@ def test_release_asks_the_broker_to_release_leases_still_recorded(veth: VethName
         reply, fds = request_fds(veth.inside, 1, kind="bare", socket_path=broker.socket_path)
         try:
             assert [x["lease"] for x in leases(broker.socket_path)] == [reply["lease"]]
+            hotplug.close_fds(fds)  # QEMU has exited: a lease released with open sockets lasts until they close
+            fds = []
             cfg = lvconf.Config(socket=broker.socket_path, state_dir=str(tmp_path))
             lvstate.write_state(lvstate.domain_file(str(tmp_path), "vm1", ".json"), {
                 "domain": "vm1", "finished": True, "identity": {"uid": 0, "gid": 0, "groups": []},

@@ -34,7 +34,7 @@ LEASE_INFO = LEASE.info()  # once: its age_s is read from the clock
 # the lease as status replies have always listed it
 LEASE_DICT = {"lease": "63f0169167eb5aa8", "uid": 1000, "pid": 25763, "interface": "xdoc0", "ifindex": 3,
               "queues": [0, 1], "kind": "bound", "umem_bytes": 4194304, "age_s": LEASE_INFO.age_s, "revoked": False,
-              "orphaned": False, "misbound": None}
+              "orphaned": False, "misbound": None, "released": False}
 
 # (typed reply, the same reply as the broker builds it with ok_reply, mirroring broker/service.py)
 CASES: list[tuple[r.OkReply, bytes]] = [

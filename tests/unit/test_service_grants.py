@@ -146,6 +146,7 @@ def test_a_bare_grant_places_unbound_sockets_and_raises_memlock_within_the_rule(
     assert reply["ok"] and reply["memlock"]["raised"] and len(out.fds) == 2
     assert rig.kernel.memlocks[ALICE.pid] == (32 << 20, 32 << 20)
     assert rig.kernel.slot_taken(7, 0) and rig.kernel.slot_taken(7, 1)
+    rig.kernel.holder_closes(out.fds)
     rig.reply(ALICE, proto.Release(reply["lease"]))
     assert rig.kernel.memlocks[ALICE.pid] == (8 << 20, 8 << 20)  # restored with the last lease that needed it
     assert [r["event"] for r in rig.records if r["event"].startswith("memlock")] == ["memlock-raised",

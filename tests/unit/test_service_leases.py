@@ -25,15 +25,36 @@ from .service_rig import ALICE, BOB, POLICY, ROOT, Rig, make_rig
 
 # ---- release, revoke, exits -------------------------------------------------------------------------------------
 
-def test_release_empties_the_slots_and_only_the_owner_or_an_admin_may(rig: Rig) -> None:
-    reply, _ = rig.grant(queues=(0, 1))
+def test_release_ends_a_closed_lease_and_only_the_owner_or_an_admin_may(rig: Rig) -> None:
+    reply, out = rig.grant(queues=(0, 1))
     lease = reply["lease"]
     denied, _ = rig.reply(BOB, proto.Release(lease))
     assert denied["error"]["code"] == "unknown-lease" and rig.service.leases.get(lease) is not None
+    rig.kernel.holder_closes(out.fds)
     done, _ = rig.reply(ALICE, proto.Release(lease))
     assert done["ok"] and rig.service.leases.get(lease) is None
     assert not rig.kernel.slot_taken(7, 0) and not rig.kernel.slot_taken(7, 1)
-    assert rig.events("release")[0]["lease"] == lease
+    assert rig.events("release")[0]["lease"] == lease and "sockets" not in rig.events("release")[0]
+
+
+def test_a_lease_released_with_open_sockets_stays_charged_until_they_close(rig: Rig) -> None:
+    """Release and keep: the kernel cannot close the holder's sockets, so their queues and UMEM stay on its
+    quota (and in status) until the kernel empties their slots; then the poll, or a grant over quota, ends it."""
+    reply, out = rig.grant(queues=(0, 1))
+    lease = reply["lease"]
+    done, _ = rig.reply(ALICE, proto.Release(lease))
+    kept = rig.service.leases.get(lease)
+    assert done["ok"] and kept is not None and kept.released_at is not None and kept.info().released
+    assert rig.kernel.slot_taken(7, 0) and rig.events("release")[0]["sockets"] == "open"
+    assert any(h.queues == 2 for h in rig.service.holdings())
+    again, _ = rig.reply(ALICE, proto.Release(lease))  # a second release says the same, changes nothing
+    assert again["ok"] and rig.service.leases.get(lease) is kept
+    rig.service.check_orphans()
+    assert rig.service.leases.get(lease) is kept
+    rig.kernel.holder_closes(out.fds)
+    rig.service.check_orphans()
+    assert rig.service.leases.get(lease) is None
+    assert rig.events("lease-ended")[-1]["reason"] == "its sockets were closed after its release"
 
 
 def test_release_if_closed_ends_a_bare_lease_only_once_its_sockets_are_closed(rig: Rig) -> None:
