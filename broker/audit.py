@@ -25,7 +25,7 @@ MODES = ("auto", "journal", "json")
 INFO, NOTICE, WARNING, ERR = 6, 5, 4, 3
 _PRIORITY = {
     "internal-error": ERR, "policy-reload-failed": WARNING, "accept-failed": WARNING, "reply-failed": WARNING,
-    "linkwatch-unavailable": WARNING, "linkwatch-overrun": WARNING, "lease-orphaned": WARNING,
+    "linkwatch-unavailable": WARNING, "linkwatch-overrun": WARNING, "lease-orphaned": WARNING, "release-kept": WARNING,
     "journal-compact-failed": WARNING,
     "bad-request": NOTICE, "rate-limited": NOTICE, "connection-refused": NOTICE, "revoke": NOTICE,
 }

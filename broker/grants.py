@@ -74,7 +74,8 @@ class Grants(BareGrants):
             # a map grant holds every queue of the device: it counts them all (req.queues is empty)
             over = quotas.check(self.policy, quota_peer(peer), self.holdings(), queues=len(queues),
                                 umem=req.pinned_bytes)
-            if over and self.end_closed_releases():  # released leases whose sockets closed since are not held
+            if over and (self.settle_releases(self.clock(), all_due=True) or self.end_closed_releases()):
+                # released leases whose sockets closed since hold nothing
                 over = quotas.check(self.policy, quota_peer(peer), self.holdings(), queues=len(queues),
                                     umem=req.pinned_bytes)
             if over:
@@ -102,7 +103,7 @@ class Grants(BareGrants):
             except Refused:
                 # a lease released a moment ago may still have open sockets that are only the broker's own
                 # copies, closing now: judge again shortly rather than refuse (the loop is not held meanwhile)
-                if not self.leases.settling(time.time(), RELEASE_SETTLE_SECONDS):
+                if not self.leases.released_lately(time.time(), RELEASE_SETTLE_SECONDS):
                     raise
                 result: Outcome | Deferred = then(self._settled(within_quota), make)
             else:
@@ -130,7 +131,7 @@ class Grants(BareGrants):
             try:
                 check()
             except Refused:
-                if self.leases.settling(time.time(), RELEASE_SETTLE_SECONDS):
+                if self.leases.released_lately(time.time(), RELEASE_SETTLE_SECONDS):
                     return False
                 raise
             return True
@@ -139,8 +140,9 @@ class Grants(BareGrants):
     def _released_on(self, req: proto.Grant) -> Lease | None:
         """A lease released with its sockets open that holds one of the requested queues."""
         wanted = set(req.queues)
-        return next((x for x in self.leases.lingering() if x.released_at is not None and x.ifname == req.interface
-                     and wanted.intersection(x.queues)), None)
+        settling = [x for x in map(self.leases.get, self.leases.settling) if x is not None]
+        return next((x for x in [*settling, *self.leases.lingering()] if x.released_at is not None or x in settling
+                     if x.ifname == req.interface and wanted.intersection(x.queues)), None)
 
     def _slots_freed(self, lease: Lease, req: proto.Grant) -> Callable[[], bool]:
         """Whether the released lease's sockets closed (it ends, and the grant is made again), for up to
@@ -148,6 +150,7 @@ class Grants(BareGrants):
         deadline = self.clock() + BUSY_RETRY_SECONDS
 
         def freed() -> bool:
+            self.settle_releases(self.clock(), all_due=True)
             self.end_closed_releases()
             if self.leases.get(lease.id) is None:
                 return True

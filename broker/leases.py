@@ -89,6 +89,9 @@ class LeaseTable:
         self._holdings: dict[str, Holding] = {}
         self._pids: dict[int, int] = {}  # holder pid -> how many leases it holds
         self._bare: set[str] = set()
+        # leases released while the broker's own copies of their sockets were closing: id -> (next look, last
+        # look), monotonic; each ends once its slots are empty, or is kept as released (broker.lifecycle)
+        self.settling: dict[str, tuple[float, float]] = {}
         self.state_file = state_file
         self._journal: TextIO | None = None
         self._lines = 0
@@ -174,6 +177,7 @@ class LeaseTable:
             if left:
                 self._pids[lease.pid] = left
             self._bare.discard(lease_id)
+            self.settling.pop(lease_id, None)
             self._ended[lease_id] = lease
         return lease
 
@@ -192,11 +196,10 @@ class LeaseTable:
         """Leases whose end waits for their sockets to close, which no event tells: orphaned or released ones."""
         return [lease for lease in self._by_id.values() if lease.orphaned or lease.released_at is not None]
 
-    def settling(self, now: float, seconds: float) -> bool:
-        """Whether a lease was released less than `seconds` ago with its sockets still open (maybe only the
-        broker's own copies, being closed now)."""
-        return any(lease.released_at is not None and 0 <= now - lease.released_at < seconds
-                   for lease in self._by_id.values())
+    def released_lately(self, now: float, seconds: float) -> bool:
+        """Whether a lease was released less than `seconds` ago with its sockets open, or is being settled."""
+        return bool(self.settling) or any(lease.released_at is not None and 0 <= now - lease.released_at < seconds
+                                          for lease in self._by_id.values())
 
     def of_pid(self, pid: int) -> list[Lease]:
         return [lease for lease in self._by_id.values() if lease.pid == pid]

@@ -75,13 +75,16 @@ class SentCopies:
         if fds:
             self._out.append((list(fds), max(delay, NOW_DELAY), key))
 
-    def expedite(self, key: str) -> None:
-        """Close now what close_later keeps under `key` (a lease ended: its queue is free for the next grant)."""
+    def expedite(self, key: str) -> bool:
+        """Close now what close_later keeps under `key` (a lease ended: its queue is free for the next grant);
+        whether any were still kept (their closes may not have begun when this returns)."""
         due = self._kept.pop(key, None)
-        if (due is not None and due > time.monotonic()) or any(k == key for _, _, k in self._out):
+        kept = (due is not None and due > time.monotonic()) or any(k == key for _, _, k in self._out)
+        if kept:
             self._out.append(([], 0.0, key))  # one still queued: the helper reads the two in order
         if self._threads is not None:  # given to the threads while the helper started, or was behind
-            self._threads.expedite(key)
+            kept = self._threads.expedite(key) or kept
+        return kept
 
     def flush(self) -> None:
         """Hand over what close, close_later and expedite queued (the event loop calls it after each event)."""

@@ -135,7 +135,7 @@ class Server:
                     self.watchdog.beat()
                 # orphaned and released leases give no event when their sockets close, nor does a bare socket
                 # bound by its holder to a queue it was not granted: look at them every few seconds
-                poll = ORPHAN_POLL_SECONDS if self.service.leases.lingering() or self.service.has_bare() else None
+                poll = self.service.poll_seconds(ORPHAN_POLL_SECONDS)
                 due = [w[0] for w in self.waiting if not w[1].parked()]
                 retry = max(0.0, min(due) - time.monotonic()) if due else None
                 idle_left = self._idle_left()
@@ -455,11 +455,9 @@ class Server:
                 self.watch_pid(outcome.holder_pid or who.pid, conn if outcome.holder_pid in (0, who.pid) else None,
                                lease.pid_start if lease else None, lease.pid_ino if lease else None)
         finally:
-            # the client has its own copies now (or none); ours would keep the sockets alive
-            if outcome.keep:
-                self.closer.close_later(outcome.fds, KEEP_SENT, outcome.lease_id)
-            else:
-                self.closer.close(outcome.fds)
+            # the client has its own copies now (or none); ours would keep the sockets alive. Kept under the lease
+            # (bare and map fds only the closer's least): its release tells their slots' emptying from the holder's
+            self.closer.close_later(outcome.fds, KEEP_SENT if outcome.keep else 0.0, outcome.lease_id)
             outcome.fds = []
             self.service.pool.kick()  # refill what the grant took, now that its reply is out
 

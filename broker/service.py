@@ -89,7 +89,7 @@ class Service(Grants, Lifecycle):
         self.pool = UmemPool(limits.pool_budget(umem_pool) if umem_pool else 0, self.kernel.make_ready)
         self.metrics.pool = self.pool.snapshot
         self.closer = Closer(ABORT_CLOSERS, name="abort")
-        self.sent_done: Callable[[str], None] = lambda lease_id: None
+        self.sent_done: Callable[[str], bool] = lambda lease_id: False
         # whether the server's closer still has sent fds to close (set by the server): a queue busy meanwhile
         # may be held by one of them, and a bare grant waits a moment instead of refusing
         self.closes_pending: Callable[[], bool] = lambda: False
@@ -162,7 +162,7 @@ class Service(Grants, Lifecycle):
             return Outcome(HelloReply(SERVER_NAME, (proto.VERSION,), PeerCred(peer.uid, peer.gid, peer.pid),
                                       req_id=req.req_id))
         if isinstance(req, proto.Status):
-            return Outcome(self._status(peer, req))
+            return self._status_settled(peer, req)
         if isinstance(req, proto.Release):
             return self._release(peer, req)
         if isinstance(req, proto.Revoke):
@@ -190,6 +190,19 @@ class Service(Grants, Lifecycle):
         done = tuple(self.revoke_lease(lease, peer, signal_name) for lease in chosen)
         return RevokeReply(done, "RX stopped: the map slots are empty. The kernel cannot unbind a socket, so "
                            "a holder that keeps its fds can still transmit until it closes them.", req_id=req.req_id)
+
+    def _status_settled(self, peer: PeerInfo, req: proto.Status) -> Outcome | Deferred:
+        """Status once the releases made before it are settled (at most SETTLE_MAX, on the timer): a lease whose
+        release the client has seen is not listed because the broker's own copy of its socket was still closing."""
+        before = set(self.leases.settling)
+        if not before:
+            return Outcome(self._status(peer, req))
+
+        def step() -> Outcome | None:
+            self.settle_releases(self.clock(), all_due=True)
+            return None if before.intersection(self.leases.settling) else Outcome(self._status(peer, req))
+
+        return Deferred(step, lambda: None, delay=0.0005)
 
     def _status(self, peer: PeerInfo, req: proto.Status) -> StatusReply:
         self.end_closed_releases()  # released leases whose sockets closed since are not listed (nor counted)
