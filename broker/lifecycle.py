@@ -58,15 +58,14 @@ class Lifecycle(MapGrants):
         # A socket is still in a slot. The kernel cannot close the holder's, and a queue and UMEM kept bound must
         # stay on its quota: the lease lingers, its slots kept (their emptying is how the close is seen), until
         # they close or a new grant binds its queues. It may be only the broker's own copy, kept a moment after
-        # the reply: that closes now, and the lease is looked at again shortly (settle_releases). The reply does
-        # not wait: the helper that closes the copy can take milliseconds to run (grant+release, 1 client: 131/s
-        # against 1,770/s when the release waited for it).
-        if self.sent_done(lease.id) and lease.released_at is None:
+        # the reply (or already closing): that closes now, and the lease is looked at again shortly
+        # (settle_releases). The reply does not wait: the helper that closes the copy can take milliseconds to
+        # run (grant+release, 1 client: 131/s against 1,770/s when the release waited for it).
+        self.sent_done(lease.id)
+        if lease.released_at is None and lease.id not in self.leases.settling:
             now = self.clock()
             self.leases.settling[lease.id] = (now + SETTLE_STEP, now + SETTLE_MAX)
-            self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
-            return Outcome(ReleaseReply(lease.id, req_id=req.req_id))
-        self._keep_released(lease, {"peer": peer.as_dict()})
+        self.audit({"event": "release", "peer": peer.as_dict(), "lease": lease.id})
         return Outcome(ReleaseReply(lease.id, req_id=req.req_id))
 
     def settle_releases(self, now: float, all_due: bool = False) -> bool:
