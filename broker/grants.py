@@ -126,12 +126,15 @@ class Grants(BareGrants):
         return result  # its cancel() needs no record: nobody was granted or told anything
 
     def _settled(self, check: Callable[[], None]) -> Callable[[], bool]:
-        """check() passes (True), fails for good (raises), or is worth a retry (False) while a release settles."""
+        """check() passes (True), fails for good (raises), or is worth a retry (False) while a release settles,
+        for up to RELEASE_SETTLE_SECONDS (others' releases must not keep it waiting)."""
+        deadline = self.clock() + RELEASE_SETTLE_SECONDS
+
         def step() -> bool:
             try:
                 check()
             except Refused:
-                if self.leases.released_lately(time.time(), RELEASE_SETTLE_SECONDS):
+                if self.clock() < deadline and self.leases.released_lately(time.time(), RELEASE_SETTLE_SECONDS):
                     return False
                 raise
             return True
