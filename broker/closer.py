@@ -85,16 +85,14 @@ class Closer:
                 _, fds, _ = self._later.popleft()
             self.close(fds)
 
-    def expedite(self, key: str) -> bool:
-        """Close now what close_later keeps under `key` (a released lease's socket is free for its next grant);
-        whether it kept any."""
+    def expedite(self, key: str) -> None:
+        """Close now what close_later keeps under `key` (a released lease's socket is free for its next grant)."""
         with self._lock:
             found = [entry for entry in self._later if entry[2] == key]
             for entry in found:
                 self._later.remove(entry)
         for _, fds, _ in found:
             self.close(fds)
-        return bool(found)
 
     def _spawn(self, keep: bool = False) -> None:
         t = threading.Thread(target=self._run, args=(keep,), name=f"xskbroker-{self._name}-{len(self._threads)}",

@@ -157,7 +157,7 @@ class Core:
     # inline (INLINE_WAIT), which would idle the loop while other clients' requests wait in line
     loop_busy: bool
     closer: Closer  # closes what a failed grant made, off the loop
-    sent_done: Callable[[str], bool]  # the server closes its copies of a lease's fds now (whether it kept any)
+    sent_done: Callable[[str], None]  # a lease ended: the server closes its copies of the lease's fds now
     closes_pending: Callable[[], bool]  # the server's closer still has sent fds to close
     squat: SquatWatch
     signal_holder: SignalFn
@@ -183,8 +183,5 @@ class Core:
     def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> RevokedLease:
         raise NotImplementedError
 
-    def end_closed_releases(self) -> bool:
-        raise NotImplementedError
-
-    def settle_releases(self, now: float, all_due: bool = False) -> bool:
+    def releases_closed(self) -> bool:
         raise NotImplementedError

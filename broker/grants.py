@@ -74,8 +74,7 @@ class Grants(BareGrants):
             # a map grant holds every queue of the device: it counts them all (req.queues is empty)
             over = quotas.check(self.policy, quota_peer(peer), self.holdings(), queues=len(queues),
                                 umem=req.pinned_bytes)
-            if over and (self.settle_releases(self.clock(), all_due=True) or self.end_closed_releases()):
-                # released leases whose sockets closed since hold nothing
+            if over and self.releases_closed():  # released leases whose sockets closed since hold nothing
                 over = quotas.check(self.policy, quota_peer(peer), self.holdings(), queues=len(queues),
                                     umem=req.pinned_bytes)
             if over:
@@ -143,9 +142,8 @@ class Grants(BareGrants):
     def _released_on(self, req: proto.Grant) -> Lease | None:
         """A lease released with its sockets open that holds one of the requested queues."""
         wanted = set(req.queues)
-        settling = [x for x in map(self.leases.get, self.leases.settling) if x is not None]
-        return next((x for x in [*settling, *self.leases.lingering()] if x.released_at is not None or x in settling
-                     if x.ifname == req.interface and wanted.intersection(x.queues)), None)
+        return next((x for x in self.leases if (x.released_at is not None or x.id in self.leases.settling)
+                     and x.ifname == req.interface and wanted.intersection(x.queues)), None)
 
     def _slots_freed(self, lease: Lease, req: proto.Grant) -> Callable[[], bool]:
         """Whether the released lease's sockets closed (it ends, and the grant is made again), for up to
@@ -153,8 +151,7 @@ class Grants(BareGrants):
         deadline = self.clock() + BUSY_RETRY_SECONDS
 
         def freed() -> bool:
-            self.settle_releases(self.clock(), all_due=True)
-            self.end_closed_releases()
+            self.releases_closed()
             if self.leases.get(lease.id) is None:
                 return True
             if self.clock() < deadline:

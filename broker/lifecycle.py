@@ -87,6 +87,11 @@ class Lifecycle(MapGrants):
                 self.leases.settling[lease_id] = (now + SETTLE_STEP, last)
         return ended
 
+    def releases_closed(self) -> bool:
+        """Look at every released lease now, settling or kept: those whose sockets have closed end. True if any."""
+        settled = self.settle_releases(self.clock(), all_due=True)
+        return self.end_closed_releases() or settled
+
     def poll_seconds(self, orphans: float) -> float | None:
         """Seconds until leases that no event tells about are looked at (None: none are): released ones being
         settled soon (settled here when due), orphaned, released and bare ones every `orphans` seconds."""

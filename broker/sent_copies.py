@@ -75,16 +75,13 @@ class SentCopies:
         if fds:
             self._out.append((list(fds), max(delay, NOW_DELAY), key))
 
-    def expedite(self, key: str) -> bool:
-        """Close now what close_later keeps under `key` (a lease ended: its queue is free for the next grant);
-        whether any were still kept (their closes may not have begun when this returns)."""
+    def expedite(self, key: str) -> None:
+        """Close now what close_later keeps under `key` (a lease ended: its queue is free for the next grant)."""
         due = self._kept.pop(key, None)
-        kept = (due is not None and due > time.monotonic()) or any(k == key for _, _, k in self._out)
-        if kept:
+        if (due is not None and due > time.monotonic()) or any(k == key for _, _, k in self._out):
             self._out.append(([], 0.0, key))  # one still queued: the helper reads the two in order
         if self._threads is not None:  # given to the threads while the helper started, or was behind
-            kept = self._threads.expedite(key) or kept
-        return kept
+            self._threads.expedite(key)
 
     def flush(self) -> None:
         """Hand over what close, close_later and expedite queued (the event loop calls it after each event)."""

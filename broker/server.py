@@ -456,7 +456,7 @@ class Server:
                                lease.pid_start if lease else None, lease.pid_ino if lease else None)
         finally:
             # the client has its own copies now (or none); ours would keep the sockets alive. Kept under the lease
-            # (bare and map fds only the closer's least): its release tells their slots' emptying from the holder's
+            # (bare and map fds for the closer's shortest hold), so that its release has them closed at once
             self.closer.close_later(outcome.fds, KEEP_SENT if outcome.keep else 0.0, outcome.lease_id)
             outcome.fds = []
             self.service.pool.kick()  # refill what the grant took, now that its reply is out

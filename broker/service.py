@@ -89,7 +89,7 @@ class Service(Grants, Lifecycle):
         self.pool = UmemPool(limits.pool_budget(umem_pool) if umem_pool else 0, self.kernel.make_ready)
         self.metrics.pool = self.pool.snapshot
         self.closer = Closer(ABORT_CLOSERS, name="abort")
-        self.sent_done: Callable[[str], bool] = lambda lease_id: False
+        self.sent_done: Callable[[str], None] = lambda lease_id: None
         # whether the server's closer still has sent fds to close (set by the server): a queue busy meanwhile
         # may be held by one of them, and a bare grant waits a moment instead of refusing
         self.closes_pending: Callable[[], bool] = lambda: False
