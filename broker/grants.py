@@ -92,7 +92,7 @@ class Grants(BareGrants):
                 released = self._released_on(req) if e.code == ErrorCode.QUEUE_BUSY else None
                 if released is None:
                     raise
-                return then(self._slots_freed(released, req), make)
+                return self._charged(peer, req, len(queues), self._slots_freed(released, req), make)
 
         try:
             if not decision.allowed or decision.rule is None:
@@ -138,6 +138,34 @@ class Grants(BareGrants):
                 raise
             return True
         return step
+
+    def _charged(self, peer: PeerInfo, req: proto.Grant, nqueues: int, ready: Callable[[], bool],
+                 make: Callable[[], Outcome | Deferred]) -> Deferred:
+        """then(ready, make), the grant counted against the quota while it waits, as a bound grant waiting for
+        its binds is: its quota was judged before the wait, and another grant of the same principal decided
+        meanwhile must see it (else the two together exceed the quota). make() counts its own."""
+        token = [req]
+        self.pending[id(token)] = Holding(peer.principal, peer.gids, peer.groups, nqueues, req.pinned_bytes)
+
+        def charged() -> bool:
+            try:
+                done = ready()
+            except BaseException:
+                self.pending.pop(id(token), None)
+                raise
+            if done:
+                self.pending.pop(id(token), None)
+            return done
+
+        waiting = then(charged, make)
+        cancel = waiting.cancel
+
+        def cancelled() -> None:
+            self.pending.pop(id(token), None)
+            cancel()
+
+        waiting.cancel = cancelled
+        return waiting
 
     def _released_on(self, req: proto.Grant) -> Lease | None:
         """A lease released with its sockets open that holds one of the requested queues."""
