@@ -48,3 +48,32 @@ def test_a_grant_waiting_for_a_released_leases_queue_counts_against_the_quota() 
     made = int(meanwhile["ok"]) + int(last["ok"])
     assert made <= 1 and _alice_queues(rig) <= 3, (meanwhile, last, _alice_queues(rig))
     rig.service.close()
+
+
+QUOTA2 = POLICY + """
+[[quota]]
+name = "per-user"
+users = ["*"]
+max_queues = 2
+"""
+
+
+def test_a_bare_lease_its_holder_got_revoked_by_misbinding_stays_charged_after_release() -> None:
+    """A revoked lease released with its sockets kept ends at the release, on the grounds that revoke is an
+    admin's act. But a bare holder revokes its own lease at will: it binds its socket to a queue it was not
+    granted, and the broker revokes it (bare-misbound). Released then, the lease ended while that socket stays
+    bound to the queue, and the quota no longer counted it: under max_queues = 2 the holder held 3 queues."""
+    rig = make_rig(policy=parse_policy(QUOTA2))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    assert reply["ok"], reply
+    rig.kernel.bound_to[out.fds[0]] = 3  # its holder binds it to queue 3, granted queue 0
+    rig.kernel.bound_elsewhere.add(3)  # and the kernel says queue 3 is bound (netdev's NETDEV_A_QUEUE_XSK)
+    rig.service.check_bare()
+    lease = rig.service.leases.get(reply["lease"])
+    assert lease is not None and lease.revoked and lease.misbound == 3
+    done, _ = rig.reply(ALICE, proto.Release(reply["lease"]))  # its socket still open, bound to queue 3
+    assert done["ok"]
+    more = finish(rig, rig.ask(ALICE, proto.Grant("veth0", (1, 2), geometry=SMALL)), steps=200)
+    held = _alice_queues(rig) + 1  # the socket kept bound to queue 3
+    assert held <= 2 or not more["ok"], (held, more)
+    rig.service.close()
