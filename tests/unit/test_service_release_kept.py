@@ -7,7 +7,7 @@ from xskbroker.broker.service import Deferred
 from xskbroker.policy import parse_policy
 from xskbroker.wire import protocol as proto
 
-from .service_rig import ALICE, POLICY, SMALL, Rig, finish, make_rig
+from .service_rig import ALICE, POLICY, ROOT, SMALL, Rig, finish, make_rig
 
 QUOTA3 = POLICY + """
 [[quota]]
@@ -77,3 +77,14 @@ def test_a_bare_lease_its_holder_got_revoked_by_misbinding_stays_charged_after_r
     held = _alice_queues(rig) + 1  # the socket kept bound to queue 3
     assert held <= 2 or not more["ok"], (held, more)
     rig.service.close()
+
+
+def test_a_released_lease_revoked_while_kept_ends_at_the_next_look(rig: Rig) -> None:
+    """An admin's revoke empties a kept lease's slots: they say nothing about its sockets any more, and a revoked
+    lease's release ends it; one released before the revoke must not stay on its quota until its holder exits."""
+    lease, fds = _kept(rig)
+    revoked, _ = rig.reply(ROOT, proto.Revoke(lease))
+    assert revoked["ok"], revoked
+    rig.kernel.holder_closes(fds)
+    rig.service.check_orphans()
+    assert rig.service.leases.get(lease) is None
