@@ -53,7 +53,7 @@ class Lifecycle(MapGrants):
         if req.if_closed and not self._slots_empty(lease):
             return Outcome(ErrorReply(ErrorCode.LEASE_IN_USE, f"lease {lease.id} still has open sockets in its "
                                       "map slots", "release", req.req_id))
-        if lease.kind == "map" or lease.revoked or not self._still_held(lease):
+        if lease.kind == "map" or not self._still_held(lease):  # a revoked lease's emptied slots say nothing
             return Outcome(self._end_released(peer, req, lease))
         # A socket is still in a slot. The kernel cannot close the holder's, and a queue and UMEM kept bound must
         # stay on its quota: the lease lingers, its slots kept (their emptying is how the close is seen), until
@@ -121,7 +121,7 @@ class Lifecycle(MapGrants):
         """End the released leases whose sockets have closed since (their slots are empty); True if any."""
         ended = False
         for lease in self.leases.lingering():
-            if lease.released_at is not None and not lease.revoked and not self._still_held(lease):  # kept, closed
+            if lease.released_at is not None and not self._still_held(lease):  # kept, closed (or revoked since)
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed after its release"})
@@ -205,9 +205,13 @@ class Lifecycle(MapGrants):
             return False
 
     def _still_held(self, lease: Lease) -> bool:
-        # a revoked lease's slots were emptied on purpose: they tell nothing about its sockets
-        if lease.kind == "map" or lease.revoked:
+        # a revoked lease's slots were emptied on purpose: they tell nothing about its sockets, but a bare lease
+        # revoked for a socket bound off its queue (bare-misbound, which its holder brings on itself) holds that
+        # queue while the kernel says it is bound, and nobody's lease holds its slot since
+        if lease.kind == "map":
             return False
+        if lease.revoked:
+            return lease.misbound is not None and self._misbound_still_bound(lease)
         prog = self.programs.get(lease.ifindex)
         if prog is None:
             return False
@@ -216,6 +220,16 @@ class Lifecycle(MapGrants):
         except OSError:
             return False
 
+
+    def _misbound_still_bound(self, lease: Lease) -> bool:
+        assert lease.misbound is not None
+        other = self.leases.holder(lease.ifindex, lease.misbound)
+        if other is not None and other.id != lease.id:
+            return False  # granted since: the kernel freed the queue for it
+        try:
+            return lease.misbound in self.kernel.bound_queues(lease.ifindex)
+        except OSError:
+            return False  # unknown (no netdev queue attributes): as before, the revoke said nothing
 
     def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> RevokedLease:
         """Empty the lease's map slots so RX stops, and mark it revoked; it ends when the holder closes."""

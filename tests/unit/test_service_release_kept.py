@@ -79,6 +79,26 @@ def test_a_bare_lease_its_holder_got_revoked_by_misbinding_stays_charged_after_r
     rig.service.close()
 
 
+def test_a_released_misbound_lease_ends_once_its_socket_is_closed() -> None:
+    """Kept on its quota while its socket stays bound off its queue, it ends when the kernel says the queue is
+    free (the 2 s poll), as any released lease does once its sockets close."""
+    rig = make_rig(policy=parse_policy(QUOTA2))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    rig.kernel.bound_to[out.fds[0]] = 3
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    rig.service.settle_releases(rig.service.clock() + 1.0)
+    kept = rig.service.leases.get(reply["lease"])
+    assert kept is not None and kept.released_at is not None and rig.events("release-kept")
+    rig.kernel.holder_closes(out.fds)
+    rig.kernel.bound_elsewhere.discard(3)
+    rig.service.check_orphans()
+    assert rig.service.leases.get(reply["lease"]) is None
+    assert rig.events("lease-ended")[-1]["reason"] == "its sockets were closed after its release"
+    rig.service.close()
+
+
 def test_a_released_lease_revoked_while_kept_ends_at_the_next_look(rig: Rig) -> None:
     """An admin's revoke empties a kept lease's slots: they say nothing about its sockets any more, and a revoked
     lease's release ends it; one released before the revoke must not stay on its quota until its holder exits."""
