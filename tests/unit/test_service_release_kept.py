@@ -108,3 +108,21 @@ def test_a_released_lease_revoked_while_kept_ends_at_the_next_look(rig: Rig) -> 
     rig.kernel.holder_closes(fds)
     rig.service.check_orphans()
     assert rig.service.leases.get(lease) is None
+
+
+def test_a_release_the_broker_stopped_before_settling_is_not_recovered_as_a_live_lease(tmp_path) -> None:
+    """The client was told its release was done; the broker stopped (a restart) within the few milliseconds the
+    lease waited for its settling look. The journal never heard of the release, so the next broker took the lease
+    back as a live one: not listed released, and, its holder alive, never ended when its sockets close (only
+    released and orphaned leases are looked at), so it stays on its quota until the holder exits."""
+    first = make_rig(tmp_path)
+    reply, out = first.grant(queues=(0,))
+    assert first.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    assert reply["lease"] in first.service.leases.settling
+    first.service.close()
+    second = make_rig(tmp_path, kernel=first.kernel)
+    second.service.recover()
+    second.kernel.holder_closes(out.fds)
+    second.service.check_orphans()
+    assert second.service.leases.get(reply["lease"]) is None, second.service.leases.get(reply["lease"])
+    second.service.close()
