@@ -129,6 +129,9 @@ class Service(Grants, Lifecycle):
         self.net.forget()
 
     def close(self) -> None:
+        # releases still settling are settled now (the server has closed the broker's copies): their end, or their
+        # release-kept, is journaled, so the next broker does not take them back as live leases
+        self.settle_releases(float("inf"), all_due=True)
         self.forget_programs()
         self.leases.close()
         self.workers.stop()
