@@ -108,15 +108,24 @@ class BareGrants(MapGrants):
                     self.kernel.map_delete(prog.map_fd, q_done)
                 self.kernel.close(fd)
             raise
-        if memlock and memlock["raised"] and out.lease_id and peer.pid in self.raised:
-            self.raised[peer.pid].leases.add(out.lease_id)  # restored when the last such lease ends
+        raised = self.raised.get((peer.pid, peer.start, peer.ino))
+        if memlock and memlock["raised"] and out.lease_id and raised is not None:
+            raised.leases.add(out.lease_id)  # restored when the last such lease ends
         return out
 
     def _memlock(self, peer: PeerInfo, needed: int, rule: Rule) -> dict[str, Any]:
         """Give a bare-grant holder the RLIMIT_MEMLOCK its own UMEM needs, where policy and privilege allow.
 
         Never lowers a limit. When it cannot raise it, the reply says exactly what is missing.
+
+        The limit is read and raised by pid: only while that pid names the process judged (its start time and
+        pidfs inode, checked before and after), never one that took the pid of a requester that has exited (a
+        connection its connector left to another process) or of a holder gone since.
         """
+        if not self.kernel.holder_alive(peer.pid, peer.start, peer.ino):
+            return {"needed": needed, "ok": False, "raised": False,
+                    "reason": f"process {peer.pid} has exited (or cannot be told from another process with its pid): "
+                              "its limit is neither read nor raised"}
         try:
             soft, hard = self.kernel.memlock(peer.pid)
         except OSError as e:  # the holder is gone: its sockets are made, so answer rather than fail the grant
@@ -138,8 +147,11 @@ class BareGrants(MapGrants):
             reason = ("the broker lacks CAP_SYS_RESOURCE to raise another process's hard limit"
                       if e.errno == errno.EPERM else f"prlimit failed: {e.strerror}")
             return {**info, "ok": False, "reason": reason, "hint": hint}
-        earlier = self.raised.get(peer.pid)
-        self.raised[peer.pid] = MemlockRaise(earlier.before if earlier else (soft, hard), new,
-                                             earlier.leases if earlier else set())
+        if not self.kernel.holder_alive(peer.pid, peer.start, peer.ino):  # gone meanwhile: nothing to restore
+            return {**info, "ok": False, "reason": f"process {peer.pid} exited while its limit was raised"}
+        key = (peer.pid, peer.start, peer.ino)
+        earlier = self.raised.get(key)
+        self.raised[key] = MemlockRaise(earlier.before if earlier else (soft, hard), new,
+                                        earlier.leases if earlier else set())
         self.audit({"event": "memlock-raised", "pid": peer.pid, "from": soft, "to": needed, "hard": new[1]})
         return {**info, "ok": True, "raised": True}

@@ -147,7 +147,9 @@ class Core:
     leases: LeaseTable
     programs: dict[int, Program]
     names: dict[int, str]  # ifindex -> name as last seen, to notice renames
-    raised: dict[int, MemlockRaise]  # pid -> its memlock limits before the broker raised them
+    # (pid, start, pidfs inode) -> its memlock limits before the broker raised them: by process, never by pid alone
+    # (a pid reused by another process must never inherit a raise, nor be restored to another's limits)
+    raised: dict[tuple[int, int | None, int | None], MemlockRaise]
     pending: dict[int, Holding]  # grants waiting (for a queue's release, a worker), by identity
     jobs: collections.Counter[int]  # large grants being made, by uid
     bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty

@@ -133,14 +133,14 @@ class Lifecycle(MapGrants):
         self.sent_done(lease.id)
         if lease.kind == "map":
             self._end_map(lease)
-        raised = self.raised.get(lease.pid)
+        raised = self.raised.get((lease.pid, lease.pid_start, lease.pid_ino))
         if raised and lease.id in raised.leases:
             raised.leases.discard(lease.id)
             if not raised.leases:
                 self._restore_memlock(lease, raised)
 
     def _restore_memlock(self, lease: Lease, raised: MemlockRaise) -> None:
-        del self.raised[lease.pid]
+        del self.raised[(lease.pid, lease.pid_start, lease.pid_ino)]
         if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
             return
         try:

@@ -79,7 +79,7 @@ class Service(Grants, Lifecycle):
             {"event": "journal-write-failed", "path": state_file, "error": str(error),
              "effect": "grants are refused until it can be written; ends and changes are kept and written then"}
             if error is not None else {"event": "journal-written", "path": state_file})
-        self.raised: dict[int, MemlockRaise] = {}
+        self.raised: dict[tuple[int, int | None, int | None], MemlockRaise] = {}
         self.programs: dict[int, Program] = {}
         self.names: dict[int, str] = {}
         self.limiter = RateLimiter()
