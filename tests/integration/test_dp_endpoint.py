@@ -263,3 +263,25 @@ def test_garbage_gets_nak_and_leaves_no_trace(veth: VethNamespace, base: str) ->
         assert not b.leases()
         refused = _events(b, "dp-refused")
         assert len(refused) >= 7 and all(r["reason"] for r in refused)
+
+
+def _garbage(path: str, count: int) -> dict[str, Any]:
+    """The endpoint's tenant sends `count` unknown requests on one connection, each answered /nak."""
+    t0 = time.monotonic()
+    got = _raw(path, [b"/nope"] * count)
+    return {"naks": sum(1 for g in got if g == b"/nak"), "seconds": time.monotonic() - t0}
+
+
+def test_a_tenant_sending_garbage_cannot_flood_the_audit(veth: VethNamespace, base: str) -> None:
+    """Each refused message is a dp-refused record: as cheap to cause as a bad request on the broker's own
+    socket, so it is summarised past a small burst in the same way (audit.Throttle), or a tenant writes the
+    journal full (journald's rate limit then drops everyone's grants and revokes)."""
+    from xskbroker.broker.audit import BURST
+
+    path = f"{base}/dp.sock"
+    count = 2000
+    with _broker(veth, *_endpoint(path)) as b:
+        got = spawn_unprivileged(_garbage, path, count, uid=CONSUMER_UID).result()
+        assert got["naks"] == count, got
+        refused = _events(b, "dp-refused")
+        assert len(refused) <= BURST, f"{len(refused)} dp-refused records for {count} messages in {got['seconds']:.2f} s"
