@@ -163,8 +163,9 @@ def make_audit(mode: str = "auto", stream: TextIO = sys.stderr, journal_socket: 
 # out: journald's own rate limit (10,000 per 30 s by default) then never drops an allowed grant or a revoke.
 # Denied decisions are as cheap to cause (a grant no rule allows: ~8,000 records a second from one client
 # with no rate quota), so any record with decision "deny" is summarised the same way; an allow never is.
+# The device-plugin endpoint's own refusals are as cheap (a tenant's garbage on one connection: ~5,000 a second).
 NOISY = frozenset({"bad-request", "rate-limited", "connection-refused", "accept-failed", "reply-failed",
-                   "connection-evicted"})
+                   "connection-evicted", "dp-refused", "dp-connection-evicted", "dp-accept-failed"})
 BURST = 5
 WINDOW = 10.0
 

@@ -261,8 +261,8 @@ def test_garbage_gets_nak_and_leaves_no_trace(veth: VethNamespace, base: str) ->
         assert with_fds in (["errno 1", "errno 1"], [b"/nak", b"/config_busy_poll_nak"]), with_fds
         assert b.settled_fds() == before, b.fd_targets()
         assert not b.leases()
-        refused = _events(b, "dp-refused")
-        assert len(refused) >= 7 and all(r["reason"] for r in refused)
+        refused = _events(b, "dp-refused")  # past a burst, counted in the throttle's summary (audit.NOISY)
+        assert len(refused) >= 5 and all(r["reason"] for r in refused)
 
 
 def _garbage(path: str, count: int) -> dict[str, Any]:
