@@ -106,27 +106,33 @@ def _xsk_map_of(prog_id: int) -> tuple[str, int, int]:
     name = info.name.decode(errors="replace")
     for map_id in map_ids:
         fd = bpf.map_fd_by_id(map_id)
-        minfo = bpf.map_info(fd)
-        if minfo.type == bpf.BPF_MAP_TYPE_XSKMAP and minfo.name.decode() == XSK_MAP_NAME:
+        try:
+            minfo = bpf.map_info(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if minfo.type == bpf.BPF_MAP_TYPE_XSKMAP and minfo.name == XSK_MAP_NAME.encode():
             return name, fd, minfo.max_entries
         os.close(fd)
     return name, -1, 0
 
 
 def _dispatcher_component(ifindex: int) -> int:
-    """Id of our program inside a libxdp multi-program dispatcher, 0 if absent."""
+    """Id of our program inside a libxdp multi-program dispatcher, 0 if absent. The program fds libxdp leaves
+    open are closed (_closing_leaks): a grant refused for a dispatcher without our program left one each."""
     lib = bpf.libxdp()
-    mp = lib.xdp_multiprog__get_from_ifindex(ifindex)
-    if lib.libxdp_get_error(mp) or not mp:
-        return 0
-    try:
-        prog = lib.xdp_multiprog__next_prog(None, mp)
-        while prog:
-            if (lib.xdp_program__name(prog) or b"").decode() == XSK_PROG_NAME:
-                return int(lib.xdp_program__id(prog))
-            prog = lib.xdp_multiprog__next_prog(prog, mp)
-    finally:
-        lib.xdp_multiprog__close(mp)
+    with _closing_leaks():
+        mp = lib.xdp_multiprog__get_from_ifindex(ifindex)
+        if lib.libxdp_get_error(mp) or not mp:
+            return 0
+        try:
+            prog = lib.xdp_multiprog__next_prog(None, mp)
+            while prog:
+                if (lib.xdp_program__name(prog) or b"").decode(errors="replace") == XSK_PROG_NAME:
+                    return int(lib.xdp_program__id(prog))
+                prog = lib.xdp_multiprog__next_prog(prog, mp)
+        finally:
+            lib.xdp_multiprog__close(mp)
     return 0
 
 
@@ -135,6 +141,9 @@ def adopt(ifindex: int, ifname: str, prog_id: int, mode: str) -> XskProgram:
     if name == DISPATCHER_NAME:
         component = _dispatcher_component(ifindex)
         if component:
+            if map_fd >= 0:  # a dispatcher with an xsks_map of its own: not the one the component uses
+                os.close(map_fd)
+                map_fd = -1
             name, map_fd, entries = _xsk_map_of(component)
     if name != XSK_PROG_NAME or map_fd < 0:
         if map_fd >= 0:
