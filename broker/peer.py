@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import grp
 import os
@@ -102,11 +101,22 @@ def peer_groups(sock: socket.socket, most: int = MAX_GROUPS) -> frozenset[int] |
 
 
 def peer_pidfd(sock: socket.socket | None, pid: int) -> int | None:
-    """A pidfd for the peer: SO_PEERPIDFD (race-free, kernel >= 6.5), else pidfd_open on its pid."""
+    """A pidfd for the peer: SO_PEERPIDFD (race-free, kernel >= 6.5), else (a kernel without it) pidfd_open on its
+    pid. None when SO_PEERPIDFD says the peer was reaped (peer_reaped): its pid may name another process now."""
     if sock is not None:
-        with contextlib.suppress(OSError):
+        try:
             return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT:
+                return None
     return pidfd_open(pid)
+
+
+def peer_reaped(e: OSError) -> bool:
+    """Whether SO_PEERPIDFD failed because the peer has been reaped: ESRCH (Linux 6.16-6.17), EINVAL (6.5-6.15:
+    pidfd_prepare finds no task behind the struct pid; flags are 0, so that is its only EINVAL). Linux 6.18
+    gives a pidfd of the exited process instead."""
+    return e.errno in (errno.ESRCH, errno.EINVAL)
 
 
 NAME_TTL = 30.0  # seconds a resolved user/group name is trusted: NSS (files, LDAP, sssd) is slow to ask
@@ -303,7 +313,7 @@ def _peer_identity(sock: socket.socket, pid: int) -> tuple[str | None, int | Non
     try:
         pidfd = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
     except OSError as e:
-        return None if e.errno == errno.ESRCH else (None, None, None)  # ESRCH: reaped before a pidfd was made
+        return None if peer_reaped(e) else (None, None, None)  # reaped before a pidfd was made
     try:
         cgroup = read_cgroup(pid)
         start = pinned_start(pidfd, pid)

@@ -284,4 +284,5 @@ def test_a_tenant_sending_garbage_cannot_flood_the_audit(veth: VethNamespace, ba
         got = spawn_unprivileged(_garbage, path, count, uid=CONSUMER_UID).result()
         assert got["naks"] == count, got
         refused = _events(b, "dp-refused")
-        assert len(refused) <= BURST, f"{len(refused)} dp-refused records for {count} messages in {got['seconds']:.2f} s"
+        assert len(refused) <= BURST, \
+            f"{len(refused)} dp-refused records for {count} messages in {got['seconds']:.2f} s"
