@@ -22,7 +22,7 @@ from xskbroker.broker.squat import SquatWatch
 from xskbroker.broker.umem_pool import UmemPool
 from xskbroker.broker.workers import Workers
 from xskbroker.common.records import field, record
-from xskbroker.policy import Holding, Peer, Policy
+from xskbroker.policy import Holdings, Peer, Policy
 from xskbroker.policy.admin import is_admin
 from xskbroker.wire.errors import ErrorCode
 from xskbroker.wire.replies import ErrorReply, OkReply, RevokedLease
@@ -150,7 +150,8 @@ class Core:
     # (pid, start, pidfs inode) -> its memlock limits before the broker raised them: by process, never by pid alone
     # (a pid reused by another process must never inherit a raise, nor be restored to another's limits)
     raised: dict[tuple[int, int | None, int | None], MemlockRaise]
-    pending: dict[int, Holding]  # grants waiting (for a queue's release, a worker), by identity
+    held: Holdings  # leases' and pending grants' holdings (a view of both)
+    pending: Holdings  # grants waiting (for a queue's release, a worker), by identity
     jobs: collections.Counter[int]  # large grants being made, by uid
     bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty
     pool: UmemPool
@@ -174,9 +175,9 @@ class Core:
     def _admin(self, peer: PeerInfo) -> bool:
         return is_admin(self.policy.admin, policy_peer(peer))
 
-    def holdings(self) -> list[Holding]:
+    def holdings(self) -> Holdings:
         """What every lease and every grant being made holds, for the quotas."""
-        return [*self.leases.holdings(), *self.pending.values()]
+        return self.held
 
     # defined by broker.grants and broker.lifecycle, called across them
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> Program:

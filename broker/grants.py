@@ -170,8 +170,9 @@ class Grants(BareGrants):
     def _released_on(self, req: proto.Grant) -> Lease | None:
         """A lease released with its sockets open that holds one of the requested queues."""
         wanted = set(req.queues)
-        return next((x for x in self.leases if (x.released_at is not None or x.id in self.leases.settling)
-                     and x.ifname == req.interface and wanted.intersection(x.queues)), None)
+        settling = (x for x in map(self.leases.get, self.leases.settling) if x is not None)
+        return next((x for x in (*self.leases.released(), *settling)
+                     if x.ifname == req.interface and wanted.intersection(x.queues)), None)
 
     def _slots_freed(self, lease: Lease, req: proto.Grant) -> Callable[[], bool]:
         """Whether the released lease's sockets closed (it ends, and the grant is made again), for up to

@@ -12,13 +12,13 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from xskbroker.broker.subids import principal
 from xskbroker.common import safefiles
 from xskbroker.common.records import field, record
-from xskbroker.policy.quota import Holding
+from xskbroker.policy.quota import Holding, Holdings
 from xskbroker.wire.replies import LeaseInfo
 
 STATE_VERSION = 1
@@ -86,9 +86,13 @@ class LeaseTable:
         self._ended: dict[str, Lease] = {}  # out of the table, their on_end still to come (add, remove)
         # kept with the table, not derived per request: every grant judges quotas over all leases, and every
         # request prunes watched pids, so rebuilding these each time cost O(leases) on the grant path
-        self._holdings: dict[str, Holding] = {}
+        self._holdings = Holdings()
         self._pids: dict[int, int] = {}  # holder pid -> how many leases it holds
         self._bare: set[str] = set()
+        # orphaned and released leases (lingers()): looked at by every loop round and every step of a grant
+        # waiting for a release, so kept here rather than found by a walk of every lease
+        self._orphaned: set[str] = set()
+        self._released: set[str] = set()
         # leases released while the broker's own copies of their sockets were closing: id -> (next look, last
         # look), monotonic; each ends once its slots are empty, or is kept as released (broker.lifecycle)
         self.settling: dict[str, tuple[float, float]] = {}
@@ -157,6 +161,10 @@ class LeaseTable:
         self._pids[lease.pid] = self._pids.get(lease.pid, 0) + 1
         if lease.kind == "bare":
             self._bare.add(lease.id)
+        if lease.orphaned:
+            self._orphaned.add(lease.id)
+        if lease.released_at is not None:
+            self._released.add(lease.id)
 
     def remove(self, lease_id: str) -> Lease | None:
         lease = self._remove(lease_id)
@@ -172,18 +180,20 @@ class LeaseTable:
             for q in lease.queues:
                 if self._by_slot.get((lease.ifindex, q)) == lease_id:
                     del self._by_slot[(lease.ifindex, q)]
-            del self._holdings[lease_id]
+            self._holdings.pop(lease_id)
             left = self._pids.pop(lease.pid) - 1
             if left:
                 self._pids[lease.pid] = left
             self._bare.discard(lease_id)
+            self._orphaned.discard(lease_id)
+            self._released.discard(lease_id)
             self.settling.pop(lease_id, None)
             self._ended[lease_id] = lease
         return lease
 
-    def holdings(self) -> Iterable[Holding]:
+    def holdings(self) -> Holdings:
         """What each lease holds, for the quotas (a lease's uid, groups, queues and UMEM never change)."""
-        return self._holdings.values()
+        return self._holdings
 
     def holds(self, pid: int) -> bool:
         """Whether pid holds a lease."""
@@ -192,14 +202,31 @@ class LeaseTable:
     def has_bare(self) -> bool:
         return any(not self._by_id[i].revoked for i in self._bare)
 
-    def lingering(self) -> list[Lease]:
-        """Leases whose end waits for their sockets to close, which no event tells: orphaned or released ones."""
-        return [lease for lease in self._by_id.values() if lease.orphaned or lease.released_at is not None]
+    def lingers(self) -> bool:
+        """Whether a lease waits for its sockets to close, which no event tells: an orphaned or released one."""
+        return bool(self._orphaned or self._released)
+
+    def orphaned(self) -> list[Lease]:
+        """Leases whose holder exited after passing its sockets on."""
+        return [self._by_id[i] for i in self._orphaned]
+
+    def released(self) -> list[Lease]:
+        """Leases kept released: their holders released them with their sockets open."""
+        return [self._by_id[i] for i in self._released]
+
+    def orphan(self, lease: Lease) -> None:
+        """Its holder exited but passed its sockets on: it lingers until they close."""
+        lease.orphaned = True
+        self._orphaned.add(lease.id)
+
+    def keep_released(self, lease: Lease, when: float) -> None:
+        """Released with its sockets open (at `when`, wall clock): it lingers, on its quota, until they close."""
+        lease.released_at = when
+        self._released.add(lease.id)
 
     def released_lately(self, now: float, seconds: float) -> bool:
         """Whether a lease was released less than `seconds` ago with its sockets open, or is being settled."""
-        return bool(self.settling) or any(lease.released_at is not None and 0 <= now - lease.released_at < seconds
-                                          for lease in self._by_id.values())
+        return bool(self.settling) or any(0 <= now - (lease.released_at or 0.0) < seconds for lease in self.released())
 
     def of_pid(self, pid: int) -> list[Lease]:
         return [lease for lease in self._by_id.values() if lease.pid == pid]

@@ -100,12 +100,12 @@ class Lifecycle(MapGrants):
             self.settle_releases(now)
             if self.leases.settling:  # looked at when the loop runs anyway; woken for it only at the last look
                 return max(0.0, min(last for _, last in self.leases.settling.values()) - now)
-        return orphans if self.leases.lingering() or self.leases.has_bare() else None
+        return orphans if self.leases.lingers() or self.leases.has_bare() else None
 
     def _keep_released(self, lease: Lease, said: dict[str, Any]) -> None:
         """The lease stays, released, on its quota: its holder keeps its sockets open."""
         if lease.released_at is None:
-            lease.released_at = time.time()
+            self.leases.keep_released(lease, time.time())
             self.leases.record(lease)
         self.audit({"event": "release-kept", **said, "lease": lease.id, "pid": lease.pid,
                     "reason": "released with its sockets still open: it holds its queues and counts against its "
@@ -120,8 +120,8 @@ class Lifecycle(MapGrants):
     def end_closed_releases(self) -> bool:
         """End the released leases whose sockets have closed since (their slots are empty); True if any."""
         ended = False
-        for lease in self.leases.lingering():
-            if lease.released_at is not None and not self._still_held(lease):  # kept, closed (or revoked since)
+        for lease in self.leases.released():
+            if not self._still_held(lease):  # kept, closed (or revoked since)
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed after its release"})
@@ -159,7 +159,7 @@ class Lifecycle(MapGrants):
             if lease.orphaned or not same_process((lease.pid_start, lease.pid_ino), (start, ino)):
                 continue
             if self._still_held(lease):
-                lease.orphaned = True
+                self.leases.orphan(lease)
                 self.leases.record(lease)
                 self.audit({"event": "lease-orphaned", "lease": lease.id, "pid": pid,
                             "reason": "holder exited but its sockets are still open elsewhere"})
@@ -173,8 +173,8 @@ class Lifecycle(MapGrants):
         the holder gives no event then, and the lease would hold its queues and quota until it exits.
         Called periodically."""
         self.end_closed_releases()
-        for lease in self.leases.lingering():
-            if lease.orphaned and not self._still_held(lease):
+        for lease in self.leases.orphaned():
+            if not self._still_held(lease):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                             "reason": "its sockets were closed"})

@@ -35,7 +35,7 @@ from xskbroker.broker.netcache import NetCache
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.umem_pool import UmemPool
 from xskbroker.broker.workers import Workers
-from xskbroker.policy import Holding, Policy, RateLimiter
+from xskbroker.policy import Holdings, Policy, RateLimiter
 from xskbroker.policy import quota as quotas
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
@@ -93,7 +93,8 @@ class Service(Grants, Lifecycle):
         # whether the server's closer still has sent fds to close (set by the server): a queue busy meanwhile
         # may be held by one of them, and a bare grant waits a moment instead of refusing
         self.closes_pending: Callable[[], bool] = lambda: False
-        self.pending: dict[int, Holding] = {}
+        self.pending = Holdings()
+        self.held = self.leases.holdings().joined(self.pending)  # a view of both, as they are when read
         self.workers = Workers()
         self.loop_busy = False
         self.jobs: collections.Counter[int] = collections.Counter()

@@ -25,7 +25,7 @@ from .decide import (
 )
 from .loader import DEFAULT_POLICY_PATH, PolicyError, load_policy, parse_policy
 from .model import ANY_QUEUE, KINDS, Admin, Kind, Policy, QueueSet, Quota, Rule
-from .quota import Holding, RateLimiter
+from .quota import Holding, Holdings, RateLimiter
 from .sizes import format_size, parse_size
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "Admin",
     "Decision",
     "Holding",
+    "Holdings",
     "Kind",
     "Peer",
     "Policy",

@@ -5,7 +5,7 @@ The broker supplies the holdings (from its leases and connections) and the clock
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Iterator
 
 from xskbroker.common.records import field, record
 
@@ -51,9 +51,72 @@ def scopes(quota: Quota, peer: Peer) -> list[Scope]:
     return out
 
 
-def usage(scope: Scope, holdings: list[Holding]) -> Holding:
+def counts(scope: Scope, h: Holding) -> bool:
+    """Whether holding h counts against the budget of scope."""
     kind, ident = scope
-    mine = [h for h in holdings if (str(h.uid) == ident if kind == "user" else h.in_group(ident))]
+    return str(h.uid) == ident if kind == "user" else h.in_group(ident)
+
+
+class Holdings:
+    """Holdings by key (a lease, a grant being made), indexed by what a scope counts them by (uid; gid and group
+    name), so that a scope's usage reads only the holdings it counts: the broker judges quotas on every grant
+    and on each step of a grant that waits, and a walk of every lease there cost O(leases) each time.
+    Iterating it gives the holdings; joined() is a read-only view of several as one (holding none itself)."""
+
+    def __init__(self, items: Iterable[tuple[Hashable, Holding]] = (), parts: tuple[Holdings, ...] = ()) -> None:
+        self._items: dict[Hashable, Holding] = {}
+        self._index: dict[tuple[str, int | str], set[Hashable]] = {}
+        self._parts = parts
+        for key, h in items:
+            self[key] = h
+
+    def joined(self, *others: Holdings) -> Holdings:
+        return Holdings(parts=(self, *others))
+
+    @staticmethod
+    def _marks(h: Holding) -> list[tuple[str, int | str]]:
+        return [("uid", str(h.uid)), *(("gid", g) for g in h.gids), *(("name", n) for n in h.groups)]
+
+    def __setitem__(self, key: Hashable, h: Holding) -> None:
+        self.pop(key)
+        self._items[key] = h
+        for mark in self._marks(h):
+            self._index.setdefault(mark, set()).add(key)
+
+    def pop(self, key: Hashable, default: Holding | None = None) -> Holding | None:
+        h = self._items.pop(key, None)
+        if h is None:
+            return default
+        for mark in self._marks(h):
+            keys = self._index[mark]
+            keys.discard(key)
+            if not keys:
+                del self._index[mark]
+        return h
+
+    def __len__(self) -> int:
+        return len(self._items) + sum(len(p) for p in self._parts)
+
+    def __iter__(self) -> Iterator[Holding]:
+        return iter([*self._items.values(), *(h for p in self._parts for h in p)])
+
+    def matching(self, scope: Scope) -> list[Holding]:
+        """The holdings that count against scope's budget (as `counts` says), found through the index."""
+        if self._parts:
+            return [h for p in self._parts for h in p.matching(scope)]
+        kind, ident = scope
+        if kind == "user":  # str(h.uid) == ident
+            keys = self._index.get(("uid", ident), ())
+        else:  # h.in_group(ident): the group's name, or its gid spelled as a number
+            by_name = self._index.get(("name", ident), ())
+            by_gid = self._index.get(("gid", int(ident)), ()) if ident.isascii() and ident.isdigit() else ()
+            keys = by_name | by_gid if by_name and by_gid else by_name or by_gid
+        return [self._items[k] for k in keys]
+
+
+def usage(scope: Scope, holdings: Iterable[Holding]) -> Holding:
+    """What the holdings that count against scope's budget hold together (a Holdings is read by its index)."""
+    mine = holdings.matching(scope) if isinstance(holdings, Holdings) else [h for h in holdings if counts(scope, h)]
     return Holding(-1, queues=sum(h.queues for h in mine), umem=sum(h.umem for h in mine),
                    connections=sum(h.connections for h in mine))
 
@@ -61,7 +124,7 @@ def usage(scope: Scope, holdings: list[Holding]) -> Holding:
 def check(policy: Policy, peer: Peer, holdings: Iterable[Holding], queues: int = 0, umem: int = 0,
           connections: int = 0) -> Decision | None:
     """None when every matching quota still fits after adding the request; else the first refusal."""
-    held = list(holdings)
+    held = holdings if isinstance(holdings, Holdings) else list(holdings)
     for quota in policy.quotas:
         for scope in scopes(quota, peer):
             used = usage(scope, held)

@@ -1,8 +1,10 @@
 """[[quota]] and [admin] tables: parsing with file:line errors, and the pure quota decisions."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from xskbroker.policy import Holding, Peer, RateLimiter, parse_policy
+from xskbroker.policy import Holding, Holdings, Peer, RateLimiter, parse_policy
 from xskbroker.policy import quota as quotas
 from xskbroker.policy.loader import PolicyError
 
@@ -87,6 +89,32 @@ def test_connection_quota():
     held = [Holding(1000, connections=1), Holding(1000, connections=1)]
     assert quotas.check(policy, ALICE, held, connections=1).code == quotas.QUOTA_CONNECTIONS
     assert quotas.check(policy, ALICE, held[:1], connections=1) is None
+
+
+_IDS = st.sampled_from([0, 7, 27, 100, 1000, 1001])
+_NAMES = st.sampled_from(["xsk", "alice", "27", "0100", "100", "é"])
+_HOLDINGS = st.lists(st.builds(Holding, _IDS, st.frozensets(_IDS, max_size=3), st.frozensets(_NAMES, max_size=2),
+                               st.integers(0, 4), st.integers(0, 1 << 30), st.integers(0, 3)), max_size=12)
+_SCOPES = st.tuples(st.sampled_from(["user", "group"]),
+                    st.one_of(_IDS.map(str), _NAMES, st.sampled_from(["007", "-1", "", "*"])))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_HOLDINGS, _HOLDINGS, st.sets(st.integers(0, 11)), _SCOPES)
+def test_an_index_of_holdings_counts_what_a_walk_of_them_counts(leases, pending, gone, scope):
+    """The broker keeps its holdings indexed (Holdings) so that a quota judgement reads only what a scope counts;
+    it must count exactly what a walk of every holding counts, however holdings come and go, and through a view
+    joining two indexes (the leases' and the grants being made)."""
+    table = Holdings(enumerate(leases))
+    for i in gone:
+        table.pop(i)
+    replaced = Holding(1000, frozenset({100}), frozenset({"100"}), queues=2, umem=5)
+    table[99] = Holding(27, frozenset({27}), frozenset({"xsk"}), queues=1)
+    table[99] = replaced  # the first is no longer counted, under any of its marks
+    waiting = Holdings((("w", i), h) for i, h in enumerate(pending))
+    every = [*(h for i, h in enumerate(leases) if i not in gone), replaced, *pending]
+    assert sorted(table.joined(waiting), key=repr) == sorted(every, key=repr)
+    assert quotas.usage(scope, table.joined(waiting)) == quotas.usage(scope, every)
 
 
 def test_rate_limiter_refills_with_time():
