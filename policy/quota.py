@@ -78,6 +78,8 @@ class Holdings:
         return [("uid", str(h.uid)), *(("gid", g) for g in h.gids), *(("name", n) for n in h.groups)]
 
     def __setitem__(self, key: Hashable, h: Holding) -> None:
+        if self._parts:
+            raise TypeError("a joined view of holdings is read-only")
         self.pop(key)
         self._items[key] = h
         for mark in self._marks(h):
