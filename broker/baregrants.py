@@ -98,17 +98,22 @@ class BareGrants(MapGrants):
                 self.kernel.close(fd)
             raise refusal(e, req.interface, q) from None
         sockets = tuple(BareSocket(q, i) for i, q in enumerate(req.queues))
+        key = (peer.pid, peer.start, peer.ino)
+        earlier = self.raised.get(key)
+        memlock = None
         try:  # the holder may die here (its /proc is read): any failure must take the sockets back out
             memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
             out = self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
                               bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
         except BaseException:
+            if memlock and memlock["raised"]:  # nothing granted: the raise made for it is undone too
+                self._unraise(peer, (memlock["soft"], memlock["hard"]), earlier)
             for q_done, fd in zip(req.queues, fds, strict=True):
                 with contextlib.suppress(OSError):
                     self.kernel.map_delete(prog.map_fd, q_done)
                 self.kernel.close(fd)
             raise
-        raised = self.raised.get((peer.pid, peer.start, peer.ino))
+        raised = self.raised.get(key)
         if memlock and memlock["raised"] and out.lease_id and raised is not None:
             raised.leases.add(out.lease_id)  # restored when the last such lease ends
         return out
@@ -155,3 +160,18 @@ class BareGrants(MapGrants):
                                         earlier.leases if earlier else set())
         self.audit({"event": "memlock-raised", "pid": peer.pid, "from": soft, "to": needed, "hard": new[1]})
         return {**info, "ok": True, "raised": True}
+
+    def _unraise(self, peer: PeerInfo, before: tuple[int, int], earlier: MemlockRaise | None) -> None:
+        """Undo a raise made for a grant that failed: the limit goes back to what _memlock read (if nobody
+        changed it since, and the pid still names the process), and the raise remembered is the earlier one."""
+        key = (peer.pid, peer.start, peer.ino)
+        made = self.raised.pop(key, None)
+        if earlier is not None:
+            self.raised[key] = earlier
+        if made is None or not self.kernel.holder_alive(peer.pid, peer.start, peer.ino):
+            return
+        with contextlib.suppress(OSError):
+            if self.kernel.memlock(peer.pid) == made.now:
+                self.kernel.set_memlock(peer.pid, before)
+                self.audit({"event": "memlock-restored", "pid": peer.pid, "to": before[0], "hard": before[1],
+                            "reason": "the grant it was raised for failed"})
