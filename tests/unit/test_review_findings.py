@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import errno
 
-from .service_rig import ALICE, Rig
+from xskbroker.policy import parse_policy
+from xskbroker.wire import protocol as proto
+
+from .service_rig import ALICE, POLICY, SMALL, Rig, finish, make_rig
+
+QUOTA2 = POLICY + """
+[[quota]]
+name = "per-user"
+users = ["*"]
+max_queues = 2
+"""
 
 
 def _journal_full(rig: Rig) -> None:
@@ -24,3 +34,30 @@ def test_a_bare_grant_the_journal_refuses_leaves_the_holders_memlock_as_it_was(r
     assert not reply["ok"], reply
     assert rig.kernel.memlocks[ALICE.pid] == (8 << 20, 8 << 20)
     assert not rig.service.raised
+
+
+def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_a_bare_grant_of_that_queue() -> None:
+    """A released misbound lease stays charged while the kernel says its queue is bound, unless another lease
+    holds that queue's slot ("granted since: the kernel freed the queue for it"). A bare grant's slot proves no
+    such thing: it is granted with the queue still bound (its holder binds later). The holder takes a bare grant
+    of the queue its own socket squats, the released lease ends at the next look, the holder gives the bare
+    grant back, and its socket bound to queue 3 is on nobody's quota: under max_queues = 2 it holds 3 queues."""
+    rig = make_rig(policy=parse_policy(QUOTA2))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    assert reply["ok"], reply
+    rig.kernel.bound_to[out.fds[0]] = 3  # bound to queue 3, granted queue 0: revoked as misbound
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    rig.service.settle_releases(rig.service.clock() + 1.0)
+    assert rig.service.leases.get(reply["lease"]) is not None  # kept: charged while queue 3 is bound
+    squat, squat_out = rig.grant(queues=(3,), kind="bare")  # 1 + 1 <= 2; slot 3 is empty
+    assert squat["ok"], squat
+    rig.service.check_orphans()
+    rig.kernel.holder_closes(squat_out.fds)  # the slot socket closed, the lease given back
+    assert rig.reply(ALICE, proto.Release(squat["lease"]))[0]["ok"]
+    more = finish(rig, rig.ask(ALICE, proto.Grant("veth0", (1, 2), geometry=SMALL)), steps=200)
+    held = sum(len(x.queues) for x in rig.service.leases if x.uid == ALICE.uid and x.misbound is None)
+    held += 3 in rig.kernel.bound_elsewhere  # the first socket, still bound to queue 3
+    assert held <= 2 or not more["ok"], (held, more)
+    rig.service.close()
