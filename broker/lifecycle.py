@@ -224,12 +224,28 @@ class Lifecycle(MapGrants):
     def _misbound_still_bound(self, lease: Lease) -> bool:
         assert lease.misbound is not None
         other = self.leases.holder(lease.ifindex, lease.misbound)
-        if other is not None and other.id != lease.id:
-            return False  # granted since: the kernel freed the queue for it
+        # granted since and bound there: the kernel freed the queue for it. A bare grant's slot proves nothing
+        # (granted with the queue still bound; its holder binds later): only its socket read bound to the queue
+        if other is not None and other.id != lease.id and (other.kind == "bound" or self._bound_in_slot(other,
+                                                                                                    lease.misbound)):
+            return False
         try:
             return lease.misbound in self.kernel.bound_queues(lease.ifindex)
         except OSError:
             return False  # unknown (no netdev queue attributes): as before, the revoke said nothing
+
+    def _bound_in_slot(self, lease: Lease, queue: int) -> bool:
+        """Whether the socket in the lease's slot for queue is bound to that queue (the slot probe says so)."""
+        prog = self.programs.get(lease.ifindex)
+        probe = self.squat.probe(prog) if prog is not None else None
+        if probe is None:
+            return False
+        try:
+            return probe.queue_of(queue) == queue
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     def revoke_lease(self, lease: Lease, by: PeerInfo | None, signal_name: str | None) -> RevokedLease:
         """Empty the lease's map slots so RX stops, and mark it revoked; it ends when the holder closes."""

@@ -61,3 +61,21 @@ def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_a_bare_gr
     held += 3 in rig.kernel.bound_elsewhere  # the first socket, still bound to queue 3
     assert held <= 2 or not more["ok"], (held, more)
     rig.service.close()
+
+
+def test_a_released_misbound_lease_ends_once_a_bare_grant_of_its_queue_binds_it() -> None:
+    """The other side: a bare socket granted that queue and bound to it proves the kernel freed it."""
+    rig = make_rig(policy=parse_policy(QUOTA2))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    rig.kernel.bound_to[out.fds[0]] = 3
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    rig.service.settle_releases(rig.service.clock() + 1.0)
+    squat, squat_out = rig.grant(queues=(3,), kind="bare")
+    assert squat["ok"], squat
+    rig.kernel.holder_closes(out.fds)  # the misbound socket closes; the new one binds queue 3
+    rig.kernel.bound_to[squat_out.fds[0]] = 3
+    rig.service.check_orphans()
+    assert rig.service.leases.get(reply["lease"]) is None
+    rig.service.close()
