@@ -79,3 +79,26 @@ def test_a_released_misbound_lease_ends_once_a_bare_grant_of_its_queue_binds_it(
     rig.service.check_orphans()
     assert rig.service.leases.get(reply["lease"]) is None
     rig.service.close()
+
+
+def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_its_granted_queue_again() -> None:
+    """A new grant on a lease's slot ends the old lease (LeaseTable.add: the kernel freed the slot, so its
+    socket is gone). A revoked lease's slot was emptied by the revoke: it proves nothing, and a misbound socket
+    is still bound off that slot. The holder takes its own granted queue again, gives it back, and its socket
+    bound to queue 3 is on nobody's quota: under max_queues = 2 it holds 3 queues."""
+    rig = make_rig(policy=parse_policy(QUOTA2))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    rig.kernel.bound_to[out.fds[0]] = 3
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    rig.service.settle_releases(rig.service.clock() + 1.0)
+    again, again_out = rig.grant(queues=(0,), kind="bare")  # 1 + 1 <= 2; slot 0 emptied by the revoke
+    assert again["ok"], again
+    rig.kernel.holder_closes(again_out.fds)
+    assert rig.reply(ALICE, proto.Release(again["lease"]))[0]["ok"]
+    more = finish(rig, rig.ask(ALICE, proto.Grant("veth0", (1, 2), geometry=SMALL)), steps=200)
+    held = sum(len(x.queues) for x in rig.service.leases if x.uid == ALICE.uid and x.misbound is None)
+    held += 3 in rig.kernel.bound_elsewhere  # the first socket, still bound to queue 3
+    assert held <= 2 or not more["ok"], (held, more)
+    rig.service.close()
