@@ -128,11 +128,12 @@ class LeaseTable:
         # from the bare pid, it could be the start time of a process that reused the pid
         lease = Lease(os.urandom(8).hex(), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
                       pid_start, pid_ino=pid_ino, cgroup=cgroup)
-        # A fresh grant on a slot proves the old holder's socket is gone (the kernel freed the slot).
+        # A fresh grant on a slot proves the old holder's socket is gone (the kernel freed the slot), unless a
+        # revoke emptied it: a misbound socket lives on bound off its slot, and its lease stays (on its quota)
         ended = []
         for q in queues:
             old = self.holder(ifindex, q)
-            if old:
+            if old and not (old.revoked and old.misbound is not None):
                 self._remove(old.id)
                 ended.append({"end": old.id})
         self._insert(lease, counted_as)
