@@ -95,6 +95,7 @@ class Service(Grants, Lifecycle):
         self.closes_pending: Callable[[], bool] = lambda: False
         self.pending = Holdings()
         self.held = self.leases.holdings().joined(self.pending)  # a view of both, as they are when read
+        self.held.watch(quotas.group_entries(policy))  # indexed by the groups quotas name only
         self.workers = Workers()
         self.loop_busy = False
         self.jobs: collections.Counter[int] = collections.Counter()
@@ -118,6 +119,7 @@ class Service(Grants, Lifecycle):
     def reload(self, policy: Policy, source: str | None = None) -> None:
         """Judge every request from now on by `policy` (leases already granted stay)."""
         self.policy = policy
+        self.held.watch(quotas.group_entries(policy))
         self.pool.flush()  # made for what was asked under the old policy: nothing made ahead outlives it
         self.metrics.reloaded(True)
         self.audit({"event": "policy-reloaded", "path": source, "rules": len(policy.rules)})

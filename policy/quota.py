@@ -51,6 +51,12 @@ def scopes(quota: Quota, peer: Peer) -> list[Scope]:
     return out
 
 
+def group_entries(policy: Policy) -> frozenset[str] | None:
+    """The group entries a quota of the policy may count holdings by (None: any gid, a quota names group "*")."""
+    entries = frozenset(g for q in policy.quotas for g in q.groups)
+    return None if "*" in entries else entries
+
+
 def counts(scope: Scope, h: Holding) -> bool:
     """Whether holding h counts against the budget of scope."""
     kind, ident = scope
@@ -67,15 +73,36 @@ class Holdings:
         self._items: dict[Hashable, Holding] = {}
         self._index: dict[tuple[str, int | str], set[Hashable]] = {}
         self._parts = parts
+        # the group entries indexed (watch): None, every gid and name; else only these (a peer chooses how many
+        # groups it is in, up to 1,024 judged: indexing each cost every grant and every end that many entries)
+        self._names: frozenset[str] | None = None
+        self._gids: frozenset[int] = frozenset()
         for key, h in items:
             self[key] = h
 
     def joined(self, *others: Holdings) -> Holdings:
         return Holdings(parts=(self, *others))
 
-    @staticmethod
-    def _marks(h: Holding) -> list[tuple[str, int | str]]:
-        return [("uid", str(h.uid)), *(("gid", g) for g in h.gids), *(("name", n) for n in h.groups)]
+    def watch(self, groups: Iterable[str] | None) -> None:
+        """Index holdings by these group entries only, as quotas spell them (None: every gid and group name, as a
+        quota's group "*" asks); a scope of any other group is counted by a walk (none is asked for)."""
+        names = None if groups is None else frozenset(groups)
+        for part in self._parts:
+            part.watch(names)
+        self._names = names
+        self._gids = frozenset(int(g) for g in names or () if g.isascii() and g.isdigit())
+        self._index = {}
+        for key, h in self._items.items():
+            for mark in self._marks(h):
+                self._index.setdefault(mark, set()).add(key)
+
+    def _marks(self, h: Holding) -> list[tuple[str, int | str]]:
+        if self._names is None:
+            return [("uid", str(h.uid)), *(("gid", g) for g in h.gids), *(("name", n) for n in h.groups)]
+        gids = self._gids & h.gids if isinstance(h.gids, (set, frozenset)) else self._gids.intersection(h.gids)
+        names = (self._names & h.groups if isinstance(h.groups, (set, frozenset))
+                 else self._names.intersection(h.groups))
+        return [("uid", str(h.uid)), *(("gid", g) for g in gids), *(("name", n) for n in names)]
 
     def __setitem__(self, key: Hashable, h: Holding) -> None:
         if self._parts:
@@ -107,6 +134,8 @@ class Holdings:
         if self._parts:
             return [h for p in self._parts for h in p.matching(scope)]
         kind, ident = scope
+        if kind != "user" and self._names is not None and ident not in self._names:  # not indexed: walked
+            return [h for h in self._items.values() if counts(scope, h)]
         if kind == "user":  # str(h.uid) == ident
             keys = self._index.get(("uid", ident), ())
         else:  # h.in_group(ident): the group's name, or its gid spelled as a number
