@@ -99,10 +99,8 @@ class Holdings:
     def _marks(self, h: Holding) -> list[tuple[str, int | str]]:
         if self._names is None:
             return [("uid", str(h.uid)), *(("gid", g) for g in h.gids), *(("name", n) for n in h.groups)]
-        gids = self._gids & h.gids if isinstance(h.gids, (set, frozenset)) else self._gids.intersection(h.gids)
-        names = (self._names & h.groups if isinstance(h.groups, (set, frozenset))
-                 else self._names.intersection(h.groups))
-        return [("uid", str(h.uid)), *(("gid", g) for g in gids), *(("name", n) for n in names)]
+        return [("uid", str(h.uid)), *(("gid", g) for g in self._gids.intersection(h.gids)),
+                *(("name", n) for n in self._names.intersection(h.groups))]
 
     def __setitem__(self, key: Hashable, h: Holding) -> None:
         if self._parts:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from xskbroker.broker import faults
@@ -454,3 +456,21 @@ def finish(rig: Rig, out: Outcome | Deferred, steps: int = 50) -> dict[str, Any]
         if done is not None:
             out = done
     raise AssertionError("the grant never finished")
+
+
+def opcodes(call: Callable[[], object]) -> int:
+    """How many byte-code instructions call() runs, in every frame it enters: work, counted, not timed."""
+    count = 0
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal count
+        frame.f_trace_opcodes = True
+        count += event == "opcode"
+        return trace
+
+    sys.settrace(trace)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count

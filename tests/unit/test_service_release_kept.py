@@ -4,16 +4,11 @@ the loop more the more leases others hold."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from types import FrameType
-from typing import Any
-
 from xskbroker.broker.service import Deferred
 from xskbroker.policy import parse_policy
 from xskbroker.wire import protocol as proto
 
-from .service_rig import ALICE, POLICY, ROOT, SMALL, Rig, finish, make_rig
+from .service_rig import ALICE, POLICY, ROOT, SMALL, Rig, finish, make_rig, opcodes
 
 QUOTA3 = POLICY + """
 [[quota]]
@@ -142,24 +137,6 @@ max_queues = 1
 """
 
 
-def _opcodes(call: Callable[[], object]) -> int:
-    """How many byte-code instructions call() runs, in every frame it enters: work, counted, not timed."""
-    count = 0
-
-    def trace(frame: FrameType, event: str, arg: Any) -> Any:
-        nonlocal count
-        frame.f_trace_opcodes = True
-        count += event == "opcode"
-        return trace
-
-    sys.settrace(trace)
-    try:
-        call()
-    finally:
-        sys.settrace(None)
-    return count
-
-
 def _step_work(others: int) -> int:
     """The work of one step of a grant over quota waiting for a release to settle, with `others` leases of other
     users (and their own quota) in the table."""
@@ -171,7 +148,7 @@ def _step_work(others: int) -> int:
     assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]  # its socket still in the slot: settling
     waiting = rig.ask(ALICE, proto.Grant("veth0", (1,), geometry=SMALL))
     assert isinstance(waiting, Deferred) and waiting.step() is None  # over quota, waits for the release
-    work = _opcodes(waiting.step)
+    work = opcodes(waiting.step)
     rig.service.close()
     return work
 
@@ -183,3 +160,71 @@ def test_a_grant_waiting_for_a_release_to_settle_does_not_walk_every_lease_at_ea
     count, and that were not released, are not looked at now."""
     alone, crowded = _step_work(0), _step_work(3000)
     assert crowded < alone + 200, (alone, crowded)
+
+
+def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_a_bare_grant_of_that_queue() -> None:
+    """A released misbound lease stays charged while the kernel says its queue is bound, unless another lease
+    holds that queue's slot ("granted since: the kernel freed the queue for it"). A bare grant's slot proves no
+    such thing: it is granted with the queue still bound (its holder binds later). The holder takes a bare grant
+    of the queue its own socket squats, the released lease ends at the next look, the holder gives the bare
+    grant back, and its socket bound to queue 3 is on nobody's quota: under max_queues = 2 it holds 3 queues."""
+    rig = make_rig(policy=parse_policy(QUOTA2))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    assert reply["ok"], reply
+    rig.kernel.bound_to[out.fds[0]] = 3  # bound to queue 3, granted queue 0: revoked as misbound
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    rig.service.settle_releases(rig.service.clock() + 1.0)
+    assert rig.service.leases.get(reply["lease"]) is not None  # kept: charged while queue 3 is bound
+    squat, squat_out = rig.grant(queues=(3,), kind="bare")  # 1 + 1 <= 2; slot 3 is empty
+    assert squat["ok"], squat
+    rig.service.check_orphans()
+    rig.kernel.holder_closes(squat_out.fds)  # the slot socket closed, the lease given back
+    assert rig.reply(ALICE, proto.Release(squat["lease"]))[0]["ok"]
+    more = finish(rig, rig.ask(ALICE, proto.Grant("veth0", (1, 2), geometry=SMALL)), steps=200)
+    held = sum(len(x.queues) for x in rig.service.leases if x.uid == ALICE.uid and x.misbound is None)
+    held += 3 in rig.kernel.bound_elsewhere  # the first socket, still bound to queue 3
+    assert held <= 2 or not more["ok"], (held, more)
+    rig.service.close()
+
+
+def test_a_released_misbound_lease_ends_once_a_bare_grant_of_its_queue_binds_it() -> None:
+    """The other side: a bare socket granted that queue and bound to it proves the kernel freed it."""
+    rig = make_rig(policy=parse_policy(QUOTA2))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    rig.kernel.bound_to[out.fds[0]] = 3
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    rig.service.settle_releases(rig.service.clock() + 1.0)
+    squat, squat_out = rig.grant(queues=(3,), kind="bare")
+    assert squat["ok"], squat
+    rig.kernel.holder_closes(out.fds)  # the misbound socket closes; the new one binds queue 3
+    rig.kernel.bound_to[squat_out.fds[0]] = 3
+    rig.service.check_orphans()
+    assert rig.service.leases.get(reply["lease"]) is None
+    rig.service.close()
+
+
+def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_its_granted_queue_again() -> None:
+    """A new grant on a lease's slot ends the old lease (LeaseTable.add: the kernel freed the slot, so its
+    socket is gone). A revoked lease's slot was emptied by the revoke: it proves nothing, and a misbound socket
+    is still bound off that slot. The holder takes its own granted queue again, gives it back, and its socket
+    bound to queue 3 is on nobody's quota: under max_queues = 2 it holds 3 queues."""
+    rig = make_rig(policy=parse_policy(QUOTA2))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    rig.kernel.bound_to[out.fds[0]] = 3
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    rig.service.settle_releases(rig.service.clock() + 1.0)
+    again, again_out = rig.grant(queues=(0,), kind="bare")  # 1 + 1 <= 2; slot 0 emptied by the revoke
+    assert again["ok"], again
+    rig.kernel.holder_closes(again_out.fds)
+    assert rig.reply(ALICE, proto.Release(again["lease"]))[0]["ok"]
+    more = finish(rig, rig.ask(ALICE, proto.Grant("veth0", (1, 2), geometry=SMALL)), steps=200)
+    held = sum(len(x.queues) for x in rig.service.leases if x.uid == ALICE.uid and x.misbound is None)
+    held += 3 in rig.kernel.bound_elsewhere  # the first socket, still bound to queue 3
+    assert held <= 2 or not more["ok"], (held, more)
+    rig.service.close()
