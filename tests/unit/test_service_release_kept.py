@@ -5,17 +5,15 @@ the loop more the more leases others hold."""
 from __future__ import annotations
 
 from xskbroker.broker.service import Deferred
-from xskbroker.policy import parse_policy
+from xskbroker.policy import Policy, parse_policy
 from xskbroker.wire import protocol as proto
 
 from .service_rig import ALICE, POLICY, ROOT, SMALL, Rig, finish, make_rig, opcodes
 
-QUOTA3 = POLICY + """
-[[quota]]
-name = "per-user"
-users = ["*"]
-max_queues = 3
-"""
+
+def _quota(queues: int) -> Policy:
+    """The rig's policy with a quota of `queues` queues for every user."""
+    return parse_policy(POLICY + f'[[quota]]\nname = "per-user"\nusers = ["*"]\nmax_queues = {queues}\n')
 
 
 def _kept(rig: Rig, queues: tuple[int, ...] = (0,)) -> tuple[str, list[int]]:
@@ -38,7 +36,7 @@ def test_a_grant_waiting_for_a_released_leases_queue_counts_against_the_quota() 
     """A grant of a released lease's queue waits (up to 1 s) for its socket to close. Its quota was judged
     before the wait; another grant made meanwhile must not be judged as if the waiting one held nothing, else
     the two together exceed the quota (3 queues: 1 released + 2 waiting; 2 more granted meanwhile: 4 held)."""
-    rig = make_rig(policy=parse_policy(QUOTA3))
+    rig = make_rig(policy=_quota(3))
     _, fds = _kept(rig)  # charged 1
     waiting = rig.ask(ALICE, proto.Grant("veth0", (0, 1), geometry=SMALL))  # 1 + 2 <= 3: waits for queue 0
     assert isinstance(waiting, Deferred) and waiting.step() is None
@@ -51,20 +49,12 @@ def test_a_grant_waiting_for_a_released_leases_queue_counts_against_the_quota() 
     rig.service.close()
 
 
-QUOTA2 = POLICY + """
-[[quota]]
-name = "per-user"
-users = ["*"]
-max_queues = 2
-"""
-
-
 def test_a_bare_lease_its_holder_got_revoked_by_misbinding_stays_charged_after_release() -> None:
     """A revoked lease released with its sockets kept ends at the release, on the grounds that revoke is an
     admin's act. But a bare holder revokes its own lease at will: it binds its socket to a queue it was not
     granted, and the broker revokes it (bare-misbound). Released then, the lease ended while that socket stays
     bound to the queue, and the quota no longer counted it: under max_queues = 2 the holder held 3 queues."""
-    rig = make_rig(policy=parse_policy(QUOTA2))
+    rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
     assert reply["ok"], reply
     rig.kernel.bound_to[out.fds[0]] = 3  # its holder binds it to queue 3, granted queue 0
@@ -83,7 +73,7 @@ def test_a_bare_lease_its_holder_got_revoked_by_misbinding_stays_charged_after_r
 def test_a_released_misbound_lease_ends_once_its_socket_is_closed() -> None:
     """Kept on its quota while its socket stays bound off its queue, it ends when the kernel says the queue is
     free (the 2 s poll), as any released lease does once its sockets close."""
-    rig = make_rig(policy=parse_policy(QUOTA2))
+    rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
     rig.kernel.bound_to[out.fds[0]] = 3
     rig.kernel.bound_elsewhere.add(3)
@@ -129,18 +119,10 @@ def test_a_release_the_broker_stopped_before_settling_is_not_recovered_as_a_live
     second.service.close()
 
 
-QUOTA1 = POLICY + """
-[[quota]]
-name = "per-user"
-users = ["*"]
-max_queues = 1
-"""
-
-
 def _step_work(others: int) -> int:
     """The work of one step of a grant over quota waiting for a release to settle, with `others` leases of other
     users (and their own quota) in the table."""
-    rig = make_rig(policy=parse_policy(QUOTA1))
+    rig = make_rig(policy=_quota(1))
     for i in range(others):
         rig.service.leases.add(5000 + i, 50000 + i, 100 + i, f"x{i}", (0,), "bound", 1 << 20, (5000 + i,))
     reply, _ = rig.grant(queues=(0,))
@@ -168,7 +150,7 @@ def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_a_bare_gr
     such thing: it is granted with the queue still bound (its holder binds later). The holder takes a bare grant
     of the queue its own socket squats, the released lease ends at the next look, the holder gives the bare
     grant back, and its socket bound to queue 3 is on nobody's quota: under max_queues = 2 it holds 3 queues."""
-    rig = make_rig(policy=parse_policy(QUOTA2))
+    rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
     assert reply["ok"], reply
     rig.kernel.bound_to[out.fds[0]] = 3  # bound to queue 3, granted queue 0: revoked as misbound
@@ -191,7 +173,7 @@ def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_a_bare_gr
 
 def test_a_released_misbound_lease_ends_once_a_bare_grant_of_its_queue_binds_it() -> None:
     """The other side: a bare socket granted that queue and bound to it proves the kernel freed it."""
-    rig = make_rig(policy=parse_policy(QUOTA2))
+    rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
     rig.kernel.bound_to[out.fds[0]] = 3
     rig.kernel.bound_elsewhere.add(3)
@@ -212,7 +194,7 @@ def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_its_grant
     socket is gone). A revoked lease's slot was emptied by the revoke: it proves nothing, and a misbound socket
     is still bound off that slot. The holder takes its own granted queue again, gives it back, and its socket
     bound to queue 3 is on nobody's quota: under max_queues = 2 it holds 3 queues."""
-    rig = make_rig(policy=parse_policy(QUOTA2))
+    rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
     rig.kernel.bound_to[out.fds[0]] = 3
     rig.kernel.bound_elsewhere.add(3)
