@@ -210,3 +210,57 @@ def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_its_grant
     held += 3 in rig.kernel.bound_elsewhere  # the first socket, still bound to queue 3
     assert held <= 2 or not more["ok"], (held, more)
     rig.service.close()
+
+
+def _misbound_then_restart(tmp_path, release: bool, holder_exits: bool) -> tuple[Rig, str]:
+    """A bare lease revoked as misbound (its socket bound to queue 3, granted queue 0; slots emptied by the
+    revoke), maybe released and kept, maybe its holder gone with the socket passed on; then the broker restarts."""
+    first = make_rig(tmp_path, policy=parse_policy(QUOTA2))
+    reply, out = first.grant(queues=(0,), kind="bare")
+    assert reply["ok"], reply
+    first.kernel.bound_to[out.fds[0]] = 3
+    first.kernel.bound_elsewhere.add(3)
+    first.service.check_bare()
+    lease = first.service.leases.get(reply["lease"])
+    assert lease is not None and lease.revoked and lease.misbound == 3
+    if release:
+        assert first.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+        first.service.settle_releases(first.service.clock() + 1.0)
+        kept = first.service.leases.get(reply["lease"])
+        assert kept is not None and kept.released_at is not None
+    first.service.close()
+    kernel = first.kernel
+    if holder_exits:
+        kernel.procs.pop(ALICE.pid)
+        kernel.procs[ALICE.pid + 1] = (1000, 78, None)  # the process it passed the socket on to
+    second = make_rig(tmp_path, policy=parse_policy(QUOTA2), kernel=kernel)
+    second.service.recover()
+    return second, reply["lease"]
+
+
+def test_a_misbound_lease_is_still_charged_after_a_broker_restart(tmp_path) -> None:
+    """Recovery dropped a revoked lease whose slots were empty ("none of its queues holds a socket any more"),
+    but a misbound lease's slots were emptied by its revoke: its socket lives on, bound to queue 3. After a
+    restart the quota no longer counted it, and under max_queues = 2 its holder took 2 more: 3 queues held."""
+    for n, (release, exits) in enumerate([(False, False), (True, False), (True, True), (False, True)]):
+        (tmp_path / str(n)).mkdir()
+        rig, lease_id = _misbound_then_restart(tmp_path / str(n), release, exits)
+        kept = rig.service.leases.get(lease_id)
+        assert kept is not None, (release, exits, rig.events("lease-dropped"))
+        if exits:
+            assert kept.orphaned  # polled until the socket closes
+        if not exits:
+            more = finish(rig, rig.ask(ALICE, proto.Grant("veth0", (1, 2), geometry=SMALL)), steps=200)
+            assert not more["ok"], more
+        rig.service.close()
+
+
+def test_a_recovered_misbound_lease_ends_once_its_queue_is_free(tmp_path) -> None:
+    """Kept at recovery, released (or orphaned), it ends at the poll that finds its queue unbound."""
+    for n, (release, exits) in enumerate([(True, False), (True, True), (False, True)]):
+        (tmp_path / str(n)).mkdir()
+        rig, lease_id = _misbound_then_restart(tmp_path / str(n), release, exits)
+        rig.kernel.bound_elsewhere.discard(3)
+        rig.service.check_orphans()
+        assert rig.service.leases.get(lease_id) is None, (release, exits)
+        rig.service.close()
