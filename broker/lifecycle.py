@@ -318,7 +318,8 @@ class Lifecycle(MapGrants):
     def recover(self) -> list[Lease]:
         """Take back the leases a previous broker recorded whose holders still hold their sockets."""
         kept = []
-        for lease in self.leases.load():
+        # misbound leases last: a lease granted their queue since, taken back first, says the queue is not theirs
+        for lease in sorted(self.leases.load(), key=lambda x: x.revoked and x.misbound is not None):
             why = self._stale(lease)
             if why:
                 self.audit({"event": "lease-dropped", "lease": lease.id, "reason": why})
@@ -336,7 +337,8 @@ class Lifecycle(MapGrants):
         alive = self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino)
         if lease.kind == "map":  # its tenant map was placed by the per-queue program of the broker that made it
             return "a map grant ends with the broker that made it (its bpf_link held the per-queue program)"
-        if not alive and lease.revoked:
+        misbound = lease.revoked and lease.misbound is not None
+        if not alive and lease.revoked and not misbound:
             return f"holder pid {lease.pid} is gone"
         try:
             name = self.kernel.ifname(lease.ifindex)
@@ -348,7 +350,10 @@ class Lifecycle(MapGrants):
             prog = self._program(lease.ifindex, name, self.kernel.queue_count(name))
         except Refused as e:
             return e.message
-        if not self.kernel.occupied_slots(prog.map_fd, lease.queues):
+        if misbound:  # its revoke emptied its slots; its socket, bound off them, holds its queue while bound there
+            if not self._misbound_still_bound(lease):
+                return f"queue {lease.misbound}, its socket's, is bound no more"
+        elif not self.kernel.occupied_slots(prog.map_fd, lease.queues):
             return "none of its queues holds a socket any more"
         if not alive:
             lease.orphaned = True  # passed on before the holder exited; polled until the sockets close
