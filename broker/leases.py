@@ -196,6 +196,16 @@ class LeaseTable:
         """What each lease holds, for the quotas (a lease's uid, groups, queues and UMEM never change)."""
         return self._holdings
 
+    def regroup(self, groups_of: Callable[[frozenset[int]], frozenset[str]]) -> None:
+        """Name each lease's groups by its gids as groups_of does now (a policy reload names other groups)."""
+        for lease in self._by_id.values():
+            names = tuple(sorted(groups_of(frozenset(lease.gids))))
+            if names != lease.groups:
+                lease.groups = names
+                h = self._holdings.pop(lease.id)
+                assert h is not None
+                self._holdings[lease.id] = Holding(h.uid, h.gids, frozenset(names), h.queues, h.umem)
+
     def holds(self, pid: int) -> bool:
         """Whether pid holds a lease."""
         return pid in self._pids

@@ -101,6 +101,11 @@ class Server:
         self.closer = SentCopies()
         service.sent_done = self.closer.expedite  # a lease that ends needs no copy of its fds kept
         service.closes_pending = self.closer.pending
+        # leases' group names as this policy names them (recovered ones were named as the journal's policy did)
+        self._named_by = service.policy
+        self.group_names.use(service.policy.group_names)
+        service.groups_of = self.group_names.of
+        service.regroup()
         self._wake_r, self._wake_w = socket.socketpair()
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
@@ -243,6 +248,8 @@ class Server:
             self.audit({"event": "policy-reload-failed", "path": self.policy_path, "errors": e.errors,
                         "kept": "previous policy"})
             return
+        self._named_by = policy  # the names new peers' and the leases' groups are judged by
+        self.group_names.use(policy.group_names)
         self.service.reload(policy, self.policy_path)
 
     # ---- connections ------------------------------------------------------------------------------

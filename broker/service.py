@@ -96,6 +96,10 @@ class Service(Grants, Lifecycle):
         self.pending = Holdings()
         self.held = self.leases.holdings().joined(self.pending)  # a view of both, as they are when read
         self.held.watch(quotas.group_entries(policy))  # indexed by the groups quotas name only
+        # the policy's group names a set of gids holds (the server's broker.peer.GroupNames.of, set with the
+        # policy's names): a lease's group names are re-read by it at a reload (and once the server is made,
+        # after recovery), or a group a new policy names would count none of the leases its members hold
+        self.groups_of: Callable[[frozenset[int]], frozenset[str]] | None = None
         self.workers = Workers()
         self.loop_busy = False
         self.jobs: collections.Counter[int] = collections.Counter()
@@ -120,9 +124,16 @@ class Service(Grants, Lifecycle):
         """Judge every request from now on by `policy` (leases already granted stay)."""
         self.policy = policy
         self.held.watch(quotas.group_entries(policy))
+        self.regroup()
         self.pool.flush()  # made for what was asked under the old policy: nothing made ahead outlives it
         self.metrics.reloaded(True)
         self.audit({"event": "policy-reloaded", "path": source, "rules": len(policy.rules)})
+
+    def regroup(self) -> None:
+        """Name each lease's groups as the policy in force does (groups_of): they were named as the policy the
+        lease was granted (or recovered) under did, and a quota of a group first named since counted none."""
+        if self.groups_of is not None:
+            self.leases.regroup(self.groups_of)
 
     def forget_programs(self) -> None:
         """Drop the cached XSK programs: the next grant on each interface finds its program anew."""
