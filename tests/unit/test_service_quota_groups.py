@@ -69,3 +69,34 @@ def test_a_group_quota_added_across_a_restart_counts_the_recovered_leases(tmp_pa
         second.service.regroup()
     assert quotas.usage(("group", "wheel"), second.service.held).queues == 2
     second.service.close()
+
+
+def test_a_connection_open_across_a_reload_is_judged_by_the_groups_the_new_policy_names(tmp_path: Path) -> None:
+    """A peer's group names are read when it connects, as the policy then names them. A client connected before a
+    reload that added a quota (or a deny rule) naming one of its groups was never judged by it: its groups, as
+    the server keeps them for its requests, did not include that name however long it stayed connected."""
+    import grp
+    import os
+    import socket
+
+    from xskbroker.broker.server import Server
+
+    mine = grp.getgrgid(os.getgid()).gr_name  # a group this process is in, by name
+    rig = make_rig(policy=parse_policy(POLICY))
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    (tmp_path / "policy.toml").write_text(WHEEL.replace('groups = ["wheel"]', f'groups = ["{mine}"]'))
+    server = Server(listener, rig.service, lambda record: None, str(tmp_path / "policy.toml"))
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    server._accept(listener)
+    [(_, before)] = server.conns.values()
+    assert mine not in before.groups  # the first policy names no group
+    server.reload()
+    [(_, after)] = server.conns.values()
+    assert mine in after.groups, after
+    client.close()
+    listener.close()
+    rig.service.close()
