@@ -34,6 +34,7 @@ from xskbroker.broker.listener import (
 )
 from xskbroker.broker.sent_copies import SentCopies
 from xskbroker.broker.service import Deferred, Outcome, Service
+from xskbroker.common.records import replace
 from xskbroker.broker.systemd import Watchdog
 from xskbroker.policy import Policy, PolicyError, load_policy
 from xskbroker.wire import protocol as proto
@@ -250,7 +251,23 @@ class Server:
             return
         self._named_by = policy  # the names new peers' and the leases' groups are judged by
         self.group_names.use(policy.group_names)
+        self._regroup_peers()
         self.service.reload(policy, self.policy_path)
+
+    def _regroup_peers(self) -> None:
+        """Name the open connections' groups as the policy now does: a peer connected before a reload was
+        judged (rules, quotas) by the group names the old policy named, so a rule or quota naming a group
+        first named since never applied to it, however long it stayed connected."""
+        for fd, (conn, who) in list(self.conns.items()):
+            names = self.group_names.of(who.gids)
+            if names != who.groups:
+                now = replace(who, groups=names)
+                self.connected.remove(who)
+                self.connected.add(now)
+                self.conns[fd] = (conn, now)
+        for ep in self.endpoints:
+            for c in ep.conns.values():
+                c.who = replace(c.who, groups=self.group_names.of(c.who.gids))
 
     # ---- connections ------------------------------------------------------------------------------
 
