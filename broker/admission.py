@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import socket
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from xskbroker.broker import peer as peers
 from xskbroker.broker.core import policy_peer, quota_peer
 from xskbroker.broker.listener import connection_capacity
+from xskbroker.common.records import replace
 from xskbroker.policy import Holding, Peer, Policy
 from xskbroker.policy import quota as quotas
 from xskbroker.policy.admin import is_admin
@@ -54,6 +56,18 @@ class Connected:
 
     def items(self) -> Iterable[tuple[Principal, int]]:
         return self._count.items()
+
+    def regroup(self, conns: dict[int, tuple[socket.socket, peers.PeerInfo]],
+                groups_of: Callable[[frozenset[int]], frozenset[str]]) -> None:
+        """Name the connections' peers' groups as groups_of does now (a reload names other groups), in conns
+        and in the tally."""
+        for fd, (conn, who) in list(conns.items()):
+            names = groups_of(who.gids)
+            if names != who.groups:
+                now = replace(who, groups=names)
+                self.remove(who)
+                self.add(now)
+                conns[fd] = (conn, now)
 
 
 def admit(policy: Policy, who: peers.PeerInfo, connected: Connected | Iterable[peers.PeerInfo],

@@ -28,7 +28,7 @@ from xskbroker.broker import peer as peers
 from xskbroker.broker.core import Deferred, quota_peer
 from xskbroker.broker.listener import MAX_FDS_IN, MSG_CTRUNC, MSG_TRUNC, refuse_passed_fds
 from xskbroker.broker.server import Server
-from xskbroker.common.records import record
+from xskbroker.common.records import record, replace
 from xskbroker.wire import deviceplugin as dp
 from xskbroker.wire import protocol as proto
 
@@ -225,6 +225,11 @@ class Endpoint:
             self._drop(c)
             return False
         return True
+
+    def regroup(self, groups_of: Callable[[frozenset[int]], frozenset[str]]) -> None:
+        """Name the connected tenants' groups as groups_of does now (a reload names other groups)."""
+        for c in self.conns.values():
+            c.who = replace(c.who, groups=groups_of(c.who.gids))
 
     def _live(self, pid: int, who: peers.PeerInfo) -> str | None:
         """The live lease this process already took here, if any."""

@@ -10,6 +10,7 @@ import resource
 import socket
 import stat
 import sys
+from collections.abc import Callable
 
 from xskbroker.broker.umem_pool import MAX_SOCKETS as MAX_POOLED
 
@@ -99,3 +100,16 @@ def open_spare() -> int | None:
     except OSError:
         return None
 
+
+def accept_with_spare(listener: socket.socket, spare: int, refuse: Callable[[socket.socket], None]) -> int | None:
+    """Out of fds, the listener stays readable and accept keeps failing: a loop that only logged would spin.
+    Free the spare fd, take the connection, refuse(conn) (tell it why, close it), and take the spare back."""
+    os.close(spare)
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        conn = None
+    if conn is not None:
+        conn.setblocking(False)
+        refuse(conn)
+    return open_spare()

@@ -28,13 +28,13 @@ from xskbroker.broker.listener import (
     MAX_FDS_IN,
     MSG_CTRUNC,
     MSG_TRUNC,
+    accept_with_spare,
     open_spare,
     passed_fds,
     refuse_passed_fds,
 )
 from xskbroker.broker.sent_copies import SentCopies
 from xskbroker.broker.service import Deferred, Outcome, Service
-from xskbroker.common.records import replace
 from xskbroker.broker.systemd import Watchdog
 from xskbroker.policy import Policy, PolicyError, load_policy
 from xskbroker.wire import protocol as proto
@@ -52,6 +52,8 @@ class Endpoint(Protocol):
     """More listeners on the loop (broker.dpendpoint), closed (and their sockets removed) with the server."""
 
     def close(self) -> None: ...
+
+    def regroup(self, groups_of: Callable[[frozenset[int]], frozenset[str]]) -> None: ...
 
 
 
@@ -103,8 +105,7 @@ class Server:
         service.sent_done = self.closer.expedite  # a lease that ends needs no copy of its fds kept
         service.closes_pending = self.closer.pending
         # leases' group names as this policy names them (recovered ones were named as the journal's policy did)
-        self._named_by = service.policy
-        self.group_names.use(service.policy.group_names)
+        self._name_groups_by(service.policy)
         service.groups_of = self.group_names.of
         service.regroup()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -166,7 +167,7 @@ class Server:
                 if self.waiting:
                     self._retry_waiting()
                     self.closer.flush()
-                self._compact_journal()
+                self.service.compact_journal()  # between rounds of requests (their replies are out)
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
@@ -180,13 +181,6 @@ class Server:
             signal.set_wakeup_fd(old_fd)
             for s, h in handlers.items():
                 signal.signal(s, h)
-
-    def _compact_journal(self) -> None:
-        """The lease journal's compaction, between rounds of requests (its replies are out): off every grant."""
-        try:
-            self.service.leases.compact_if_due()
-        except OSError as e:  # kept appending to the old journal; tried again after another 1000 lines
-            self.audit({"event": "journal-compact-failed", "error": str(e)})
 
     def idle(self) -> bool:
         """Nothing would be lost by exiting: no client connected, no lease to watch."""
@@ -249,25 +243,18 @@ class Server:
             self.audit({"event": "policy-reload-failed", "path": self.policy_path, "errors": e.errors,
                         "kept": "previous policy"})
             return
-        self._named_by = policy  # the names new peers' and the leases' groups are judged by
-        self.group_names.use(policy.group_names)
-        self._regroup_peers()
+        # a peer connected before the reload was judged by the group names the old policy named: a rule or
+        # quota naming a group first named now would never apply to it, however long it stayed connected
+        self._name_groups_by(policy)
+        self.connected.regroup(self.conns, self.group_names.of)
+        for ep in self.endpoints:
+            ep.regroup(self.group_names.of)
         self.service.reload(policy, self.policy_path)
 
-    def _regroup_peers(self) -> None:
-        """Name the open connections' groups as the policy now does: a peer connected before a reload was
-        judged (rules, quotas) by the group names the old policy named, so a rule or quota naming a group
-        first named since never applied to it, however long it stayed connected."""
-        for fd, (conn, who) in list(self.conns.items()):
-            names = self.group_names.of(who.gids)
-            if names != who.groups:
-                now = replace(who, groups=names)
-                self.connected.remove(who)
-                self.connected.add(now)
-                self.conns[fd] = (conn, now)
-        for ep in self.endpoints:
-            for c in ep.conns.values():
-                c.who = replace(c.who, groups=self.group_names.of(c.who.gids))
+    def _name_groups_by(self, policy: Policy) -> None:
+        """Peers' (and leases') groups are named, from now on, as `policy` names them."""
+        self._named_by = policy
+        self.group_names.use(policy.group_names)
 
     # ---- connections ------------------------------------------------------------------------------
 
@@ -286,20 +273,11 @@ class Server:
             self._admit(conn)
 
     def _refuse_for_want_of_fds(self, listener: socket.socket, e: OSError) -> None:
-        """Out of fds, the listener stays readable and accept keeps failing: a loop that only logged would spin.
-        Free the spare fd, take the connection, tell it why, close it, and take the spare back."""
         assert self._spare is not None
-        os.close(self._spare)
-        self._spare = None
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            conn = None
-        if conn is not None:
-            conn.setblocking(False)
-            self._say_and_close(conn, ErrorReply(ErrorCode.TOO_MANY_CONNECTIONS, "the broker has no file "
-                                                 "descriptors left for another connection; try again later"))
-        self._spare = open_spare()
+        refusal = ErrorReply(ErrorCode.TOO_MANY_CONNECTIONS, "the broker has no file descriptors left for another "
+                             "connection; try again later")
+        spare, self._spare = self._spare, None
+        self._spare = accept_with_spare(listener, spare, lambda conn: self._say_and_close(conn, refusal))
         self.audit({"event": "accept-failed", "error": str(e), "errno": e.errno})
 
     def _admit(self, conn: socket.socket) -> None:
@@ -335,8 +313,7 @@ class Server:
         is closed: its peer is gone, its identity cannot be judged (refuse(peer, why) answers and closes), or a
         bug (recorded: it costs one connection, never the broker)."""
         if self.service.policy is not self._named_by:  # a reload: the names a peer's groups are judged by
-            self._named_by = self.service.policy
-            self.group_names.use(self._named_by.group_names)
+            self._name_groups_by(self.service.policy)
         try:
             who = peers.identify(conn, self.group_names)
         except peers.Unjudgeable as e:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xskbroker.broker.peer import PeerInfo
 from xskbroker.policy import parse_policy
 from xskbroker.policy import quota as quotas
-
-from xskbroker.broker.peer import PeerInfo
 
 from .service_rig import ALICE, BOB, POLICY, make_rig
 

@@ -215,7 +215,7 @@ def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_its_grant
 def _misbound_then_restart(tmp_path, release: bool, holder_exits: bool) -> tuple[Rig, str]:
     """A bare lease revoked as misbound (its socket bound to queue 3, granted queue 0; slots emptied by the
     revoke), maybe released and kept, maybe its holder gone with the socket passed on; then the broker restarts."""
-    first = make_rig(tmp_path, policy=parse_policy(QUOTA2))
+    first = make_rig(tmp_path, policy=_quota(2))
     reply, out = first.grant(queues=(0,), kind="bare")
     assert reply["ok"], reply
     first.kernel.bound_to[out.fds[0]] = 3
@@ -233,7 +233,7 @@ def _misbound_then_restart(tmp_path, release: bool, holder_exits: bool) -> tuple
     if holder_exits:
         kernel.procs.pop(ALICE.pid)
         kernel.procs[ALICE.pid + 1] = (1000, 78, None)  # the process it passed the socket on to
-    second = make_rig(tmp_path, policy=parse_policy(QUOTA2), kernel=kernel)
+    second = make_rig(tmp_path, policy=_quota(2), kernel=kernel)
     second.service.recover()
     return second, reply["lease"]
 
