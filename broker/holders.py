@@ -12,7 +12,7 @@ import os
 import selectors
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from xskbroker.broker.leases import Lease
 from xskbroker.broker.peer import peer_pidfd
@@ -76,10 +76,16 @@ class Holders:
         self._on_exit(pid)
         return True
 
-    def prune(self, held: Callable[[int], bool]) -> None:
-        """Stop watching the processes that no longer hold a lease (held(pid) says)."""
-        for pid in [p for p in self.pidfds if not held(p)]:
-            self._forget(pid)
+    def prune(self, let_go: Iterable[int], held: Callable[[int], bool], holders: int) -> None:
+        """Stop watching the processes that no longer hold a lease (held(pid) says): those that let their last
+        one go (let_go), looked at alone, since every request prunes; all of them only when more pids are
+        watched than hold a lease (holders), which a pid watched after its lease was undone can cause."""
+        for pid in let_go:
+            if pid in self.pidfds and not held(pid):
+                self._forget(pid)
+        if len(self.pidfds) > holders:
+            for pid in [p for p in self.pidfds if not held(p)]:
+                self._forget(pid)
 
     def _on_exit(self, pid: int) -> None:
         start, ino = self._who[pid]

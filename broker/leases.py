@@ -88,6 +88,7 @@ class LeaseTable:
         # request prunes watched pids, so rebuilding these each time cost O(leases) on the grant path
         self._holdings = Holdings()
         self._pids: dict[int, int] = {}  # holder pid -> how many leases it holds
+        self._let_go: set[int] = set()  # pids whose last lease ended since let_go() was last asked
         self._bare: set[str] = set()
         # orphaned and released leases (lingers()): looked at by every loop round and every step of a grant
         # waiting for a release, so kept here rather than found by a walk of every lease
@@ -185,6 +186,8 @@ class LeaseTable:
             left = self._pids.pop(lease.pid) - 1
             if left:
                 self._pids[lease.pid] = left
+            else:
+                self._let_go.add(lease.pid)
             self._bare.discard(lease_id)
             self._orphaned.discard(lease_id)
             self._released.discard(lease_id)
@@ -209,6 +212,15 @@ class LeaseTable:
     def holds(self, pid: int) -> bool:
         """Whether pid holds a lease."""
         return pid in self._pids
+
+    def holder_count(self) -> int:
+        """How many distinct pids hold a lease."""
+        return len(self._pids)
+
+    def let_go(self) -> set[int]:
+        """The pids whose last lease ended since the last call (one may hold a new one since: ask holds())."""
+        pids, self._let_go = self._let_go, set()
+        return pids
 
     def has_bare(self) -> bool:
         return any(not self._by_id[i].revoked for i in self._bare)

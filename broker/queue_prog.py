@@ -130,6 +130,7 @@ def attach(ifindex: int, ifname: str, entries: int, mode: str) -> QueueProgram:
         if link < 0:
             raise OSError(errno.EBUSY if any("busy" in x.lower() for x in errors) else errno.EOPNOTSUPP,
                           f"cannot attach the per-queue XSK program to {ifname}: " + "; ".join(errors))
+        made.append(link)  # from here a failure must unlink too: closing the link detaches the program
         prog_id = int(bpf.prog_info(prog)[0].id)
     except BaseException:
         for fd in made:

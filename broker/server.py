@@ -469,7 +469,8 @@ class Server:
 
     def _prune_pidfds(self) -> None:
         """Stop watching processes that no longer hold a lease (they released, or were revoked and ended)."""
-        self.holders.prune(self.service.leases.holds)
+        leases = self.service.leases
+        self.holders.prune(leases.let_go(), leases.holds, leases.holder_count())
 
     def _discard_passed_fds(self, ancdata: list[tuple[int, int, bytes]]) -> int:
         """Count the fds a client attached and hand them to the untrusted closer: closing one can block for as
