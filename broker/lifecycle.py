@@ -353,6 +353,10 @@ class Lifecycle(MapGrants):
         if misbound:  # its revoke emptied its slots; its socket, bound off them, holds its queue while bound there
             if not self._misbound_still_bound(lease):
                 return f"queue {lease.misbound}, its socket's, is bound no more"
+        elif lease.revoked and lease.released_at is None:
+            # its revoke emptied its slots, so they say nothing of its sockets: as before the restart, it lasts
+            # until its holder (alive, or it was dropped above) releases or exits
+            pass
         elif not self.kernel.occupied_slots(prog.map_fd, lease.queues):
             return "none of its queues holds a socket any more"
         if not alive:

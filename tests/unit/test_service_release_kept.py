@@ -264,3 +264,43 @@ def test_a_recovered_misbound_lease_ends_once_its_queue_is_free(tmp_path) -> Non
         rig.service.check_orphans()
         assert rig.service.leases.get(lease_id) is None, (release, exits)
         rig.service.close()
+
+
+def test_a_revoked_lease_whose_holder_lives_is_still_charged_after_a_broker_restart(tmp_path) -> None:
+    """An admin's revoke empties a lease's slots; the lease lasts until its holder releases or exits, its sockets
+    still open (a bound socket still sends). Recovery read the emptied slots as "none of its queues holds a socket
+    any more" and dropped it: after a restart its holder took max_queues more while keeping the revoked socket."""
+    first = make_rig(tmp_path, policy=_quota(1))
+    reply, _ = first.grant(queues=(0,))
+    assert reply["ok"], reply
+    revoked, _ = first.reply(ROOT, proto.Revoke(reply["lease"]))
+    assert revoked["ok"], revoked
+    assert not finish(first, first.ask(ALICE, proto.Grant("veth0", (1,), geometry=SMALL)))["ok"]  # charged
+    first.service.close()
+    second = make_rig(tmp_path, policy=_quota(1), kernel=first.kernel)
+    second.service.recover()
+    kept = second.service.leases.get(reply["lease"])
+    assert kept is not None and kept.revoked, second.events("lease-dropped")
+    assert not finish(second, second.ask(ALICE, proto.Grant("veth0", (1,), geometry=SMALL)))["ok"]
+    # and it ends as it would have before the restart: when its holder exits
+    second.service.holder_exited(ALICE.pid, kept.pid_start, kept.pid_ino)
+    assert second.service.leases.get(reply["lease"]) is None
+    second.service.close()
+
+
+def test_a_revoked_lease_whose_holder_is_gone_or_released_is_not_recovered(tmp_path) -> None:
+    for n, released in enumerate([False, True]):
+        (tmp_path / str(n)).mkdir()
+        first = make_rig(tmp_path / str(n))
+        reply, _ = first.grant(queues=(0,))
+        assert first.reply(ROOT, proto.Revoke(reply["lease"]))[0]["ok"]
+        if released:
+            assert first.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+            first.service.settle_releases(first.service.clock() + 1.0)
+        first.service.close()
+        if not released:
+            first.kernel.procs.pop(ALICE.pid)
+        second = make_rig(tmp_path / str(n), kernel=first.kernel)
+        second.service.recover()
+        assert second.service.leases.get(reply["lease"]) is None, released
+        second.service.close()
