@@ -26,7 +26,7 @@ from typing import Any
 from xskbroker.broker import dpsocket
 from xskbroker.broker import peer as peers
 from xskbroker.broker.core import Deferred, quota_peer
-from xskbroker.broker.listener import MAX_FDS_IN, MSG_CTRUNC, MSG_TRUNC, refuse_passed_fds
+from xskbroker.broker.listener import MAX_FDS_IN, MSG_CTRUNC, MSG_TRUNC, accept_with_spare, refuse_passed_fds
 from xskbroker.broker.server import Server
 from xskbroker.common.records import record, replace
 from xskbroker.wire import deviceplugin as dp
@@ -141,7 +141,13 @@ class Endpoint:
                 return
             except OSError as e:
                 server.audit({"event": "dp-accept-failed", "path": self.spec.where, "error": str(e)})
-                return
+                if e.errno not in (errno.EMFILE, errno.ENFILE) or server._spare is None:
+                    return
+                # out of fds the connection stays queued and the listener readable: the loop would spin. Taken
+                # with the spare fd and closed (DPDK's handshake has no word for it: it sees the connection end)
+                spare, server._spare = server._spare, None
+                server._spare = accept_with_spare(listener, spare, lambda conn: conn.close())
+                continue
             refuse_passed_fds(conn)
             conn.setblocking(False)
             who = server.identify(conn, functools.partial(self._unjudgeable, conn))
