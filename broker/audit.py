@@ -163,7 +163,9 @@ def make_audit(mode: str = "auto", stream: TextIO = sys.stderr, journal_socket: 
 # out: journald's own rate limit (10,000 per 30 s by default) then never drops an allowed grant or a revoke.
 # Denied decisions are as cheap to cause (a grant no rule allows: ~8,000 records a second from one client
 # with no rate quota), so any record with decision "deny" is summarised the same way; an allow never is.
-# The device-plugin endpoint's own refusals are as cheap (a tenant's garbage on one connection: ~5,000 a second).
+# The device-plugin endpoint's own refusals are as cheap (a tenant's garbage on one connection: ~5,000 a second),
+# and so are its allowed records that only repeat a grant (`reused`: a live lease's map handed out again, ~6,000 a
+# second from one connection); the grant, and the first map handed out with it, are written in full.
 NOISY = frozenset({"bad-request", "rate-limited", "connection-refused", "accept-failed", "reply-failed",
                    "connection-evicted", "dp-refused", "dp-connection-evicted", "dp-accept-failed"})
 BURST = 5
@@ -181,7 +183,7 @@ class Throttle:
 
     def __call__(self, record: dict[str, Any]) -> None:
         event = record.get("event")
-        if event in NOISY or record.get("decision") == "deny":
+        if event in NOISY or record.get("decision") == "deny" or record.get("reused") is True:
             self.flush_if_due()
             peer = record.get("peer")
             # a subordinate uid's records share its owner's burst (broker.subids): one user, one burst

@@ -95,6 +95,8 @@ class _Conn:
     session: dp.Session
     since: float
     lease: str | None = None
+    fresh: bool = False  # its /connect made the lease (else it reused a live one of its holder's)
+    handed: int = 0  # maps handed out on it
 
 
 class Endpoint:
@@ -270,7 +272,7 @@ class Endpoint:
             code, record["reused"] = "ok", True
         record.update(decision="allow" if lease_id else "deny", code=code, lease=lease_id)
         server.audit(record)
-        c.lease = lease_id
+        c.lease, c.fresh = lease_id, fresh
         sent = self._send(c, c.session.answer(lease_id is not None))
         if not fresh or lease_id is None:
             return
@@ -301,6 +303,9 @@ class Endpoint:
             except OSError as e:
                 why = f"cannot reopen map {lease.map_id}: {e.strerror or e}"
         record.update(decision="allow" if fd is not None else "deny", **({"reason": why} if why else {}))
+        if fd is not None and (c.handed or not c.fresh):
+            record["reused"] = True  # the map handed out with the grant, again: summarised past a burst (audit)
+        c.handed += fd is not None
         server.audit(record)
         try:
             self._send(c, c.session.answer(fd is not None), fd)

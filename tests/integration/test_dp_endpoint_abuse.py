@@ -1,10 +1,12 @@
-"""The device-plugin endpoint under abuse, on the real kernel: a broker out of fds.
+"""The device-plugin endpoint's tenant as an attacker, on the real kernel: records it can have written at will
+(allowed ones: its own live lease's map handed out again and again), and a broker out of fds.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -13,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from xskbroker.testbed.sandbox import VethNamespace
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 
-from .conftest import wait_for
+from .conftest import CONSUMER_UID, wait_for
 from .loop_rig import _cpu_ticks
-from .test_dp_endpoint import _broker, _endpoint
+from .test_dp_endpoint import POLICY, _broker, _endpoint, _events
 
 
 @pytest.fixture
@@ -27,6 +29,64 @@ def base() -> Iterator[str]:
     os.chmod(d, 0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _map_fd_flood(path: str, asks: int, reconnects: int) -> dict[str, Any]:
+    """Take the lease once, then ask for its map `asks` times on one connection and make `reconnects` more
+    handshakes of the same live holder (each a reused /connect and one more map): all of them allowed."""
+    t0 = time.monotonic()
+    fds = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.send(b"/connect,h")
+        assert s.recv(128) == b"/host_ok"
+        for _ in range(asks):
+            s.send(b"/xsk_map_fd,xsk0")
+            msg, got, _, _ = socket.recv_fds(s, 128, 1)
+            fds += msg == b"/fd_ack" and len(got) == 1
+            for fd in got:
+                os.close(fd)
+        for _ in range(reconnects):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as again:
+                again.settimeout(5)
+                again.connect(path)
+                again.send(b"/connect,h")
+                assert again.recv(128) == b"/host_ok"
+                again.send(b"/xsk_map_fd,xsk0")
+                msg, got, _, _ = socket.recv_fds(again, 128, 1)
+                fds += msg == b"/fd_ack" and len(got) == 1
+                for fd in got:
+                    os.close(fd)
+    return {"fds": fds, "seconds": time.monotonic() - t0}
+
+
+def test_a_tenant_cannot_flood_the_audit_with_its_own_lease_handed_out_again(veth: VethNamespace, base: str,
+                                                                             figures: Any) -> None:
+    """Each /xsk_map_fd, and each later handshake of a holder with a live lease, was an allowed record written in
+    full: one connection wrote thousands a second (journald's default limit, 10,000 per 30 s, then drops every
+    record of the broker's, others' grants and revokes included). They grant nothing new: past a small burst they
+    are counted in the throttle's summary, while the grant itself and the first map handed out stay in full."""
+    from xskbroker.broker.audit import BURST
+
+    path = f"{base}/dp.sock"
+    asks, reconnects = 2000, 100
+    with BrokerProcess(veth.name, POLICY, _endpoint(path)) as b:
+        got = spawn_unprivileged(_map_fd_flood, path, asks, reconnects, uid=CONSUMER_UID).result(60)
+        assert got["fds"] == asks + reconnects, got  # every ask still answered with the map
+        grants = [r for r in _events(b, "grant") if r.get("decision") == "allow"]
+        assert len(grants) == 1  # one lease for all of it
+        first = _events(b, "dp-map-fd")[0]
+        assert first["decision"] == "allow" and not first.get("reused")  # the map handed out with the grant
+        connects, maps = len(_events(b, "dp-connect")), len(_events(b, "dp-map-fd"))
+        figures(dp_connect_records=connects, dp_map_fd_records=maps, flood_s=round(got["seconds"], 2))
+        assert connects <= 1 + BURST and maps <= 1 + 2 * BURST, \
+            f"{connects} dp-connect and {maps} dp-map-fd records in {got['seconds']:.2f} s"
+        b.signal(signal.SIGTERM)  # the summary at stop counts what was left out
+        assert b.proc is not None and b.proc.wait(10) == 0
+        summary = b.records("suppressed")
+        counted = sum(r["counts"].get("dp-map-fd", 0) for r in summary)
+        assert counted + maps == asks + reconnects, summary
 
 
 def test_out_of_fds_a_pending_dp_connection_does_not_make_the_loop_spin(veth: VethNamespace, base: str,
