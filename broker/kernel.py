@@ -107,7 +107,9 @@ class Kernel(Protocol):
 
     def tenant_map(self, entries: int) -> int: ...
 
-    def place(self, outer_fd: int, queue: int, map_fd: int) -> None: ...
+    def place(self, outer_fd: int, queues: Iterable[int], map_fd: int) -> None:
+        """outer[q] = map_fd for each of queues, all at once (one RCU grace period, not one per queue)."""
+        ...
 
     def inner_id(self, outer_fd: int, queue: int) -> int | None: ...
 
@@ -213,8 +215,8 @@ class LinuxKernel:
     def tenant_map(self, entries: int) -> int:
         return queue_prog.tenant_map(entries)
 
-    def place(self, outer_fd: int, queue: int, map_fd: int) -> None:
-        queue_prog.place(outer_fd, queue, map_fd)
+    def place(self, outer_fd: int, queues: Iterable[int], map_fd: int) -> None:
+        queue_prog.place(outer_fd, queues, map_fd)
 
     def inner_id(self, outer_fd: int, queue: int) -> int | None:
         return queue_prog.inner_id(outer_fd, queue)

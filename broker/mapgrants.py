@@ -54,21 +54,20 @@ class MapGrants(Core):
         if taken:
             raise Refused(ErrorCode.QUEUE_BUSY, f"{req.interface} queue {taken[0]} holds another grant's socket")
         tmap = self.kernel.tenant_map(prog.max_entries)
-        placed: list[int] = []
+        placed = False
         pin: str | None = None
         try:
             map_id = self.kernel.map_id(tmap)
-            for q in queues:
-                self.kernel.place(prog.outer_fd, q, tmap)
-                placed.append(q)
+            placed = True  # a failure may have placed some: every queue goes back (none was another tenant's)
+            self.kernel.place(prog.outer_fd, queues, tmap)  # one grace period on the loop, not one per queue
             if self.pin_root:
                 pin = self._pin(peer, req.interface, tmap)
             out = self._lease(peer, req, ifindex, prog, [tmap], queues=queues, map_fd=0,
                               map_entries=prog.max_entries, **({"map_pin": pin} if pin else {}))
         except BaseException as e:
-            for q in placed:
+            if placed:
                 with contextlib.suppress(OSError):
-                    self.kernel.place(prog.outer_fd, q, prog.map_fd)
+                    self.kernel.place(prog.outer_fd, queues, prog.map_fd)
             if pin and self.pin_root:
                 self.kernel.unpin(self.pin_root, peer.uid, req.interface)
             self.kernel.close(tmap)
@@ -138,8 +137,11 @@ class MapGrants(Core):
             for q in lease.queues:
                 with contextlib.suppress(OSError):
                     if self.kernel.inner_id(prog.outer_fd, q) == lease.map_id:
-                        self.kernel.place(prog.outer_fd, q, prog.map_fd)
                         given_back.append(q)
+            try:
+                self.kernel.place(prog.outer_fd, given_back, prog.map_fd)  # one grace period, not one per queue
+            except OSError:
+                given_back = []
         finally:
             prog.close()
         self.audit({"event": "map-unplaced", "lease": lease.id, "interface": lease.ifname, "queues": given_back})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Iterable
 
 from xskbroker.broker import bpf, bpfsys, xdp_prog
 from xskbroker.common.records import field, record
@@ -110,8 +111,7 @@ def attach(ifindex: int, ifname: str, entries: int, mode: str) -> QueueProgram:
         made.append(shared)
         outer = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY_OF_MAPS, entries, OUTER_NAME, inner_map_fd=shared)
         made.append(outer)
-        for q in range(entries):
-            bpfsys.map_update(outer, q, shared)
+        bpfsys.map_update_all(outer, list(range(entries)), shared)  # one grace period, not one per slot
         prog = bpfsys.prog_load_xdp(_program(outer), PROG_NAME)
         made.append(prog)
         tries = ["native", "skb"] if mode == "auto" else [mode]
@@ -172,8 +172,9 @@ def tenant_map(entries: int) -> int:
     return bpfsys.map_create(bpfsys.BPF_MAP_TYPE_XSKMAP, entries, TENANT_NAME)
 
 
-def place(outer_fd: int, queue: int, map_fd: int) -> None:
-    bpfsys.map_update(outer_fd, queue, map_fd)
+def place(outer_fd: int, queues: Iterable[int], map_fd: int) -> None:
+    """outer[q] = map_fd for each of queues, in one update: the kernel waits for a grace period after each."""
+    bpfsys.map_update_all(outer_fd, list(queues), map_fd)
 
 
 def inner_id(outer_fd: int, queue: int) -> int | None:

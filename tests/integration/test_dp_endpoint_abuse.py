@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,8 +18,9 @@ import pytest
 
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 
-from .conftest import CONSUMER_UID, wait_for
+from .conftest import CONSUMER_UID, ns_name, wait_for
 from .loop_rig import _cpu_ticks
+from .probe import RootProbe
 from .test_dp_endpoint import POLICY, _broker, _endpoint, _events
 
 
@@ -127,3 +129,46 @@ def _handshake_ok(path: str) -> bool:
     if got["fd"] is not None:
         os.close(got["fd"])
     return got.get("map") == b"/fd_ack"
+
+
+def _hellos(path: str, stop: threading.Event, out: list[float]) -> None:
+    from xskbroker.client.connection import Connection
+    from xskbroker.wire import protocol as proto
+
+    while not stop.is_set():
+        started = time.perf_counter()
+        with Connection(path, 10.0) as c:
+            assert c.call(proto.Hello())[0]["ok"]
+        out.append(time.perf_counter() - started)
+        time.sleep(0.005)
+
+
+def test_a_map_grant_of_many_queues_does_not_hold_the_loop_for_a_grace_period_per_queue(base: str,
+                                                                                       figures: Any) -> None:
+    """Each update of the outer map (ARRAY_OF_MAPS) waits for an RCU grace period in the kernel (~9 ms here), and
+    a map grant placed its tenant map queue by queue, on the loop: the endpoint's default is every queue of the
+    device, so on a 128-queue device each handshake of the tenant held every other client for over a second (the
+    program's attach as long again, and the lease's end when the tenant exits). One batch update per grant, end or
+    attach waits for one grace period."""
+    queues = 128
+    path = f"{base}/dp.sock"
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=queues) as veth, \
+            _broker(veth, *_endpoint(path, queues=f"0-{queues - 2}")) as b:
+        from xskbroker.testbed.dpdk_like import handshake
+
+        stop, hellos = threading.Event(), []  # type: ignore[var-annotated]
+        prober = threading.Thread(target=_hellos, args=(b.socket_path, stop, hellos))
+        prober.start()
+        try:
+            for _ in range(3):  # each: attach (the first), grant, and the lease's end at the tenant's exit
+                got = spawn_unprivileged(handshake, path, "xsk0", uid=CONSUMER_UID).result(60)
+                assert got["map"] == b"/fd_ack", got
+                wait_for(lambda: not b.leases(), timeout=30, what="the lease to end with its holder")
+            probe = RootProbe(b.socket_path, queue=queues - 1).run(3).figures()
+        finally:
+            stop.set()
+            prober.join()
+        grants = [r["ms"] for r in _events(b, "grant") if r.get("decision") == "allow"]
+        worst = max(hellos)
+        figures(hello_max_ms=round(worst * 1000, 1), hellos=len(hellos), map_grant_ms=grants, **probe)
+        assert worst < 0.5, f"a hello waited {worst * 1000:.0f} ms behind map grants of {queues - 1} queues"

@@ -252,8 +252,9 @@ class FakeKernel:
         self.maps[fd] = next(self._ids)
         return fd
 
-    def place(self, outer_fd: int, queue: int, map_fd: int) -> None:
-        self.outer[-self.maps[outer_fd]][queue] = self.maps[map_fd]
+    def place(self, outer_fd: int, queues: Iterable[int], map_fd: int) -> None:
+        for queue in queues:
+            self.outer[-self.maps[outer_fd]][queue] = self.maps[map_fd]
 
     def inner_id(self, outer_fd: int, queue: int) -> int | None:
         return self.outer[-self.maps[outer_fd]].get(queue)
