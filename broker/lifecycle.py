@@ -258,6 +258,12 @@ class Lifecycle(MapGrants):
                         "lease": lease.id, "holder_pid": lease.pid, "ended": True, "signal": signal_name,
                         "signalled": signalled, **said})
             return RevokedLease(lease.id, (), signalled, lease.pid, ended=True, not_signalled=why_not or None)
+        # journaled revoked before its slots are emptied: a broker killed between the two must not leave a journal
+        # that says live a lease whose slots are empty (recovery drops that, and its holder's sockets live on
+        # charged to nobody); recovery finishes a revoke it finds half done
+        lease.revoked = True
+        self.leases.record(lease)
+        self.fault("mid-revoke")
         prog = self.programs.get(lease.ifindex)
         emptied = []
         if prog:
@@ -265,8 +271,6 @@ class Lifecycle(MapGrants):
                 with contextlib.suppress(OSError):
                     if self.kernel.map_delete(prog.map_fd, q):
                         emptied.append(q)
-        lease.revoked = True
-        self.leases.record(lease)
         why_not = self._signal(lease, signal_name)
         signalled = signal_name is not None and why_not is None
         said = {"not_signalled": why_not} if why_not else {}
@@ -338,8 +342,10 @@ class Lifecycle(MapGrants):
         if lease.kind == "map":  # its tenant map was placed by the per-queue program of the broker that made it
             return "a map grant ends with the broker that made it (its bpf_link held the per-queue program)"
         misbound = lease.revoked and lease.misbound is not None
-        if not alive and lease.revoked and not misbound:
-            return f"holder pid {lease.pid} is gone"
+        gone = not alive and lease.revoked and not misbound
+        with contextlib.suppress(OSError):  # no XDP program there: no slot of it to empty, and none attached for it
+            if gone and not self.kernel.attached(lease.ifindex):
+                return f"holder pid {lease.pid} is gone"
         try:
             name = self.kernel.ifname(lease.ifindex)
         except NoSuchInterface:
@@ -350,6 +356,13 @@ class Lifecycle(MapGrants):
             prog = self._program(lease.ifindex, name, self.kernel.queue_count(name))
         except Refused as e:
             return e.message
+        if lease.revoked:  # a revoke its broker was killed in the middle of is finished (journaled first)
+            for q in lease.queues:  # a slot granted since (a misbound lease's) is another lease's now
+                if self.leases.holder(lease.ifindex, q) is None:
+                    with contextlib.suppress(OSError):
+                        self.kernel.map_delete(prog.map_fd, q)
+            if gone:
+                return f"holder pid {lease.pid} is gone"
         if misbound:  # its revoke emptied its slots; its socket, bound off them, holds its queue while bound there
             if not self._misbound_still_bound(lease):
                 return f"queue {lease.misbound}, its socket's, is bound no more"
