@@ -157,8 +157,12 @@ class LeaseTable:
 
     def _insert(self, lease: Lease, counted_as: int | None = None) -> None:
         self._by_id[lease.id] = lease
+        # a revoked misbound lease's revoke emptied its slots: one another lease holds is that lease's (recovery
+        # takes misbound leases back last, after any lease granted their slots since)
+        squatter = lease.revoked and lease.misbound is not None
         for q in lease.queues:
-            self._by_slot[(lease.ifindex, q)] = lease.id
+            if not (squatter and (lease.ifindex, q) in self._by_slot):
+                self._by_slot[(lease.ifindex, q)] = lease.id
         # counted against the user whose subordinate uid it is, if it is one (broker.subids): as the grant's peer
         # was, or (recovered from the journal) as the uid is now
         who = counted_as if counted_as is not None else principal(lease.uid)

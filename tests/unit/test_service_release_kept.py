@@ -304,3 +304,31 @@ def test_a_revoked_lease_whose_holder_is_gone_or_released_is_not_recovered(tmp_p
         second.service.recover()
         assert second.service.leases.get(reply["lease"]) is None, released
         second.service.close()
+
+
+def test_a_recovered_misbound_lease_does_not_take_the_slot_index_of_the_lease_granted_that_slot_since(tmp_path) -> None:
+    """A misbound lease's revoke emptied its slot (queue 0) and a bound lease was granted it; the table's slot index
+    names the new lease. Recovery takes misbound leases back last, and indexed queue 0 as the misbound lease's: once
+    that lease ended, queue 0 was indexed as nobody's while the new lease's socket sat in it, so a grant of queue 0
+    after that socket closed no longer ended the new lease (two leases charged for one queue)."""
+    first = make_rig(tmp_path)
+    reply, out = first.grant(queues=(0,), kind="bare")
+    first.kernel.bound_to[out.fds[0]] = 3
+    first.kernel.bound_elsewhere.add(3)
+    first.service.check_bare()
+    again, again_out = first.grant(queues=(0,))
+    assert again["ok"], again
+    first.service.close()
+    second = make_rig(tmp_path, kernel=first.kernel)
+    second.service.recover()
+    holder = second.service.leases.holder(7, 0)
+    assert holder is not None and holder.id == again["lease"], holder
+    second.kernel.bound_elsewhere.discard(3)  # the misbound socket closes, and its lease ends
+    second.kernel.holder_closes(out.fds)
+    assert second.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    assert second.service.leases.get(reply["lease"]) is None
+    second.kernel.holder_closes(again_out.fds)  # the new lease's socket closes; queue 0 is granted again
+    third, _ = second.grant(queues=(0,))
+    assert third["ok"], third
+    assert second.service.leases.get(again["lease"]) is None, "queue 0 charged to two leases"
+    second.service.close()
