@@ -35,13 +35,20 @@ class Lifecycle(MapGrants):
         self.leases.remove(lease_id)
         self.audit({"event": "lease-aborted", "lease": lease_id})
 
-    def _empty_slots(self, lease: Lease) -> None:
-        """Take a bound or bare lease's sockets out of its map slots (a map lease's map is unplugged as it ends)."""
+    def _empty_slots(self, lease: Lease) -> list[int]:
+        """Take a bound or bare lease's sockets out of its map slots (a map lease's map is unplugged as it ends): the
+        slots it holds only, as the table says. A revoked misbound lease stays, and the slot its revoke emptied may be
+        another lease's since, with that lease's socket in it. The queues emptied."""
         prog = self.programs.get(lease.ifindex)
-        if prog and lease.kind != "map":
-            for q in lease.queues:
+        if prog is None or lease.kind == "map":
+            return []
+        emptied = []
+        for q in lease.queues:
+            if self.leases.holder(lease.ifindex, q) is lease:
                 with contextlib.suppress(OSError):
-                    self.kernel.map_delete(prog.map_fd, q)
+                    if self.kernel.map_delete(prog.map_fd, q):
+                        emptied.append(q)
+        return emptied
 
     def _release(self, peer: PeerInfo, req: proto.Release) -> Outcome:
         lease = self.leases.get(req.lease)
@@ -264,13 +271,7 @@ class Lifecycle(MapGrants):
         lease.revoked = True
         self.leases.record(lease)
         self.fault("mid-revoke")
-        prog = self.programs.get(lease.ifindex)
-        emptied = []
-        if prog:
-            for q in lease.queues:
-                with contextlib.suppress(OSError):
-                    if self.kernel.map_delete(prog.map_fd, q):
-                        emptied.append(q)
+        emptied = self._empty_slots(lease)
         why_not = self._signal(lease, signal_name)
         signalled = signal_name is not None and why_not is None
         said = {"not_signalled": why_not} if why_not else {}

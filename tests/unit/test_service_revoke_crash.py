@@ -1,5 +1,6 @@
 """A broker killed in the middle of a revoke (broker.faults' "mid-revoke" point) must not leave the revoked lease
-charged to nobody at the next start: its holder keeps its bound socket (and the UMEM the broker pinned for it)."""
+charged to nobody at the next start: its holder keeps its bound socket (and the UMEM the broker pinned for it).
+And a revoked lease that stays (a misbound one) must never empty a slot granted to another lease since."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from xskbroker.policy import parse_policy
 from xskbroker.wire import protocol as proto
 
-from .service_rig import ALICE, POLICY, ROOT, SMALL, finish, make_rig
+from .service_rig import ALICE, BOB, POLICY, ROOT, SMALL, finish, make_rig
 
 
 class Killed(BaseException):
@@ -124,3 +125,45 @@ def test_a_revoked_lease_of_a_gone_holder_attaches_nothing_at_restart(tmp_path: 
     assert second.service.leases.get(reply["lease"]) is None
     assert 7 not in second.kernel.attached_progs and not second.events("xdp-attach")
     second.service.close()
+
+
+def test_revoking_a_misbound_lease_again_leaves_the_slot_granted_since_alone() -> None:
+    """A misbound lease's revoke emptied its slot (queue 0); it stays listed (its socket squats queue 3), and queue 0
+    is granted again. An admin revoking it again (with --signal, to make its holder close, as the docs advise; or
+    every lease on queue 0) emptied queue 0's slot once more: the new lease's socket, which it never revoked. That
+    holder's RX stopped with its lease not marked revoked, and with the slot empty a bare grant of queue 0 ended its
+    lease while its bound socket lived on, charged to nobody."""
+    rig = make_rig()
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    rig.kernel.bound_to[out.fds[0]] = 3
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    again, _ = rig.grant(queues=(0,))
+    assert again["ok"], again
+    done, _ = rig.reply(ROOT, proto.Revoke(reply["lease"]))
+    assert done["ok"] and done["revoked"][0]["emptied_queues"] == [], done
+    assert rig.kernel.slot_taken(7, 0)
+    bare, _ = rig.grant(queues=(0,), kind="bare")
+    assert not bare["ok"] and rig.service.leases.get(again["lease"]) is not None, bare
+    rig.service.close()
+
+
+def test_a_misbound_holder_releasing_its_lease_cannot_empty_the_slot_of_the_tenant_granted_it_since() -> None:
+    """The same without an admin: the misbound lease's holder closes its squatting socket and releases its lease,
+    whose end emptied its old slot, queue 0, where another tenant's socket now sits: that tenant's RX stopped, and
+    the holder's bare grant of queue 0 then ended the tenant's lease (the slot empty, its socket "gone")."""
+    rig = make_rig(policy=parse_policy(POLICY + '[[allow]]\nname = "bob"\nusers = ["bob"]\ninterfaces = ["veth*"]\n'))
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    rig.kernel.bound_to[out.fds[0]] = 3
+    rig.kernel.bound_elsewhere.add(3)
+    rig.service.check_bare()
+    victim, _ = rig.grant(BOB, queues=(0,))
+    assert victim["ok"], victim
+    rig.kernel.bound_elsewhere.discard(3)
+    rig.kernel.holder_closes(out.fds)
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    assert rig.service.leases.get(reply["lease"]) is None
+    assert rig.kernel.slot_taken(7, 0), "the other tenant's socket was taken out of its slot"
+    bare, _ = rig.grant(queues=(0,), kind="bare")
+    assert not bare["ok"] and rig.service.leases.get(victim["lease"]) is not None, bare
+    rig.service.close()
