@@ -232,9 +232,10 @@ class Lifecycle(MapGrants):
         assert lease.misbound is not None
         other = self.leases.holder(lease.ifindex, lease.misbound)
         # granted since and bound there: the kernel freed the queue for it. A bare grant's slot proves nothing
-        # (granted with the queue still bound; its holder binds later): only its socket read bound to the queue
-        if other is not None and other.id != lease.id and (other.kind == "bound" or self._bound_in_slot(other,
-                                                                                                    lease.misbound)):
+        # (granted with the queue still bound; its holder binds later): only its socket read bound to the queue.
+        # Nor does a bound lease whose socket is no longer in its slot (closed while its holder lives: the lease
+        # stays, and the squatter may have bound the queue after it)
+        if other is not None and other.id != lease.id and self._bound_in_slot(other, lease.misbound):
             return False
         try:
             return lease.misbound in self.kernel.bound_queues(lease.ifindex)
@@ -242,8 +243,14 @@ class Lifecycle(MapGrants):
             return False  # unknown (no netdev queue attributes): as before, the revoke said nothing
 
     def _bound_in_slot(self, lease: Lease, queue: int) -> bool:
-        """Whether the socket in the lease's slot for queue is bound to that queue (the slot probe says so)."""
+        """Whether the socket in the lease's slot for queue is bound to that queue: a bound lease's socket is, while
+        it is in the slot; a bare one's when the slot probe says so."""
         prog = self.programs.get(lease.ifindex)
+        if lease.kind == "bound":
+            try:
+                return prog is not None and bool(self.kernel.occupied_slots(prog.map_fd, [queue]))
+            except OSError:
+                return False
         probe = self.squat.probe(prog) if prog is not None else None
         if probe is None:
             return False

@@ -158,3 +158,48 @@ def _victim(b: BrokerProcess) -> dict[str, Any] | None:
     with Connection(b.socket_path) as c:
         leases = c.call(proto.Status())[0]["leases"]
     return next((x for x in leases if x["uid"] == STRANGER_UID), None)
+
+
+def close_own_queue_then_squat_it(path: str) -> dict[str, Any]:
+    """Unprivileged, under a quota of two queues: a bound lease of queue 1 whose sockets it closes (the lease stays
+    while it lives), its bare socket of queue 0 bound to queue 1 instead (revoked as misbound), both released;
+    then two more queues asked for."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out: dict[str, Any] = {}
+    with Connection(path) as conn:
+        own, own_fds = conn.call(proto.Grant("xsk0", (1,), geometry=proto.Geometry(umem_size=UMEM)))
+        reply, fds = conn.call(proto.Grant("xsk0", (0,), kind="bare"))
+        for fd in own_fds:
+            os.close(fd)
+        umem_fd, area = register_like_qemu(fds[0], UMEM, RING)
+        deadline = time.monotonic() + 2
+        while (out.get("bind") != "ok") and time.monotonic() < deadline:  # queue 1 free once its socket is released
+            out["bind"] = bind(fds[0], reply["ifindex"], 1, XDP_USE_NEED_WAKEUP | XDP_COPY)
+            time.sleep(0.01)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not out.get("revoked"):
+            out["revoked"] = [x for x in conn.call(proto.Status())[0]["leases"] if x["revoked"]]
+            time.sleep(0.05)
+        out["released"] = [conn.call(proto.Release(x))[0]["ok"] for x in (reply["lease"], own["lease"])]
+        time.sleep(0.2)
+        try:
+            _, more_fds = conn.call(proto.Grant("xsk0", (0, 2), geometry=proto.Geometry(umem_size=UMEM)))
+            out["more"] = {"ok": True}
+            for fd in more_fds:
+                os.close(fd)
+        except proto.BrokerError as e:
+            out["more"] = {"ok": False, "code": e.code}
+    area.close()
+    os.close(umem_fd)
+    os.close(fds[0])
+    return out
+
+
+def test_a_squatter_of_its_own_closed_queue_stays_on_its_quota() -> None:
+    """A lease on the squatted queue proved the kernel freed the queue (and the misbound lease ended) though its
+    own socket had closed: under max_queues = 2 the holder kept queue 1 bound and was granted 2 more."""
+    policy = POLICY.replace("max_queues = 1", "max_queues = 2")
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=3) as ns, BrokerProcess(ns.name, policy) as b:
+        got = spawn_unprivileged(close_own_queue_then_squat_it, b.socket_path, uid=CONSUMER_UID).result(timeout=30)
+        assert got["bind"] == "ok" and got["revoked"] and got["released"] == [True, True], got
+        assert got["more"] == {"ok": False, "code": "quota-queues"}, got
