@@ -379,7 +379,7 @@ class Grants(BareGrants):
             if not checked or was_heavy:  # a bare socket squatting the queue will not let go: no point waiting
                 checked = True
                 for p in waiting:
-                    culprit = self.squat.culprit(prog, self.leases, p.queue)
+                    culprit = self.squat.culprit(prog, self.leases.on_interface(prog.ifindex), p.queue)
                     if culprit:
                         raise abort(Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(
                             req.interface, p.queue, culprit), lease=culprit.id), p.queue)
@@ -415,7 +415,7 @@ class Grants(BareGrants):
 
     def _squatted(self, ifname: str, prog: Program, queue: int) -> BaseException:
         """Why a queue stayed EBUSY: a bare socket bound off its lease, a stranger's socket, or a slow release."""
-        culprit = self.squat.culprit(prog, self.leases, queue)
+        culprit = self.squat.culprit(prog, self.leases.on_interface(prog.ifindex), queue)
         with contextlib.suppress(OSError):
             if culprit or queue in self.kernel.bound_queues(prog.ifindex):
                 return Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(ifname, queue, culprit), errno="EBUSY",

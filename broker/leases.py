@@ -87,7 +87,11 @@ class LeaseTable:
         # kept with the table, not derived per request: every grant judges quotas over all leases, and every
         # request prunes watched pids, so rebuilding these each time cost O(leases) on the grant path
         self._holdings = Holdings()
-        self._pids: dict[int, int] = {}  # holder pid -> how many leases it holds
+        # the leases of each holder pid, interface and uid (ids, in the order granted): a holder's exit, a grant's
+        # look at its interface and a user's status find theirs without a walk of every lease
+        self._by_pid: dict[int, dict[str, None]] = {}
+        self._by_if: dict[int, dict[str, None]] = {}
+        self._by_uid: dict[int, dict[str, None]] = {}
         self._let_go: set[int] = set()  # pids whose last lease ended since let_go() was last asked
         self._bare: set[str] = set()
         # orphaned and released leases (lingers()): looked at by every loop round and every step of a grant
@@ -153,14 +157,19 @@ class LeaseTable:
 
     def _insert(self, lease: Lease, counted_as: int | None = None) -> None:
         self._by_id[lease.id] = lease
+        # a revoked misbound lease's revoke emptied its slots: one another lease holds is that lease's (recovery
+        # takes misbound leases back last, after any lease granted their slots since)
+        squatter = lease.revoked and lease.misbound is not None
         for q in lease.queues:
-            self._by_slot[(lease.ifindex, q)] = lease.id
+            if not (squatter and (lease.ifindex, q) in self._by_slot):
+                self._by_slot[(lease.ifindex, q)] = lease.id
         # counted against the user whose subordinate uid it is, if it is one (broker.subids): as the grant's peer
         # was, or (recovered from the journal) as the uid is now
         who = counted_as if counted_as is not None else principal(lease.uid)
         self._holdings[lease.id] = Holding(who, frozenset(lease.gids), frozenset(lease.groups),
                                            len(lease.queues), lease.umem_bytes)
-        self._pids[lease.pid] = self._pids.get(lease.pid, 0) + 1
+        for index, key in ((self._by_pid, lease.pid), (self._by_if, lease.ifindex), (self._by_uid, lease.uid)):
+            index.setdefault(key, {})[lease.id] = None
         if lease.kind == "bare":
             self._bare.add(lease.id)
         if lease.orphaned:
@@ -183,10 +192,12 @@ class LeaseTable:
                 if self._by_slot.get((lease.ifindex, q)) == lease_id:
                     del self._by_slot[(lease.ifindex, q)]
             self._holdings.pop(lease_id)
-            left = self._pids.pop(lease.pid) - 1
-            if left:
-                self._pids[lease.pid] = left
-            else:
+            for index, key in ((self._by_pid, lease.pid), (self._by_if, lease.ifindex), (self._by_uid, lease.uid)):
+                ids = index[key]
+                del ids[lease_id]
+                if not ids:
+                    del index[key]
+            if lease.pid not in self._by_pid:
                 self._let_go.add(lease.pid)
             self._bare.discard(lease_id)
             self._orphaned.discard(lease_id)
@@ -211,11 +222,11 @@ class LeaseTable:
 
     def holds(self, pid: int) -> bool:
         """Whether pid holds a lease."""
-        return pid in self._pids
+        return pid in self._by_pid
 
     def holder_count(self) -> int:
         """How many distinct pids hold a lease."""
-        return len(self._pids)
+        return len(self._by_pid)
 
     def let_go(self) -> set[int]:
         """The pids whose last lease ended since the last call (one may hold a new one since: ask holds())."""
@@ -252,10 +263,16 @@ class LeaseTable:
         return bool(self.settling) or any(0 <= now - (lease.released_at or 0.0) < seconds for lease in self.released())
 
     def of_pid(self, pid: int) -> list[Lease]:
-        return [lease for lease in self._by_id.values() if lease.pid == pid]
+        return [self._by_id[i] for i in self._by_pid.get(pid, ())]
 
     def on_interface(self, ifindex: int) -> list[Lease]:
-        return [lease for lease in self._by_id.values() if lease.ifindex == ifindex]
+        return [self._by_id[i] for i in self._by_if.get(ifindex, ())]
+
+    def count_on(self, ifindex: int) -> int:
+        return len(self._by_if.get(ifindex, ()))
+
+    def of_uid(self, uid: int) -> list[Lease]:
+        return [self._by_id[i] for i in self._by_uid.get(uid, ())]
 
     # ---- persistence -------------------------------------------------------------------------------
 

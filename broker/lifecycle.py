@@ -35,13 +35,20 @@ class Lifecycle(MapGrants):
         self.leases.remove(lease_id)
         self.audit({"event": "lease-aborted", "lease": lease_id})
 
-    def _empty_slots(self, lease: Lease) -> None:
-        """Take a bound or bare lease's sockets out of its map slots (a map lease's map is unplugged as it ends)."""
+    def _empty_slots(self, lease: Lease) -> list[int]:
+        """Take a bound or bare lease's sockets out of its map slots (a map lease's map is unplugged as it ends): the
+        slots it holds only, as the table says. A revoked misbound lease stays, and the slot its revoke emptied may be
+        another lease's since, with that lease's socket in it. The queues emptied."""
         prog = self.programs.get(lease.ifindex)
-        if prog and lease.kind != "map":
-            for q in lease.queues:
+        if prog is None or lease.kind == "map":
+            return []
+        emptied = []
+        for q in lease.queues:
+            if self.leases.holder(lease.ifindex, q) is lease:
                 with contextlib.suppress(OSError):
-                    self.kernel.map_delete(prog.map_fd, q)
+                    if self.kernel.map_delete(prog.map_fd, q):
+                        emptied.append(q)
+        return emptied
 
     def _release(self, peer: PeerInfo, req: proto.Release) -> Outcome:
         lease = self.leases.get(req.lease)
@@ -225,9 +232,10 @@ class Lifecycle(MapGrants):
         assert lease.misbound is not None
         other = self.leases.holder(lease.ifindex, lease.misbound)
         # granted since and bound there: the kernel freed the queue for it. A bare grant's slot proves nothing
-        # (granted with the queue still bound; its holder binds later): only its socket read bound to the queue
-        if other is not None and other.id != lease.id and (other.kind == "bound" or self._bound_in_slot(other,
-                                                                                                    lease.misbound)):
+        # (granted with the queue still bound; its holder binds later): only its socket read bound to the queue.
+        # Nor does a bound lease whose socket is no longer in its slot (closed while its holder lives: the lease
+        # stays, and the squatter may have bound the queue after it)
+        if other is not None and other.id != lease.id and self._bound_in_slot(other, lease.misbound):
             return False
         try:
             return lease.misbound in self.kernel.bound_queues(lease.ifindex)
@@ -235,8 +243,14 @@ class Lifecycle(MapGrants):
             return False  # unknown (no netdev queue attributes): as before, the revoke said nothing
 
     def _bound_in_slot(self, lease: Lease, queue: int) -> bool:
-        """Whether the socket in the lease's slot for queue is bound to that queue (the slot probe says so)."""
+        """Whether the socket in the lease's slot for queue is bound to that queue: a bound lease's socket is, while
+        it is in the slot; a bare one's when the slot probe says so."""
         prog = self.programs.get(lease.ifindex)
+        if lease.kind == "bound":
+            try:
+                return prog is not None and bool(self.kernel.occupied_slots(prog.map_fd, [queue]))
+            except OSError:
+                return False
         probe = self.squat.probe(prog) if prog is not None else None
         if probe is None:
             return False
@@ -258,15 +272,13 @@ class Lifecycle(MapGrants):
                         "lease": lease.id, "holder_pid": lease.pid, "ended": True, "signal": signal_name,
                         "signalled": signalled, **said})
             return RevokedLease(lease.id, (), signalled, lease.pid, ended=True, not_signalled=why_not or None)
-        prog = self.programs.get(lease.ifindex)
-        emptied = []
-        if prog:
-            for q in lease.queues:
-                with contextlib.suppress(OSError):
-                    if self.kernel.map_delete(prog.map_fd, q):
-                        emptied.append(q)
+        # journaled revoked before its slots are emptied: a broker killed between the two must not leave a journal
+        # that says live a lease whose slots are empty (recovery drops that, and its holder's sockets live on
+        # charged to nobody); recovery finishes a revoke it finds half done
         lease.revoked = True
         self.leases.record(lease)
+        self.fault("mid-revoke")
+        emptied = self._empty_slots(lease)
         why_not = self._signal(lease, signal_name)
         signalled = signal_name is not None and why_not is None
         said = {"not_signalled": why_not} if why_not else {}
@@ -338,8 +350,10 @@ class Lifecycle(MapGrants):
         if lease.kind == "map":  # its tenant map was placed by the per-queue program of the broker that made it
             return "a map grant ends with the broker that made it (its bpf_link held the per-queue program)"
         misbound = lease.revoked and lease.misbound is not None
-        if not alive and lease.revoked and not misbound:
-            return f"holder pid {lease.pid} is gone"
+        gone = not alive and lease.revoked and not misbound
+        with contextlib.suppress(OSError):  # no XDP program there: no slot of it to empty, and none attached for it
+            if gone and not self.kernel.attached(lease.ifindex):
+                return f"holder pid {lease.pid} is gone"
         try:
             name = self.kernel.ifname(lease.ifindex)
         except NoSuchInterface:
@@ -350,6 +364,13 @@ class Lifecycle(MapGrants):
             prog = self._program(lease.ifindex, name, self.kernel.queue_count(name))
         except Refused as e:
             return e.message
+        if lease.revoked:  # a revoke its broker was killed in the middle of is finished (journaled first)
+            for q in lease.queues:  # a slot granted since (a misbound lease's) is another lease's now
+                if self.leases.holder(lease.ifindex, q) is None:
+                    with contextlib.suppress(OSError):
+                        self.kernel.map_delete(prog.map_fd, q)
+            if gone:
+                return f"holder pid {lease.pid} is gone"
         if misbound:  # its revoke emptied its slots; its socket, bound off them, holds its queue while bound there
             if not self._misbound_still_bound(lease):
                 return f"queue {lease.misbound}, its socket's, is bound no more"

@@ -231,9 +231,11 @@ class Service(Grants, Lifecycle):
     def _status(self, peer: PeerInfo, req: proto.Status) -> StatusReply:
         self.end_closed_releases()  # released leases whose sockets closed since are not listed (nor counted)
         admin = self._admin(peer)
-        leases = tuple(lease.info() for lease in self.leases if admin or lease.owned_by(peer.uid, peer.cgroup))
+        # a user's own leases found through the table's index: any client may ask, and a walk of every lease cost it
+        mine = self.leases if admin else self.leases.of_uid(peer.uid)
+        leases = tuple(lease.info() for lease in mine if admin or lease.owned_by(peer.uid, peer.cgroup))
         interfaces = tuple(InterfaceInfo(p.ifindex, self.names.get(p.ifindex), p.prog_id, p.mode, p.max_entries,
-                                         len(self.leases.on_interface(p.ifindex))) for p in self.programs.values())
+                                         self.leases.count_on(p.ifindex)) for p in self.programs.values())
         me = quota_peer(peer)
         held = self.holdings()
         usage = []

@@ -174,6 +174,33 @@ def test_broker_killed_at_every_step_of_a_grant_leaves_nothing_stale(veth: VethN
     figures(faults_injected=len(FAULT_POINTS))
 
 
+def test_a_broker_killed_mid_revoke_still_charges_the_revoked_lease(veth: VethNamespace,
+                                                                    figures) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILLed between a revoke's journal line and the emptying of its slot (the journal said live a lease whose
+    slot was empty, and the next broker dropped it): the holder's bound socket must stay on its quota."""
+    policy = BASE + f'\n[[quota]]\nname = "one"\nusers = [{CONSUMER_UID}]\nmax_queues = 1\n\n[admin]\nusers = [0]\n'
+    with BrokerProcess(veth.name, policy, env={"XSKBROKER_FAULT": "mid-revoke"}) as b:
+        child = _hold(b, veth.inside, [0])
+        try:
+            lease = _status(b)["leases"][0]["lease"]
+            try:
+                with Connection(b.socket_path) as c:
+                    c.call(proto.Revoke(lease=lease))
+            except (ConnectionError, OSError, proto.BrokerError):
+                pass  # killed before it answered
+            assert b.proc.wait(5) == -signal.SIGKILL, b.log()  # type: ignore[union-attr]
+            b.env = {}
+            b.start()
+            leases = _status(b)["leases"]
+            assert [(x["lease"], x["revoked"]) for x in leases] == [(lease, True)], (leases, b.records("lease-dropped"))
+            more = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [1], uid=CONSUMER_UID).result()
+            assert more["code"] == "quota-queues", more
+        finally:
+            child.kill()
+        wait_for(lambda: not _status(b)["leases"], what="the revoked lease to end with its holder")
+        figures(refused_after_restart=more["code"])
+
+
 def test_interface_deleted_mid_grant(veth: VethNamespace) -> None:
     veth.add_veth("xsk1", "xsk1p")
     with BrokerProcess(veth.name, BASE, env={"XSKBROKER_FAULT": "after-map-claim:pause"}) as b:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xskbroker.broker import leases as leases_mod
 from xskbroker.broker.leases import STATE_VERSION, Lease, LeaseTable
@@ -248,3 +251,37 @@ def test_a_grant_that_ends_its_slots_old_lease_is_one_write(tmp_path: Path, monk
     assert [json.loads(x) for x in writes[0].decode().splitlines()] == [{"end": old.id}, {"lease": new.record()}]
     assert ended == [old.id] and t.get(old.id) is None
     assert [x.id for x in table(path).load()] == [new.id]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove", "orphan", "keep", "adopt"]), st.integers(0, 5),
+                          st.integers(0, 3), st.integers(0, 3), st.sampled_from(["bound", "bare"])), max_size=40))
+def test_every_index_agrees_with_the_leases_after_any_sequence(ops: list[tuple[str, int, int, int, str]]) -> None:
+    """By pid, interface and uid (a holder's exit, a grant's look at its interface, a user's status), holders,
+    orphaned, released and bare leases, the quota holdings: each must be what a walk of the table would find."""
+    t = table(None)
+    for op, n, ifindex, queue, kind in ops:
+        live = list(t)
+        if op == "add":
+            t.add(1000 + n % 2, 10 + n, ifindex, "veth0", (queue,), kind, 1 << 20)
+        elif op == "adopt":
+            if t.holder(ifindex, queue) is None:  # recovery: a journal never has two live leases on a slot
+                    t.adopt(Lease(os.urandom(8).hex(), 1000 + n % 2, 10 + n, ifindex, "veth0", (queue,), kind, 4096))
+        elif live:
+            lease = live[n % len(live)]
+            change = {"remove": lambda x: t.remove(x.id), "orphan": t.orphan, "keep": lambda x: t.keep_released(x, 1.0)}
+            change[op](lease)
+        leases = list(t)
+        for pid in range(10, 16):
+            assert t.of_pid(pid) == [x for x in leases if x.pid == pid] and t.holds(pid) == bool(t.of_pid(pid))
+        for i in range(4):
+            assert t.on_interface(i) == [x for x in leases if x.ifindex == i]
+            assert t.count_on(i) == len(t.on_interface(i))
+        for uid in (1000, 1001):
+            assert t.of_uid(uid) == [x for x in leases if x.uid == uid]
+        assert t.holder_count() == len({x.pid for x in leases})
+        assert sorted(x.id for x in t.orphaned()) == sorted(x.id for x in leases if x.orphaned)
+        assert sorted(x.id for x in t.released()) == sorted(x.id for x in leases if x.released_at is not None)
+        assert t.has_bare() == any(x.kind == "bare" for x in leases)
+        assert sorted((h.uid, h.queues) for h in t.holdings()) == sorted((x.uid, len(x.queues)) for x in leases)
+        assert all(t.holder(x.ifindex, q) is x for x in leases for q in x.queues)

@@ -304,3 +304,56 @@ def test_a_revoked_lease_whose_holder_is_gone_or_released_is_not_recovered(tmp_p
         second.service.recover()
         assert second.service.leases.get(reply["lease"]) is None, released
         second.service.close()
+
+
+def test_a_recovered_misbound_lease_does_not_take_the_slot_index_of_the_lease_granted_that_slot_since(tmp_path) -> None:
+    """A misbound lease's revoke emptied its slot (queue 0) and a bound lease was granted it; the table's slot index
+    names the new lease. Recovery takes misbound leases back last, and indexed queue 0 as the misbound lease's: once
+    that lease ended, queue 0 was indexed as nobody's while the new lease's socket sat in it, so a grant of queue 0
+    after that socket closed no longer ended the new lease (two leases charged for one queue)."""
+    first = make_rig(tmp_path)
+    reply, out = first.grant(queues=(0,), kind="bare")
+    first.kernel.bound_to[out.fds[0]] = 3
+    first.kernel.bound_elsewhere.add(3)
+    first.service.check_bare()
+    again, again_out = first.grant(queues=(0,))
+    assert again["ok"], again
+    first.service.close()
+    second = make_rig(tmp_path, kernel=first.kernel)
+    second.service.recover()
+    holder = second.service.leases.holder(7, 0)
+    assert holder is not None and holder.id == again["lease"], holder
+    second.kernel.bound_elsewhere.discard(3)  # the misbound socket closes, and its lease ends
+    second.kernel.holder_closes(out.fds)
+    assert second.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    assert second.service.leases.get(reply["lease"]) is None
+    second.kernel.holder_closes(again_out.fds)  # the new lease's socket closes; queue 0 is granted again
+    third, _ = second.grant(queues=(0,))
+    assert third["ok"], third
+    assert second.service.leases.get(again["lease"]) is None, "queue 0 charged to two leases"
+    second.service.close()
+
+
+def test_a_misbound_lease_stays_charged_though_a_closed_lease_of_its_own_is_indexed_at_the_squatted_queue() -> None:
+    """A released misbound lease ends when a lease "granted since" holds the queue its socket squats, as a bound
+    lease there proves the kernel freed the queue. A lease indexed there proves nothing once its own socket has
+    closed: the holder takes a bound lease of queue 1, closes its socket (the lease stays while it lives), binds
+    its bare socket of queue 0 to queue 1, and releases both leases: its socket bound to queue 1 was on no quota,
+    and under max_queues = 2 it was granted 2 more."""
+    rig = make_rig(policy=_quota(2))
+    first, first_out = rig.grant(queues=(1,))
+    assert first["ok"], first
+    reply, out = rig.grant(queues=(0,), kind="bare")
+    assert reply["ok"], reply
+    rig.kernel.holder_closes(first_out.fds)  # queue 1 free; its lease stays (its holder lives)
+    rig.kernel.bound_to[out.fds[0]] = 1  # the bare socket of queue 0 binds queue 1: revoked as misbound
+    rig.kernel.bound_elsewhere.add(1)
+    rig.service.check_bare()
+    assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
+    assert rig.reply(ALICE, proto.Release(first["lease"]))[0]["ok"]
+    rig.service.settle_releases(rig.service.clock() + 1.0)
+    more = finish(rig, rig.ask(ALICE, proto.Grant("veth0", (2, 3), geometry=SMALL)), steps=200)
+    held = sum(len(x.queues) for x in rig.service.leases if x.uid == ALICE.uid and x.misbound is None)
+    held += 1 in rig.kernel.bound_elsewhere  # the bare socket, still bound to queue 1
+    assert held <= 2 or not more["ok"], (held, more, rig.events("lease-ended"))
+    rig.service.close()
