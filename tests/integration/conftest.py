@@ -103,6 +103,15 @@ def veth() -> Iterator[VethNamespace]:
 
 
 @pytest.fixture
+def base() -> Iterator[str]:
+    """A root-owned 0755 directory under /tmp (others may enter it, as DPDK must reach a socket in it)."""
+    d = tempfile.mkdtemp(prefix="xd-", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def broker(veth: VethNamespace) -> Iterator[BrokerProcess]:
     with BrokerProcess(veth.name, POLICY.format(uid=CONSUMER_UID)) as b:
         yield b

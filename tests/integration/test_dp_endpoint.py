@@ -9,15 +9,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import socket
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from xskbroker.testbed.dpdk_like import handshake
 from xskbroker.testbed.sandbox import BrokerProcess, PacketPeer, VethNamespace, spawn_unprivileged
@@ -45,15 +41,6 @@ max_umem = "16MiB"
 [admin]
 users = [0]
 """
-
-
-@pytest.fixture
-def base() -> Iterator[str]:
-    """A root-owned 0755 directory under /tmp (others may enter it, as DPDK must)."""
-    d = tempfile.mkdtemp(prefix="xd-", dir="/tmp")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _endpoint(path: str, uid: int = CONSUMER_UID, queues: str = "0") -> list[str]:

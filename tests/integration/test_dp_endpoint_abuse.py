@@ -5,16 +5,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 
@@ -22,15 +17,6 @@ from .conftest import CONSUMER_UID, ns_name, wait_for
 from .loop_rig import _cpu_ticks
 from .probe import RootProbe
 from .test_dp_endpoint import POLICY, _broker, _endpoint, _events
-
-
-@pytest.fixture
-def base() -> Iterator[str]:
-    """A root-owned 0755 directory under /tmp (others may enter it, as DPDK must)."""
-    d = tempfile.mkdtemp(prefix="xd-", dir="/tmp")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _map_fd_flood(path: str, asks: int, reconnects: int) -> dict[str, Any]:

@@ -7,11 +7,13 @@ what it audits and what it answers.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from xskbroker.broker import faults
 from xskbroker.broker.leases import Lease
@@ -333,3 +335,28 @@ def test_holders_deliver_an_exit_the_kernel_reported_before_the_loop_reads_it() 
         child.kill()
         child.wait()
         sel.close()
+
+
+def test_a_lease_the_kernel_cannot_tell_about_at_recovery_is_dropped_and_the_broker_starts(tmp_path: Path) -> None:
+    """A failed kernel read while one recorded lease was checked (its interface's queues or map slots) raised out
+    of recover(): the broker could not start at all, for anyone, until the journal was edited by hand."""
+    first = make_rig(tmp_path)
+    kept = first.grant(queues=(0,))[0]["lease"]
+    other = first.grant(interface="veth1", queues=(0,))[0]["lease"]
+    kernel = first.kernel
+    first.service.leases.close()
+    real = kernel.occupied_slots
+
+    def failing(map_fd: int, slots: Any) -> list[int]:
+        veth1 = second.service.programs.get(8)
+        if veth1 is not None and map_fd == veth1.map_fd:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(map_fd, slots)
+
+    second = make_rig(tmp_path, kernel=kernel)
+    kernel.occupied_slots = failing  # type: ignore[method-assign]
+    recovered = second.service.recover()
+    assert [x.id for x in recovered] == [kept]
+    reasons = {r["lease"]: r["reason"] for r in second.events("lease-dropped")}
+    assert reasons == {other: "cannot be checked: Input/output error"}
+    second.service.close()
