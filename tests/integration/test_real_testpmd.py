@@ -13,11 +13,9 @@ import contextlib
 import mmap
 import os
 import select
-import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -136,15 +134,6 @@ def veth() -> Iterator[VethNamespace]:
         subprocess.run(["ip", "netns", "exec", ns.name, "sh", "-c", "for d in all default xsk0 xsk0p; do "
                         "sysctl -qw net.ipv6.conf.$d.disable_ipv6=1; done"], check=True)
         yield ns
-
-
-@pytest.fixture
-def base() -> Iterator[str]:
-    """A root-owned 0755 directory for the endpoints' sockets, bound into testpmd's tree at /tmp/dp."""
-    d = tempfile.mkdtemp(prefix="xt-", dir="/tmp")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _endpoint(base: str, uid: int, queue: int) -> tuple[list[str], str]:

@@ -419,6 +419,13 @@ class Rig:
         assert isinstance(out, Outcome), out
         return json.loads(out.reply.encode()), out
 
+    def misbind(self, fd: int, queue: int) -> None:
+        """A bare socket's holder binds it to `queue` (not its lease's), the kernel says that queue is bound, and the
+        broker's look at bare sockets runs: the lease is revoked as misbound."""
+        self.kernel.bound_to[fd] = queue
+        self.kernel.bound_elsewhere.add(queue)
+        self.service.check_bare()
+
     def grant(self, peer: PeerInfo = ALICE, interface: str = "veth0", queues: tuple[int, ...] = (0,),
               **kw: Any) -> tuple[dict[str, Any], Outcome]:
         kw.setdefault("geometry", SMALL)

@@ -57,9 +57,7 @@ def test_a_bare_lease_its_holder_got_revoked_by_misbinding_stays_charged_after_r
     rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
     assert reply["ok"], reply
-    rig.kernel.bound_to[out.fds[0]] = 3  # its holder binds it to queue 3, granted queue 0
-    rig.kernel.bound_elsewhere.add(3)  # and the kernel says queue 3 is bound (netdev's NETDEV_A_QUEUE_XSK)
-    rig.service.check_bare()
+    rig.misbind(out.fds[0], 3)  # its holder binds it to queue 3, granted queue 0
     lease = rig.service.leases.get(reply["lease"])
     assert lease is not None and lease.revoked and lease.misbound == 3
     done, _ = rig.reply(ALICE, proto.Release(reply["lease"]))  # its socket still open, bound to queue 3
@@ -75,9 +73,7 @@ def test_a_released_misbound_lease_ends_once_its_socket_is_closed() -> None:
     free (the 2 s poll), as any released lease does once its sockets close."""
     rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
-    rig.kernel.bound_to[out.fds[0]] = 3
-    rig.kernel.bound_elsewhere.add(3)
-    rig.service.check_bare()
+    rig.misbind(out.fds[0], 3)
     assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
     rig.service.settle_releases(rig.service.clock() + 1.0)
     kept = rig.service.leases.get(reply["lease"])
@@ -153,9 +149,7 @@ def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_a_bare_gr
     rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
     assert reply["ok"], reply
-    rig.kernel.bound_to[out.fds[0]] = 3  # bound to queue 3, granted queue 0: revoked as misbound
-    rig.kernel.bound_elsewhere.add(3)
-    rig.service.check_bare()
+    rig.misbind(out.fds[0], 3)  # bound to queue 3, granted queue 0: revoked as misbound
     assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
     rig.service.settle_releases(rig.service.clock() + 1.0)
     assert rig.service.leases.get(reply["lease"]) is not None  # kept: charged while queue 3 is bound
@@ -175,9 +169,7 @@ def test_a_released_misbound_lease_ends_once_a_bare_grant_of_its_queue_binds_it(
     """The other side: a bare socket granted that queue and bound to it proves the kernel freed it."""
     rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
-    rig.kernel.bound_to[out.fds[0]] = 3
-    rig.kernel.bound_elsewhere.add(3)
-    rig.service.check_bare()
+    rig.misbind(out.fds[0], 3)
     assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
     rig.service.settle_releases(rig.service.clock() + 1.0)
     squat, squat_out = rig.grant(queues=(3,), kind="bare")
@@ -196,9 +188,7 @@ def test_a_released_misbound_lease_stays_charged_when_its_holder_takes_its_grant
     bound to queue 3 is on nobody's quota: under max_queues = 2 it holds 3 queues."""
     rig = make_rig(policy=_quota(2))
     reply, out = rig.grant(queues=(0,), kind="bare")
-    rig.kernel.bound_to[out.fds[0]] = 3
-    rig.kernel.bound_elsewhere.add(3)
-    rig.service.check_bare()
+    rig.misbind(out.fds[0], 3)
     assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
     rig.service.settle_releases(rig.service.clock() + 1.0)
     again, again_out = rig.grant(queues=(0,), kind="bare")  # 1 + 1 <= 2; slot 0 emptied by the revoke
@@ -218,9 +208,7 @@ def _misbound_then_restart(tmp_path, release: bool, holder_exits: bool) -> tuple
     first = make_rig(tmp_path, policy=_quota(2))
     reply, out = first.grant(queues=(0,), kind="bare")
     assert reply["ok"], reply
-    first.kernel.bound_to[out.fds[0]] = 3
-    first.kernel.bound_elsewhere.add(3)
-    first.service.check_bare()
+    first.misbind(out.fds[0], 3)
     lease = first.service.leases.get(reply["lease"])
     assert lease is not None and lease.revoked and lease.misbound == 3
     if release:
@@ -313,9 +301,7 @@ def test_a_recovered_misbound_lease_does_not_take_the_slot_index_of_the_lease_gr
     after that socket closed no longer ended the new lease (two leases charged for one queue)."""
     first = make_rig(tmp_path)
     reply, out = first.grant(queues=(0,), kind="bare")
-    first.kernel.bound_to[out.fds[0]] = 3
-    first.kernel.bound_elsewhere.add(3)
-    first.service.check_bare()
+    first.misbind(out.fds[0], 3)
     again, again_out = first.grant(queues=(0,))
     assert again["ok"], again
     first.service.close()
@@ -346,9 +332,7 @@ def test_a_misbound_lease_stays_charged_though_a_closed_lease_of_its_own_is_inde
     reply, out = rig.grant(queues=(0,), kind="bare")
     assert reply["ok"], reply
     rig.kernel.holder_closes(first_out.fds)  # queue 1 free; its lease stays (its holder lives)
-    rig.kernel.bound_to[out.fds[0]] = 1  # the bare socket of queue 0 binds queue 1: revoked as misbound
-    rig.kernel.bound_elsewhere.add(1)
-    rig.service.check_bare()
+    rig.misbind(out.fds[0], 1)  # the bare socket of queue 0 binds queue 1: revoked as misbound
     assert rig.reply(ALICE, proto.Release(reply["lease"]))[0]["ok"]
     assert rig.reply(ALICE, proto.Release(first["lease"]))[0]["ok"]
     rig.service.settle_releases(rig.service.clock() + 1.0)

@@ -98,9 +98,7 @@ def test_finishing_a_revoke_at_restart_never_empties_a_slot_granted_since(tmp_pa
     granted again. At the restart the new lease's socket stays in the slot."""
     first = make_rig(tmp_path)
     reply, out = first.grant(queues=(0,), kind="bare")
-    first.kernel.bound_to[out.fds[0]] = 3
-    first.kernel.bound_elsewhere.add(3)
-    first.service.check_bare()
+    first.misbind(out.fds[0], 3)
     again, _ = first.grant(queues=(0,), kind="bare")
     assert again["ok"], again
     first.service.close()
@@ -135,9 +133,7 @@ def test_revoking_a_misbound_lease_again_leaves_the_slot_granted_since_alone() -
     lease while its bound socket lived on, charged to nobody."""
     rig = make_rig()
     reply, out = rig.grant(queues=(0,), kind="bare")
-    rig.kernel.bound_to[out.fds[0]] = 3
-    rig.kernel.bound_elsewhere.add(3)
-    rig.service.check_bare()
+    rig.misbind(out.fds[0], 3)
     again, _ = rig.grant(queues=(0,))
     assert again["ok"], again
     done, _ = rig.reply(ROOT, proto.Revoke(reply["lease"]))
@@ -154,9 +150,7 @@ def test_a_misbound_holder_releasing_its_lease_cannot_empty_the_slot_of_the_tena
     the holder's bare grant of queue 0 then ended the tenant's lease (the slot empty, its socket "gone")."""
     rig = make_rig(policy=parse_policy(POLICY + '[[allow]]\nname = "bob"\nusers = ["bob"]\ninterfaces = ["veth*"]\n'))
     reply, out = rig.grant(queues=(0,), kind="bare")
-    rig.kernel.bound_to[out.fds[0]] = 3
-    rig.kernel.bound_elsewhere.add(3)
-    rig.service.check_bare()
+    rig.misbind(out.fds[0], 3)
     victim, _ = rig.grant(BOB, queues=(0,))
     assert victim["ok"], victim
     rig.kernel.bound_elsewhere.discard(3)
