@@ -127,7 +127,13 @@ class BareGrants(MapGrants):
         pidfs inode, checked before and after), never one that took the pid of a requester that has exited (a
         connection its connector left to another process) or of a holder gone since.
         """
-        if not self.kernel.holder_alive(peer.pid, peer.start, peer.ino):
+        try:
+            alive = self.kernel.holder_alive(peer.pid, peer.start, peer.ino)
+        except OSError as e:
+            return {"needed": needed, "ok": False, "raised": False,
+                    "reason": f"cannot pin process {peer.pid} with a pidfd ({e.strerror}): its limit is neither read "
+                              "nor raised"}
+        if not alive:
             return {"needed": needed, "ok": False, "raised": False,
                     "reason": f"process {peer.pid} has exited (or cannot be told from another process with its pid): "
                               "its limit is neither read nor raised"}
@@ -152,7 +158,11 @@ class BareGrants(MapGrants):
             reason = ("the broker lacks CAP_SYS_RESOURCE to raise another process's hard limit"
                       if e.errno == errno.EPERM else f"prlimit failed: {e.strerror}")
             return {**info, "ok": False, "reason": reason, "hint": hint}
-        if not self.kernel.holder_alive(peer.pid, peer.start, peer.ino):  # gone meanwhile: nothing to restore
+        try:
+            alive = self.kernel.holder_alive(peer.pid, peer.start, peer.ino)
+        except OSError:
+            alive = True  # cannot tell (out of fds): recorded as made, so the lease's end restores it (checked then)
+        if not alive:  # gone meanwhile: nothing to restore
             return {**info, "ok": False, "reason": f"process {peer.pid} exited while its limit was raised"}
         key = (peer.pid, peer.start, peer.ino)
         earlier = self.raised.get(key)
@@ -168,9 +178,11 @@ class BareGrants(MapGrants):
         made = self.raised.pop(key, None)
         if earlier is not None:
             self.raised[key] = earlier
-        if made is None or not self.kernel.holder_alive(peer.pid, peer.start, peer.ino):
+        if made is None:
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # gone, or cannot be told (out of fds): nothing is lowered
+            if not self.kernel.holder_alive(peer.pid, peer.start, peer.ino):
+                return
             if self.kernel.memlock(peer.pid) == made.now:
                 self.kernel.set_memlock(peer.pid, before)
                 self.audit({"event": "memlock-restored", "pid": peer.pid, "to": before[0], "hard": before[1],

@@ -203,7 +203,10 @@ class Grants(BareGrants):
         requester's own (same real uid), so nobody can pin a lease or a memlock raise on someone else's.
         The process is pinned by a pidfd first: its uid and start time are then read from the process
         itself, never from one that took its pid in between."""
-        found = self.kernel.holder(pid)
+        try:
+            found = self.kernel.holder(pid)
+        except OSError as e:
+            raise _unpinnable(pid, e) from None
         if found is None:
             raise Refused(ErrorCode.BAD_HOLDER, f"holder_pid {pid} is not a running process")
         uid, start, ino = found
@@ -215,7 +218,12 @@ class Grants(BareGrants):
         # pinned (start known) whose cgroup is unknown all the same (its /proc/PID/cgroup failed, or has no v2
         # line) may name only a holder whose cgroup is unknown too. Without SO_PEERPIDFD (no start) no
         # requester's cgroup is ever known, and there is nothing to compare.
-        if not admin and (peer.cgroup is not None or peer.start is not None) and cgroup_of(pid, start) != peer.cgroup:
+        judged = not admin and (peer.cgroup is not None or peer.start is not None)
+        try:
+            theirs = cgroup_of(pid, start) if judged else None
+        except OSError as e:
+            raise _unpinnable(pid, e) from None
+        if judged and theirs != peer.cgroup:
             mine = peer.cgroup if peer.cgroup is not None else "unknown: the kernel would not give its path"
             raise Refused(ErrorCode.BAD_HOLDER, f"holder_pid {pid} is not in the requester's cgroup "
                           f"({mine}): only a process of its own cgroup may hold its lease")
@@ -495,3 +503,8 @@ class Grants(BareGrants):
 def describe(req: proto.Grant) -> dict[str, Any]:
     return {"interface": req.interface, "queues": list(req.queues), "kind": req.kind,
             "umem_bytes": req.umem_bytes, "bind_mode": req.bind_mode, "memlock": req.memlock}
+
+
+def _unpinnable(pid: int, e: OSError) -> Refused:
+    return Refused(ErrorCode.KERNEL_ERROR, f"cannot pin holder_pid {pid} with a pidfd ({e.strerror}): the broker is "
+                   "short of file descriptors; try again later")

@@ -32,6 +32,9 @@ class Holders:
     def __init__(self) -> None:
         self.pidfds: dict[int, int] = {}  # pid -> pidfd, kept by the server while the pid holds a lease
         self._who: dict[int, Identity] = {}  # pid -> the identity of the process its pidfd pins
+        # pid -> identity of holders the broker could not open a pidfd for (out of fds): still holders, never taken
+        # for exited; watched at the next prune that can
+        self.unwatched: dict[int, Identity] = {}
         self._sel: selectors.BaseSelector | None = None
         self._exited: ExitedFn = lambda pid, start, ino: None
 
@@ -44,6 +47,9 @@ class Holders:
               ino: int | None = None) -> None:
         """Learn when a lease holder exits: its pidfd becomes readable. Without the connection, the pid is
         opened bare: it is the holder only if the process has the start time (and inode) the lease recorded."""
+        was = self.unwatched.pop(pid, None)
+        if was is not None and not same_process(was, (start, ino)):
+            self._exited(pid, *was)  # the pid names another process now: the unwatched holder is gone
         watched = self.pidfds.get(pid)
         if watched is not None:
             if same_process(self._who[pid], (start, ino)):
@@ -54,7 +60,11 @@ class Holders:
                 self._exited(pid, start, ino)
                 return
             self._on_exit(pid)
-        pidfd = peer_pidfd(conn, pid) if conn is not None else pidfd_open(pid)
+        try:
+            pidfd = peer_pidfd(conn, pid) if conn is not None else pidfd_open(pid)
+        except OSError:  # out of fds: whether it lives is unknown, and it keeps its leases until it can be told
+            self.unwatched[pid] = (start, ino)
+            return
         if pidfd is not None and conn is None and not is_process(pidfd, pid, start, ino):
             os.close(pidfd)  # the holder exited and the pid names another process
             pidfd = None
@@ -83,6 +93,11 @@ class Holders:
         for pid in let_go:
             if pid in self.pidfds and not held(pid):
                 self._forget(pid)
+        for pid, (start, ino) in list(self.unwatched.items()):  # a few, and only while fds ran out
+            if held(pid):
+                self.watch(pid, None, start, ino)  # opened bare: proven to be the holder by its start and inode
+            else:
+                del self.unwatched[pid]
         if len(self.pidfds) > holders:
             for pid in [p for p in self.pidfds if not held(p)]:
                 self._forget(pid)
@@ -108,7 +123,10 @@ class Holders:
         pidfd = self.pidfds.get(pid)
         opened = pidfd is None
         if pidfd is None:
-            pidfd = pidfd_open(pid)
+            try:
+                pidfd = pidfd_open(pid)
+            except OSError as e:
+                return f"cannot open a pidfd for holder pid {pid} ({e.strerror}): nothing was signalled"
             if pidfd is None:
                 return f"holder pid {pid} has exited: nothing was signalled"
         try:
@@ -133,3 +151,4 @@ class Holders:
             os.close(pidfd)
         self.pidfds.clear()
         self._who.clear()
+        self.unwatched.clear()

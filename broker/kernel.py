@@ -158,10 +158,14 @@ class Kernel(Protocol):
 
     # ---- processes
     def holder(self, pid: int) -> tuple[int, int, int | None] | None:
-        """(uid, start time, pidfs inode) of a running process, read while a pidfd pins it; None if gone."""
+        """(uid, start time, pidfs inode) of a running process, read while a pidfd pins it; None if gone.
+        OSError when no pidfd can be had (out of fds): the broker cannot tell."""
         ...
 
-    def holder_alive(self, pid: int, start: int | None, ino: int | None) -> bool: ...
+    def holder_alive(self, pid: int, start: int | None, ino: int | None) -> bool:
+        """Whether pid is still the process recorded as (start, ino). OSError when the broker cannot tell (out of
+        fds): a caller never takes that for "gone"."""
+        ...
 
     def memlock(self, pid: int) -> tuple[int, int]:
         """(soft, hard) RLIMIT_MEMLOCK of a process, RLIM_INFINITY for unlimited (OSError if unreadable)."""

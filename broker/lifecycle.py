@@ -148,9 +148,9 @@ class Lifecycle(MapGrants):
 
     def _restore_memlock(self, lease: Lease, raised: MemlockRaise) -> None:
         del self.raised[(lease.pid, lease.pid_start, lease.pid_ino)]
-        if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
-            return
         try:
+            if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
+                return
             if self.kernel.memlock(lease.pid) != raised.now:  # changed since by someone else: theirs to keep
                 return
             self.kernel.set_memlock(lease.pid, raised.before)
@@ -191,8 +191,11 @@ class Lifecycle(MapGrants):
         for lease in list(self.leases):
             if lease.kind != "bare" or lease.orphaned or lease.revoked or not self._slots_empty(lease):
                 continue
-            if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
-                continue  # its exit is being told (holder_exited ends the lease with the right reason)
+            try:
+                if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
+                    continue  # its exit is being told (holder_exited ends the lease with the right reason)
+            except OSError:
+                continue  # cannot tell now (out of fds): the next poll looks again
             if lease.id not in seen:
                 self.bare_empty.add(lease.id)
                 continue
@@ -349,7 +352,10 @@ class Lifecycle(MapGrants):
         return kept
 
     def _stale(self, lease: Lease) -> str | None:
-        alive = self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino)
+        try:
+            alive = self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino)
+        except OSError:  # cannot tell (out of fds): judged as alive, so a live holder's lease is never dropped
+            alive = True
         if lease.kind == "map":  # its tenant map was placed by the per-queue program of the broker that made it
             return "a map grant ends with the broker that made it (its bpf_link held the per-queue program)"
         misbound = lease.revoked and lease.misbound is not None

@@ -102,13 +102,16 @@ def peer_groups(sock: socket.socket, most: int = MAX_GROUPS) -> frozenset[int] |
 
 def peer_pidfd(sock: socket.socket | None, pid: int) -> int | None:
     """A pidfd for the peer: SO_PEERPIDFD (race-free, kernel >= 6.5), else (a kernel without it) pidfd_open on its
-    pid. None when SO_PEERPIDFD says the peer was reaped (peer_reaped): its pid may name another process now."""
+    pid. None when SO_PEERPIDFD says the peer was reaped (peer_reaped): its pid may name another process now.
+    Raises OSError when the broker cannot tell (out of fds): never taken for "the peer is gone"."""
     if sock is not None:
         try:
             return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
         except OSError as e:
-            if e.errno != errno.ENOPROTOOPT:
+            if peer_reaped(e):
                 return None
+            if e.errno != errno.ENOPROTOOPT:
+                raise
     return pidfd_open(pid)
 
 
@@ -313,7 +316,11 @@ def _peer_identity(sock: socket.socket, pid: int) -> tuple[str | None, int | Non
     try:
         pidfd = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
     except OSError as e:
-        return None if peer_reaped(e) else (None, None, None)  # reaped before a pidfd was made
+        if peer_reaped(e):  # reaped before a pidfd was made
+            return None
+        if e.errno == errno.ENOPROTOOPT:
+            return (None, None, None)
+        raise  # out of fds: the peer is neither judged without its identity nor taken for gone
     try:
         cgroup = read_cgroup(pid)
         start = pinned_start(pidfd, pid)

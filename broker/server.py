@@ -172,6 +172,8 @@ class Server:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
                     self.service.check_bare()
+                    if self.holders.unwatched:  # holders whose pidfd the broker had no fd for: try again
+                        self._prune_pidfds()
                 if summary is not None:
                     summarise_if_due(self.audit)
                 if self._idle_left() == 0.0:
@@ -319,7 +321,9 @@ class Server:
         except peers.Unjudgeable as e:
             refuse(e.peer, e.why)
             return None
-        except OSError:
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):  # no fd for its pidfd: unjudged, so not served
+                self.audit({"event": "connection-refused", "error": str(e), "errno": e.errno})
             conn.close()
             return None
         except Exception as e:

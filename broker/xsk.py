@@ -122,7 +122,10 @@ def register_umem_apart(sock: socket.socket, umem_fd: int, g: Geometry,
         except BaseException:
             code = errno.EIO
         os._exit(code)
-    pidfd = pidfd_open(pid)  # None when out of fds: the child cannot be killed early, it is still reaped
+    try:
+        pidfd = pidfd_open(pid)
+    except OSError:  # out of fds: the child cannot be killed early, it is still reaped
+        pidfd = None
     watch(pidfd)
     try:
         _, status = os.waitpid(pid, 0)

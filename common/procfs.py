@@ -6,6 +6,7 @@ Raw os calls where they sit on the grant path. Used by the broker (lease holders
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import select
@@ -22,11 +23,17 @@ _pidfs: bool | None = None  # whether pidfds live on pidfs (Linux 6.9+), found o
 
 
 def pidfd_open(pid: int) -> int | None:
-    """A pidfd for pid, or None when there is none to have (the process is gone, or out of fds)."""
+    """A pidfd for pid, or None when there is no such process (gone, or pid names a thread, not a process).
+
+    Raises OSError when the broker cannot tell (out of fds, EMFILE/ENFILE; out of memory): a live holder must
+    never be taken for one that exited because the broker ran out of fds.
+    """
     try:
         return os.pidfd_open(pid)
-    except OSError:
-        return None
+    except OSError as e:
+        if e.errno in (errno.ESRCH, errno.EINVAL):
+            return None
+        raise
 
 
 def status_fields(status_text: str) -> dict[str, str]:

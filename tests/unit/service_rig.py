@@ -168,6 +168,7 @@ class FakeKernel:
         self.fail: dict[tuple[str, int], OSError] = {}  # (step, queue) -> the error that step raises
         self.procs: dict[int, tuple[int, int, int | None]] = {ALICE.pid: (1000, 77, None), BOB.pid: (1001, 88, None)}
         self.memlocks: dict[int, tuple[int, int]] = {}
+        self.unknowable: set[int] = set()  # pids no pidfd can be opened for (the broker is out of fds)
         self.may_prlimit = True
         self.bare_reason: str | None = None
         self.detached: list[tuple[int, int]] = []
@@ -371,11 +372,17 @@ class FakeKernel:
         return FakeProbe(self, map_fd)
 
     def holder(self, pid: int) -> tuple[int, int, int | None] | None:
+        self._pidfd(pid)
         return self.procs.get(pid)
 
     def holder_alive(self, pid: int, start: int | None, ino: int | None) -> bool:
+        self._pidfd(pid)
         proc = self.procs.get(pid)
         return proc is not None and start is not None and proc[1] == start
+
+    def _pidfd(self, pid: int) -> None:
+        if pid in self.unknowable:
+            raise OSError(errno.EMFILE, "Too many open files")
 
     def memlock(self, pid: int) -> tuple[int, int]:
         if pid not in self.memlocks:
