@@ -26,6 +26,7 @@ from typing import Any
 from xskbroker.broker import dpsocket
 from xskbroker.broker import peer as peers
 from xskbroker.broker.core import Deferred, quota_peer
+from xskbroker.broker.holders import same_process
 from xskbroker.broker.listener import MAX_FDS_IN, MSG_CTRUNC, MSG_TRUNC, accept_with_spare, refuse_passed_fds
 from xskbroker.broker.server import Server
 from xskbroker.common.records import record, replace
@@ -240,11 +241,13 @@ class Endpoint:
             c.who = replace(c.who, groups=groups_of(c.who.gids))
 
     def _live(self, pid: int, who: peers.PeerInfo) -> str | None:
-        """The live lease this process already took here, if any."""
+        """The live lease this process already took here, if any: of this very process (start time and pidfs
+        inode), never of an exited one whose pid it reused within the start time's clock tick."""
         assert self.server is not None
         lease_id = self.held.get(pid)
         lease = self.server.service.leases.get(lease_id or "")
-        if lease is None or lease.revoked or lease.pid != pid or lease.pid_start != who.start:
+        if (lease is None or lease.revoked or lease.pid != pid or lease.pid_start != who.start
+                or not same_process((lease.pid_start, lease.pid_ino), (who.start, who.ino))):
             self.held.pop(pid, None)
             return None
         return lease.id
