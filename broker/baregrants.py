@@ -103,7 +103,9 @@ class BareGrants(MapGrants):
         memlock = None
         try:  # the holder may die here (its /proc is read): any failure must take the sockets back out
             memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
-            out = self._lease(peer, req, ifindex, prog, fds, sockets=sockets, memlock=memlock,
+            made = self.raised.get(key) if memlock and memlock["raised"] else None
+            out = self._lease(peer, req, ifindex, prog, fds, raised=(*made.before, *made.now) if made else None,
+                              sockets=sockets, memlock=memlock,
                               bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
         except BaseException:
             if memlock and memlock["raised"]:  # nothing granted: the raise made for it is undone too

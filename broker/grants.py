@@ -453,7 +453,8 @@ class Grants(BareGrants):
             raise
 
     def _lease(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program, fds: list[int],
-               queues: tuple[int, ...] | None = None, **fields: Any) -> Outcome:
+               queues: tuple[int, ...] | None = None, raised: tuple[int, int, int, int] | None = None,
+               **fields: Any) -> Outcome:
         # recorded (and persisted) before the fds leave: a crash after this line leaves a record that
         # recovery checks against the kernel, never a socket nobody accounts for
         # Holders are watched and ended by pid: an earlier holder of this pid that has exited, its exit not yet
@@ -462,7 +463,7 @@ class Grants(BareGrants):
         try:
             lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
                                     req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)),
-                                    peer.start, peer.ino, peer.cgroup, peer.principal)
+                                    peer.start, peer.ino, peer.cgroup, peer.principal, raised)
         except OSError as e:  # a lease that cannot be recorded is not granted (the caller undoes what it made)
             raise Refused(ErrorCode.KERNEL_ERROR, f"{e.strerror}; nothing was granted",
                           errno=errno.errorcode.get(e.errno or 0, str(e.errno))) from None

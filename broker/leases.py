@@ -50,6 +50,9 @@ class Lease:
     # when its holder released it while its sockets were still open (wall clock): the kernel cannot close them,
     # so it stays charged to its quota until they close (the slots empty) or a new grant binds its queues
     released_at: float | None = None
+    # bare grants: the holder's RLIMIT_MEMLOCK (soft, hard) before the broker raised it and (soft, hard) it was
+    # raised to, journaled so that a restarted broker still restores it when the holder's last such lease ends
+    memlock: tuple[int, int, int, int] | None = None
 
     def owned_by(self, uid: int, cgroup: str | None) -> bool:
         """Whether a peer of (uid, cgroup) is the principal that took this lease. Another cgroup of the same
@@ -69,13 +72,15 @@ class Lease:
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
                 "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino,
                 "misbound": self.misbound, "map_id": self.map_id, "cgroup": self.cgroup,
-                "released_at": self.released_at}
+                "released_at": self.released_at, "memlock": self.memlock}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Lease:
         rec = dict(rec)
         for key in ("queues", "gids", "groups"):
             rec[key] = tuple(rec.get(key, ()))
+        if rec.get("memlock") is not None:
+            rec["memlock"] = tuple(int(v) for v in rec["memlock"][:4])
         return cls(**rec)
 
 
@@ -128,11 +133,11 @@ class LeaseTable:
     def add(self, uid: int, pid: int, ifindex: int, ifname: str, queues: tuple[int, ...], kind: str,
             umem_bytes: int, gids: tuple[int, ...] = (), groups: tuple[str, ...] = (),
             pid_start: int | None = None, pid_ino: int | None = None, cgroup: str | None = None,
-            counted_as: int | None = None) -> Lease:
+            counted_as: int | None = None, memlock: tuple[int, int, int, int] | None = None) -> Lease:
         # pid_start must have been read while the holder was pinned by a pidfd (broker.peer): read here,
         # from the bare pid, it could be the start time of a process that reused the pid
         lease = Lease(os.urandom(8).hex(), uid, pid, ifindex, ifname, queues, kind, umem_bytes, gids, groups,
-                      pid_start, pid_ino=pid_ino, cgroup=cgroup)
+                      pid_start, pid_ino=pid_ino, cgroup=cgroup, memlock=memlock)
         # A fresh grant on a slot proves the old holder's socket is gone (the kernel freed the slot), unless a
         # revoke emptied it: a misbound socket lives on bound off its slot, and its lease stays (on its quota)
         ended = []

@@ -140,23 +140,25 @@ class Lifecycle(MapGrants):
         self.sent_done(lease.id)
         if lease.kind == "map":
             self._end_map(lease)
-        raised = self.raised.get((lease.pid, lease.pid_start, lease.pid_ino))
+        key = (lease.pid, lease.pid_start, lease.pid_ino)
+        raised = self.raised.get(key)
         if raised and lease.id in raised.leases:
             raised.leases.discard(lease.id)
             if not raised.leases:
-                self._restore_memlock(lease, raised)
+                del self.raised[key]
+                self._restore_memlock(key, raised)
 
-    def _restore_memlock(self, lease: Lease, raised: MemlockRaise) -> None:
-        del self.raised[(lease.pid, lease.pid_start, lease.pid_ino)]
+    def _restore_memlock(self, key: tuple[int, int | None, int | None], raised: MemlockRaise) -> None:
+        pid, start, ino = key
         try:
-            if not self.kernel.holder_alive(lease.pid, lease.pid_start, lease.pid_ino):
+            if not self.kernel.holder_alive(pid, start, ino):
                 return
-            if self.kernel.memlock(lease.pid) != raised.now:  # changed since by someone else: theirs to keep
+            if self.kernel.memlock(pid) != raised.now:  # changed since by someone else: theirs to keep
                 return
-            self.kernel.set_memlock(lease.pid, raised.before)
+            self.kernel.set_memlock(pid, raised.before)
         except OSError:
             return
-        self.audit({"event": "memlock-restored", "pid": lease.pid, "to": raised.before[0], "hard": raised.before[1]})
+        self.audit({"event": "memlock-restored", "pid": pid, "to": raised.before[0], "hard": raised.before[1]})
 
     def holder_exited(self, pid: int, start: int | None = None, ino: int | None = None) -> None:
         """A holder is gone. Its sockets usually died with it (and the kernel emptied their slots), but it
@@ -333,8 +335,10 @@ class Lifecycle(MapGrants):
     def recover(self) -> list[Lease]:
         """Take back the leases a previous broker recorded whose holders still hold their sockets."""
         kept = []
+        loaded = self.leases.load()
+        raises = _memlock_raises(loaded)
         # misbound leases last: a lease granted their queue since, taken back first, says the queue is not theirs
-        for lease in sorted(self.leases.load(), key=lambda x: x.revoked and x.misbound is not None):
+        for lease in sorted(loaded, key=lambda x: x.revoked and x.misbound is not None):
             try:
                 why = self._stale(lease)
             except OSError as e:  # one lease the kernel will not tell about must not keep the broker from starting
@@ -346,8 +350,15 @@ class Lifecycle(MapGrants):
                 continue
             self.leases.adopt(lease)
             kept.append(lease)
+            if lease.memlock is not None:
+                raises[(lease.pid, lease.pid_start, lease.pid_ino)].leases.add(lease.id)
             self.audit({"event": "lease-recovered", "lease": lease.id, "pid": lease.pid, "interface": lease.ifname,
                         "queues": list(lease.queues)})
+        for key, raised in raises.items():  # kept with a lease that needs it, else restored as its last one ended
+            if raised.leases:
+                self.raised[key] = raised
+            else:
+                self._restore_memlock(key, raised)
         self.leases.compact()
         return kept
 
@@ -392,6 +403,20 @@ class Lifecycle(MapGrants):
         if not alive:
             lease.orphaned = True  # passed on before the holder exited; polled until the sockets close
         return None
+
+
+def _memlock_raises(leases: list[Lease]) -> dict[tuple[int, int | None, int | None], MemlockRaise]:
+    """The memlock raises the journaled leases took part in, by process: the limit before the first raise (each
+    lease of a process records that one) and the highest it was raised to (a later lease may have raised it more)."""
+    raises: dict[tuple[int, int | None, int | None], MemlockRaise] = {}
+    for lease in leases:
+        if lease.memlock is not None:
+            key = (lease.pid, lease.pid_start, lease.pid_ino)
+            before, now = lease.memlock[:2], lease.memlock[2:]
+            found = raises.get(key)
+            if found is None or now[0] > found.now[0]:
+                raises[key] = MemlockRaise(found.before if found else before, now)
+    return raises
 
 
 def _unsignallable(lease: Lease) -> str | None:
