@@ -3,12 +3,12 @@
 A fault hook is called with the name of each point a grant passes ("after-socket", "after-map-claim",
 "after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"), and a revoke
 ("mid-revoke": journaled, its slots not yet emptied). `from_spec` builds the hook the crash tests ask for:
-"<point>" makes the broker SIGKILL itself there, "<point>:pause" makes it
-sleep a second there (so a test can, say, delete the interface mid-grant), "<point>:raise=PATH" raises there
-while PATH exists (a bug standing in), "<point>:hold=PATH" makes the first grant there once PATH.armed exists
-wait (creating PATH.held) until PATH exists, others passing by (so a test can prove that other grants go on
-meanwhile, with no timing involved). Nothing here reads the environment: the daemon reads its test-only
-variable once at start-up and passes the hook on.
+"<point>" makes the broker SIGKILL itself there; "<point>:pause" makes it sleep a second there,
+"<point>:pause=SECONDS" that long (so a test can, say, delete the interface mid-grant); "<point>:raise=PATH"
+raises there while PATH exists (a bug standing in); "<point>:hold=PATH" makes the first grant there once
+PATH.armed exists wait (creating PATH.held) until PATH exists, others passing by (so a test can prove that other
+grants go on meanwhile, with no timing involved). Nothing here reads the environment: the daemon reads its
+test-only variable once at start-up and passes the hook on.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ def none(name: str) -> None:
 
 
 def from_spec(spec: str) -> FaultHook:
-    """The hook for "<point>" (SIGKILL there), "<point>:pause" (sleep 1 s there), "<point>:raise=PATH"
-    or "<point>:hold=PATH"; "" is no fault."""
+    """The hook for "<point>" (SIGKILL there), "<point>:pause" (sleep 1 s there; "pause=0.4", 0.4 s),
+    "<point>:raise=PATH" or "<point>:hold=PATH"; "" is no fault (ValueError for a pause that is no number)."""
     armed, _, action = spec.partition(":")
     if not armed:
         return none
     held = threading.Lock()  # the first caller of a hold point takes it and never gives it back
+    pause = 1.0 if action == "pause" else float(action[len("pause="):]) if action.startswith("pause=") else None
 
     def point(name: str) -> None:
         if name != armed:
@@ -45,8 +46,8 @@ def from_spec(spec: str) -> FaultHook:
                     pass
                 while not os.path.exists(path):
                     time.sleep(0.005)
-        elif action == "pause":
-            time.sleep(1.0)
+        elif pause is not None:
+            time.sleep(pause)
         elif action.startswith("raise="):
             if os.path.exists(action[len("raise="):]):
                 raise RuntimeError(f"fault injected at {name}")

@@ -186,14 +186,14 @@ def test_a_grant_whose_reply_fails_frees_its_queue_for_the_very_next_grant(veth:
     from xskbroker.client.grant import request_fds
     from xskbroker.wire import protocol as proto
 
-    with BrokerProcess(veth.name, BARE_POLICY, env={"XSKBROKER_FAULT": "before-send:pause"}) as broker:
+    with BrokerProcess(veth.name, BARE_POLICY, env={"XSKBROKER_FAULT": "before-send:pause=0.4"}) as broker:
         for _ in range(3):
             pid = os.fork()
             if pid == 0:
                 try:
                     c = Connection(broker.socket_path)
                     c.sock.send(proto.encode_request(proto.Grant(interface=veth.inside, queues=(0,), kind="bare")))
-                    time.sleep(0.2)  # the broker has read it and sleeps before its reply
+                    time.sleep(0.1)  # the broker has read it and sleeps before its reply
                 finally:
                     os.kill(os.getpid(), signal.SIGKILL)
             os.waitpid(pid, 0)

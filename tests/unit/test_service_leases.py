@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from xskbroker.broker import faults
 from xskbroker.broker.leases import Lease
 from xskbroker.broker.linkwatch import LinkEvent
@@ -264,6 +266,11 @@ def test_the_fault_hook_from_a_spec() -> None:
     start = time.monotonic()
     hook("after-socket")  # another point: no pause, no kill
     assert time.monotonic() - start < 0.5
+    start = time.monotonic()
+    faults.from_spec("after-bind:pause=0.05")("after-bind")
+    assert 0.05 <= time.monotonic() - start < 0.5
+    with pytest.raises(ValueError):
+        faults.from_spec("after-bind:pause=soon")
     pid = os.fork()
     if pid == 0:  # the child kills itself at the armed point
         faults.from_spec("after-bind")("after-bind")
