@@ -182,6 +182,7 @@ class Endpoint:
         c = self.conns[sock.fileno()]
         try:
             self._serve(c, sock)
+            server._prune_pidfds()  # as after a request on the broker's own socket: holders that let go
         except Exception as e:  # a bug must cost one connection, never the broker and everyone's leases
             server._internal_error(c.who, e)
             self._drop(c)

@@ -143,6 +143,8 @@ class Server:
                 # orphaned and released leases give no event when their sockets close, nor does a bare socket
                 # bound by its holder to a queue it was not granted: look at them every few seconds
                 poll = self.service.poll_seconds(ORPHAN_POLL_SECONDS)
+                if poll is None and self.holders.unwatched:  # holders it had no fd to watch: looked at again
+                    poll = ORPHAN_POLL_SECONDS
                 due = [w[0] for w in self.waiting if not w[1].parked()]
                 retry = max(0.0, min(due) - time.monotonic()) if due else None
                 idle_left = self._idle_left()
@@ -172,8 +174,7 @@ class Server:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
                     self.service.check_bare()
-                    if self.holders.unwatched:  # holders whose pidfd the broker had no fd for: try again
-                        self._prune_pidfds()
+                    self._prune_pidfds()  # leases the polls ended; holders it had no fd to watch, tried again
                 if summary is not None:
                     summarise_if_due(self.audit)
                 if self._idle_left() == 0.0:
