@@ -294,7 +294,9 @@ class Server:
             self._say_and_close(conn, ErrorReply(ErrorCode.IDENTITY_UNREADABLE,
                                                  f"the broker cannot judge this process: {why}"))
 
-        who = self.identify(conn, unjudgeable)
+        who = self.identify(conn, unjudgeable, out_of_fds=lambda: self._say_and_close(conn, ErrorReply(
+            ErrorCode.TOO_MANY_CONNECTIONS, "the broker has no file descriptors left to identify this process; try "
+            "again later")))
         if who is None:
             return
         code, reason, evict = admit(self.service.policy, who, self.connected, self.max_connections)
@@ -311,10 +313,12 @@ class Server:
         # than after another round of select (nothing there: recvmsg says EAGAIN, and select will tell)
         self._readable(conn)
 
-    def identify(self, conn: socket.socket, refuse: Callable[[peers.PeerInfo, str], None]) -> peers.PeerInfo | None:
+    def identify(self, conn: socket.socket, refuse: Callable[[peers.PeerInfo, str], None],
+                 out_of_fds: Callable[[], None] | None = None) -> peers.PeerInfo | None:
         """Who is at the other end of a new connection (the broker's or an endpoint's); None once the connection
-        is closed: its peer is gone, its identity cannot be judged (refuse(peer, why) answers and closes), or a
-        bug (recorded: it costs one connection, never the broker)."""
+        is closed: its peer is gone, its identity cannot be judged (refuse(peer, why) answers and closes), the
+        broker has no fd for the peer's pidfd (out_of_fds() answers and closes), or a bug (recorded: it costs one
+        connection, never the broker)."""
         if self.service.policy is not self._named_by:  # a reload: the names a peer's groups are judged by
             self._name_groups_by(self.service.policy)
         try:
@@ -323,8 +327,10 @@ class Server:
             refuse(e.peer, e.why)
             return None
         except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):  # no fd for its pidfd: unjudged, so not served
-                self.audit({"event": "connection-refused", "error": str(e), "errno": e.errno})
+            if e.errno in (errno.EMFILE, errno.ENFILE) and out_of_fds is not None:  # unjudged, so not served
+                self.audit({"event": "connection-refused", "code": ErrorCode.TOO_MANY_CONNECTIONS, "error": str(e)})
+                out_of_fds()
+                return None
             conn.close()
             return None
         except Exception as e:

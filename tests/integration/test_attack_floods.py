@@ -226,6 +226,27 @@ def test_out_of_fds_the_broker_answers_refusals_and_does_not_spin(figures) -> No
         assert 0 < len(records) < 20, f"{len(records)} accept-failed records"
 
 
+def test_a_connection_accepted_with_the_last_fd_is_refused_not_served_unidentified(figures) -> None:  # type: ignore[no-untyped-def]
+    """Accept takes the last fd, so SO_PEERPIDFD fails EMFILE. That was taken for "a kernel without it": the peer
+    was then judged and served with no start time, cgroup or pidfs inode (a cgroup rule never matched, its lease
+    could not be told from a process that reused its pid). It is refused, with the reason, and served again once
+    fds are free."""
+    with bed() as (_, b):
+        RootProbe(b.socket_path).run(1)
+        b.settled_fds()
+        held = {int(fd) for fd in os.listdir(f"/proc/{b.pid}/fd")}
+        lowest_free = min(set(range(len(held) + 1)) - held)
+        os.system(f"prlimit --pid {b.pid} --nofile={lowest_free + 1}:{20000}")  # one fd left: accept's
+        try:
+            refused = _hello_as(b.socket_path)
+        finally:
+            os.system(f"prlimit --pid {b.pid} --nofile=4096:20000")
+        assert not refused["ok"] and refused["error"]["code"] == "too-many-connections", refused
+        assert "identify" in refused["error"]["message"]
+        assert _hello_as(b.socket_path)["ok"]
+        figures(refusal=refused["error"]["message"])
+
+
 def test_without_so_passrights_attached_fds_are_closed_and_refused(figures) -> None:  # type: ignore[no-untyped-def]
     """The fallback path: fds that do arrive are counted, closed (off the loop) and the request refused."""
     with bed(extra=["--accept-passed-fds"]) as (_, b):
