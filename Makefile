@@ -85,8 +85,9 @@ qemu: apt
 	tests/realclients/build-qemu.sh >/dev/null
 	tests/realclients/build-testpmd.sh >/dev/null
 
+# two workers, a test file each at a time (a file's tests share its fixtures: the systemd container, say)
 test: setup lint qemu
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 $(XSK_REF): bench/c/xsk_ref.c | apt-bench
 	mkdir -p $(dir $@)

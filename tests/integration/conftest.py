@@ -126,24 +126,3 @@ def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):  # type:
             return value
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-# ---- suite figures: each suite records its counts, printed at the end of the run --------------------
-
-FIGURES: dict[str, dict[str, object]] = {}
-
-
-@pytest.fixture
-def figures(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    """figures(key=value, ...) records counts for the closing summary under the test's name."""
-    def record(**values: object) -> None:
-        FIGURES.setdefault(request.node.name, {}).update(values)
-    return record
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
-    if not FIGURES:
-        return
-    terminalreporter.section("suite figures")
-    for name, values in FIGURES.items():
-        terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))

@@ -92,7 +92,7 @@ def _lingering_attack_on(extra: list[str], figures) -> dict[str, Any]:  # type: 
         finally:
             srv.close()
         figures(**probe.figures(), attacker_fd=result["fd"], queued_hellos=result["hellos"])
-        assert b.settled_fds() == before
+        assert b.settled_fds() <= before  # a leak is more; fewer is a transient fd the baseline caught
     return result
 
 
