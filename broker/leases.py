@@ -80,7 +80,9 @@ class Lease:
         for key in ("queues", "gids", "groups"):
             rec[key] = tuple(rec.get(key, ()))
         if rec.get("memlock") is not None:
-            rec["memlock"] = tuple(int(v) for v in rec["memlock"][:4])
+            rec["memlock"] = tuple(int(v) for v in rec["memlock"])
+            if len(rec["memlock"]) != 4:
+                raise ValueError(f"memlock {rec['memlock']!r}: expected (soft, hard) before and after the raise")
         return cls(**rec)
 
 
