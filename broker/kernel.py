@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -180,6 +181,8 @@ class LinuxKernel:
     def __init__(self, fault: FaultHook = _no_fault) -> None:
         self.fault = fault
         self._preparer: Any = None  # broker.preparer.Preparer, once the UMEM pool asks for a socket
+        # every release looks at its slots: one probe socket kept, not an AF_XDP socket made and closed per look
+        self._probe: socket.socket | None = None
 
     def resolve(self, name: str) -> int:
         return netdev.resolve(name)
@@ -244,7 +247,9 @@ class LinuxKernel:
         return bpf.map_delete(map_fd, key)
 
     def occupied_slots(self, map_fd: int, slots: int | Iterable[int]) -> list[int]:
-        return xsk.occupied_slots(map_fd, slots)
+        if self._probe is None:
+            self._probe = xsk.probe_socket()
+        return xsk.occupied_slots(map_fd, slots, self._probe)
 
     def dup(self, fd: int) -> int:
         return os.dup(fd)

@@ -359,20 +359,28 @@ def create_bare(ifname: str, queue: int, map_fd: int) -> int:
     return sock.detach()
 
 
-def occupied_slots(map_fd: int, slots: int | Iterable[int]) -> list[int]:
+def probe_socket() -> socket.socket:
+    """An unbound AF_XDP socket for occupied_slots to probe with (it never binds, so it never holds a queue)."""
+    return socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+
+
+def occupied_slots(map_fd: int, slots: int | Iterable[int], probe: socket.socket | None = None) -> list[int]:
     """Slots that hold a socket. XSKMAP lookups are not allowed from user space, so each slot is
-    probed with a BPF_NOEXIST insert of a throw-away socket, undone at once when it succeeds."""
+    probed with a BPF_NOEXIST insert of an unbound socket (`probe`, else a throw-away one), undone at once when
+    it succeeds."""
+    if probe is None:
+        with probe_socket() as own:
+            return occupied_slots(map_fd, slots, own)
     taken = []
-    with socket.socket(AF_XDP, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as probe:
-        for q in range(slots) if isinstance(slots, int) else slots:
-            try:
-                bpf.map_update(map_fd, q, probe.fileno(), bpf.BPF_NOEXIST)
-            except OSError as e:
-                if e.errno != errno.EEXIST:
-                    raise
-                taken.append(q)
-            else:
-                bpf.map_delete(map_fd, q)
+    for q in range(slots) if isinstance(slots, int) else slots:
+        try:
+            bpf.map_update(map_fd, q, probe.fileno(), bpf.BPF_NOEXIST)
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            taken.append(q)
+        else:
+            bpf.map_delete(map_fd, q)
     return taken
 
 
