@@ -131,6 +131,7 @@ def serve(args: argparse.Namespace) -> int:
                                                      lambda text: print(f"xskbroker: {text}", file=sys.stderr)))
     service.describe = lambda admin: {"policy": keeper.describe(admin), "limits": limits.effective(max_connections),
                                       "cpus": split_text}
+    server.arm_signals()  # before anyone is told it is ready: a reload right after must find the loop's handler
     audit({"event": "ready", "socket": sock_path, "activated": activated, "policy": list(policy.sources),
            "rules": len(policy.rules), "idle_timeout_s": server.idle_timeout, "pid": os.getpid(),
            "policy_fallback": keeper.fallback, "limits": limits.effective(max_connections),
@@ -143,6 +144,7 @@ def serve(args: argparse.Namespace) -> int:
     gc.enable()
     cpus.serving()  # the loop's thread, now that every other thread has started (cpus.configure)
     notifier.ready(status.text())
+    fault("ready")
     try:
         server.run()
     finally:

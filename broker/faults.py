@@ -1,8 +1,9 @@
 """Fault injection for the crash tests, as a hook the wiring is given (default: no faults).
 
 A fault hook is called with the name of each point a grant passes ("after-socket", "after-map-claim",
-"after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"), and a revoke
-("mid-revoke": journaled, its slots not yet emptied). `from_spec` builds the hook the crash tests ask for:
+"after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"), a revoke
+("mid-revoke": journaled, its slots not yet emptied) and the start ("ready": said, the loop not yet running).
+`from_spec` builds the hook the crash tests ask for:
 "<point>" makes the broker SIGKILL itself there; "<point>:pause" makes it sleep a second there,
 "<point>:pause=SECONDS" that long (so a test can, say, delete the interface mid-grant); "<point>:raise=PATH"
 raises there while PATH exists (a bug standing in); "<point>:hold=PATH" makes the first grant there once

@@ -109,6 +109,7 @@ class Server:
         service.groups_of = self.group_names.of
         service.regroup()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._armed: tuple[int, dict[int, Any]] | None = None  # the wake-up fd and handlers arm_signals replaced
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, self._accept)
         self._wake_r.setblocking(False)
@@ -133,9 +134,19 @@ class Server:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
+    def arm_signals(self) -> None:
+        """Take SIGTERM, SIGINT and SIGHUP through the wake-up socket (the loop reads them). Done before anyone is
+        told the broker is ready: a reload sent right after READY=1 (or the ready record) found the default action
+        of SIGHUP, which ends the process. Once; run() arms them itself if nobody did."""
+        if self._armed is None:
+            old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            self._armed = (old_fd, {s: signal.signal(s, lambda *_: None)
+                                    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)})
+
     def run(self) -> None:
-        old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        self.arm_signals()
+        assert self._armed is not None
+        old_fd, handlers = self._armed
         try:
             while not self.stopping:
                 if self.watchdog is not None:
@@ -184,6 +195,7 @@ class Server:
             signal.set_wakeup_fd(old_fd)
             for s, h in handlers.items():
                 signal.signal(s, h)
+            self._armed = None
 
     def idle(self) -> bool:
         """Nothing would be lost by exiting: no client connected, no lease to watch."""

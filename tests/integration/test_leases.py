@@ -347,6 +347,19 @@ def test_corrupted_policy_on_reload_keeps_the_old_one(veth: VethNamespace) -> No
         assert denied["code"] == "user-not-allowed"
 
 
+def test_a_reload_asked_right_after_ready_reloads_and_never_ends_the_broker(veth: VethNamespace) -> None:
+    """The ready record and READY=1 went out before the loop took SIGHUP: a reload sent in between (systemd's
+    ExecReload right after a start, a test's first SIGHUP) met SIGHUP's default action and ended the broker. The
+    "ready" fault point holds the start there, so the window is certain."""
+    with BrokerProcess(veth.name, BASE, env={"XSKBROKER_FAULT": "ready:pause=0.5"}) as b:
+        Path(b.policy_path).write_text("version = 1\n")
+        b.signal(signal.SIGHUP)
+        wait_for(lambda: b.records("policy-reloaded"), what="the reload")
+        assert b.proc is not None and b.proc.poll() is None, b.log()
+        denied = spawn_unprivileged(try_grant, b.socket_path, veth.inside, [0], uid=CONSUMER_UID).result()
+        assert denied["code"] == "user-not-allowed"
+
+
 def test_one_user_cannot_take_every_connection(veth: VethNamespace) -> None:
     # a 64-connection table: 4 kept for admins, the other 60 shared fairly (tests/integration/test_attack_loop.py
     # floods it from several uids)
