@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import signal
@@ -46,14 +47,20 @@ max_queues = 1
 UMEM, RING = 1 << 20, 256
 
 
+def misbound_bare(path: str) -> tuple[dict[str, Any], int, int, mmap.mmap, dict[str, Any]]:
+    """Unprivileged: a bare grant of queue 0, registered as QEMU does and bound to queue 1 instead (the broker then
+    revokes it, bare-misbound; its signal, if the policy sends one, is ignored). The reply, the socket, its UMEM's
+    memfd and mapping, and what happened so far (out["bind"])."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    reply, fds = request_fds("xsk0", [0], kind="bare", socket_path=path)
+    umem_fd, area = register_like_qemu(fds[0], UMEM, RING)
+    return reply, fds[0], umem_fd, area, {"bind": bind(fds[0], reply["ifindex"], 1, XDP_USE_NEED_WAKEUP | XDP_COPY)}
+
+
 def misbind_release_and_grant(path: str) -> dict[str, Any]:
     """Unprivileged, under a quota of one queue: a bare grant of queue 0 bound to queue 1 instead; once the
     broker revokes it (bare-misbound), release it, keep the socket, and ask for queue 2."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the revoke's signal, if the policy sends one
-    out: dict[str, Any] = {}
-    reply, fds = request_fds("xsk0", [0], kind="bare", socket_path=path)
-    _umem_fd, _area = register_like_qemu(fds[0], UMEM, RING)
-    out["bind"] = bind(fds[0], reply["ifindex"], 1, XDP_USE_NEED_WAKEUP | XDP_COPY)
+    reply, sock, _umem_fd, _area, out = misbound_bare(path)
     with Connection(path) as conn:
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline:
@@ -77,7 +84,7 @@ def misbind_release_and_grant(path: str) -> dict[str, Any]:
                 os.close(fd)
         except proto.BrokerError as e:
             out["more"] = {"ok": False, "code": e.code}
-    os.close(fds[0])
+    os.close(sock)
     return out
 
 
@@ -98,11 +105,7 @@ def test_a_holder_that_revokes_its_own_bare_lease_cannot_release_it_off_its_quot
 def misbind_wait_and_release(path: str, flag: str) -> dict[str, Any]:
     """Unprivileged: a bare grant of queue 0 bound to queue 1 (revoked: its slot emptied, the lease kept); once
     `flag` says another tenant holds queue 0, close the socket, release the lease, and ask for queue 0 bare."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    out: dict[str, Any] = {}
-    reply, fds = request_fds("xsk0", [0], kind="bare", socket_path=path)
-    umem_fd, area = register_like_qemu(fds[0], UMEM, RING)
-    out["bind"] = bind(fds[0], reply["ifindex"], 1, XDP_USE_NEED_WAKEUP | XDP_COPY)
+    reply, sock, umem_fd, area, out = misbound_bare(path)
     with Connection(path) as conn:
         deadline = time.monotonic() + 8
         while time.monotonic() < deadline and not out.get("revoked"):
@@ -114,7 +117,7 @@ def misbind_wait_and_release(path: str, flag: str) -> dict[str, Any]:
             time.sleep(0.05)
         area.close()
         os.close(umem_fd)
-        os.close(fds[0])
+        os.close(sock)
         time.sleep(0.5)  # queue 1 unbound (the kernel releases a closed socket's queue within ~20 ms)
         out["release"] = conn.call(proto.Release(reply["lease"]))[0]["ok"]
         try:
