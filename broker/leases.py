@@ -95,7 +95,7 @@ class LeaseTable:
         # request prunes watched pids, so rebuilding these each time cost O(leases) on the grant path
         self._holdings = Holdings()
         # the leases of each holder pid, interface and uid (ids, in the order granted): a holder's exit, a grant's
-        # look at its interface and a user's status find theirs without a walk of every lease
+        # look at its interface and a user's status find theirs without a walk of every lease (by pid: not orphans)
         self._by_pid: dict[int, dict[str, None]] = {}
         self._by_if: dict[int, dict[str, None]] = {}
         self._by_uid: dict[int, dict[str, None]] = {}
@@ -175,8 +175,10 @@ class LeaseTable:
         who = counted_as if counted_as is not None else principal(lease.uid)
         self._holdings[lease.id] = Holding(who, frozenset(lease.gids), frozenset(lease.groups),
                                            len(lease.queues), lease.umem_bytes)
-        for index, key in ((self._by_pid, lease.pid), (self._by_if, lease.ifindex), (self._by_uid, lease.uid)):
+        for index, key in ((self._by_if, lease.ifindex), (self._by_uid, lease.uid)):
             index.setdefault(key, {})[lease.id] = None
+        if not lease.orphaned:  # an orphan's holder has exited: its pid names nobody who holds it
+            self._by_pid.setdefault(lease.pid, {})[lease.id] = None
         if lease.kind == "bare":
             self._bare.add(lease.id)
         if lease.orphaned:
@@ -199,13 +201,13 @@ class LeaseTable:
                 if self._by_slot.get((lease.ifindex, q)) == lease_id:
                     del self._by_slot[(lease.ifindex, q)]
             self._holdings.pop(lease_id)
-            for index, key in ((self._by_pid, lease.pid), (self._by_if, lease.ifindex), (self._by_uid, lease.uid)):
+            for index, key in ((self._by_if, lease.ifindex), (self._by_uid, lease.uid)):
                 ids = index[key]
                 del ids[lease_id]
                 if not ids:
                     del index[key]
-            if lease.pid not in self._by_pid:
-                self._let_go.add(lease.pid)
+            if not lease.orphaned:
+                self._unhold(lease)
             self._bare.discard(lease_id)
             self._orphaned.discard(lease_id)
             self._released.discard(lease_id)
@@ -228,7 +230,7 @@ class LeaseTable:
                 self._holdings[lease.id] = Holding(h.uid, h.gids, frozenset(names), h.queues, h.umem)
 
     def holds(self, pid: int) -> bool:
-        """Whether pid holds a lease."""
+        """Whether pid holds a lease (an orphan is held by nobody: its holder has exited)."""
         return pid in self._by_pid
 
     def holder_count(self) -> int:
@@ -256,9 +258,19 @@ class LeaseTable:
         return [self._by_id[i] for i in self._released]
 
     def orphan(self, lease: Lease) -> None:
-        """Its holder exited but passed its sockets on: it lingers until they close."""
+        """Its holder exited but passed its sockets on: it lingers until they close, held by no pid (one that
+        reuses the pid is not its holder, and lets go when its own last lease ends)."""
+        if not lease.orphaned:
+            self._unhold(lease)
         lease.orphaned = True
         self._orphaned.add(lease.id)
+
+    def _unhold(self, lease: Lease) -> None:
+        ids = self._by_pid[lease.pid]
+        del ids[lease.id]
+        if not ids:
+            del self._by_pid[lease.pid]
+            self._let_go.add(lease.pid)
 
     def keep_released(self, lease: Lease, when: float) -> None:
         """Released with its sockets open (at `when`, wall clock): it lingers, on its quota, until they close."""
@@ -270,6 +282,7 @@ class LeaseTable:
         return bool(self.settling) or any(0 <= now - (lease.released_at or 0.0) < seconds for lease in self.released())
 
     def of_pid(self, pid: int) -> list[Lease]:
+        """The leases pid holds (not the orphans its pid once held)."""
         return [self._by_id[i] for i in self._by_pid.get(pid, ())]
 
     def on_interface(self, ifindex: int) -> list[Lease]:

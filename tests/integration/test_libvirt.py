@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import pwd
 import re
@@ -93,6 +94,9 @@ def inode(fd: int) -> str:
 
 
 def own_fds() -> set[str]:
+    """This process's fds. Garbage is collected first: a file an earlier test in this worker left to the collector
+    would close in the middle and look like a change."""
+    gc.collect()
     out = set()
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):

@@ -99,6 +99,20 @@ def test_a_holder_with_two_leases_stays_watched_until_both_end(watched: Watched)
     assert watched.prune() == [pid] and pid not in watched.holders.pidfds
 
 
+def test_a_process_that_reuses_an_orphans_pid_is_pruned_when_its_own_last_lease_ends(watched: Watched) -> None:
+    """An orphan's holder has exited: its pid holds nothing. The orphan kept the pid "holding", so a process that
+    took the pid, was granted and released stayed watched (its pidfd open) until it exited."""
+    pid = PIDS[7]
+    watched.table.orphan(watched.leases[pid])  # its holder exited, its sockets live on elsewhere
+    assert not watched.table.holds(pid) and watched.table.of_pid(pid) == []
+    watched.table.add(1000, pid, 8, "veth1", (0,), "bound", 1 << 20)  # the pid's next process, granted
+    assert watched.prune() == [pid] and pid in watched.holders.pidfds  # watched while it holds its own
+    watched.table.remove(watched.table.of_pid(pid)[0].id)
+    assert watched.prune() == [pid] and pid not in watched.holders.pidfds
+    watched.table.remove(watched.leases[pid].id)  # the orphan's sockets close: it ends, no pid to let go of
+    assert watched.prune() == []
+
+
 def test_a_pid_watched_without_a_lease_is_still_pruned(watched: Watched) -> None:
     """A watch that came after its lease was undone: no lease let it go, but more pids are watched than hold."""
     own = pidfd_open(os.getpid())

@@ -40,6 +40,7 @@ def test_a_broker_killed_mid_revoke_still_charges_the_revoked_lease_after_restar
     armed[0] = True
     with pytest.raises(Killed):
         first.ask(ROOT, proto.Revoke(reply["lease"]))
+    first.service.leases.close()  # its journal's fd goes with it, as a killed process's does (nothing more)
     # the broker is gone: nothing of it is closed or settled; the next one starts from its journal and the kernel
     second = make_rig(tmp_path, policy=policy, kernel=first.kernel)
     second.service.recover()
@@ -64,6 +65,7 @@ def test_a_broker_killed_mid_revoke_whose_holder_exited_since_leaves_no_socket_i
     armed[0] = True
     with pytest.raises(Killed):
         first.ask(ROOT, proto.Revoke(reply["lease"]))
+    first.service.leases.close()
     first.kernel.procs.pop(ALICE.pid)
     second = make_rig(tmp_path, kernel=first.kernel)
     second.service.recover()
@@ -85,6 +87,7 @@ def test_a_broker_killed_mid_revoke_of_a_misbound_bare_lease_finishes_it_at_rest
     armed[0] = True
     with pytest.raises(Killed):
         first.service.check_bare()
+    first.service.leases.close()
     second = make_rig(tmp_path, kernel=first.kernel)
     second.service.recover()
     kept = second.service.leases.get(reply["lease"])
