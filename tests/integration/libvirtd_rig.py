@@ -5,6 +5,7 @@ read: leases, a detached worker's state and exit.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import os
 import pwd
@@ -49,6 +50,8 @@ def finished_state(path: Path, timeout: float = 15.0) -> dict[str, Any]:
 HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")
 INSTALLED = HOOKS_DIR / "xskbroker"
 LIBVIRT_SOCK = "/run/libvirt/libvirt-sock"
+# the system libvirtd's socket, pid file and hook path are the machine's: tests in parallel workers take turns
+TURN = Path("/run/xskbroker-test-libvirtd.lock")
 LIBVIRT_USER = "libvirt-qemu"
 
 
@@ -93,7 +96,16 @@ def libvirtd(workdir: Path, conf: Path, netns: str | None = None, kvm_group: boo
     (/etc/libvirt/hooks/qemu.d: the path is built into libvirt) for their lifetime; all of it undone after.
 
     netns: libvirtd (and so every QEMU it starts) runs in that network namespace. kvm_group: in libvirtd's
-    mount namespace /dev/kvm is root:kvm 0660, as Debian's udev rule makes it, so QEMU's user can use KVM."""
+    mount namespace /dev/kvm is root:kvm 0660, as Debian's udev rule makes it, so QEMU's user can use KVM.
+    One at a time on the machine (TURN): a second would find the first's socket and talk to it, with its hook."""
+    with open(TURN, "w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # released when the file closes, after everything below is undone
+        with _libvirtd(workdir, conf, netns, kvm_group):
+            yield
+
+
+@contextlib.contextmanager
+def _libvirtd(workdir: Path, conf: Path, netns: str | None, kvm_group: bool) -> Iterator[None]:
     made: list[Path] = []
     for d in (HOOKS_DIR.parent, HOOKS_DIR):
         if not d.exists():
