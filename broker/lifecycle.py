@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from xskbroker.broker.core import MemlockRaise, Outcome, Refused
@@ -205,16 +206,21 @@ class Lifecycle(MapGrants):
             self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
                         "reason": "its sockets were closed while its holder lives"})
 
+    def _occupied(self, lease: Lease, queues: Iterable[int]) -> list[int] | None:
+        """Which of `queues`' slots on the lease's interface hold a socket; None when unknown (no program cached for
+        the interface, or a failed read)."""
+        prog = self.programs.get(lease.ifindex)
+        if prog is None:
+            return None
+        try:
+            return self.kernel.occupied_slots(prog.map_fd, queues)
+        except OSError:
+            return None
+
     def _slots_empty(self, lease: Lease) -> bool:
         """True only when the kernel says every slot of the lease is empty (an unknown program or a failed
         read says nothing: the lease is kept)."""
-        prog = self.programs.get(lease.ifindex)
-        if prog is None:
-            return False
-        try:
-            return not self.kernel.occupied_slots(prog.map_fd, lease.queues)
-        except OSError:
-            return False
+        return self._occupied(lease, lease.queues) == []
 
     def _still_held(self, lease: Lease) -> bool:
         # a revoked lease's slots were emptied on purpose: they tell nothing about its sockets, but a bare lease
@@ -224,14 +230,7 @@ class Lifecycle(MapGrants):
             return False
         if lease.revoked:
             return lease.misbound is not None and self._misbound_still_bound(lease)
-        prog = self.programs.get(lease.ifindex)
-        if prog is None:
-            return False
-        try:
-            return bool(self.kernel.occupied_slots(prog.map_fd, lease.queues))
-        except OSError:
-            return False
-
+        return bool(self._occupied(lease, lease.queues))
 
     def _misbound_still_bound(self, lease: Lease) -> bool:
         assert lease.misbound is not None
@@ -250,12 +249,9 @@ class Lifecycle(MapGrants):
     def _bound_in_slot(self, lease: Lease, queue: int) -> bool:
         """Whether the socket in the lease's slot for queue is bound to that queue: a bound lease's socket is, while
         it is in the slot; a bare one's when the slot probe says so."""
-        prog = self.programs.get(lease.ifindex)
         if lease.kind == "bound":
-            try:
-                return prog is not None and bool(self.kernel.occupied_slots(prog.map_fd, [queue]))
-            except OSError:
-                return False
+            return bool(self._occupied(lease, [queue]))
+        prog = self.programs.get(lease.ifindex)
         probe = self.squat.probe(prog) if prog is not None else None
         if probe is None:
             return False
