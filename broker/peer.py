@@ -100,16 +100,25 @@ def peer_groups(sock: socket.socket, most: int = MAX_GROUPS) -> frozenset[int] |
             size = min(size * 4, most * 4)
 
 
+def so_peerpidfd(sock: socket.socket) -> int | None:
+    """SO_PEERPIDFD's pidfd of the peer (race-free, kernel >= 6.5); None when the peer was reaped (peer_reaped): its
+    pid may name another process now. Raises OSError otherwise: ENOPROTOOPT on a kernel without it, EMFILE out of
+    fds (never taken for "the peer is gone")."""
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
+    except OSError as e:
+        if peer_reaped(e):
+            return None
+        raise
+
+
 def peer_pidfd(sock: socket.socket | None, pid: int) -> int | None:
-    """A pidfd for the peer: SO_PEERPIDFD (race-free, kernel >= 6.5), else (a kernel without it) pidfd_open on its
-    pid. None when SO_PEERPIDFD says the peer was reaped (peer_reaped): its pid may name another process now.
-    Raises OSError when the broker cannot tell (out of fds): never taken for "the peer is gone"."""
+    """A pidfd for the peer: so_peerpidfd, else (a kernel without it) pidfd_open on its pid. None when the peer is
+    gone; OSError when the broker cannot tell (out of fds)."""
     if sock is not None:
         try:
-            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
+            return so_peerpidfd(sock)
         except OSError as e:
-            if peer_reaped(e):
-                return None
             if e.errno != errno.ENOPROTOOPT:
                 raise
     return pidfd_open(pid)
@@ -314,13 +323,13 @@ def _peer_identity(sock: socket.socket, pid: int) -> tuple[str | None, int | Non
     None) when the kernel has no SO_PEERPIDFD (< 6.5) or /proc hides the process: a rule that names cgroups then
     never allows."""
     try:
-        pidfd = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
+        pidfd = so_peerpidfd(sock)
     except OSError as e:
-        if peer_reaped(e):  # reaped before a pidfd was made
-            return None
         if e.errno == errno.ENOPROTOOPT:
             return (None, None, None)
         raise  # out of fds: the peer is neither judged without its identity nor taken for gone
+    if pidfd is None:  # reaped before a pidfd was made
+        return None
     try:
         cgroup = read_cgroup(pid)
         start = pinned_start(pidfd, pid)
