@@ -69,9 +69,9 @@ def test_a_pooled_socket_bound_within_the_inline_wait_is_answered_at_once(pooled
     assert not _readable(pooled), "the worker did not wake the loop: it was waiting"
 
 
-def _readable(rig: Rig) -> bool:
-    """Whether a worker woke the loop (within 50 ms)."""
-    return bool(select.select([rig.service.workers.wake], [], [], 0.05)[0])
+def _readable(rig: Rig, within: float = 0.05) -> bool:
+    """Whether a worker woke the loop within `within` seconds."""
+    return bool(select.select([rig.service.workers.wake], [], [], within)[0])
 
 
 def test_the_loop_never_waits_longer_than_the_inline_wait(pooled: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,14 +80,16 @@ def test_the_loop_never_waits_longer_than_the_inline_wait(pooled: Rig, monkeypat
     slow = FakePrepared.try_bind
 
     def held(self: FakePrepared) -> bool:  # a bind behind someone's rtnl lock
-        time.sleep(0.05)
+        time.sleep(0.5)  # long, so that a loop that waited for it cannot pass for a slow machine
         return slow(self)
 
     monkeypatch.setattr(FakePrepared, "try_bind", held)
     t = time.monotonic()
     out = ask(pooled, 1)
-    assert time.monotonic() - t < 0.04 and isinstance(out, Deferred)
-    assert _readable(pooled), "a job the loop stopped waiting for wakes it when done"
+    assert time.monotonic() - t < 0.25 and isinstance(out, Deferred)
+    # a 50 ms job's wake-up came later than a 50 ms look on a loaded machine (CI, two workers): the look is
+    # long, since what is tested is that the wake-up comes at all
+    assert _readable(pooled, within=5.0), "a job the loop stopped waiting for wakes it when done"
     assert finish(pooled, out)["ok"]
 
 
