@@ -34,10 +34,11 @@ def test_group_entries_match_as_they_did_when_every_gid_was_spelled_out(entries:
 
 def test_a_peer_in_65536_groups_costs_a_decision_its_entries_only() -> None:
     peer = Peer(1000, frozenset(range(100_000, 165_536)), "u", frozenset())
-    started = time.perf_counter()
+    # this thread's CPU time, not the wall clock: a loaded CI machine may take the CPU away mid-loop
+    started = time.thread_time()
     for _ in range(100):
         assert in_groups(frozenset({"7", "staff"}), peer) is False
-    assert time.perf_counter() - started < 0.05  # spelling out 65,536 gids took ~10 ms a call
+    assert time.thread_time() - started < 0.05  # spelling out 65,536 gids took ~10 ms a call
 
 
 def test_group_names_are_the_policys_the_peer_holds() -> None:
