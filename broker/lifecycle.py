@@ -77,20 +77,28 @@ class Lifecycle(MapGrants):
         return Outcome(ReleaseReply(lease.id, req_id=req.req_id))
 
     def settle_releases(self, now: float, all_due: bool = False) -> bool:
-        """Look at the leases released while the broker's copies of their sockets were closing, those due (all
-        of them with all_due): one whose slots are empty ends (as its release said); one whose sockets are still
-        open after SETTLE_MAX is kept, released. True if any ended."""
+        """Look at the leases released (or whose holder exited) while the broker's copies of their sockets were
+        closing, those due (all of them with all_due): one whose slots are empty ends (as its release said, or as
+        its holder's exit); one whose sockets are still open after SETTLE_MAX is kept, released (or an orphan).
+        True if any ended."""
         ended = False
         for lease_id, (due, last) in list(self.leases.settling.items()):
             lease = self.leases.get(lease_id)
             if lease is None or (due > now and not all_due):
                 continue
             if not self._still_held(lease):
-                self.leases.remove(lease_id)
+                if lease.orphaned:  # its holder exited, and only the broker's copy was left
+                    self._exit_ended(lease)
+                else:
+                    self.leases.remove(lease_id)
                 ended = True
             elif now >= last:
                 del self.leases.settling[lease_id]
-                self._keep_released(lease, {})
+                if lease.orphaned:
+                    self.audit({"event": "lease-orphaned", "lease": lease.id, "pid": lease.pid,
+                                "reason": "holder exited but its sockets are still open elsewhere"})
+                else:
+                    self._keep_released(lease, {})
             else:
                 self.leases.settling[lease_id] = (now + SETTLE_STEP, last)
         return ended
@@ -169,13 +177,21 @@ class Lifecycle(MapGrants):
             if lease.orphaned or not same_process((lease.pid_start, lease.pid_ino), (start, ino)):
                 continue
             if self._still_held(lease):
+                # Held by no pid from now on. It may be only the broker's own copy, kept a moment after the reply:
+                # that closes now, and the lease settles as a release does (settle_releases), so that a grant of its
+                # quota or its queue made right after the exit (a VM restarted) waits those milliseconds instead of
+                # being refused. Still held after SETTLE_MAX, it is an orphan: its sockets live on elsewhere.
                 self.leases.orphan(lease)
                 self.leases.record(lease)
-                self.audit({"event": "lease-orphaned", "lease": lease.id, "pid": pid,
-                            "reason": "holder exited but its sockets are still open elsewhere"})
+                self.sent_done(lease.id)
+                now = self.clock()
+                self.leases.settling[lease.id] = (now + SETTLE_STEP, now + SETTLE_MAX)
                 continue
-            self.leases.remove(lease.id)
-            self.audit({"event": "lease-ended", "lease": lease.id, "pid": pid, "reason": "holder exited"})
+            self._exit_ended(lease)
+
+    def _exit_ended(self, lease: Lease) -> None:
+        self.leases.remove(lease.id)
+        self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid, "reason": "holder exited"})
 
     def check_orphans(self) -> None:
         """End the orphaned leases whose sockets have finally been closed, and the bare leases whose
@@ -184,6 +200,8 @@ class Lifecycle(MapGrants):
         Called periodically."""
         self.end_closed_releases()
         for lease in self.leases.orphaned():
+            if lease.id in self.leases.settling:
+                continue  # its holder exited a moment ago: settle_releases says how it ended
             if not self._still_held(lease):
                 self.leases.remove(lease.id)
                 self.audit({"event": "lease-ended", "lease": lease.id, "pid": lease.pid,
