@@ -154,6 +154,9 @@ class Core:
     pending: Holdings  # grants waiting (for a queue's release, a worker), by identity
     jobs: collections.Counter[int]  # large grants being made, by uid
     bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty
+    # (ifindex, queue) -> when a lease whose socket had closed last let it go, and its id: the kernel frees the
+    # queue itself a moment later (much later on a busy system), and a grant that waited for it meanwhile is told so
+    freed: dict[tuple[int, int], tuple[float, str]]
     pool: UmemPool
     workers: Workers
     # the server's loop has other events to handle in this round: a grant then never waits for its bind

@@ -47,6 +47,9 @@ MAX_JOBS_PER_UID = 2
 # how long a grant over quota waits for a lease released with its sockets open to end: the broker's own copies of
 # them close within milliseconds of the release; a holder that kept them keeps the charge
 RELEASE_SETTLE_SECONDS = 0.1
+# A queue the kernel still holds this long after the last lease on it ended, its socket closed, is taken for a release
+# the kernel is late to finish, not a squatter's (the grant itself waits BUSY_RETRY_SECONDS first)
+FREED_LATELY = 10.0
 
 
 class Grants(BareGrants):
@@ -426,6 +429,17 @@ class Grants(BareGrants):
         culprit = self.squat.culprit(prog, self.leases.on_interface(prog.ifindex), queue)
         with contextlib.suppress(OSError):
             if culprit or queue in self.kernel.bound_queues(prog.ifindex):
+                freed = None if culprit else self.freed.get((prog.ifindex, queue))
+                age = self.clock() - freed[0] if freed else None
+                if freed and age is not None and age < FREED_LATELY:
+                    # the kernel says the queue still has a socket's pool, and the last lease on it ended with its
+                    # socket closed: that release has not finished (it is deferred, and a busy system runs it late).
+                    # Not a squatter, which would send an operator after a process that does not exist.
+                    return Refused(ErrorCode.QUEUE_BUSY, f"{ifname} queue {queue} is still being let go of by the "
+                                   f"kernel: lease {freed[1]} ended on it {age:.1f} s ago with its socket closed, and "
+                                   f"the kernel has not finished releasing that socket after {BUSY_RETRY_SECONDS} s "
+                                   "(it defers that work; a busy system runs it late); try again shortly",
+                                   errno="EBUSY", lease=freed[1])
                 return Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(ifname, queue, culprit), errno="EBUSY",
                                **({"lease": culprit.id} if culprit else {}))
         return OSError(errno.EBUSY, f"still bound by a released socket after {BUSY_RETRY_SECONDS} s")

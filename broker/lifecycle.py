@@ -23,6 +23,7 @@ from xskbroker.wire.replies import ErrorReply, ReleaseReply, RevokedLease
 
 SETTLE_STEP = 0.003  # seconds between looks at a lease released while the broker's copies were closing
 SETTLE_MAX = 0.05  # how long those copies may take to close (their helper runs late on a busy CPU)
+FREED_MAX = 4096  # (interface, queue) pairs remembered as let go of lately (Service.freed)
 
 
 class Lifecycle(MapGrants):
@@ -147,6 +148,12 @@ class Lifecycle(MapGrants):
     def _lease_ended(self, lease: Lease) -> None:
         """Undo what a lease did outside the table, however it ended (release, exit, revoke, link gone)."""
         self.sent_done(lease.id)
+        if not lease.revoked and lease.kind != "map":  # a revoked lease's socket may live on, bound (a squatter)
+            if len(self.freed) >= FREED_MAX:
+                self.freed.clear()  # what it loses is only the wording of a refusal
+            now = self.clock()
+            for q in lease.queues:
+                self.freed[(lease.ifindex, q)] = (now, lease.id)
         if lease.kind == "map":
             self._end_map(lease)
         key = (lease.pid, lease.pid_start, lease.pid_ino)

@@ -104,6 +104,7 @@ class Service(Grants, Lifecycle):
         self.loop_busy = False
         self.jobs: collections.Counter[int] = collections.Counter()
         self.bare_empty: set[str] = set()
+        self.freed: dict[tuple[int, int], tuple[float, str]] = {}
         self.signal_holder = signal_holder
         self.pin_root = pin_root  # a bpffs directory where map grants are pinned for their tenants
         self.pinned: dict[str, str] = {}
