@@ -254,6 +254,9 @@ class Child:
     pid: int
     rfd: int
     uid: int
+    # Once reaped, its pid is free for any process to take (pid_max is 32768 on some hosts, and the suite forks
+    # thousands of times): a kill after that could hit another test's process. Only this process reaps it.
+    reaped: bool = False
 
     def result(self, timeout: float = 30.0) -> Any:
         chunks = []
@@ -280,16 +283,24 @@ class Child:
         if self.rfd >= 0:
             os.close(self.rfd)
             self.rfd = -1
-        with contextlib.suppress(ChildProcessError, ProcessLookupError):
-            os.kill(self.pid, sig)
+        if self.reaped:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)  # not reaped yet, so the pid is still its (a zombie at worst)
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+        self.reaped = True
 
     def alive(self) -> bool:
+        if self.reaped:
+            return False
         try:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            return False
-        return pid == 0
+            pid = self.pid
+        if pid:
+            self.reaped = True
+        return not pid
 
 
 def preload(*packages: str) -> None:
