@@ -57,7 +57,7 @@ class Deferred:
 
     step: Callable[[], Outcome | None]
     cancel: Callable[[], None]  # give up (the broker is stopping): undo what was made
-    delay: float = 0.001  # first retry; the server backs off to RETRY_CAP
+    delay: float = 0.001  # first retry; the server backs off to server.retry_cap()
     # True while a worker thread does the request's kernel work: no timer, the worker's wake-up ends it
     parked: Callable[[], bool] = lambda: False
     # True once that work is done: stepped at once, not at the next timer

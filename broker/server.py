@@ -43,6 +43,11 @@ from xskbroker.wire.replies import ErrorReply
 
 ORPHAN_POLL_SECONDS = 2.0
 RETRY_CAP = 0.002  # a waiting grant retries at least this often: the queue is released any moment
+# ... when few wait. Each retry of a bound grant is a bind, which takes the kernel's rtnl lock, and so does the
+# deferred work that frees a closed socket's queue: dozens of grants retrying every 2 ms each compete with it on a
+# busy machine. Together they retry at most this often (docs/performance.md: the 200-client load test beside two CPU
+# hogs had 125-644 grants refused after a 1 s wait for queues the kernel had not freed, and 0-80 with this).
+RETRIES_PER_SECOND = 1000
 # how long the broker keeps its copies of sent fds: a client that closes its own soon after (most do within
 # a millisecond or two) then leaves the last close, and its grace period, to the broker's closing helper
 KEEP_SENT = 0.005
@@ -56,6 +61,11 @@ class Endpoint(Protocol):
     def regroup(self, groups_of: Callable[[frozenset[int]], frozenset[str]]) -> None: ...
 
 
+
+
+def retry_cap(waiting: int) -> float:
+    """The longest a waiting grant goes between retries, with `waiting` requests waiting in all."""
+    return max(RETRY_CAP, waiting / RETRIES_PER_SECOND)
 
 
 class Server:
@@ -436,6 +446,7 @@ class Server:
 
     def _retry_waiting(self) -> None:
         now = time.monotonic()
+        cap = retry_cap(len(self.waiting))
         still = []
         for due, deferred, conn, who in self.waiting:
             if deferred.parked() or (due > now and not deferred.ready()):
@@ -446,7 +457,7 @@ class Server:
             except Exception as e:
                 outcome = self._internal_error(who, e)
             if outcome is None:
-                deferred.delay = min(deferred.delay * 2, RETRY_CAP)
+                deferred.delay = min(deferred.delay * 2, cap)
                 still.append((now + deferred.delay, deferred, conn, who))
                 continue
             self._in_flight.discard(conn.fileno())
