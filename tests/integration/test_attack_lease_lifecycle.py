@@ -27,7 +27,6 @@ from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, Child, VethNamespace, drop_privileges, fork_child
 from xskbroker.wire import protocol as proto
 
-from ..pids import choosing_pids
 from .conftest import CONSUMER_UID, wait_for
 
 POLICY = f"""\
@@ -71,28 +70,27 @@ def ask_and_hold(path: str, iface: str, queue: int, kind: str, report: int) -> N
 def child_at(pid: int, fn, *args: object, tries: int = 20000) -> Iterator[Child]:  # type: ignore[no-untyped-def]
     """fork_child(fn, *args) as CONSUMER_UID with exactly this pid (free now): root chooses the next pid
     through ns_last_pid, and the child does nothing until it is known to have landed on it."""
-    with choosing_pids():
-        for _ in range(tries):
-            go_r, go_w = os.pipe()
+    for _ in range(tries):
+        go_r, go_w = os.pipe()
 
-            def become(go_r: int = go_r, go_w: int = go_w) -> dict[str, str]:
-                os.close(go_w)
-                if os.read(go_r, 1) != b"y":
-                    os._exit(0)
-                os.close(go_r)
-                return drop_privileges(CONSUMER_UID)
-
-            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-            child = fork_child(become, CONSUMER_UID, fn, *args)
-            os.close(go_r)
-            if child.pid == pid:
-                os.write(go_w, b"y")
-                os.close(go_w)
-                break
+        def become(go_r: int = go_r, go_w: int = go_w) -> dict[str, str]:
             os.close(go_w)
-            child.kill()
-        else:
-            raise AssertionError(f"pid {pid} never came round again in {tries} forks")
+            if os.read(go_r, 1) != b"y":
+                os._exit(0)
+            os.close(go_r)
+            return drop_privileges(CONSUMER_UID)
+
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        child = fork_child(become, CONSUMER_UID, fn, *args)
+        os.close(go_r)
+        if child.pid == pid:
+            os.write(go_w, b"y")
+            os.close(go_w)
+            break
+        os.close(go_w)
+        child.kill()
+    else:
+        raise AssertionError(f"pid {pid} never came round again in {tries} forks")
     try:
         yield child
     finally:

@@ -33,7 +33,6 @@ from xskbroker.client.connection import Connection
 from xskbroker.testbed.sandbox import BrokerProcess, fork_child, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
-from ..pids import choosing_pids
 from .conftest import CONSUMER_UID, wait_for
 from .test_attack_names import BARE_POLICY, bed
 
@@ -55,32 +54,31 @@ def _records(b: BrokerProcess, event: str) -> list[dict]:
 def at_pid(pid: int, body: Any, tries: int = 20000) -> Iterator[tuple[int, int]]:
     """A root child with exactly this pid (free now) that runs body(result_fd) once it knows it has it:
     (its pid, the read end of its result pipe)."""
-    with choosing_pids():
-        for _ in range(tries):
-            go_r, go_w = os.pipe()
-            r, w = os.pipe()
-            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-                f.write(str(pid - 1))
-            child = os.fork()
-            if child == 0:
-                try:
-                    os.close(go_w)
-                    os.close(r)
-                    if os.read(go_r, 1) == b"g":
-                        body(w)
-                finally:
-                    os._exit(0)
-            os.close(go_r)
-            os.close(w)
-            if child == pid:
-                os.write(go_w, b"g")
+    for _ in range(tries):
+        go_r, go_w = os.pipe()
+        r, w = os.pipe()
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        child = os.fork()
+        if child == 0:
+            try:
                 os.close(go_w)
-                break
+                os.close(r)
+                if os.read(go_r, 1) == b"g":
+                    body(w)
+            finally:
+                os._exit(0)
+        os.close(go_r)
+        os.close(w)
+        if child == pid:
+            os.write(go_w, b"g")
             os.close(go_w)
-            os.waitpid(child, 0)
-            os.close(r)
-        else:
-            raise AssertionError(f"pid {pid} never came round again in {tries} forks")
+            break
+        os.close(go_w)
+        os.waitpid(child, 0)
+        os.close(r)
+    else:
+        raise AssertionError(f"pid {pid} never came round again in {tries} forks")
     try:
         yield pid, r
     finally:

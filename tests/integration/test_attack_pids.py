@@ -24,7 +24,6 @@ from xskbroker.client.grant import request, request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
-from ..pids import choosing_pids
 from .conftest import CONSUMER_UID, wait_for
 from .probe import RootProbe
 
@@ -126,22 +125,21 @@ def _victim(log: int) -> None:
 @contextlib.contextmanager
 def victim_at(pid: int, tries: int = 20000) -> Iterator[tuple[int, int]]:
     """A root process with exactly this pid (free now): (its pid, the read end of its signal log)."""
-    with choosing_pids():
-        for _ in range(tries):
-            r, w = os.pipe()
-            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-                f.write(str(pid - 1))
-            child = os.fork()
-            if child == 0:
-                _victim(w)
-            os.close(w)
-            if child == pid:
-                break
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
-            os.close(r)
-        else:
-            raise AssertionError(f"pid {pid} never came round again in {tries} forks")
+    for _ in range(tries):
+        r, w = os.pipe()
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        child = os.fork()
+        if child == 0:
+            _victim(w)
+        os.close(w)
+        if child == pid:
+            break
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(r)
+    else:
+        raise AssertionError(f"pid {pid} never came round again in {tries} forks")
     try:
         assert os.read(r, 1) == b"R"  # its handlers are in place
         yield pid, r

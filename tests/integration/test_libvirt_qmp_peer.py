@@ -29,8 +29,6 @@ from xskbroker.client.libvirt import monitors as lvmon
 from xskbroker.client.libvirt import worker as lvworker
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, fork_child
 
-from ..pids import choosing_pids
-
 ATTACKER = 65534
 AF_XDP = 44
 SO_DOMAIN = 39
@@ -206,23 +204,22 @@ def fake_qmp_of_a_dead_listener(where: str) -> dict[str, Any]:
 
 def start_victim_at(pid: int) -> int:
     """A process of uid VICTIM with exactly this pid (root may choose the next pid: ns_last_pid)."""
-    with choosing_pids():
-        for _ in range(50):
-            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-            child = os.fork()
-            if child == 0:
-                try:
-                    os.setgroups([])
-                    os.setresgid(VICTIM, VICTIM, VICTIM)
-                    os.setresuid(VICTIM, VICTIM, VICTIM)
-                    time.sleep(60)
-                finally:
-                    os._exit(0)
-            if child == pid:
-                return child
-            os.kill(child, signal.SIGKILL)  # another process forked in between: try again
-            os.waitpid(child, 0)
-        raise AssertionError(f"could not start a process with pid {pid}")
+    for _ in range(50):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(VICTIM, VICTIM, VICTIM)
+                os.setresuid(VICTIM, VICTIM, VICTIM)
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        if child == pid:
+            return child
+        os.kill(child, signal.SIGKILL)  # another process forked in between: try again
+        os.waitpid(child, 0)
+    raise AssertionError(f"could not start a process with pid {pid}")
 
 
 def test_a_qmp_socket_whose_listener_exited_gets_no_grant_as_whoever_took_its_pid(veth: VethNamespace,
