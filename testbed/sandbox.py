@@ -258,7 +258,9 @@ class Child:
     # thousands of times): a kill after that could hit another test's process. Only this process reaps it.
     reaped: bool = False
 
-    def result(self, timeout: float = 30.0) -> Any:
+    def result(self, timeout: float = 30.0, reap: bool = True) -> Any:
+        """With reap=False an exited child is left a zombie, its pid still its own, until kill(): a test that is
+        to land another process on that pid frees it only right before, so that no other process takes it."""
         chunks = []
         deadline = time.monotonic() + timeout
         try:
@@ -271,7 +273,11 @@ class Child:
                     break
                 chunks.append(chunk)
         finally:
-            self.kill()
+            if reap or not chunks:
+                self.kill()
+            elif self.rfd >= 0:
+                os.close(self.rfd)
+                self.rfd = -1
         if not chunks:
             raise RuntimeError(f"consumer {self.pid} died without a result")
         ok, value = pickle.loads(b"".join(chunks))

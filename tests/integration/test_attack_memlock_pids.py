@@ -216,13 +216,16 @@ def test_a_raise_is_undone_to_the_limits_of_the_process_it_raised_never_to_an_ea
         go_r, go_w = os.pipe()
         first = fork_child(lambda: None, 0, _grant_bare_and_hand_off, b.socket_path, ns.inside, 0,
                            (64 * KiB, 4 * MiB), MiB, hold_r)
-        got = first.result()  # the first holder has exited and is reaped; its keeper holds the socket
+        # the first holder has exited, its keeper holds the socket; it is reaped only right before its pid is taken
+        # again, so that no other process of the suite takes it meanwhile
+        got = first.result(reap=False)
         os.close(hold_r)
         try:
             assert got["memlock"]["raised"] is True, got
             wait_for(lambda: [x for x in _records(b, "lease-orphaned") if x["lease"] == got["lease"]],
                      what="the first lease to be orphaned")
             mine = (128 * KiB, 8 * MiB)  # the second process's own limits: higher than the first's
+            first.kill()
             with at_pid(got["pid"], _second_holder(b.socket_path, ns.inside, 1, mine, MiB, go_r,
                                             (go_w, hold_w))) as (pid, r):
                 assert select.select([r], [], [], 10.0)[0] and os.read(r, 1) == b"G", "no grant"

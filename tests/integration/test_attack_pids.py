@@ -186,12 +186,13 @@ def test_orphaned_lease_after_restart_never_signals_the_process_that_reused_its_
     with BrokerProcess(veth.name, POLICY) as b:
         probe = RootProbe(b.socket_path, veth.inside)
         holder = spawn_unprivileged(grant_and_hand_off, b.socket_path, veth.inside, 0, 60.0, uid=CONSUMER_UID)
-        held = holder.result()  # the holder has exited and is reaped: its pid is free
+        held = holder.result(reap=False)  # the holder has exited; reaped (its pid freed) only right before reuse
         keeper = os.pidfd_open(held["keeper"])
         try:
             wait_for(lambda: _records(b, "lease-orphaned"), what="the broker to see the holder exit")
             b.proc.kill()  # type: ignore[union-attr]
             b.proc.wait()  # type: ignore[union-attr]
+            holder.kill()
             with victim_at(holder.pid) as (victim, log):
                 b.start()
                 probe.run()
