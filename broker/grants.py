@@ -430,8 +430,7 @@ class Grants(BareGrants):
         with contextlib.suppress(OSError):
             if culprit or queue in self.kernel.bound_queues(prog.ifindex):
                 freed = None if culprit else self.freed.get((prog.ifindex, queue))
-                age = self.clock() - freed[0] if freed else None
-                if freed and age is not None and age < FREED_LATELY:
+                if freed is not None and (age := self.clock() - freed[0]) < FREED_LATELY:
                     # the kernel says the queue still has a socket's pool, and the last lease on it ended with its
                     # socket closed: that release has not finished (it is deferred, and a busy system runs it late).
                     # Not a squatter, which would send an operator after a process that does not exist.

@@ -263,6 +263,7 @@ class Child:
         to land another process on that pid frees it only right before, so that no other process takes it."""
         chunks = []
         deadline = time.monotonic() + timeout
+        ended = False  # end of file: the child has written its result and is exiting
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -270,14 +271,14 @@ class Child:
                     raise TimeoutError(f"consumer {self.pid} gave no result in {timeout}s")
                 chunk = os.read(self.rfd, 1 << 16)
                 if not chunk:
+                    ended = True
                     break
                 chunks.append(chunk)
         finally:
-            if reap or not chunks:
+            if reap or not ended:  # a child that gave no (whole) result is killed whatever reap says
                 self.kill()
-            elif self.rfd >= 0:
-                os.close(self.rfd)
-                self.rfd = -1
+            else:
+                self._close_pipe()
         if not chunks:
             raise RuntimeError(f"consumer {self.pid} died without a result")
         ok, value = pickle.loads(b"".join(chunks))
@@ -285,10 +286,13 @@ class Child:
             raise RuntimeError(f"consumer failed:\n{value}")
         return value
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def _close_pipe(self) -> None:
         if self.rfd >= 0:
             os.close(self.rfd)
             self.rfd = -1
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self._close_pipe()
         if self.reaped:
             return
         with contextlib.suppress(ProcessLookupError):

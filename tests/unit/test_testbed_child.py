@@ -51,3 +51,21 @@ def test_a_live_child_is_killed_and_reaped() -> None:
     assert not child.alive() and child.reaped
     with pytest.raises(ChildProcessError):
         os.waitpid(child.pid, os.WNOHANG)
+
+
+def test_a_child_that_gives_no_result_is_killed_even_when_asked_not_to_reap() -> None:
+    """reap=False keeps an exited child's pid: one still running when the wait times out is killed all the same."""
+    child = fork_child(lambda: None, os.getuid(), time.sleep, 60)
+    with pytest.raises(TimeoutError):
+        child.result(timeout=0.2, reap=False)
+    assert child.reaped and not child.alive()
+
+
+def test_an_exited_child_not_reaped_keeps_its_pid_until_killed() -> None:
+    child = fork_child(lambda: None, os.getuid(), _sleeper)
+    assert child.result(reap=False) == child.pid
+    assert not child.reaped and os.path.exists(f"/proc/{child.pid}")  # a zombie: the pid is still its own
+    child.kill()
+    assert child.reaped
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child.pid, os.WNOHANG)
