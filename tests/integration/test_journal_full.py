@@ -73,6 +73,14 @@ def test_a_full_journal_refuses_grants_cleanly_and_still_ends_leases(veth: VethN
     with _small_tmpfs() as state, BrokerProcess(veth.name, POLICY, extra_args=["--state-dir", str(state)]) as b:
         holder = spawn_unprivileged(hold_grant, b.socket_path, "xsk0", [1], 60.0, uid=CONSUMER_UID)
         wait_for(lambda: len(_leases(b.socket_path)) == 1, what="the holder's lease")
+        # one grant and release first: what the broker keeps from then on (the socket it probes map slots with, made
+        # at the first release) is in the baseline, which only what a refused grant leaves behind may exceed
+        with Connection(b.socket_path) as c:
+            reply, fds = c.call(proto.Grant("xsk0", (0,), geometry=SMALL))
+            for fd in fds:
+                os.close(fd)
+            c.call(proto.Release(reply["lease"]))
+        wait_for(lambda: len(_leases(b.socket_path)) == 1, what="the first lease ended")
         filler = _fill(state)
         baseline = _fds(b.pid)
         refusal: dict[str, Any] | None = None
