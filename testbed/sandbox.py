@@ -331,12 +331,14 @@ def spawn_unprivileged(fn: Callable[..., Any], *args: Any, uid: int = 65534, gid
     return fork_child(lambda: drop_privileges(uid, gid), uid, fn, *args)
 
 
-def fork_child(become: Callable[[], dict[str, str] | None], uid: int, fn: Callable[..., Any], *args: Any) -> Child:
-    """Fork; in the child, become() first (drop privileges, enter a namespace: whatever it must be before it
-    runs), then run fn(*args) and send back its result. What become() returns (the capabilities it kept) is
-    added to a dict result under "capabilities"; None adds nothing."""
+def fork_child(become: Callable[[], dict[str, str] | None], uid: int, fn: Callable[..., Any], *args: Any,
+               fork: Callable[[], int] = os.fork) -> Child:
+    """Fork (with fork: pids.fork_on to land on a chosen pid); in the child, become() first (drop privileges,
+    enter a namespace: whatever it must be before it runs), then run fn(*args) and send back its result. What
+    become() returns (the capabilities it kept) is added to a dict result under "capabilities"; None adds
+    nothing."""
     rfd, wfd = os.pipe()
-    pid = os.fork()
+    pid = fork()
     if pid == 0:  # child
         code = 0
         try:

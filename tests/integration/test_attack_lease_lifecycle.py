@@ -3,7 +3,7 @@
 The broker's loop handles one round of events at a time. A holder may exit, be reaped, and its pid be taken by
 a new process that asks for a grant, all while the loop is busy; the new process's request can then be served
 before the old holder's exit event of the same round. Here the loop is held still with SIGSTOP (standing for a
-busy round), and the pid is reused for real (/proc/sys/kernel/ns_last_pid, retried until it lands). Holders
+busy round), and the pid is reused for real (testbed.pids: ns_last_pid, retried until it lands). Holders
 run as an unprivileged uid.
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from xskbroker.client.grant import request_fds
+from xskbroker.testbed.pids import fork_on, on_a_free_pid
 from xskbroker.testbed.sandbox import BrokerProcess, Child, VethNamespace, drop_privileges, fork_child
 from xskbroker.wire import protocol as proto
 
@@ -67,30 +68,9 @@ def ask_and_hold(path: str, iface: str, queue: int, kind: str, report: int) -> N
 
 
 @contextlib.contextmanager
-def child_at(pid: int, fn, *args: object, tries: int = 20000) -> Iterator[Child]:  # type: ignore[no-untyped-def]
-    """fork_child(fn, *args) as CONSUMER_UID with exactly this pid (free now): root chooses the next pid
-    through ns_last_pid, and the child does nothing until it is known to have landed on it."""
-    for _ in range(tries):
-        go_r, go_w = os.pipe()
-
-        def become(go_r: int = go_r, go_w: int = go_w) -> dict[str, str]:
-            os.close(go_w)
-            if os.read(go_r, 1) != b"y":
-                os._exit(0)
-            os.close(go_r)
-            return drop_privileges(CONSUMER_UID)
-
-        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-        child = fork_child(become, CONSUMER_UID, fn, *args)
-        os.close(go_r)
-        if child.pid == pid:
-            os.write(go_w, b"y")
-            os.close(go_w)
-            break
-        os.close(go_w)
-        child.kill()
-    else:
-        raise AssertionError(f"pid {pid} never came round again in {tries} forks")
+def child_at(pid: int, fn, *args: object) -> Iterator[Child]:  # type: ignore[no-untyped-def]
+    """fork_child(fn, *args) as CONSUMER_UID with exactly this pid (free now)."""
+    child = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, fn, *args, fork=lambda: fork_on(pid))
     try:
         yield child
     finally:
@@ -107,48 +87,53 @@ def _leases_without(b: BrokerProcess, lease_id: str) -> dict[str, dict[str, Any]
 def test_a_pid_reused_before_the_old_holders_exit_is_read_keeps_its_own_lease(veth: VethNamespace, kind: str) -> None:
     """Holder A (pid P) exits; before the loop reads A's exit, B takes pid P and is granted a lease. A's exit
     must end A's lease only: B's lease stays B's (neither ended nor orphaned), and B's own exit ends it."""
-    with BrokerProcess(veth.name, POLICY) as b:
-        a = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, hold_until_told, b.socket_path,
-                       veth.inside, 0, kind)
-        stopped = False
-        other: socket.socket | None = None
-        try:
-            (held,) = wait_for(lambda: [x for x in b.leases() if x["pid"] == a.pid], what="A's lease")
-            b.signal(signal.SIGSTOP)  # the loop is busy: nothing below is read until SIGCONT
-            stopped = True
-            # a connection queued before A exits (a busy broker has some): the listener is first in the next round
-            other = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            other.connect(b.socket_path)
-            os.kill(a.pid, signal.SIGUSR1)
-            assert a.result()["lease"] == held["lease"]  # A has exited and is reaped: pid P is free
-            report_r, report_w = os.pipe()
-            with child_at(a.pid, ask_and_hold, b.socket_path, veth.inside, 1, kind, report_w) as bee:
-                os.close(report_w)
-                assert os.read(report_r, 1) == b"S"  # B's request is queued behind A's exit
-                b.signal(signal.SIGCONT)
-                stopped = False
-                got = os.read(report_r, 4096).decode().strip()
-                assert got and not got.startswith("refused"), got
-                # A's exit, read in the same round, ends A's lease (at once, or at the orphan poll if A's socket
-                # was still being released when it was looked at: a loaded machine)
-                leases = wait_for(lambda: _leases_without(b, held["lease"]), timeout=4.0,
-                                  what="A's lease to end with A's exit")
-                mine = leases.get(got)
-                assert mine is not None, f"B's live lease ended with A's exit: {b.records('lease-ended')}"
-                assert mine["pid"] == bee.pid and mine["orphaned"] is False, \
-                    f"A's exit orphaned B's lease (B, pid {bee.pid}, is alive and holds its sockets): {mine}"
-                bee.kill()
-                ended = wait_for(lambda: [r for r in b.records("lease-ended") if r["lease"] == got], timeout=1.5,
-                                 what="B's exit to end B's lease")
-                assert ended[0]["reason"] == "holder exited", ended
-            os.close(report_r)
-        finally:
-            if stopped:
-                b.signal(signal.SIGCONT)
-            if other is not None:
-                other.close()
-            a.kill()
-        assert b.proc is not None and b.proc.poll() is None, b.log()
+    def scenario() -> None:
+        with BrokerProcess(veth.name, POLICY) as b:
+            a = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, hold_until_told, b.socket_path,
+                           veth.inside, 0, kind)
+            stopped = False
+            other: socket.socket | None = None
+            try:
+                (held,) = wait_for(lambda: [x for x in b.leases() if x["pid"] == a.pid], what="A's lease")
+                b.signal(signal.SIGSTOP)  # the loop is busy: nothing below is read until SIGCONT
+                stopped = True
+                # a connection queued before A exits (a busy broker has some): the listener is first in the next
+                # round
+                other = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                other.connect(b.socket_path)
+                os.kill(a.pid, signal.SIGUSR1)
+                assert a.result(reap=False)["lease"] == held["lease"]  # A has exited, a zombie holding pid P
+                report_r, report_w = os.pipe()
+                a.kill()  # reaped: P is free, right before B is to land on it
+                with child_at(a.pid, ask_and_hold, b.socket_path, veth.inside, 1, kind, report_w) as bee:
+                    os.close(report_w)
+                    assert os.read(report_r, 1) == b"S"  # B's request is queued behind A's exit
+                    b.signal(signal.SIGCONT)
+                    stopped = False
+                    got = os.read(report_r, 4096).decode().strip()
+                    assert got and not got.startswith("refused"), got
+                    # A's exit, read in the same round, ends A's lease (at once, or at the orphan poll if A's socket
+                    # was still being released when it was looked at: a loaded machine)
+                    leases = wait_for(lambda: _leases_without(b, held["lease"]), timeout=4.0,
+                                      what="A's lease to end with A's exit")
+                    mine = leases.get(got)
+                    assert mine is not None, f"B's live lease ended with A's exit: {b.records('lease-ended')}"
+                    assert mine["pid"] == bee.pid and mine["orphaned"] is False, \
+                        f"A's exit orphaned B's lease (B, pid {bee.pid}, is alive and holds its sockets): {mine}"
+                    bee.kill()
+                    ended = wait_for(lambda: [r for r in b.records("lease-ended") if r["lease"] == got], timeout=1.5,
+                                     what="B's exit to end B's lease")
+                    assert ended[0]["reason"] == "holder exited", ended
+                os.close(report_r)
+            finally:
+                if stopped:
+                    b.signal(signal.SIGCONT)
+                if other is not None:
+                    other.close()
+                a.kill()
+            assert b.proc is not None and b.proc.poll() is None, b.log()
+
+    on_a_free_pid(scenario)
 
 
 # ---- a named holder that exits while its grant is made -----------------------------------------------------
@@ -166,34 +151,37 @@ def test_a_named_holder_whose_pid_is_reused_mid_grant_does_not_leave_its_lease_o
     """A launcher names holder H (pid P) for a bound grant; while the grant binds, H exits and D takes pid P and a
     lease of its own. H's lease must not be tied to D's watch: it ends once its sockets are closed, not when D
     exits (until then its queue and UMEM counted against the quota, a lease without a socket)."""
-    gate = tempfile.mkdtemp(prefix="gate-") + "/release"
-    with BrokerProcess(veth.name, POLICY, env={"XSKBROKER_FAULT": f"before-bind:hold={gate}"}) as b:
-        holder = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, time.sleep, 60)
-        Path(gate + ".armed").touch()
-        launcher = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, grant_for, b.socket_path,
-                              veth.inside, 0, holder.pid)
-        report_r, report_w = os.pipe()
-        try:
-            wait_for(lambda: os.path.exists(gate + ".held"), what="the grant inside its bind")
-            holder.kill()  # H exits and is reaped: pid P is free
-            with child_at(holder.pid, ask_and_hold, b.socket_path, veth.inside, 1, "bare", report_w) as dee:
-                os.close(report_w)
-                assert os.read(report_r, 1) == b"S"
-                theirs = os.read(report_r, 4096).decode().strip()
-                assert theirs and not theirs.startswith("refused"), theirs
-                Path(gate).touch()  # the launcher's grant goes on, for H, which is gone
-                named = launcher.result()  # and the launcher has closed its fds
-                try:
-                    wait_for(lambda: [r for r in b.records("lease-ended") if r["lease"] == named], timeout=4.0)
-                except AssertionError:
-                    raise AssertionError(f"H's lease lives on (H is gone, its sockets closed; D, pid {dee.pid}, "
-                                         f"lives): {[x for x in b.leases() if x['lease'] == named]}") from None
-                (mine,) = [x for x in b.leases() if x["lease"] == theirs]
-                assert mine["pid"] == dee.pid and mine["orphaned"] is False, mine
-        finally:
-            Path(gate).touch()
-            launcher.kill()
-            holder.kill()
-            os.close(report_r)
-            shutil.rmtree(os.path.dirname(gate), ignore_errors=True)
-        assert b.proc is not None and b.proc.poll() is None, b.log()
+    def scenario() -> None:
+        gate = tempfile.mkdtemp(prefix="gate-") + "/release"
+        with BrokerProcess(veth.name, POLICY, env={"XSKBROKER_FAULT": f"before-bind:hold={gate}"}) as b:
+            holder = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, time.sleep, 60)
+            Path(gate + ".armed").touch()
+            launcher = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, grant_for, b.socket_path,
+                                  veth.inside, 0, holder.pid)
+            report_r, report_w = os.pipe()
+            try:
+                wait_for(lambda: os.path.exists(gate + ".held"), what="the grant inside its bind")
+                holder.kill()  # H exits and is reaped: pid P is free
+                with child_at(holder.pid, ask_and_hold, b.socket_path, veth.inside, 1, "bare", report_w) as dee:
+                    os.close(report_w)
+                    assert os.read(report_r, 1) == b"S"
+                    theirs = os.read(report_r, 4096).decode().strip()
+                    assert theirs and not theirs.startswith("refused"), theirs
+                    Path(gate).touch()  # the launcher's grant goes on, for H, which is gone
+                    named = launcher.result()  # and the launcher has closed its fds
+                    try:
+                        wait_for(lambda: [r for r in b.records("lease-ended") if r["lease"] == named], timeout=4.0)
+                    except AssertionError:
+                        raise AssertionError(f"H's lease lives on (H is gone, its sockets closed; D, pid {dee.pid}, "
+                                             f"lives): {[x for x in b.leases() if x['lease'] == named]}") from None
+                    (mine,) = [x for x in b.leases() if x["lease"] == theirs]
+                    assert mine["pid"] == dee.pid and mine["orphaned"] is False, mine
+            finally:
+                Path(gate).touch()
+                launcher.kill()
+                holder.kill()
+                os.close(report_r)
+                shutil.rmtree(os.path.dirname(gate), ignore_errors=True)
+            assert b.proc is not None and b.proc.poll() is None, b.log()
+
+    on_a_free_pid(scenario)

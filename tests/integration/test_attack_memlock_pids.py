@@ -2,7 +2,7 @@
 
 The broker raises RLIMIT_MEMLOCK by pid (prlimit) and remembers the limits it raised from by pid
 (`raised`). Pids are reused (pid_max is 32768 by default): the reuse here is real, forced with
-/proc/sys/kernel/ns_last_pid as in test_attack_pids.
+testbed.pids as in test_attack_pids.
 
 - A connection whose connector has exited (it left the connection to a child) asks for a bare grant with a
   memlock raise: the connector's pid now names a root process, whose limit must not move.
@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from xskbroker.client.connection import Connection
+from xskbroker.testbed.pids import PidTaken, fork_on, on_a_free_pid
 from xskbroker.testbed.sandbox import BrokerProcess, fork_child, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
@@ -51,34 +52,23 @@ def _records(b: BrokerProcess, event: str) -> list[dict]:
 
 
 @contextlib.contextmanager
-def at_pid(pid: int, body: Any, tries: int = 20000) -> Iterator[tuple[int, int]]:
+def at_pid(pid: int, body: Any) -> Iterator[tuple[int, int]]:
     """A root child with exactly this pid (free now) that runs body(result_fd) once it knows it has it:
     (its pid, the read end of its result pipe)."""
-    for _ in range(tries):
-        go_r, go_w = os.pipe()
-        r, w = os.pipe()
-        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-            f.write(str(pid - 1))
-        child = os.fork()
-        if child == 0:
-            try:
-                os.close(go_w)
-                os.close(r)
-                if os.read(go_r, 1) == b"g":
-                    body(w)
-            finally:
-                os._exit(0)
-        os.close(go_r)
-        os.close(w)
-        if child == pid:
-            os.write(go_w, b"g")
-            os.close(go_w)
-            break
-        os.close(go_w)
-        os.waitpid(child, 0)
+    r, w = os.pipe()
+    try:
+        child = fork_on(pid)
+    except PidTaken:
         os.close(r)
-    else:
-        raise AssertionError(f"pid {pid} never came round again in {tries} forks")
+        os.close(w)
+        raise
+    if child == 0:
+        try:
+            os.close(r)
+            body(w)
+        finally:
+            os._exit(0)
+    os.close(w)
     try:
         yield pid, r
     finally:
@@ -137,26 +127,29 @@ def _sleeping_with_low_memlock(w: int) -> None:
 
 
 def test_a_raise_asked_through_a_connection_its_connector_left_never_reaches_the_pids_new_owner() -> None:
-    with bed(BARE_POLICY) as (ns, b):
-        forked = spawn_unprivileged(connect_then_leave, b.socket_path, ns.inside, 0, MiB, 30.0,
-                                    uid=CONSUMER_UID).result()
-        sender = os.pidfd_open(forked["sender"])
-        try:
-            with at_pid(forked["connector"], _sleeping_with_low_memlock) as (victim, r):
-                assert _read_result(r) == "ready"
-                before = memlock_of(victim)
-                assert before == (64 * KiB, 4 * MiB)
-                signal.pidfd_send_signal(sender, signal.SIGUSR1)  # now ask for the grant
-                wait_for(lambda: [x for x in _records(b, "grant") if x.get("decision") == "allow"]
-                         or [x for x in _records(b, "grant") if x.get("decision") == "deny"], what="the grant")
-                time.sleep(0.2)
-                after = memlock_of(victim)
-                raised = _records(b, "memlock-raised")
-                assert after == before and raised == [], \
-                    f"the broker raised root's pid {victim} from {before} to {after}: {raised}"
-        finally:
-            signal.pidfd_send_signal(sender, signal.SIGKILL)
-            os.close(sender)
+    def scenario() -> None:
+        with bed(BARE_POLICY) as (ns, b):
+            forked = spawn_unprivileged(connect_then_leave, b.socket_path, ns.inside, 0, MiB, 30.0,
+                                        uid=CONSUMER_UID).result()
+            sender = os.pidfd_open(forked["sender"])
+            try:
+                with at_pid(forked["connector"], _sleeping_with_low_memlock) as (victim, r):
+                    assert _read_result(r) == "ready"
+                    before = memlock_of(victim)
+                    assert before == (64 * KiB, 4 * MiB)
+                    signal.pidfd_send_signal(sender, signal.SIGUSR1)  # now ask for the grant
+                    wait_for(lambda: [x for x in _records(b, "grant") if x.get("decision") == "allow"]
+                             or [x for x in _records(b, "grant") if x.get("decision") == "deny"], what="the grant")
+                    time.sleep(0.2)
+                    after = memlock_of(victim)
+                    raised = _records(b, "memlock-raised")
+                    assert after == before and raised == [], \
+                        f"the broker raised root's pid {victim} from {before} to {after}: {raised}"
+            finally:
+                signal.pidfd_send_signal(sender, signal.SIGKILL)
+                os.close(sender)
+
+    on_a_free_pid(scenario)
 
 
 # ---- 2: a raise remembered by pid outlives its process ---------------------------------------------------
@@ -211,46 +204,49 @@ def _second_holder(path: str, iface: str, queue: int, limits: tuple[int, int], n
 def test_a_raise_is_undone_to_the_limits_of_the_process_it_raised_never_to_an_earlier_holder_of_its_pid(
         first_ends: str) -> None:
     """first_ends: whether the earlier holder's (orphaned) lease ends before or after the new process's."""
-    with bed(BARE_POLICY, queues=2) as (ns, b):
-        hold_r, hold_w = os.pipe()
-        go_r, go_w = os.pipe()
-        first = fork_child(lambda: None, 0, _grant_bare_and_hand_off, b.socket_path, ns.inside, 0,
-                           (64 * KiB, 4 * MiB), MiB, hold_r)
-        # the first holder has exited, its keeper holds the socket; it is reaped only right before its pid is taken
-        # again, so that no other process of the suite takes it meanwhile
-        got = first.result(reap=False)
-        os.close(hold_r)
-        try:
-            assert got["memlock"]["raised"] is True, got
-            wait_for(lambda: [x for x in _records(b, "lease-orphaned") if x["lease"] == got["lease"]],
-                     what="the first lease to be orphaned")
-            mine = (128 * KiB, 8 * MiB)  # the second process's own limits: higher than the first's
-            first.kill()
-            with at_pid(got["pid"], _second_holder(b.socket_path, ns.inside, 1, mine, MiB, go_r,
-                                            (go_w, hold_w))) as (pid, r):
-                assert select.select([r], [], [], 10.0)[0] and os.read(r, 1) == b"G", "no grant"
-                if first_ends == "before":
-                    os.close(hold_w)  # the keeper exits: the first lease ends (orphan poll)
-                    hold_w = -1
-                    wait_for(lambda: [x for x in _records(b, "lease-ended") if x["lease"] == got["lease"]],
-                             timeout=10.0, what="the first lease to end")
-                os.close(go_w)  # the second process closes and releases its lease
-                go_w = -1
-                second = _read_result(r)
-                if first_ends == "after":
-                    os.close(hold_w)
-                    hold_w = -1
-                    wait_for(lambda: [x for x in _records(b, "lease-ended") if x["lease"] == got["lease"]],
-                             timeout=10.0, what="the first lease to end")
-                    time.sleep(0.2)
-                    second["after"] = memlock_of(pid)
-            assert second["memlock"]["raised"] is True and second["during"] == (MiB, 8 * MiB), second
-            assert second["after"] == mine, (f"pid {pid}'s limits are {second['after']} after its lease ended; its "
-                                             f"own were {mine} (the earlier holder of its pid had "
-                                             f"{(64 * KiB, 4 * MiB)})")
-        finally:
-            for fd in (hold_w, go_w, go_r):
-                if fd >= 0:
-                    os.close(fd)
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(got["keeper"], signal.SIGKILL)
+    def scenario() -> None:
+        with bed(BARE_POLICY, queues=2) as (ns, b):
+            hold_r, hold_w = os.pipe()
+            go_r, go_w = os.pipe()
+            first = fork_child(lambda: None, 0, _grant_bare_and_hand_off, b.socket_path, ns.inside, 0,
+                               (64 * KiB, 4 * MiB), MiB, hold_r)
+            # the first holder has exited, its keeper holds the socket; it is reaped only right before its pid is taken
+            # again, so that no other process of the suite takes it meanwhile
+            got = first.result(reap=False)
+            os.close(hold_r)
+            try:
+                assert got["memlock"]["raised"] is True, got
+                wait_for(lambda: [x for x in _records(b, "lease-orphaned") if x["lease"] == got["lease"]],
+                         what="the first lease to be orphaned")
+                mine = (128 * KiB, 8 * MiB)  # the second process's own limits: higher than the first's
+                first.kill()
+                with at_pid(got["pid"], _second_holder(b.socket_path, ns.inside, 1, mine, MiB, go_r,
+                                                (go_w, hold_w))) as (pid, r):
+                    assert select.select([r], [], [], 10.0)[0] and os.read(r, 1) == b"G", "no grant"
+                    if first_ends == "before":
+                        os.close(hold_w)  # the keeper exits: the first lease ends (orphan poll)
+                        hold_w = -1
+                        wait_for(lambda: [x for x in _records(b, "lease-ended") if x["lease"] == got["lease"]],
+                                 timeout=10.0, what="the first lease to end")
+                    os.close(go_w)  # the second process closes and releases its lease
+                    go_w = -1
+                    second = _read_result(r)
+                    if first_ends == "after":
+                        os.close(hold_w)
+                        hold_w = -1
+                        wait_for(lambda: [x for x in _records(b, "lease-ended") if x["lease"] == got["lease"]],
+                                 timeout=10.0, what="the first lease to end")
+                        time.sleep(0.2)
+                        second["after"] = memlock_of(pid)
+                assert second["memlock"]["raised"] is True and second["during"] == (MiB, 8 * MiB), second
+                assert second["after"] == mine, (f"pid {pid}'s limits are {second['after']} after its lease ended; its "
+                                                 f"own were {mine} (the earlier holder of its pid had "
+                                                 f"{(64 * KiB, 4 * MiB)})")
+            finally:
+                for fd in (hold_w, go_w, go_r):
+                    if fd >= 0:
+                        os.close(fd)
+                with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                    os.kill(got["keeper"], signal.SIGKILL)
+
+    on_a_free_pid(scenario)

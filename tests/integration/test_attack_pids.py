@@ -3,7 +3,7 @@ default). After a broker restart, `revoke --signal` must reach the process that 
 nobody: never a root process that took the holder's pid.
 
 The pid reuse is real: the holder's process exits and is reaped, then a root-owned victim is forked with
-exactly its pid (/proc/sys/kernel/ns_last_pid set to pid - 1 right before the fork, retried until it lands).
+exactly its pid (testbed.pids: ns_last_pid set to pid - 1 right before the fork, retried until it lands).
 The victim records every signal it gets.
 """
 
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request, request_fds
+from xskbroker.testbed.pids import PidTaken, fork_on, on_a_free_pid
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
@@ -123,23 +124,19 @@ def _victim(log: int) -> None:
 
 
 @contextlib.contextmanager
-def victim_at(pid: int, tries: int = 20000) -> Iterator[tuple[int, int]]:
+def victim_at(pid: int) -> Iterator[tuple[int, int]]:
     """A root process with exactly this pid (free now): (its pid, the read end of its signal log)."""
-    for _ in range(tries):
-        r, w = os.pipe()
-        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-            f.write(str(pid - 1))
-        child = os.fork()
-        if child == 0:
-            _victim(w)
-        os.close(w)
-        if child == pid:
-            break
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
+    r, w = os.pipe()
+    try:
+        child = fork_on(pid)
+    except PidTaken:
         os.close(r)
-    else:
-        raise AssertionError(f"pid {pid} never came round again in {tries} forks")
+        os.close(w)
+        raise
+    if child == 0:
+        os.close(r)
+        _victim(w)
+    os.close(w)
     try:
         assert os.read(r, 1) == b"R"  # its handlers are in place
         yield pid, r
@@ -183,32 +180,35 @@ def test_orphaned_lease_after_restart_never_signals_the_process_that_reused_its_
                                                                                      figures) -> None:
     """The holder hands its sockets to a child and exits; a root process takes its pid; the broker crashes
     and recovers the lease from its journal; the admin revokes it with --signal."""
-    with BrokerProcess(veth.name, POLICY) as b:
-        probe = RootProbe(b.socket_path, veth.inside)
-        holder = spawn_unprivileged(grant_and_hand_off, b.socket_path, veth.inside, 0, 60.0, uid=CONSUMER_UID)
-        held = holder.result(reap=False)  # the holder has exited; reaped (its pid freed) only right before reuse
-        keeper = os.pidfd_open(held["keeper"])
-        try:
-            wait_for(lambda: _records(b, "lease-orphaned"), what="the broker to see the holder exit")
-            b.proc.kill()  # type: ignore[union-attr]
-            b.proc.wait()  # type: ignore[union-attr]
-            holder.kill()
-            with victim_at(holder.pid) as (victim, log):
-                b.start()
-                probe.run()
-                (lease,) = [x for x in _events_status(b) if x["lease"] == held["lease"]]
-                assert lease["pid"] == victim and lease["orphaned"] is True, lease
-                reply = _revoke(b.socket_path, veth.inside)
-                probe.run()
-                got = signals_received(log)
-                assert got == [] and alive(victim), f"the broker signalled root's pid {victim}: {got}"
-            (r,) = reply["revoked"]
-            assert r["signalled"] is False and "nothing was signalled" in r["not_signalled"], r
-            assert _records(b, "revoke")[-1]["not_signalled"] == r["not_signalled"]
-        finally:
-            signal.pidfd_send_signal(keeper, signal.SIGKILL)
-            os.close(keeper)
-        figures(reused_pid=victim, not_signalled=r["not_signalled"], **probe.figures())
+    def scenario() -> None:
+        with BrokerProcess(veth.name, POLICY) as b:
+            probe = RootProbe(b.socket_path, veth.inside)
+            holder = spawn_unprivileged(grant_and_hand_off, b.socket_path, veth.inside, 0, 60.0, uid=CONSUMER_UID)
+            held = holder.result(reap=False)  # the holder has exited; reaped (its pid freed) only right before reuse
+            keeper = os.pidfd_open(held["keeper"])
+            try:
+                wait_for(lambda: _records(b, "lease-orphaned"), what="the broker to see the holder exit")
+                b.proc.kill()  # type: ignore[union-attr]
+                b.proc.wait()  # type: ignore[union-attr]
+                holder.kill()
+                with victim_at(holder.pid) as (victim, log):
+                    b.start()
+                    probe.run()
+                    (lease,) = [x for x in _events_status(b) if x["lease"] == held["lease"]]
+                    assert lease["pid"] == victim and lease["orphaned"] is True, lease
+                    reply = _revoke(b.socket_path, veth.inside)
+                    probe.run()
+                    got = signals_received(log)
+                    assert got == [] and alive(victim), f"the broker signalled root's pid {victim}: {got}"
+                (r,) = reply["revoked"]
+                assert r["signalled"] is False and "nothing was signalled" in r["not_signalled"], r
+                assert _records(b, "revoke")[-1]["not_signalled"] == r["not_signalled"]
+            finally:
+                signal.pidfd_send_signal(keeper, signal.SIGKILL)
+                os.close(keeper)
+            figures(reused_pid=victim, not_signalled=r["not_signalled"], **probe.figures())
+
+    on_a_free_pid(scenario)
 
 
 def test_a_grant_asked_after_its_connector_exited_never_signals_the_pids_new_owner(veth: VethNamespace,
@@ -216,37 +216,40 @@ def test_a_grant_asked_after_its_connector_exited_never_signals_the_pids_new_own
     """The connection's process (SO_PEERCRED) exits; a root process takes its pid; only then does the
     connection (now in a child) ask for a grant. A start time read from /proc/<pid> at grant time is the
     root process's: after a restart the journal would name root's process as the holder."""
-    with BrokerProcess(veth.name, POLICY) as b:
-        probe = RootProbe(b.socket_path, veth.inside)
-        conn = spawn_unprivileged(connect_then_fork, b.socket_path, veth.inside, 0, 60.0, uid=CONSUMER_UID)
-        forked = conn.result()
-        sender = os.pidfd_open(forked["sender"])
-        try:
-            with victim_at(forked["connector"]) as (victim, log):
-                signal.pidfd_send_signal(sender, signal.SIGUSR1)  # now ask for the grant
-                wait_for(lambda: [r for r in _records(b, "grant") if r.get("decision") == "allow"],
-                         what="the grant")
-                probe.run()
-                b.proc.kill()  # type: ignore[union-attr]
-                b.proc.wait()  # type: ignore[union-attr]
-                b.start()
-                (lease,) = _events_status(b)
-                assert lease["pid"] == victim, lease
-                # the identity journalled for the holder is the connector's (or none), never the victim's: its
-                # start time alone may be the victim's too (both started within one 10 ms clock tick)
-                journalled = _journalled(b, lease["lease"])
-                assert journalled["pid_start"] is None or journalled.get("pid_ino") not in (None, _ino(victim)), \
-                    journalled
-                reply = _revoke(b.socket_path, veth.inside)
-                probe.run()
-                got = signals_received(log)
-                assert got == [] and alive(victim), f"the broker signalled root's pid {victim}: {got}"
-            (r,) = reply["revoked"]
-            assert r["signalled"] is False and "nothing was signalled" in r["not_signalled"], r
-        finally:
-            signal.pidfd_send_signal(sender, signal.SIGKILL)
-            os.close(sender)
-        figures(reused_pid=victim, not_signalled=r["not_signalled"], **probe.figures())
+    def scenario() -> None:
+        with BrokerProcess(veth.name, POLICY) as b:
+            probe = RootProbe(b.socket_path, veth.inside)
+            conn = spawn_unprivileged(connect_then_fork, b.socket_path, veth.inside, 0, 60.0, uid=CONSUMER_UID)
+            forked = conn.result()
+            sender = os.pidfd_open(forked["sender"])
+            try:
+                with victim_at(forked["connector"]) as (victim, log):
+                    signal.pidfd_send_signal(sender, signal.SIGUSR1)  # now ask for the grant
+                    wait_for(lambda: [r for r in _records(b, "grant") if r.get("decision") == "allow"],
+                             what="the grant")
+                    probe.run()
+                    b.proc.kill()  # type: ignore[union-attr]
+                    b.proc.wait()  # type: ignore[union-attr]
+                    b.start()
+                    (lease,) = _events_status(b)
+                    assert lease["pid"] == victim, lease
+                    # the identity journalled for the holder is the connector's (or none), never the victim's: its
+                    # start time alone may be the victim's too (both started within one 10 ms clock tick)
+                    journalled = _journalled(b, lease["lease"])
+                    assert journalled["pid_start"] is None or journalled.get("pid_ino") not in (None, _ino(victim)), \
+                        journalled
+                    reply = _revoke(b.socket_path, veth.inside)
+                    probe.run()
+                    got = signals_received(log)
+                    assert got == [] and alive(victim), f"the broker signalled root's pid {victim}: {got}"
+                (r,) = reply["revoked"]
+                assert r["signalled"] is False and "nothing was signalled" in r["not_signalled"], r
+            finally:
+                signal.pidfd_send_signal(sender, signal.SIGKILL)
+                os.close(sender)
+            figures(reused_pid=victim, not_signalled=r["not_signalled"], **probe.figures())
+
+    on_a_free_pid(scenario)
 
 
 def _ino(pid: int) -> int:

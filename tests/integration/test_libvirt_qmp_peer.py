@@ -27,6 +27,7 @@ from xskbroker.client.libvirt import config as lvconf
 from xskbroker.client.libvirt import metadata as lvmeta
 from xskbroker.client.libvirt import monitors as lvmon
 from xskbroker.client.libvirt import worker as lvworker
+from xskbroker.testbed.pids import PidTaken, fork_on, on_a_free_pid
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, fork_child
 
 ATTACKER = 65534
@@ -203,45 +204,45 @@ def fake_qmp_of_a_dead_listener(where: str) -> dict[str, Any]:
 
 
 def start_victim_at(pid: int) -> int:
-    """A process of uid VICTIM with exactly this pid (root may choose the next pid: ns_last_pid)."""
-    for _ in range(50):
-        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-        child = os.fork()
-        if child == 0:
-            try:
-                os.setgroups([])
-                os.setresgid(VICTIM, VICTIM, VICTIM)
-                os.setresuid(VICTIM, VICTIM, VICTIM)
-                time.sleep(60)
-            finally:
-                os._exit(0)
-        if child == pid:
-            return child
-        os.kill(child, signal.SIGKILL)  # another process forked in between: try again
-        os.waitpid(child, 0)
-    raise AssertionError(f"could not start a process with pid {pid}")
+    """A process of uid VICTIM with exactly this pid (root may choose the next pid: testbed.pids)."""
+    if fork_on(pid) == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(VICTIM, VICTIM, VICTIM)
+            os.setresuid(VICTIM, VICTIM, VICTIM)
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    return pid
 
 
 def test_a_qmp_socket_whose_listener_exited_gets_no_grant_as_whoever_took_its_pid(veth: VethNamespace,
                                                                                 tmp_path: Path) -> None:
-    with attack_dir() as where, BrokerProcess(veth.name, VICTIM_POLICY) as broker:
-        attacker = fork_child(become_attacker, ATTACKER, fake_qmp_of_a_dead_listener, str(where))
-        deadline = time.monotonic() + 10
-        while not (where / "pid").exists():
-            assert time.monotonic() < deadline and attacker.alive(), "the attacker did not listen"
-            time.sleep(0.01)
-        victim = start_victim_at(int((where / "pid").read_text()))
-        try:
-            (where / "go").touch()
-            cfg = lvconf.Config(socket=broker.socket_path, state_dir=str(tmp_path), timeout=5.0)
-            lines: list[str] = []
-            state = lvworker.run_worker("vm1", [lvmeta.Interface("xdp0", veth.inside)], cfg,
-                                        lvmon.QMPMonitor(str(where / "vm1.qmp"), 5.0), lines.append)
-            got = attacker.result(30)
-        finally:
-            os.kill(victim, signal.SIGKILL)
-            os.waitpid(victim, 0)
+    def scenario() -> None:
+        with attack_dir() as where, BrokerProcess(veth.name, VICTIM_POLICY) as broker:
+            attacker = fork_child(become_attacker, ATTACKER, fake_qmp_of_a_dead_listener, str(where))
+            deadline = time.monotonic() + 10
+            while not (where / "pid").exists():
+                assert time.monotonic() < deadline and attacker.alive(), "the attacker did not listen"
+                time.sleep(0.01)
+            try:
+                victim = start_victim_at(int((where / "pid").read_text()))
+            except PidTaken:
+                attacker.kill()
+                raise
+            try:
+                (where / "go").touch()
+                cfg = lvconf.Config(socket=broker.socket_path, state_dir=str(tmp_path), timeout=5.0)
+                lines: list[str] = []
+                state = lvworker.run_worker("vm1", [lvmeta.Interface("xdp0", veth.inside)], cfg,
+                                            lvmon.QMPMonitor(str(where / "vm1.qmp"), 5.0), lines.append)
+                got = attacker.result(30)
+            finally:
+                os.kill(victim, signal.SIGKILL)
+                os.waitpid(victim, 0)
 
-        assert got["af_xdp_sockets"] == 0, f"the attacker received uid {VICTIM}'s grant: {lines}"
-        assert not [r for r in broker.records() if r.get("event") == "grant" and r.get("decision") == "allow"]
-        assert state["interfaces"] == [] and "has exited" in state["error"]
+            assert got["af_xdp_sockets"] == 0, f"the attacker received uid {VICTIM}'s grant: {lines}"
+            assert not [r for r in broker.records() if r.get("event") == "grant" and r.get("decision") == "allow"]
+            assert state["interfaces"] == [] and "has exited" in state["error"]
+
+    on_a_free_pid(scenario)
