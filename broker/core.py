@@ -1,8 +1,8 @@
 """What the service's parts share: the results a request ends in, and the state they all work on.
 
-The service is split by job (broker.grants makes grants, broker.baregrants and broker.mapgrants those two
-kinds, broker.lifecycle ends and recovers leases, broker.service takes requests in and answers status and
-revoke); `Core` declares the state they share, which broker.service.Service sets up.
+The service is split by job (broker.grants makes grants, broker.boundgrants, broker.baregrants and
+broker.mapgrants the kernel work of each kind, broker.lifecycle ends and recovers leases, broker.service takes
+requests in and answers status and revoke); `Core` declares the state they share, which broker.service.Service sets up.
 """
 
 from __future__ import annotations

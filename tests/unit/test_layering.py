@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNEL_LAYER = ("bpf", "bpfsys", "queue_prog", "pins", "xsk", "netdev", "netlink", "xdp_prog", "linkwatch",
                 "umem_pool", "xskdiag", "closer", "peer", "kernel",
                 "preparer", "sent_copies", "helper_process")
-WIRING = ("service", "server", "daemon", "cli", "leases", "squat", "workers", "grants", "mapgrants", "lifecycle",
-          "core", "holders")
+WIRING = ("service", "server", "daemon", "cli", "leases", "squat", "workers", "grants", "boundgrants", "baregrants",
+          "mapgrants", "lifecycle", "core", "holders")
 REPORT = ("import sys, json; print(json.dumps(sorted(m for m in sys.modules "
           "if m.startswith('xskbroker.'))))")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from xskbroker.broker import grants
+from xskbroker.broker import boundgrants
 from xskbroker.broker.linkwatch import LinkEvent
 from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.policy import parse_policy
@@ -59,7 +59,7 @@ def test_a_pooled_socket_bound_within_the_inline_wait_is_answered_at_once(pooled
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # what is tested is that a job done within the wait is answered at once, not how long the wait is: 1 ms
     # ran out under a loaded machine (one full run of the suite), so the wait is made long enough here
-    monkeypatch.setattr(grants, "INLINE_WAIT", 1.0)
+    monkeypatch.setattr(boundgrants, "INLINE_WAIT", 1.0)
     assert finish(pooled, ask(pooled, 0))["ok"]  # the pool learns the geometry
     wait_pooled(pooled)
     out = ask(pooled, 1)

@@ -5,7 +5,7 @@ AF_XDP socket the broker did not make", sending an operator after a process that
 
 from __future__ import annotations
 
-from xskbroker.broker.grants import FREED_LATELY
+from xskbroker.broker.boundgrants import FREED_LATELY
 from xskbroker.broker.kernel import BUSY_RETRY_SECONDS
 from xskbroker.wire import protocol as proto
 
