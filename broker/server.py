@@ -61,8 +61,6 @@ class Endpoint(Protocol):
     def regroup(self, groups_of: Callable[[frozenset[int]], frozenset[str]]) -> None: ...
 
 
-
-
 def retry_cap(waiting: int) -> float:
     """The longest a waiting grant goes between retries, with `waiting` requests waiting in all."""
     return max(RETRY_CAP, waiting / RETRIES_PER_SECOND)

@@ -165,6 +165,18 @@ def _revoke(path: str, iface: str) -> dict:
     return reply
 
 
+def _revoke_signalling_nobody(path: str, iface: str, probe: RootProbe, log: int, victim: int) -> dict:
+    """Revoke queue 0 with --signal: the root process at the holder's pid gets no signal, and the revoke says
+    nothing was signalled. Its entry in the reply."""
+    reply = _revoke(path, iface)
+    probe.run()
+    got = signals_received(log)
+    assert got == [] and alive(victim), f"the broker signalled root's pid {victim}: {got}"
+    (r,) = reply["revoked"]
+    assert r["signalled"] is False and "nothing was signalled" in r["not_signalled"], r
+    return r
+
+
 def _records(b: BrokerProcess, event: str) -> list[dict]:
     return [r for r in b.records() if r.get("event") == event]
 
@@ -196,12 +208,7 @@ def test_orphaned_lease_after_restart_never_signals_the_process_that_reused_its_
                     probe.run()
                     (lease,) = [x for x in _events_status(b) if x["lease"] == held["lease"]]
                     assert lease["pid"] == victim and lease["orphaned"] is True, lease
-                    reply = _revoke(b.socket_path, veth.inside)
-                    probe.run()
-                    got = signals_received(log)
-                    assert got == [] and alive(victim), f"the broker signalled root's pid {victim}: {got}"
-                (r,) = reply["revoked"]
-                assert r["signalled"] is False and "nothing was signalled" in r["not_signalled"], r
+                    r = _revoke_signalling_nobody(b.socket_path, veth.inside, probe, log, victim)
                 assert _records(b, "revoke")[-1]["not_signalled"] == r["not_signalled"]
             finally:
                 signal.pidfd_send_signal(keeper, signal.SIGKILL)
@@ -238,12 +245,7 @@ def test_a_grant_asked_after_its_connector_exited_never_signals_the_pids_new_own
                     journalled = _journalled(b, lease["lease"])
                     assert journalled["pid_start"] is None or journalled.get("pid_ino") not in (None, _ino(victim)), \
                         journalled
-                    reply = _revoke(b.socket_path, veth.inside)
-                    probe.run()
-                    got = signals_received(log)
-                    assert got == [] and alive(victim), f"the broker signalled root's pid {victim}: {got}"
-                (r,) = reply["revoked"]
-                assert r["signalled"] is False and "nothing was signalled" in r["not_signalled"], r
+                    r = _revoke_signalling_nobody(b.socket_path, veth.inside, probe, log, victim)
             finally:
                 signal.pidfd_send_signal(sender, signal.SIGKILL)
                 os.close(sender)
