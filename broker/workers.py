@@ -101,28 +101,66 @@ class _Pool:
     """Threads of one kind. A job wakes exactly one idle thread, the last to go idle (its stack and caches
     the warmest). A queue all the threads waited on woke two per job: CPython's SimpleQueue.get hands its lock
     on after taking an item, so a second thread woke, took the GIL, found nothing and slept again, on the
-    loop's CPU in the middle of the grant."""
+    loop's CPU in the middle of the grant.
+
+    One thread is started with the pool, the others as jobs overlap, up to `threads`: each start waits for the
+    thread to run (~0.4 ms), and a socket-activated broker started all of them before its first grant."""
 
     def __init__(self, name: str, threads: int, pin: Callable[[], None], wake: Callable[[bool], None]) -> None:
         self._mu = threading.Lock()
         self._backlog: collections.deque[Job] = collections.deque()
         self._stopping = False
         self._pin, self._wake = pin, wake
-        slots = [_Slot() for _ in range(threads)]
-        self._idle = list(reversed(slots))  # the first thread is the first given a job
-        self.threads = [threading.Thread(target=self._run, args=(slot,), name=f"{name}-{i}", daemon=True)
-                        for i, slot in enumerate(slots)]
-        for t in self.threads:
-            t.start()
+        self._name, self._max = name, threads
+        self._starting = 0  # threads started, or being started by submit()
+        self._idle: list[_Slot] = []
+        self.threads: list[threading.Thread] = []
+        if threads:
+            self._starting = 1
+            self._add(None)  # one from the start: a job always has a thread to run it, whatever the system allows
 
     def submit(self, job: Job) -> None:
         with self._mu:
-            if not self._idle:
+            if self._idle:
+                slot = self._idle.pop()
+                slot.job = job
+            elif not self._stopping and self._starting < self._max:
+                self._starting += 1
+                slot = None
+            else:
                 self._backlog.append(job)
                 return
-            slot = self._idle.pop()
+        if slot is not None:
+            slot.lock.release()
+        elif not self._add(job):  # no thread to be had (a task limit): the job goes to a running one
+            with self._mu:
+                self._starting -= 1
+                slot = self._idle.pop() if self._idle else None  # one gone idle meanwhile, or the next one done
+                if slot is None:
+                    self._backlog.append(job)
+                else:
+                    slot.job = job
+            if slot is not None:
+                slot.lock.release()
+
+    def _add(self, job: Job | None) -> bool:
+        """Start a thread, with its first job or (None) idle; False where the system gives no thread."""
+        slot = _Slot()
+        t = threading.Thread(target=self._run, args=(slot,), name=f"{self._name}-{len(self.threads)}", daemon=True)
+        if job is None:
+            with self._mu:
+                self._idle.append(slot)
+        else:
             slot.job = job
-        slot.lock.release()
+            slot.lock.release()
+        try:
+            t.start()
+        except RuntimeError:
+            if job is None:  # the pool's first: a broker that cannot start one thread cannot serve
+                raise
+            return False
+        self.threads.append(t)
+        return True
 
     def _run(self, slot: _Slot) -> None:
         self._pin()
@@ -160,7 +198,11 @@ class Workers:
         # binds answer a client now; pinning a large UMEM takes seconds (and its child inherits the CPU)
         self._heavy = _Pool("xskbroker-worker", threads, cpus.background, self._woken)
         self._light = _Pool("xskbroker-light", light, cpus.serving, self._woken)
-        self._threads = self._heavy.threads + self._light.threads
+
+    @property
+    def _threads(self) -> list[threading.Thread]:
+        """The threads started so far."""
+        return self._heavy.threads + self._light.threads
 
     def submit(self, job: Job, heavy: bool = True) -> Job:
         (self._heavy if heavy else self._light).submit(job)

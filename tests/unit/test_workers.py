@@ -100,13 +100,71 @@ def _switches(t: threading.Thread) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches:"))
 
 
+def _overlap(w: Workers, n: int) -> list[Job]:
+    """n light jobs running at once (each waits for the others), all done when this returns."""
+    barrier = threading.Barrier(n, timeout=5)
+    jobs = [w.submit(Job(lambda job: barrier.wait(), lambda: None), heavy=False) for _ in range(n)]
+    assert all(j.wait(5) for j in jobs) and not any(j.error for j in jobs)
+    return jobs
+
+
+def _light(w: Workers) -> list[str]:
+    return sorted(t.name for t in w._threads if t.name.startswith("xskbroker-light"))
+
+
+def test_a_pool_starts_one_thread_and_grows_only_as_its_jobs_overlap() -> None:
+    """Each thread start waits for the thread to run: a socket-activated broker that started all twelve before
+    its first grant paid ~6 ms of its cold start for them. One of each kind is started at once."""
+    w = Workers(threads=2, light=4)
+    try:
+        assert _light(w) == ["xskbroker-light-0"]
+        assert [t.name for t in w._threads if t.name.startswith("xskbroker-worker")] == ["xskbroker-worker-0"]
+        for _ in range(3):  # one after another: the one thread does them all
+            assert w.submit(Job(lambda job: None, lambda: None), heavy=False).wait(5)
+        assert _light(w) == ["xskbroker-light-0"]
+        _overlap(w, 3)
+        assert _light(w) == ["xskbroker-light-0", "xskbroker-light-1", "xskbroker-light-2"]
+        release = threading.Event()
+        jobs = [w.submit(Job(lambda job: release.wait(5), lambda: None), heavy=False) for _ in range(6)]
+        time.sleep(0.1)
+        assert len(_light(w)) == 4  # never more than the pool's size: the other two wait their turn
+        release.set()
+        assert all(j.wait(5) for j in jobs)
+    finally:
+        w.stop()
+    assert not any(t.is_alive() for t in w._threads)
+
+
+def test_a_job_whose_thread_cannot_be_started_runs_on_a_running_one(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A system out of tasks (RLIMIT_NPROC, pids.max) refuses a new thread: the job waits for the pool's running
+    thread instead of being lost (a grant that never ends, its slots claimed)."""
+    w = Workers(threads=1, light=2)
+    try:
+        def refused(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", refused)
+        release = threading.Event()
+        first = w.submit(Job(lambda job: release.wait(5), lambda: None), heavy=False)
+        second = w.submit(Job(lambda job: None, lambda: None), heavy=False)
+        assert not second.wait(0.1)  # behind the first: its own thread could not be started
+        release.set()
+        assert first.wait(5) and second.wait(5)
+        assert _light(w) == ["xskbroker-light-0"]
+    finally:
+        monkeypatch.undo()
+        w.stop()
+
+
 def test_a_job_wakes_one_thread_alone() -> None:
     """Each wake-up of an idle thread is a voluntary context switch back from its sleep: jobs one after another
     wake the one thread that runs them, never another that then finds nothing to do (a SimpleQueue all the
     threads waited on woke a second thread per job, on the loop's CPU)."""
     w = Workers(threads=1, light=4)
     try:
+        _overlap(w, 4)  # all four started (a pool grows as its jobs overlap)
         light = [t for t in w._threads if t.name.startswith("xskbroker-light")]
+        assert len(light) == 4
         time.sleep(0.2)  # every thread asleep on its lock
         before = [_switches(t) for t in light]
         for _ in range(5):
@@ -114,7 +172,7 @@ def test_a_job_wakes_one_thread_alone() -> None:
             assert job.wait(5)
             time.sleep(0.02)  # time for any other thread woken to go back to sleep
         woken = [t.name for t, n in zip(light, before, strict=True) if _switches(t) != n]
-        assert woken == ["xskbroker-light-0"]
+        assert len(woken) == 1, woken  # the one that went idle last, each time
     finally:
         w.stop()
 
