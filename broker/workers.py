@@ -104,7 +104,7 @@ class _Pool:
     loop's CPU in the middle of the grant.
 
     One thread is started with the pool, the others as jobs overlap, up to `threads`: each start waits for the
-    thread to run (~0.4 ms), and a socket-activated broker started all of them before its first grant."""
+    thread to run (~0.4 ms), which all of them started up front cost every socket-activated first grant."""
 
     def __init__(self, name: str, threads: int, pin: Callable[[], None], wake: Callable[[bool], None]) -> None:
         self._mu = threading.Lock()
