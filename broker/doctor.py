@@ -24,13 +24,13 @@ from typing import Any
 
 from xskbroker.broker import doctor_probes as probe
 from xskbroker.broker import lastgood, netdev, xsk
+from xskbroker.common.defaults import DEFAULT_SOCKET
 from xskbroker.common.records import asdict, field, record
+from xskbroker.policy.loader import DEFAULT_POLICY_PATH
 
 OK, DEGRADED, UNUSABLE, UNKNOWN = "ok", "degraded", "unusable", "unknown"
 RANK = {UNKNOWN: 0, OK: 0, DEGRADED: 1, UNUSABLE: 2}
 VERDICTS = {0: "ready", 1: "degraded", 2: "unusable"}
-DEFAULT_SOCKET = os.environ.get("XSKBROKER_SOCKET", "/run/xskbroker/broker.sock")  # as the client's
-DEFAULT_POLICY = "/etc/xskbroker/policy.toml"
 QEMU_MEMLOCK_PER_QUEUE = 32 << 20  # what QEMU registers per queue for a bare grant (docs/qemu.md)
 # drivers with native XDP, for kernels whose netdev family cannot say (< 6.3)
 NATIVE_XDP_DRIVERS = frozenset({"veth", "virtio_net", "tun", "ixgbe", "ixgbevf", "i40e", "ice", "igb", "igc",
@@ -484,5 +484,5 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--interface", metavar="IF", help="check only this interface (default: every one but lo)")
     d.add_argument("--json", action="store_true", help="print one JSON object: the checks and the verdict")
     d.add_argument("--socket", default=DEFAULT_SOCKET, help="the broker's socket (default: %(default)s)")
-    d.add_argument("--policy", default=DEFAULT_POLICY, help="the policy file (default: %(default)s)")
+    d.add_argument("--policy", default=DEFAULT_POLICY_PATH, help="the policy file (default: %(default)s)")
     d.set_defaults(func=main)

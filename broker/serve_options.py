@@ -49,13 +49,14 @@ def endpoint(text: str) -> object:
 
 
 def options() -> list[Option]:
-    from xskbroker.client.connection import DEFAULT_SOCKET
+    from xskbroker.common.defaults import DEFAULT_SOCKET
+    from xskbroker.policy.loader import DEFAULT_POLICY_PATH
     from xskbroker.policy.sizes import size_arg
 
     return [
         ("--socket", {"default": DEFAULT_SOCKET,
                       "help": "listening socket path, unless systemd passed one (default: %(default)s)"}),
-        ("--policy", {"default": "/etc/xskbroker/policy.toml",
+        ("--policy", {"default": DEFAULT_POLICY_PATH,
                       "help": "policy file; policy.d/*.toml beside it is merged (default: %(default)s)"}),
         ("--socket-mode", {"type": mode, "default": 0o660, "help": "socket file mode (default: 0660)"}),
         ("--socket-group", {"help": "group owning the socket file (name or gid)"}),

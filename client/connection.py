@@ -9,11 +9,11 @@ import socket
 import struct
 from typing import Any, overload
 
+from xskbroker.common.defaults import DEFAULT_SOCKET as DEFAULT_SOCKET  # re-exported: the client's modules use it
 from xskbroker.wire import protocol as proto
 from xskbroker.wire import replies
 from xskbroker.wire.errors import ErrorCode
 
-DEFAULT_SOCKET = os.environ.get("XSKBROKER_SOCKET", "/run/xskbroker/broker.sock")
 MAX_FDS = 2 * proto.MAX_QUEUES
 SMALL_REPLY = 1 << 16  # any reply but status: a grant of MAX_QUEUES sockets is about 32 KiB
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # a plain int: a test on an IntFlag runs enum code

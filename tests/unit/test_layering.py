@@ -35,9 +35,9 @@ REPORT = ("import sys, json; print(json.dumps(sorted(m for m in sys.modules "
           "if m.startswith('xskbroker.'))))")
 
 
-def _loaded_by(module: str) -> list[str]:
+def _loaded_by(module: str, then: str = "pass") -> list[str]:
     # a fresh interpreter: this test process has loaded everything already
-    proc = subprocess.run([sys.executable, "-c", f"import {module}; {REPORT}"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", f"import {module}; {then}; {REPORT}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [m for m in json.loads(proc.stdout) if m != module]
@@ -64,6 +64,14 @@ def test_the_broker_imports_neither_the_client_nor_the_test_beds(module: str) ->
 def test_serving_loads_no_client_code() -> None:
     bad = _under(_loaded_by("xskbroker.broker.daemon"), "xskbroker.client", "xskbroker.testbed")
     assert not bad, f"the daemon pulled in {bad}"
+
+
+def test_the_serve_commands_options_load_no_client_code() -> None:
+    """`xskbroker serve` reads its command line from serve_options' table, whose socket default the clients share:
+    taken from the client's connection module, it cost every cold start that module and its package."""
+    loaded = _loaded_by("xskbroker.broker.serve_options", "xskbroker.broker.serve_options.options()")
+    bad = _under(loaded, "xskbroker.client", "xskbroker.testbed")
+    assert not bad, f"serve's options pulled in {bad}"
 
 
 @pytest.mark.parametrize("module", _modules(xskbroker.client, "xskbroker.client."))
