@@ -68,13 +68,23 @@ def ask_and_hold(path: str, iface: str, queue: int, kind: str, report: int) -> N
 
 
 @contextlib.contextmanager
-def child_at(pid: int, fn, *args: object) -> Iterator[Child]:  # type: ignore[no-untyped-def]
-    """fork_child(fn, *args) as CONSUMER_UID with exactly this pid (free now)."""
-    child = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, fn, *args, fork=lambda: fork_on(pid))
+def child_at(pid: int, fn, *args: object) -> Iterator[tuple[Child, int]]:  # type: ignore[no-untyped-def]
+    """fork_child(fn, *args, report) as CONSUMER_UID with exactly this pid (free now): the child and the read end
+    of its report pipe, both gone afterwards (also when the pid was taken and the scenario runs again)."""
+    report_r, report_w = os.pipe()
     try:
-        yield child
+        child = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, fn, *args, report_w,
+                           fork=lambda: fork_on(pid))
+    except BaseException:
+        os.close(report_r)
+        raise
+    finally:
+        os.close(report_w)
+    try:
+        yield child, report_r
     finally:
         child.kill()
+        os.close(report_r)
 
 
 def _leases_without(b: BrokerProcess, lease_id: str) -> dict[str, dict[str, Any]] | None:
@@ -103,10 +113,8 @@ def test_a_pid_reused_before_the_old_holders_exit_is_read_keeps_its_own_lease(ve
                 other.connect(b.socket_path)
                 os.kill(a.pid, signal.SIGUSR1)
                 assert a.result(reap=False)["lease"] == held["lease"]  # A has exited, a zombie holding pid P
-                report_r, report_w = os.pipe()
                 a.kill()  # reaped: P is free, right before B is to land on it
-                with child_at(a.pid, ask_and_hold, b.socket_path, veth.inside, 1, kind, report_w) as bee:
-                    os.close(report_w)
+                with child_at(a.pid, ask_and_hold, b.socket_path, veth.inside, 1, kind) as (bee, report_r):
                     assert os.read(report_r, 1) == b"S"  # B's request is queued behind A's exit
                     b.signal(signal.SIGCONT)
                     stopped = False
@@ -124,7 +132,6 @@ def test_a_pid_reused_before_the_old_holders_exit_is_read_keeps_its_own_lease(ve
                     ended = wait_for(lambda: [r for r in b.records("lease-ended") if r["lease"] == got], timeout=1.5,
                                      what="B's exit to end B's lease")
                     assert ended[0]["reason"] == "holder exited", ended
-                os.close(report_r)
             finally:
                 if stopped:
                     b.signal(signal.SIGCONT)
@@ -158,12 +165,10 @@ def test_a_named_holder_whose_pid_is_reused_mid_grant_does_not_leave_its_lease_o
             Path(gate + ".armed").touch()
             launcher = fork_child(lambda: drop_privileges(CONSUMER_UID), CONSUMER_UID, grant_for, b.socket_path,
                                   veth.inside, 0, holder.pid)
-            report_r, report_w = os.pipe()
             try:
                 wait_for(lambda: os.path.exists(gate + ".held"), what="the grant inside its bind")
                 holder.kill()  # H exits and is reaped: pid P is free
-                with child_at(holder.pid, ask_and_hold, b.socket_path, veth.inside, 1, "bare", report_w) as dee:
-                    os.close(report_w)
+                with child_at(holder.pid, ask_and_hold, b.socket_path, veth.inside, 1, "bare") as (dee, report_r):
                     assert os.read(report_r, 1) == b"S"
                     theirs = os.read(report_r, 4096).decode().strip()
                     assert theirs and not theirs.startswith("refused"), theirs
@@ -180,7 +185,6 @@ def test_a_named_holder_whose_pid_is_reused_mid_grant_does_not_leave_its_lease_o
                 Path(gate).touch()
                 launcher.kill()
                 holder.kill()
-                os.close(report_r)
                 shutil.rmtree(os.path.dirname(gate), ignore_errors=True)
             assert b.proc is not None and b.proc.poll() is None, b.log()
 
