@@ -1,14 +1,18 @@
 """Link events from rtnetlink (RTMGRP_LINK): interfaces removed or renamed, XDP programs changed.
 
-The parser is pure (bytes in, events out); `open_socket` is the only I/O. Three attributes are all the
+The parser is pure (bytes in, events out); `open_socket` and `LinkFeed` (the socket on the server's loop) are the
+only I/O. Three attributes are all the
 broker needs, which is why this is not pulled in from a netlink library (whose import alone would
 cost more than the broker's whole cold start).
 """
 
 from __future__ import annotations
 
+import select
+import selectors
 import socket
 import struct
+from collections.abc import Callable
 
 from xskbroker.broker import netlink
 from xskbroker.broker.netlink import NLMSGHDR, align
@@ -64,3 +68,36 @@ def open_socket() -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class LinkFeed:
+    """The link-event socket on the server's selector: each event goes to deliver(); a lost batch (the socket's
+    buffer overran) to overrun(error), since whatever those events changed is unknown."""
+
+    def __init__(self, sel: selectors.BaseSelector, deliver: Callable[[LinkEvent], None],
+                 overrun: Callable[[OSError], None]) -> None:
+        self.sock = open_socket()
+        self._deliver, self._overrun = deliver, overrun
+        sel.register(self.sock, selectors.EVENT_READ, lambda _: self.read())
+        self._queued = select.poll()  # one poll(2), no exception, when nothing is queued (the usual case)
+        self._queued.register(self.sock, select.POLLIN)
+
+    def sync(self) -> None:
+        """Deliver the events already queued (a grant is about to trust what they would change)."""
+        if self._queued.poll(0):
+            self.read()
+
+    def read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:  # ENOBUFS: events were lost
+                self._overrun(e)
+                return
+            for ev in parse(data):
+                self._deliver(ev)
+
+    def close(self) -> None:
+        self.sock.close()

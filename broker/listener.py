@@ -113,3 +113,18 @@ def accept_with_spare(listener: socket.socket, spare: int, refuse: Callable[[soc
         conn.setblocking(False)
         refuse(conn)
     return open_spare()
+
+
+def say_and_close(conn: socket.socket, last_words: bytes, close_fds: Callable[[list[int]], None]) -> None:
+    """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:
+    closing a unix socket with unread data makes the peer's recv fail ECONNRESET before it reads the
+    reply. fds found on the way go to close_fds (the untrusted closer), like any a client attaches."""
+    with contextlib.suppress(OSError):
+        conn.send(last_words)
+    with contextlib.suppress(OSError):
+        for _ in range(64):
+            data, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(MAX_FDS_IN * 4), socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+            close_fds(passed_fds(anc))
+            if not data and not anc:
+                break
+    conn.close()

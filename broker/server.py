@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
 import selectors
 import signal
 import socket
@@ -32,6 +31,7 @@ from xskbroker.broker.listener import (
     open_spare,
     passed_fds,
     refuse_passed_fds,
+    say_and_close,
 )
 from xskbroker.broker.sent_copies import SentCopies
 from xskbroker.broker.service import Deferred, Outcome, Service
@@ -125,15 +125,12 @@ class Server:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._signals)
         # a worker finished a request's kernel work: _retry_waiting (after the events) completes it
         self.sel.register(service.workers.wake, selectors.EVENT_READ, lambda _: service.workers.drain())
-        self.links: socket.socket | None = None
+        self.links: linkwatch.LinkFeed | None = None
         self.endpoints: list[Endpoint] = []
         try:
-            self.links = linkwatch.open_socket()
-            self.sel.register(self.links, selectors.EVENT_READ, self._link_events)
+            self.links = linkwatch.LinkFeed(self.sel, service.link_event, self._links_lost)
             service.watch_links()
-            self._links_queued = select.poll()  # one poll(2), no exception, when nothing is queued (the usual case)
-            self._links_queued.register(self.links, select.POLLIN)
-            service.link_sync = self._link_sync
+            service.link_sync = self.links.sync
         except OSError as e:  # lifecycle tracking is lost, grants still work: say so and go on
             self.audit({"event": "linkwatch-unavailable", "error": str(e)})
         for lease in service.leases:
@@ -364,19 +361,7 @@ class Server:
         return who
 
     def _say_and_close(self, conn: socket.socket, reply: ErrorReply) -> None:
-        """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:
-        closing a unix socket with unread data makes the peer's recv fail ECONNRESET before it reads the
-        reply. fds found on the way go to the untrusted closer, like any a client attaches."""
-        with contextlib.suppress(OSError):
-            conn.send(reply.encode())
-        with contextlib.suppress(OSError):
-            for _ in range(64):
-                data, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(MAX_FDS_IN * 4),
-                                               socket.MSG_DONTWAIT | socket.MSG_TRUNC)
-                self.untrusted.close(passed_fds(anc))
-                if not data and not anc:
-                    break
-        conn.close()
+        say_and_close(conn, reply.encode(), self.untrusted.close)
 
     def _evict_one(self, uid: int, newcomer: peers.PeerInfo) -> None:
         """Close the oldest connection of uid that has no request in flight, to make room for another user."""
@@ -511,21 +496,7 @@ class Server:
         self.untrusted.close(fds)
         return len(fds)
 
-    def _link_sync(self) -> None:
-        """Deliver the link events already queued (a grant is about to trust what they would change)."""
-        if self.links is not None and self._links_queued.poll(0):
-            self._link_events(self.links)
-
-    def _link_events(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                data = sock.recv(1 << 16)
-            except BlockingIOError:
-                return
-            except OSError as e:  # ENOBUFS: events were lost: forget what they might have changed
-                self.audit({"event": "linkwatch-overrun", "error": str(e)})
-                self.service.forget_programs()
-                return
-            for ev in linkwatch.parse(data):
-                self.service.link_event(ev)
-
+    def _links_lost(self, e: OSError) -> None:
+        """Link events were lost: forget what they might have changed."""
+        self.audit({"event": "linkwatch-overrun", "error": str(e)})
+        self.service.forget_programs()
