@@ -57,6 +57,18 @@ def fork_on(pid: int, tries: int = 20000) -> int:
     raise AssertionError(f"pid {pid} never came round again in {tries} forks")
 
 
+def fork_on_with_pipe(pid: int) -> tuple[int, int, int]:
+    """fork_on(pid) with a pipe made before the fork, for the child to report through: (fork_on's return, the read
+    end, the write end). A pid another process took leaks neither end."""
+    r, w = os.pipe()
+    try:
+        return fork_on(pid), r, w
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+
+
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()

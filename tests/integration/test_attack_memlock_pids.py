@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from xskbroker.client.connection import Connection
-from xskbroker.testbed.pids import PidTaken, fork_on, on_a_free_pid
+from xskbroker.testbed.pids import fork_on_with_pipe, on_a_free_pid
 from xskbroker.testbed.sandbox import BrokerProcess, fork_child, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
@@ -55,13 +55,7 @@ def _records(b: BrokerProcess, event: str) -> list[dict]:
 def at_pid(pid: int, body: Any) -> Iterator[tuple[int, int]]:
     """A root child with exactly this pid (free now) that runs body(result_fd) once it knows it has it:
     (its pid, the read end of its result pipe)."""
-    r, w = os.pipe()
-    try:
-        child = fork_on(pid)
-    except PidTaken:
-        os.close(r)
-        os.close(w)
-        raise
+    child, r, w = fork_on_with_pipe(pid)
     if child == 0:
         try:
             os.close(r)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request, request_fds
-from xskbroker.testbed.pids import PidTaken, fork_on, on_a_free_pid
+from xskbroker.testbed.pids import fork_on_with_pipe, on_a_free_pid
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
@@ -126,13 +126,7 @@ def _victim(log: int) -> None:
 @contextlib.contextmanager
 def victim_at(pid: int) -> Iterator[tuple[int, int]]:
     """A root process with exactly this pid (free now): (its pid, the read end of its signal log)."""
-    r, w = os.pipe()
-    try:
-        child = fork_on(pid)
-    except PidTaken:
-        os.close(r)
-        os.close(w)
-        raise
+    child, r, w = fork_on_with_pipe(pid)
     if child == 0:
         os.close(r)
         _victim(w)

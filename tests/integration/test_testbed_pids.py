@@ -12,7 +12,7 @@ import time
 import pytest
 
 from xskbroker.testbed import pids
-from xskbroker.testbed.pids import PidTaken, fork_on, on_a_free_pid
+from xskbroker.testbed.pids import PidTaken, fork_on, fork_on_with_pipe, on_a_free_pid
 
 
 def _free_pid() -> int:
@@ -28,13 +28,7 @@ def test_a_child_lands_on_the_pid_asked_for() -> None:
     # This test too once lost its pid to the other test worker's process (CI, stop 37): it retries on a new one.
     def scenario() -> tuple[int, int]:
         pid = _free_pid()
-        r, w = os.pipe()
-        try:
-            child = fork_on(pid)
-        except BaseException:
-            os.close(r)
-            os.close(w)
-            raise
+        child, r, w = fork_on_with_pipe(pid)
         if child == 0:
             os.write(w, str(os.getpid()).encode())
             os._exit(0)
