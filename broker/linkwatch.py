@@ -78,9 +78,13 @@ class LinkFeed:
                  overrun: Callable[[OSError], None]) -> None:
         self.sock = open_socket()
         self._deliver, self._overrun = deliver, overrun
-        sel.register(self.sock, selectors.EVENT_READ, lambda _: self.read())
         self._queued = select.poll()  # one poll(2), no exception, when nothing is queued (the usual case)
-        self._queued.register(self.sock, select.POLLIN)
+        try:
+            self._queued.register(self.sock, select.POLLIN)
+            sel.register(self.sock, selectors.EVENT_READ, lambda _: self.read())
+        except BaseException:
+            self.sock.close()
+            raise
 
     def sync(self) -> None:
         """Deliver the events already queued (a grant is about to trust what they would change)."""
