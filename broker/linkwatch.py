@@ -1,9 +1,8 @@
 """Link events from rtnetlink (RTMGRP_LINK): interfaces removed or renamed, XDP programs changed.
 
 The parser is pure (bytes in, events out); `open_socket` and `LinkFeed` (the socket on the server's loop) are the
-only I/O. Three attributes are all the
-broker needs, which is why this is not pulled in from a netlink library (whose import alone would
-cost more than the broker's whole cold start).
+only I/O. Three attributes are all the broker needs, which is why this is not pulled in from a netlink library
+(whose import alone would cost more than the broker's whole cold start).
 """
 
 from __future__ import annotations
