@@ -12,6 +12,7 @@ import tempfile
 import time
 from typing import Any
 
+from xskbroker.client import argtypes
 from xskbroker.client.connection import DEFAULT_SOCKET, Connection
 from xskbroker.policy.sizes import size_arg
 from xskbroker.wire import protocol as proto
@@ -23,8 +24,8 @@ def _grant_target(parser: argparse.ArgumentParser, queues_default: int | None = 
     """What a grant is for and where the broker is: the arguments request and exec share."""
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
     parser.add_argument("--interface", "-i", required=True, help="interface name")
-    parser.add_argument("--queues", "-q", type=int, default=queues_default, help=queues_help)
-    parser.add_argument("--start-queue", type=int, default=0, help="first queue id (default: 0)")
+    parser.add_argument("--queues", "-q", type=argtypes.positive, default=queues_default, help=queues_help)
+    parser.add_argument("--start-queue", type=argtypes.non_negative, default=0, help="first queue id (default: 0)")
 
 
 def add_client_parsers(sub: Any) -> None:
@@ -127,15 +128,29 @@ def _fail(err: Exception, as_json: bool) -> int:
     return 1
 
 
+def _refused_here(req: proto.Request, as_json: bool) -> bool:
+    """Whether the request is one the broker would refuse as malformed (a ring size that is not a power of two, a
+    UMEM that is not whole pages, an interface name no interface can have): said now, by the codec the broker
+    decodes with, in its words, with no broker asked (and whether or not one is running)."""
+    try:
+        proto.decode_request(proto.encode_request(req))
+    except proto.ProtocolError as e:
+        _fail(e, as_json)
+        return True
+    return False
+
+
 def cmd_request(args: argparse.Namespace) -> int:
     from xskbroker.client.grant import request
 
     ring = args.ring_size
     geometry = proto.Geometry(args.umem, args.frame_size, 0, ring, ring, ring, ring)
+    ids = tuple(range(args.start_queue, args.start_queue + args.queues))
+    if _refused_here(proto.Grant(args.interface, ids, geometry=geometry, bind_mode=args.bind_mode), args.json):
+        return 2
     started = time.perf_counter()
     try:
-        grant = request(args.interface, args.queues, start_queue=args.start_queue, geometry=geometry,
-                        bind_mode=args.bind_mode, socket_path=args.socket)
+        grant = request(args.interface, ids, geometry=geometry, bind_mode=args.bind_mode, socket_path=args.socket)
     except (proto.BrokerError, ConnectionError, OSError) as e:
         return _fail(e, args.json)
     elapsed = (time.perf_counter() - started) * 1000
@@ -217,10 +232,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if memlock is None:
         memlock = umem_bytes(queues, per_queue) if args.kind == "bare" else 0
     geometry = proto.Geometry(umem_size=args.umem)
+    asked = memlock if args.kind == "bare" else 0  # only a bare grant's holder makes its own UMEM
+    if _refused_here(proto.Grant(args.interface, tuple(ids), args.kind, geometry, memlock=asked), False):
+        return 2
     try:
-        reply, fds = request_fds(args.interface, ids, kind=args.kind, start_queue=args.start_queue,
-                                 geometry=geometry, socket_path=args.socket,
-                                 memlock=memlock if args.kind == "bare" else 0)
+        reply, fds = request_fds(args.interface, ids, kind=args.kind, geometry=geometry, socket_path=args.socket,
+                                 memlock=asked)
     except (proto.BrokerError, ConnectionError, OSError) as e:
         return _fail(e, False)
     if args.kind == "map":  # the consumer makes its own sockets and UMEM: the broker cannot help, say what it lacks

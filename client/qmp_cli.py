@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from xskbroker.client import hotplug, qemu_support
+from xskbroker.client import argtypes, hotplug, qemu_support
 from xskbroker.client import qmp as q
 from xskbroker.client.connection import DEFAULT_SOCKET
 from xskbroker.policy.sizes import size_arg
@@ -70,26 +70,6 @@ def _props(text: str) -> dict[str, Any]:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
 def add_qmp_parsers(sub: Any) -> None:
     a = sub.add_parser("qmp-attach", help="hot-plug a bare grant into a running QEMU as an af-xdp netdev (QMP)",
                        description=ATTACH_DESCRIPTION, epilog=ATTACH_EPILOG,
@@ -97,8 +77,8 @@ def add_qmp_parsers(sub: Any) -> None:
     a.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket (-qmp unix:PATH,server=on)")
     a.add_argument("--id", required=True, help="netdev id; fds are named ID-qN and the device ID-dev")
     a.add_argument("--interface", "-i", required=True, help="host interface whose queues to hand over")
-    a.add_argument("--queues", "-q", type=_positive, required=True, metavar="N", help="number of queues")
-    a.add_argument("--start-queue", type=_non_negative, default=0, metavar="M", help="first queue (default: 0)")
+    a.add_argument("--queues", "-q", type=argtypes.positive, required=True, metavar="N", help="number of queues")
+    a.add_argument("--start-queue", type=argtypes.non_negative, default=0, metavar="M", help="first queue (default: 0)")
     a.add_argument("--device", metavar="MODEL", help="also device_add a NIC of this model, e.g. virtio-net-pci")
     a.add_argument("--device-props", type=_props, metavar="JSON",
                    help="extra device_add properties as a JSON object, e.g. '{\"mq\": true, \"vectors\": 6}' "
