@@ -93,7 +93,7 @@ def add_client_parsers(sub: Any) -> None:
     target = v.add_mutually_exclusive_group(required=True)
     target.add_argument("--lease", help="lease id (see `xskbroker status`)")
     target.add_argument("--interface", "-i", help="every lease on this interface")
-    v.add_argument("--queue", type=int, help="with --interface: only leases holding this queue")
+    v.add_argument("--queue", type=argtypes.non_negative, help="with --interface: only leases holding this queue")
     v.add_argument("--signal", action="store_true", help="also signal the holder (policy's revoke_signal)")
     v.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
     v.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
@@ -271,9 +271,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if args.queue is not None and not args.interface:
         print("xskbroker revoke: --queue needs --interface", file=sys.stderr)
         return 2
+    req = proto.Revoke(args.lease, args.interface, args.queue, args.signal)
+    if _refused_here(req, args.json):
+        return 2
     try:
         with Connection(args.socket) as conn:
-            reply, _ = conn.call_typed(proto.Revoke(args.lease, args.interface, args.queue, args.signal))
+            reply, _ = conn.call_typed(req)
     except (proto.BrokerError, ConnectionError, OSError) as e:
         return _fail(e, args.json)
     if args.json:

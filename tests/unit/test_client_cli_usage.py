@@ -1,7 +1,7 @@
-"""`xskbroker request` and `exec` refuse a malformed grant themselves, before any broker is asked: a count or queue id
-as a usage error naming the option, and what the broker's codec would refuse (ring sizes, UMEM size, interface
-names) in the codec's words, with exit status 2 and nothing connected. The socket named is one nobody listens on,
-so an answer that needed the broker would say connection-error instead."""
+"""`xskbroker request`, `exec` and `revoke` refuse a malformed request themselves, before any broker is asked: a
+count or queue id as a usage error naming the option, and what the broker's codec would refuse (ring sizes, UMEM
+size, interface names) in the codec's words, with exit status 2 and nothing connected. The socket named is one
+nobody listens on, so an answer that needed the broker would say connection-error instead."""
 
 from __future__ import annotations
 
@@ -48,6 +48,20 @@ def test_exec_refuses_a_malformed_grant_without_the_broker(tmp_path: Path, capsy
     nobody = str(tmp_path / "no-broker.sock")
     assert main(["exec", "-i", "eth1", "--umem", "3", "--socket", nobody, "--", "true"]) == 2
     assert "xskbroker: bad-request: umem.size must be between 4096" in capsys.readouterr().err
+
+
+def test_revoke_refuses_a_bad_queue_or_interface_without_the_broker(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    nobody = str(tmp_path / "no-broker.sock")
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["revoke", "-i", "eth1", "--queue", "-1"])
+    assert exc.value.code == 2 and "argument --queue: must be 0 or more" in capsys.readouterr().err
+    assert main(["revoke", "-i", "eth0:1", "--socket", nobody]) == 2
+    assert "xskbroker: bad-request: 'eth0:1' is not a valid interface name" in capsys.readouterr().err
+    assert main(["revoke", "-i", "eth1", "--queue", "70000", "--socket", nobody, "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"]["message"] == "queue must be between 0 and 65535, not 70000"
+    assert main(["revoke", "--lease", "L1", "--socket", nobody]) == 1  # well formed: sent, to nobody
+    assert "connection-error" in capsys.readouterr().err
 
 
 def test_a_well_formed_request_goes_to_the_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
