@@ -25,3 +25,10 @@ def non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return value
+
+
+def power_of_two(text: str) -> int:
+    value = _int(text)
+    if value < 1 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two (e.g. 2048), not {value}")
+    return value

@@ -39,7 +39,7 @@ def add_client_parsers(sub: Any) -> None:
     _grant_target(r)
     r.add_argument("--umem", type=size_arg, default=4 << 20, help="UMEM bytes per socket (default: 4MiB)")
     r.add_argument("--frame-size", type=int, choices=(2048, 4096), default=4096)
-    r.add_argument("--ring-size", type=int, default=2048, help="entries of each of the four rings")
+    r.add_argument("--ring-size", type=argtypes.power_of_two, default=2048, help="entries of each of the four rings")
     r.add_argument("--bind-mode", choices=proto.BIND_MODES, default="auto",
                    help="zero-copy when the driver can (auto), or force copy/zerocopy")
     r.add_argument("--hold", type=float, default=0.0, help="seconds to hold the grant before releasing")

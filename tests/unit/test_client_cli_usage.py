@@ -28,8 +28,15 @@ def test_counts_and_queue_ids_are_usage_errors(command: str, argv: list[str], er
     assert exc.value.code == 2 and error in capsys.readouterr().err
 
 
+def test_a_ring_size_that_is_not_a_power_of_two_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["request", "-i", "eth1", "--ring-size", "1000"])
+    assert exc.value.code == 2
+    assert "argument --ring-size: must be a power of two (e.g. 2048), not 1000" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--ring-size", "1000"], "rings.fill must be a power of two, not 1000"),
+    (["--ring-size", "1048576"], "rings.fill must be between 1 and 65536, not 1048576"),
     (["--umem", "5000"], "umem.size must be a multiple of 4096 (the page size)"),
     (["--queues", "2", "--start-queue", "65535"], "queue ids must be integers between 0 and 65535"),
     (["-i", "eth0:1"], "'eth0:1' is not a valid interface name"),
