@@ -33,8 +33,7 @@ class Grant:
         for s in self.sockets:
             s.close()
         if self.connection is not None:
-            with contextlib.suppress(OSError, proto.BrokerError, ConnectionError):
-                self.connection.call(proto.Release(self.lease))
+            _end_lease(self.connection, self.lease)
             if self.owns_connection:
                 self.connection.close()
             self.connection = None
@@ -44,6 +43,13 @@ class Grant:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _end_lease(conn: Connection, lease: str) -> None:
+    """Best effort: the sockets are closed already, and a broker that cannot be told ends the lease when this
+    process exits."""
+    with contextlib.suppress(OSError, proto.BrokerError, ConnectionError):
+        conn.call(proto.Release(lease))
 
 
 def request(interface: str, queues: int | Sequence[int] = 1, *, start_queue: int = 0,
@@ -74,6 +80,9 @@ def request(interface: str, queues: int | Sequence[int] = 1, *, start_queue: int
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        # a bound lease ends only by a release or this process's exit: closing its sockets leaves it holding
+        # its queues and quota at the broker, so end it now, as release() would
+        _end_lease(conn, reply.lease)
         if owned:
             conn.close()
         raise

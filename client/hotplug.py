@@ -136,24 +136,28 @@ def attach(qmp: Monitor, netdev_id: str, ifname: str, fds: Sequence[int], *, sta
     if device:
         device_args = {**(device_props or {}), "driver": device, "netdev": netdev_id, "id": device_id_for(netdev_id)}
     tried: list[str] = []  # every name a getfd was attempted for: one that timed out may still have landed
-    added = False
+    sent = added = False  # netdev_add sent; answered ok
     try:
         for name, fd in zip(names, fds, strict=True):
             tried.append(name)
             qmp.execute("getfd", {"fdname": name}, fds=[fd])
+        sent = True
         qmp.execute("netdev_add", netdev_args)
         added = True
         if device_args:
             qmp.execute("device_add", device_args)
     except BaseException as e:
-        for note in _unwind(qmp, netdev_id if added else None, [] if added else tried):
+        late = netdev_id if sent and not added and isinstance(e, QMPTimeout) else None  # may land yet
+        for note in _unwind(qmp, netdev_id if added else None, [] if added else tried, late):
             e.add_note(note)
         raise
     return Attachment(netdev_id, ifname, queues, names, netdev_args, device_args and device_args["id"], device_args)
 
 
-def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str]) -> list[str]:
-    """Best effort: undo a partial attach. Returns one note per step, for the error report."""
+def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str], late_netdev: str | None = None) -> list[str]:
+    """Best effort: undo a partial attach. Returns one note per step, for the error report.
+
+    late_netdev: a netdev_add of that id timed out, so QEMU may have carried it out after all."""
     notes: list[str] = []
     if netdev_id:  # QEMU owns the fds once netdev_add succeeded; deleting the netdev closes them
         try:
@@ -161,7 +165,7 @@ def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str]) -> list[s
             notes.append(f"unwound: deleted netdev {netdev_id!r} (QEMU closed its sockets)")
         except (QMPError, QMPTimeout, QMPConnectionError) as e:
             notes.append(f"could not delete netdev {netdev_id!r}: {e}")
-    closed, taken = [], []
+    closed, taken, unsure = [], [], False
     for name in names:
         try:
             qmp.execute("closefd", {"fdname": name})
@@ -170,10 +174,24 @@ def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str]) -> list[s
             taken.append(name)  # never arrived, or netdev_add had already taken it
         except (QMPTimeout, QMPConnectionError) as e:
             notes.append(f"could not close fd {name!r} in QEMU: {e}")
+            unsure = True
     if closed:
         notes.append(f"unwound: closed fd(s) {', '.join(closed)} in QEMU")
     if taken:
         notes.append(f"fd(s) {', '.join(taken)} were not in QEMU's monitor (never arrived, or taken by netdev_add)")
+    # QEMU runs monitor commands in order: a name gone by the closefd after the timed-out netdev_add (every getfd
+    # was answered) was taken by it, so it ran, and the netdev of that id, if any, is this attempt's (a duplicate
+    # id is refused before any fd is taken, and then every closefd succeeds and nothing is deleted)
+    if late_netdev and taken and not unsure:
+        try:
+            qmp.execute("netdev_del", {"id": late_netdev})
+            notes.append(f"unwound: deleted netdev {late_netdev!r}, added after netdev_add timed out (QEMU closed "
+                         "its sockets)")
+        except QMPError as e:
+            if e.error_class != "DeviceNotFound":  # not found: netdev_add took the fds but failed, nothing left
+                notes.append(f"could not delete netdev {late_netdev!r}: {e}")
+        except (QMPTimeout, QMPConnectionError) as e:
+            notes.append(f"could not delete netdev {late_netdev!r}: {e}")
     return notes
 
 
