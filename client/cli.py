@@ -142,6 +142,12 @@ def _refused_here(req: proto.Request, as_json: bool) -> bool:
 
 def cmd_request(args: argparse.Namespace) -> int:
     from xskbroker.client.grant import request
+    from xskbroker.client.xsk import UnsupportedMachine, check_machine
+
+    try:  # before any grant: this command maps the rings, which this CPU cannot use safely
+        check_machine()
+    except UnsupportedMachine as e:
+        return _fail(e, args.json)
 
     ring = args.ring_size
     geometry = proto.Geometry(args.umem, args.frame_size, 0, ring, ring, ring, ring)

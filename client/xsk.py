@@ -18,6 +18,7 @@ import select
 import socket
 from collections import deque
 
+from xskbroker.wire.errors import ErrorCode
 from xskbroker.wire.protocol import Geometry
 from xskbroker.wire.xdp_abi import (
     AF_XDP,
@@ -43,6 +44,8 @@ _KICK_TRANSIENT = (errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ENETDOWN)
 
 class UnsupportedMachine(RuntimeError):
     """The CPU may reorder plain loads and stores, which the rings' index protocol cannot survive."""
+
+    code = ErrorCode.UNSUPPORTED_MACHINE
 
 
 def check_machine() -> None:

@@ -63,10 +63,11 @@ class ErrorCode(StrEnum):
     CONNECTION_ERROR = "connection-error"
     AGENT_FAILED = "agent-failed"
     BROKER_TIMEOUT = "broker-timeout"
+    UNSUPPORTED_MACHINE = "unsupported-machine"
 
 
 CLIENT_ONLY = frozenset({ErrorCode.BAD_REPLY, ErrorCode.UNKNOWN, ErrorCode.CONNECTION_ERROR,
-                         ErrorCode.AGENT_FAILED, ErrorCode.BROKER_TIMEOUT})
+                         ErrorCode.AGENT_FAILED, ErrorCode.BROKER_TIMEOUT, ErrorCode.UNSUPPORTED_MACHINE})
 # sent unprompted on a new (or evicted) connection, which is then closed: never the answer to a request
 NOT_A_REPLY = frozenset({ErrorCode.QUOTA_CONNECTIONS, ErrorCode.TOO_MANY_CONNECTIONS})
 

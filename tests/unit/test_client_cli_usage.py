@@ -71,6 +71,19 @@ def test_revoke_refuses_a_bad_queue_or_interface_without_the_broker(tmp_path: Pa
     assert "connection-error" in capsys.readouterr().err
 
 
+def test_request_on_a_weakly_ordered_cpu_says_why_and_asks_for_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rings need x86's memory order: on another CPU the command refuses before any grant (it used to end in a
+    traceback, after a grant it could not map)."""
+    nobody = str(tmp_path / "no-broker.sock")  # asked, it would say connection-error
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert main(["request", "-i", "eth1", "--socket", nobody]) == 1
+    err = capsys.readouterr().err
+    assert "xskbroker: unsupported-machine: the AF_XDP rings" in err and "aarch64" in err
+    assert main(["request", "-i", "eth1", "--socket", nobody, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "unsupported-machine"
+
+
 def test_a_well_formed_request_goes_to_the_broker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The check refuses only what the codec does: a good request is sent, here to no broker at all."""
     nobody = str(tmp_path / "no-broker.sock")
