@@ -103,7 +103,11 @@ class BareGrants(MapGrants):
         memlock = None
         try:  # the holder may die here (its /proc is read): any failure must take the sockets back out
             memlock = self._memlock(peer, req.memlock, rule) if req.memlock else None
-            made = self.raised.get(key) if memlock and memlock["raised"] else None
+            made = self.raised.get(key) if memlock and memlock["ok"] else None
+            # this grant's raise, or an earlier lease's of this process that its need rests on (the limit before that
+            # raise was short of it): either is kept until this lease ends too
+            if made is not None and memlock and not memlock["raised"] and not _short(made.before[0], req.memlock):
+                made = None
             out = self._lease(peer, req, ifindex, prog, fds, raised=(*made.before, *made.now) if made else None,
                               sockets=sockets, memlock=memlock,
                               bind_flags_hint=XDP_USE_NEED_WAKEUP | (XDP_COPY if prog.mode == "skb" else 0))
@@ -116,7 +120,7 @@ class BareGrants(MapGrants):
                 self.kernel.close(fd)
             raise
         raised = self.raised.get(key)
-        if memlock and memlock["raised"] and out.lease_id and raised is not None:
+        if made is not None and out.lease_id and raised is not None:
             raised.leases.add(out.lease_id)  # restored when the last such lease ends
         return out
 
@@ -189,3 +193,8 @@ class BareGrants(MapGrants):
                 self.kernel.set_memlock(peer.pid, before)
                 self.audit({"event": "memlock-restored", "pid": peer.pid, "to": before[0], "hard": before[1],
                             "reason": "the grant it was raised for failed"})
+
+
+def _short(soft: int, needed: int) -> bool:
+    """Whether a soft RLIMIT_MEMLOCK is below what a UMEM needs."""
+    return soft != RLIM_INFINITY and soft < needed

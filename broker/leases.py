@@ -53,6 +53,9 @@ class Lease:
     # bare grants: the holder's RLIMIT_MEMLOCK (soft, hard) before the broker raised it and (soft, hard) it was
     # raised to, journaled so that a restarted broker still restores it when the holder's last such lease ends
     memlock: tuple[int, int, int, int] | None = None
+    # map grants under --pin-root: where its map was pinned, journaled: the pin keeps the interface's name at the
+    # grant, which a rename since does not change, and a restarted broker removes it there
+    map_pin: str | None = None
 
     def owned_by(self, uid: int, cgroup: str | None) -> bool:
         """Whether a peer of (uid, cgroup) is the principal that took this lease. Another cgroup of the same
@@ -72,7 +75,7 @@ class Lease:
                 "gids": list(self.gids), "groups": list(self.groups), "pid_start": self.pid_start,
                 "created": self.created, "revoked": self.revoked, "orphaned": self.orphaned, "pid_ino": self.pid_ino,
                 "misbound": self.misbound, "map_id": self.map_id, "cgroup": self.cgroup,
-                "released_at": self.released_at, "memlock": self.memlock}
+                "released_at": self.released_at, "memlock": self.memlock, "map_pin": self.map_pin}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Lease:

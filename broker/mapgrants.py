@@ -13,6 +13,7 @@ says why.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 from xskbroker.broker.core import Core, Outcome, Refused
@@ -26,7 +27,6 @@ from xskbroker.wire.errors import ErrorCode
 
 class MapGrants(Core):
     pin_root: str | None  # a bpffs directory: map grants are pinned there for their tenant
-    pinned: dict[str, str]  # lease id -> its pin's path
 
     # defined by broker.grants
     def _checked(self, req: proto.Grant) -> tuple[int, int]:
@@ -75,11 +75,9 @@ class MapGrants(Core):
                 raise Refused(ErrorCode.KERNEL_ERROR, f"{req.interface}: {e.strerror or e}") from None
             raise
         lease = self.leases.get(out.lease_id or "")
-        if lease:  # the map whose outer slots are given back when the lease ends, even after a restart
-            lease.map_id = map_id
+        if lease:  # the map whose outer slots are given back, and its pin removed, when the lease ends (restarts too)
+            lease.map_id, lease.map_pin = map_id, pin
             self.leases.record(lease)
-            if pin:
-                self.pinned[lease.id] = pin
         return out
 
     def _pin(self, peer: PeerInfo, ifname: str, map_fd: int) -> str | None:
@@ -124,11 +122,12 @@ class MapGrants(Core):
 
     def _end_map(self, lease: Lease, recovered: bool = False) -> None:
         """Give the lease's outer slots back to the shared map (only those still pointing at its map) and
-        remove its pin (a lease a previous broker made: whatever pin it had): no copy of its fd steers
-        anything after this."""
-        pin = self.pinned.pop(lease.id, None)
-        if self.pin_root and (pin or recovered):
-            self.kernel.unpin(self.pin_root, lease.uid, lease.ifname)
+        remove its pin (a lease a previous broker made with no pin journaled: whatever pin it had): no copy of its
+        fd steers anything after this."""
+        if self.pin_root and (lease.map_pin or recovered):
+            # where it was pinned, under the interface's name at the grant: a rename since left the pin there
+            ifname = os.path.basename(os.path.dirname(lease.map_pin)) if lease.map_pin else lease.ifname
+            self.kernel.unpin(self.pin_root, lease.uid, ifname)
         prog = self.kernel.queue_program(lease.ifindex)
         if prog is None:  # gone with its interface or with the broker that attached it
             return

@@ -107,7 +107,6 @@ class Service(Grants, Lifecycle):
         self.freed: dict[tuple[int, int], tuple[float, str]] = {}
         self.signal_holder = signal_holder
         self.pin_root = pin_root  # a bpffs directory where map grants are pinned for their tenants
-        self.pinned: dict[str, str] = {}
         self.link_events = link_events
         self.net = NetCache()  # trusted only while link events are watched (link_events)
         self.link_sync: Callable[[], None] = lambda: None  # the server: read the link events already queued
