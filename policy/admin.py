@@ -7,11 +7,10 @@ wildcard (an admin table that matched everyone by accident would hand out revoca
 
 from __future__ import annotations
 
-from .decide import Peer, in_groups
+from .decide import Peer, in_groups, names_user
 from .model import Admin
 
 
 def is_admin(admin: Admin, peer: Peer) -> bool:
     """True when the peer's uid or user name, or one of its groups (by name or gid), is listed in [admin]."""
-    return (str(peer.uid) in admin.users or (peer.user is not None and peer.user in admin.users)
-            or in_groups(admin.groups, peer))
+    return names_user(admin.users, peer) or in_groups(admin.groups, peer)

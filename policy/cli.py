@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import sys
+from collections.abc import Iterable
 
 from xskbroker.common import records
 
@@ -184,10 +185,25 @@ def _group_name(gid: int) -> str | None:
         return None  # a gid without a name still matches rules by number
 
 
-def resolve_peer(user: str, groups: list[str] | None = None) -> Peer:
+def _held_names(names: Iterable[str], gids: set[int]) -> frozenset[str]:
+    """Of these group names, those whose gid (NSS, asked by name) is among gids: how the broker names a peer's groups
+    (broker.peer.GroupNames). getgrgid gives one name per gid, so a gid with two names (an alias, a local group and
+    its LDAP twin) lost the other, and a rule naming that one was judged unlike the broker judges it."""
+    held: set[str] = set()
+    for name in names:
+        try:
+            if grp.getgrnam(name).gr_gid in gids:
+                held.add(name)
+        except (KeyError, ValueError):  # no such group (ValueError: a name with a NUL), as the broker takes it
+            pass
+    return frozenset(held)
+
+
+def resolve_peer(user: str, groups: list[str] | None = None, policy_groups: Iterable[str] = ()) -> Peer:
     """Build the Peer the broker would see for `user` (name or uid).
 
-    Groups come from the system unless `groups` is given. Raises LookupError for unknown names.
+    Groups come from the system unless `groups` is given. Raises LookupError for unknown names. `policy_groups`:
+    the group names the policy mentions, which the broker names a peer's groups by.
     """
     entry: pwd.struct_passwd | None
     if user.isascii() and user.isdigit():
@@ -217,8 +233,17 @@ def resolve_peer(user: str, groups: list[str] | None = None) -> Peer:
                 raise LookupError(f"unknown group {group!r} (give a numeric gid instead)") from None
     elif entry is not None:
         gids.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    names = frozenset(name for name in map(_group_name, gids) if name is not None)
-    return Peer(uid=uid, gids=frozenset(gids), user=entry.pw_name if entry else None, groups=names)
+    # the names shown (getgrgid's) and the policy's, each kept only if it names a held gid, as the broker does
+    names = _held_names({*policy_groups, *(n for n in map(_group_name, gids) if n is not None)}, gids)
+    return Peer(uid=uid, gids=frozenset(gids), user=_user_name(uid), groups=names)
+
+
+def _user_name(uid: int) -> str | None:
+    # the broker names a peer by its uid (getpwuid), never by the login name typed: "toor" is uid 0, named "root"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
 
 
 def _describe_peer(peer: Peer) -> str:
@@ -264,7 +289,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return EXIT_USAGE
     try:
-        peer = resolve_peer(args.user, args.groups)
+        peer = resolve_peer(args.user, args.groups, policy.group_names)
     except LookupError as e:
         print(f"xskbroker policy explain: {e.args[0]}", file=sys.stderr)
         return EXIT_USAGE

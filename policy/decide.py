@@ -107,15 +107,21 @@ def user_matches(rule: Rule, peer: Peer) -> bool:
     """Users and groups are alternatives: matching either list is enough."""
     if "*" in rule.users or "*" in rule.groups:
         return True
-    if str(peer.uid) in rule.users or (peer.user is not None and peer.user in rule.users):
-        return True
-    return in_groups(rule.groups, peer)
+    return names_user(rule.users, peer) or in_groups(rule.groups, peer)
+
+
+def names_user(entries: frozenset[str], peer: Peer) -> bool:
+    """Whether the entries name the peer's uid (written as a number) or its user name. An entry that is a number
+    is a uid only: `users = [1000]` must not also name a login called "1000" (another uid)."""
+    return str(peer.uid) in entries or (peer.user is not None and peer.user in entries and _gid(peer.user) is None)
 
 
 def in_groups(entries: frozenset[str], peer: Peer) -> bool:
     """Whether the peer is in a group the entries name: by name, or by gid written as a number ("106").
-    Costs the entries, not the peer's groups: a peer chooses how many of those it has."""
-    return any(g in entries for g in peer.groups) or any(_gid(e) in peer.gids for e in entries)
+    Costs the entries, not the peer's groups: a peer chooses how many of those it has. An entry that is a number is
+    a gid only (the broker resolves every entry as a name too, so a group named "1000" would reach peer.groups)."""
+    return (any(g in entries and _gid(g) is None for g in peer.groups)
+            or any(_gid(e) in peer.gids for e in entries))
 
 
 def _gid(entry: str) -> int | None:

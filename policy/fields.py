@@ -5,6 +5,7 @@ A parser raises Invalid with what is wrong with the value; the loader adds the f
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,9 @@ from .sizes import parse_size
 _SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGKILL")
 _IFNAMSIZ = 16  # includes the NUL, so names have at most 15 characters
 _RANGE_RE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
+# A number written as a string ("0-3", "1000") is bounded as TOML bounds integers (the loader refuses bigger ones):
+# int() of 4301 digits raises ValueError, which crashed the loader, or decide() reading a group entry as a gid
+MAX_NUMBER = (1 << 63) - 1
 
 
 class Invalid(Exception):
@@ -29,10 +33,18 @@ def _principals(value: Any, what: str) -> frozenset[str]:
         if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
             out.add(str(item))
         elif isinstance(item, str) and item and item.strip() == item and item.isprintable():
+            if item.isascii() and item.isdigit() and _number(item) is None:  # decide reads it as a number
+                raise Invalid(f"bad {what} {item[:20]!r}...: a numeric id is at most {MAX_NUMBER}")
             out.add(item)
         else:
             raise Invalid(f'bad {what} {item!r}: use a name, a non-negative numeric id, or "*"')
     return frozenset(out)
+
+
+def _number(digits: str) -> int | None:
+    """The number ASCII digits spell if it is at most MAX_NUMBER, else None (never int() of thousands of digits)."""
+    n = int(digits) if len(digits.lstrip("0")) <= 19 else MAX_NUMBER + 1
+    return n if n <= MAX_NUMBER else None
 
 
 def _cgroups(value: Any) -> tuple[str, ...]:
@@ -86,8 +98,10 @@ def _queues(value: Any) -> QueueSet:
         m = _RANGE_RE.fullmatch(item) if isinstance(item, str) else None
         if m is None:
             raise Invalid(f'bad queue {item!r}: use a non-negative integer or an "a-b" range')
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
+        lo = _number(m.group(1))
+        hi = _number(m.group(2)) if m.group(2) is not None else lo
+        if lo is None or hi is None:
+            raise Invalid(f"bad queue {item[:20]!r}...: a queue id is at most {MAX_NUMBER}")
         if lo > hi:
             raise Invalid(f"range {item!r} runs backwards (start > end)")
         ranges.append((lo, hi))
@@ -152,7 +166,8 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
 
 
 def _rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    # TOML floats include nan (which passed "<= 0" and then limited nothing) and inf (no limit, spelled as one)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise Invalid(f"must be a positive number of requests per second, got {value!r}")
     return float(value)
 

@@ -223,6 +223,15 @@ def _parse_rule(table: dict[str, Any], action: Action, index: int, lines: _Lines
     )
 
 
+def _huge_int(value: Any) -> bool:
+    """Whether a TOML value is or holds an integer outside TOML's 64 bits."""
+    if isinstance(value, dict):
+        return any(_huge_int(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_huge_int(v) for v in value)
+    return isinstance(value, int) and not -(1 << 63) <= value < 1 << 63
+
+
 def _parse_text(text: str, filename: str, doc: dict[str, Any] | None = None) -> _Parsed:
     """One file's rules; DOC, when given, is what tomllib made of this very text before (the broker's last
     good copy keeps it), validated here as a fresh parse would be."""
@@ -235,7 +244,7 @@ def _parse_text(text: str, filename: str, doc: dict[str, Any] | None = None) -> 
 
         try:
             doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
+        except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits that int() refused
             msg = str(e)
             m = _SYNTAX_POS_RE.search(msg)
             if m:
@@ -245,6 +254,14 @@ def _parse_text(text: str, filename: str, doc: dict[str, Any] | None = None) -> 
                 out.errors.append((lines.last, f"TOML syntax error: {msg}"))
             return out
     out.doc = doc
+
+    # TOML's integers are 64-bit and a bigger one must be an error; tomllib reads any (hex has no digit limit), and
+    # printing one of thousands of digits in a message or a refusal's reason raised ValueError
+    huge = [key for key, value in doc.items() if _huge_int(value)]
+    if huge:
+        out.errors += [(lines.top_level(key), f"{key!r}: an integer over 64 bits (TOML integers are 64-bit)")
+                       for key in huge]
+        return out
 
     for key in doc:
         if key not in _TOP_KEYS:

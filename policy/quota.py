@@ -9,7 +9,7 @@ from collections.abc import Hashable, Iterable, Iterator
 
 from xskbroker.common.records import field, record
 
-from .decide import Decision, Peer
+from .decide import Decision, Peer, names_user
 from .model import Policy, Quota
 from .sizes import format_size
 
@@ -40,7 +40,7 @@ Scope = tuple[str, str]  # ("user", "<uid>") or ("group", "<name or gid as the q
 def scopes(quota: Quota, peer: Peer) -> list[Scope]:
     """The budgets of `quota` that `peer` draws on: its own as a user, and each matching group's."""
     out: list[Scope] = []
-    if "*" in quota.users or str(peer.uid) in quota.users or (peer.user is not None and peer.user in quota.users):
+    if "*" in quota.users or names_user(quota.users, peer):
         out.append(("user", str(peer.uid)))
     me = Holding(peer.uid, peer.gids, peer.groups)
     for group in sorted(quota.groups):
@@ -186,8 +186,11 @@ class RateLimiter:
                 continue
             for scope in scopes(quota, peer):
                 key = (quota.name, *scope)
-                tokens, last = self.buckets.get(key, (rate, now))
-                tokens = min(rate, tokens + (now - last) * rate)
+                # the bucket holds at least one request: one second's worth of 0.5/s never made a whole token,
+                # so every message was refused for good
+                burst = max(rate, 1.0)
+                tokens, last = self.buckets.get(key, (burst, now))
+                tokens = min(burst, tokens + (now - last) * rate)
                 if tokens < 1.0:
                     self.buckets[key] = (tokens, now)
                     return Decision(False, RATE_LIMITED, None,
