@@ -138,7 +138,8 @@ def add_policy_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="SIZE",
         type=size_arg,
         default=0,
-        help="UMEM bytes asked for, e.g. 16777216 or 16MiB (default: 0)",
+        help="the bytes the grant pins, as max_umem counts them: (UMEM size + ring bytes) x queues, e.g. 16MiB "
+        "(default: 0); `request --umem` is per socket, without the rings",
     )
     explain.add_argument("--json", action="store_true", help="print the decision and request as JSON")
     explain.set_defaults(func=cmd_explain)
