@@ -160,6 +160,10 @@ class Lifecycle(MapGrants):
         raised = self.raised.get(key)
         if raised and lease.id in raised.leases:
             raised.leases.discard(lease.id)
+            # a grant that rests on this raise ends the lease that held its slot (LeaseTable.add) before it joins the
+            # raise: a live lease of this process recorded with a raise (memlock) keeps it
+            raised.leases.update(x.id for x in self.leases.of_pid(lease.pid)
+                                 if x.memlock is not None and (x.pid_start, x.pid_ino) == key[1:])
             if not raised.leases:
                 del self.raised[key]
                 self._restore_memlock(key, raised)

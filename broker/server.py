@@ -499,4 +499,4 @@ class Server:
     def _links_lost(self, e: OSError) -> None:
         """Link events were lost: forget what they might have changed."""
         self.audit({"event": "linkwatch-overrun", "error": str(e)})
-        self.service.forget_programs()
+        self.service.forget_programs(keep_attached=True)

@@ -10,6 +10,7 @@ module takes requests in and answers status, revoke and policy reloads.
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -142,11 +143,18 @@ class Service(Grants, Lifecycle):
         except OSError as e:  # kept appending to the old journal; tried again after another 1000 lines
             self.audit({"event": "journal-compact-failed", "error": str(e)})
 
-    def forget_programs(self) -> None:
-        """Drop the cached XSK programs: the next grant on each interface finds its program anew."""
-        for prog in self.programs.values():
+    def forget_programs(self, keep_attached: bool = False) -> None:
+        """Drop the cached XSK programs: the next grant on each interface finds its program anew. keep_attached (link
+        events lost) keeps those the kernel says are still attached: their maps hold the leases' sockets, which
+        release, revoke and the orphan poll find through them (dropped, a revoke emptied no slot and a lease released
+        with its sockets open ended at the next look)."""
+        for ifindex, prog in list(self.programs.items()):
+            if keep_attached:
+                with contextlib.suppress(OSError):  # gone, or someone else's now: dropped
+                    if self.kernel.attached(ifindex) == prog.prog_id:
+                        continue
             prog.close()
-        self.programs.clear()
+            del self.programs[ifindex]
         self.net.forget()
 
     def close(self) -> None:

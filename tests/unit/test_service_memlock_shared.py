@@ -40,3 +40,18 @@ def test_a_restarted_broker_keeps_the_raise_a_later_bare_lease_rests_on(tmp_path
         assert kernel.memlocks[ALICE.pid][0] >= 32 << 20, "lowered below what the live lease was told it has"
     finally:
         second.service.close()
+
+
+def test_a_bare_lease_granted_the_queue_of_its_own_closed_lease_keeps_the_raise_it_rests_on(rig: Rig) -> None:
+    """The grant ends the closed lease that held its slot (LeaseTable.add) before it joins the raise: that lease
+    was the raise's last, and the limit was restored under the new lease, whose reply said it was enough."""
+    rig.kernel.memlocks[ALICE.pid] = (8 << 20, 8 << 20)
+    first, first_out = rig.grant(queues=(0,), kind="bare", memlock=32 << 20)
+    assert first["ok"] and first["memlock"]["raised"]
+    rig.kernel.holder_closes(first_out.fds)  # the holder closes its socket, and takes the queue again at once
+    again, again_out = rig.grant(queues=(0,), kind="bare", memlock=32 << 20)
+    assert again["ok"] and again["memlock"]["ok"] and rig.service.leases.get(first["lease"]) is None
+    assert rig.kernel.memlocks[ALICE.pid][0] >= 32 << 20, "lowered below what the live lease was told it has"
+    rig.kernel.holder_closes(again_out.fds)
+    rig.reply(ALICE, proto.Release(again["lease"]))
+    assert rig.kernel.memlocks[ALICE.pid] == (8 << 20, 8 << 20)  # restored with the last lease that needed it
