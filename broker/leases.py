@@ -9,6 +9,7 @@ of a grant); a torn last line from a crash is ignored, and the journal is compac
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -332,7 +333,11 @@ class LeaseTable:
                 return  # the compacted journal already holds the current state
         assert self._journal is not None
         # one write(2) per call, no buffering layer: it is on the grant path
-        os.write(self._journal.fileno(), "".join(_ENCODER.encode(e) + "\n" for e in entries).encode())
+        data = "".join(_ENCODER.encode(e) + "\n" for e in entries).encode()
+        if os.write(self._journal.fileno(), data) != len(data):
+            # the file system's last page took part of it, with no error: refused as a full disk is, so that the
+            # journal is rewritten whole (compact) before another line could be glued to the fragment
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self._lines += len(entries)
 
     def compact_if_due(self, now: float | None = None) -> None:

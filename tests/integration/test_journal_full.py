@@ -120,3 +120,36 @@ def test_a_full_journal_refuses_grants_cleanly_and_still_ends_leases(veth: VethN
         assert [r for r in b.records() if r.get("event") == "journal-written"]
         journal = (state / "leases.jsonl").read_text()
         figures(tries=tries, journal_lines=len(journal.splitlines()))
+
+
+def test_a_line_the_full_disk_cuts_short_is_never_appended_after(figures) -> None:  # type: ignore[no-untyped-def]
+    """A write that fills the file system's last page returns short, with no error: the grant it recorded was served
+    with a torn journal line, and a line written once there was space again was glued to the fragment, so a
+    restarted broker lost both leases. Now a short write is refused like a full disk, and the journal is rewritten
+    whole before anything else is appended."""
+    from xskbroker.broker.leases import LeaseTable
+
+    with _small_tmpfs() as state:
+        path = Path(state / "leases.json")
+        table = LeaseTable(str(path))
+        try:
+            table.add(0, 1, 7, "xsk0", (0,), "bound", 1 << 20)
+            filler = _fill(state)
+            outcome = "none"
+            for q in range(1, 200):  # until a line no longer fits the journal's last page
+                try:
+                    table.add(0, 1, 7, "xsk0", (q,), "bound", 1 << 20)
+                except OSError:
+                    outcome = "refused"
+                    break
+                if not path.read_bytes().endswith(b"\n"):
+                    outcome = "torn"
+                    break
+            filler.unlink()  # space again, at once
+            table.add(0, 1, 7, "xsk0", (500,), "bound", 1 << 20)
+            held = {lease.id for lease in table}
+        finally:
+            table.close()
+        recovered = {lease.id for lease in LeaseTable(str(path)).load()}
+        figures(leases=len(held), last_add=outcome)
+        assert outcome == "refused" and recovered == held, f"{outcome}; lost at recovery: {sorted(held - recovered)}"
