@@ -27,7 +27,14 @@ from xskbroker.broker import dpsocket
 from xskbroker.broker import peer as peers
 from xskbroker.broker.core import Deferred, quota_peer
 from xskbroker.broker.holders import same_process
-from xskbroker.broker.listener import MAX_FDS_IN, MSG_CTRUNC, MSG_TRUNC, accept_with_spare, refuse_passed_fds
+from xskbroker.broker.listener import (
+    MAX_FDS_IN,
+    MSG_CTRUNC,
+    MSG_TRUNC,
+    accept_with_spare,
+    close_client,
+    refuse_passed_fds,
+)
 from xskbroker.broker.server import Server
 from xskbroker.common.records import record, replace
 from xskbroker.wire import deviceplugin as dp
@@ -167,14 +174,18 @@ class Endpoint:
     def _unjudgeable(self, conn: socket.socket, who: peers.PeerInfo, why: str) -> None:
         assert self.server is not None
         self.server.audit({"event": "dp-refused", "path": self.spec.where, "peer": who.as_dict(), "reason": why})
-        conn.close()  # DPDK's protocol has no word for it before /connect: it sees the connection end
+        # DPDK's protocol has no word for it before /connect: it sees the connection end. What it queued is read
+        # first: fds in it are closed off the loop (listener.close_client)
+        close_client(conn, self.server.untrusted.close)
 
     def _drop(self, c: _Conn) -> None:
         self.conns.pop(c.sock.fileno(), None)
         if self.server is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self.server.sel.unregister(c.sock)
-        c.sock.close()
+            close_client(c.sock, self.server.untrusted.close)  # fds queued on it closed off the loop
+        else:
+            c.sock.close()
 
     def _readable(self, sock: socket.socket) -> None:
         server = self.server

@@ -115,16 +115,30 @@ def accept_with_spare(listener: socket.socket, spare: int, refuse: Callable[[soc
     return open_spare()
 
 
-def say_and_close(conn: socket.socket, last_words: bytes, close_fds: Callable[[list[int]], None]) -> None:
-    """Send a last (unsolicited) reply and close. What the client already sent is read and dropped first:
-    closing a unix socket with unread data makes the peer's recv fail ECONNRESET before it reads the
-    reply. fds found on the way go to close_fds (the untrusted closer), like any a client attaches."""
+# a message's fds and, with SO_PASSCRED, its sender's credentials (struct ucred)
+_DRAIN_ANC = socket.CMSG_SPACE(MAX_FDS_IN * 4) + socket.CMSG_SPACE(12)
+
+
+def close_client(conn: socket.socket, close_fds: Callable[[list[int]], None]) -> None:
+    """Close a client's connection, every message still queued on it read and dropped first, their fds handed to
+    close_fds (the untrusted closer): closing a unix socket frees its queue in the closing thread (the loop), which
+    closes each fd in it there, and a client's fd can make its close block (a lingering TCP socket). Shut for
+    reading, the queue takes no more (the sender gets EPIPE); with SO_PASSCRED every message carries its sender's
+    credentials, so a 0-byte message is told from the end of the queue. Unread data left would also make the
+    peer's recv fail ECONNRESET before it reads a last reply."""
     with contextlib.suppress(OSError):
-        conn.send(last_words)
-    with contextlib.suppress(OSError):
-        for _ in range(64):
-            data, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(MAX_FDS_IN * 4), socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+        conn.shutdown(socket.SHUT_RD)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        while True:
+            _, anc, _, _ = conn.recvmsg(1, _DRAIN_ANC, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
             close_fds(passed_fds(anc))
-            if not data and not anc:
+            if not anc:  # no message left
                 break
     conn.close()
+
+
+def say_and_close(conn: socket.socket, last_words: bytes, close_fds: Callable[[list[int]], None]) -> None:
+    """Send a last (unsolicited) reply and close (close_client: what the client sent is dropped unread)."""
+    with contextlib.suppress(OSError):
+        conn.send(last_words)
+    close_client(conn, close_fds)

@@ -28,6 +28,7 @@ from xskbroker.broker.listener import (
     MSG_CTRUNC,
     MSG_TRUNC,
     accept_with_spare,
+    close_client,
     open_spare,
     passed_fds,
     refuse_passed_fds,
@@ -348,11 +349,11 @@ class Server:
                 self.audit({"event": "connection-refused", "code": ErrorCode.TOO_MANY_CONNECTIONS, "error": str(e)})
                 out_of_fds()
                 return None
-            conn.close()
+            close_client(conn, self.untrusted.close)
             return None
         except Exception as e:
             self._internal_error(None, e)
-            conn.close()
+            close_client(conn, self.untrusted.close)
             return None
         if not peers.printable_cgroup(who.cgroup):  # no policy can name it (docs/security.md)
             refuse(who, f"its cgroup path {who.cgroup!r} is not valid UTF-8, so no policy can name it; run it in a "
@@ -389,7 +390,7 @@ class Server:
         self._forget(conn)
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(conn)
-        conn.close()
+        close_client(conn, self.untrusted.close)  # fds queued on it are closed off the loop, like any attached
 
     def _readable(self, conn: socket.socket) -> None:
         if conn.fileno() in self._in_flight:  # not read until its request is answered: replies stay in order
