@@ -38,7 +38,7 @@ from xskbroker.wire.xdp_abi import (
 _U32 = 0xFFFFFFFF
 # the machines whose plain loads and stores give the ring its acquire/release order (see above)
 STRONGLY_ORDERED = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
-# sendto() kicks can fail transiently while the kernel drains the TX ring: those are not errors
+# sendto()/recvfrom() kicks can fail transiently (TX ring draining, queue down): those are not errors
 _KICK_TRANSIENT = (errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ENETDOWN)
 
 
@@ -212,9 +212,11 @@ class XskSocket:
         cons = r.consumer
         avail = (r.producer - cons) & _U32
         n = avail if max_count is None else min(max_count, avail)
-        q, mask, free = r.q, r.mask, self.free
+        # a completion is the TX descriptor's address, which may point into its frame (a received frame
+        # sent back as is): the pool keeps frame starts. Frame sizes are powers of two: & -size rounds down
+        q, mask, free, start = r.q, r.mask, self.free, -self.geometry.frame_size
         for i in range(n):
-            free.append(q[(cons + i) & mask])
+            free.append(q[(cons + i) & mask] & start)
         r.words[r.cons_i] = (cons + n) & _U32
         return n
 
@@ -280,8 +282,11 @@ class XskSocket:
     def wake_rx(self) -> None:
         """Wake the kernel's RX processing when the fill ring asks for it (need-wakeup)."""
         if self.fr.needs_wakeup():
-            with contextlib.suppress(BlockingIOError):
+            try:
                 self.sock.recv(0, socket.MSG_DONTWAIT)
+            except OSError as e:  # a zero-copy driver's wakeup fails with ENETDOWN while its queues are down
+                if e.errno not in _KICK_TRANSIENT:
+                    raise
 
     def wait(self, timeout: float | None) -> bool:
         """Sleep until RX data is ready (poll), waking the kernel first if the fill ring asks for it."""
