@@ -141,15 +141,20 @@ compile_package() {
 }
 
 # The libvirt hook runs as its own script: its first line must name the interpreter that has the
-# xskbroker package, which is the one the installed `xskbroker` command starts with.
+# xskbroker package, which is the one the installed `xskbroker` command starts with. pip starts the command
+# with a /bin/sh launcher instead (#!/bin/sh, '''exec' "PYTHON" "$0" "$@", ' ''') when PYTHON's path has a
+# space or is too long for #!: the hook then starts with the same three lines, never /bin/sh on Python code.
 install_hook() {
-    interp=
+    interp= header=
     if [ -r "$root$bindir/xskbroker" ]; then
         interp=$(sed -n '1s/^#! *//p' "$root$bindir/xskbroker")
+        if [ "$interp" = /bin/sh ] && sed -n 2p "$root$bindir/xskbroker" | grep -q "^'''exec' "; then
+            header=$(sed -n 1,3p "$root$bindir/xskbroker")
+        fi
     fi
-    interp=${interp:-/usr/bin/python3}
+    header=${header:-#!${interp:-/usr/bin/python3}}
     tmp=$(mktemp)
-    { echo "#!$interp"; sed 1d "$here/libvirt/xskbroker"; } > "$tmp"
+    { printf '%s\n' "$header"; sed 1d "$here/libvirt/xskbroker"; } > "$tmp"
     if ! { [ -f "$root$hookdir/xskbroker" ] && cmp -s "$tmp" "$root$hookdir/xskbroker"; }; then
         mkdir -p "$root$hookdir"
         install -m 0755 "$tmp" "$root$hookdir/xskbroker"

@@ -18,7 +18,7 @@ from typing import IO
 
 from xskbroker.client.libvirt.config import Config, ConfigError, load_config
 from xskbroker.client.libvirt.lifecycle import forget, spawn_worker
-from xskbroker.client.libvirt.metadata import Interface, MetadataError, parse_interfaces
+from xskbroker.client.libvirt.metadata import Interface, MetadataError, domain_uuid, parse_interfaces
 
 USAGE = ("usage: xskbroker libvirt hook DOMAIN OPERATION SUB-OPERATION [EXTRA] (domain XML on stdin)\n"
          "installed as /etc/libvirt/hooks/qemu.d/xskbroker; see docs/libvirt.md")
@@ -36,7 +36,7 @@ def action_for(operation: str, sub_operation: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None, stdin: IO[str] | None = None, config_path: str | None = None,
-         spawn: Callable[[str, Sequence[Interface], Config], int] = spawn_worker) -> int:
+         spawn: Callable[[str, Sequence[Interface], Config, str | None], int] = spawn_worker) -> int:
     """libvirt's qemu hook: DOMAIN OPERATION SUB-OPERATION EXTRA, the domain XML on stdin.
 
     Exit status 1 only for `prepare` with a declaration (or configuration) that cannot work, which makes
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None, stdin: IO[str] | None = None, config
     if action == "check":
         return 0
     try:
-        spawn(domain, interfaces, cfg)
+        spawn(domain, interfaces, cfg, domain_uuid(xml_text))
     except OSError as e:
         print(f"xskbroker: domain {domain}: cannot start the worker: {e}", file=sys.stderr)
     return 0

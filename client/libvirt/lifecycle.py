@@ -25,6 +25,7 @@ from xskbroker.wire import protocol as proto
 
 RELEASE_TIMEOUT = 5.0  # the stopped/release hooks run synchronously: libvirt waits for them
 STOP_WORKER_WAIT = 2.0
+UNASKED = ("agent-failed", "connection-error", "broker-timeout")  # the broker could not be asked (agent.py)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -32,7 +33,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _worker_process(domain: str, interfaces: Sequence[Interface], cfg: Config, log_path: str,
-                    state_path: str) -> None:
+                    state_path: str, uuid: str | None = None) -> None:
     """The detached worker's body: stdio to the log, no fd of libvirt's kept, then run_worker. Never returns."""
     code = 1
     try:
@@ -51,7 +52,7 @@ def _worker_process(domain: str, interfaces: Sequence[Interface], cfg: Config, l
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         log = Log(stream, domain)
         try:
-            state = run_worker(domain, interfaces, cfg, make_monitor(cfg, domain), log, state_path)
+            state = run_worker(domain, interfaces, cfg, make_monitor(cfg, domain, uuid), log, state_path)
             code = 0 if all(r["status"] == "attached" for r in state["interfaces"]) and not state.get("error") else 1
         except Terminated:
             log("terminated (the domain stopped)")
@@ -62,8 +63,9 @@ def _worker_process(domain: str, interfaces: Sequence[Interface], cfg: Config, l
         os._exit(code)
 
 
-def spawn_worker(domain: str, interfaces: Sequence[Interface], cfg: Config) -> int:
-    """Double fork: the worker runs in its own session, reparented away from libvirt; returns its pid."""
+def spawn_worker(domain: str, interfaces: Sequence[Interface], cfg: Config, uuid: str | None = None) -> int:
+    """Double fork: the worker runs in its own session, reparented away from libvirt; returns its pid. uuid: the
+    domain's, by which virsh reaches it (see monitors.VirshMonitor)."""
     safefiles.private_dir(cfg.state_dir)  # ours alone: root writes here
     log_path = domain_file(cfg.state_dir, domain, ".log")
     state_path = domain_file(cfg.state_dir, domain, ".json")
@@ -86,7 +88,7 @@ def spawn_worker(domain: str, interfaces: Sequence[Interface], cfg: Config) -> i
             worker = os.fork()
             if worker == 0:
                 os.close(w)
-                _worker_process(domain, interfaces, cfg, log_path, state_path)
+                _worker_process(domain, interfaces, cfg, log_path, state_path, uuid)
             os.write(w, str(worker).encode())
             code = 0
         finally:
@@ -131,7 +133,7 @@ def forget(domain: str, cfg: Config, operation: str = "release") -> dict[str, An
         if leases and isinstance(ident, dict):
             who = Identity(int(ident["uid"]), int(ident["gid"]), tuple(ident.get("groups", ())))
             with BrokerAgent(who, cfg.socket, min(cfg.timeout, RELEASE_TIMEOUT)) as agent:
-                for lease in leases:
+                for i, lease in enumerate(leases):
                     try:
                         agent.release(lease)
                         log(f"{operation}: released lease {lease}")
@@ -140,6 +142,11 @@ def forget(domain: str, cfg: Config, operation: str = "release") -> dict[str, An
                             log(f"{operation}: lease {lease} had already ended (QEMU exited)")
                         else:
                             log(f"{operation}: could not release lease {lease}: {e.code}: {e.message}")
+                        if e.code in UNASKED and leases[i + 1:]:
+                            # libvirt waits for this hook: one timeout, not one per lease (they end with QEMU)
+                            log(f"{operation}: not asked to release {', '.join(leases[i + 1:])}: the broker ends "
+                                "them when it sees that QEMU has exited")
+                            break
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_path)
         log(f"{operation}: state forgotten")

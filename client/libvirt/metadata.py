@@ -25,6 +25,7 @@ NS_FAMILY = "urn:xskbroker:libvirt:"
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")
 _UINT = re.compile(r"[0-9]+\Z")
 _INT = re.compile(r"-?[0-9]+\Z")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 INTERFACE_ATTRS = ("id", "name", "queues", "start-queue", "device", "mac")
 PROPERTY_ATTRS = ("name", "value", "type")
 RESERVED_PROPS = ("driver", "netdev", "id")  # the hook sets these itself
@@ -90,9 +91,13 @@ def _uint(el: ET.Element, attr: str, default: int, lo: int, hi: int, where: str)
     text = el.get(attr)
     if text is None:
         return default
-    if not _UINT.match(text) or not lo <= int(text) <= hi:
+    try:
+        value = int(text) if _UINT.match(text) else None
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits()): out of range anyway
+        value = None
+    if value is None or not lo <= value <= hi:
         raise MetadataError(f"{where}: {attr}={text!r} is not a whole number from {lo} to {hi}")
-    return int(text)
+    return value
 
 
 def check_ifname(name: str) -> str:
@@ -234,3 +239,16 @@ def parse_interfaces(domain_xml: str) -> list[Interface]:
                 raise MetadataError(f"<xsk:interface id={a.id!r}> and <xsk:interface id={b.id!r}> have the same "
                                     f"mac {a.mac}")
     return out
+
+
+def domain_uuid(domain_xml: str) -> str | None:
+    """The domain's <uuid> (libvirt's own, unique on the host), or None if the XML has none.
+
+    virsh looks `--domain X` up as a domain ID first, then as a UUID, and only then as a name: a domain named
+    "7", or after another domain's UUID, is reached by its UUID alone."""
+    try:
+        text = ET.fromstring(domain_xml).findtext("uuid")
+    except ET.ParseError:
+        return None
+    text = (text or "").strip().lower()
+    return text if _UUID.match(text) else None

@@ -61,16 +61,19 @@ class VirshMonitor:
     """QEMU's monitor through `virsh qemu-monitor-command`: the only way in while libvirt owns the monitor.
 
     One virsh per command; fds go with `--pass-fds`, which virsh sends to libvirtd and libvirtd to QEMU
-    with the command. virsh prints QEMU's reply as it is, errors included (exit status 0).
+    with the command. virsh prints QEMU's reply as it is, errors included (exit status 0). The domain is named
+    to virsh by its uuid when known: virsh reads `--domain 7` as domain ID 7, and a 36-character name as a
+    UUID, before it tries them as names, so the name could reach another domain.
     """
 
-    def __init__(self, domain: str, *, virsh: str = "virsh", uri: str = "qemu:///system",
+    def __init__(self, domain: str, *, uuid: str | None = None, virsh: str = "virsh", uri: str = "qemu:///system",
                  pid_dir: str = "/run/libvirt/qemu", timeout: float = 30.0) -> None:
         self.domain, self.virsh, self.uri, self.pid_dir, self.timeout = domain, virsh, uri, pid_dir, timeout
+        self.uuid = uuid
 
     def argv(self, command: str, arguments: Mapping[str, Any] | None = None,
              fds: Sequence[int] | None = None) -> list[str]:
-        argv = [self.virsh, "-q", "-c", self.uri, "qemu-monitor-command", "--domain", self.domain]
+        argv = [self.virsh, "-q", "-c", self.uri, "qemu-monitor-command", "--domain", self.uuid or self.domain]
         if fds:
             argv += ["--pass-fds", ",".join(str(fd) for fd in fds)]
         return [*argv, "--cmd", command_json(command, arguments)]
@@ -191,10 +194,10 @@ class QMPMonitor:
             self._peer_pidfd = None
 
 
-def make_monitor(cfg: Config, domain: str) -> WorkerMonitor:
+def make_monitor(cfg: Config, domain: str, uuid: str | None = None) -> WorkerMonitor:
     if cfg.monitor.startswith("qmp:"):
         return QMPMonitor(cfg.monitor[4:].replace("{domain}", domain), cfg.timeout)
-    return VirshMonitor(domain, virsh=cfg.virsh, uri=cfg.uri, pid_dir=cfg.pid_dir, timeout=cfg.timeout)
+    return VirshMonitor(domain, uuid=uuid, virsh=cfg.virsh, uri=cfg.uri, pid_dir=cfg.pid_dir, timeout=cfg.timeout)
 
 
 def _fd_label(fd: int) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,30 @@ def test_a_pid_file_others_could_write_is_not_believed(tmp_path: Path) -> None:
     pidfile.chmod(0o666)  # anyone could point the hook at a process of another user
     with pytest.raises(q.QMPConnectionError, match=f"{pidfile}: unsafe: .*chmod go-w"):
         lvmon.VirshMonitor("vm1", pid_dir=str(tmp_path)).pid()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the agent drops to the recorded user: root's own here")
+def test_forget_waits_for_a_broker_that_does_not_answer_once_not_once_per_lease(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt waits for the stopped/release hook with the domain's job held: a broker that accepts and never
+    answers costs one RELEASE_TIMEOUT, not one per lease (the leases end with QEMU, which has exited)."""
+    monkeypatch.setattr(lvlife, "RELEASE_TIMEOUT", 1.0)
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hung.bind(str(tmp_path / "broker.sock"))
+    hung.listen(16)  # never accepted: every request waits for its timeout
+    cfg = lvconf.Config(socket=str(tmp_path / "broker.sock"), state_dir=str(tmp_path))
+    leases = [f"{i:032x}" for i in range(1, 5)]
+    lvstate.write_state(str(tmp_path / "vm1.json"), {
+        "domain": "vm1", "finished": True, "identity": {"uid": 0, "gid": 0, "groups": []},
+        "interfaces": [{"id": f"x{i}", "lease": lease, "released": False, "status": "attached"}
+                       for i, lease in enumerate(leases)]})
+    start = time.monotonic()
+    try:
+        lvlife.forget("vm1", cfg, "stopped")
+    finally:
+        hung.close()
+    assert time.monotonic() - start < 2.5
+    log = (tmp_path / "vm1.log").read_text()
+    assert f"could not release lease {leases[0]}: broker-timeout" in log
+    assert f"not asked to release {', '.join(leases[1:])}" in log
+    assert not (tmp_path / "vm1.json").exists()

@@ -238,9 +238,11 @@ def test_action_for_each_libvirt_operation(op: str, sub: str, action: str | None
 class Spawned:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[lvmeta.Interface], lvconf.Config]] = []
+        self.more: list[tuple[Any, ...]] = []  # what main passes besides those (the domain's uuid)
 
-    def __call__(self, domain: str, interfaces: Sequence[lvmeta.Interface], cfg: lvconf.Config) -> int:
+    def __call__(self, domain: str, interfaces: Sequence[lvmeta.Interface], cfg: lvconf.Config, *more: Any) -> int:
         self.calls.append((domain, list(interfaces), cfg))
+        self.more.append(more)
         return 4242
 
 
@@ -275,6 +277,22 @@ def test_started_spawns_the_worker_with_the_declaration(conf: str, capsys: pytes
     assert name == "vm1" and interfaces == lvmeta.parse_interfaces(GOOD) and cfg == lvconf.load_config(conf)
 
 
+@pytest.mark.parametrize("name", ["7", "0", "6f0b0a4e-5d3c-4b7a-9e2f-1c2d3e4f5a6b"])
+def test_virsh_reaches_the_domain_by_its_uuid_not_a_name_virsh_reads_as_an_id_or_uuid(
+        name: str, conf: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """virsh looks `--domain X` up as an ID first, then as a UUID, and only then as a name: a domain named "7" (or
+    named after another domain's UUID) would have its sockets plugged into that other domain's QEMU."""
+    uuid = "0f1e2d3c-4b5a-4678-9abc-def012345678"
+    xml = GOOD.replace("<name>vm1</name>", f"<name>{name}</name><uuid>{uuid}</uuid>")
+    spawn = Spawned()
+    assert run_main([name, "started", "begin", "-"], xml, conf, spawn, capsys) == (0, "", "")
+    ((domain_name, _, cfg),), (more,) = spawn.calls, spawn.more
+    monitor = lvmon.make_monitor(cfg, domain_name, *more)
+    argv = monitor.argv("query-status")
+    assert argv[argv.index("--domain") + 1] == uuid
+    assert monitor.describe() == f"libvirt's monitor of {name} (virsh -c qemu:///system)"
+
+
 def test_undeclared_domains_and_other_operations_are_left_alone(conf: str, capsys: pytest.CaptureFixture[str]) -> None:
     spawn = Spawned()
     for op, sub in [("migrate", "begin"), ("restore", "begin"), ("reconnect", "begin"), ("attach", "begin"),
@@ -295,6 +313,18 @@ def test_prepare_refuses_a_bad_declaration_with_the_reason(conf: str, capsys: py
     rc, _, err = run_main(["vm1", "prepare", "begin", "-"], GOOD, conf + ".missing", spawn, capsys)
     assert rc == 1 and err == f"xskbroker: domain vm1: {conf}.missing: no such file\n"
     assert spawn.calls == []
+
+
+def test_a_number_too_long_for_int_is_refused_with_the_reason(conf: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """int() refuses more than 4300 digits (ValueError): that is out of range, not a traceback."""
+    for attr in ("queues", "start_queue"):
+        huge = "1" * 5000
+        rc, out, err = run_main(["vm1", "prepare", "begin", "-"], domain(ours(iface(**{attr: huge}))), conf,
+                                Spawned(), capsys)
+        assert (rc, out) == (1, "")
+        assert err.startswith(f"xskbroker: domain vm1: <xsk:interface id='xdp0'>: {attr.replace('_', '-')}='1111")
+        assert err.endswith("' is not a whole number from 1 to 126\n" if attr == "queues" else
+                            "' is not a whole number from 0 to 65535\n")
 
 
 def test_started_never_fails_the_domain(conf: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,30 @@ def test_sysusers_and_tmpfiles_apply_in_the_installed_root(tmp_path: Path) -> No
     assert any(line.startswith("xskbroker:x:") for line in (tmp_path / "etc/group").read_text().splitlines())
     st = (tmp_path / "run/xskbroker").stat()
     assert st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o755"
+
+
+def test_the_hook_runs_with_the_interpreter_of_a_pip_launcher(tmp_path: Path) -> None:
+    """pip writes a /bin/sh launcher (`'''exec' "PYTHON" "$0" "$@"`) when the interpreter's path has a space or
+    is too long for #!: the hook must run that Python too, never /bin/sh on Python code (libvirt runs the hook
+    before every domain start, and a failing `prepare` stops them all)."""
+    python = tmp_path / "my venv/bin/python"
+    python.parent.mkdir(parents=True)
+    python.symlink_to(sys.executable)
+    command = tmp_path / "root/opt/xskbroker/bin/xskbroker"
+    command.parent.mkdir(parents=True)
+    command.write_text(f"#!/bin/sh\n'''exec' \"{python}\" \"$0\" \"$@\"\n' '''\n# -*- coding: utf-8 -*-\nimport sys\n")
+    command.chmod(0o755)
+    (tmp_path / "root/etc/libvirt").mkdir(parents=True)
+    run("--bindir", "/opt/xskbroker/bin", "--root", str(tmp_path / "root"), "--quiet")
+    hook = tmp_path / "root/etc/libvirt/hooks/qemu.d/xskbroker"
+    conf = tmp_path / "libvirt.conf"
+    conf.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    bad = ("<domain type='qemu'><name>vm1</name><metadata><xsk:interfaces xmlns:xsk='urn:xskbroker:libvirt:1'>"
+           "<xsk:interface id='xdp0' name='eth1' queues='many'/></xsk:interfaces></metadata></domain>")
+    env = {**os.environ, "XSKBROKER_LIBVIRT_CONF": str(conf), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([str(hook), "vm1", "prepare", "begin", "-"], input=bad, text=True, capture_output=True,
+                          env=env, timeout=30, check=False)
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    assert done.stderr == "xskbroker: domain vm1: <xsk:interface id='xdp0'>: queues='many' is not a whole number " \
+                          "from 1 to 126\n"
+    assert "installed" not in run("--bindir", "/opt/xskbroker/bin", "--root", str(tmp_path / "root")).stdout
