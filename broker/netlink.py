@@ -30,7 +30,8 @@ def attrs(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, byt
 
 
 def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(type, payload) of each netlink message in a datagram; an error message raises its errno."""
+    """(type, payload) of each netlink message in a datagram; an error message, or a dump's end carrying an error,
+    raises its errno."""
     offset = 0
     while offset + NLMSGHDR.size <= len(data):
         length, kind, _, _, _ = NLMSGHDR.unpack_from(data, offset)
@@ -41,6 +42,9 @@ def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
             code = -struct.unpack_from("=i", payload)[0]
             if code:
                 raise OSError(code, os.strerror(code))
+        elif kind == NLMSG_DONE and len(payload) >= 4 and (code := -struct.unpack_from("=i", payload)[0]) > 0:
+            # a dump that failed (its device gone: -ENODEV) ends with the errno in NLMSG_DONE, not in an NLMSG_ERROR
+            raise OSError(code, os.strerror(code))
         else:
             yield kind, payload
         offset += align(length)

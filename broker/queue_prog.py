@@ -96,7 +96,12 @@ def ours(ifindex: int, prog_id: int) -> bool:
 
 def handle(ifindex: int, attached_now: bool = False) -> QueueProgram:
     a = _links[ifindex]
-    shared, outer = os.dup(a.shared_fd), os.dup(a.outer_fd)
+    shared = os.dup(a.shared_fd)
+    try:
+        outer = os.dup(a.outer_fd)
+    except BaseException:
+        os.close(shared)  # out of fds at the second dup: the first must not stay open
+        raise
     return QueueProgram(ifindex, a.prog_id, shared, a.mode, a.entries, attached_now, outer)
 
 

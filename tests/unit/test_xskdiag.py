@@ -82,3 +82,19 @@ def test_squatter_message_names_lease_uid_pid_and_granted_queue() -> None:
     assert squat.squatter_message("xsk0", 1, lease) == (
         "queue 1 of xsk0 is bound by the bare socket of lease abcd (uid 65534, pid 77), granted queue 0")
     assert "the broker did not make" in squat.squatter_message("xsk0", 1, None)
+
+
+# the end of a netdev queue-get dump for an ifindex that no longer exists (captured on Linux 6.18, port id
+# zeroed): NLMSG_DONE (NLM_F_MULTI) whose payload is -ENODEV, the dump's error
+QUEUE_DUMP_ENODEV = b"\x14\x00\x00\x00\x03\x00\x02\x00\x01\x00\x00\x00\x00\x00\x00\x00\xed\xff\xff\xff"
+
+
+def test_a_dump_that_ends_with_an_error_raises_it() -> None:
+    with pytest.raises(OSError) as e:
+        list(xskdiag.messages(QUEUE_DUMP_ENODEV))
+    assert e.value.errno == errno.ENODEV
+
+
+def test_a_dump_that_ends_well_still_ends() -> None:
+    done = QUEUE_DUMP_ENODEV[:16] + b"\0" * 4
+    assert list(xskdiag.messages(done)) == [(xskdiag.NLMSG_DONE, b"\0" * 4)]
