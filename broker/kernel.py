@@ -301,7 +301,11 @@ class LinuxKernel:
                 uid = status_ids(f.read())[0]  # the real uid: "same user" means the real one
             start = pinned_start(pidfd, pid)  # after the uid: still running then, so both reads were its own
             ino = pidfd_ino(pidfd)
-        except (OSError, ValueError):
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise  # out of fds: the broker cannot tell, which is not "gone" (the docstring's promise)
+            return None
+        except ValueError:
             return None
         finally:
             os.close(pidfd)

@@ -91,3 +91,27 @@ def test_a_queue_dump_of_a_removed_device_raises_enodev(veth: VethNamespace) -> 
         with pytest.raises(OSError) as e:
             xskdiag.xsk_queues(ifindex)
         assert e.value.errno == errno.ENODEV
+
+
+def test_a_holder_read_out_of_fds_is_not_taken_for_gone() -> None:
+    """kernel.holder pins the process with a pidfd, then reads its /proc status: out of fds at that read (EMFILE)
+    it answered None, "not a running process", for a process that runs; the broker cannot tell then, and says so
+    (grants._unpinnable: the fds, not the holder)."""
+    from xskbroker.broker.kernel import LinuxKernel
+
+    def run() -> dict[str, Any]:
+        kernel = LinuxKernel()
+        pid = os.getppid()  # the test's own process: running throughout
+        limit = _only_one_free_fd()  # the pidfd takes it; the status file finds none
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            found = kernel.holder(pid)
+            return {"found": found, "err": 0}
+        except OSError as e:
+            return {"found": None, "err": e.errno or 0}
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    out = _in_child(run)
+    assert out == {"found": None, "err": errno.EMFILE}, out
