@@ -151,6 +151,7 @@ class Core:
     # (a pid reused by another process must never inherit a raise, nor be restored to another's limits)
     raised: dict[tuple[int, int | None, int | None], MemlockRaise]
     held: Holdings  # leases' and pending grants' holdings (a view of both)
+    groups_of: Callable[[frozenset[int]], frozenset[str]] | None  # a peer's group names as the policy in force has them
     pending: Holdings  # grants waiting (for a queue's release, a worker), by identity
     jobs: collections.Counter[int]  # large grants being made, by uid
     bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty

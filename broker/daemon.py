@@ -89,6 +89,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"xskbroker: {keeper.status_note()}", file=sys.stderr)
         audit({"event": "policy-fallback", "path": args.policy, "errors": keeper.errors,
                "copy": os.path.join(state_dir, lastgood.FILENAME), "copy_saved_at": keeper.copy_saved_at})
+    pin_root = getattr(args, "pin_root", None)
+    bad_root = pins.root_problem(pin_root) if pin_root else None
+    if bad_root:  # before the socket file is made: a start refused after it left it behind
+        print(f"xskbroker: --pin-root {pin_root}: {bad_root}", file=sys.stderr)
+        return 1
     _raise_fd_limit()
     try:
         listener = systemd.seqpacket_listener(systemd.listen_fds())
@@ -106,29 +111,36 @@ def serve(args: argparse.Namespace) -> int:
     # the crash tests' fault points: a test-only variable, read here once and passed on as a hook
     fault = faults.from_spec(os.environ.get(faults.ENV, ""))
     holders = Holders()  # the server watches them, the service signals them on revoke
-    pin_root = getattr(args, "pin_root", None)
-    bad_root = pins.root_problem(pin_root) if pin_root else None
-    if bad_root:
-        print(f"xskbroker: --pin-root {pin_root}: {bad_root}", file=sys.stderr)
-        return 1
     # before the service starts its threads: each moves itself to its side of the split
     split = cpus.configure(getattr(args, "split_cpus", True))
     split_text = {"serving": sorted(split[0]), "background": sorted(split[1])} if split else None
-    service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
-                      umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault, pin_root=pin_root)
-    service.recover()
-    usec = systemd.watchdog_usec()
-    watchdog = systemd.Watchdog(notifier, usec) if usec is not None and notifier.enabled else None
     max_connections = getattr(args, "max_connections", MAX_CONNECTIONS)
-    server = Server(listener, service, audit, args.policy, idle_timeout=getattr(args, "idle_timeout", None),
-                    refuse_fds=not getattr(args, "accept_passed_fds", False), max_connections=max_connections,
-                    holders=holders, fault=fault, watchdog=watchdog, policy_loader=keeper.reload)
-    status.service = service
-    if getattr(args, "device_plugin", None):  # imported only when configured: cold start pays for every import
-        from xskbroker.broker import dpendpoint
+    service: Service | None = None
+    server: Server | None = None
+    try:
+        service = Service(policy, audit, args.xdp_mode, state_file=os.path.join(state_dir, "leases.jsonl"),
+                          umem_pool=args.umem_pool, signal_holder=holders.signal, fault=fault, pin_root=pin_root)
+        service.recover()
+        usec = systemd.watchdog_usec()
+        watchdog = systemd.Watchdog(notifier, usec) if usec is not None and notifier.enabled else None
+        server = Server(listener, service, audit, args.policy, idle_timeout=getattr(args, "idle_timeout", None),
+                        refuse_fds=not getattr(args, "accept_passed_fds", False), max_connections=max_connections,
+                        holders=holders, fault=fault, watchdog=watchdog, policy_loader=keeper.reload)
+        status.service = service
+        if getattr(args, "device_plugin", None):  # imported only when configured: cold start pays for every import
+            from xskbroker.broker import dpendpoint
 
-        server.endpoints = list(dpendpoint.start_all(args.device_plugin, server,
-                                                     lambda text: print(f"xskbroker: {text}", file=sys.stderr)))
+            server.endpoints = list(dpendpoint.start_all(args.device_plugin, server,
+                                                         lambda text: print(f"xskbroker: {text}", file=sys.stderr)))
+    except BaseException:
+        # a start that fails (the journal's compaction at recovery: a full /run) leaves no socket file behind,
+        # nor an endpoint's: a client would find a socket nobody serves
+        if server is not None:
+            server.close()
+        if service is not None:
+            service.close()
+        _unlisten(listener, activated, args.socket)
+        raise
     service.describe = lambda admin: {"policy": keeper.describe(admin), "limits": limits.effective(max_connections),
                                       "cpus": split_text}
     server.arm_signals()  # before anyone is told it is ready: a reload right after must find the loop's handler
@@ -151,13 +163,17 @@ def serve(args: argparse.Namespace) -> int:
         notifier.stopping(status.stopping_text())
         server.close()
         service.close()
-        listener.close()
-        if not activated:  # an activated socket belongs to the manager, which keeps it for the next start
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.socket)
+        _unlisten(listener, activated, args.socket)
         audit({"event": "stopped"})
         notifier.close()
     return 0
+
+
+def _unlisten(listener: socket.socket, activated: bool, path: str) -> None:
+    listener.close()
+    if not activated:  # an activated socket belongs to the manager, which keeps it for the next start
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _raise_fd_limit() -> None:

@@ -278,9 +278,12 @@ class Grants(BoundGrants):
         # Holders are watched and ended by pid: an earlier holder of this pid that has exited, its exit not yet
         # read by the loop, is ended now, or that exit would end (or orphan) this lease and leave it unwatched
         self.exit_sync(peer.pid)
+        # named as the policy in force names them: a grant that waited (for a bind, a large pin) across a reload
+        # has the groups its peer was named with before it, and a quota of a group first named then never counted it
+        groups = self.groups_of(peer.gids) if self.groups_of is not None else peer.groups
         try:
             lease = self.leases.add(peer.uid, peer.pid, ifindex, req.interface, queues or req.queues, req.kind,
-                                    req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(peer.groups)),
+                                    req.pinned_bytes, tuple(sorted(peer.gids)), tuple(sorted(groups)),
                                     peer.start, peer.ino, peer.cgroup, peer.principal, raised)
         except OSError as e:  # a lease that cannot be recorded is not granted (the caller undoes what it made)
             raise Refused(ErrorCode.KERNEL_ERROR, f"{e.strerror}; nothing was granted",

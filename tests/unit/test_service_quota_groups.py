@@ -99,3 +99,28 @@ def test_a_connection_open_across_a_reload_is_judged_by_the_groups_the_new_polic
     client.close()
     listener.close()
     rig.service.close()
+
+
+def test_a_grant_waiting_across_a_reload_is_counted_by_the_groups_the_new_policy_names() -> None:
+    """A grant that waits (its binds on a worker, a large pin) while a reload first names a group: its lease was
+    recorded with the names its peer had before the reload, and that group's quota never counted it."""
+    from xskbroker.broker.service import Deferred
+    from xskbroker.wire import protocol as proto
+
+    from .service_rig import SMALL, finish
+
+    old = parse_policy(BOTH)
+    rig = make_rig(policy=old)
+    rig.service.groups_of = _names(old)
+    rig.service.loop_busy = True  # as when other clients' events wait: the grant is not waited for inline
+    waiting = rig.ask(_in_wheel(ALICE, old), proto.Grant("veth0", (0, 1), geometry=SMALL))
+    assert isinstance(waiting, Deferred)
+    new = parse_policy(WHEEL)
+    rig.service.groups_of = _names(new)
+    rig.service.reload(new)
+    rig.service.loop_busy = False
+    assert finish(rig, waiting)["ok"]
+    assert quotas.usage(("group", "wheel"), rig.service.held).queues == 2
+    reply, _ = rig.grant(peer=_in_wheel(BOB, new), queues=(2, 3))
+    assert not reply["ok"] and reply["error"]["code"] == "quota-queues", reply
+    rig.service.close()
