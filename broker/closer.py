@@ -45,7 +45,9 @@ class Closer:
         self._defuse = defuse
         self._max, self._name = workers, name
         self._lock = threading.Lock()
-        self._idle = 0  # threads waiting for work
+        # threads waiting for work less batches queued for them: below zero, batches wait for a thread (clamped
+        # at zero, a thread started for a batch counted itself idle as it took it, and the next batch waited)
+        self._idle = 0
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._later: collections.deque[tuple[float, list[int], str | None]] = collections.deque()  # due in order
@@ -104,8 +106,8 @@ class Closer:
         if not fds:
             return
         with self._lock:
-            grow = not self._idle and not self._stopping and self._live() < self._max
-            self._idle = max(0, self._idle - 1)  # the one this batch will wake, if any
+            grow = self._idle <= 0 and not self._stopping and self._live() < self._max
+            self._idle -= 1  # the one this batch will wake, or one more batch waiting for a thread
             self._in_flight += len(fds)
         if grow:
             self._spawn()
@@ -134,7 +136,7 @@ class Closer:
                 batch = self._fds.get(timeout=None if keep else IDLE_SECONDS)
             except queue.Empty:
                 with self._lock:
-                    self._idle = max(0, self._idle - 1)
+                    self._idle -= 1
                 return
             if batch is None:
                 return
@@ -154,9 +156,12 @@ class Closer:
         return, unless asked to)."""
         with self._lock:
             self._stopping = True
-            threads = list(self._threads)
             later, self._later = list(self._later), collections.deque()
             self._later_wake.notify()
+        if self._later_thread is not None:  # a batch it took just before is queued ahead of the threads' ends
+            self._later_thread.join()  # (it only queues: never blocks)
+        with self._lock:
+            threads = list(self._threads)
         for _, fds, _ in later:  # before the threads' ends: they close these first
             self._fds.put(fds)
         for _ in threads:

@@ -142,13 +142,17 @@ class UmemPool:
         cost the pool a socket, and its helper a refill, each time."""
         with self._lock:
             kind = self._kinds.get(g)
-            if kind is not None and not self._stopping:
+            # only if it still fits: a miss among the grant's takes woke the filler, which may have counted the
+            # next one meanwhile, and nothing evicts unless a make follows (a client retrying a busy queue with
+            # one queue more each time had the pool pin many times its budget)
+            if (kind is not None and not self._stopping and self._bytes + cost(g) <= self.max_bytes
+                    and self._sockets < MAX_SOCKETS):
                 kind.ready.append(ready)
                 self._bytes += cost(g)
                 self._sockets += 1
                 self._taken -= 1
                 return
-        ready.close()  # forgotten or stopping meanwhile
+        ready.close()  # forgotten, stopping or no room meanwhile
 
     def _forget_unused(self, keep: Geometry) -> None:
         """Past MAX_GEOMETRIES, forget the least recently asked geometries (but `keep`) that hold no socket (under

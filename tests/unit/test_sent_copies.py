@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -230,4 +231,70 @@ def test_a_closer_counts_a_batch_before_it_stops_being_pending() -> None:
         assert counted == [1]
     finally:
         closer.stop()
+        os.close(r)
+
+
+def test_a_closer_grows_a_thread_for_each_close_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each close of a bound socket holds its thread for a grace period: with every thread busy, each batch
+    starts one more (up to the cap). A thread started for a batch counted itself idle when it took that
+    batch, so the next batch found a thread idle that was not, waited behind a grace period, and only every
+    other close of a burst got a thread."""
+    import xskbroker.broker.closer as closer_mod
+
+    gate = threading.Event()
+    held: list[int] = []
+    mu = threading.Lock()
+    real_close = os.close
+
+    class HeldOs:
+        def __getattr__(self, name: str) -> object:
+            return getattr(os, name)
+
+        @staticmethod
+        def close(fd: int) -> None:  # a bound socket's last close: it waits (here, for the test)
+            with mu:
+                held.append(fd)
+            gate.wait(10)
+            real_close(fd)
+
+    monkeypatch.setattr(closer_mod, "os", HeldOs())
+    closer = Closer(16, name="t")
+    pipes = [os.pipe() for _ in range(8)]
+    try:
+        wait_for(lambda: closer._idle == 1, "the first thread to wait for work")
+        for _, w in pipes:
+            closer.close([w])
+        deadline = time.monotonic() + 5.0
+        while len(held) < len(pipes) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(held) == len(pipes), f"{len(held)} of {len(pipes)} closes in flight on {closer.threads} threads"
+    finally:
+        gate.set()
+        closer.stop()
+        for r, _ in pipes:
+            os.close(r)
+
+
+def test_a_closer_stopped_as_a_kept_batch_comes_due_still_closes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread that keeps close_later's fds takes a due batch, then queues it for the closer threads outside
+    the lock: a stop() in between queued the threads' ends first, the threads ended, and the batch stayed open
+    after stop(wait=True) had returned."""
+    closer = Closer(4, name="t")
+    taken = threading.Event()
+    real_close = closer.close
+
+    def slow_close(fds: list[int]) -> None:
+        if threading.current_thread() is closer._later_thread:
+            taken.set()
+            time.sleep(0.2)  # the stop comes meanwhile
+        real_close(fds)
+
+    monkeypatch.setattr(closer, "close", slow_close)
+    r, w = os.pipe()
+    try:
+        closer.close_later([w], 0.01)
+        assert taken.wait(5)
+        closer.stop(wait=True)
+        wait_for(lambda: closed(r), "the kept fd to be closed")
+    finally:
         os.close(r)

@@ -260,3 +260,34 @@ def test_the_first_take_of_a_geometry_is_no_burst() -> None:
                 m.close()
     finally:
         pool.close()
+
+
+def test_sockets_given_back_while_the_filler_made_more_stay_within_the_budget() -> None:
+    """A grant refused at a busy queue gives back what it took, in the same turn of the loop; a miss among its
+    takes (more queues than sockets ready) has woken the filler, which meanwhile counted the next one against
+    the budget. Given back on top of it, the pool pinned more than the budget, for good (no make, so no
+    eviction, ever follows), and a client asking again with one queue more each time ratcheted it up."""
+    maker = Maker()
+    budget = PER_GEOMETRY * cost(SMALL)
+    pool = UmemPool(budget, maker)
+    try:
+        pool.take(SMALL, 1)
+        _wait(lambda: pool.ready(SMALL) == PER_GEOMETRY)
+        for _ in range(3):
+            maker.gate.clear()  # the filler's next make is held once it has counted it
+            ready = pool.ready(SMALL)
+            got = [pool.take(SMALL, 1, wake=False) for _ in range(ready + 1)]  # the last misses: the filler wakes
+            assert got[-1] is None
+            _wait(lambda: pool.snapshot()["sockets"] >= 1)  # being made
+            for m in got[:-1]:
+                assert m is not None
+                pool.give_back(SMALL, m)  # the first queue was busy: the grant gives back what it took
+            maker.gate.set()
+            _wait(lambda: pool.snapshot()["sockets"] == pool.ready(SMALL))
+            time.sleep(0.05)
+            snap = pool.snapshot()
+            assert snap["pinned_bytes"] <= budget, snap
+            assert snap["pinned_bytes"] == sum(cost(m.geometry) for m in maker.open())
+    finally:
+        pool.close()
+    assert not maker.open()
