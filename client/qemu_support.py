@@ -42,7 +42,11 @@ class QemuVersion:
     @classmethod
     def from_wire(cls, v: Mapping[str, Any]) -> QemuVersion:
         q = v.get("qemu", {})
-        return cls(int(q.get("major", 0)), int(q.get("minor", 0)), int(q.get("micro", 0)), str(v.get("package", "")))
+        try:
+            return cls(int(q.get("major", 0)), int(q.get("minor", 0)), int(q.get("micro", 0)),
+                       str(v.get("package", "")))
+        except OverflowError:  # json reads 1e999 as inf: a wrong shape, as callers treat ValueError
+            raise ValueError(f"QEMU's version is not a number: {q!r:.80}") from None
 
     def __str__(self) -> str:
         text = f"{self.major}.{self.minor}.{self.micro}"

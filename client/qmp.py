@@ -194,7 +194,9 @@ class QMP:
     def wait_event(self, name: str, match: Callable[[dict[str, Any]], bool] | None = None,
                    timeout: float | None = None, after: int = 0) -> dict[str, Any]:
         def hit(seq: int, ev: dict[str, Any]) -> bool:
-            return seq > after and ev.get("event") == name and (match is None or match(ev.get("data", {})))
+            data = ev.get("data", {})  # the peer's shape: match() is given an object or nothing matches
+            return seq > after and ev.get("event") == name and (match is None or
+                                                                 (isinstance(data, dict) and match(data)))
 
         for seq, ev in self.events:
             if hit(seq, ev):
@@ -213,7 +215,10 @@ class QMP:
         return self._schema
 
     def netdev_support(self) -> NetdevSupport:
-        return netdev_support(self.schema())
+        try:
+            return netdev_support(self.schema())
+        except (AttributeError, TypeError, ValueError) as e:  # the peer's shapes: a wrong one is not a crash
+            raise QMPConnectionError(f"{self.path} answered query-qmp-schema unlike QEMU: {e}") from None
 
     def check_af_xdp(self) -> NetdevSupport:
         """Raise AfXdpUnsupported with a one-line reason unless this QEMU has af-xdp with sock-fds."""

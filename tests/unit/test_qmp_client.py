@@ -236,6 +236,40 @@ def test_not_a_monitor(qmp_path: str) -> None:
         f.close()
 
 
+@pytest.mark.parametrize("major", [float("inf"), float("nan")])
+def test_a_greeting_with_a_version_that_is_no_number_is_not_a_monitor(qmp_path: str, major: float) -> None:
+    # json reads 1e999 (or Infinity) as inf, and int(inf) raises OverflowError: not the documented error
+    f = FakeQemu(qmp_path, greeting={"QMP": {"version": {"qemu": {"major": major, "minor": 0, "micro": 0}}}})
+    try:
+        with pytest.raises(q.QMPConnectionError, match="did not greet like a QMP monitor"):
+            q.QMP(qmp_path)
+    finally:
+        f.close()
+
+
+def test_an_event_whose_data_is_no_object_is_skipped_not_matched() -> None:
+    # QEMU's data is always an object; a monitor that sends another shape must not crash the caller's match
+    ours, theirs = socket.socketpair()
+    lines = [GREETING, {"return": {}, "id": "xsk1"}, {"event": "DEVICE_DELETED", "data": 5},
+             {"event": "DEVICE_DELETED", "data": {"device": "n-dev"}}]
+    theirs.sendall(b"".join(json.dumps(m).encode() + b"\r\n" for m in lines))
+    with q.QMP.from_socket(ours, timeout=1.0) as m:
+        ev = m.wait_event("DEVICE_DELETED", lambda d: d.get("device") == "n-dev")
+    assert ev["data"] == {"device": "n-dev"}
+    theirs.close()
+
+
+@pytest.mark.parametrize("schema", [5, [{"name": "netdev_add", "arg-type": []}]])
+def test_a_schema_not_shaped_like_qemus_is_a_connection_error(schema: Any) -> None:
+    # qmp-attach catches the QMP errors around check_af_xdp: any other exception would be a traceback
+    ours, theirs = socket.socketpair()
+    lines = [GREETING, {"return": {}, "id": "xsk1"}, {"return": schema, "id": "xsk2"}]
+    theirs.sendall(b"".join(json.dumps(m).encode() + b"\r\n" for m in lines))
+    with q.QMP.from_socket(ours, timeout=1.0) as m, pytest.raises(q.QMPConnectionError, match="query-qmp-schema"):
+        m.check_af_xdp()
+    theirs.close()
+
+
 def test_unreachable_monitor(tmp_path: Path) -> None:
     with pytest.raises(q.QMPConnectionError, match=r"cannot reach QEMU's QMP socket at .*nothing"):
         q.QMP(str(tmp_path / "nothing"))

@@ -82,6 +82,13 @@ def test_version_from_the_greeting() -> None:
     assert str(qs.QemuVersion.from_wire({"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": ""})) == "10.0.0"
 
 
+def test_a_version_that_is_no_number_is_a_value_error() -> None:
+    # the worker reads query-version's reply through from_wire and treats ValueError as a wrong shape
+    for wire in ({"qemu": {"major": 1e999}}, json.loads('{"qemu": {"minor": -1e999}}')):
+        with pytest.raises(ValueError):
+            qs.QemuVersion.from_wire(wire)
+
+
 def test_netdev_arguments_are_exactly_what_qemu_expects() -> None:
     names = [hotplug.fd_name("xdp1", 2), hotplug.fd_name("xdp1", 3)]
     assert hotplug.netdev_arguments("xdp1", "eth1", names, 2, "native") == {
