@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, ns_name
@@ -96,3 +97,24 @@ def tally(s: socket.socket, messages: Iterable[bytes]) -> dict[str, int]:
         code = "ok" if reply.get("ok") else reply["error"]["code"]
         codes[code] = codes.get(code, 0) + 1
     return codes
+
+
+def stuck_tcp(netns: str) -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on the namespace's loopback whose receiver never reads, with the sender's queue
+    full: a lingering close of the sender blocks until the linger time runs out."""
+    with in_netns(netns):
+        os.system("ip link set lo up")
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        cli.connect(srv.getsockname())
+    cli.setblocking(False)
+    try:
+        while True:
+            cli.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    return srv, cli

@@ -20,11 +20,11 @@ from typing import Any
 
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
-from xskbroker.testbed.sandbox import in_netns, spawn_unprivileged
+from xskbroker.testbed.sandbox import spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, STRANGER_UID, wait_for
-from .loop_rig import ATTACKERS, SMALL, _cpu_ticks, _hello_as, _recv_reply, bed
+from .loop_rig import ATTACKERS, SMALL, _cpu_ticks, _hello_as, _recv_reply, bed, stuck_tcp
 from .probe import RootProbe
 
 # ---- 1. an fd whose close blocks -----------------------------------------------------------------------------
@@ -55,34 +55,13 @@ def lingering_fd_attack(path: str, tcp_fd: int, hellos: int) -> dict[str, Any]:
     return {"hellos": sent, "fd": outcome}
 
 
-def _stuck_tcp(netns: str) -> tuple[socket.socket, socket.socket]:
-    """A connected TCP pair on the namespace's loopback whose receiver never reads, with the sender's queue
-    full: a lingering close of the sender blocks until the linger time runs out."""
-    with in_netns(netns):
-        os.system("ip link set lo up")
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(1)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        cli.connect(srv.getsockname())
-    cli.setblocking(False)
-    try:
-        while True:
-            cli.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    return srv, cli
-
-
 def _lingering_attack_on(extra: list[str], figures) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """The lingering-fd attack against a broker started with `extra`, a root probe meanwhile; the broker's fds
     must be back at their baseline afterwards."""
     with bed(extra=extra) as (ns, b):
         RootProbe(b.socket_path).run(1)  # the XSK program is attached and cached: what the broker holds from now on
         before = b.settled_fds()
-        srv, cli = _stuck_tcp(ns.name)
+        srv, cli = stuck_tcp(ns.name)
         try:
             attacker = spawn_unprivileged(lingering_fd_attack, b.socket_path, cli.fileno(), 100, uid=CONSUMER_UID)
             cli.close()

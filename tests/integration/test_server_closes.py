@@ -17,35 +17,32 @@ import pytest
 
 from xskbroker.broker.server import Server
 from xskbroker.policy import parse_policy
+from xskbroker.testbed import links
 from xskbroker.wire import protocol as proto
 
-from .service_rig import POLICY, make_rig
+from ..unit.service_rig import POLICY, make_rig
+from .conftest import ns_name
+from .loop_rig import stuck_tcp
 
 LINGER = 3  # seconds a close of the stuck socket blocks (the attack uses ~68 years)
 
 
 @pytest.fixture
-def stuck_tcp() -> Iterator[socket.socket]:
-    """A TCP socket whose send queue can never drain (its peer never reads) and that lingers LINGER s on close."""
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    cli = socket.socket()
-    cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    cli.connect(srv.getsockname())
-    peer, _ = srv.accept()
-    cli.setblocking(False)
+def stuck() -> Iterator[socket.socket]:
+    """A TCP socket whose send queue can never drain (its peer never reads) and that lingers LINGER s on close, on
+    the loopback of a namespace of the test's own."""
+    name = ns_name()
+    links.create_netns(name)
     try:
-        while True:
-            cli.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    cli.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, LINGER))
-    yield cli
-    cli.close()
-    peer.close()
-    srv.close()
+        srv, cli = stuck_tcp(name)
+        cli.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, LINGER))
+        try:
+            yield cli
+        finally:
+            cli.close()
+            srv.close()
+    finally:
+        links.remove_netns(name)
 
 
 def _server(tmp_path: Path, policy: str = POLICY) -> tuple[Server, socket.socket, str]:
@@ -64,7 +61,7 @@ def _timed_accept(server: Server, listener: socket.socket) -> float:
 
 
 def test_a_connection_dropped_with_fds_queued_does_not_close_them_on_the_loop(
-        tmp_path: Path, stuck_tcp: socket.socket) -> None:
+        tmp_path: Path, stuck: socket.socket) -> None:
     """A 0-byte message reads as the end of the connection, which the broker closes: the fd-carrying message queued
     behind it was freed, and its lingering socket closed, on the loop (3.2 s here; before: for as long as the client
     set)."""
@@ -72,8 +69,8 @@ def test_a_connection_dropped_with_fds_queued_does_not_close_them_on_the_loop(
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     client.connect(path)
     client.send(b"")
-    socket.send_fds(client, [proto.encode_request(proto.Hello())], [stuck_tcp.fileno()])
-    stuck_tcp.close()  # the broker's copy is the last: its close is the one that lingers
+    socket.send_fds(client, [proto.encode_request(proto.Hello())], [stuck.fileno()])
+    stuck.close()  # the broker's copy is the last: its close is the one that lingers
     took = _timed_accept(server, listener)
     assert not server.conns
     assert took < 1.0, f"the loop was held {took:.1f} s closing a client's fd"
@@ -83,7 +80,7 @@ def test_a_connection_dropped_with_fds_queued_does_not_close_them_on_the_loop(
 
 
 def test_a_refused_connection_with_many_messages_queued_does_not_close_their_fds_on_the_loop(
-        tmp_path: Path, stuck_tcp: socket.socket) -> None:
+        tmp_path: Path, stuck: socket.socket) -> None:
     """A connection refused at connect (here its quota of connections) had at most 64 messages read off it before
     its close: the 101st carried the fd, which was closed on the loop, and the client read ECONNRESET, not why."""
     server, listener, path = _server(tmp_path, POLICY + '\n[[quota]]\nname = "one"\nusers = ["*"]\n'
@@ -96,8 +93,8 @@ def test_a_refused_connection_with_many_messages_queued_does_not_close_their_fds
     client.connect(path)
     for _ in range(100):
         client.send(proto.encode_request(proto.Hello()))
-    socket.send_fds(client, [proto.encode_request(proto.Hello())], [stuck_tcp.fileno()])
-    stuck_tcp.close()
+    socket.send_fds(client, [proto.encode_request(proto.Hello())], [stuck.fileno()])
+    stuck.close()
     took = _timed_accept(server, listener)
     assert len(server.conns) == 1
     assert took < 1.0, f"the loop was held {took:.1f} s closing a client's fd"
