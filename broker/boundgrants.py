@@ -58,6 +58,9 @@ class BoundGrants(BareGrants):
         deadline: float | None = None
 
         def abort(e: BaseException, queue: int) -> BaseException:
+            now = self.clock()
+            for p in bound:  # bound, then closed: the kernel lets go of its queue late, as after a lease's end
+                self.freed[(ifindex, p.queue)] = (now, "")
             for p in prepared:
                 p.abort(close=self.closer.close)  # a bound socket's close waits for a grace period
             for r in ready:
@@ -185,11 +188,13 @@ class BoundGrants(BareGrants):
                     # the kernel says the queue still has a socket's pool, and the last lease on it ended with its
                     # socket closed: that release has not finished (it is deferred, and a busy system runs it late).
                     # Not a squatter, which would send an operator after a process that does not exist.
+                    # no lease id: a grant refused after binding it closed its socket
+                    who = f"lease {freed[1]} ended on it" if freed[1] else "a grant refused on it closed its socket"
                     return Refused(ErrorCode.QUEUE_BUSY, f"{ifname} queue {queue} is still being let go of by the "
-                                   f"kernel: lease {freed[1]} ended on it {age:.1f} s ago with its socket closed, and "
+                                   f"kernel: {who} {age:.1f} s ago with its socket closed, and "
                                    f"the kernel has not finished releasing that socket after {BUSY_RETRY_SECONDS} s "
                                    "(it defers that work; a busy system runs it late); try again shortly",
-                                   errno="EBUSY", lease=freed[1])
+                                   errno="EBUSY", **({"lease": freed[1]} if freed[1] else {}))
                 return Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(ifname, queue, culprit), errno="EBUSY",
                                **({"lease": culprit.id} if culprit else {}))
         return OSError(errno.EBUSY, f"still bound by a released socket after {BUSY_RETRY_SECONDS} s")
@@ -208,6 +213,9 @@ class BoundGrants(BareGrants):
                 fds += [s.xsk_fd, s.umem_fd]
             return self._lease(peer, req, ifindex, prog, fds, sockets=tuple(sockets))
         except BaseException:  # nothing granted: no slot, socket or memfd left (closes wait for a grace period)
+            now = self.clock()
+            for p in prepared:  # all bound, then closed: their queues are let go of late (_squatted)
+                self.freed[(ifindex, p.queue)] = (now, "")
             for p in prepared[len(made):]:
                 p.abort(close=self.closer.close)
             for s in made:

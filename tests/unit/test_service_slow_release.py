@@ -61,3 +61,18 @@ def test_a_revoked_lease_whose_holder_kept_its_socket_is_still_named_a_squatter(
     error = _wait_out(rig)["error"]
     assert isinstance(error, dict) and error["code"] == "queue-squatted", error
     rig.service.close()
+
+
+def test_a_queue_a_refused_grant_bound_and_closed_lately_is_busy_not_squatted() -> None:
+    """A grant that bound queue 0 and then failed on queue 1 closes its bound socket: the kernel frees queue 0 as
+    late as after a lease's end, and the next grant of it must not be sent after a squatter that never was."""
+    rig = make_rig()
+    rig.kernel.stuck.add(1)
+    failed = rig.ask(ALICE, proto.Grant("veth0", (0, 1), geometry=SMALL))
+    rig.now[0] += BUSY_RETRY_SECONDS + 0.1
+    assert not finish(rig, failed)["ok"]
+    _kernel_keeps_queue_0(rig)
+    error = _wait_out(rig)["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "queue-busy" and "did not make" not in error["message"], error
+    rig.service.close()
