@@ -56,7 +56,7 @@ class Owners:
         self.path = path if path is not None else os.environ.get("XSKBROKER_SUBUID", SUBUID)
         self.clock = clock
         self._checked = float("-inf")
-        self._stamp: tuple[int, int, int, int] | None = None
+        self._stamp: tuple[int, int, int, int, int] | None = None
         self._ranges: list[tuple[int, int, int]] = []
         self._firsts: list[int] = []
 
@@ -82,7 +82,8 @@ class Owners:
             return
         try:
             st = os.fstat(fd)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_uid)
+            # the mode too: a chmod that makes a refused file safe changes neither its content nor its mtime
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_uid, st.st_mode)
             if stamp == self._stamp:
                 return
             # root's file, written by no one else, and a regular one (a FIFO would block the loop)

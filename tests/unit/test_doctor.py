@@ -138,3 +138,26 @@ def test_an_unknown_interface_is_a_clear_problem(tmp_path: Path) -> None:
     checks = doctor.run_checks("xsk12d-none", str(tmp_path / "s"), str(tmp_path / "p"))
     c = next(c for c in checks if c.name == "iface.xsk12d-none")
     assert c.status == UNUSABLE and "no interface named" in c.found
+
+
+def test_the_last_good_copy_of_a_broker_running_as_its_own_user_is_seen(tmp_path: Path) -> None:
+    # under xskbroker.service the copy is the dynamic user's, in its 0700 RuntimeDirectory: doctor (root) still
+    # sees the broker starts with it
+    from xskbroker.broker import lastgood
+    from xskbroker.policy.loader import load_documents
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the copy to another uid")
+    good = tmp_path / "policy.toml"
+    good.write_text("version = 1\n[[allow]]\nname = 'x'\nusers = [65534]\ninterfaces = ['eth1']\n")
+    good.chmod(0o644)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    copy = lastgood.save(str(state), load_documents(str(good))[1])
+    for p in (str(state), copy):
+        os.chown(p, 61234, 61234)
+    good.write_text("version = 1\n[[allow]]\nname = 'x'\nusers = \n")
+    c = doctor.check_policy(str(good), state_dirs=(str(state),))
+    assert c.status == DEGRADED and "last good copy" in c.found, c
+    os.chown(copy, 61235, 61235)  # not the broker's (the directory's owner): not believed
+    assert doctor.check_policy(str(good), state_dirs=(str(state),)).status == UNUSABLE

@@ -65,3 +65,15 @@ def test_per_user_quotas_count_subordinate_uids_as_their_owner_decisions_do_not(
     reply, _ = r.grant(peer=two, queues=(2,))  # the owner's 2 queues are taken: before, uid 300002 had its own 2
     assert not reply["ok"] and reply["error"]["code"] == "quota-queues", reply
     r.service.close()
+
+
+def test_a_file_made_safe_again_by_chmod_alone_is_believed(tmp_path: Path) -> None:
+    path = tmp_path / "subuid"
+    path.write_text("4200:300000:10\n")
+    os.chmod(path, 0o666)
+    now = [0.0]
+    owners = subids.Owners(str(path), clock=lambda: now[0])
+    assert owners.owner(300001) is None  # anyone may write it: not believed
+    os.chmod(path, 0o644)  # the fix: its content, size and mtime stay as they were
+    now[0] += subids.RECHECK
+    assert owners.owner(300001) == 4200
