@@ -71,7 +71,8 @@ def listen(path: str, mode: int = 0o660, group: int | None = None) -> socket.soc
         node = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             st = os.fstat(node)
-            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            # one link: a hard link to another root-owned socket (fs.protected_hardlinks off) is ours too
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
                 raise FileExistsError(errno.EEXIST, f"{path} was replaced while it was being created")
             os.chmod(f"/proc/self/fd/{node}", mode)
             if group is not None:

@@ -212,8 +212,10 @@ def _replace_file(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
+            # a collector running as another user reads it; by the fd, never by name: whoever else can write
+            # the directory could swap a link in for the temp file and have root chmod the link's target
+            os.fchmod(f.fileno(), 0o644)
             f.write(text)
-        os.chmod(tmp, 0o644)  # a collector running as another user reads it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
