@@ -7,6 +7,7 @@ frees the queues and the broker ends the lease.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -76,13 +77,20 @@ def substitute(args: Sequence[str], values: dict[str, str | None], grant: dict[s
     error; {{ and }} are literal braces."""
     out = []
     for arg in args:
-        for _, field, _, _ in string.Formatter().parse(arg):
-            if field is not None and field not in values:
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(arg) if field is not None]
+        except ValueError:  # a lone { or }: format's own message does not say how to write one
+            raise KeyError(f"unmatched brace in {arg!r}: write a literal {{ or }} as {{{{ or }}}}") from None
+        for field in fields:
+            if field not in values:
                 known = ", ".join("{" + k + "}" for k in values)
                 raise KeyError(f"unknown placeholder {{{field}}} in {arg!r}; known: {known}")
-            if field is not None and values[field] is None:
+            if values[field] is None:
                 raise KeyError(f"cannot fill {{{field}}} in {arg!r}: {unfilled(field, grant or {})}")
-        out.append(arg.format(**values))
+        try:
+            out.append(arg.format(**values))
+        except ValueError as e:  # a conversion or format spec a string does not take ({sock_fds!x}, {queues:d})
+            raise KeyError(f"cannot substitute {arg!r}: {e}") from None
     return out
 
 
@@ -168,12 +176,20 @@ def map_consumer_warnings(command: Sequence[str], needed: int, memlock_soft: int
 
 
 def exec_with_grant(reply: dict[str, Any], fds: list[int], command: Sequence[str], queues: Sequence[int] = ()) -> None:
-    """Make exactly the grant's fds inheritable, export XSKBROKER_GRANT, substitute and exec. No return."""
+    """Make exactly the grant's fds inheritable, export XSKBROKER_GRANT, substitute and exec. No return.
+
+    A grant fd numbered 0, 1 or 2 (this process was started with that one closed) is moved above them, in
+    `fds` too (the caller closes those if the exec fails): the command would take it for stdin, stdout or stderr."""
+    for i, fd in enumerate(fds):
+        if fd <= 2:
+            fds[i] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(fd)
     grant = grant_env(reply, fds, queues)
     argv = substitute(command, substitutions(grant), grant)
     for fd in fds:
         os.set_inheritable(fd, True)
     env = {**os.environ, "XSKBROKER_GRANT": json.dumps(grant, separators=(",", ":"))}
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None: this process was started with that fd closed
+            stream.flush()
     os.execvpe(argv[0], argv, env)
