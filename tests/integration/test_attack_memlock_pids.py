@@ -208,6 +208,9 @@ def test_a_raise_is_undone_to_the_limits_of_the_process_it_raised_never_to_an_ea
             # again, so that no other process of the suite takes it meanwhile
             got = first.result(reap=False)
             os.close(hold_r)
+            # the keeper is not our child (init reaps it) and exits once hold_w closes, long before the finally
+            # below: a pidfd taken now, while hold_w keeps it alive, never signals a later holder of its pid
+            keeper_fd = os.pidfd_open(got["keeper"])
             try:
                 assert got["memlock"]["raised"] is True, got
                 wait_for(lambda: [x for x in _records(b, "lease-orphaned") if x["lease"] == got["lease"]],
@@ -240,7 +243,8 @@ def test_a_raise_is_undone_to_the_limits_of_the_process_it_raised_never_to_an_ea
                 for fd in (hold_w, go_w, go_r):
                     if fd >= 0:
                         os.close(fd)
-                with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                    os.kill(got["keeper"], signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(keeper_fd, signal.SIGKILL)
+                os.close(keeper_fd)
 
     on_a_free_pid(scenario)

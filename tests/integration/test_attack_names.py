@@ -18,6 +18,7 @@ import os
 import pickle
 import resource
 import select
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -241,12 +242,11 @@ def test_a_map_fd_left_in_a_child_cannot_touch_the_next_tenant(figures) -> None:
     count = 200
     go_r, go_w = os.pipe()
     res_r, res_w = os.pipe()
-    keeper = 0
+    keeper = -1  # a pidfd: the keeper is not our child, init reaps it once it has reported, freeing its pid
     try:
         with bed(MAP_POLICY) as (ns, b):
             first = spawn_unprivileged(map_then_fork, b.socket_path, go_r, res_w, uid=CONSUMER_UID).result()
-            keeper = first["keeper"]
-            assert os.path.exists(f"/proc/{keeper}"), "the child keeping the map fd is gone"
+            keeper = os.pidfd_open(first["keeper"])  # alive: blocked on go_r until the test writes go_w
             wait_for(lambda: any(r.get("event") == "lease-ended" and r["lease"] == first["lease"]
                                  for r in b.records()), what="the map lease to end with its holder")
             peer = PacketPeer(ns.name, "xsk0p", ns.mac("xsk0"))
@@ -271,9 +271,10 @@ def test_a_map_fd_left_in_a_child_cannot_touch_the_next_tenant(figures) -> None:
             figures(keeper_write=attempt, frames_after=moved["replies"],
                     **probe)
     finally:
-        if keeper:
+        if keeper >= 0:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(keeper, 9)
+                signal.pidfd_send_signal(keeper, signal.SIGKILL)
+            os.close(keeper)
         for fd in (go_r, go_w, res_r, res_w):
             os.close(fd)
 
