@@ -90,7 +90,7 @@ class Connection:
                     raise refused.exception()
                 raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply to a {request.op} request is not an "
                                         "error and not ok")
-            if reply.get("v") != proto.VERSION:
+            if type(reply.get("v")) is not int or reply["v"] != proto.VERSION:  # as decode_reply: not true, not 1.0
                 raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply has no version {proto.VERSION}")
             if reply.get("op") != request.op:
                 raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker answered a {request.op} request with a "
@@ -98,6 +98,8 @@ class Connection:
             needed = grant_fds(reply) if request.op == "grant" else 0
             if needed > len(fds):
                 raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply names {needed} fds but carried {len(fds)}")
+            if len(fds) > needed:
+                _drop_unnamed(fds, needed)
             return reply, fds
         except BaseException:
             _close_all(fds)
@@ -133,9 +135,15 @@ class Connection:
             if refusal is not None:
                 raise refusal from None
             raise ConnectionError(f"the broker closed the connection: {e.strerror or e}") from e
+        except OSError as e:
+            if self.sock.fileno() < 0:  # closed by an earlier call's timeout
+                raise ConnectionError(f"the connection to the broker at {self.path} was closed after a timeout") from e
+            raise
         try:
             msg, fds, flags, _ = socket.recv_fds(self.sock, reply_size, MAX_FDS)
         except BlockingIOError:  # SO_RCVTIMEO ran out
+            # the reply may still come: close, or the next call would take it (and its fds) for its own answer
+            self.sock.close()
             raise self._timed_out("answer") from None
         except ConnectionResetError as e:
             # refused on arrival, and closed with this request unread (it came after the broker had drained
@@ -161,9 +169,11 @@ class Connection:
             if expected is not None and type(reply) is not expected:
                 raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker answered a {expected.OP} request with a "
                                         f"{reply.op} reply")
-            if isinstance(reply, replies.GrantReply) and reply.fd_count() > len(fds):
-                raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply names {reply.fd_count()} fds but "
-                                        f"carried {len(fds)}")
+            needed = reply.fd_count() if isinstance(reply, replies.GrantReply) else 0
+            if needed > len(fds):
+                raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply names {needed} fds but carried {len(fds)}")
+            if len(fds) > needed:
+                _drop_unnamed(fds, needed)
             return reply, fds
         except BaseException:
             _close_all(fds)
@@ -174,6 +184,12 @@ def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _drop_unnamed(fds: list[int], needed: int) -> None:
+    """Close the fds past those a reply names (only a grant names any): callers keep only the named ones."""
+    _close_all(fds[needed:])
+    del fds[needed:]
 
 
 def grant_fds(reply: dict[str, Any]) -> int:

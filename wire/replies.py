@@ -218,12 +218,16 @@ class GrantReply(OkReply):
     def bound_sockets(self) -> tuple[BoundSocket, ...]:
         return tuple(s for s in self.sockets or () if isinstance(s, BoundSocket))
 
-    def fd_count(self) -> int:
-        """How many fds come with this reply, by the indexes it names."""
+    def fd_indexes(self) -> list[int]:
+        """The indexes into the reply's fds it names."""
         indexes = [s.fd for s in self.sockets or ()] + [s.umem_fd for s in self.bound_sockets]
         if self.map_fd is not None:
             indexes.append(self.map_fd)
-        return max(indexes, default=-1) + 1
+        return indexes
+
+    def fd_count(self) -> int:
+        """How many fds come with this reply, by the indexes it names."""
+        return max(self.fd_indexes(), default=-1) + 1
 
 
 @record(frozen=True, eq=False, repr=False)
@@ -315,13 +319,16 @@ def reply_from_dict(msg: Any) -> Reply:
     op = msg.get("op")
     req_id = msg.get("id")
     good_id = isinstance(req_id, int | str) and not isinstance(req_id, bool)
-    if not msg.get("ok"):
+    ok = msg.get("ok")
+    if not ok:
         # lenient by design: whatever else is wrong with an error reply, the caller learns it was refused
         given = msg.get("error")
         err: dict[str, Any] = given if isinstance(given, dict) else {}
         details = {k: v for k, v in err.items() if k not in ("code", "message")}
         return ErrorReply(str(err.get("code", ErrorCode.UNKNOWN)), str(err.get("message", "")),
                           op if isinstance(op, str) else None, req_id if good_id else None, details, raw=msg)
+    if ok is not True:  # as Connection.call reads it: 1 or "no" is not success
+        raise bad_reply("reply.ok", "true or false")
     if "id" in msg and not good_id:
         raise bad_reply("reply.id", "an integer or a string")
     if not isinstance(op, str) or op not in OK_REPLIES:
@@ -343,3 +350,5 @@ def _check_grant(reply: GrantReply) -> None:
     want = BoundSocket if reply.kind == "bound" else BareSocket
     if any(type(s) is not want for s in reply.sockets or ()):
         raise bad_reply("reply.sockets", f"{reply.kind} sockets")
+    if any(i < 0 for i in reply.fd_indexes()):  # fds[-1] would be another of the reply's fds
+        raise bad_reply("reply fd indexes", "0 or more")
