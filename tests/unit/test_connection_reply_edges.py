@@ -1,17 +1,14 @@
 """How Connection reads replies a broker should not send: a late reply after a timeout, fd indexes the typed
 reading must refuse as the dict reading does, fds a reply does not name, and ok/v of the wrong JSON type.
-Against a fake broker: a SEQPACKET listener in a thread answering each request with the next scripted reply."""
+Against test_replies' fake broker: a SEQPACKET listener in a thread answering each request with the next
+scripted reply."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +17,10 @@ from xskbroker.client.connection import Connection
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import BrokerError, ErrorCode
 
-Script = list[tuple[bytes, int, float]]  # (reply, fds to send with it, seconds to wait before it)
+from .test_replies import fake_broker
+
+__all__ = ["fake_broker"]  # a fixture
+
 G = proto.Geometry(8192, 2048, 256, 64, 128, 256, 512)
 
 
@@ -36,33 +36,6 @@ MAP = proto.ok_reply("grant", None, lease="8d234e03127b9bfe", kind="map", interf
 STATUS = proto.ok_reply("status", None, leases=[], interfaces=[])
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[tuple[str, Script]]:
-    path = str(tmp_path / "broker.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen()
-    script: Script = []
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            while script and conn.recv(proto.MAX_REQUEST + 1):
-                reply, nfds, delay = script.pop(0)
-                time.sleep(delay)
-                fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(nfds)]
-                with contextlib.suppress(OSError):
-                    socket.send_fds(conn, [reply], fds)
-                for fd in fds:
-                    os.close(fd)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield path, script
-    listener.close()
-    thread.join(5)
-
-
 def null_fds() -> int:
     """This process's fds open on /dev/null (the fake broker's own copies closed by then)."""
     time.sleep(0.05)
@@ -73,10 +46,10 @@ def null_fds() -> int:
     return out
 
 
-def test_a_reply_that_comes_after_the_timeout_is_not_taken_for_the_next_requests(broker: Any) -> None:
+def test_a_reply_that_comes_after_the_timeout_is_not_taken_for_the_next_requests(fake_broker: Any) -> None:
     # a program granting over one kept connection retries after a timeout: the late answer to the first grant
     # (its lease, its fds) must not pass for the answer to the second
-    path, script = broker
+    path, script = fake_broker
     script += [(bound("1111111111111111"), 2, 0.5), (bound("2222222222222222"), 2, 0)]
     with Connection(path, timeout=0.2) as conn:
         with pytest.raises(TimeoutError):
@@ -92,9 +65,9 @@ def test_a_reply_that_comes_after_the_timeout_is_not_taken_for_the_next_requests
 
 
 @pytest.mark.parametrize("reply, nfds", [(MAP, 0), (bound("1111111111111111", umem_fd=-1), 1)])
-def test_call_typed_refuses_a_negative_fd_index_as_call_does(broker: Any, reply: bytes, nfds: int) -> None:
+def test_call_typed_refuses_a_negative_fd_index_as_call_does(fake_broker: Any, reply: bytes, nfds: int) -> None:
     # fds[-1] is some other fd of the reply (or an IndexError): the dict reading refuses it as bad-reply
-    path, script = broker
+    path, script = fake_broker
     script += [(reply, nfds, 0), (reply, nfds, 0)]
     with Connection(path, timeout=5) as conn:
         with pytest.raises(BrokerError) as info:
@@ -105,9 +78,9 @@ def test_call_typed_refuses_a_negative_fd_index_as_call_does(broker: Any, reply:
         assert info.value.code == ErrorCode.BAD_REPLY
 
 
-def test_fds_a_reply_does_not_name_are_closed_not_handed_to_callers_that_ignore_them(broker: Any) -> None:
+def test_fds_a_reply_does_not_name_are_closed_not_handed_to_callers_that_ignore_them(fake_broker: Any) -> None:
     # the CLI reads status as `reply, _ = conn.call_typed(...)`, grant.request keeps only the fds it maps
-    path, script = broker
+    path, script = fake_broker
     script += [(STATUS, 1, 0), (STATUS, 2, 0), (bound("1111111111111111"), 3, 0), (bound("1111111111111111"), 3, 0)]
     before = null_fds()
     with Connection(path, timeout=5) as conn:
@@ -127,8 +100,8 @@ def test_fds_a_reply_does_not_name_are_closed_not_handed_to_callers_that_ignore_
                                   b'{"v":1,"ok":"no","op":"release","lease":"x"}',
                                   b'{"v":true,"ok":true,"op":"release","lease":"x"}',
                                   b'{"v":1.0,"ok":true,"op":"release","lease":"x"}'])
-def test_call_and_call_typed_agree_on_ok_and_v_of_another_type(broker: Any, data: bytes) -> None:
-    path, script = broker
+def test_call_and_call_typed_agree_on_ok_and_v_of_another_type(fake_broker: Any, data: bytes) -> None:
+    path, script = fake_broker
     script += [(data, 0, 0), (data, 0, 0)]
     with Connection(path, timeout=5) as conn:
         codes = []

@@ -233,21 +233,24 @@ def test_open_sockets_refuses_a_reply_that_is_not_a_bound_grant() -> None:
 # ---- the client's Connection over a fake broker (a socket that answers with canned replies) ---------------
 
 @pytest.fixture
-def fake_broker(tmp_path: Path) -> Iterator[tuple[str, list[tuple[bytes, int]]]]:
-    """A SEQPACKET listener answering each request with the next (reply, fd count) of a script."""
+def fake_broker(tmp_path: Path) -> Iterator[tuple[str, list[Any]]]:
+    """A SEQPACKET listener answering each request with the next (reply, fd count[, seconds to wait first]) of a
+    script (test_connection_reply_edges.py uses it too)."""
     path = str(tmp_path / "broker.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen()
-    script: list[tuple[bytes, int]] = []
+    script: list[Any] = []
 
     def serve() -> None:
         conn, _ = listener.accept()
         with conn:
             while script and conn.recv(proto.MAX_REQUEST + 1):
-                reply, nfds = script.pop(0)
+                reply, nfds, *wait = script.pop(0)
+                time.sleep(wait[0] if wait else 0.0)
                 fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(nfds)]
-                socket.send_fds(conn, [reply], fds)
+                with contextlib.suppress(OSError):  # a client that timed out has closed
+                    socket.send_fds(conn, [reply], fds)
                 for fd in fds:
                     os.close(fd)
 
