@@ -5,7 +5,6 @@ scripted reply."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -17,7 +16,7 @@ from xskbroker.client.connection import Connection
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import BrokerError, ErrorCode
 
-from .test_replies import fake_broker
+from .test_replies import _null_fds, fake_broker
 
 __all__ = ["fake_broker"]  # a fixture
 
@@ -34,16 +33,6 @@ def bound(lease: str, fd: int = 0, umem_fd: int = 1) -> bytes:
 MAP = proto.ok_reply("grant", None, lease="8d234e03127b9bfe", kind="map", interface="xdoc1", ifindex=2,
                      xdp_mode="native", xdp_prog_id=1339, map_fd=-1, map_entries=2)
 STATUS = proto.ok_reply("status", None, leases=[], interfaces=[])
-
-
-def null_fds() -> int:
-    """This process's fds open on /dev/null (the fake broker's own copies closed by then)."""
-    time.sleep(0.05)
-    out = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            out += os.readlink(f"/proc/self/fd/{fd}") == os.devnull
-    return out
 
 
 def test_a_reply_that_comes_after_the_timeout_is_not_taken_for_the_next_requests(fake_broker: Any) -> None:
@@ -82,7 +71,7 @@ def test_fds_a_reply_does_not_name_are_closed_not_handed_to_callers_that_ignore_
     # the CLI reads status as `reply, _ = conn.call_typed(...)`, grant.request keeps only the fds it maps
     path, script = fake_broker
     script += [(STATUS, 1, 0), (STATUS, 2, 0), (bound("1111111111111111"), 3, 0), (bound("1111111111111111"), 3, 0)]
-    before = null_fds()
+    before = _null_fds()
     with Connection(path, timeout=5) as conn:
         _, fds = conn.call_typed(proto.Status())
         assert fds == []
@@ -93,7 +82,7 @@ def test_fds_a_reply_does_not_name_are_closed_not_handed_to_callers_that_ignore_
             assert len(fds) == 2
             for fd in fds:
                 os.close(fd)
-    assert null_fds() == before
+    assert _null_fds() == before
 
 
 @pytest.mark.parametrize("data", [b'{"v":1,"ok":1,"op":"release","lease":"x"}',
