@@ -369,26 +369,12 @@ def _hello(path: str) -> tuple[str, list[int], int]:
 STATE_DIRS = ("/run/xskbroker/state", "/run/xskbroker")
 
 
-def _broker_copy(state_dir: str) -> lastgood.Copy | None:
-    """The last good copy the broker keeps in state_dir. It writes it as its own uid (the unit's DynamicUser=),
-    which is not doctor's, so lastgood.load (only this euid's file) would never see it: the directory's owner's
-    regular, single-link file is the broker's."""
-    path = os.path.join(state_dir, lastgood.FILENAME)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.stat(state_dir).st_uid:
-            return None
-        return lastgood.decode(f.read(), path)
-
-
 def _last_good(state_dirs: tuple[str, ...]) -> lastgood.Copy | None:
     for d in state_dirs:
         try:
-            copy = _broker_copy(d)
+            # the broker writes its copy as its own uid (the unit's DynamicUser=), which is not doctor's: the
+            # directory's owner's file is the broker's
+            copy = lastgood.load(d, owner=os.stat(d).st_uid)
         except (OSError, lastgood.CopyError):
             continue
         if copy is not None:

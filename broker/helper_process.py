@@ -28,7 +28,7 @@ def start(module: str, *args: str) -> tuple[socket.socket, subprocess.Popen[byte
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait for a helper told to stop (its socket closed) to exit; killed after `timeout` seconds."""
+    """Wait for a process told to stop (a helper: its socket closed) to exit; killed after `timeout` seconds."""
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -132,10 +132,11 @@ def save(state_dir: str, documents: list[Document], now: float | None = None) ->
     return path
 
 
-def load(state_dir: str) -> Copy | None:
-    """The last good copy, None if there is none (a link or another uid's file counts as none)."""
+def load(state_dir: str, owner: int | None = None) -> Copy | None:
+    """The last good copy, None if there is none (a link, or a file of a uid other than this euid or `owner`,
+    counts as none)."""
     path = os.path.join(state_dir, FILENAME)
-    data = safefiles.read_private(path)
+    data = safefiles.read_private(path, owner)
     return None if data is None else decode(data, path)
 
 

@@ -95,11 +95,7 @@ class Connection:
             if reply.get("op") != request.op:
                 raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker answered a {request.op} request with a "
                                         f"{reply.get('op')} reply")
-            needed = grant_fds(reply) if request.op == "grant" else 0
-            if needed > len(fds):
-                raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply names {needed} fds but carried {len(fds)}")
-            if len(fds) > needed:
-                _drop_unnamed(fds, needed)
+            _keep_named(fds, grant_fds(reply) if request.op == "grant" else 0)
             return reply, fds
         except BaseException:
             _close_all(fds)
@@ -169,11 +165,7 @@ class Connection:
             if expected is not None and type(reply) is not expected:
                 raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker answered a {expected.OP} request with a "
                                         f"{reply.op} reply")
-            needed = reply.fd_count() if isinstance(reply, replies.GrantReply) else 0
-            if needed > len(fds):
-                raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply names {needed} fds but carried {len(fds)}")
-            if len(fds) > needed:
-                _drop_unnamed(fds, needed)
+            _keep_named(fds, reply.fd_count() if isinstance(reply, replies.GrantReply) else 0)
             return reply, fds
         except BaseException:
             _close_all(fds)
@@ -186,8 +178,11 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _drop_unnamed(fds: list[int], needed: int) -> None:
-    """Close the fds past those a reply names (only a grant names any): callers keep only the named ones."""
+def _keep_named(fds: list[int], needed: int) -> None:
+    """Refuse a reply carrying fewer fds than it names (only a grant names any); close those past the named ones:
+    callers keep only those."""
+    if needed > len(fds):
+        raise proto.BrokerError(ErrorCode.BAD_REPLY, f"broker reply names {needed} fds but carried {len(fds)}")
     _close_all(fds[needed:])
     del fds[needed:]
 

@@ -63,33 +63,33 @@ def create_new(path: str, mode: int = 0o600) -> int:
         return os.open(path, flags, mode)
 
 
-def _ours(fd: int) -> bool:
+def _owned(fd: int, owner: int) -> bool:
     st = os.fstat(fd)
     # nlink: a hard link to another file would share its inode, whoever's it is
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
+    return stat.S_ISREG(st.st_mode) and st.st_uid == owner and st.st_nlink == 1
 
 
-def private_opener(path: str, flags: int) -> int:
-    """An opener for open(): never through a link, and only our own regular file (else UnsafePathError,
-    an OSError); a file it creates is 0600."""
+def private_opener(path: str, flags: int, owner: int | None = None) -> int:
+    """An opener for open(): never through a link, and only our own regular file, or uid `owner`'s (else
+    UnsafePathError, an OSError); a file it creates is 0600."""
+    owner = os.geteuid() if owner is None else owner
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | _NOFOLLOW, 0o600)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UnsafePathError(f"{path}: is a symbolic link: refused (remove it)") from None
         raise
-    if not _ours(fd):
+    if not _owned(fd, owner):
         os.close(fd)
-        raise UnsafePathError(f"{path}: not a regular file of uid {os.geteuid()} with one link: refused "
-                              "(remove it)")
+        raise UnsafePathError(f"{path}: not a regular file of uid {owner} with one link: refused (remove it)")
     return fd
 
 
-def read_private(path: str) -> bytes | None:
-    """The content of our own regular file at `path`, or None if there is none (a link or someone
-    else's file counts as none: it is not ours to believe)."""
+def read_private(path: str, owner: int | None = None) -> bytes | None:
+    """The content of our own regular file at `path` (or uid `owner`'s: a root reader of another uid's state),
+    or None if there is none (a link or someone else's file counts as none: it is not ours to believe)."""
     try:
-        with open(path, "rb", opener=private_opener) as f:
+        with open(path, "rb", opener=lambda p, flags: private_opener(p, flags, owner)) as f:
             return f.read()
     except (FileNotFoundError, NotADirectoryError, UnsafePathError):
         return None

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from xskbroker.broker import helper_process
 from xskbroker.client.connection import Connection
 from xskbroker.client.libvirt import config as lvconf
 from xskbroker.client.libvirt import state as lvstate
@@ -155,11 +156,7 @@ def _libvirtd(workdir: Path, conf: Path, netns: str | None, kvm_group: bool) -> 
     finally:
         for p in reversed(procs):
             p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            helper_process.stop(p, 10)
         log.close()
         INSTALLED.unlink(missing_ok=True)
         for d in reversed(made):

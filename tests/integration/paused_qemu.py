@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from xskbroker.broker import helper_process
 from xskbroker.client import qmp as q
 
 from .conftest import wait_for
@@ -77,11 +78,7 @@ def qemu(*machine: str, user: int | None = None) -> Iterator[Qemu]:
     finally:
         if proc is not None:
             proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            helper_process.stop(proc, 5)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -24,9 +24,12 @@ from xskbroker.client.connection import Connection
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
 from xskbroker.wire import protocol as proto
 
+from ..victim import SECRET, victim
 from .conftest import CONSUMER_UID, wait_for
 from .consumers import exchange_raw
 from .probe import RootProbe
+
+__all__ = ["victim"]  # a fixture
 
 MiB = 1 << 20
 ATTACKER = CONSUMER_UID  # nobody: a tenant the policy allows, and not an admin
@@ -46,7 +49,6 @@ interfaces = ["xsk0"]
 queues = ["0-1"]
 max_umem = "4MiB"
 """
-SECRET = "root:$y$precious-hash:19000:0:99999:7:::\n"  # stands for /etc/shadow
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -62,17 +64,6 @@ def _grant_release(c: Connection, iface: str, queue: int = 1) -> None:
     assert reply["ok"], reply
     released, _ = c.call(proto.Release(lease=reply["lease"]))
     assert released["ok"], released
-
-
-@pytest.fixture
-def victim() -> Iterator[Path]:
-    """A root-owned file with content, in a root-only directory (like /etc/shadow)."""
-    d = Path(tempfile.mkdtemp(prefix="xskf-victim-"))
-    path = d / "shadow"
-    path.write_text(SECRET)
-    path.chmod(0o600)
-    yield path
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from xskbroker.broker import helper_process
 from xskbroker.client.connection import Connection
 from xskbroker.testbed.sandbox import VethNamespace, in_netns, readable_copy, spawn_unprivileged
 from xskbroker.wire import protocol as proto
@@ -116,11 +117,7 @@ class Activation:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            helper_process.stop(self.proc, 10)
         self.log.close()
         self.notify.close()
 

@@ -1,7 +1,7 @@
 """How Connection reads replies a broker should not send: a late reply after a timeout, fd indexes the typed
 reading must refuse as the dict reading does, fds a reply does not name, and ok/v of the wrong JSON type.
-Against test_replies' fake broker: a SEQPACKET listener in a thread answering each request with the next
-scripted reply."""
+Against tests/fake_broker.py's scripted fake broker: a SEQPACKET listener in a thread answering each request
+with the next scripted reply."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from xskbroker.client.connection import Connection
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import BrokerError, ErrorCode
 
-from .test_replies import _null_fds, fake_broker
+from ..fake_broker import fake_broker, null_fds
 
 __all__ = ["fake_broker"]  # a fixture
 
@@ -71,7 +71,7 @@ def test_fds_a_reply_does_not_name_are_closed_not_handed_to_callers_that_ignore_
     # the CLI reads status as `reply, _ = conn.call_typed(...)`, grant.request keeps only the fds it maps
     path, script = fake_broker
     script += [(STATUS, 1, 0), (STATUS, 2, 0), (bound("1111111111111111"), 3, 0), (bound("1111111111111111"), 3, 0)]
-    before = _null_fds()
+    before = null_fds()
     with Connection(path, timeout=5) as conn:
         _, fds = conn.call_typed(proto.Status())
         assert fds == []
@@ -82,7 +82,7 @@ def test_fds_a_reply_does_not_name_are_closed_not_handed_to_callers_that_ignore_
             assert len(fds) == 2
             for fd in fds:
                 os.close(fd)
-    assert _null_fds() == before
+    assert null_fds() == before
 
 
 @pytest.mark.parametrize("data", [b'{"v":1,"ok":1,"op":"release","lease":"x"}',

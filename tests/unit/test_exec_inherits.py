@@ -8,13 +8,14 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from xskbroker.wire import protocol as proto
+
+from .. import fake_broker
 
 BARE = proto.ok_reply("grant", None, lease="L1", kind="bare", interface="eth1", ifindex=7, xdp_mode="skb",
                       sockets=[{"queue": 0, "fd": 0}, {"queue": 1, "fd": 1}], memlock={"ok": True})
@@ -32,36 +33,27 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-class FakeBroker:
+class FakeBroker(fake_broker.FakeBroker):
     """Answers one grant with BARE and two socketpair ends (their inodes kept, to know them in the command)."""
 
     def __init__(self, path: str) -> None:
         self.inodes: list[int] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(path)
-        self.listener.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(path)
 
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn:
-            while data := conn.recv(proto.MAX_REQUEST + 1):
-                if json.loads(data)["op"] == "grant":
-                    pairs = [socket.socketpair() for _ in range(2)]
-                    self.inodes = [os.fstat(a.fileno()).st_ino for a, _ in pairs]
-                    socket.send_fds(conn, [BARE], [a.fileno() for a, _ in pairs])
-                    for a, b in pairs:
-                        a.close()
-                        b.close()
+    def serve(self, conn: socket.socket) -> None:
+        while data := conn.recv(proto.MAX_REQUEST + 1):
+            if json.loads(data)["op"] == "grant":
+                pairs = [socket.socketpair() for _ in range(2)]
+                self.inodes = [os.fstat(a.fileno()).st_ino for a, _ in pairs]
+                socket.send_fds(conn, [BARE], [a.fileno() for a, _ in pairs])
+                for a, b in pairs:
+                    a.close()
+                    b.close()
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[tuple[str, FakeBroker]]:
-    path = str(tmp_path / "broker.sock")
-    fake = FakeBroker(path)
-    yield path, fake
-    fake.listener.close()
+    yield from fake_broker.serving(FakeBroker, tmp_path)
 
 
 def run_exec(sock: str, command: list[str], closed: str = "") -> subprocess.CompletedProcess[str]:

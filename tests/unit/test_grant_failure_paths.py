@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from xskbroker.client.connection import Connection
 from xskbroker.client.xsk import UnsupportedMachine
 from xskbroker.wire import protocol as proto
 
+from .. import fake_broker
+
 G = proto.Geometry(8192, 2048, 256, 64, 128, 256, 512)
 LEASE = "0974e0dc6c393213"
 BOUND = proto.ok_reply("grant", None, lease=LEASE, kind="bound", interface="xdoc0", ifindex=3, xdp_mode="native",
@@ -28,32 +29,21 @@ BOUND = proto.ok_reply("grant", None, lease=LEASE, kind="bound", interface="xdoc
                                  **G.to_wire()}])
 
 
-class FakeBroker:
+class FakeBroker(fake_broker.FakeBroker):
     """Answers a grant with BOUND and two fds (not AF_XDP sockets: mapping them fails), a release with ok."""
 
     def __init__(self, path: str) -> None:
         self.requests: list[dict[str, Any]] = []
-        self.accepted = threading.Event()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(path)
-        self.listener.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(path)
 
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        self.accepted.set()
-        with conn:
-            while data := conn.recv(proto.MAX_REQUEST + 1):
-                req = json.loads(data)
-                self.requests.append(req)
-                if req["op"] == "grant":
-                    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(2)]
-                    socket.send_fds(conn, [BOUND], fds)
-                    for fd in fds:
-                        os.close(fd)
-                else:
-                    conn.send(proto.ok_reply("release", req.get("id"), lease=req["lease"]))
+    def serve(self, conn: socket.socket) -> None:
+        while data := conn.recv(proto.MAX_REQUEST + 1):
+            req = json.loads(data)
+            self.requests.append(req)
+            if req["op"] == "grant":
+                fake_broker.send_null_fds(conn, BOUND, 2)
+            else:
+                conn.send(proto.ok_reply("release", req.get("id"), lease=req["lease"]))
 
     def ops(self) -> list[tuple[str, str | None]]:
         self.thread.join(5)  # the client's close ends the conversation
@@ -62,10 +52,7 @@ class FakeBroker:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[tuple[str, FakeBroker]]:
-    path = str(tmp_path / "broker.sock")
-    fake = FakeBroker(path)
-    yield path, fake
-    fake.listener.close()
+    yield from fake_broker.serving(FakeBroker, tmp_path)
 
 
 def open_fds() -> int:

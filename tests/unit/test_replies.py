@@ -3,7 +3,6 @@ builds today, decodes back to itself, and a reply of the wrong shape is bad-repl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -24,6 +23,10 @@ from xskbroker.common import records
 from xskbroker.wire import protocol as proto
 from xskbroker.wire import replies as r
 from xskbroker.wire.errors import BrokerError, ErrorCode
+
+from ..fake_broker import fake_broker, null_fds
+
+__all__ = ["fake_broker"]  # a fixture
 
 G = proto.Geometry(8192, 2048, 256, 64, 128, 256, 512)
 MEMLOCK = {"needed": 67108864, "soft": 8388608, "hard": 8388608, "raised": False, "ok": False,
@@ -232,35 +235,6 @@ def test_open_sockets_refuses_a_reply_that_is_not_a_bound_grant() -> None:
 
 # ---- the client's Connection over a fake broker (a socket that answers with canned replies) ---------------
 
-@pytest.fixture
-def fake_broker(tmp_path: Path) -> Iterator[tuple[str, list[Any]]]:
-    """A SEQPACKET listener answering each request with the next (reply, fd count[, seconds to wait first]) of a
-    script (test_connection_reply_edges.py uses it too)."""
-    path = str(tmp_path / "broker.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen()
-    script: list[Any] = []
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            while script and conn.recv(proto.MAX_REQUEST + 1):
-                reply, nfds, *wait = script.pop(0)
-                time.sleep(wait[0] if wait else 0.0)
-                fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(nfds)]
-                with contextlib.suppress(OSError):  # a client that timed out has closed
-                    socket.send_fds(conn, [reply], fds)
-                for fd in fds:
-                    os.close(fd)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield path, script
-    listener.close()
-    thread.join(5)
-
-
 def test_connection_call_returns_the_dict_and_call_typed_the_type(fake_broker: Any) -> None:
     path, script = fake_broker
     status = CASES[-1][1]
@@ -363,7 +337,7 @@ def test_request_fds_over_the_lean_path_gives_the_dict_and_closes_fds_of_a_reply
         assert reply == json.loads(CASES[1][1]) and len(fds) == 4
         for fd in fds:
             os.close(fd)
-        before = _null_fds()
+        before = null_fds()
         with pytest.raises(BrokerError, match="names 4 fds but carried 3"):
             request_fds("xdoc0", [0, 5], kind="bound", socket_path=path, connection=conn)
         with pytest.raises(BrokerError) as info:
@@ -375,14 +349,4 @@ def test_request_fds_over_the_lean_path_gives_the_dict_and_closes_fds_of_a_reply
         with pytest.raises(BrokerError) as info:  # an ok reply to something else
             request_fds("xdoc0", [0], socket_path=path, connection=conn)
         assert info.value.code == ErrorCode.BAD_REPLY
-        assert _null_fds() == before  # every fd of a refused reply closed (the fake broker sends /dev/null's)
-
-
-def _null_fds() -> int:
-    """This process's fds open on /dev/null, once the fake broker's thread has closed its own copies."""
-    time.sleep(0.05)
-    out = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            out += os.readlink(f"/proc/self/fd/{fd}") == os.devnull
-    return out
+        assert null_fds() == before  # every fd of a refused reply closed (the fake broker sends /dev/null's)

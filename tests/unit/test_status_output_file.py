@@ -8,7 +8,6 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,13 @@ import pytest
 from xskbroker.client import cli
 from xskbroker.testbed.sandbox import spawn_unprivileged
 
+from ..victim import SECRET, victim
+
+__all__ = ["victim"]  # a fixture
+
 ATTACKER = 65534
-SECRET = "root:$y$precious-hash:19000:0:99999:7:::\n"  # stands for /etc/shadow
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
-
-
-@pytest.fixture
-def victim() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="xsko-victim-"))
-    path = d / "shadow"
-    path.write_text(SECRET)
-    path.chmod(0o600)
-    yield path
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def swap_for_link(tmp: str, target: str) -> dict[str, Any]:
