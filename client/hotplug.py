@@ -136,7 +136,7 @@ def attach(qmp: Monitor, netdev_id: str, ifname: str, fds: Sequence[int], *, sta
     if device:
         device_args = {**(device_props or {}), "driver": device, "netdev": netdev_id, "id": device_id_for(netdev_id)}
     tried: list[str] = []  # every name a getfd was attempted for: one that timed out may still have landed
-    sent = added = False  # netdev_add sent; answered ok
+    sent = added = device_sent = False  # netdev_add sent; answered ok; device_add sent
     try:
         for name, fd in zip(names, fds, strict=True):
             tried.append(name)
@@ -145,20 +145,30 @@ def attach(qmp: Monitor, netdev_id: str, ifname: str, fds: Sequence[int], *, sta
         qmp.execute("netdev_add", netdev_args)
         added = True
         if device_args:
+            device_sent = True
             qmp.execute("device_add", device_args)
     except BaseException as e:
-        late = netdev_id if sent and not added and isinstance(e, QMPTimeout) else None  # may land yet
-        for note in _unwind(qmp, netdev_id if added else None, [] if added else tried, late):
+        # QEMU's own answer aside (a timeout, a lost transport, Ctrl-C while waiting), the command in flight may
+        # land yet: the unwind looks for what it did before undoing it
+        unanswered = not isinstance(e, QMPError)
+        late = netdev_id if sent and not added and unanswered else None
+        late_device = device_args["id"] if device_args and device_sent and unanswered else None
+        for note in _unwind(qmp, netdev_id if added else None, [] if added else tried, late, late_device):
             e.add_note(note)
         raise
-    return Attachment(netdev_id, ifname, queues, names, netdev_args, device_args and device_args["id"], device_args)
+    return Attachment(netdev_id, ifname, queues, names, netdev_args, device_args["id"] if device_args else None,
+                      device_args)
 
 
-def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str], late_netdev: str | None = None) -> list[str]:
+def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str], late_netdev: str | None = None,
+            late_device: str | None = None) -> list[str]:
     """Best effort: undo a partial attach. Returns one note per step, for the error report.
 
-    late_netdev: a netdev_add of that id timed out, so QEMU may have carried it out after all."""
+    late_netdev: a netdev_add of that id went unanswered, so QEMU may have carried it out after all.
+    late_device: a device_add of that id (onto netdev_id) went unanswered, likewise."""
     notes: list[str] = []
+    if netdev_id and late_device:  # before netdev_del: that would leave the device in the guest, its link dead
+        notes += _remove_late_device(qmp, netdev_id, late_device)
     if netdev_id:  # QEMU owns the fds once netdev_add succeeded; deleting the netdev closes them
         try:
             qmp.execute("netdev_del", {"id": netdev_id})
@@ -185,14 +195,38 @@ def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str], late_netd
     if late_netdev and taken and not unsure:
         try:
             qmp.execute("netdev_del", {"id": late_netdev})
-            notes.append(f"unwound: deleted netdev {late_netdev!r}, added after netdev_add timed out (QEMU closed "
-                         "its sockets)")
+            notes.append(f"unwound: deleted netdev {late_netdev!r}, added after netdev_add went unanswered (QEMU "
+                         "closed its sockets)")
         except QMPError as e:
             if e.error_class != "DeviceNotFound":  # not found: netdev_add took the fds but failed, nothing left
                 notes.append(f"could not delete netdev {late_netdev!r}: {e}")
         except (QMPTimeout, QMPConnectionError) as e:
             notes.append(f"could not delete netdev {late_netdev!r}: {e}")
     return notes
+
+
+def _remove_late_device(qmp: Monitor, netdev_id: str, device_id: str) -> list[str]:
+    """device_del of a device whose device_add went unanswered, if QEMU carried it out after all.
+
+    QEMU runs monitor commands in order, so the qom-get below answers after the device_add did. A device of
+    that id on another netdev was there before (the device_add failed on its duplicate id) and is not touched;
+    one on netdev_id, which this attach has just added, is this attempt's."""
+    try:
+        backend = qmp.execute("qom-get", {"path": f"/machine/peripheral/{device_id}", "property": "netdev"})
+    except QMPError as e:
+        if e.error_class in ("DeviceNotFound", "GenericError"):  # no such device, or not a NIC: not this one
+            return []
+        return [f"could not tell whether device {device_id!r} was added after device_add went unanswered: {e}"]
+    except (QMPTimeout, QMPConnectionError) as e:
+        return [f"could not tell whether device {device_id!r} was added after device_add went unanswered: {e}"]
+    if backend != netdev_id:
+        return []
+    try:
+        qmp.execute("device_del", {"id": device_id})
+    except (QMPError, QMPTimeout, QMPConnectionError) as e:
+        return [f"could not remove device {device_id!r}, added after device_add went unanswered: {e}"]
+    return [f"unwound: removed device {device_id!r}, added after device_add went unanswered (a guest that takes "
+            "part in unplug releases it)"]
 
 
 # ---- detach --------------------------------------------------------------------------------------------

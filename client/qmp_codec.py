@@ -77,7 +77,8 @@ class Framer:
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
-        self._buf = b""
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf known to hold no newline: a long line fed in chunks is scanned once
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -86,8 +87,11 @@ class Framer:
 
     def next(self) -> dict[str, Any] | None:
         """The next whole message, or None until more bytes are fed."""
-        while b"\n" in self._buf:
-            line, _, self._buf = self._buf.partition(b"\n")
+        while (end := self._buf.find(b"\n", self._scanned)) >= 0:
+            line = bytes(self._buf[:end])
+            del self._buf[:end + 1]
+            self._scanned = 0
             if line.strip():
                 return parse_message(line)
+        self._scanned = len(self._buf)
         return None

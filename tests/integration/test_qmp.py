@@ -115,6 +115,42 @@ def test_detach_keeps_the_netdev_while_the_guest_holds_the_device() -> None:
             m.execute("netdev_add", {"type": "hubport", "id": "n0", "hubid": 0})
 
 
+class LateDeviceAdd:
+    """The real QEMU as attach's monitor, for the unwind of a device_add that lands after its timeout.
+
+    This QEMU has no af-xdp: netdev_add becomes a hubport netdev of the same id that takes the named fds, as
+    af-xdp's does (closefd, here). device_add is given no time to answer: it times out, then QEMU carries it out."""
+
+    def __init__(self, m: q.QMP) -> None:
+        self.m = m
+
+    def execute(self, command: str, arguments: Any = None, fds: Any = None) -> Any:
+        if command == "netdev_add":
+            for name in arguments["sock-fds"].split(":"):
+                self.m.execute("closefd", {"fdname": name})
+            return self.m.execute("netdev_add", {"type": "hubport", "id": arguments["id"], "hubid": 0})
+        return self.m.execute(command, arguments, fds, timeout=0 if command == "device_add" else None)
+
+
+def test_a_device_add_that_lands_after_its_timeout_is_unwound_out_of_qemu() -> None:
+    # usb-net unplugs without the guest; netdev_del alone would leave it plugged, its link dead
+    (a, b), = [socket.socketpair()]
+    with qemu("-M", "pc", "-device", "qemu-xhci,id=xhci") as v, v.connect() as m:
+        before = sorted(v.fd_links())
+        with pytest.raises(q.QMPTimeout, match="did not answer device_add"):
+            hotplug.attach(LateDeviceAdd(m), "n0", "lo", [a.fileno()], device="usb-net")
+
+        def peripherals() -> list[str]:
+            return [p["name"] for p in m.execute("qom-list", {"path": "/machine/peripheral"})]
+
+        wait_for(lambda: "n0-dev" not in peripherals(), 5.0, "QEMU to remove the late device")
+        with pytest.raises(q.QMPError, match="Device 'n0' not found"):
+            m.execute("netdev_del", {"id": "n0"})
+        assert sorted(v.fd_links()) == before
+    a.close()
+    assert eof(b)
+
+
 # ---- the commands against QEMU -------------------------------------------------------------------------
 
 def fake_grant(monkeypatch: pytest.MonkeyPatch, queues: list[int]) -> list[socket.socket]:

@@ -1,8 +1,9 @@
 """client/qmp.py and the qmp-attach/qmp-detach commands against a small fake QMP monitor (no root, no QEMU).
 
 The fake keeps QEMU's relevant semantics: getfd takes the fd that came with the command, netdev_add takes the
-fds it names (monitor_fd_param), netdev_del closes them, device_del may answer before DEVICE_DELETED. The real
-QEMU binary is exercised in tests/integration/test_qmp.py.
+fds it names (monitor_fd_param), netdev_del closes them (and, under a device, leaves that device in place with
+a dead link), device_del may answer before DEVICE_DELETED, qom-get reads a device's netdev. The real QEMU binary
+is exercised in tests/integration/test_qmp.py.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class FakeQemu:
         self.af_xdp, self.greeting = af_xdp, greeting
         self.fds: dict[str, int] = {}
         self.netdevs: dict[str, list[int]] = {"existing": []}
-        self.devices: set[str] = set()
+        self.devices: dict[str, str] = {}  # device id -> the netdev it was plugged onto
         self.fail: dict[str, tuple[str, str]] = {}  # command -> (class, desc)
         self.delay: dict[str, float] = {}  # command -> seconds before answering
         self.unplug = "async"  # device_del: "async" (event after the answer) or "never" (guest never acks)
@@ -140,13 +141,22 @@ class FakeQemu:
         if cmd == "device_add":
             if args["netdev"] not in self.netdevs:
                 raise _Err("GenericError", f"Property 'virtio-net-device.netdev' can't find value '{args['netdev']}'")
-            self.devices.add(args["id"])
+            if args["id"] in self.devices:
+                raise _Err("GenericError", f"Duplicate device ID '{args['id']}'")
+            self.devices[args["id"]] = args["netdev"]
             return {}
+        if cmd == "qom-get":
+            dev = args["path"].removeprefix("/machine/peripheral/")
+            if dev not in self.devices:
+                raise _Err("DeviceNotFound", f"Device '{args['path']}' not found")
+            if args["property"] != "netdev":
+                raise _Err("GenericError", f"Property 'virtio-net-pci.{args['property']}' not found")
+            return self.devices[dev]
         if cmd == "device_del":
             if args["id"] not in self.devices:
                 raise _Err("DeviceNotFound", f"Device '{args['id']}' not found")
             if self.unplug == "async":
-                self.devices.discard(args["id"])
+                del self.devices[args["id"]]
                 after.append({"event": "DEVICE_DELETED", "data": {"path": f"/machine/peripheral/{args['id']}/x"}})
                 after.append({"event": "DEVICE_DELETED",
                               "data": {"device": args["id"], "path": f"/machine/peripheral/{args['id']}"}})

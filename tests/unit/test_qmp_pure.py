@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -202,6 +203,45 @@ def test_the_codec_refuses_a_huge_message() -> None:
     f = qmp_codec.Framer("vm.qmp")
     with pytest.raises(qmp_codec.QMPConnectionError, match="exceeds"):
         f.feed(b"x" * (qmp_codec.MAX_MESSAGE + 1))
+
+
+class ScanCounter(bytearray):
+    """A framer buffer that counts the bytes each search for a line end walks over."""
+
+    walked = 0
+
+    def _walk(self, start: int = 0) -> None:
+        self.walked += max(len(self) - max(start, 0), 0)
+
+    def __contains__(self, item: object) -> bool:
+        self._walk()
+        return super().__contains__(item)  # type: ignore[operator]
+
+    def find(self, sub: Any, start: Any = 0, end: Any = None) -> int:
+        self._walk(start or 0)
+        return super().find(sub, start, end)
+
+    def index(self, sub: Any, start: Any = 0, end: Any = None) -> int:
+        self._walk(start or 0)
+        return super().index(sub, start, end)
+
+    def partition(self, sep: Any) -> tuple[bytearray, bytearray, bytearray]:
+        self._walk()
+        return super().partition(sep)
+
+
+def test_the_codec_reads_a_long_line_in_small_chunks_in_linear_work() -> None:
+    # a peer that trickles a long line made every chunk rescan all it had sent: quadratic up to MAX_MESSAGE
+    f = qmp_codec.Framer("vm.qmp")
+    f._buf = buf = ScanCounter()
+    body = b'{"return": "' + b"x" * (1 << 20) + b'"}'
+    for i in range(0, len(body), 1024):
+        f.feed(body[i:i + 1024])
+        assert f.next() is None
+    f.feed(b"\r\n")
+    assert f.next() == {"return": "x" * (1 << 20)} and f.next() is None
+    walked = buf.walked
+    assert walked <= 2 * len(body), f"{walked} bytes searched for {len(body)} fed"
 
 
 def test_one_home_for_qemus_umem_per_queue() -> None:
