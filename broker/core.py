@@ -24,6 +24,7 @@ from xskbroker.broker.workers import Workers
 from xskbroker.common.records import field, record
 from xskbroker.policy import Holdings, Peer, Policy
 from xskbroker.policy.admin import is_admin
+from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
 from xskbroker.wire.replies import ErrorReply, OkReply, RevokedLease
 
@@ -153,6 +154,8 @@ class Core:
     held: Holdings  # leases' and pending grants' holdings (a view of both)
     groups_of: Callable[[frozenset[int]], frozenset[str]] | None  # a peer's group names as the policy in force has them
     pending: Holdings  # grants waiting (for a queue's release, a worker), by identity
+    # each grant being made, by id() of its request: (the request, what judges it again under a reloaded policy)
+    judged: dict[int, tuple[proto.Grant, Callable[[], None]]]
     jobs: collections.Counter[int]  # large grants being made, by uid
     bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty
     # (ifindex, queue) -> when a lease whose socket had closed last let it go, and its id: the kernel frees the

@@ -42,10 +42,26 @@ class Grants(BoundGrants):
         # a map grant is judged on every queue of the device (a deny on any of them applies)
         queues = req.queues or self._all_queues(req.interface)
         who = policy_peer(peer)
-        decision = decide(self.policy, who, Request(req.interface, queues, req.kind, req.pinned_bytes))
+        asked = Request(req.interface, queues, req.kind, req.pinned_bytes)
+        judged_under = self.policy
+        decision = decide(judged_under, who, asked)
         record["rule"] = decision.rule.name if decision.rule else None
 
+        def rejudged() -> None:
+            # a grant that waited (a queue let go of late, a large pin) across a reload is judged again before its
+            # lease is made: a deny (or a rule taken away) in the policy now in force wins over the old decision
+            if self.policy is judged_under:
+                return
+            again = decide(self.policy, who, asked)
+            record["rule"] = again.rule.name if again.rule else None
+            if not again.allowed:
+                raise Refused(ErrorCode(again.code), f"{again.reason} (the policy was reloaded while the grant "
+                              "waited; nothing was granted)")
+
+        self.judged[id(req)] = (req, rejudged)
+
         def settle(result: Outcome | Deferred | None = None, refused: Refused | None = None) -> Outcome:
+            self.judged.pop(id(req), None)
             ms = round((time.perf_counter() - started) * 1000, 3)
             if refused is not None:
                 record.update(decision="deny", code=refused.code, reason=refused.message, ms=ms)
@@ -277,6 +293,9 @@ class Grants(BoundGrants):
         # recovery checks against the kernel, never a socket nobody accounts for
         # Holders are watched and ended by pid: an earlier holder of this pid that has exited, its exit not yet
         # read by the loop, is ended now, or that exit would end (or orphan) this lease and leave it unwatched
+        judged = self.judged.get(id(req))
+        if judged is not None and judged[0] is req:
+            judged[1]()
         self.exit_sync(peer.pid)
         # named as the policy in force names them: a grant that waited (for a bind, a large pin) across a reload
         # has the groups its peer was named with before it, and a quota of a group first named then never counted it

@@ -95,6 +95,7 @@ class Service(Grants, Lifecycle):
         # may be held by one of them, and a bare grant waits a moment instead of refusing
         self.closes_pending: Callable[[], bool] = lambda: False
         self.pending = Holdings()
+        self.judged = {}
         self.held = self.leases.holdings().joined(self.pending)  # a view of both, as they are when read
         self.held.watch(quotas.group_entries(policy))  # indexed by the groups quotas name only
         # the policy's group names a set of gids holds (the server's broker.peer.GroupNames.of, set with the

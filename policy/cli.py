@@ -139,7 +139,8 @@ def add_policy_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         type=size_arg,
         default=0,
         help="the bytes the grant pins, as max_umem counts them: (UMEM size + ring bytes) x queues, e.g. 16MiB "
-        "(default: 0); `request --umem` is per socket, without the rings",
+        "(default: 0); `request --umem` is per socket, without the rings. Only a bound grant pins any: with "
+        "another kind it counts as 0",
     )
     explain.add_argument("--json", action="store_true", help="print the decision and request as JSON")
     explain.set_defaults(func=cmd_explain)
@@ -282,6 +283,16 @@ def _print_decision(decision: Decision, peer: Peer, request: Request, as_json: b
         print(f"  max_umem: {format_size(decision.rule.umem_limit)} per grant{default}")
 
 
+def _queues_problem(queues: list[int], most: int) -> str | None:
+    """Why the broker's decoder refuses these queue ids, or None."""
+    if len(queues) > most:
+        return f"at most {most} queues per grant, not {len(queues)}"
+    if len(set(queues)) != len(queues):
+        return "queue ids must be distinct"
+    high = [q for q in queues if q > 65535]
+    return f"queue {high[0]} is beyond the largest queue id, 65535" if high else None
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy)
@@ -300,16 +311,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     peer = records.replace(peer, cgroup=args.cgroup, label=args.label)
     # the broker refuses a name the kernel never gives ("veth0:1" matches "veth*") before any rule sees it
-    from xskbroker.wire.protocol import ifname_problem
+    from xskbroker.wire.protocol import MAX_QUEUES, ifname_problem
 
     problem = ifname_problem(args.interface)
     if problem:
         print(f"xskbroker policy explain: {args.interface!r} is not a valid interface name: {problem}; the broker "
               "refuses it (bad-request) before any rule is consulted", file=sys.stderr)
         return EXIT_USAGE
-    request = Request(
-        interface=args.interface, queues=tuple(args.queues), kind=args.kind, umem_bytes=args.umem
-    )
+    # and queues it could never be asked for, as its decoder does: a rule with no max_queues or queues would
+    # otherwise ALLOW what the broker refuses
+    problem = _queues_problem(args.queues, MAX_QUEUES)
+    if problem:
+        print(f"xskbroker policy explain: {problem}; the broker refuses it (bad-request) before any rule is "
+              "consulted", file=sys.stderr)
+        return EXIT_USAGE
+    # max_umem counts what the broker pins, which only a bound grant does (a bare or map holder pins its own)
+    umem = args.umem if args.kind == "bound" else 0
+    request = Request(interface=args.interface, queues=tuple(args.queues), kind=args.kind, umem_bytes=umem)
     decision = decide(policy, peer, request)
     _print_decision(decision, peer, request, args.json)
     return EXIT_ALLOW if decision.allowed else EXIT_DENY

@@ -24,6 +24,9 @@ __all__ = ["DEFAULT_POLICY_PATH", "Document", "PolicyError", "load_documents", "
 
 DEFAULT_POLICY_PATH = "/etc/xskbroker/policy.toml"
 DROPIN_DIR = "policy.d"
+# A policy file is read whole and parsed on the broker's loop (a reload): a huge one (a sparse file, a log named
+# *.toml) would hold the loop for as long as reading and parsing it takes, and its memory
+MAX_FILE_BYTES = 4 << 20
 
 _TOP_KEYS = ("version", "allow", "deny", "quota", "admin")
 _PRINCIPAL_KEYS = ("users", "groups")
@@ -244,6 +247,11 @@ def _parse_text(text: str, filename: str, doc: dict[str, Any] | None = None) -> 
 
         try:
             doc = tomllib.loads(text)
+        except RecursionError:
+            # tomllib recurses once per nested array or inline table: a few hundred levels exhaust the stack, and
+            # that escaped every caller (the broker's reload handler included) as no PolicyError does
+            out.errors.append((lines.last, "TOML nested too deeply (arrays or inline tables inside one another)"))
+            return out
         except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits that int() refused
             msg = str(e)
             m = _SYNTAX_POS_RE.search(msg)
@@ -333,7 +341,7 @@ def _read(path: str, errors: list[str], name: str | None = None, dir_fd: int | N
     """The file's text if it may be trusted (checked on the opened file: no swap after the check).
     With dir_fd, `name` is opened relative to that directory and `path` names it in messages."""
     try:
-        fd = os.open(name or path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+        fd = os.open(name or path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dir_fd)
     except OSError as e:
         errors.append(f"{path}: cannot read: {e.strerror or e}")
         return None
@@ -348,7 +356,10 @@ def _read(path: str, errors: list[str], name: str | None = None, dir_fd: int | N
             errors.append(unsafe)
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            errors.append(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB, which no policy needs: not read")
+            return None
     except OSError as e:
         errors.append(f"{path}: cannot read: {e.strerror or e}")
         return None
@@ -362,10 +373,18 @@ def _read(path: str, errors: list[str], name: str | None = None, dir_fd: int | N
         return None
 
 
+def _unsafe_chain(path: str, errors: list[str]) -> bool:
+    """Whether a directory above `path` (as written or resolved) may not be trusted; each problem is added to
+    errors once, however many files it stands above."""
+    problems = trust.dir_chain_problems(path)
+    errors += [p for p in problems if p not in errors]
+    return bool(problems)
+
+
 def _dropins(dropin: str, errors: list[str]) -> list[tuple[str, str | None]]:
     """(path, text) of each policy.d/*.toml in name order, read through one fd of the checked directory."""
     try:
-        fd = os.open(dropin, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(dropin, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         errors.append(f"{dropin}: cannot read: {e.strerror or e}")
         return []
@@ -376,7 +395,16 @@ def _dropins(dropin: str, errors: list[str]) -> list[tuple[str, str | None]]:
             return []
         # Hidden files are skipped: editors and atomic writers leave them behind half-written.
         names = sorted(n for n in os.listdir(fd) if n.endswith(".toml") and not n.startswith("."))
-        return [(os.path.join(dropin, n), _read(os.path.join(dropin, n), errors, n, fd)) for n in names]
+        out: list[tuple[str, str | None]] = []
+        for n in names:
+            path = os.path.join(dropin, n)
+            # a drop-in that links elsewhere is believed only if the directories above its target are too: whoever
+            # can write one of them can swap the target (for another file, a device, a mount that hangs the open)
+            if stat.S_ISLNK(os.stat(n, dir_fd=fd, follow_symlinks=False).st_mode) and _unsafe_chain(path, errors):
+                out.append((path, None))
+                continue
+            out.append((path, _read(path, errors, n, fd)))
+        return out
     except OSError as e:
         errors.append(f"{dropin}: cannot read: {e.strerror or e}")
         return []
@@ -401,12 +429,13 @@ def load_documents(path: str | os.PathLike[str], docs: Mapping[tuple[str, str], 
     # os.path rather than pathlib, whose import would add a tenth to the broker's start-up
     main = os.fspath(path)
     errors: list[str] = []
-    seen: set[str] = set()
-    errors += trust.dir_chain_problems(main, seen)
-    texts = [(main, _read(main, errors))]
+    # nothing under a directory others can write is opened: they choose what the path names (a device whose open
+    # acts, a mount that hangs it), and the policy is refused whatever the file holds
+    texts = [(main, None if _unsafe_chain(main, errors) else _read(main, errors))]
     dropin = os.path.join(os.path.dirname(main), DROPIN_DIR)
-    if os.path.isdir(dropin):
-        errors += trust.dir_chain_problems(dropin, seen)
+    # a policy.d that is there but no directory (a link to one not mounted yet, a file) is an error, not an empty
+    # policy.d: the deny rules it holds would be dropped without a word
+    if os.path.lexists(dropin) and not _unsafe_chain(dropin, errors):
         texts += _dropins(dropin, errors)
     known = docs or {}
     parsed: list[_Parsed] = []

@@ -1,0 +1,259 @@
+"""Loading and reloading the policy, and `policy explain` against the broker: a policy nested too deeply
+escaped the loader as RecursionError (a reload ended the broker, a start never fell back to the last good copy); a
+drop-in linked into a directory anyone may write was believed; a file under an unsafe directory was opened all the
+same; a huge file was read whole; and explain said ALLOW (or DENY) where the broker decides otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_policy_cli import run
+from xskbroker.broker import lastgood
+from xskbroker.broker.peer import PeerInfo
+from xskbroker.broker.service import Deferred
+from xskbroker.policy import PolicyError, load_policy, parse_policy
+from xskbroker.policy import loader as policy_loader
+from xskbroker.policy.decide import CODES
+from xskbroker.wire import protocol as proto
+
+from .service_rig import ALICE, POLICY, SMALL, finish, make_rig
+
+GOOD = 'version = 1\n[[allow]]\nname = "a"\nusers = ["*"]\ninterfaces = ["eth1"]\n'
+NESTED = "version = 1\nx = " + "[" * 2000 + "]" * 2000 + "\n"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A private directory (like /etc/xskbroker: 0755, ours) holding a good policy.toml."""
+    d = tmp_path / "etc"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    (d / "policy.toml").write_text(GOOD)
+    (d / "policy.toml").chmod(0o644)
+    return d
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    return info.value.errors
+
+
+# ---- a policy nested too deeply --------------------------------------------------------------------------------
+
+def test_a_deeply_nested_policy_is_a_policy_error_not_a_crash(home: Path, capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(NESTED, "p.toml")
+    assert info.value.errors == ["p.toml:2: TOML nested too deeply (arrays or inline tables inside one another)"]
+    (home / "policy.toml").write_text(NESTED)
+    assert run(["policy", "check", str(home / "policy.toml")]) == 1
+    assert "nested too deeply" in capsys.readouterr().err
+
+
+def test_a_deeply_nested_policy_starts_the_last_good_copy_and_a_reload_keeps_the_running_one(
+        home: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    keeper = lastgood.PolicyKeeper(str(home / "policy.toml"), str(state))
+    assert [r.name for r in keeper.start().rules] == ["a"]
+    (home / "policy.toml").write_text(NESTED)
+    with pytest.raises(PolicyError):  # the server's reload handler keeps the running policy on PolicyError alone
+        keeper.reload(str(home / "policy.toml"))
+    assert keeper.describe()["reload_errors"][0].endswith("TOML nested too deeply (arrays or inline tables inside "
+                                                         "one another)")
+    restarted = lastgood.PolicyKeeper(str(home / "policy.toml"), str(state))
+    assert [r.name for r in restarted.start().rules] == ["a"] and restarted.fallback
+
+
+# ---- what the loader opens -------------------------------------------------------------------------------------
+
+def test_a_drop_in_linked_into_a_writable_directory_is_refused(home: Path, tmp_path: Path) -> None:
+    """docs/policy.md: every directory above a drop-in must be trusted. The link's target's were not checked: whoever
+    could write them could swap the file it names (another root-owned policy, a device, a mount that hangs)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in ("admin.toml", "more.toml"):
+        (shared / name).write_text('version = 1\n[admin]\nusers = ["*"]\n' if name == "admin.toml" else
+                                   'version = 1\n[[deny]]\nusers = ["*"]\ninterfaces = ["eth9"]\n')
+        (shared / name).chmod(0o644)
+    shared.chmod(0o777)
+    dropin = home / "policy.d"
+    dropin.mkdir(mode=0o755)
+    (dropin / "admin.toml").symlink_to(shared / "admin.toml")
+    (dropin / "more.toml").symlink_to(shared / "more.toml")
+    errors = errors_of(home / "policy.toml")
+    assert len(errors) == 1 and errors[0].startswith(f"{shared}: unsafe: "), errors  # named once for both links
+
+
+def test_nothing_under_an_unsafe_directory_is_opened(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever can write a directory above the policy chooses what its path names: a device whose open does
+    something, a FUSE file whose open never returns (the broker's loop, as root). The policy is refused anyway."""
+    (home / "policy.d").mkdir(mode=0o755)
+    (home / "policy.d" / "x.toml").write_text(GOOD.replace('"a"', '"b"'))
+    home.chmod(0o777)
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *, dir_fd=None):  # type: ignore[no-untyped-def]
+        opened.append(os.fspath(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(policy_loader.os, "open", spy)
+    errors = errors_of(home / "policy.toml")
+    assert errors == [e for e in errors if e.startswith(f"{home}: unsafe: ")] and errors
+    assert not [p for p in opened if p.endswith(".toml") or p.endswith("policy.d")], opened
+
+
+def test_a_huge_policy_file_is_refused_unread(home: Path) -> None:
+    path = home / "policy.toml"
+    with path.open("a") as f:
+        f.write(("# " + "x" * 1000 + "\n") * (policy_loader.MAX_FILE_BYTES // 1000 + 1))
+    errors = errors_of(path)
+    assert errors == [f"{path}: larger than {policy_loader.MAX_FILE_BYTES >> 20} MiB, which no policy needs: not "
+                      "read"]
+
+
+# ---- explain decides as the broker does -------------------------------------------------------------------------
+
+DIFF_POLICY = """\
+version = 1
+[[allow]]
+name = "any-queue"
+users = [1000]
+interfaces = ["veth0"]
+kinds = ["bound", "bare"]
+max_umem = "2MiB"
+[[allow]]
+name = "vm"
+users = [1001]
+cgroups = ["/machine.slice/vm-a*"]
+interfaces = ["veth1"]
+queues = [0]
+kinds = ["bare", "bound"]
+[[allow]]
+name = "maps"
+groups = [1000]
+interfaces = ["vmap*"]
+kinds = ["map"]
+[[deny]]
+name = "no-q3"
+users = ["*"]
+interfaces = ["veth0"]
+queues = [3]
+[[deny]]
+name = "not-vm-b"
+users = ["*"]
+cgroups = ["/machine.slice/vm-b*"]
+interfaces = ["veth1"]
+"""
+
+VM_A = "/machine.slice/vm-a.scope"
+CASES = [  # (uid, cgroup, interface, queues, kind, umem_size)
+    (1000, None, "veth0", (0,), "bound", 1 << 20),
+    (1000, None, "veth0", (0, 1), "bound", 1 << 20),  # over 2 MiB with its rings
+    (1000, None, "veth0", (0, 3), "bound", 1 << 20),  # denied queue 3
+    (1000, None, "veth0", (0, 1), "bare", 4 << 20),  # a bare grant pins nothing of the broker's
+    (1000, None, "veth0", (0, 0), "bare", 256 << 10),  # duplicate queues: not a request the broker takes
+    (1000, None, "veth0", (70000,), "bound", 256 << 10),  # no such queue id
+    (1000, None, "veth1", (0,), "bound", 1 << 20),
+    (1001, None, "veth1", (0,), "bare", 1 << 20),  # cgroup unknown
+    (1001, VM_A, "veth1", (0,), "bare", 8 << 20),
+    (1001, VM_A, "veth1", (1,), "bare", 1 << 20),
+    (1001, "/machine.slice/vm-b.scope", "veth1", (0,), "bare", 1 << 20),
+    (1000, None, "vmap0", (0,), "map", 1 << 20),
+    (1000, None, "vmap0", (0,), "bound", 1 << 20),
+    (1002, None, "veth0", (0,), "bound", 1 << 20),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}-{c[4]}-{c[1]}" for c in CASES])
+def test_explain_decides_as_the_broker_does(case: tuple, tmp_path: Path,  # type: ignore[type-arg]
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The same peer and request, asked of the broker (its service, on a fake kernel) and of `policy explain` with the
+    request's bytes as its help says to count them: the broker's policy answer (ok, a policy code, or bad-request
+    when it never gets that far) is explain's. Explain ALLOWed a bare grant's UMEM nobody pins, refused it as
+    too large, and ALLOWed queue ids the broker never takes."""
+    uid, cgroup, interface, queues, kind, umem_size = case
+    path = tmp_path / "policy.toml"
+    path.write_text(DIFF_POLICY)
+    geometry = proto.Geometry(umem_size=umem_size, fill=SMALL.fill, completion=SMALL.completion, rx=SMALL.rx,
+                              tx=SMALL.tx)
+    peer = PeerInfo(pid=4242, uid=uid, gid=uid, gids=frozenset({uid}), cgroup=cgroup, start=77)
+    rig = make_rig(policy=load_policy(path))
+    rig.kernel.procs[4242] = (uid, 77, None)
+    try:
+        reply, _ = rig.reply(peer, proto.Grant(interface, queues, kind=kind, geometry=geometry))
+    finally:
+        rig.service.close()
+    broker = "ok" if reply["ok"] else reply["error"]["code"]
+    assert broker in CODES or broker == "bad-request", reply  # a policy answer, not the fake kernel's
+
+    pinned = (umem_size + geometry.ring_bytes) * len(queues)
+    argv = ["policy", "explain", "--policy", str(path), "--user", str(uid), "--group", str(uid),
+            "--interface", interface, "--kind", kind, "--umem", str(pinned), "--json"]
+    argv += [a for q in queues for a in ("--queue", str(q))]
+    argv += ["--cgroup", cgroup] if cgroup else []
+    status = run(argv)
+    out = capsys.readouterr().out
+    if broker == "bad-request":
+        assert status == 2 and not out, out
+    else:
+        assert json.loads(out)["code"] == broker
+        assert status == (0 if broker == "ok" else 1)
+
+
+# ---- a grant in flight across a reload -------------------------------------------------------------------------
+
+DENY_ALICE_VETH0 = POLICY + '\n[[deny]]\nname = "no-alice"\nusers = ["alice"]\ninterfaces = ["veth0"]\n'
+
+
+@pytest.mark.parametrize("new", [DENY_ALICE_VETH0, "version = 1\n"], ids=["a-deny-added", "every-rule-gone"])
+def test_a_grant_waiting_across_a_reload_that_denies_it_is_refused(new: str) -> None:
+    """A bound grant waits for its queue (a socket the kernel lets go of late); meanwhile a reload denies it. It was
+    judged once, before the wait, and granted after the reload: the new deny lost to the old decision."""
+    rig = make_rig()
+    rig.kernel.busy[0] = 3  # EBUSY three times: the grant waits on the server's timer
+    try:
+        out = rig.ask(ALICE, proto.Grant("veth0", (0,), geometry=SMALL))
+        assert isinstance(out, Deferred)
+        rig.service.reload(parse_policy(new))
+        reply = finish(rig, out)
+        assert not reply["ok"] and reply["error"]["code"] in ("denied-by-rule", "user-not-allowed"), reply
+        assert "reloaded while the grant waited" in reply["error"]["message"]
+        assert len(rig.service.leases) == 0 and rig.kernel.left() == {} and not rig.kernel.slot_taken(7, 0)
+        assert rig.events("grant")[-1]["decision"] == "deny"
+    finally:
+        rig.service.close()
+
+
+def test_a_grant_waiting_across_a_reload_that_still_allows_it_is_made() -> None:
+    rig = make_rig()
+    rig.kernel.busy[0] = 3
+    try:
+        out = rig.ask(ALICE, proto.Grant("veth0", (0,), geometry=SMALL))
+        assert isinstance(out, Deferred)
+        rig.service.reload(parse_policy(POLICY.replace('name = "alice-veths"', 'name = "renamed"')))
+        reply = finish(rig, out)
+        assert reply["ok"], reply
+        assert rig.events("grant")[-1]["rule"] == "renamed" and not rig.service.judged
+    finally:
+        rig.service.close()
+
+
+@pytest.mark.parametrize("what", ["a-link-to-nothing", "a-file"])
+def test_a_policy_d_that_is_no_directory_is_an_error_not_an_empty_one(home: Path, tmp_path: Path, what: str) -> None:
+    """policy.d linked to a directory not there (a mount not made yet) or not a directory: its deny rules were
+    dropped without a word, and the main file's allow rules granted what they deny."""
+    dropin = home / "policy.d"
+    if what == "a-link-to-nothing":
+        dropin.symlink_to(tmp_path / "not-mounted")
+        reason = "No such file or directory"
+    else:
+        dropin.write_text('version = 1\n[[deny]]\nusers = ["*"]\ninterfaces = ["eth1"]\n')
+        reason = "Not a directory"
+    assert errors_of(home / "policy.toml") == [f"{dropin}: cannot read: {reason}"]
