@@ -287,7 +287,7 @@ def _program_check(ifindex: int, name: str, named: bool) -> Check:
         return Check(check_name, OK, "no XDP program: the broker attaches libxdp's XSK program at the first "
                      "grant", facts=facts)
     if a.owner == "ours":
-        return Check(check_name, OK, f"libxdp's XSK program (id {a.prog_id}, {a.mode} mode, {a.detail}): "
+        return Check(check_name, OK, f"{a.program} (id {a.prog_id}, {a.mode} mode, {a.detail}): "
                      "the broker's, reused by every grant", facts=facts)
     if a.owner == "unknown":
         return Check(check_name, UNKNOWN, f"XDP program id {a.prog_id} ({a.mode} mode); whose it is needs "
@@ -298,6 +298,19 @@ def _program_check(ifindex: int, name: str, named: bool) -> Check:
 
 
 # ---- the socket and the policy
+def _socket_access_fix(st: os.stat_result, owner: str, group: str) -> str:
+    """How this user gets to connect to a socket it may not: joining the socket's group helps only where the mode
+    lets the group write (connect(2) needs write permission), and not a member already refused."""
+    if not st.st_mode & stat.S_IWGRP:
+        return (f"its mode lets no group connect, only {owner}: give it a group that may (serve --socket-mode 0660 "
+                "--socket-group GROUP, or SocketMode=0660 and SocketGroup= in xskbroker.socket), then add the "
+                "user to that group")
+    if st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        return (f"this user is in group {group} and the mode lets it connect: an ACL or a security module (SELinux, "
+                "AppArmor) refuses it; look at getfacl and the audit log")
+    return f"add the user to group {group} (the socket's group), then log in again"
+
+
 def check_socket(path: str) -> tuple[Check, probe.ProcessLimits | None]:
     name = "socket"
     try:
@@ -326,8 +339,8 @@ def check_socket(path: str) -> tuple[Check, probe.ProcessLimits | None]:
     try:
         server, versions, pid = _hello(path)
     except PermissionError:
-        return Check(name, DEGRADED, f"{perms}: this user may not connect", f"add the user to group {group} "
-                     "(the socket's group), then log in again", facts), None
+        return Check(name, DEGRADED, f"{perms}: this user may not connect", _socket_access_fix(st, owner, group),
+                     facts), None
     except ConnectionRefusedError:
         return Check(name, DEGRADED, f"{perms}: nobody listens (a stale socket file)", "start the broker "
                      "(systemctl restart xskbroker.socket, or xskbroker serve)", facts), None
@@ -477,13 +490,31 @@ def main(args: argparse.Namespace) -> int:
     return verdict(checks)[1]
 
 
+def _interface_name(text: str) -> str:
+    """--interface's type=: a name no interface can have (empty, "eth0:1", past 15 bytes) is a usage error."""
+    from xskbroker.wire.protocol import ifname_problem
+
+    problem = ifname_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid interface name: {problem}")
+    return text
+
+
 def add_parser(sub: Any) -> None:
     d = sub.add_parser("doctor", help="what this host can do for the broker, and how to fix what it cannot",
                        description="Check the kernel features, bpf(), libxdp, memlock limits, interfaces, the "
                        "socket and the policy. Changes nothing. Exit status: 0 ready, 1 degraded (works with "
                        "limits), 2 unusable. Run as root for the whole picture; as another user it says what "
-                       "it cannot see.")
-    d.add_argument("--interface", metavar="IF", help="check only this interface (default: every one but lo)")
+                       "it cannot see.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                       "  xskbroker doctor                          # every interface but lo\n"
+                       "  xskbroker doctor --interface eth1 --json  # one interface: {\"verdict\", \"exit\", "
+                       "\"uid\", \"checks\": [...]}\n"
+                       "  xskbroker doctor --socket /run/xskbroker/broker.sock --policy /etc/xskbroker/policy.toml\n"
+                       "\nsee docs/doctor.md for each check")
+    d.add_argument("--interface", "-i", metavar="IF", type=_interface_name,
+                   help="check only this interface (default: every one but lo)")
     d.add_argument("--json", action="store_true", help="print one JSON object: the checks and the verdict")
     d.add_argument("--socket", default=DEFAULT_SOCKET, help="the broker's socket (default: %(default)s)")
     d.add_argument("--policy", default=DEFAULT_POLICY_PATH, help="the policy file (default: %(default)s)")

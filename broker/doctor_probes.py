@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 
-from xskbroker.broker import bpf, netdev, netlink, xdp_prog
+from xskbroker.broker import bpf, netdev, netlink, queue_prog, xdp_prog
 from xskbroker.common.libc import libc
 from xskbroker.common.procfs import SO_PEERPIDFD, has_cap, memlock_limits, pidfd_ino, pidfd_open, status_fields
 from xskbroker.common.records import record
@@ -279,10 +279,33 @@ class Attached:
     prog_id: int = 0
     mode: str | None = None
     detail: str = ""
+    program: str = "libxdp's XSK program"  # which of the broker's two programs, when ours
+
+
+def _queue_program_entries(prog_id: int) -> int | None:
+    """The queue count of the broker's own per-queue program (queue_prog: attached once an interface has a map
+    grant), None when prog_id is another program. Known by its name and its outer map's."""
+    prog_fd = bpf.prog_fd_by_id(prog_id)
+    try:
+        info, map_ids = bpf.prog_info(prog_fd)
+    finally:
+        os.close(prog_fd)
+    if info.name.decode(errors="replace") != queue_prog.PROG_NAME:
+        return None
+    for map_id in map_ids:
+        fd = bpf.map_fd_by_id(map_id)
+        try:
+            minfo = bpf.map_info(fd)
+        finally:
+            os.close(fd)
+        if minfo.name == queue_prog.OUTER_NAME.encode():
+            return int(minfo.max_entries)
+    return None
 
 
 def attached(ifindex: int, ifname: str) -> Attached:
-    """What XDP program the interface has: none, libxdp's XSK program (ours), another one (foreign)."""
+    """What XDP program the interface has: none, libxdp's XSK program or the broker's per-queue one (ours),
+    another one (foreign)."""
     try:
         prog_id, mode = xdp_prog.attached(ifindex)
     except xdp_prog.ForeignProgram as e:
@@ -292,6 +315,13 @@ def attached(ifindex: int, ifname: str) -> Attached:
     try:
         prog = xdp_prog.adopt(ifindex, ifname, prog_id, mode or "?")
     except xdp_prog.ForeignProgram as e:
+        try:  # not libxdp's: the broker's per-queue program (map grants) is ours too, never to be detached
+            entries = _queue_program_entries(prog_id)
+        except OSError:
+            entries = None
+        if entries is not None:
+            return Attached("ours", prog_id, mode, f"outer map of {entries} queues",
+                            "the broker's per-queue XSK program (map grants)")
         return Attached("foreign", prog_id, mode, e.strerror or str(e))
     except OSError as e:  # opening a program by id needs CAP_SYS_ADMIN
         return Attached("unknown", prog_id, mode, e.strerror or str(e))

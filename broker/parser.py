@@ -48,6 +48,15 @@ class _RawFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class _ExamplesFormatter(_Formatter):
+    """_Formatter's wrapped description, with an epilog of examples kept as written (lines of commands)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class _Version(argparse.Action):
     """--version: the package's version, looked up only when asked (importlib.metadata costs milliseconds)."""
 
@@ -62,6 +71,19 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An integer option's type=: a count or an id below LOW (or past a uid's 32 bits) is a usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= 0xFFFFFFFE:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {0xFFFFFFFE}, not {value}")
+        return value
+    return parse
+
+
 def build_parser(serve: Callable[[argparse.Namespace], int], demo: Callable[[argparse.Namespace], int],
                  only_serve: bool = False) -> argparse.ArgumentParser:
     """Every command's parser; with ONLY_SERVE just `serve`'s, which then imports no other command's module
@@ -72,7 +94,13 @@ def build_parser(serve: Callable[[argparse.Namespace], int], demo: Callable[[arg
     p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the broker in the foreground (root)", formatter_class=_Formatter,
+    s = sub.add_parser("serve", help="run the broker in the foreground (root)", formatter_class=_ExamplesFormatter,
+                       epilog="examples:\n"
+                       "  xskbroker serve --socket /run/xskbroker/broker.sock --policy /etc/xskbroker/policy.toml "
+                       "--socket-group xskbroker\n"
+                       "  xskbroker serve --policy ./policy.toml --socket /tmp/xsk.sock --audit json   # try one out\n"
+                       "\nunder systemd: deploy/install.sh, then systemctl enable --now xskbroker.socket "
+                       "(docs/systemd.md)",
                        description="Run the broker in the foreground. Every decision is one audit record: a "
                        "JSON line on stderr, or a journal entry (--audit). SIGHUP reloads the policy (a bad file "
                        "keeps the old one); SIGTERM/SIGINT stop it. Started by systemd socket activation it "
@@ -92,6 +120,7 @@ def build_parser(serve: Callable[[argparse.Namespace], int], demo: Callable[[arg
     from xskbroker.client.cli import add_client_parsers
     from xskbroker.client.qmp_cli import add_qmp_parsers
     from xskbroker.policy.cli import add_policy_parser
+    from xskbroker.policy.sizes import size_arg
     add_client_parsers(sub)
     add_qmp_parsers(sub)
     add_policy_parser(sub)
@@ -100,10 +129,14 @@ def build_parser(serve: Callable[[argparse.Namespace], int], demo: Callable[[arg
     d = sub.add_parser("demo", help="prove it works: a private namespace, a broker, an unprivileged consumer",
                        description="Make a network namespace with a veth pair, start a broker on a private "
                        "socket, run a consumer that dropped to an unprivileged uid before connecting, send it "
-                       "frames from the peer and capture its replies. Cleans up on success, failure and Ctrl-C.")
-    d.add_argument("--packets", type=int, default=1000, help="frames to send (default: %(default)s)")
-    d.add_argument("--uid", type=int, default=65534, help="consumer uid (default: %(default)s, nobody)")
-    d.add_argument("--umem", default="4MiB", help="UMEM size (default: %(default)s)")
+                       "frames from the peer and capture its replies. Cleans up on success, failure and Ctrl-C. "
+                       "Exit status: 0 every frame went both ways, 1 not, 2 a usage error (or no root).",
+                       formatter_class=_ExamplesFormatter,
+                       epilog="examples (as root):\n  xskbroker demo\n  xskbroker demo --packets 10000 --umem 16MiB "
+                       "--json   # rx_packets, tx_packets, peer_captured, grant_latency_ms, ...")
+    d.add_argument("--packets", type=_at_least(1), default=1000, help="frames to send (default: %(default)s)")
+    d.add_argument("--uid", type=_at_least(0), default=65534, help="consumer uid (default: %(default)s, nobody)")
+    d.add_argument("--umem", type=size_arg, default="4MiB", help="UMEM size (default: %(default)s)")
     d.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     d.add_argument("--keep-logs", action="store_true", help="print the broker's log at the end")
     d.set_defaults(func=demo)

@@ -86,9 +86,9 @@ def options() -> list[Option]:
                           "on the last of them and answer clients on the others, so that no grant waits behind it "
                           "(default: split)"}),
         ("--max-connections", {"type": int, "default": 1024, "metavar": "N",
-                               "help": "client connections open at once, shared fairly between users, 1/16 kept for "
-                               "admins; lowered to what the fd limit (LimitNOFILE) leaves room for (default: "
-                               "%(default)s)"}),
+                               "help": "client connections open at once (at least 16), shared fairly between users, "
+                               "1/16 kept for admins; lowered to what the fd limit (LimitNOFILE) leaves room for "
+                               "(default: %(default)s)"}),
         # Tests only: act as on a kernel without SO_PASSRIGHTS, where clients' fds do arrive and must be discarded.
         ("--accept-passed-fds", {"action": "store_true", "help": None}),
         ("--audit", {"choices": ("auto", "journal", "json"), "default": "auto",

@@ -24,7 +24,7 @@ def _grant_target(parser: argparse.ArgumentParser, queues_default: int | None = 
     """What a grant is for and where the broker is: the arguments request and exec share."""
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="broker socket (default: %(default)s)")
     parser.add_argument("--interface", "-i", required=True, help="interface name")
-    parser.add_argument("--queues", "-q", type=argtypes.positive, default=queues_default, help=queues_help)
+    parser.add_argument("--queues", "-q", type=argtypes.queue_count, default=queues_default, help=queues_help)
     parser.add_argument("--start-queue", type=argtypes.non_negative, default=0, help="first queue id (default: 0)")
 
 
@@ -42,7 +42,7 @@ def add_client_parsers(sub: Any) -> None:
     r.add_argument("--ring-size", type=argtypes.power_of_two, default=2048, help="entries of each of the four rings")
     r.add_argument("--bind-mode", choices=proto.BIND_MODES, default="auto",
                    help="zero-copy when the driver can (auto), or force copy/zerocopy")
-    r.add_argument("--hold", type=float, default=0.0, help="seconds to hold the grant before releasing")
+    r.add_argument("--hold", type=argtypes.duration, default=0.0, help="seconds to hold the grant before releasing")
     r.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
     r.set_defaults(func=cmd_request)
 
@@ -82,7 +82,7 @@ def add_client_parsers(sub: Any) -> None:
     e.set_defaults(func=cmd_exec)
 
     v = sub.add_parser(
-        "revoke", help="admin: take queues back from a lease, an interface or one queue",
+        "revoke", help="admin: take back a lease, every lease on an interface, or those holding one of its queues",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Empty the map slots of the chosen leases so they receive nothing more, and mark them "
         "revoked. The kernel cannot unbind an AF_XDP socket: a holder that keeps its fds can still transmit "

@@ -77,7 +77,7 @@ def add_qmp_parsers(sub: Any) -> None:
     a.add_argument("--qmp", required=True, metavar="PATH", help="QEMU's QMP unix socket (-qmp unix:PATH,server=on)")
     a.add_argument("--id", required=True, help="netdev id; fds are named ID-qN and the device ID-dev")
     a.add_argument("--interface", "-i", required=True, help="host interface whose queues to hand over")
-    a.add_argument("--queues", "-q", type=argtypes.positive, required=True, metavar="N", help="number of queues")
+    a.add_argument("--queues", "-q", type=argtypes.queue_count, required=True, metavar="N", help="number of queues")
     a.add_argument("--start-queue", type=argtypes.non_negative, default=0, metavar="M", help="first queue (default: 0)")
     a.add_argument("--device", metavar="MODEL", help="also device_add a NIC of this model, e.g. virtio-net-pci")
     a.add_argument("--device-props", type=_props, metavar="JSON",
@@ -89,7 +89,7 @@ def add_qmp_parsers(sub: Any) -> None:
     a.add_argument("--socket", default=DEFAULT_SOCKET, metavar="BROKER", help="broker socket (default: %(default)s)")
     a.add_argument("--force", action="store_true",
                    help="try even if this QEMU does not list the af-xdp backend, and show QEMU's own error")
-    a.add_argument("--timeout", type=float, default=q.DEFAULT_TIMEOUT, metavar="S",
+    a.add_argument("--timeout", type=argtypes.timeout, default=q.DEFAULT_TIMEOUT, metavar="S",
                    help="seconds to wait for QEMU and for the broker (default: %(default)s)")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.set_defaults(func=cmd_qmp_attach)
@@ -101,7 +101,7 @@ def add_qmp_parsers(sub: Any) -> None:
     d.add_argument("--id", required=True, help="the netdev id given to qmp-attach")
     d.add_argument("--device-id", help="device to remove first (default: ID-dev, skipped if absent)")
     d.add_argument("--socket", default=DEFAULT_SOCKET, metavar="BROKER", help="broker socket (default: %(default)s)")
-    d.add_argument("--timeout", type=float, default=q.DEFAULT_TIMEOUT, metavar="S",
+    d.add_argument("--timeout", type=argtypes.timeout, default=q.DEFAULT_TIMEOUT, metavar="S",
                    help="seconds to wait for QEMU and for the guest to release the device (default: %(default)s)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=cmd_qmp_detach)

@@ -24,6 +24,8 @@ from .sizes import format_size, size_arg
 EXIT_ALLOW = 0
 EXIT_DENY = 1
 EXIT_USAGE = 2
+MAX_QUEUE_ID = 65535  # wire.protocol's bound on a queue id
+MAX_UID = 0xFFFFFFFE  # (uid_t)-1 means "no uid": no peer has it
 
 _POLICY_EPILOG = """\
 examples:
@@ -62,6 +64,8 @@ def _queue(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a queue number: {text!r}") from None
     if queue < 0:
         raise argparse.ArgumentTypeError(f"queue must not be negative: {text}")
+    if queue > MAX_QUEUE_ID:  # the broker refuses it at decode (bad-request), before any rule: say so
+        raise argparse.ArgumentTypeError(f"queue ids are 0 to {MAX_QUEUE_ID} (the broker refuses others), not {text}")
     return queue
 
 
@@ -122,7 +126,7 @@ def add_policy_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "which no rule with cgroups matches)",
     )
     explain.add_argument("--label", metavar="L", help="the asker's LSM label (SO_PEERSEC) (default: none)")
-    explain.add_argument("--interface", metavar="I", required=True, help="interface name, e.g. veth0")
+    explain.add_argument("--interface", "-i", metavar="I", required=True, help="interface name, e.g. veth0")
     explain.add_argument(
         "--queue",
         metavar="Q",
@@ -214,6 +218,8 @@ def resolve_peer(user: str, groups: list[str] | None = None, policy_groups: Iter
         except KeyError:
             entry = None  # a uid with no account is still a valid peer
         uid = int(user)
+        if uid > MAX_UID:
+            raise LookupError(f"uid {user} is out of range: uids are 0 to {MAX_UID}")
     else:
         try:
             entry = pwd.getpwnam(user)
@@ -227,6 +233,8 @@ def resolve_peer(user: str, groups: list[str] | None = None, policy_groups: Iter
     if groups is not None:
         for group in groups:
             if group.isascii() and group.isdigit():
+                if int(group) > MAX_UID:
+                    raise LookupError(f"gid {group} is out of range: gids are 0 to {MAX_UID}")
                 gids.add(int(group))
                 continue
             try:
@@ -284,13 +292,12 @@ def _print_decision(decision: Decision, peer: Peer, request: Request, as_json: b
 
 
 def _queues_problem(queues: list[int], most: int) -> str | None:
-    """Why the broker's decoder refuses these queue ids, or None."""
+    """Why the broker's decoder refuses these queue ids together, or None."""
     if len(queues) > most:
         return f"at most {most} queues per grant, not {len(queues)}"
     if len(set(queues)) != len(queues):
         return "queue ids must be distinct"
-    high = [q for q in queues if q > 65535]
-    return f"queue {high[0]} is beyond the largest queue id, 65535" if high else None
+    return None  # a queue id past the largest is refused by --queue's type already
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

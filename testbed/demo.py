@@ -61,6 +61,15 @@ def run(packets: int, uid: int, umem: int) -> tuple[dict[str, Any], BrokerProces
 
 
 def main(args: argparse.Namespace) -> int:
+    from xskbroker.wire import protocol as proto
+    from xskbroker.wire.errors import BrokerError
+
+    try:  # a UMEM the broker's codec refuses is said before any namespace is made, in the codec's words
+        proto.decode_request(proto.encode_request(proto.Grant("xskd0", (0,), geometry=proto.Geometry(
+            umem_size=parse_size(args.umem)))))
+    except proto.ProtocolError as e:
+        print(f"xskbroker demo: --umem {args.umem}: {e.message}", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("xskbroker demo: needs root (it creates a network namespace and runs a broker)", file=sys.stderr)
         return 2
@@ -73,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     old = signal.signal(signal.SIGTERM, _terminate)
     try:
         result, broker = run(args.packets, args.uid, parse_size(args.umem))
-    except (RuntimeError, OSError, TimeoutError) as e:
+    except (RuntimeError, OSError, TimeoutError, BrokerError) as e:
         print(f"xskbroker demo: failed: {e}", file=sys.stderr)
         return 1
     finally:
