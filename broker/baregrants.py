@@ -12,6 +12,7 @@ from typing import Any
 
 from xskbroker.broker.core import Deferred, MemlockRaise, Outcome, Refused, refusal
 from xskbroker.broker.kernel import Program
+from xskbroker.broker.leases import MemlockRaiseRecord
 from xskbroker.broker.mapgrants import MapGrants
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.policy import Holding, Rule
@@ -158,12 +159,20 @@ class BareGrants(MapGrants):
             return {**info, "ok": False, "reason": f"{rule.describe()} allows {allowed}", "hint": hint}
         # only what is needed: the soft limit to `needed`, the hard one only when it is below (soft <= hard)
         new = (needed, hard if hard == RLIM_INFINITY else max(hard, needed))
+        earlier = self.raised.get((peer.pid, peer.start, peer.ino))
+        try:  # journaled first: a broker killed before the lease's own line is journaled leaves it to be restored
+            self.leases.record_raise(MemlockRaiseRecord(peer.pid, peer.start, peer.ino,
+                                                        (*(earlier.before if earlier else (soft, hard)), *new)))
+        except OSError as e:
+            return {**info, "ok": False, "reason": f"the lease journal cannot be written: {e.strerror or e}",
+                    "hint": hint}
         try:
             self.kernel.set_memlock(peer.pid, new)
         except OSError as e:
             reason = ("the broker lacks CAP_SYS_RESOURCE to raise another process's hard limit"
                       if e.errno == errno.EPERM else f"prlimit failed: {e.strerror}")
             return {**info, "ok": False, "reason": reason, "hint": hint}
+        self.fault("after-memlock-raise")
         try:
             alive = self.kernel.holder_alive(peer.pid, peer.start, peer.ino)
         except OSError:

@@ -7,6 +7,7 @@ Under systemd it reports READY=1, a STATUS= line that follows the leases, and ST
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import grp
 import os
@@ -67,9 +68,49 @@ def serve(args: argparse.Namespace) -> int:
     state_dir = getattr(args, "state_dir", None) or _runtime_directory() or "/run/xskbroker"
     try:  # the lease journal's directory: ours alone, or a planted link could make us write anywhere
         safefiles.private_dir(state_dir)
+        lock = _lock_state(state_dir)
     except safefiles.UnsafePathError as e:
         print(f"xskbroker: {e}; not starting", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"xskbroker: cannot lock {os.path.join(state_dir, LOCK_FILE)}: {e.strerror or e}; not starting",
+              file=sys.stderr)
+        return 1
+    if isinstance(lock, str):
+        print(f"xskbroker: {lock}; not starting", file=sys.stderr)
+        return 1
+    try:
+        return _serve(args, sink, state_dir)
+    finally:
+        os.close(lock)
+
+
+LOCK_FILE = "broker.lock"
+
+
+def _lock_state(state_dir: str) -> int | str:
+    """The state directory's lock, held (an fd) for as long as this broker runs, or why it is not to be had. Two
+    brokers on one journal (a manual start beside the activated one, two units) would each compact it under the
+    other, whose appends then go to a file no longer there, and each would judge quotas by half of the leases."""
+    path = os.path.join(state_dir, LOCK_FILE)
+    fd = safefiles.private_opener(path, os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            return f"another broker (pid {holder}) runs on the state directory {state_dir}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    return fd
+
+
+def _serve(args: argparse.Namespace, sink: AuditFn, state_dir: str) -> int:
     notifier = systemd.Notifier()
     keeper = lastgood.PolicyKeeper(args.policy, state_dir)
     try:  # a broken file with a last good copy: run the copy, loudly (below); with none, nothing safe to run

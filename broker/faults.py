@@ -2,7 +2,9 @@
 
 A fault hook is called with the name of each point a grant passes ("after-socket", "after-map-claim",
 "after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"), a revoke
-("mid-revoke": journaled, its slots not yet emptied) and the start ("ready": said, the loop not yet running).
+("mid-revoke": journaled, its slots not yet emptied), a map grant ("after-pin": its map pinned, the lease not yet
+journaled), a bare grant's memlock raise ("after-memlock-raise": made, the lease not yet journaled) and the start
+("ready": said, the loop not yet running).
 `from_spec` builds the hook the crash tests ask for:
 "<point>" makes the broker SIGKILL itself there; "<point>:pause" makes it sleep a second there,
 "<point>:pause=SECONDS" that long (so a test can, say, delete the interface mid-grant); "<point>:raise=PATH"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -80,14 +81,83 @@ class Lease:
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Lease:
+        """The lease a journal line records; ValueError for a line whose values are not a lease's (a garbled file
+        that still parses): recovery hands these values to the kernel, and one of the wrong type there would stop
+        every later broker from starting, not just lose the line."""
         rec = dict(rec)
         for key in ("queues", "gids", "groups"):
-            rec[key] = tuple(rec.get(key, ()))
+            value = rec.get(key, ())
+            if not isinstance(value, list | tuple):
+                raise ValueError(f"{key} {value!r}: not a list")
+            rec[key] = tuple(value)
         if rec.get("memlock") is not None:
-            rec["memlock"] = tuple(int(v) for v in rec["memlock"])
+            if not isinstance(rec["memlock"], list | tuple):
+                raise ValueError(f"memlock {rec['memlock']!r}: not a list")
+            rec["memlock"] = tuple(rec["memlock"])
             if len(rec["memlock"]) != 4:
                 raise ValueError(f"memlock {rec['memlock']!r}: expected (soft, hard) before and after the raise")
+        for key, value in rec.items():
+            check = _FIELD_CHECKS.get(key)
+            if check is None or not check(value):
+                raise ValueError(f"{key} {value!r}: not what a lease records")
         return cls(**rec)
+
+
+def _int(low: int = 0, high: int = 1 << 64) -> Callable[[Any], bool]:
+    return lambda v: type(v) is int and low <= v < high  # bool is an int subclass: never a pid or a queue
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _each(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: all(check(x) for x in v)
+
+
+def _str(v: Any) -> bool:
+    return type(v) is str
+
+
+def _number(v: Any) -> bool:
+    return type(v) is int or (type(v) is float and math.isfinite(v))  # json reads NaN and Infinity too
+
+
+def _flag(v: Any) -> bool:
+    return type(v) is bool
+
+
+_QUEUE = _int(0, 1 << 32)
+_FIELD_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "id": _str, "uid": _int(0, 1 << 32), "pid": _int(1, 1 << 22), "ifindex": _int(1, 1 << 31), "ifname": _str,
+    "queues": lambda v: bool(v) and all(_QUEUE(q) for q in v),
+    "kind": lambda v: v in ("bound", "bare", "map"), "umem_bytes": _int(), "gids": _each(_int(0, 1 << 32)),
+    "groups": _each(_str), "pid_start": _optional(_int()), "created": _number, "revoked": _flag,
+    "orphaned": _flag, "pid_ino": _optional(_int()), "misbound": _optional(_QUEUE), "map_id": _int(),
+    "cgroup": _optional(_str), "released_at": _optional(_number), "memlock": _optional(_each(_int())),
+    "map_pin": _optional(_str),
+}
+
+
+@record
+class MemlockRaiseRecord:
+    """A memlock raise as the journal records it: the process, and (soft, hard) before and after."""
+
+    pid: int
+    pid_start: int | None
+    pid_ino: int | None
+    memlock: tuple[int, int, int, int]
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> MemlockRaiseRecord:
+        memlock = rec["memlock"]
+        if not (isinstance(memlock, list) and len(memlock) == 4 and _each(_int())(memlock)):
+            raise ValueError(f"memlock {memlock!r}: expected (soft, hard) before and after the raise")
+        out = cls(rec["pid"], rec["pid_start"], rec["pid_ino"], (memlock[0], memlock[1], memlock[2], memlock[3]))
+        if not (_FIELD_CHECKS["pid"](out.pid) and _FIELD_CHECKS["pid_start"](out.pid_start)
+                and _FIELD_CHECKS["pid_ino"](out.pid_ino)):
+            raise ValueError(f"raise {rec!r}: not a process")
+        return out
 
 
 class LeaseTable:
@@ -122,6 +192,7 @@ class LeaseTable:
         self.on_journal: Callable[[OSError | None], None] = lambda error: None
         self.unjournaled: OSError | None = None  # the journal on disk is behind the table (a full file system)
         self._retry_at = 0.0
+        self.loaded_raises: list[MemlockRaiseRecord] = []  # the memlock raises load() found journaled
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -393,25 +464,43 @@ class LeaseTable:
             self._journal.close()
             self._journal = None
 
+    def record_raise(self, raise_: MemlockRaiseRecord) -> None:
+        """Journal a memlock raise before it is made (OSError when the journal cannot take it: then it is not made).
+        The lease that rests on it is journaled after: a broker killed between the two leaves a raised limit that
+        only this line tells the next broker to restore."""
+        self._append({"raise": {"pid": raise_.pid, "pid_start": raise_.pid_start, "pid_ino": raise_.pid_ino,
+                                "memlock": list(raise_.memlock)}})
+
     def load(self) -> list[Lease]:
-        """The leases a previous broker's journal left; lines it cannot read (a torn tail) are skipped."""
+        """The leases a previous broker's journal left; lines it cannot read (a torn tail) are skipped. A memlock
+        raise it made for a lease it did not journal is left in loaded_raises."""
+        self.loaded_raises = []
         if not self.state_file:
             return []
         leases: dict[str, Lease] = {}
         try:  # never through a link, and only our own file: a planted journal is not believed
             with open(self.state_file, opener=safefiles.private_opener) as f:
                 header = json.loads(f.readline() or "{}")
-                if header.get("version") != STATE_VERSION:
+                if not isinstance(header, dict) or header.get("version") != STATE_VERSION:
                     return []
+                # a raise is followed by its lease's line, or undone (its grant failed) before anything else is
+                # written: only one on the last line read was made and left by a broker killed in between
+                pending: MemlockRaiseRecord | None = None
                 for line in f:
-                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                    # RecursionError: a garbled line nested deeper than the parser goes costs that line only
+                    with contextlib.suppress(ValueError, KeyError, TypeError, RecursionError):
                         entry = json.loads(line)
+                        if "raise" in entry:
+                            pending = MemlockRaiseRecord.from_record(entry["raise"])
+                            continue
                         if "lease" in entry:
                             lease = Lease.from_record(entry["lease"])
                             leases[lease.id] = lease
                         elif "end" in entry:
                             leases.pop(entry["end"], None)
-        except (OSError, ValueError):
+                        pending = None
+                self.loaded_raises = [pending] if pending is not None else []
+        except (OSError, ValueError, RecursionError):
             return []
         return list(leases.values())
 

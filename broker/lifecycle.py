@@ -13,7 +13,7 @@ from typing import Any
 from xskbroker.broker.core import MemlockRaise, Outcome, Refused
 from xskbroker.broker.holders import same_process
 from xskbroker.broker.kernel import NoSuchInterface
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.leases import Lease, MemlockRaiseRecord
 from xskbroker.broker.linkwatch import LinkEvent
 from xskbroker.broker.mapgrants import MapGrants
 from xskbroker.broker.peer import PeerInfo
@@ -361,7 +361,7 @@ class Lifecycle(MapGrants):
         """Take back the leases a previous broker recorded whose holders still hold their sockets."""
         kept = []
         loaded = self.leases.load()
-        raises = _memlock_raises(loaded)
+        raises = _memlock_raises(loaded, self.leases.loaded_raises)
         # misbound leases last: a lease granted their queue since, taken back first, says the queue is not theirs
         for lease in sorted(loaded, key=lambda x: x.revoked and x.misbound is not None):
             try:
@@ -424,17 +424,37 @@ class Lifecycle(MapGrants):
             # until its holder (alive, or it was dropped above) releases or exits
             pass
         elif not self.kernel.occupied_slots(prog.map_fd, lease.queues):
-            return "none of its queues holds a socket any more"
+            if not (alive and prog.attached_now and lease.released_at is None and self._bound_off_map(lease)):
+                return "none of its queues holds a socket any more"
+            self.audit({"event": "lease-unsteered", "lease": lease.id, "pid": lease.pid, "interface": name,
+                        "queues": list(lease.queues),
+                        "reason": "the XDP program that steered to its sockets went with the previous broker (its "
+                                  "per-queue program); they are still bound, and receive nothing until closed"})
         if not alive:
             lease.orphaned = True  # passed on before the holder exited; polled until the sockets close
         return None
 
+    def _bound_off_map(self, lease: Lease) -> bool:
+        """Whether a live holder's queues are still bound although the interface had no program to hold its sockets
+        in a slot (recovery attached one, with an empty map): the broker's per-queue program goes with the broker
+        that linked it, and the sockets in its shared map stay bound. Unknown (no netdev queue attributes) counts
+        as bound: the lease is kept until its holder releases or exits, rather than dropped off its quota."""
+        try:
+            bound = self.kernel.bound_queues(lease.ifindex)
+        except OSError:
+            return True
+        return all(q in bound for q in lease.queues)
 
-def _memlock_raises(leases: list[Lease]) -> dict[tuple[int, int | None, int | None], MemlockRaise]:
+
+def _memlock_raises(leases: list[Lease], journaled: Iterable[MemlockRaiseRecord] = ()
+                    ) -> dict[tuple[int, int | None, int | None], MemlockRaise]:
     """The memlock raises the journaled leases took part in, by process: the limit before the first raise (each
-    lease of a process records that one) and the highest it was raised to (a later lease may have raised it more)."""
+    lease of a process records that one) and the highest it was raised to (a later lease may have raised it more).
+    Raises journaled on their own (made, and the broker killed before the lease's line) are among them: with no
+    lease kept that rests on them, recovery restores them."""
     raises: dict[tuple[int, int | None, int | None], MemlockRaise] = {}
-    for lease in leases:
+    made: list[Lease | MemlockRaiseRecord] = [*leases, *journaled]
+    for lease in made:
         if lease.memlock is not None:
             key = (lease.pid, lease.pid_start, lease.pid_ino)
             before, now = lease.memlock[:2], lease.memlock[2:]

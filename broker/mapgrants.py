@@ -62,6 +62,7 @@ class MapGrants(Core):
             self.kernel.place(prog.outer_fd, queues, tmap)  # one grace period on the loop, not one per queue
             if self.pin_root:
                 pin = self._pin(peer, req.interface, tmap)
+                self.fault("after-pin")
             out = self._lease(peer, req, ifindex, prog, [tmap], queues=queues, map_fd=0,
                               map_entries=prog.max_entries, **({"map_pin": pin} if pin else {}))
         except BaseException as e:
@@ -86,7 +87,17 @@ class MapGrants(Core):
         try:
             return self.kernel.pin(self.pin_root, peer.uid, peer.gid, ifname, map_fd)
         except FileExistsError:
-            return None  # another live lease of this uid on this interface has the pin
+            if any(x.kind == "map" and x.map_pin and os.path.basename(os.path.dirname(x.map_pin)) == ifname
+                   for x in self.leases.of_uid(peer.uid)):
+                return None  # another live lease of this uid on this interface has the pin
+        # no lease has it: a broker killed between pinning and journaling left it, a map that steers nothing
+        self.kernel.unpin(self.pin_root, peer.uid, ifname)
+        self.audit({"event": "map-pin-replaced", "uid": peer.uid, "interface": ifname,
+                    "reason": "no lease held it (left by a broker that stopped before recording it)"})
+        try:
+            return self.kernel.pin(self.pin_root, peer.uid, peer.gid, ifname, map_fd)
+        except FileExistsError:
+            return None
 
     def _queue_program(self, ifindex: int, ifname: str, nqueues: int) -> Program:
         """The interface's per-queue program: attached when the interface has none, moved to from libxdp's
