@@ -61,8 +61,8 @@ class BoundGrants(BareGrants):
             now = self.clock()
             for p in bound:  # bound, then closed: the kernel lets go of its queue late, as after a lease's end
                 self.freed[(ifindex, p.queue)] = (now, "")
-            for p in prepared:
-                p.abort(close=self.closer.close)  # a bound socket's close waits for a grace period
+            for p in prepared:  # a bound socket's close waits for a grace period
+                p.abort(empty_slot=_open(prog), close=self.closer.close)
             for r in ready:
                 if r is not None:  # untouched: still the pool's to give
                     self.pool.give_back(g, r)
@@ -140,6 +140,10 @@ class BoundGrants(BareGrants):
             waiting[:] = [p for p in prepared if p not in bound]
             if not waiting:
                 self.pending.pop(id(prepared), None)
+                if not _open(prog):  # its map steers nothing on the interface now: the sockets would receive nothing
+                    raise abort(Refused(ErrorCode.KERNEL_ERROR, f"the XDP program on {req.interface} was detached or "
+                                        "replaced while the grant was being made; nothing was granted, try again"),
+                                where[0]) from None
                 return self._finish_bound(peer, req, ifindex, prog, prepared)
             if not checked or was_heavy:  # a bare socket squatting the queue will not let go: no point waiting
                 checked = True
@@ -217,9 +221,17 @@ class BoundGrants(BareGrants):
             for p in prepared:  # all bound, then closed: their queues are let go of late (_squatted)
                 self.freed[(ifindex, p.queue)] = (now, "")
             for p in prepared[len(made):]:
-                p.abort(close=self.closer.close)
+                p.abort(empty_slot=_open(prog), close=self.closer.close)
             for s in made:
                 with contextlib.suppress(OSError):
-                    self.kernel.map_delete(prog.map_fd, s.queue)
+                    if _open(prog):
+                        self.kernel.map_delete(prog.map_fd, s.queue)
                 self.closer.close([s.xsk_fd, s.umem_fd])
             raise
+
+
+def _open(prog: Program) -> bool:
+    """Whether the grant's program still has its map fd. A program dropped while the grant waited (its interface
+    removed, another program attached) closed it, and the number may be another map's since: emptying a slot
+    through it would take a live lease's socket out. The closing socket leaves its slot by itself."""
+    return prog.map_fd >= 0

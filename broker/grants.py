@@ -307,9 +307,13 @@ class Grants(BoundGrants):
         except OSError as e:  # a lease that cannot be recorded is not granted (the caller undoes what it made)
             raise Refused(ErrorCode.KERNEL_ERROR, f"{e.strerror}; nothing was granted",
                           errno=errno.errorcode.get(e.errno or 0, str(e.errno))) from None
-        self.fault("after-lease-saved")
-        reply = GrantReply(lease.id, req.kind, req.interface, ifindex, prog.mode, prog.prog_id, holder_pid=peer.pid,
-                           req_id=req.req_id, **fields)
+        try:
+            self.fault("after-lease-saved")
+            reply = GrantReply(lease.id, req.kind, req.interface, ifindex, prog.mode, prog.prog_id,
+                               holder_pid=peer.pid, req_id=req.req_id, **fields)
+        except BaseException:  # not granted after all: the lease ends (journaled) as the caller undoes its sockets
+            self.leases.remove(lease.id)
+            raise
         return Outcome(reply, fds, lease.id, peer.pid, keep=req.kind == "bound")
 
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> Program:
