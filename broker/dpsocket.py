@@ -2,9 +2,9 @@
 
 DPDK's default (/tmp/afxdp_dp/<iface>/afxdp.sock) lies under /tmp, where anyone may plant a link or a
 directory before the broker starts. So the path is walked from / with directory fds opened O_NOFOLLOW:
-every directory on it must be root's and closed to others' writes (a sticky one such as /tmp may be
-open, except the socket's own); missing ones are made root's 0755; the socket is bound through the fd of
-its directory (/proc/self/fd/N/name, which no link can redirect) and given to the tenant, 0600: the
+every directory on it must be root's (or the broker's own uid's) and closed to others' writes (a sticky one
+such as /tmp may be open, except the socket's own); missing ones are made the broker's 0755; the socket is bound
+through the fd of its directory (/proc/self/fd/N/name, which no link can redirect) and given to the tenant, 0600: the
 tenant alone (and root) can connect. What is found wrong is refused, never followed, chmod-ed or removed.
 Removal takes away only what was made here: the socket (if it is still the inode bound) and the
 directories it made, if empty.
@@ -88,8 +88,8 @@ def _open_dir(parent: int, name: str, where: str, last: bool, made: list[tuple[i
         if created:
             os.fchmod(fd, 0o755)
             made.append((os.dup(parent), name))
-        elif st.st_uid != os.geteuid():
-            raise UnsafePath(errno.EPERM, f"{where} belongs to uid {st.st_uid}, not to the broker: not used")
+        elif st.st_uid not in (0, os.geteuid()):  # root's too: the unit's broker is a dynamic user, / is root's
+            raise UnsafePath(errno.EPERM, f"{where} belongs to uid {st.st_uid}, not to root or the broker: not used")
         elif st.st_mode & 0o022 and (last or not st.st_mode & stat.S_ISVTX):
             raise UnsafePath(errno.EPERM, f"{where} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): "
                              "not used")

@@ -4,7 +4,9 @@ map-path=): <root>/<uid>/<iface>/xsks_map.
 <root> is the broker's (root-owned, 0755, on a bpffs); <root>/<uid> belongs to the tenant with mode 0700,
 so no other uid can reach the pins inside; the pin itself is the tenant's (0600). The tenant owns its
 directory and so could plant links in it: everything under <root> is reached by directory fds opened with
-O_NOFOLLOW, never by a path the kernel would resolve through a link.
+O_NOFOLLOW, never by a path the kernel would resolve through a link. Nor is anything in it changed by name:
+a name there may be swapped at any moment for a hard link to another file of the filesystem. A pin is made and
+given to its tenant in <root>/pinning (the broker's, 0700) and only then linked into the tenant's directory.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from xskbroker.broker import bpfsys
 
 BPF_FS_MAGIC = 0xCAFE4A11
 PIN_NAME = "xsks_map"
+STAGING = "pinning"  # in <root>, beside the tenants' <uid> directories (digits); bpffs refuses a name with a dot
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -70,22 +73,31 @@ def pin(root: str, uid: int, gid: int, ifname: str, map_fd: int) -> str:
     rootfd = os.open(root, _DIR)
     fds = [rootfd]
     try:
+        staging = _subdir(rootfd, STAGING, os.geteuid(), 0o700)  # the broker's own, whatever uid it runs as
+        fds.append(staging)
         fds.append(_subdir(rootfd, str(uid), uid, 0o700))
         fds.append(_subdir(fds[-1], ifname, uid, 0o700))
         here = fds[-1]
         path = os.path.join(root, str(uid), ifname, PIN_NAME)
+        staged = _staged_name(uid, ifname)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged, dir_fd=staging)  # left by a broker that stopped here
         # BPF_OBJ_PIN takes a path: give it the directory we hold, by /proc/self/fd, which no link can redirect
-        bpfsys.obj_pin(map_fd, f"/proc/self/fd/{here}/{PIN_NAME}")
+        bpfsys.obj_pin(map_fd, f"/proc/self/fd/{staging}/{staged}")
         try:
-            os.chown(PIN_NAME, uid, gid, dir_fd=here, follow_symlinks=False)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(PIN_NAME, dir_fd=here)
-            raise
+            # chown by name only where no tenant can swap the name; the link never replaces a name (EEXIST)
+            os.chown(staged, uid, gid, dir_fd=staging, follow_symlinks=False)
+            os.link(staged, PIN_NAME, src_dir_fd=staging, dst_dir_fd=here, follow_symlinks=False)
+        finally:
+            os.unlink(staged, dir_fd=staging)
         return path
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _staged_name(uid: int, ifname: str) -> str:
+    return f"{uid}-{ifname}"
 
 
 def unpin(root: str, uid: int, ifname: str) -> bool:
@@ -95,6 +107,10 @@ def unpin(root: str, uid: int, ifname: str) -> bool:
     except OSError:
         return False
     fds = [rootfd]
+    with contextlib.suppress(OSError):
+        staging = os.open(STAGING, _DIR, dir_fd=rootfd)
+        fds.append(staging)
+        os.unlink(_staged_name(uid, ifname), dir_fd=staging)  # a pin its broker stopped before it was given
     try:
         fds.append(os.open(str(uid), _DIR, dir_fd=rootfd))
         fds.append(os.open(ifname, _DIR, dir_fd=fds[-1]))

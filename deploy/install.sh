@@ -43,10 +43,31 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-case "$prefix" in /*) ;; *) echo "install.sh: --prefix must be absolute: $prefix" >&2; exit 2 ;; esac
+nl='
+'
+# Both paths are written into unit files (below): absolute, and one line each (no newline or other control
+# character). The command's path also becomes an executable systemd accepts: none of ' " \ (string_is_safe()
+# in systemd's config_parse_exec: "Executable name contains special characters", a fatal unit error), and
+# UTF-8 (systemd ignores a line that is not).
+refuse() { printf "install.sh: %s\n" "$1" >&2; exit 2; }
+unit_path() {
+    case "$2" in /*) ;; *) refuse "--$1 must be absolute: $2" ;; esac
+    case "$2" in *"$nl"*) refuse "--$1 must not contain a newline" ;; esac
+    if printf '%s' "$2" | LC_ALL=C grep -q '[[:cntrl:]]'; then
+        refuse "--$1 must not contain a control character: $2"
+    fi
+}
+unit_path prefix "$prefix"
 prefix=${prefix%/}
 bindir=${bindir:-$prefix/bin}
 bindir=${bindir%/}
+unit_path bindir "$bindir"
+case "$bindir" in
+    *[\'\\\"]*) refuse "--bindir (PREFIX/bin unless given) must not contain ' \" or \\: systemd refuses them in ExecStart=: $bindir" ;;
+esac
+if command -v iconv >/dev/null && ! printf '%s' "$bindir" | iconv -f UTF-8 -t UTF-8 >/dev/null 2>&1; then
+    refuse "--bindir (PREFIX/bin unless given) must be UTF-8: systemd ignores an ExecStart= that is not: $bindir"
+fi
 root=${root%/}
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,18 +80,48 @@ confdir=/etc/xskbroker
 libvirtdir=/etc/libvirt
 hookdir=$libvirtdir/hooks/qemu.d
 
-say() { [ -n "$quiet" ] || echo "$@"; }
+say() { [ -n "$quiet" ] || printf "%s\n" "$*"; }
 
 # systemd is managing this host (sd_booted(3)), and we are installing into it
 live() { [ -z "$root" ] && [ -d /run/systemd/system ]; }
 
-# install SRC to DEST with MODE, rewriting the paths that depend on where things are installed;
-# an unchanged file is left alone
+# $1 as the executable of a unit's command line (systemd.service "Command lines"). systemd splits the line on
+# whitespace and unquotes each word, then expands % specifiers in it: double quotes keep it one word, %% is one
+# %. Environment substitution ($$, ${X}) applies to argv but never to the executable's path, so a $ is written
+# as is and the ":" prefix turns the substitution off, keeping argv[0] the path too.
+unit_exec() {
+    word=$(printf '%s\n' "$1" | sed -e 's/%/%%/g')
+    case "$1" in
+        *[!A-Za-z0-9/._+,@=:~-]*) word="\"$word\"" ;;
+    esac
+    case "$1" in
+        *'$'*) word=":$word" ;;
+    esac
+    printf '%s\n' "$word"
+}
+
+# $1 as the path of a file: URL in a unit's Documentation=: percent-encoded (it is a URL, and systemd splits the
+# list on whitespace), each % then doubled for the specifier expansion
+unit_file_url() {
+    printf '%s' "$1" | LC_ALL=C od -An -v -tx1 | LC_ALL=C awk '
+        BEGIN { for (i = 33; i < 127; i++) { c = sprintf("%c", i); if (c ~ /[A-Za-z0-9\/._~-]/) keep[sprintf("%02x", i)] = c } }
+        { for (f = 1; f <= NF; f++) printf "%s", (($f in keep) ? keep[$f] : "%" toupper($f)) }
+        END { print "" }' | sed -e 's/%/%%/g'
+}
+
+# $1 as the replacement of sed's s|||: \, & and the delimiter taken literally
+sed_literal() { printf '%s\n' "$1" | sed -e 's/[\\&|]/\\&/g'; }
+
+exec_in_units=$(sed_literal "$(unit_exec "$bindir/xskbroker")")
+docs_in_units=$(sed_literal "$(unit_file_url "$docdir")")
+
+# install SRC to DEST with MODE, rewriting the paths that depend on where things are installed (they occur
+# only in unit syntax: the units, and the unit snippet in docs/systemd.md); an unchanged file is left alone
 put() {
     mode=$1 from=$2 to=$root$3
     tmp=$(mktemp)
-    sed -e "s|/usr/local/bin/xskbroker|$bindir/xskbroker|g" \
-        -e "s|/usr/local/share/doc/xskbroker|$docdir|g" "$from" > "$tmp"
+    sed -e "s|/usr/local/bin/xskbroker|$exec_in_units|g" \
+        -e "s|file:/usr/local/share/doc/xskbroker|file:$docs_in_units|g" "$from" > "$tmp"
     if [ -f "$to" ] && cmp -s "$tmp" "$to"; then
         rm -f "$tmp"
         return 0

@@ -8,6 +8,8 @@ the broker answered, and how fast, once the attack was over.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -254,3 +256,103 @@ def test_socket_swapped_for_a_link_after_bind_is_not_chmodded_through(victim: Pa
         figures(victim_mode=f"{stat.S_IMODE(victim.stat().st_mode):04o}")
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ---- a map grant's pin, swapped for a hard link between BPF_OBJ_PIN and the chown that gives it to its tenant ----
+
+def swap_pin_for_link(pin: str, target: str) -> dict[str, Any]:
+    """The tenant owns the pin's directory: it may unlink root's pin there and link another file in its place."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pin)
+    os.link(target, pin)
+    return {"linked": pin}
+
+
+def open_map_pin(path: str) -> str:
+    from xskbroker.broker import bpfsys
+    try:
+        os.close(bpfsys.obj_get(path))
+    except OSError as e:
+        return os.strerror(e.errno or 0)
+    return "opened"
+
+
+@pytest.fixture
+def shared_bpffs() -> Iterator[Path]:
+    """A bpffs every uid can traverse, holding another service's root-only pin next to the broker's pin root (as
+    when --pin-root is a directory of the host's /sys/fs/bpf), with fs.protected_hardlinks=0: a tenant may then
+    link any file it can reach, its owner's or not."""
+    import subprocess
+
+    from xskbroker.broker import bpfsys
+
+    mnt = Path(tempfile.mkdtemp(prefix="xskf-bpffs-"))
+    mnt.chmod(0o755)
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=0755", "bpf", str(mnt)], check=True)
+    sysctl = Path("/proc/sys/fs/protected_hardlinks")
+    saved = sysctl.read_text()
+    try:
+        (mnt / "pins").mkdir(mode=0o755)
+        (mnt / "other").mkdir(mode=0o755)
+        fd = bpfsys.map_create(2, 1, "other_service")  # BPF_MAP_TYPE_ARRAY
+        try:
+            bpfsys.obj_pin(fd, str(mnt / "other/policy_map"))  # root's, 0600
+        finally:
+            os.close(fd)
+        sysctl.write_text("0\n")
+        yield mnt
+    finally:
+        sysctl.write_text(saved)
+        subprocess.run(["umount", str(mnt)], check=False)
+        os.rmdir(mnt)
+
+
+def test_a_pin_swapped_for_a_hard_link_is_not_chowned_through(shared_bpffs: Path, monkeypatch,
+                                                              figures) -> None:  # type: ignore[no-untyped-def]
+    from xskbroker.broker import bpfsys, pins
+
+    victim = shared_bpffs / "other/policy_map"
+    real_pin = bpfsys.obj_pin
+
+    def pin_then_swap(fd: int, path: str) -> None:
+        real_pin(fd, path)
+        # the tenant, in the window before the broker gives the pin to it
+        spawn_unprivileged(swap_pin_for_link, f"{shared_bpffs}/pins/{ATTACKER}/xsk0/xsks_map", str(victim),
+                           uid=ATTACKER).result()
+
+    monkeypatch.setattr(bpfsys, "obj_pin", pin_then_swap)
+    map_fd = bpfsys.map_create(2, 1, "tenant_map")
+    try:
+        pins.pin(str(shared_bpffs / "pins"), ATTACKER, ATTACKER, "xsk0", map_fd)
+        outcome = "pinned"
+    except FileExistsError:
+        outcome = "refused: the pin's name is taken"
+    finally:
+        os.close(map_fd)
+    st = victim.stat()
+    attacker_open = spawn_unprivileged(open_map_pin, str(victim), uid=ATTACKER).result()
+    figures(outcome=outcome, victim_owner=f"{st.st_uid}:{st.st_gid}", victim_mode=f"{stat.S_IMODE(st.st_mode):04o}",
+            attacker_open=attacker_open)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
+    assert attacker_open == os.strerror(errno.EACCES)
+    assert outcome.startswith("refused")
+    assert not any((shared_bpffs / "pins" / pins.STAGING).iterdir())  # nothing of the grant left behind
+
+
+def test_a_pin_is_its_tenants_with_nothing_left_staged(shared_bpffs: Path) -> None:
+    from xskbroker.broker import bpfsys, pins
+
+    root = shared_bpffs / "pins"
+    map_fd = bpfsys.map_create(2, 1, "tenant_map")
+    try:
+        path = pins.pin(str(root), ATTACKER, ATTACKER, "xsk0", map_fd)
+        with pytest.raises(FileExistsError):  # one pin per (uid, interface)
+            pins.pin(str(root), ATTACKER, ATTACKER, "xsk0", map_fd)
+    finally:
+        os.close(map_fd)
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_nlink) == (ATTACKER, ATTACKER, 0o600, 1)
+    assert spawn_unprivileged(open_map_pin, path, uid=ATTACKER).result() == "opened"
+    staging = root / pins.STAGING
+    assert (staging.stat().st_uid, stat.S_IMODE(staging.stat().st_mode)) == (0, 0o700) and not any(staging.iterdir())
+    assert pins.unpin(str(root), ATTACKER, "xsk0") and not os.path.exists(path)

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -412,3 +413,69 @@ def test_audit_records_in_a_real_journal_answer_journalctl(veth: VethNamespace) 
             log.close()
             with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
                 os.kill(int((wd / "journald.pid").read_text()), signal.SIGTERM)
+
+
+def _pin_dropin_capabilities() -> list[str]:
+    """The capabilities docs/systemd.md's drop-in for serve --pin-root adds, as setpriv names them."""
+    text = (ROOT / "docs" / "systemd.md").read_text()
+    [block] = [b for b in re.findall(r"```ini\n(.*?)```", text, re.S) if "--pin-root" in b]
+    m = re.search(r"^CapabilityBoundingSet=(.*)$", block, re.M)
+    assert m
+    return sorted(c.removeprefix("CAP_").lower() for c in m.group(1).split())
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv is not installed (apt-get install util-linux)")
+def test_map_pins_under_the_units_capabilities_and_the_drop_in(figures) -> None:  # type: ignore[no-untyped-def]
+    """pins.pin as the unit runs it (another uid, the unit's capabilities; the system call filter is checked in
+    test_systemd_units.py) for a tenant, in a root-owned bpffs directory as docs/dpdk.md says: refused with the
+    unit's capabilities alone, the tenant's 0600 pin with the drop-in's added."""
+    probe = ("import sys\nfrom xskbroker.broker import bpfsys, pins\nfd = bpfsys.map_create(2, 1, 'tenant_map')\n"
+             "try:\n    print(pins.pin(sys.argv[1], int(sys.argv[2]), int(sys.argv[2]), 'xsk0', fd))\n"
+             "except OSError as e:\n    print(f'{type(e).__name__}: {e.strerror}')\n")
+    with workdir() as wd:
+        code = _readable_copy(wd / "code")
+        root = wd / "bpf"
+        root.mkdir(mode=0o755)
+        subprocess.run(["mount", "-t", "bpf", "-o", "mode=0755", "bpf", str(root)], check=True)
+        try:
+            outcomes = []
+            for caps in (unit_capabilities(), sorted(set(unit_capabilities()) | set(_pin_dropin_capabilities()))):
+                done = subprocess.run([*_unit_like(caps), os.path.realpath(sys.executable), "-c", probe, str(root),
+                                       str(CONSUMER_UID)], capture_output=True, text=True, timeout=60, check=False,
+                                      env={"PYTHONPATH": str(code), "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+                assert done.returncode == 0, done.stderr
+                outcomes.append(done.stdout.strip())
+            pin = root / str(CONSUMER_UID) / "xsk0" / "xsks_map"
+            assert outcomes == ["PermissionError: Permission denied", str(pin)], outcomes
+            st = pin.stat()
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (CONSUMER_UID, CONSUMER_UID, 0o600)
+            figures(units_capabilities=outcomes[0], with_the_drop_in=" ".join(_pin_dropin_capabilities()))
+        finally:
+            subprocess.run(["umount", str(root)], check=False)
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv is not installed (apt-get install util-linux)")
+def test_a_device_plugin_socket_under_the_units_uid_and_the_drop_in(figures) -> None:  # type: ignore[no-untyped-def]
+    """dpsocket.place as the unit runs it, at a path in a root 0755 directory as docs/dpdk.md says: every directory
+    on the way is root's (the broker's uid is a dynamic user's), and the socket is the tenant's 0600 with the
+    drop-in's capabilities; the unit's alone cannot make the directory or give the socket away."""
+    probe = ("import sys\nfrom xskbroker.broker import dpsocket\n"
+             "try:\n    print(dpsocket.place(sys.argv[1], int(sys.argv[2]), int(sys.argv[2])).path)\n"
+             "except OSError as e:\n    print(f'{type(e).__name__}: {e.strerror}')\n")
+    with workdir() as wd:
+        code = _readable_copy(wd / "code")
+        wd.chmod(0o755)  # the broker opens each directory on the way
+        (wd / "afxdp").mkdir(mode=0o755)  # a root 0755 directory in ReadWritePaths=
+        path = wd / "afxdp" / "xsk0" / "afxdp.sock"
+        outcomes = []
+        for caps in (unit_capabilities(), sorted(set(unit_capabilities()) | set(_pin_dropin_capabilities()))):
+            done = subprocess.run([*_unit_like(caps), os.path.realpath(sys.executable), "-c", probe, str(path),
+                                   str(CONSUMER_UID)], capture_output=True, text=True, timeout=60, check=False,
+                                  env={"PYTHONPATH": str(code), "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+            assert done.returncode == 0, done.stderr
+            outcomes.append(done.stdout.strip())
+        figures(units_capabilities=outcomes[0], with_the_drop_in=outcomes[1])
+        assert outcomes == ["PermissionError: Permission denied", str(path)], outcomes
+        st = path.lstat()
+        assert stat.S_ISSOCK(st.st_mode)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (CONSUMER_UID, CONSUMER_UID, 0o600)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -116,3 +118,130 @@ def test_the_hook_runs_with_the_interpreter_of_a_pip_launcher(tmp_path: Path) ->
     assert done.stderr == "xskbroker: domain vm1: <xsk:interface id='xdp0'>: queues='many' is not a whole number " \
                           "from 1 to 126\n"
     assert "installed" not in run("--bindir", "/opt/xskbroker/bin", "--root", str(tmp_path / "root")).stdout
+
+
+# ---- paths with characters that mean something to systemd's unit syntax or to install.sh's sed ----
+
+def systemd_exec(line: str) -> tuple[str, list[str]]:
+    """(executable path, argv) as systemd 252 reads a command line (config_parse_exec, exec_child): words split on
+    whitespace outside quotes and unquoted; prefix characters taken off the first; % specifiers expanded in each
+    word (only %% is expected here); then, without the ":" prefix, ${X} and $$ substituted in argv (never in the
+    executable's path)."""
+    words: list[str] = []
+    word: list[str] | None = None
+    quote = ""
+    chars = iter(line)
+    for c in chars:
+        if c == "\\":
+            c = next(chars)
+            assert c in "\\\"'", f"escape \\{c} in {line!r}"
+        elif quote:
+            if c == quote:
+                quote = ""
+                continue
+        elif c in "\"'":
+            quote = c
+            word = word if word is not None else []
+            continue
+        elif c.isspace():
+            if word is not None:
+                words.append("".join(word))
+                word = None
+            continue
+        word = (word if word is not None else []) + [c]
+    assert not quote, f"unterminated quote in {line!r}"
+    if word is not None:
+        words.append("".join(word))
+    prefix = re.match(r"[-@:+!]*", words[0])
+    assert prefix is not None
+    words[0] = words[0][prefix.end():]
+
+    def specifiers(w: str) -> str:
+        assert re.fullmatch(r"([^%]|%%)*", w), f"a specifier in {w!r}"
+        return w.replace("%%", "%")
+
+    words = [specifiers(w) for w in words]
+    path = words[0]
+    if ":" not in prefix.group():
+        words = [re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}", "", w).replace("$$", "$") for w in words]
+    return path, words
+
+
+def unit_lines(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
+UNIT_SYNTAX = {
+    "space": "my tools",
+    "percent": "100%n",
+    "dollar": "$HOME${USER}$$",
+    "sed": "a&b|c",
+    "semicolon-hash-utf8": "; #é=,+@~:",
+}
+
+
+@pytest.mark.parametrize("name", UNIT_SYNTAX, ids=list(UNIT_SYNTAX))
+def test_bindir_and_prefix_with_unit_syntax_reach_the_units_exactly(tmp_path: Path, name: str) -> None:
+    """ExecStart=/ExecReload= run exactly BINDIR/xskbroker with the unit's arguments, and Documentation= is a
+    file: URL of the installed notes, whatever unit syntax (whitespace, %, $) or sed syntax (&, |) the paths hold."""
+    weird = UNIT_SYNTAX[name]
+    bindir = f"{tmp_path}/opt/{weird}/bin"  # outside --root: where systemd-analyze looks for it
+    prefix = f"/usr/{weird}"
+    root = tmp_path / "root"
+    command = Path(f"{bindir}/xskbroker")
+    command.parent.mkdir(parents=True)
+    command.write_text(f"#!{sys.executable}\nimport sys\n")
+    command.chmod(0o755)
+    Path(f"{root}{bindir}").mkdir(parents=True)
+    Path(f"{root}{bindir}/xskbroker").symlink_to(command)
+    (root / "etc/libvirt").mkdir(parents=True)
+    run("--prefix", prefix, "--bindir", bindir, "--root", str(root), "--quiet")
+    units = Path(f"{root}{prefix}/lib/systemd/system")
+    service = (units / "xskbroker.service").read_text()
+    [start] = unit_lines(service, "ExecStart")
+    assert systemd_exec(start) == (f"{bindir}/xskbroker", [f"{bindir}/xskbroker", "serve", "--policy",
+                                                           "/etc/xskbroker/policy.toml", "--idle-timeout", "60"])
+    reload_path, reload_argv = systemd_exec(unit_lines(service, "ExecReload")[0])
+    assert reload_path == f"{bindir}/xskbroker" and reload_argv[1:] == ["policy", "check", "/etc/xskbroker/policy.toml"]
+    for text in (service, (units / "xskbroker.socket").read_text()):
+        [doc] = unit_lines(text, "Documentation")
+        assert " " not in doc and re.fullmatch(r"([^%]|%%)*", doc), doc
+        assert unquote(doc.replace("%%", "%").removeprefix("file:")) == f"{prefix}/share/doc/xskbroker/systemd.md"
+        assert Path(f"{root}{unquote(doc.replace('%%', '%').removeprefix('file:'))}").is_file()
+    # the unit snippet in the installed notes, too
+    notes = Path(f"{root}{prefix}/share/doc/xskbroker/systemd.md").read_text()
+    snippet = [line for line in notes.splitlines() if line.startswith("ExecStart=") and "status" in line]
+    assert snippet and all(systemd_exec(line.split("=", 1)[1])[0] == f"{bindir}/xskbroker" for line in snippet)
+    assert Path(f"{root}/etc/libvirt/hooks/qemu.d/xskbroker").read_text().startswith(f"#!{sys.executable}\n")
+    if shutil.which("systemd-analyze"):
+        # systemd's own reading: verify fails unless each command names an executable that exists, path for path
+        for unit_name in ("xskbroker.socket", "xskbroker.service"):
+            shutil.copy(units / unit_name, tmp_path / unit_name)
+        done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "xskbroker.socket"),
+                               str(tmp_path / "xskbroker.service")], capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+REFUSED = {
+    "quote": ("/opt/it's/bin", "must not contain ' \" or \\"),
+    "double-quote": ('/opt/a"b/bin', "must not contain ' \" or \\"),
+    "backslash": ("/opt/a\\b/bin", "must not contain ' \" or \\"),
+    "newline": ("/opt/a\nExecStartPre=/bin/true\n/bin", "must not contain a newline"),
+    "tab": ("/opt/a\tb/bin", "must not contain a control character"),
+    "relative": ("opt/bin", "must be absolute"),
+    "not-utf8": ("/opt/caf\udce9/bin", "must be UTF-8"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED, ids=list(REFUSED))
+def test_a_bindir_no_unit_can_run_is_refused_before_anything_is_installed(tmp_path: Path, name: str) -> None:
+    """systemd refuses an executable path with a quote or backslash (a fatal unit error) and ignores a line that
+    is not UTF-8; a newline would end the line early (and start another directive): refused, saying why."""
+    bindir, why = REFUSED[name]
+    done = subprocess.run(["sh", str(INSTALL), "--bindir", bindir,
+                           "--root", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False,
+                          errors="surrogateescape")
+    assert done.returncode == 2, done.stdout
+    assert why in done.stderr and "--bindir" in done.stderr, done.stderr
+    assert tree(tmp_path) == {}

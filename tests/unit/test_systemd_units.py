@@ -183,3 +183,64 @@ def test_watchdog_and_task_limit() -> None:
     threads = 1 + (WORKERS + 1) + ABORT_CLOSERS + 2 * THREADS + LIGHT_THREADS + FILLERS + 1
     assert threads + 2 <= int(one(s, "TasksMax")) <= 4 * threads  # room for ExecReload=, not a blank cheque
     assert "MemoryMax" not in s  # bounded by the policy: docs/systemd.md says why and how to size one
+
+
+def _docs_dropin(marker: str) -> dict[str, list[str]]:
+    """The drop-in of docs/systemd.md that mentions marker, as KEY -> every value it is given."""
+    blocks = [b for b in re.findall(r"```ini\n(.*?)```", (ROOT / "docs/systemd.md").read_text(), re.S) if marker in b]
+    assert len(blocks) == 1, f"{len(blocks)} drop-ins mention {marker}"
+    out: dict[str, list[str]] = {}
+    for line in blocks[0].splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def _syscall_groups() -> dict[str, list[str]]:
+    done = subprocess.run(["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True,
+                          timeout=60, check=True)
+    groups: dict[str, list[str]] = {}
+    members: list[str] = []
+    for line in done.stdout.splitlines():
+        if line.startswith("@"):
+            members = groups.setdefault(line.split()[0], [])
+        elif line.strip() and not line.lstrip().startswith("#") and line.startswith(" "):
+            members.append(line.split()[0])
+    return groups
+
+
+def _allowed(filters: list[str], groups: dict[str, list[str]]) -> set[str]:
+    """The calls a service may make, its SystemCallFilter= lines read as systemd does: the first, an allow list,
+    sets the default (deny); each later line adds its calls, or with ~ takes them away."""
+    def expand(names: list[str]) -> set[str]:
+        out: set[str] = set()
+        for n in names:
+            out |= expand(groups[n]) if n.startswith("@") else {n}
+        return out
+
+    assert not filters[0].startswith("~")
+    allowed: set[str] = set()
+    for f in filters:
+        if f.startswith("~"):
+            allowed -= expand(f[1:].split())
+        else:
+            allowed |= expand(f.split())
+    return allowed
+
+
+@needs_analyze
+def test_the_pin_drop_in_gives_back_the_calls_pins_make() -> None:
+    """serve --pin-root makes directories and pins in a root-owned bpffs directory and gives each to its tenant;
+    the unit's filter takes the chown calls away (@privileged holds @chown), and the drop-in docs/systemd.md gives
+    for it puts back all it makes."""
+    groups = _syscall_groups()
+    service = unit("xskbroker.service")
+    dropin = _docs_dropin("--pin-root")
+    pins_calls = {"bpf", "mkdirat", "openat", "fchown", "fchownat", "fchmod", "linkat", "unlinkat"}
+    assert pins_calls - _allowed(service["SystemCallFilter"], groups) == {"fchown", "fchownat"}
+    assert pins_calls <= _allowed(service["SystemCallFilter"] + dropin["SystemCallFilter"], groups)
+    caps = {c for v in dropin["CapabilityBoundingSet"] for c in v.split()}
+    assert caps == {c for v in dropin["AmbientCapabilities"] for c in v.split()}
+    assert {"CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE"} <= caps
+    assert any(v.split() == ["/run/xskbroker/bpf"] for v in dropin["ReadWritePaths"])
