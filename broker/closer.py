@@ -54,6 +54,7 @@ class Closer:
         self._later_wake = threading.Condition(self._lock)
         self._later_thread: threading.Thread | None = None
         self._in_flight = 0  # fds handed to close() and not closed yet
+        self._moving = 0  # fds taken from _later (due, expedited) and not yet handed to close(): pending all the same
         self._spawn(keep=True)
 
     def close_later(self, fds: list[int], delay: float, key: str | None = None) -> None:
@@ -85,7 +86,16 @@ class Closer:
                 if self._stopping:
                     return
                 _, fds, _ = self._later.popleft()
+                self._moving += len(fds)
+            self._hand_over(fds)
+
+    def _hand_over(self, fds: list[int]) -> None:
+        """close() what was taken from _later (counted in _moving meanwhile)."""
+        try:
             self.close(fds)
+        finally:
+            with self._lock:
+                self._moving -= len(fds)
 
     def expedite(self, key: str) -> None:
         """Close now what close_later keeps under `key` (a released lease's socket is free for its next grant)."""
@@ -93,8 +103,9 @@ class Closer:
             found = [entry for entry in self._later if entry[2] == key]
             for entry in found:
                 self._later.remove(entry)
+                self._moving += len(entry[1])
         for _, fds, _ in found:
-            self.close(fds)
+            self._hand_over(fds)
 
     def _spawn(self, keep: bool = False) -> None:
         t = threading.Thread(target=self._run, args=(keep,), name=f"xskbroker-{self._name}-{len(self._threads)}",
@@ -116,7 +127,7 @@ class Closer:
     def pending(self) -> bool:
         """Whether fds wait to be closed (kept, queued or closing): a socket among them may still hold a map slot."""
         with self._lock:
-            return self._in_flight > 0 or bool(self._later)
+            return self._in_flight > 0 or self._moving > 0 or bool(self._later)
 
     def _live(self) -> int:
         self._threads = [t for t in self._threads if t.is_alive()]

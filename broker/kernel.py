@@ -13,6 +13,7 @@ import errno
 import os
 import resource
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -181,6 +182,9 @@ class LinuxKernel:
     def __init__(self, fault: FaultHook = _no_fault) -> None:
         self.fault = fault
         self._preparer: Any = None  # broker.preparer.Preparer, once the UMEM pool asks for a socket
+        # stop() may come while the pool's filler starts the helper: none is started after it
+        self._preparer_lock = threading.Lock()
+        self._stopped = False
         # every release looks at its slots: one probe socket kept, not an AF_XDP socket made and closed per look
         self._probe: socket.socket | None = None
 
@@ -261,16 +265,23 @@ class LinuxKernel:
         return xsk.claim(ifindex, queue, map_fd, bind_mode, need_wakeup, fault=self.fault)
 
     def make_ready(self, g: Geometry) -> Ready:
-        if self._preparer is None:
-            from xskbroker.broker.preparer import Preparer  # on first use: nothing of it before the first grant
+        with self._preparer_lock:
+            if self._stopped:
+                raise OSError(errno.ECANCELED, "the broker is stopping")
+            if self._preparer is None:
+                from xskbroker.broker.preparer import Preparer  # on first use: nothing of it before the first grant
 
-            self._preparer = Preparer()
-        made: xsk.Unbound = self._preparer.make(g)
+                self._preparer = Preparer()
+            preparer = self._preparer
+        made: xsk.Unbound = preparer.make(g)
         return made
 
     def stop(self) -> None:
-        if self._preparer is not None:
-            self._preparer.stop()
+        with self._preparer_lock:
+            self._stopped = True
+            preparer = self._preparer
+        if preparer is not None:
+            preparer.stop()
 
     def claim_ready(self, ready: Ready, ifindex: int, queue: int, map_fd: int, bind_mode: str,
                     need_wakeup: bool) -> Prepared:

@@ -9,7 +9,7 @@ of the broker is inherited) does it all in its own address space: it reads a geo
 socket stays unbound and in no map; the pinned pages stay pinned by the socket, not by this process.
 
 It dies with the broker: PR_SET_PDEATHSIG, and it exits when its socket reaches end of file. The broker
-falls back to making sockets itself when it cannot start or it dies.
+falls back to making sockets itself when it cannot start, dies or stops answering (reply_seconds).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from xskbroker.wire.xdp_abi import AF_XDP
 _GEOMETRY = struct.Struct("=7Q")
 _STATUS = struct.Struct("=i")
 MAX_UMEM = 1 << 30  # what a pool socket may be at most (the pool keeps far smaller ones): a bound on mistakes
+REPLY_SECONDS = 5.0  # a make's reply waited for at most this, plus the time to pin its UMEM at the rate below
+PIN_BYTES_PER_SECOND = 64 << 20
 
 
 def _pack(g: Geometry) -> bytes:
@@ -41,28 +43,38 @@ class Preparer:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # one request in flight: replies come in order
+        # guards closing _sock: stop() shuts it down from another thread while a make waits on it
+        self._sock_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._broken = False  # it could not start or it died: the caller makes its own from then on
+        self._broken = False  # it could not start, died or hung: the caller makes its own from then on
+        self._stopping = False
 
     def make(self, g: Geometry) -> xsk.Unbound:
         with self._lock:
+            if self._stopping:  # nothing pinned for a broker on its way out
+                raise OSError(errno.ECANCELED, "the broker is stopping")
             sock = self._started()
             if sock is None:
                 return xsk.make_unbound(g)
             try:
+                # a helper that never answers (stopped, stuck) must not keep the pool waiting for good: its
+                # socket would stay counted as being made, nothing refilled, and the broker's stop would wait on it
+                sock.settimeout(reply_seconds(g))
                 sock.sendall(_pack(g))
-                data, fds, _, _ = socket.recv_fds(sock, _STATUS.size, 2)
+                data, fds, flags, _ = socket.recv_fds(sock, _STATUS.size, 2)
             except OSError:
-                self._stop_locked()
-                self._broken = True
-                return xsk.make_unbound(g)
+                return self._lost(g)
+            if flags & socket.MSG_CTRUNC and len(data) == _STATUS.size and not _STATUS.unpack(data)[0]:
+                # the fds did not all fit here (the broker is out of fds; the kernel closed the others): this
+                # socket is lost, not the helper
+                for fd in fds:
+                    os.close(fd)
+                raise OSError(errno.EMFILE, "making a pool socket: no room for its fds")
             if len(data) != _STATUS.size or (not _STATUS.unpack(data)[0] and len(fds) != 2):
                 for fd in fds:
                     os.close(fd)
-                self._stop_locked()
-                self._broken = True
-                return xsk.make_unbound(g)
+                return self._lost(g)
             (err,) = _STATUS.unpack(data)
             if err:
                 for fd in fds:
@@ -71,6 +83,14 @@ class Preparer:
             # family and type given: an AF_XDP socket has no address for socket() to find them by
             return xsk.Unbound(socket.socket(AF_XDP, socket.SOCK_RAW, 0, fileno=fds[0]), fds[1], g)
 
+    def _lost(self, g: Geometry) -> xsk.Unbound:
+        """The helper failed us (gone, hung, garbled): ended; the broker makes its own from now on."""
+        self._stop_locked()
+        if self._stopping:
+            raise OSError(errno.ECANCELED, "the broker is stopping")
+        self._broken = True
+        return xsk.make_unbound(g)
+
     def _started(self) -> socket.socket | None:
         if self._sock is not None or self._broken:
             return self._sock
@@ -78,23 +98,39 @@ class Preparer:
         if started is None:
             self._broken = True
             return None
-        self._sock, self._proc = started
+        with self._sock_lock:  # stop() shuts down whatever socket it finds here
+            self._sock, self._proc = started
+            if self._stopping:
+                self._sock.shutdown(socket.SHUT_RDWR)
         return self._sock
 
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     def stop(self) -> None:
+        """End the helper; a make waiting for its reply gives up at once (the helper may never answer)."""
+        with self._sock_lock:
+            self._stopping = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
         with self._lock:
             self._stop_locked()
 
     def _stop_locked(self) -> None:
-        if self._sock is not None:
-            self._sock.close()  # end of file: it exits
-            self._sock = None
+        with self._sock_lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()  # end of file: it exits
         if self._proc is not None:
             helper_process.stop(self._proc, 2.0)
             self._proc = None
+
+
+def reply_seconds(g: Geometry) -> float:
+    """How long a make may take in the helper before it is taken for hung: pinning runs at about 1 ms per MiB
+    here; ample room for a loaded host."""
+    return REPLY_SECONDS + g.umem_size / PIN_BYTES_PER_SECOND
 
 
 def serve(sock: socket.socket) -> None:

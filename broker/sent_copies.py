@@ -231,6 +231,19 @@ def _header(chunk: list[Entry]) -> bytes:
     return b"".join(out)
 
 
+def sent_in(header: bytes) -> int:
+    """How many fds the broker sent with a message, by its header (0 when it cannot be read)."""
+    total, at = 0, 1
+    try:
+        for _ in range(header[0]):
+            n, _, klen = _ENTRY.unpack_from(header, at)
+            at += _ENTRY.size + klen
+            total += n
+    except (IndexError, struct.error):
+        return 0
+    return total
+
+
 def parse(header: bytes, fds: list[int]) -> list[Entry]:
     """The helper's side of _header: each entry's fds, delay and key. A header that does not add up to the fds
     (never from our broker) closes every fd now."""
@@ -288,11 +301,13 @@ class _Helper:
                 if not any(ev & ~select.POLLOUT for _, ev in ready):
                     continue  # a timer, or room for an answer: nothing to read
                 try:
-                    msg, fds, _, _ = socket.recv_fds(self.sock, 1 + 255 * (_ENTRY.size + MAX_KEY), PER_MESSAGE)
+                    msg, fds, flags, _ = socket.recv_fds(self.sock, 1 + 255 * (_ENTRY.size + MAX_KEY), PER_MESSAGE)
                 except OSError:
                     return
                 if not msg and not fds:
                     return  # end of file: the broker is stopping
+                if flags & socket.MSG_CTRUNC:  # out of fds here: the kernel closed those that did not fit
+                    self._count(max(0, sent_in(msg) - len(fds)))
                 self._take(parse(msg, fds))
         finally:
             for _, _, group, _ in self.kept:  # what is kept closes now, every close done before the exit says so

@@ -165,8 +165,8 @@ class Service(Grants, Lifecycle):
         self.forget_programs()
         self.leases.close()
         self.workers.stop()
+        self.kernel.stop()  # first: a pool refill waiting on the helper that makes its sockets gives up at once
         self.pool.close()
-        self.kernel.stop()
         self.closer.stop()
 
     # ---- entry point ---------------------------------------------------------------------------

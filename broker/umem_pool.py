@@ -79,6 +79,10 @@ class UmemPool:
         self._last_take = 0.0
         self._kick = False  # a take(wake=False) left the refilling thread asleep
         self._stopping = False
+        # dropped (flush, interface gone, given back to no room) and closed by the filler, counted until then: the
+        # last close of a UMEM's memfd frees its pages, ~0.2 ms per MiB here, which on the event loop stalled every
+        # client
+        self._closing: list[tuple[Geometry, Ready]] = []
         self._threads = [threading.Thread(target=self._fill, name=f"xskbroker-umem-pool-{i}", daemon=True)
                          for i in range(fillers if max_bytes > 0 else 0)]
         for t in self._threads:
@@ -152,7 +156,13 @@ class UmemPool:
                 self._sockets += 1
                 self._taken -= 1
                 return
-        ready.close()  # forgotten, stopping or no room meanwhile
+            if self._threads and not self._stopping:  # forgotten or no room meanwhile: closed by the filler
+                self._closing.append((g, ready))
+                self._bytes += cost(g)
+                self._sockets += 1
+                self._lock.notify_all()
+                return
+        ready.close()  # stopping
 
     def _forget_unused(self, keep: Geometry) -> None:
         """Past MAX_GEOMETRIES, forget the least recently asked geometries (but `keep`) that hold no socket (under
@@ -204,15 +214,20 @@ class UmemPool:
         cpus.background()  # zeroing and pinning pages: its helper process, started from here, inherits the CPU
         while True:
             with self._lock:
-                while not self._stopping and not isinstance(wanted := self._wanted(), tuple):
+                while not self._stopping and not self._closing and not isinstance(wanted := self._wanted(), tuple):
                     self._lock.wait(wanted)
-                if self._stopping or not isinstance(wanted, tuple):
-                    return
-                g, kind = wanted
-                kind.making += 1
-                self._bytes += cost(g)  # counted while it is made: its pages are being pinned
-                self._sockets += 1
-                evicted = self._evict()
+                closing, self._closing = self._closing, []
+                if not closing:
+                    if self._stopping or not isinstance(wanted, tuple):
+                        return
+                    g, kind = wanted
+                    kind.making += 1
+                    self._bytes += cost(g)  # counted while it is made: its pages are being pinned
+                    self._sockets += 1
+                    evicted = self._evict()
+            if closing:  # before any make: the budget counts them until they are closed
+                self._close(closing)
+                continue
             for u in evicted:
                 u.close()
             made = None
@@ -261,16 +276,26 @@ class UmemPool:
         self._drop(lambda kind: True)
 
     def _drop(self, which: Callable[[_Kind], bool]) -> None:
-        closing: list[Ready] = []
         with self._lock:
             for g in [g for g, kind in self._kinds.items() if which(kind)]:
                 kind = self._kinds.pop(g)
-                for u in kind.ready:  # one being made is closed by its filler (_settle)
-                    closing.append(u)
-                    self._bytes -= cost(g)
-                    self._sockets -= 1
-        for u in closing:
+                # one being made is closed by its filler (_settle)
+                self._closing += [(g, u) for u in kind.ready]
+            if not self._closing:
+                return
+            if self._threads and not self._stopping:  # the caller is the event loop: the filler closes them
+                self._lock.notify_all()
+                return
+            closing, self._closing = self._closing, []
+        self._close(closing)
+
+    def _close(self, closing: list[tuple[Geometry, Ready]]) -> None:
+        for _, u in closing:
             u.close()
+        with self._lock:
+            for g, _ in closing:
+                self._bytes -= cost(g)
+                self._sockets -= 1
 
     @property
     def pooled_bytes(self) -> int:
@@ -291,4 +316,4 @@ class UmemPool:
         for t in self._threads:
             t.join()
         self._threads = []
-        self.flush()
+        self.flush()  # with what a filler left to close

@@ -6,6 +6,7 @@ held it (this process, a message in flight, the helper)."""
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import threading
@@ -298,3 +299,55 @@ def test_a_closer_stopped_as_a_kept_batch_comes_due_still_closes_it(monkeypatch:
         wait_for(lambda: closed(r), "the kept fd to be closed")
     finally:
         os.close(r)
+
+
+def test_copies_the_helper_had_no_room_for_are_closed_and_counted_so(copies: SentCopies) -> None:
+    """A message whose fds do not all fit the helper's RLIMIT_NOFILE is cut short (MSG_CTRUNC): the kernel closes
+    the rest. Those count as closed too, or pending() said for good that sockets may still hold their queues."""
+    pid = ready(copies)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(used) + 2, hard))  # a few free numbers at most
+    try:
+        pipes = [pipe(copies) for _ in range(40)]
+        copies.close([w for _, w in pipes])
+        copies.flush()
+        wait_for(lambda: all(closed(r) for r, _ in pipes), "every copy to be closed, by the helper or the kernel")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_for(lambda: not copies.pending(), "pending() to know they are closed")
+    assert copies.helper_pid() == pid and copies.helper_ready()
+
+
+def test_a_kept_batch_on_its_way_to_the_closer_threads_is_still_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken from the kept ones (due, or its lease ended) and not yet queued for the threads, a batch was neither kept
+    nor in flight: pending() said nothing was left while its fds were open."""
+    closer = Closer(4, name="t")
+    taken, go = threading.Event(), threading.Event()
+    real_close = closer.close
+
+    def slow_close(fds: list[int]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            taken.set()
+            go.wait(5)
+        real_close(fds)
+
+    monkeypatch.setattr(closer, "close", slow_close)
+    (r1, w1), (r2, w2) = os.pipe(), os.pipe()
+    try:
+        closer.close_later([w1], 0.01)
+        assert taken.wait(5)
+        assert closer.pending() and alive(w1), "a due batch on its way to the threads was not pending"
+        go.set()
+        wait_for(lambda: closed(r1), "the kept fd to be closed")
+        wait_for(lambda: not closer.pending(), "nothing pending")
+        monkeypatch.setattr(closer, "close", real_close)
+        closer.close_later([w2], 60.0, "lease")
+        closer.expedite("lease")
+        wait_for(lambda: closed(r2), "the expedited fd to be closed")
+        wait_for(lambda: not closer.pending(), "nothing pending")
+    finally:
+        go.set()
+        closer.stop()
+        os.close(r1)
+        os.close(r2)

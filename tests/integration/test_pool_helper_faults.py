@@ -1,0 +1,219 @@
+"""The UMEM pool's helper process (broker.preparer) hung, dead or misbehaving, on the real kernel: the broker stops
+in bounded time and leaves no process, the pool's accounting stays true, and no fd leaks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xskbroker.client.connection import Connection
+from xskbroker.client.grant import request_fds
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, child_pids
+from xskbroker.wire import protocol as proto
+
+from .conftest import CONSUMER_UID, ns_name, wait_for
+
+POLICY = """\
+version = 1
+
+[[allow]]
+name = "tests"
+users = [0, {uid}]
+interfaces = ["xsk*"]
+queues = ["0-7"]
+kinds = ["bound"]
+max_umem = "16MiB"
+"""
+
+MiB = 1 << 20
+G = proto.Geometry(umem_size=4 * MiB, fill=256, completion=256, rx=256, tx=256)
+
+
+@pytest.fixture
+def bed() -> Iterator[tuple[VethNamespace, BrokerProcess]]:
+    with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
+            BrokerProcess(ns.name, POLICY.format(uid=CONSUMER_UID), umem_pool="64MiB") as b:
+        yield ns, b
+
+
+def _pool(b: BrokerProcess) -> dict[str, int]:
+    with Connection(b.socket_path) as c:
+        return dict(c.call(proto.Status())[0]["metrics"]["pool"])
+
+
+def _memfds(pid: int) -> list[int]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:xskbroker-umem"):
+                out.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+        except OSError:
+            continue
+    return out
+
+
+def _grant_release(b: BrokerProcess, queue: int = 1) -> None:
+    reply, fds = request_fds("xsk0", [queue], kind="bound", geometry=G, socket_path=b.socket_path)
+    for fd in fds:
+        os.close(fd)
+    with Connection(b.socket_path) as c:
+        c.call(proto.Release(reply["lease"]))
+
+
+def _helpers(b: BrokerProcess) -> list[int]:
+    out = []
+    for p in child_pids(b.pid):
+        with contextlib.suppress(FileNotFoundError):
+            if b"xskbroker.broker.preparer" in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.append(p)
+    return out
+
+
+def _helper(b: BrokerProcess) -> int:
+    helpers = _helpers(b)
+    assert len(helpers) == 1, helpers
+    return helpers[0]
+
+
+def _learned(b: BrokerProcess) -> None:
+    _grant_release(b)
+    wait_for(lambda: _memfds(b.pid).count(G.umem_size) >= 2, timeout=10, what="the pool making sockets ahead")
+
+
+def _stat(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_a_broker_whose_pool_helper_hangs_mid_make_still_stops(bed: Any) -> None:
+    _, b = bed
+    _learned(b)
+    helper = _helper(b)
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        _grant_release(b)  # takes a pooled socket: the refill asks the stopped helper, and waits for its reply
+        # one ready, one being made: counted, never answered
+        wait_for(lambda: _pool(b)["sockets"] == 2 and _memfds(b.pid).count(G.umem_size) == 1, what="a refill under way")
+        time.sleep(0.3)
+        b.signal(signal.SIGTERM)
+        assert b.proc is not None
+        try:
+            b.proc.wait(8)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the broker did not stop: its pool waits for a helper that never answers") from None
+        wait_for(lambda: _stat(helper) in ("gone", "Z"), what="the helper gone with the broker")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)
+
+
+def test_a_pool_helper_that_stops_answering_is_given_up_and_the_pool_carries_on_true_to_its_count(bed: Any) -> None:
+    _, b = bed
+    _learned(b)
+    helper = _helper(b)
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        _grant_release(b)  # the refill of what it took waits on the stopped helper
+        # given up on after preparer.reply_seconds (about 5 s at this size): killed, and the broker makes its own
+        wait_for(lambda: _stat(helper) in ("gone", "Z"), timeout=15, what="the hung helper ended")
+        wait_for(lambda: _memfds(b.pid).count(G.umem_size) >= 2, timeout=10, what="the pool refilled by the broker")
+        time.sleep(0.2)
+        pool = _pool(b)
+        assert pool["pinned_bytes"] == sum(_memfds(b.pid)) + pool["sockets"] * G.ring_bytes, (pool, _memfds(b.pid))
+        assert pool["sockets"] == len(_memfds(b.pid))
+        _grant_release(b, 0)  # and grants go on, from the pool
+        assert _pool(b)["taken"] == pool["taken"] + 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, signal.SIGKILL)
+
+
+def test_a_pool_helper_killed_mid_make_leaves_no_fd_and_the_pool_true_to_its_count(bed: Any) -> None:
+    _, b = bed
+    _learned(b)
+    helper = _helper(b)
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        _grant_release(b)
+        wait_for(lambda: _pool(b)["sockets"] == 2 and _memfds(b.pid).count(G.umem_size) == 1, what="a refill under way")
+    finally:
+        os.kill(helper, signal.SIGKILL)  # it dies with the request read or not, the reply never sent
+    wait_for(lambda: _stat(helper) in ("gone", "Z"), what="the helper dead")
+    wait_for(lambda: _memfds(b.pid).count(G.umem_size) >= 2, timeout=10, what="the pool refilled by the broker")
+    time.sleep(0.2)
+    pool = _pool(b)
+    assert pool["sockets"] == len(_memfds(b.pid)) and pool["pinned_bytes"] == \
+        sum(_memfds(b.pid)) + pool["sockets"] * G.ring_bytes, (pool, _memfds(b.pid))
+    assert not _helpers(b)  # the broker makes its own now: no helper started again
+
+
+def _open_fds() -> set[int]:
+    """This process's fds (not the one listing /proc/self/fd opens meanwhile)."""
+    out = set()
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        out.add(fd)
+    return out
+
+
+def test_a_broker_out_of_fds_loses_that_socket_not_its_pool_helper() -> None:
+    """The helper's reply carries two fds; with room for one (RLIMIT_NOFILE), the kernel truncates it (MSG_CTRUNC).
+    Nothing is left open, and the helper, which did nothing wrong, keeps making the next ones (given up, every pool
+    socket from then on would be pinned by the broker itself, under its own mmap_lock)."""
+    from xskbroker.broker.preparer import Preparer
+
+    p = Preparer()
+    try:
+        p.make(G).close()  # starts the helper
+        helper = p.pid()
+        assert helper is not None
+        before = _open_fds()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = max(before) + 2
+        filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(limit - 1 - len(before))]
+        assert max(_open_fds()) == limit - 2 and len(_open_fds()) == limit - 1  # one fd number left: limit - 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            with contextlib.suppress(OSError):  # EMFILE: that socket is lost (its fds closed by the kernel)
+                p.make(G).close()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for fd in filler:
+                os.close(fd)
+        assert p.pid() == helper, "the helper was given up for the broker's own shortage of fds"
+        assert _open_fds() == before, "a truncated reply left an fd open"
+        made = p.make(G)
+        made.close()
+        assert p.pid() == helper
+    finally:
+        p.stop()
+
+
+def test_no_pool_helper_is_started_once_the_kernel_layer_has_stopped() -> None:
+    """The broker's stop ends the helper before it joins the pool's filler (which may be waiting on it): a filler
+    making its first socket after that must not start a helper nobody would end."""
+    from xskbroker.broker.kernel import LinuxKernel
+
+    k = LinuxKernel()
+    k.stop()
+    before = set(child_pids(os.getpid()))
+    with pytest.raises(OSError) as e:
+        k.make_ready(G)
+    assert e.value.errno == errno.ECANCELED
+    assert set(child_pids(os.getpid())) == before
