@@ -67,17 +67,17 @@ class BareGrants(MapGrants):
         self.pending[id(token)] = Holding(peer.principal, peer.gids, peer.groups, len(req.queues), req.pinned_bytes)
 
         def step() -> Outcome | None:
-            waiting = False
+            # uncharged while it is tried: a policy reloaded meanwhile judges its quotas again, its own queues
+            # counted once (as asked for), not twice
+            charge = self.pending.pop(id(token), None)
             try:
                 return self._make_bare_now(peer, req, rule)
             except Refused as e:
-                waiting = e.code == ErrorCode.QUEUE_BUSY and self.clock() < deadline and self.closes_pending()
-                if waiting:
+                if e.code == ErrorCode.QUEUE_BUSY and self.clock() < deadline and self.closes_pending():
+                    if charge is not None:
+                        self.pending[id(token)] = charge
                     return None
                 raise
-            finally:
-                if not waiting:
-                    self.pending.pop(id(token), None)
 
         def cancel() -> None:  # nothing else is held between steps: a step that fails undoes itself
             self.pending.pop(id(token), None)
@@ -85,6 +85,9 @@ class BareGrants(MapGrants):
         return Deferred(step, cancel)
 
     def _make_bare_now(self, peer: PeerInfo, req: proto.Grant, rule: Rule) -> Outcome:
+        # a grant that waited across a reload: judged again now, before anything is made, and its memlock raise is
+        # the new rule's
+        rule = self._rule_now(req, rule) or rule
         unsupported = self.kernel.bare_supported()
         if unsupported:
             raise Refused(ErrorCode.UNSUPPORTED_KIND, unsupported)

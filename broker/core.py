@@ -22,7 +22,7 @@ from xskbroker.broker.squat import SquatWatch
 from xskbroker.broker.umem_pool import UmemPool
 from xskbroker.broker.workers import Workers
 from xskbroker.common.records import field, record
-from xskbroker.policy import Holdings, Peer, Policy
+from xskbroker.policy import Holdings, Peer, Policy, Rule
 from xskbroker.policy.admin import is_admin
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
@@ -154,8 +154,9 @@ class Core:
     held: Holdings  # leases' and pending grants' holdings (a view of both)
     groups_of: Callable[[frozenset[int]], frozenset[str]] | None  # a peer's group names as the policy in force has them
     pending: Holdings  # grants waiting (for a queue's release, a worker), by identity
-    # each grant being made, by id() of its request: (the request, what judges it again under a reloaded policy)
-    judged: dict[int, tuple[proto.Grant, Callable[[], None]]]
+    # each grant being made, by id() of its request: (the request, what judges it again under a reloaded policy
+    # and returns the rule now in force)
+    judged: dict[int, tuple[proto.Grant, Callable[[], Rule | None]]]
     jobs: collections.Counter[int]  # large grants being made, by uid
     bare_empty: set[str]  # bare leases whose slots the last orphan poll found empty
     # (ifindex, queue) -> when a lease whose socket had closed last let it go, and its id: the kernel frees the
@@ -185,6 +186,12 @@ class Core:
     def holdings(self) -> Holdings:
         """What every lease and every grant being made holds, for the quotas."""
         return self.held
+
+    def _rule_now(self, req: proto.Grant, rule: Rule | None) -> Rule | None:
+        """The rule that allows req under the policy in force: judged again (its rules and its quotas) if the
+        policy was reloaded since req was judged; raises Refused if it no longer allows it."""
+        judged = self.judged.get(id(req))
+        return judged[1]() if judged is not None and judged[0] is req else rule
 
     # defined by broker.grants and broker.lifecycle, called across them
     def _program(self, ifindex: int, ifname: str, nqueues: int) -> Program:

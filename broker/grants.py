@@ -24,7 +24,7 @@ from xskbroker.broker.kernel import (
 )
 from xskbroker.broker.leases import Lease
 from xskbroker.broker.peer import PeerInfo, cgroup_of
-from xskbroker.policy import Holding, Request, decide
+from xskbroker.policy import Holding, Request, Rule, decide
 from xskbroker.policy import quota as quotas
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
@@ -46,17 +46,27 @@ class Grants(BoundGrants):
         judged_under = self.policy
         decision = decide(judged_under, who, asked)
         record["rule"] = decision.rule.name if decision.rule else None
+        rule_now = decision.rule
 
-        def rejudged() -> None:
+        def rejudged() -> Rule | None:
             # a grant that waited (a queue let go of late, a large pin) across a reload is judged again before its
-            # lease is made: a deny (or a rule taken away) in the policy now in force wins over the old decision
+            # lease is made, as it was first: a deny (or a rule taken away) and a quota added or tightened in the
+            # policy now in force win over the old decision; what it makes (a memlock raise) follows the new rule
+            nonlocal judged_under, rule_now
             if self.policy is judged_under:
-                return
+                return rule_now
             again = decide(self.policy, who, asked)
             record["rule"] = again.rule.name if again.rule else None
-            if not again.allowed:
+            if not again.allowed or again.rule is None:
                 raise Refused(ErrorCode(again.code), f"{again.reason} (the policy was reloaded while the grant "
                               "waited; nothing was granted)")
+            try:
+                within_quota()  # its own charge while it waited is no longer pending: counted once, here
+            except Refused as e:
+                raise Refused(e.code, f"{e.message} (the policy was reloaded while the grant waited; nothing was "
+                              "granted)") from None
+            judged_under, rule_now = self.policy, again.rule
+            return rule_now
 
         self.judged[id(req)] = (req, rejudged)
 
@@ -293,9 +303,7 @@ class Grants(BoundGrants):
         # recovery checks against the kernel, never a socket nobody accounts for
         # Holders are watched and ended by pid: an earlier holder of this pid that has exited, its exit not yet
         # read by the loop, is ended now, or that exit would end (or orphan) this lease and leave it unwatched
-        judged = self.judged.get(id(req))
-        if judged is not None and judged[0] is req:
-            judged[1]()
+        self._rule_now(req, None)
         self.exit_sync(peer.pid)
         # named as the policy in force names them: a grant that waited (for a bind, a large pin) across a reload
         # has the groups its peer was named with before it, and a quota of a group first named then never counted it

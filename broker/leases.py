@@ -193,6 +193,9 @@ class LeaseTable:
         self.unjournaled: OSError | None = None  # the journal on disk is behind the table (a full file system)
         self._retry_at = 0.0
         self.loaded_raises: list[MemlockRaiseRecord] = []  # the memlock raises load() found journaled
+        # why load() believed none of the journal there (a link, another's file, unreadable, another format): its
+        # leases are forgotten, and the operator must be told (None: there was none, or it was read)
+        self.load_refused: str | None = None
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -475,13 +478,18 @@ class LeaseTable:
         """The leases a previous broker's journal left; lines it cannot read (a torn tail) are skipped. A memlock
         raise it made for a lease it did not journal is left in loaded_raises."""
         self.loaded_raises = []
+        self.load_refused = None
         if not self.state_file:
             return []
         leases: dict[str, Lease] = {}
         try:  # never through a link, and only our own file: a planted journal is not believed
             with open(self.state_file, opener=safefiles.private_opener) as f:
-                header = json.loads(f.readline() or "{}")
+                first = f.readline()
+                header = json.loads(first or "{}")
                 if not isinstance(header, dict) or header.get("version") != STATE_VERSION:
+                    if first:  # an empty file recorded nothing
+                        self.load_refused = (f"{self.state_file}: not a lease journal of version {STATE_VERSION} "
+                                             f"(its first line: {first[:80].rstrip()!r})")
                     return []
                 # a raise is followed by its lease's line, or undone (its grant failed) before anything else is
                 # written: only one on the last line read was made and left by a broker killed in between
@@ -500,7 +508,16 @@ class LeaseTable:
                             leases.pop(entry["end"], None)
                         pending = None
                 self.loaded_raises = [pending] if pending is not None else []
-        except (OSError, ValueError, RecursionError):
+        except FileNotFoundError:  # none yet (a first start): nothing forgotten
+            return []
+        except safefiles.UnsafePathError as e:  # its message names the file and why
+            self.load_refused = str(e)
+            return []
+        except OSError as e:
+            self.load_refused = f"{self.state_file}: cannot be read: {e.strerror or e}"
+            return []
+        except (ValueError, RecursionError) as e:
+            self.load_refused = f"{self.state_file}: cannot be read as a lease journal: {e}"
             return []
         return list(leases.values())
 

@@ -361,6 +361,11 @@ class Lifecycle(MapGrants):
         """Take back the leases a previous broker recorded whose holders still hold their sockets."""
         kept = []
         loaded = self.leases.load()
+        if self.leases.load_refused is not None:
+            # the broker starts with none of its leases (and compact() below writes a journal in its place): the
+            # operator is told, or a lease forgotten shows only as a queue held by nobody the broker knows
+            self.audit({"event": "lease-journal-refused", "reason": self.leases.load_refused,
+                        "leases_recovered": 0})
         raises = _memlock_raises(loaded, self.leases.loaded_raises)
         # misbound leases last: a lease granted their queue since, taken back first, says the queue is not theirs
         for lease in sorted(loaded, key=lambda x: x.revoked and x.misbound is not None):

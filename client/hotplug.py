@@ -160,6 +160,16 @@ def attach(qmp: Monitor, netdev_id: str, ifname: str, fds: Sequence[int], *, sta
                       device_args)
 
 
+# how an unwind's notes say a step that would have closed QEMU's copies of the sockets failed
+NOT_DELETED = "could not delete netdev"
+NOT_CLOSED = "could not close fd"
+
+
+def qemu_may_hold(notes: Iterable[str]) -> bool:
+    """Whether an attach's unwind (its notes) may have left QEMU holding sockets of the attempt."""
+    return any(n.startswith((NOT_DELETED, NOT_CLOSED)) for n in notes)
+
+
 def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str], late_netdev: str | None = None,
             late_device: str | None = None) -> list[str]:
     """Best effort: undo a partial attach. Returns one note per step, for the error report.
@@ -174,7 +184,7 @@ def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str], late_netd
             qmp.execute("netdev_del", {"id": netdev_id})
             notes.append(f"unwound: deleted netdev {netdev_id!r} (QEMU closed its sockets)")
         except (QMPError, QMPTimeout, QMPConnectionError) as e:
-            notes.append(f"could not delete netdev {netdev_id!r}: {e}")
+            notes.append(f"{NOT_DELETED} {netdev_id!r}: {e}")
     closed, taken, unsure = [], [], False
     for name in names:
         try:
@@ -183,7 +193,7 @@ def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str], late_netd
         except QMPError:
             taken.append(name)  # never arrived, or netdev_add had already taken it
         except (QMPTimeout, QMPConnectionError) as e:
-            notes.append(f"could not close fd {name!r} in QEMU: {e}")
+            notes.append(f"{NOT_CLOSED} {name!r} in QEMU: {e}")
             unsure = True
     if closed:
         notes.append(f"unwound: closed fd(s) {', '.join(closed)} in QEMU")
@@ -199,9 +209,9 @@ def _unwind(qmp: Monitor, netdev_id: str | None, names: Sequence[str], late_netd
                          "closed its sockets)")
         except QMPError as e:
             if e.error_class != "DeviceNotFound":  # not found: netdev_add took the fds but failed, nothing left
-                notes.append(f"could not delete netdev {late_netdev!r}: {e}")
+                notes.append(f"{NOT_DELETED} {late_netdev!r}: {e}")
         except (QMPTimeout, QMPConnectionError) as e:
-            notes.append(f"could not delete netdev {late_netdev!r}: {e}")
+            notes.append(f"{NOT_DELETED} {late_netdev!r}: {e}")
     return notes
 
 

@@ -148,22 +148,35 @@ def _queues(queues: Sequence[int]) -> str:
 
 # ---- qmp-attach ----------------------------------------------------------------------------------------
 
-def release_lease(socket_path: str, reply: Any, timeout: float) -> str:
+def release_lease(socket_path: str, reply: Any, timeout: float, unwound: Sequence[str] = ()) -> str:
     """End the lease of an attempt that was undone. QEMU, its holder, lives on, so the broker would
-    otherwise keep the lease (and its quota) until its own poll sees the slots empty. Returns a note."""
+    otherwise keep the lease (and its quota) until its own poll sees the slots empty. Returns a note.
+
+    unwound: the unwind's notes. Where it could not delete the netdev or close an fd in QEMU, QEMU may still
+    hold the sockets: the lease is then ended only if they are closed after all (if_closed), and kept otherwise."""
     from xskbroker.client.connection import Connection
     from xskbroker.wire import protocol as proto
+    from xskbroker.wire.errors import ErrorCode
 
+    held = hotplug.qemu_may_hold(unwound)
+    closed = ("the grant's sockets were closed here, but QEMU may still hold them (the unwind could not remove them "
+              "there)" if held else "the grant's sockets were closed here and in QEMU")
     lease = reply.get("lease") if isinstance(reply, dict) else None
     if not lease:
-        return "the grant's sockets were closed here and in QEMU"
+        return closed
     try:
         with Connection(socket_path, timeout=timeout) as conn:
-            conn.call(proto.Release(str(lease)))
+            conn.call(proto.Release(str(lease), if_closed=held))
     except (proto.BrokerError, ConnectionError, OSError) as e:
-        return (f"the grant's sockets were closed here and in QEMU, but releasing lease {lease} failed ({e}); "
-                "the broker ends it once it sees the queues empty")
-    return f"the grant's sockets were closed here and in QEMU, and lease {lease} was released"
+        if held and isinstance(e, proto.BrokerError) and e.code == ErrorCode.LEASE_IN_USE:
+            return (f"{closed}; lease {lease} is kept while they are open: the broker ends it once QEMU closes them "
+                    "(or exits)")
+        return (f"{closed}{'; ' if held else ', but '}releasing lease {lease} failed ({e}); the broker ends it once "
+                "it sees the queues empty")
+    if held:  # the broker found its slots empty: QEMU had closed them after all
+        return (f"the grant's sockets were closed here, and lease {lease} was released: the broker found them closed "
+                "in QEMU too")
+    return f"{closed}, and lease {lease} was released"
 
 
 def cmd_qmp_attach(args: argparse.Namespace) -> int:
@@ -223,7 +236,8 @@ def cmd_qmp_attach(args: argparse.Namespace) -> int:
         except ValueError as e:
             return _fail(as_json, "bad-reply", str(e), [release_lease(args.socket, reply, args.timeout)], **seen)
         except (q.QMPError, q.QMPTimeout, q.QMPConnectionError) as e:
-            return _fail_qmp(as_json, e, [release_lease(args.socket, reply, args.timeout)], **seen)
+            unwound = getattr(e, "__notes__", ())
+            return _fail_qmp(as_json, e, [release_lease(args.socket, reply, args.timeout, unwound)], **seen)
 
     result = {"ok": True, "qemu": str(qmp.version), "qmp": args.qmp, "lease": reply.get("lease"),
               "interface": att.ifname, "queues": list(att.queues), "xdp_mode": reply.get("xdp_mode"),

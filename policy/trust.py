@@ -58,13 +58,70 @@ def _ancestors(path: str) -> list[str]:
         here = up
 
 
+# the kernel's own limit on the links one path resolution follows (past it, the open fails with ELOOP)
+MAX_LINKS = 40
+
+
+def _links(path: str) -> list[str]:
+    """Each symbolic link that resolving the absolute `path` passes through, in order, named where it is (its
+    directory resolved): the middle of a chain as well as its ends. Stops where a name is missing or unreadable
+    (the open reports that) or after MAX_LINKS links."""
+    links: list[str] = []
+    here, pending = "/", path.split("/")
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            here = os.path.dirname(here)
+            continue
+        at = os.path.join(here, part)
+        try:
+            st = os.lstat(at)
+            if not stat.S_ISLNK(st.st_mode):
+                here = at
+                continue
+            target = os.readlink(at)
+        except OSError:
+            return links
+        links.append(at)
+        if len(links) > MAX_LINKS:
+            return links
+        if target.startswith("/"):
+            here = "/"
+        pending = target.split("/") + pending
+    return links
+
+
+def _link_problem(link: str) -> str | None:
+    """Why the link itself may not be trusted: in a sticky directory others may write, its owner may replace it."""
+    try:
+        st = os.lstat(link)
+        parent = os.stat(os.path.dirname(link))
+    except OSError:
+        return None  # gone since: the open reports what is missing
+    if stat.S_IMODE(parent.st_mode) & 0o022 and st.st_uid not in trusted_uids():
+        return (f"{link}: unsafe: a symbolic link owned by {_owner(st.st_uid)} in a directory others may write: "
+                f"its owner can point it elsewhere (fix: replace it with one of root's, or link straight to the file)")
+    return None
+
+
 def dir_chain_problems(path: str, seen: set[str] | None = None) -> list[str]:
-    """Problems of the directories above `path` up to /, both as written and with symlinks resolved
-    (whoever can write either could swap what the path names). `seen` skips directories checked already."""
+    """Problems of the directories above `path` up to /: as written, with symlinks resolved, and above every
+    link in between (whoever can write any of them could swap what the path names: a link in the middle of a
+    chain redirects it as well as the first does). `seen` skips directories checked already."""
     seen = set() if seen is None else seen
     errors: list[str] = []
     absolute = os.path.abspath(path)
-    for d in [*_ancestors(absolute), *_ancestors(os.path.realpath(absolute))]:
+    links = _links(absolute)
+    for link in links:
+        if link not in seen:
+            seen.add(link)
+            found = _link_problem(link)
+            if found:
+                errors.append(found)
+    above_links = [d for link in links for d in _ancestors(link)]
+    for d in [*_ancestors(absolute), *_ancestors(os.path.realpath(absolute)), *above_links]:
         if d in seen:
             continue
         seen.add(d)

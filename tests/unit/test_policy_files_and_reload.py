@@ -20,7 +20,7 @@ from xskbroker.policy import loader as policy_loader
 from xskbroker.policy.decide import CODES
 from xskbroker.wire import protocol as proto
 
-from .service_rig import ALICE, POLICY, SMALL, finish, make_rig
+from .service_rig import ALICE, POLICY, SMALL, Rig, finish, make_rig
 
 GOOD = 'version = 1\n[[allow]]\nname = "a"\nusers = ["*"]\ninterfaces = ["eth1"]\n'
 NESTED = "version = 1\nx = " + "[" * 2000 + "]" * 2000 + "\n"
@@ -88,6 +88,49 @@ def test_a_drop_in_linked_into_a_writable_directory_is_refused(home: Path, tmp_p
     (dropin / "more.toml").symlink_to(shared / "more.toml")
     errors = errors_of(home / "policy.toml")
     assert len(errors) == 1 and errors[0].startswith(f"{shared}: unsafe: "), errors  # named once for both links
+
+
+@pytest.mark.parametrize("middle", ["world-writable", "sticky-with-anothers-link"])
+def test_a_drop_in_linked_through_a_link_in_a_writable_directory_is_refused(home: Path, tmp_path: Path,
+                                                                             middle: str) -> None:
+    """policy.d/admin.toml -> hop/admin.toml -> safe/admin.toml: only the directories above the first link and
+    above the file were checked, and whoever can write hop (or owns the link there) points the chain anywhere."""
+    safe, hop = tmp_path / "safe", tmp_path / "hop"
+    safe.mkdir()
+    safe.chmod(0o755)
+    (safe / "admin.toml").write_text('version = 1\n[admin]\nusers = ["*"]\n')
+    (safe / "admin.toml").chmod(0o644)
+    hop.mkdir()
+    (hop / "admin.toml").symlink_to(safe / "admin.toml")
+    if middle == "world-writable":
+        hop.chmod(0o777)
+        expected = f"{hop}: unsafe: "
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a link to another uid")
+        hop.chmod(0o1777)
+        os.lchown(hop / "admin.toml", 65534, 65534)
+        expected = f"{hop / 'admin.toml'}: unsafe: a symbolic link owned by uid 65534"
+    dropin = home / "policy.d"
+    dropin.mkdir(mode=0o755)
+    (dropin / "admin.toml").symlink_to(hop / "admin.toml")
+    errors = errors_of(home / "policy.toml")
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+
+
+def test_a_drop_in_linked_through_links_in_trusted_directories_is_read(home: Path, tmp_path: Path) -> None:
+    safe = tmp_path / "safe"
+    safe.mkdir()
+    safe.chmod(0o755)
+    (safe / "more.toml").write_text('version = 1\n[[deny]]\nusers = ["*"]\ninterfaces = ["eth9"]\n')
+    (safe / "more.toml").chmod(0o644)
+    (safe / "hop.toml").symlink_to("more.toml")  # relative, resolved from the link's own directory
+    (safe / "sub").mkdir(mode=0o755)
+    (safe / "sub" / "hop2.toml").symlink_to("../hop.toml")
+    dropin = home / "policy.d"
+    dropin.mkdir(mode=0o755)
+    (dropin / "more.toml").symlink_to(safe / "sub" / "hop2.toml")
+    assert len(load_policy(home / "policy.toml").rules) == 2  # the main file's allow, the drop-in's deny
 
 
 def test_nothing_under_an_unsafe_directory_is_opened(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,6 +287,72 @@ def test_a_grant_waiting_across_a_reload_that_still_allows_it_is_made() -> None:
         reply = finish(rig, out)
         assert reply["ok"], reply
         assert rig.events("grant")[-1]["rule"] == "renamed" and not rig.service.judged
+    finally:
+        rig.service.close()
+
+
+ONE_QUEUE_EACH = POLICY + '\n[[quota]]\nname = "one-each"\nusers = ["*"]\nmax_queues = 1\n'
+
+
+def test_a_grant_waiting_across_a_reload_that_adds_a_quota_it_exceeds_is_refused() -> None:
+    """Judged again after the wait by the new policy's rules, it was never judged by the quota the reload added:
+    alice held one queue, the new quota allows one, and the grant that waited made it two."""
+    rig = make_rig()
+    try:
+        assert rig.grant(interface="veth1")[0]["ok"]
+        rig.kernel.busy[0] = 3
+        out = rig.ask(ALICE, proto.Grant("veth0", (0,), geometry=SMALL))
+        assert isinstance(out, Deferred)
+        rig.service.reload(parse_policy(ONE_QUEUE_EACH))
+        reply = finish(rig, out)
+        assert not reply["ok"] and reply["error"]["code"] == "quota-queues", reply
+        assert "reloaded while the grant waited" in reply["error"]["message"]
+        assert len(rig.service.leases) == 1 and len(rig.service.pending) == 0
+        assert rig.events("grant")[-1]["decision"] == "deny" and rig.events("grant")[-1]["quota"]
+    finally:
+        rig.service.close()
+
+
+def _bare_waiting(rig: Rig, memlock: int = 0) -> Deferred:
+    """A bare grant of queues 0 and 1 on veth0 waiting on the timer: a slot held by a socket the broker closes."""
+    first, _ = rig.grant(queues=(0,), kind="bare")
+    rig.service.leases.remove(first["lease"])
+    rig.service.closes_pending = lambda: True
+    out = rig.ask(ALICE, proto.Grant("veth0", (0, 1), kind="bare", memlock=memlock))
+    assert isinstance(out, Deferred) and out.step() is None
+    rig.kernel.slots.pop((rig.kernel.maps[rig.service.programs[7].map_fd], 0))  # the broker's close is done
+    return out
+
+
+def test_a_bare_grant_waiting_across_a_reload_raises_memlock_only_as_far_as_the_new_rule_allows() -> None:
+    """The raise was the old rule's (64 MiB) though the policy now in force allows 16 MiB; a quota that allows
+    exactly what the grant asks for lets it through (its own queues counted once, not again as pending)."""
+    rig = make_rig()
+    rig.kernel.memlocks[ALICE.pid] = (8 << 20, 8 << 20)
+    try:
+        out = _bare_waiting(rig, memlock=32 << 20)
+        rig.service.reload(parse_policy(POLICY.replace('raise_memlock = "64MiB"', 'raise_memlock = "16MiB"')
+                                        + '\n[[quota]]\nname = "two"\nusers = ["*"]\nmax_queues = 2\n'))
+        reply = finish(rig, out)
+        assert reply["ok"], reply
+        assert not reply["memlock"]["ok"] and "allows raises up to 16777216" in reply["memlock"]["reason"], reply
+        assert rig.kernel.memlocks[ALICE.pid] == (8 << 20, 8 << 20) and not rig.service.raised
+        assert len(rig.service.pending) == 0
+    finally:
+        rig.service.close()
+
+
+def test_a_bare_grant_waiting_across_a_reload_that_adds_a_quota_it_exceeds_is_refused() -> None:
+    rig = make_rig()
+    rig.kernel.memlocks[ALICE.pid] = (8 << 20, 8 << 20)
+    try:
+        out = _bare_waiting(rig, memlock=32 << 20)
+        rig.service.reload(parse_policy(ONE_QUEUE_EACH))
+        reply = finish(rig, out)
+        assert not reply["ok"] and reply["error"]["code"] == "quota-queues", reply
+        assert len(rig.service.leases) == 0 and len(rig.service.pending) == 0
+        assert rig.kernel.memlocks[ALICE.pid] == (8 << 20, 8 << 20) and not rig.service.raised
+        assert not rig.kernel.slot_taken(7, 1)
     finally:
         rig.service.close()
 

@@ -22,6 +22,7 @@ import pytest
 
 from xskbroker.client import hotplug, qemu_support, qmp_cli
 from xskbroker.client import qmp as q
+from xskbroker.wire.errors import BrokerError
 
 from .test_qmp_pure import SCHEMA_7_2, SCHEMA_AF_XDP
 
@@ -490,6 +491,64 @@ def test_qmp_attach_shows_qemus_error_as_is_and_releases_the_grant(
     assert lines[2].startswith("  the grant's sockets were closed here and in QEMU, but releasing lease ")
     assert lines[2].endswith("the broker ends it once it sees the queues empty") and len(lines) == 3
     assert peer_closed(peers[0])
+
+
+def test_qmp_attach_whose_unwind_could_not_delete_the_netdev_does_not_say_qemu_closed_the_sockets(
+        fake: FakeQemu, qmp_path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """device_add failed and so did the netdev_del that would have closed QEMU's copies: QEMU may still hold the
+    sockets, yet the note said they were closed here and in QEMU."""
+    fake.fail["device_add"] = ("GenericError", "No 'PCI' bus found for device 'virtio-net-pci'")
+    fake.fail["netdev_del"] = ("GenericError", "netdev busy")
+    _grant(monkeypatch, [0])
+    rc = qmp_cli.main(["qmp-attach", "--qmp", qmp_path, "--id", "n0", "-i", "eth1", "-q", "1",
+                       "--device", "virtio-net-pci"])
+    lines = capsys.readouterr().err.splitlines()
+    assert rc == 1 and lines[1] == "  could not delete netdev 'n0': netdev busy", lines
+    assert lines[2].startswith("  the grant's sockets were closed here, but QEMU may still hold them"), lines
+    assert "in QEMU, " not in lines[2] and len(fake.netdevs["n0"]) == 1
+
+
+class _Broker:
+    """Stands in for the broker's connection: records the release asked for and answers with `error`."""
+
+    def __init__(self, asked: list[Any], error: str | None) -> None:
+        self.asked, self.error = asked, error
+
+    def __call__(self, path: str, timeout: float) -> _Broker:
+        return self
+
+    def __enter__(self) -> _Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def call(self, req: Any) -> dict[str, Any]:
+        self.asked.append(req)
+        if self.error:
+            raise BrokerError(self.error, "its sockets are not all closed")
+        return {"ok": True}
+
+
+@pytest.mark.parametrize("error", [None, "lease-in-use"])
+def test_release_lease_after_an_unwind_that_left_sockets_in_qemu_ends_the_lease_only_if_they_are_closed(
+        monkeypatch: pytest.MonkeyPatch, error: str | None) -> None:
+    asked: list[Any] = []
+    monkeypatch.setattr("xskbroker.client.connection.Connection", _Broker(asked, error))
+    note = qmp_cli.release_lease("/nowhere", {"lease": "L1"}, 1.0, ["could not delete netdev 'n0': timed out"])
+    assert [(r.lease, r.if_closed) for r in asked] == [("L1", True)]
+    if error:
+        assert note == ("the grant's sockets were closed here, but QEMU may still hold them (the unwind could not "
+                        "remove them there); lease L1 is kept while they are open: the broker ends it once QEMU "
+                        "closes them (or exits)")
+    else:
+        assert "lease L1 was released: the broker found them closed in QEMU too" in note
+    asked.clear()
+    assert qmp_cli.release_lease("/nowhere", {"lease": "L2"}, 1.0, ["unwound: closed fd(s) n0-q0 in QEMU"]) in (
+        "the grant's sockets were closed here and in QEMU, and lease L2 was released",
+        "the grant's sockets were closed here and in QEMU, but releasing lease L2 failed (lease-in-use: its sockets "
+        "are not all closed); the broker ends it once it sees the queues empty")
+    assert [(r.lease, r.if_closed) for r in asked] == [("L2", False)]
 
 
 def test_qmp_attach_rejects_a_grant_for_other_queues(

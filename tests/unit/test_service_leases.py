@@ -231,6 +231,38 @@ def test_recovery_keeps_held_leases_and_drops_the_rest(tmp_path: Path) -> None:
     second.service.close()
 
 
+@pytest.mark.parametrize("how", ["a-symlink", "a-second-link", "another-format"])
+def test_a_lease_journal_refused_at_recovery_is_audited(tmp_path: Path, how: str) -> None:
+    """A journal that is a link, not the broker's own file (a second name for it: anyone's hard link), or not a
+    journal at all was not believed, rightly, but said nothing: the broker started with none of its leases, and the
+    operator never learnt that they were forgotten."""
+    first = make_rig(tmp_path)
+    assert first.grant(queues=(0,))[0]["ok"]
+    first.service.leases.close()
+    journal = tmp_path / "leases.jsonl"
+    if how == "a-symlink":
+        journal.rename(tmp_path / "elsewhere.jsonl")
+        journal.symlink_to(tmp_path / "elsewhere.jsonl")
+        why = "is a symbolic link"
+    elif how == "a-second-link":
+        os.link(journal, tmp_path / "another-name")
+        why = "with one link"
+    else:
+        journal.write_text('{"version": 99}\n')
+        why = "not a lease journal of version 1"
+    second = make_rig(tmp_path, kernel=first.kernel)
+    assert second.service.recover() == []
+    refused = second.events("lease-journal-refused")
+    assert len(refused) == 1 and why in refused[0]["reason"] and str(journal) in refused[0]["reason"], refused
+    second.service.close()
+
+
+def test_no_lease_journal_at_a_first_start_is_not_a_refusal(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    assert rig.service.recover() == [] and not rig.events("lease-journal-refused")
+    rig.service.close()
+
+
 def test_status_shows_own_leases_and_admins_see_all(rig: Rig) -> None:
     rig.grant()
     mine, _ = rig.reply(ALICE, proto.Status())
