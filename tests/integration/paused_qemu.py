@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from xskbroker.broker import helper_process
+from xskbroker.broker.xsk import kernel_enforces_bindtodevice
 from xskbroker.client import qmp as q
 
 from .conftest import wait_for
@@ -24,6 +25,18 @@ from .conftest import wait_for
 QEMU = shutil.which("qemu-system-x86_64")
 SKIP = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed "
                                 "(apt-get install qemu-system-x86; `make test` does)")
+
+
+def skip_unless_bare_is_supported(code: str, message: str) -> None:
+    """Skip on `unsupported-kind` only where the kernel really lacks what bare grants need (Linux < 6.5: an
+    AF_XDP bind ignores SO_BINDTODEVICE). On a kernel that has it, the refusal is a broker bug: fail."""
+    if code != "unsupported-kind":
+        return
+    if kernel_enforces_bindtodevice():
+        pytest.fail(f"the broker refused a bare grant on {os.uname().release}, which confines AF_XDP binds "
+                    f"(Linux 6.5+): {message}")
+    pytest.skip(f"bare grants need Linux 6.5 or later ({os.uname().release}): {message}")
+
 
 NOT_AF_XDP = "Parameter 'type' does not accept value 'af-xdp'"  # QEMU 7.2's own words for an unknown netdev type
 

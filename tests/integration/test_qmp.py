@@ -24,7 +24,18 @@ from xskbroker.client import qmp as q
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 
 from .conftest import wait_for
-from .paused_qemu import BARE_POLICY, NOT_AF_XDP, SKIP, Qemu, binary_version, eof, held, inode, qemu
+from .paused_qemu import (
+    BARE_POLICY,
+    NOT_AF_XDP,
+    SKIP,
+    Qemu,
+    binary_version,
+    eof,
+    held,
+    inode,
+    qemu,
+    skip_unless_bare_is_supported,
+)
 
 pytestmark = SKIP
 
@@ -229,8 +240,7 @@ def test_qmp_attach_with_a_real_bare_grant(veth: VethNamespace, vm: Qemu, capsys
         rc = qmp_cli.main(["qmp-attach", "--qmp", vm.qmp_path, "--id", "xdp0", "-i", veth.inside, "-q", "2",
                            "--socket", broker.socket_path, "--force", "--json"])
         out = json.loads(capsys.readouterr().out)
-        if out["error"]["code"] == "unsupported-kind":
-            pytest.skip(f"the broker does not make bare grants yet: {out['error']['message']}")
+        skip_unless_bare_is_supported(out["error"]["code"], out["error"]["message"])
         assert rc == 1 and out["error"]["code"] == "qmp-error", out
         assert out["error"]["message"] == NOT_AF_XDP
         wait_for(lambda: sorted(vm.fd_links()) == before, 2.0, "QEMU's fds back to what they were")
@@ -246,8 +256,7 @@ def test_real_bare_sockets_reach_qemu_and_qemu_alone_keeps_them_in_the_map(veth:
         try:
             reply, fds = request_fds(veth.inside, 2, kind="bare", socket_path=broker.socket_path)
         except proto.BrokerError as e:
-            if e.code == "unsupported-kind":
-                pytest.skip(f"the broker does not make bare grants yet: {e.message}")
+            skip_unless_bare_is_supported(e.code, e.message)
             raise
         with vm.connect() as m:
             before = len(vm.fd_links())

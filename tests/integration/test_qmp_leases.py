@@ -17,7 +17,7 @@ from xskbroker.client import qmp as q
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 
 from .conftest import wait_for
-from .paused_qemu import BARE_POLICY, SKIP, Qemu, qemu
+from .paused_qemu import BARE_POLICY, SKIP, Qemu, qemu, skip_unless_bare_is_supported
 
 pytestmark = SKIP
 
@@ -120,8 +120,7 @@ def test_a_rolled_back_attach_releases_its_lease_so_a_retry_fits_the_quota(
             rc = qmp_cli.main(["qmp-attach", "--qmp", vm.qmp_path, "--id", "xdp0", "-i", veth.inside, "-q", "2",
                                "--socket", broker.socket_path, "--force", "--json"])
             out = json.loads(capsys.readouterr().out)
-            if out["error"]["code"] == "unsupported-kind":
-                pytest.skip(f"the broker does not make bare grants yet: {out['error']['message']}")
+            skip_unless_bare_is_supported(out["error"]["code"], out["error"]["message"])
             assert rc == 1 and out["error"]["code"] == "qmp-error", out
             assert any(n.endswith("was released") for n in out["error"]["notes"]), out
             assert not _status(broker.socket_path)
@@ -212,8 +211,9 @@ def test_a_bare_queue_is_free_as_soon_as_its_holder_closes_its_sockets(veth: Vet
     from xskbroker.client.grant import request_fds
 
     with BrokerProcess(veth.name, BARE_POLICY) as broker:
-        for _ in range(10):
-            _, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
+        for _ in range(20):  # a queue still taken makes request_fds raise (queue-busy)
+            reply, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
             hotplug.close_fds(fds)
-            _, fds = request_fds(veth.inside, [0], kind="bare", socket_path=broker.socket_path, timeout=10)
-            hotplug.close_fds(fds)
+            assert [s["queue"] for s in reply["sockets"]] == [0], reply
+        grants = [r for r in broker.records() if r.get("event") == "grant"]
+        assert len(grants) == 20 and all(g["decision"] == "allow" for g in grants), grants

@@ -220,10 +220,11 @@ def test_a_testpmd_starts_while_hugepages_made_for_another_process_are_still_fre
         with BrokerProcess(veth.name, POLICY, args):
             t = _tenant(veth, sockdir, 0, CONSUMER_UID)
             try:
-                t.ready()
+                t.ready()  # raises when testpmd started no port
             finally:
-                t.close()
+                status = t.close()
                 print(t.text())
+            assert status == 0, t.text()
     finally:
         held.close()
 

@@ -142,6 +142,10 @@ def test_deny_only_for_its_principal():
     allow = rule("all", interfaces=("*",))
     deny = rule("no-bob", "deny", users=frozenset({"bob"}), kinds=frozenset(KINDS))
     assert check(Policy((allow, deny)), Request("eth1", (0,))).allowed
+    # the deny does apply to the principal it names (else "alice is allowed" would prove nothing)
+    bob = Peer(uid=1001, gids=frozenset({1001}), user="bob", groups=frozenset({"bob"}))
+    denied = check(Policy((allow, deny)), Request("eth1", (0,)), bob)
+    assert (denied.code, denied.rule) == ("denied-by-rule", deny)
 
 
 def test_first_accepting_allow_rule_wins():
