@@ -119,8 +119,9 @@ class BareGrants(MapGrants):
             if memlock and memlock["raised"]:  # nothing granted: the raise made for it is undone too
                 self._unraise(peer, (memlock["soft"], memlock["hard"]), earlier)
             for q_done, fd in zip(req.queues, fds, strict=True):
-                with contextlib.suppress(OSError):
-                    self.kernel.map_delete(prog.map_fd, q_done)
+                if prog.map_fd >= 0:  # dropped with its interface meanwhile: the closing socket leaves its slot
+                    with contextlib.suppress(OSError):
+                        self.kernel.map_delete(prog.map_fd, q_done)
                 self.kernel.close(fd)
             raise
         raised = self.raised.get(key)

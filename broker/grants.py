@@ -285,6 +285,24 @@ class Grants(BoundGrants):
             net.ifindex[name], net.queues[ifindex] = ifindex, nqueues
         return ifindex, nqueues
 
+    def _still_named(self, name: str, ifindex: int) -> None:
+        """The interface still bears the name the policy judged: a grant that waited (for a bind, a large pin) may see
+        it renamed, and another interface given that name; its sockets would be on an interface the policy may refuse,
+        and its lease named after another one."""
+        if self.link_events:
+            self.link_sync()
+        if self.link_events:  # a rename or removal since is in names (set when the grant found the program)
+            now: str | None = self.names.get(ifindex)
+        else:
+            try:
+                now = self.kernel.ifname(ifindex)
+            except NoSuchInterface:
+                now = None
+        if now != name:
+            became = f"renamed {now!r}" if now else "removed"
+            raise Refused(ErrorCode.NO_SUCH_INTERFACE, f"interface {name!r} (ifindex {ifindex}) was {became} while the "
+                          "grant was being made; nothing was granted")
+
     def _target(self, req: proto.Grant) -> tuple[int, Program]:
         """The interface's index and XSK program (attached now if need be) once every check has passed."""
         ifindex, nqueues = self._checked(req)
@@ -304,6 +322,7 @@ class Grants(BoundGrants):
         # Holders are watched and ended by pid: an earlier holder of this pid that has exited, its exit not yet
         # read by the loop, is ended now, or that exit would end (or orphan) this lease and leave it unwatched
         self._rule_now(req, None)
+        self._still_named(req.interface, ifindex)
         self.exit_sync(peer.pid)
         # named as the policy in force names them: a grant that waited (for a bind, a large pin) across a reload
         # has the groups its peer was named with before it, and a quota of a group first named then never counted it

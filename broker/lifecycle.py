@@ -329,6 +329,10 @@ class Lifecycle(MapGrants):
         self.net.forget()  # names, queue counts, bind modes: any of them may have changed
         old_name = self.names.get(ev.ifindex)
         if ev.removed:
+            # an interface moved to another namespace is removed here but lives on there, its program and map with
+            # it: a socket left in a slot (unbound by the move, its lease ended) would hold that queue if it comes back
+            for lease in self.leases.on_interface(ev.ifindex):
+                self._empty_slots(lease)
             prog = self.programs.pop(ev.ifindex, None)
             if prog:
                 prog.close()
@@ -354,6 +358,20 @@ class Lifecycle(MapGrants):
             self.audit({"event": "xdp-program-changed", "ifindex": ev.ifindex, "interface": ev.name or old_name,
                         "expected": prog.prog_id, "now": ev.xdp_prog_id or None,
                         "leases": [x.id for x in self.leases.on_interface(ev.ifindex)]})
+
+    def relearn_links(self) -> None:
+        """Link events were lost: the renames and removals they may have told of, for every interface the broker
+        knows (its programs' and its leases'), are asked of the kernel. An interface removed and another given its
+        ifindex since (moved in from another namespace, or made with that index) reads as a rename."""
+        for lease in self.leases:
+            self.names.setdefault(lease.ifindex, lease.ifname)
+        for ifindex in sorted(self.names):
+            try:
+                name = self.kernel.ifname(ifindex)
+            except NoSuchInterface:
+                self.link_event(LinkEvent(True, ifindex, None, None))
+                continue
+            self.link_event(LinkEvent(False, ifindex, name, None))
 
     # ---- restart recovery -----------------------------------------------------------------------------
 

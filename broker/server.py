@@ -500,4 +500,5 @@ class Server:
     def _links_lost(self, e: OSError) -> None:
         """Link events were lost: forget what they might have changed."""
         self.audit({"event": "linkwatch-overrun", "error": str(e)})
+        self.service.relearn_links()  # first: a removed interface's slots are emptied through its cached program
         self.service.forget_programs(keep_attached=True)

@@ -135,3 +135,24 @@ def test_a_remembered_queue_count_never_refuses(rig: Rig) -> None:
     reply, _ = rig.grant(queues=(3,))
     assert reply["ok"], reply
     assert rig.service.net.queues[VETH0] == 4
+
+
+@pytest.mark.parametrize("removed", [False, True])
+def test_an_interface_renamed_or_removed_while_a_bare_grant_is_made_is_not_granted(rig: Rig, removed: bool) -> None:
+    """The link event arrives after the grant found the interface's program (an attach takes milliseconds): the
+    socket, bound to the device by name, would be on whatever bears the name now, and the lease on an ifindex that
+    is another interface's, or no interface's (kept, on its quota, until its holder exits)."""
+    event = LinkEvent(True, VETH0, None, None) if removed else LinkEvent(False, VETH0, "veth9", None)
+    syncs = [0]
+
+    def sync() -> None:
+        syncs[0] += 1
+        if syncs[0] == 2:  # the grant's first look at the queued events saw none: this one arrived after
+            rig.kernel.ifaces.pop("veth0")
+            rig.service.link_event(event)
+    rig.service.link_sync = sync
+    reply, _ = rig.grant(queues=(0,), kind="bare")
+    assert not reply["ok"] and reply["error"]["code"] == "no-such-interface", reply
+    assert "removed" in reply["error"]["message"] if removed else "renamed 'veth9'" in reply["error"]["message"]
+    assert len(rig.service.leases) == 0
+    assert not any(what != "map" for what in rig.kernel.left().values()), rig.kernel.left()

@@ -56,3 +56,24 @@ def test_a_lease_released_with_its_sockets_kept_stays_charged_after_link_events_
     assert rig.kernel.slot_taken(7, 0) and rig.service.leases.get(lease_id) is not None
     again = finish(rig, rig.ask(ALICE, proto.Grant("veth0", (1,), geometry=SMALL)), steps=200)
     assert not again["ok"] and again["error"]["code"] == "quota-queues", again
+
+
+def test_interfaces_renamed_or_removed_while_link_events_were_lost_are_learnt_again(
+        served: tuple[Rig, Server]) -> None:
+    """The rename or removal the lost events told of is asked of the kernel: a lease kept the old name (status said
+    veth0, and a revoke of veth0, once another interface took that name, hit the renamed one's lease), and a lease on
+    a removed interface stayed on its quota until its holder exited."""
+    rig, server = served
+    renamed, _ = rig.grant(queues=(0,))
+    rig.kernel.ifaces["veth5"] = rig.kernel.ifaces.pop("veth0")
+    rig.kernel.ifaces["veth0"] = (17, 4)  # another interface takes the name
+    _links_lost(server)
+    lease = rig.service.leases.get(renamed["lease"])
+    assert lease is not None and lease.ifname == "veth5", lease
+    assert rig.events("interface-renamed")[0]["to"] == "veth5"
+    refused, _ = rig.reply(ROOT, proto.Revoke(interface="veth0"))
+    assert refused["error"]["code"] == "unknown-lease", refused
+    del rig.kernel.ifaces["veth5"]
+    _links_lost(server)
+    assert rig.service.leases.get(renamed["lease"]) is None
+    assert rig.events("lease-ended")[-1]["reason"] == "interface veth5 removed"
