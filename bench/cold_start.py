@@ -74,7 +74,10 @@ def _activated_first_grant(workdir: str, rounds: int) -> tuple[float, float]:
             proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": REPO, "LIBXDP_SKIP_DISPATCHER": "1"},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                while not os.path.exists(path):
+                deadline = time.monotonic() + 10
+                while not os.path.exists(path):  # a launcher that died or never binds: an error, not a hang
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"systemd-socket-activate did not listen on {path} (exit {proc.poll()})")
                     time.sleep(0.001)
                 time.sleep(0.05)  # bound before listening: a connect this instant could be refused
                 for sample in (first, warm):

@@ -33,7 +33,6 @@ from xskbroker.wire.protocol import Geometry
 # xsk_ref.c uses the same sizes
 GEOMETRY = Geometry(umem_size=32 << 20, fill=8192, completion=4096, rx=8192, tx=2048)
 C_REF = Path(__file__).resolve().parent.parent / "build" / "bench" / "xsk_ref"
-C_RUNS = 3
 FRAME_LEN = 64
 # Brokered and self-made runs in adjacent pairs, each pair's order swapped from the last: the load of this
 # shared machine drifts over seconds, so a pair's two runs see nearly the same machine (one run's RX rate
@@ -141,25 +140,28 @@ def _packet_tx_rate(netns: str, dev: str, frame: bytes, seconds: float) -> float
     return sent / (time.monotonic() - start)
 
 
-def _c_rate(b: Bed, mode: str, seconds: float, frame: bytes) -> float:
-    """The C reference consumer's packets/s on queue 0 (the median of C_RUNS runs), its socket in the
-    broker's XSK map slot as a brokered one would be."""
-    runs = []
-    for _ in range(C_RUNS):
-        fd = b.program.map_fd
-        with in_netns(b.ns.name):
-            done = subprocess.run([str(C_REF), mode, b.ns.inside, "0", str(fd), str(seconds), frame.hex()],
-                                  pass_fds=(fd,), capture_output=True, text=True, timeout=seconds + 30, check=False)
-        if done.returncode:
-            raise RuntimeError(f"{C_REF.name} {mode}: exit {done.returncode}: {done.stderr.strip()}")
-        runs.append(float(json.loads(done.stdout)["pps"]))
-        time.sleep(0.05)  # the kernel releases the queue ~20 ms after close
-    return statistics.median(runs)
+def _c_rate(b: Bed, mode: str, frame: bytes) -> float:
+    """One run of the C reference consumer on queue 0, as long as one of the Python runs it is set against
+    (RUN_SECONDS, after the same 0.2 s RX warm-up): packets/s, its socket in the broker's XSK map slot as a
+    brokered one would be."""
+    fd = b.program.map_fd
+    with in_netns(b.ns.name):
+        done = subprocess.run([str(C_REF), mode, b.ns.inside, "0", str(fd), str(RUN_SECONDS), frame.hex()],
+                              pass_fds=(fd,), capture_output=True, text=True, timeout=RUN_SECONDS + 30, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{C_REF.name} {mode}: exit {done.returncode}: {done.stderr.strip()}")
+    return float(json.loads(done.stdout)["pps"])
 
 
-def _compare(b: Bed, measure: Callable[[XskSocket], float], baseline: float, c_ref: float | None) -> dict[str, Any]:
-    """Brokered and self-made sockets, same code, in adjacent pairs of runs; the median pair ratio counts."""
+def _compare(b: Bed, measure: Callable[[XskSocket], float], baseline: float,
+             c_run: Callable[[], float] | None) -> dict[str, Any]:
+    """Brokered and self-made sockets, same code, in adjacent pairs of runs; the median pair ratio counts.
+
+    With c_run, one run of the C reference follows each couple of pairs, so that it sees the machine the
+    library's runs around it saw (the load here drifts over seconds): the library against C is the median
+    over couples of the couple's two brokered runs' geometric mean over its C run."""
     runs: dict[str, list[float]] = {"brokered": [], "self-made": []}
+    c_runs: list[float] = []
     for i in range(PAIRS):
         for label in ("brokered", "self-made") if i % 2 == 0 else ("self-made", "brokered"):
             xs = _socket(b, label)
@@ -168,13 +170,18 @@ def _compare(b: Bed, measure: Callable[[XskSocket], float], baseline: float, c_r
             finally:
                 xs.close()
             time.sleep(0.05)  # the kernel releases the queue ~20 ms after close
+        if c_run is not None and i % 2 == 1:
+            c_runs.append(c_run())
+            time.sleep(0.05)
     brokered, own = statistics.median(runs["brokered"]), statistics.median(runs["self-made"])
     ratios = [x / y for x, y in zip(runs["brokered"], runs["self-made"], strict=True)]
     out = {"brokered": brokered, "self_made": own, "ratio": balanced_ratio(ratios), "pair_ratios": ratios,
            "median_pair_ratio": statistics.median(ratios), "ratio_of_medians": brokered / own,
            "af_packet": baseline, "library_over_af_packet": brokered / baseline, "runs": runs}
-    if c_ref is not None:
-        out |= {"c_ref": c_ref, "library_over_c": brokered / c_ref}
+    if c_runs:
+        b_couples = [math.sqrt(x * y) for x, y in zip(runs["brokered"][0::2], runs["brokered"][1::2], strict=False)]
+        out |= {"c_ref": statistics.median(c_runs), "c_runs": c_runs,
+                "library_over_c": statistics.median(x / c for x, c in zip(b_couples, c_runs, strict=False))}
     return out
 
 
@@ -199,13 +206,13 @@ def run(seconds: float = 1.0) -> dict[str, Any]:
             sender = _blast(ns.name, ns.peer, frame, cpu=1)
             try:
                 packet_rx = _packet_rx_rate(ns.name, ns.inside, seconds)
-                c_rx = _c_rate(b, "rx", seconds, frame) if have_c else None
+                c_rx = (lambda: _c_rate(b, "rx", frame)) if have_c else None
                 out["rx_pps"] = _compare(b, lambda xs: _rx_rate(xs, RUN_SECONDS), packet_rx, c_rx)
             finally:
                 os.kill(sender, signal.SIGKILL)
                 os.waitpid(sender, 0)
             packet_tx = _packet_tx_rate(ns.name, ns.inside, reverse, seconds)
-            c_tx = _c_rate(b, "tx", seconds, reverse) if have_c else None
+            c_tx = (lambda: _c_rate(b, "tx", reverse)) if have_c else None
             out["tx_pps"] = _compare(b, lambda xs: _tx_rate(xs, reverse, RUN_SECONDS), packet_tx, c_tx)
         finally:
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))

@@ -70,9 +70,9 @@ def run(samples: int = 120, queues: int = 32) -> dict[str, Any]:
 
 def _sample(b: Bed, conn: Connection, g: Geometry, mib: int, samples: int, queues: int, brokered: list[float],
             kept: list[float], direct: list[float], waits: dict[str, list[float]]) -> None:
-    """samples (after 5 to warm up) of each series: a new connection, the kept one, direct. Alternated so that
-    a noisy neighbour hurts all alike; queues rotate so that none is reused within the ~20 ms the kernel
-    takes to release a closed one."""
+    """samples (after 5 to warm up) of each series: a new connection, the kept one, direct, each followed by the
+    same pause. Alternated so that a noisy neighbour hurts all alike; queues rotate so that none is reused within
+    the ~20 ms the kernel takes to release a closed one."""
     path = b.broker.socket_path
     for i in range(samples + 5):
         for way, series, via in (("new", brokered, None), ("kept", kept, conn)):
@@ -98,6 +98,10 @@ def _sample(b: Bed, conn: Connection, g: Geometry, mib: int, samples: int, queue
         s.close()
         if i >= 5:
             direct.append(elapsed * 1000)
+        # the same pause after the direct sample: every series starts from the same idle machine, and the
+        # direct close's deferred work (its UMEM unpinned and freed by a kworker) does not land in the next
+        # new-connection sample
+        time.sleep(PAUSE + mib * PAUSE_PER_MIB)
 
 
 def _tail_cpu_wait(samples: list[float], waited: list[float]) -> dict[str, Any]:
