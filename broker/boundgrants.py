@@ -125,6 +125,15 @@ class BoundGrants(BareGrants):
         else:
             deadline = self.clock() + BUSY_RETRY_SECONDS
         checked = False  # whether a squatter was looked for
+        # the queues the kernel says are bound, once a worker has looked (None: it cannot tell); the look
+        # dumps the device's queues, which takes rtnl: never on the loop
+        looked: list[set[int] | None] = []
+
+        def look(job: Job) -> None:  # on a worker
+            try:
+                looked.append(self.kernel.bound_queues(ifindex))
+            except OSError:
+                looked.append(None)
 
         def step() -> Outcome | None:
             nonlocal job, deadline, checked
@@ -137,6 +146,8 @@ class BoundGrants(BareGrants):
             job_over()
             if error is not None:
                 raise abort(error, where[0]) from None
+            if looked:  # the wait is over: refused, saying why the queue stayed busy
+                raise abort(self._squatted(req.interface, prog, waiting[0].queue, looked[0]), waiting[0].queue)
             waiting[:] = [p for p in prepared if p not in bound]
             if not waiting:
                 self.pending.pop(id(prepared), None)
@@ -156,7 +167,7 @@ class BoundGrants(BareGrants):
                 if deadline is None or was_heavy:
                     deadline = self.clock() + BUSY_RETRY_SECONDS
             if deadline is not None and self.clock() >= deadline:
-                raise abort(self._squatted(req.interface, prog, waiting[0].queue), waiting[0].queue)
+                job = self._submit(Job(look, undo), False)  # undone like a bind if the broker stops meanwhile
             return None
 
         def cancel() -> None:  # the broker is stopping: the wait ends with nothing made
@@ -182,25 +193,25 @@ class BoundGrants(BareGrants):
         """Hand a grant's kernel work to a worker (typed Optional: the grant's job is None between jobs)."""
         return self.workers.submit(job, heavy=heavy)
 
-    def _squatted(self, ifname: str, prog: Program, queue: int) -> BaseException:
-        """Why a queue stayed EBUSY: a bare socket bound off its lease, a stranger's socket, or a slow release."""
+    def _squatted(self, ifname: str, prog: Program, queue: int, bound: set[int] | None) -> BaseException:
+        """Why a queue stayed EBUSY: a bare socket bound off its lease, a stranger's socket, or a slow release.
+        bound: the queues the kernel said were bound (a worker asked it), None when it could not tell."""
         culprit = self.squat.culprit(prog, self.leases.on_interface(prog.ifindex), queue)
-        with contextlib.suppress(OSError):
-            if culprit or queue in self.kernel.bound_queues(prog.ifindex):
-                freed = None if culprit else self.freed.get((prog.ifindex, queue))
-                if freed is not None and (age := self.clock() - freed[0]) < FREED_LATELY:
-                    # the kernel says the queue still has a socket's pool, and the last lease on it ended with its
-                    # socket closed: that release has not finished (it is deferred, and a busy system runs it late).
-                    # Not a squatter, which would send an operator after a process that does not exist.
-                    # no lease id: a grant refused after binding it closed its socket
-                    who = f"lease {freed[1]} ended on it" if freed[1] else "a grant refused on it closed its socket"
-                    return Refused(ErrorCode.QUEUE_BUSY, f"{ifname} queue {queue} is still being let go of by the "
-                                   f"kernel: {who} {age:.1f} s ago with its socket closed, and "
-                                   f"the kernel has not finished releasing that socket after {BUSY_RETRY_SECONDS} s "
-                                   "(it defers that work; a busy system runs it late); try again shortly",
-                                   errno="EBUSY", **({"lease": freed[1]} if freed[1] else {}))
-                return Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(ifname, queue, culprit), errno="EBUSY",
-                               **({"lease": culprit.id} if culprit else {}))
+        if culprit or (bound is not None and queue in bound):
+            freed = None if culprit else self.freed.get((prog.ifindex, queue))
+            if freed is not None and (age := self.clock() - freed[0]) < FREED_LATELY:
+                # the kernel says the queue still has a socket's pool, and the last lease on it ended with its
+                # socket closed: that release has not finished (it is deferred, and a busy system runs it late).
+                # Not a squatter, which would send an operator after a process that does not exist.
+                # no lease id: a grant refused after binding it closed its socket
+                who = f"lease {freed[1]} ended on it" if freed[1] else "a grant refused on it closed its socket"
+                return Refused(ErrorCode.QUEUE_BUSY, f"{ifname} queue {queue} is still being let go of by the "
+                               f"kernel: {who} {age:.1f} s ago with its socket closed, and "
+                               f"the kernel has not finished releasing that socket after {BUSY_RETRY_SECONDS} s "
+                               "(it defers that work; a busy system runs it late); try again shortly",
+                               errno="EBUSY", **({"lease": freed[1]} if freed[1] else {}))
+            return Refused(ErrorCode.QUEUE_SQUATTED, squat.squatter_message(ifname, queue, culprit), errno="EBUSY",
+                           **({"lease": culprit.id} if culprit else {}))
         return OSError(errno.EBUSY, f"still bound by a released socket after {BUSY_RETRY_SECONDS} s")
 
     def _finish_bound(self, peer: PeerInfo, req: proto.Grant, ifindex: int, prog: Program,

@@ -176,6 +176,8 @@ class Core:
     # need not ask the kernel again; without them every grant re-checks (a netlink round trip).
     link_events: bool
     net: NetCache  # interface facts kept between link events (broker.netcache)
+    # interface name -> the queue count (or the error) a worker read for the grant being made now (broker.grants)
+    counted: dict[str, int | OSError]
     link_sync: Callable[[], None]  # deliver the link events the kernel has queued, before net is trusted
     # a holder's exit the kernel has reported and the loop not yet read, handled now: True if it has exited
     exit_sync: Callable[[int], bool]

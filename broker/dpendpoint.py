@@ -272,7 +272,9 @@ class Endpoint:
         lease_id = self._live(c.who.pid, c.who)
         fresh = False
         if lease_id is None:
-            outcome = server.service._grant(c.who, proto.Grant(self.spec.interface, self.spec.queues, kind="map"))
+            # _grant_now: the answer is needed here, so the interface's queue count, if not remembered, is read on the
+            # loop (one ethtool ioctl: it waits for rtnl), not on a worker as a client's grant's is
+            outcome = server.service._grant_now(c.who, proto.Grant(self.spec.interface, self.spec.queues, kind="map"))
             if isinstance(outcome, Deferred):  # map grants never wait; should one, it is not made
                 outcome.cancel()
                 lease_id, code = None, "internal-error"

@@ -1,7 +1,9 @@
 """Fault injection for the crash tests, as a hook the wiring is given (default: no faults).
 
 A fault hook is called with the name of each point a grant passes ("after-socket", "after-map-claim",
-"after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"), a revoke
+"after-umem-reg", "before-bind", "after-bind", "after-lease-saved", "before-send", "after-send"; "queue-count", on a
+worker: the kernel asked for an interface's queue count; "queue-look", on a worker: asked which queues are bound, for
+a grant whose queue stayed busy), a revoke
 ("mid-revoke": journaled, its slots not yet emptied), a map grant ("after-pin": its map pinned, the lease not yet
 journaled), a bare grant's memlock raise ("after-memlock-raise": made, the lease not yet journaled) and the start
 ("ready": said, the loop not yet running).

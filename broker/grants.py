@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xskbroker.broker.boundgrants import BoundGrants
+from xskbroker.broker.boundgrants import INLINE_WAIT, BoundGrants
 from xskbroker.broker.core import Deferred, Outcome, Refused, policy_peer, quota_peer, then
 from xskbroker.broker.kernel import (
     BUSY_RETRY_SECONDS,
@@ -24,6 +24,7 @@ from xskbroker.broker.kernel import (
 )
 from xskbroker.broker.leases import Lease
 from xskbroker.broker.peer import PeerInfo, cgroup_of
+from xskbroker.broker.workers import Job
 from xskbroker.policy import Holding, Request, Rule, decide
 from xskbroker.policy import quota as quotas
 from xskbroker.wire import protocol as proto
@@ -37,7 +38,82 @@ RELEASE_SETTLE_SECONDS = 0.1
 
 class Grants(BoundGrants):
     def _grant(self, peer: PeerInfo, req: proto.Grant) -> Outcome | Deferred:
+        """A grant whose interface's queue count is not known asks the kernel on a worker first: ethtool's
+        channels ioctl takes rtnl, which any process can keep busy, and the count is forgotten at every link
+        event (a host that makes and removes links is the one whose rtnl is busy)."""
+        if not self._count_needed(req):
+            return self._grant_now(peer, req)
         started = time.perf_counter()
+        name = req.interface
+        got: list[int | OSError] = []
+
+        def count(job: Job) -> None:  # on a worker
+            try:
+                got.append(self.kernel.queue_count(name))
+            except OSError as e:
+                got.append(e)  # raised where the loop would have asked the kernel itself
+
+        job = self.workers.submit(Job(count, lambda: None), heavy=False)
+        inner: list[Deferred] = []
+
+        def counted() -> Outcome | Deferred:
+            self.counted[name] = got[0]  # read by _queue_count during this call only: the loop runs nothing between
+            try:
+                return self._grant_now(peer, req, started)
+            finally:
+                self.counted.pop(name, None)
+
+        def step() -> Outcome | None:
+            if inner:
+                return inner[0].step()
+            if not job.done:
+                return None
+            made = counted()
+            if isinstance(made, Outcome):
+                return made
+            inner.append(made)
+            return made.step() if made.ready() else None
+
+        def cancel() -> None:
+            if inner:
+                inner[0].cancel()
+            else:
+                job.cancel()  # nothing made yet: the count is dropped
+
+        if not self.loop_busy and job.wait(INLINE_WAIT):  # usually done at once: answered without a timer round
+            return counted()
+        return Deferred(step, cancel, parked=lambda: inner[0].parked() if inner else not job.done,
+                        ready=lambda: inner[0].ready() if inner else job.done)
+
+    def _count_needed(self, req: proto.Grant) -> bool:
+        """Whether the grant needs the interface's queue count from the kernel: not remembered (or it would
+        refuse a requested queue, which a remembered count never does). False for a name that is no interface's,
+        which is refused without it (if_nametoindex and if_indextoname take no rtnl)."""
+        if req.interface in self.counted:
+            return False
+        if self.link_events:
+            self.link_sync()
+        ifindex = self.net.ifindex.get(req.interface) if self.link_events else None
+        if ifindex is None:
+            try:
+                ifindex = self.kernel.resolve(req.interface)
+            except NoSuchInterface:
+                return False
+        known = self.net.queues.get(ifindex) if self.link_events else None
+        return known is None or any(q >= known for q in req.queues)
+
+    def _queue_count(self, name: str) -> int:
+        """The queue count a worker just read for this grant, else the kernel's (on the loop: see _grant)."""
+        counted = self.counted.get(name)
+        if counted is None:
+            return self.kernel.queue_count(name)
+        if isinstance(counted, OSError):
+            raise counted
+        return counted
+
+    def _grant_now(self, peer: PeerInfo, req: proto.Grant, started: float | None = None) -> Outcome | Deferred:
+        if started is None:  # the audit's ms: from the request, a queue count read first included
+            started = time.perf_counter()
         record: dict[str, Any] = {"event": "grant", "peer": peer.as_dict(), "request": describe(req)}
         # a map grant is judged on every queue of the device (a deny on any of them applies)
         queues = req.queues or self._all_queues(req.interface)
@@ -208,7 +284,7 @@ class Grants(BoundGrants):
             self.kernel.resolve(ifname)  # the exact name only: an altname's device is not the one the policy judges
         except NoSuchInterface:
             return (0,)  # judged as if for one queue; the grant then fails as no-such-interface
-        return tuple(range(self.kernel.queue_count(ifname)))
+        return tuple(range(self._queue_count(ifname)))
 
     def _holder(self, peer: PeerInfo, pid: int) -> PeerInfo:
         """The process a launcher hands the sockets to (QEMU behind a QMP socket): it must be the
@@ -280,7 +356,7 @@ class Grants(BoundGrants):
                 raise Refused(ErrorCode.NO_SUCH_INTERFACE, str(e)) from None
         nqueues = net.queues.get(ifindex) if net else None
         if nqueues is None:
-            nqueues = self.kernel.queue_count(name)
+            nqueues = self._queue_count(name)
         if net and self.link_events:  # still watched: link_sync may have lost the watch (an overrun)
             net.ifindex[name], net.queues[ifindex] = ifindex, nqueues
         return ifindex, nqueues

@@ -195,6 +195,7 @@ class LinuxKernel:
         return netdev.ifname(ifindex)
 
     def queue_count(self, name: str) -> int:
+        self.fault("queue-count")  # SIOCETHTOOL waits for rtnl
         return netdev.queue_count(name)
 
     def attached(self, ifindex: int) -> int:
@@ -298,6 +299,7 @@ class LinuxKernel:
                 f"device; this is {os.uname().release}")
 
     def bound_queues(self, ifindex: int) -> set[int]:
+        self.fault("queue-look")  # the dump waits for rtnl (veth and every device without its own ops lock)
         return xskdiag.xsk_queues(ifindex)
 
     def slot_probe(self, map_fd: int) -> SlotProbe:

@@ -102,6 +102,9 @@ class MapGrants(Core):
     def _queue_program(self, ifindex: int, ifname: str, nqueues: int) -> Program:
         """The interface's per-queue program: attached when the interface has none, moved to from libxdp's
         program when nobody uses that one; refused over anything else."""
+        cached = self.programs.get(ifindex)
+        if cached is not None and cached.per_queue and self.link_events:
+            return cached  # a change of program drops it as it happens: no query (it waits for rtnl)
         try:
             current = self.kernel.attached(ifindex)
         except ForeignProgram as e:
@@ -139,7 +142,11 @@ class MapGrants(Core):
             # where it was pinned, under the interface's name at the grant: a rename since left the pin there
             ifname = os.path.basename(os.path.dirname(lease.map_pin)) if lease.map_pin else lease.ifname
             self.kernel.unpin(self.pin_root, lease.uid, ifname)
-        prog = self.kernel.queue_program(lease.ifindex)
+        # the cached program while link events are watched (its removal or replacement drops it as it happens): the
+        # kernel's answer waits for rtnl, and every map lease's end would wait for it on the loop
+        cached = self.programs.get(lease.ifindex) if self.link_events else None
+        owned = cached is None or not cached.per_queue
+        prog = self.kernel.queue_program(lease.ifindex) if owned else cached
         if prog is None:  # gone with its interface or with the broker that attached it
             return
         given_back = []
@@ -153,7 +160,8 @@ class MapGrants(Core):
             except OSError:
                 given_back = []
         finally:
-            prog.close()
+            if owned:
+                prog.close()
         self.audit({"event": "map-unplaced", "lease": lease.id, "interface": lease.ifname, "queues": given_back})
 
     def _interface_gone(self, ifindex: int) -> None:

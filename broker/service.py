@@ -111,6 +111,7 @@ class Service(Grants, Lifecycle):
         self.pin_root = pin_root  # a bpffs directory where map grants are pinned for their tenants
         self.link_events = link_events
         self.net = NetCache()  # trusted only while link events are watched (link_events)
+        self.counted = {}
         self.link_sync: Callable[[], None] = lambda: None  # the server: read the link events already queued
         self.exit_sync: Callable[[int], bool] = lambda pid: False  # the server: a holder's exit already reported
         self.squat = squat.SquatWatch(self.kernel.slot_probe)  # where bare sockets are bound (their holders bind)
