@@ -26,7 +26,7 @@ INFO, NOTICE, WARNING, ERR = 6, 5, 4, 3
 _PRIORITY = {
     "internal-error": ERR, "policy-reload-failed": WARNING, "accept-failed": WARNING, "reply-failed": WARNING,
     "linkwatch-unavailable": WARNING, "linkwatch-overrun": WARNING, "lease-orphaned": WARNING, "release-kept": WARNING,
-    "journal-compact-failed": WARNING,
+    "journal-compact-failed": WARNING, "closing-helper-hung": WARNING,
     "bad-request": NOTICE, "rate-limited": NOTICE, "connection-refused": NOTICE, "revoke": NOTICE,
 }
 _FIELD_OK = re.compile(r"[^A-Z0-9_]")

@@ -17,6 +17,14 @@ Nothing waits on it: while it starts (its first answer says it reads), when a se
 or stopped), or once it has died, the copies go to the closer threads as before. It runs on the background CPU
 (broker.cpus), exits when its socket reaches end of file (after its last closes) and gets SIGTERM if the broker
 dies first.
+
+A helper that hangs (stopped, stuck) would keep what it was sent open for as long as it hangs: released queues
+busy, pending() true. The loop looks at its answers every LOOK_EVERY (watch()); one whose count stays short of
+the fds due HUNG_SECONDS ago, on two looks in a row (the first may find answers it had no room to send yet), is
+killed, and its death closes every copy it held. The closer threads take over for good, as when it dies: a
+helper that hung once may again, and each hang costs HUNG_SECONDS of busy queues; the threads cost the loop a
+share of its throughput (docs/performance.md), nothing more. Its fds count as closed once it has exited (its
+exit closes them, a grace period each).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from xskbroker.broker import cpus
@@ -43,6 +52,11 @@ PER_MESSAGE = 250  # fds per message: the kernel takes at most SCM_MAX_FD (253)
 NOW_DELAY = 0.002  # seconds the helper holds even a copy to close now: the loop closes its own first
 ANSWER_EVERY = 0.002  # seconds: the helper answers at most this often (pending() reads the answers when asked)
 STOP_SECONDS = 2.0  # how long stop() waits for the helper's last closes before it kills it
+# A helper that has not closed fds due this long ago is hung: it closes a due group within a grace period (5-15 ms),
+# so this is ample for a loaded host, and bounds how long a hung one keeps released queues busy (about
+# HUNG_SECONDS + 2 * LOOK_EVERY, then its exit's closes)
+HUNG_SECONDS = 3.0
+LOOK_EVERY = 0.25  # seconds: how often the loop reads the answers while fds are outstanding (watch())
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)  # a send that says the helper is gone
 _COUNT = struct.Struct("=Q")  # an answer: how many fds the helper has closed so far
 # one entry of a message: how many of its fds are the entry's (0: close now what is kept under the key),
@@ -54,7 +68,7 @@ MAX_KEY = 64
 class SentCopies:
     """Used by the event loop alone: close, close_later and expedite only queue; flush() sends."""
 
-    def __init__(self, helper: bool = True) -> None:
+    def __init__(self, helper: bool = True, on_hung: Callable[[int], None] | None = None) -> None:
         # (fds, delay, key) to hand over; fds empty: an expedite of key
         self._out: list[tuple[list[int], float, str | None]] = []
         self._kept: dict[str, float] = {}  # key -> when the helper closes it anyway (expedite needs no message after)
@@ -65,6 +79,13 @@ class SentCopies:
         self._broken = not helper  # no helper (it could not start, or it died): the closer threads close
         self._ready = False  # the helper has answered once: it is reading
         self._threads: Closer | None = None
+        # when each message's fds are due and how many (a heap), until HUNG_SECONDS after; then counted in _owed
+        self._due: list[tuple[float, int]] = []
+        self._owed = 0  # fds sent that were due HUNG_SECONDS ago or more: the helper's count must have reached it
+        self._short_since: float | None = None  # the look that first found its count short of _owed
+        self._next_look = 0.0
+        self._given_up = False  # killed for hanging
+        self._on_hung = on_hung  # told the pid of a helper killed for hanging (the server's audit)
 
     def close(self, fds: list[int]) -> None:
         if fds:
@@ -107,6 +128,8 @@ class SentCopies:
                     # limit, RLIMIT_NOFILE): these go to the threads, the next message tries it again
                 else:
                     self._sent += len(fds)
+                    if fds:
+                        heapq.heappush(self._due, (time.monotonic() + max(d for _, d, _ in chunk), len(fds)))
                     for fd in fds:  # ours: the message holds them, then the helper, for at least NOW_DELAY
                         with contextlib.suppress(OSError):
                             os.close(fd)
@@ -124,6 +147,7 @@ class SentCopies:
         """Whether fds wait to be closed (queued, kept or closing): a socket among them may still hold a queue."""
         if self._sent > self._closed:
             self._answers()
+            self._reaped()
         return bool(self._out or self._sent > self._closed or (self._threads is not None and self._threads.pending()))
 
     def stop(self) -> None:
@@ -140,6 +164,41 @@ class SentCopies:
             self._proc = None
         if self._threads is not None:
             self._threads.stop()
+
+    def watch(self) -> float | None:
+        """Kill a helper that keeps fds it should have closed (the loop calls it each round); the seconds until it
+        wants to be called again, None when nothing is outstanding."""
+        if self._sock is None:  # none, or lost: its fds are closed once it has exited (pending() looks too)
+            return None if self._reaped() else LOOK_EVERY
+        if self._sent <= self._closed:
+            return None
+        now = time.monotonic()
+        if now < self._next_look:
+            return self._next_look - now
+        self._next_look = now + LOOK_EVERY
+        self._answers()
+        while self._due and self._due[0][0] <= now - HUNG_SECONDS:
+            self._owed += heapq.heappop(self._due)[1]
+        if self._broken:  # lost while its answers were read
+            return LOOK_EVERY
+        if self._closed >= self._owed:
+            self._short_since = None
+        elif self._short_since is None:
+            self._short_since = now  # it may have had no room to answer: the next look reads what it sends now
+        else:
+            self._given_up = True
+            if self._proc is not None:
+                self._proc.kill()
+                if self._on_hung is not None:
+                    self._on_hung(self._proc.pid)
+            self._lost()
+            return LOOK_EVERY
+        return LOOK_EVERY if self._sent > self._closed else None
+
+    @property
+    def given_up(self) -> bool:
+        """Whether the helper was killed for hanging."""
+        return self._given_up
 
     def helper_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
@@ -180,13 +239,26 @@ class SentCopies:
                 self._closed = max(self._closed, _COUNT.unpack(data)[0])
 
     def _lost(self) -> None:
-        """The helper is gone: its exit closed what it kept and what was queued to it."""
-        self._closed = self._sent
+        """The helper is gone: its exit closes what it kept and what was queued to it."""
         self._kept.clear()
+        self._due.clear()
+        self._owed, self._short_since = 0, None
         self._broken = True
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._reaped()
+
+    def _reaped(self) -> bool:
+        """Whether a lost helper has exited (reaped now if so): only then are its closes done. True if none."""
+        if self._sock is not None:
+            return self._proc is None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                return False
+            self._proc = None
+        self._closed = self._sent
+        return True
 
     def _started(self) -> socket.socket | None:
         if self._sock is not None or self._broken:

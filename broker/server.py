@@ -34,7 +34,7 @@ from xskbroker.broker.listener import (
     refuse_passed_fds,
     say_and_close,
 )
-from xskbroker.broker.sent_copies import SentCopies
+from xskbroker.broker.sent_copies import HUNG_SECONDS, SentCopies
 from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.broker.systemd import Watchdog
 from xskbroker.policy import Policy, PolicyError, load_policy
@@ -110,7 +110,9 @@ class Server:
         self._set_aside: set[int] = set()
         self.stopping = False
         self._next_orphan_check = 0.0
-        self.closer = SentCopies()
+        self.closer = SentCopies(on_hung=lambda pid: self.audit({
+            "event": "closing-helper-hung", "helper_pid": pid, "after_s": HUNG_SECONDS,
+            "detail": "killed (its exit closes the copies it held); the broker's threads close them from now on"}))
         service.sent_done = self.closer.expedite  # a lease that ends needs no copy of its fds kept
         service.closes_pending = self.closer.pending
         # leases' group names as this policy names them (recovered ones were named as the journal's policy did)
@@ -167,7 +169,9 @@ class Server:
                 idle_left = self._idle_left()
                 summary = seconds_to_summary(self.audit)
                 ping = self.watchdog.timeout() if self.watchdog is not None else None
-                timeout = min((t for t in (poll, idle_left, retry, summary, ping) if t is not None), default=None)
+                closes = self.closer.watch()  # a closing helper that hangs is given up (its copies closed)
+                timeout = min((t for t in (poll, idle_left, retry, summary, ping, closes) if t is not None),
+                              default=None)
                 events = self.sel.select(timeout)
                 last = len(events) - 1
                 registered = self.sel.get_map()

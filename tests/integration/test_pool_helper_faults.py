@@ -217,3 +217,84 @@ def test_no_pool_helper_is_started_once_the_kernel_layer_has_stopped() -> None:
         k.make_ready(G)
     assert e.value.errno == errno.ECANCELED
     assert set(child_pids(os.getpid())) == before
+
+
+def test_a_large_socket_made_without_the_pool_helper_is_pinned_apart_from_the_broker(figures: Any) -> None:
+    """With its helper gone, the broker makes pool sockets itself. Pinning a UMEM holds the mmap_lock of the process
+    that pins (about 1 ms per MiB): pinned in the broker, every mmap and munmap of its other threads (the event
+    loop's allocations) waited for the whole pinning. A large one is pinned in a child process: another thread's
+    mmap and munmap here go on meanwhile."""
+    import mmap
+    import threading
+
+    from xskbroker.broker.preparer import APART_UMEM, Preparer
+    from xskbroker.common.libc import libc
+
+    big = proto.Geometry(umem_size=512 * MiB, fill=256, completion=256, rx=256, tx=256)
+    assert big.umem_size > APART_UMEM
+    p = Preparer()
+    try:
+        p.make(G).close()  # starts the helper
+        helper = p.pid()
+        assert helper is not None
+        os.kill(helper, signal.SIGKILL)
+        wait_for(lambda: _stat(helper) in ("gone", "Z"), what="the helper dead")
+        made: list[Any] = []
+        t = threading.Thread(target=lambda: made.append(p.make(big)))  # finds the helper gone: makes its own
+        start = time.monotonic()
+        t.start()
+        worst = 0.0
+        calls = 0
+        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        while t.is_alive():  # what a thread's allocations do: mmap and munmap, each under the mmap_lock
+            before = time.monotonic()
+            addr = libc.mmap(None, 1 << 20, prot, flags, -1, 0)
+            libc.munmap(addr, 1 << 20)
+            worst = max(worst, time.monotonic() - before)
+            calls += 1
+            time.sleep(0.001)
+        took = time.monotonic() - start
+        t.join()
+        assert made and p.pid() is None  # made by the broker's side, the helper given up
+        made[0].close()
+        figures(make_s=f"{took:.3f}", worst_mmap_ms=f"{worst * 1e3:.1f}", mmap_calls=calls)
+        assert took > 0.2, f"the make took {took:.3f} s: too short to tell"
+        assert worst < 0.1, f"an mmap waited {worst * 1e3:.0f} ms while a {big.umem_size >> 20} MiB UMEM was " \
+            f"pinned ({took:.3f} s, {calls} calls)"
+    finally:
+        p.stop()
+
+
+def test_a_large_socket_the_broker_pins_itself_does_not_hold_up_its_stop() -> None:
+    """The child pinning a UMEM for the broker (its helper gone) is killed by the stop: nothing pinned for a broker on
+    its way out, and its stop does not wait seconds for the pinning."""
+    import threading
+
+    from xskbroker.broker.preparer import Preparer
+
+    big = proto.Geometry(umem_size=1 << 30, fill=256, completion=256, rx=256, tx=256)
+    p = Preparer()
+    p.make(G).close()
+    helper = p.pid()
+    assert helper is not None
+    os.kill(helper, signal.SIGKILL)
+    wait_for(lambda: _stat(helper) in ("gone", "Z"), what="the helper dead")
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            p.make(big).close()
+        except OSError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=make)
+    t.start()
+    wait_for(lambda: any(c != helper for c in child_pids(os.getpid())), what="the pinning child forked")
+    started = time.monotonic()
+    p.stop()
+    took = time.monotonic() - started
+    t.join(10)
+    assert not t.is_alive()
+    assert errors, "the make was not cut short by the stop"
+    assert took < 0.5, f"the stop waited {took:.2f} s for the pinning"
+    assert not [c for c in child_pids(os.getpid()) if c != helper]

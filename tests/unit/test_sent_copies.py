@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from xskbroker.broker.closer import Closer
-from xskbroker.broker.sent_copies import NOW_DELAY, SentCopies, parse
+from xskbroker.broker.sent_copies import HUNG_SECONDS, LOOK_EVERY, NOW_DELAY, SentCopies, parse
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -351,3 +351,83 @@ def test_a_kept_batch_on_its_way_to_the_closer_threads_is_still_pending(monkeypa
         closer.stop()
         os.close(r1)
         os.close(r2)
+
+
+def watching(sc: SentCopies, check: Callable[[], bool], what: str, timeout: float) -> float:
+    """Call watch() as the loop does, when it asks, until check(); how long that took."""
+    t = time.monotonic()
+    while not check():
+        if time.monotonic() - t > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        wait = sc.watch()
+        time.sleep(min(wait if wait is not None else 0.05, 0.05))
+    return time.monotonic() - t
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_helper_that_hangs_is_killed_and_its_death_closes_the_copies_it_held() -> None:
+    """A stopped (or stuck) helper kept what it was sent open until it went on: a released socket's queue stayed
+    busy, and pending() true, for as long as it was stopped. Once its count stays short of what was due
+    HUNG_SECONDS ago, it is killed; the closer threads close what comes after."""
+    hung: list[int] = []
+    sc = SentCopies(on_hung=hung.append)
+    sc.reads = []  # type: ignore[attr-defined]
+    r = r2 = -1
+    try:
+        pid = ready(sc)
+        r, w = os.pipe()
+        os.kill(pid, signal.SIGSTOP)
+        sc.close([w])
+        sc.flush()  # in the stopped helper's queue
+        took = watching(sc, lambda: closed(r), "the hung helper's copy to be closed", HUNG_SECONDS + 4 * LOOK_EVERY + 3)
+        assert took >= HUNG_SECONDS - 0.1, f"killed after {took:.2f} s: not hung for {HUNG_SECONDS} s yet"
+        assert sc.given_up and hung == [pid]
+        wait_for(lambda: gone(pid), "the helper gone")
+        wait_for(lambda: not sc.pending(), "pending() to know its copies are closed")
+        assert sc.helper_pid() is None and not sc.helper_ready()
+        r2, w2 = os.pipe()
+        sc.close([w2])
+        sc.flush()
+        wait_for(lambda: closed(r2), "the closer threads to close it")
+        assert sc.watch() is None
+    finally:
+        sc.stop()
+        for fd in (r, r2, *sc.reads):  # type: ignore[attr-defined]
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_a_helper_that_keeps_copies_not_due_yet_or_whose_answers_were_not_read_is_not_taken_for_hung(
+        copies: SentCopies) -> None:
+    """Only fds due HUNG_SECONDS ago count: copies kept for longer (until their lease ends) do not, nor does a count
+    that the broker's full end held back (it reads the answers only when it asks, so they pile up)."""
+    pid = ready(copies)
+    r, w = pipe(copies)
+    copies.close_later([w], 60.0, "kept")
+    pipes = []
+    deadline = time.monotonic() + 1.0  # answers every 2 ms, none read: the broker's end fills
+    while time.monotonic() < deadline:
+        pipes.append(pipe(copies))
+        copies.close([pipes[-1][1]])
+        copies.flush()
+        time.sleep(0.002)
+    wait_for(lambda: all(closed(r) for r, _ in pipes), "every copy to be closed")
+    time.sleep(HUNG_SECONDS)  # every one due long ago; what the broker has read of the count says far fewer
+    t = time.monotonic()
+    while time.monotonic() - t < 4 * LOOK_EVERY:
+        copies.watch()
+        time.sleep(LOOK_EVERY / 5)
+    assert not copies.given_up and copies.helper_pid() == pid and not closed(r)
+    assert copies.pending()  # the one kept
+    copies.expedite("kept")
+    copies.flush()
+    wait_for(lambda: closed(r), "the kept copy, its lease ended")
+    wait_for(lambda: not copies.pending(), "nothing pending")
+    assert copies.watch() is None  # nothing outstanding: the loop need not wake for it
