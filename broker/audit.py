@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from xskbroker.broker import auditstream
 from xskbroker.broker.journal import JOURNAL_SOCKET, Journal
 
 AuditFn = Callable[[dict[str, Any]], None]
@@ -44,14 +45,36 @@ def _json_line(record: dict[str, Any]) -> str:
 
 
 class JsonAudit:
-    """One JSON object per line: each decision, plus lifecycle events."""
+    """One JSON object per line: each decision, plus lifecycle events. On a stream that may stop taking them (a
+    pipe, a socket, a terminal) never waits for it (broker.auditstream)."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, stream: TextIO = sys.stderr, backlog: int = auditstream.BACKLOG) -> None:
         self.stream = stream
+        out = auditstream.nonblocking_writer(stream)
+        self.lines = None if out is None else auditstream.Lines(out, _lost_line, backlog)
 
     def __call__(self, record: dict[str, Any]) -> None:
-        self.stream.write(_json_line({"ts": round(time.time(), 6), **record}) + "\n")
-        self.stream.flush()
+        line = _json_line({"ts": round(time.time(), 6), **record}) + "\n"
+        if self.lines is None:
+            self.stream.write(line)
+            self.stream.flush()
+        else:
+            self.lines.write(line.encode("utf-8", "surrogateescape"))  # ASCII: the encoder escapes the rest
+
+    def next_flush(self) -> float | None:
+        return self.lines.next_flush() if self.lines is not None else None
+
+    def flush_if_due(self) -> None:
+        if self.lines is not None:
+            self.lines.flush_if_due()
+
+    def drain(self, seconds: float) -> bool:
+        return self.lines.drain(seconds) if self.lines is not None else True
+
+
+def _lost_line(n: int) -> bytes:
+    return (_json_line({"ts": round(time.time(), 6), "event": "audit-lost", "records": n,
+                        "reason": "the audit stream's reader fell behind and its backlog was full"}) + "\n").encode()
 
 
 def field_name(*parts: str) -> str:
@@ -79,7 +102,7 @@ def journal_fields(record: dict[str, Any]) -> dict[str, str]:
     comma-separated; null values are left out, so a missing field means "unknown", never "None".
     """
     fields: dict[str, str] = {
-        "MESSAGE": message(record),
+        "MESSAGE": one_line(message(record)),
         "PRIORITY": str(priority(record)),
         "SYSLOG_IDENTIFIER": "xskbroker",
         "XSKBROKER_EVENT": str(record.get("event", "")),
@@ -127,6 +150,25 @@ def message(record: dict[str, Any]) -> str:
     return f"{event}{who}" + (f": {' '.join(details)}" if details else "")
 
 
+def one_line(text: str) -> str:
+    """text with every character a terminal or journalctl would not show as itself escaped (backslash too, so
+    the escapes are unambiguous): a peer names its own executable and cgroup, and a newline in MESSAGE is a
+    second line under `journalctl -o cat` or a syslog forwarder, a control character or an undecodable byte
+    makes journalctl print "[blob data]" in its place. The fields keep the exact bytes."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else _escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    n = ord(c)
+    if c == "\\":
+        return "\\\\"
+    if 0xDC80 <= n <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape): shown as that byte
+        return f"\\x{n - 0xDC00:02x}"
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
 class JournalAudit:
     """Native journal entries. A record the journal refuses goes to the fallback as a JSON line, so a
     decision is never lost because journald is down."""
@@ -142,6 +184,16 @@ class JournalAudit:
             self.send(text, **fields)
         except (OSError, ValueError, TypeError) as e:
             self.fallback({**record, "journal_error": str(e)})
+
+    def next_flush(self) -> float | None:
+        fallback_next = getattr(self.fallback, "next_flush", None)
+        return fallback_next() if fallback_next is not None else None
+
+    def flush_if_due(self) -> None:
+        flush_due(self.fallback)
+
+    def drain(self, seconds: float) -> bool:
+        return drain(self.fallback, seconds)
 
 
 class AuditSetupError(Exception):
@@ -223,8 +275,15 @@ class Throttle:
         self.started = self.clock()
 
 
-def summarise_if_due(audit: AuditFn) -> None:
-    """Write the throttle's summary of suppressed records if its window is over (any other sink: nothing)."""
+def drain(audit: AuditFn, seconds: float) -> bool:
+    """At exit: give a sink up to `seconds` to write what it holds back; whether it all went."""
+    finish = getattr(audit, "drain", None)
+    return finish(seconds) if finish is not None else True
+
+
+def flush_due(audit: AuditFn) -> None:
+    """Write what a sink holds back once it is due: the throttle's summary of suppressed records when its window
+    is over, the lines a slow stream's reader has not taken yet (any other sink: nothing)."""
     flush = getattr(audit, "flush_if_due", None)
     if flush is not None:
         flush()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from xskbroker.broker import cpus, faults, lastgood, limits, pins, systemd
-from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, make_audit
+from xskbroker.broker.audit import AuditFn, AuditSetupError, Throttle, drain, flush_due, make_audit
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.listener import MAX_CONNECTIONS, listen
 from xskbroker.broker.server import Server
@@ -206,6 +206,7 @@ def _serve(args: argparse.Namespace, sink: AuditFn, state_dir: str) -> int:
         service.close()
         _unlisten(listener, activated, args.socket)
         audit({"event": "stopped"})
+        drain(sink, AUDIT_DRAIN_SECONDS)
         notifier.close()
     return 0
 
@@ -233,6 +234,7 @@ def _path_of(sock: socket.socket) -> str | None:
     return None
 
 
+AUDIT_DRAIN_SECONDS = 2.0  # at exit, for records a slow stderr reader has not taken yet: never a hung stop
 STATUS_EVERY = 1.0  # seconds between two STATUS= lines at most: each wakes the service manager (PID 1)
 
 
@@ -274,10 +276,14 @@ class _Status:
             self.flush_if_due()
 
     def next_flush(self) -> float | None:
-        """When a changed STATUS= is due (None: nothing to send)."""
-        return self._next if self._stale else None
+        """When a changed STATUS=, or what the sink holds back (an audit stream nobody reads), is due (None:
+        nothing to send)."""
+        sink_next = getattr(self.sink, "next_flush", None)
+        due = (self._next if self._stale else None, sink_next() if sink_next is not None else None)
+        return min((t for t in due if t is not None), default=None)
 
     def flush_if_due(self) -> None:
+        flush_due(self.sink)
         if self._stale and self.clock() >= self._next:
             self._stale = False
             self._next = self.clock() + STATUS_EVERY

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from xskbroker.broker import faults, linkwatch
 from xskbroker.broker import peer as peers
 from xskbroker.broker.admission import Connected, admit
-from xskbroker.broker.audit import seconds_to_summary, summarise_if_due
+from xskbroker.broker.audit import flush_due, seconds_to_summary
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.holders import Holders
 from xskbroker.broker.listener import (
@@ -197,7 +197,7 @@ class Server:
                     self.service.check_bare()
                     self._prune_pidfds()  # leases the polls ended; holders it had no fd to watch, tried again
                 if summary is not None:
-                    summarise_if_due(self.audit)
+                    flush_due(self.audit)
                 if self._idle_left() == 0.0:
                     self.audit({"event": "idle-exit", "after_s": self.idle_timeout})
                     self.stopping = True

@@ -24,6 +24,9 @@ LISTEN_FDS_START = 3
 LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 WATCHDOG_VARS = ("WATCHDOG_USEC", "WATCHDOG_PID")
 MAX_STATUS = 512  # STATUS= is shown by `systemctl status`: one line, kept short
+# seconds READY=1 and STOPPING=1 may wait for a manager whose queue is full (a lost READY=1 fails the start);
+# STATUS= and WATCHDOG=1 never wait: the event loop sends them, and the next one follows
+READY_WAIT, STOPPING_WAIT = 5.0, 1.0
 
 
 @record(frozen=True)
@@ -150,8 +153,10 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def send(self, **fields: str | int) -> bool:
-        """Send one state update; False when there is no manager to tell or it cannot be reached.
+    def send(self, wait: float = 0.0, **fields: str | int) -> bool:
+        """Send one state update; False when there is no manager to tell, it cannot be reached, or its queue is
+        still full after `wait` seconds (a manager that does not read: a blocking send would stop the event loop
+        until it does, and the queue holds only net.unix.max_dgram_qlen datagrams, 10 by default).
 
         Never raises: a lost notification must not take the broker down.
         """
@@ -163,26 +168,31 @@ class Notifier:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                     self._sock.connect(self.address)
+                self._sock.settimeout(wait)  # 0: never waits (EAGAIN); else waits at most that long
                 self._sock.send(data)
                 return True
+            except (BlockingIOError, TimeoutError):
+                return False  # its queue is full: the socket is fine, the manager is behind
             except OSError:
                 self.close()  # the manager may have re-created its socket: one fresh try
         return False
 
     def ready(self, status: str) -> bool:
         self.last_status = status
-        return self.send(READY=1, STATUS=status)
+        return self.send(READY_WAIT, READY=1, STATUS=status)
 
     def status(self, status: str) -> bool:
-        """STATUS=, sent only when it changed."""
+        """STATUS=, sent only when it changed (one the manager's full queue refused goes with the next call)."""
         if status == self.last_status:
             return False
-        self.last_status = status
-        return self.send(STATUS=status)
+        sent = self.send(STATUS=status)
+        if sent:
+            self.last_status = status
+        return sent
 
     def stopping(self, status: str) -> bool:
         self.last_status = status
-        return self.send(STOPPING=1, STATUS=status)
+        return self.send(STOPPING_WAIT, STOPPING=1, STATUS=status)
 
     def close(self) -> None:
         if self._sock is not None:

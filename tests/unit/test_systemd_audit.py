@@ -3,12 +3,15 @@ JSON lines, and choosing between them."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
 import os
+import select
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +170,103 @@ def test_a_journald_that_has_fallen_behind_never_blocks_the_broker(tmp_path: Pat
         assert not sender.is_alive(), "a send blocked on a journald that does not read"
     fell_back = [json.loads(line) for line in out.getvalue().splitlines()]
     assert fell_back and all(r["lease"] == "0123abcd" and "journal_error" in r for r in fell_back)
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_a_stream_nobody_reads_never_blocks_and_says_what_it_lost(kind: str) -> None:
+    """A pipe (or a stream socket, as journald's stdout stream) whose reader stopped: each record returns at once;
+    what the backlog cannot hold is counted, and said in one record when the reader is back; every line is whole
+    and in order; the inherited fd stays blocking (its open file description is shared with others)."""
+    if kind == "pipe":
+        r, w = os.pipe()
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    else:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        r, w = b.detach(), a.detach()
+    flags = fcntl.fcntl(w, fcntl.F_GETFL)
+    stream = open(w, "w", closefd=True)  # noqa: SIM115 - closed below
+    try:
+        sink = audit.JsonAudit(stream, backlog=20000)
+        sent = threading.Event()
+
+        def flood() -> None:
+            for i in range(500):
+                sink({**GRANT, "lease": f"{i:016x}"})
+            sent.set()
+        threading.Thread(target=flood, daemon=True).start()
+        assert sent.wait(10), "a record waited for a reader that does not read"
+        assert sink.lines is not None and sink.lines.lost > 0 and sink.next_flush() is not None
+        assert fcntl.fcntl(w, fcntl.F_GETFL) == flags
+        got = b""
+        for _ in range(1000):  # the reader is back: the loop's timer writes what waits
+            got += _read_all(r)
+            time.sleep(0.002)
+            sink.lines._next = 0.0
+            sink.flush_if_due()
+            if sink.next_flush() is None:
+                break
+        got += _read_all(r)
+        sink({**GRANT, "lease": "after"})
+        got += _read_all(r)
+    finally:
+        stream.close()
+        os.close(r)
+    records = [json.loads(x) for x in got.decode().splitlines()]  # every line whole
+    leases = [x["lease"] for x in records if x["event"] == "grant"]
+    lost = [x for x in records if x["event"] == "audit-lost"]
+    assert leases == [*sorted(leases[:-1]), "after"] and leases[0] == f"{0:016x}", leases
+    assert len(lost) == 1 and lost[0]["records"] + len(leases) == 501, lost
+    assert records.index(lost[0]) == len(records) - 2  # after what waited, before the next record
+
+
+def test_a_regular_file_is_written_as_before(tmp_path: Path) -> None:
+    with open(tmp_path / "log", "w") as f:
+        sink = audit.JsonAudit(f)
+        sink(GRANT)
+        assert sink.lines is None and sink.next_flush() is None
+    assert json.loads((tmp_path / "log").read_text())["lease"] == "0123abcd"
+
+
+def test_the_journal_sinks_fallback_is_drained_by_the_loops_timer(tmp_path: Path) -> None:
+    """journald behind (its queue full) and stderr's reader behind too: the records wait for the timer, not the loop."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    with open(w, "w") as stream, _journald(tmp_path / "socket") as journald:  # never read until the end
+        sink = make_audit("journal", stream=stream, journal_socket=str(tmp_path / "socket"))
+        for _ in range(100):
+            sink(GRANT)
+        assert isinstance(sink, JournalAudit) and sink.next_flush() is not None
+        got = b""
+        for _ in range(100):
+            got += _read_all(r)
+            if audit.drain(sink, 0.01):
+                break
+        got += _read_all(r)
+        journald.setblocking(False)
+        entries = 0
+        with contextlib.suppress(BlockingIOError):
+            while journald.recv(1 << 16):
+                entries += 1
+    os.close(r)
+    fell_back = [json.loads(x) for x in got.decode().splitlines()]
+    assert all("journal_error" in x for x in fell_back) and len(fell_back) + entries == 100, (len(fell_back), entries)
+
+
+def test_a_peer_chosen_name_is_one_printable_line_in_message_and_exact_in_its_field() -> None:
+    exe = "/tmp/x\ngrant allowed for uid 0\x1b[2J\udcff\\x0a\u202e/qemu"
+    f = journal_fields({**GRANT, "peer": {**GRANT["peer"], "exe": exe}})
+    assert f["PEER_EXE"] == exe and json.loads(f["XSKBROKER_RECORD"])["peer"]["exe"] == exe
+    assert f["MESSAGE"].isprintable(), f["MESSAGE"]
+    assert "/tmp/x\\x0agrant allowed for uid 0\\x1b[2J\\xff\\\\x0a\\u202e/qemu: bound eth1" in f["MESSAGE"]
+    assert b"MESSAGE=grant allowed" in journal.encode(f)  # the plain form: it has no newline

@@ -192,3 +192,32 @@ def test_status_goes_at_most_once_a_second_and_the_last_change_is_sent_when_due(
         assert _messages(rx) == [] and audit.next_flush() is None
     finally:
         rx.close()
+
+
+def test_a_manager_that_does_not_read_never_blocks_the_loop() -> None:
+    """Its queue (net.unix.max_dgram_qlen datagrams) full, a blocking send stopped the broker's event loop until the
+    manager read: every client waited (a real broker was seen stuck in unix_wait_for_peer, answering no one)."""
+    import threading
+
+    address = f"@xskbroker-test-{os.getpid()}-{time.monotonic_ns()}"
+    rx = _receiver(address)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": address})
+        results: list[bool] = []
+
+        def pings() -> None:
+            results.extend(n.send(WATCHDOG=1) for _ in range(200))
+            results.append(n.status("changed"))
+        t = threading.Thread(target=pings, daemon=True)  # a blocking send hangs it, not the test
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "a notification waited for a manager that does not read"
+        assert results[0] and not results[-1]  # the queue took the first ones, then refused at once
+        started = time.monotonic()
+        assert not n.send(0.2, READY=1)  # READY=1 waits, but only as long as it is told
+        assert 0.15 < time.monotonic() - started < 2
+        _messages(rx)  # the manager reads again
+        assert n.status("changed")  # the one its full queue refused goes now
+        assert _messages(rx, 1)[-1] == {"STATUS": "changed"}
+    finally:
+        rx.close()
