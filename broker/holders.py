@@ -88,7 +88,7 @@ class Holders:
 
     def prune(self, let_go: Iterable[int], held: Callable[[int], bool], holders: int) -> None:
         """Stop watching the processes that no longer hold a lease (held(pid) says): those that let their last
-        one go (let_go), looked at alone, since every request prunes; all of them only when more pids are
+        one go (let_go), looked at alone, since every round of the loop prunes; all of them only when more pids are
         watched than hold a lease (holders), which a pid watched after its lease was undone can cause."""
         for pid in let_go:
             if pid in self.pidfds and not held(pid):

@@ -162,6 +162,9 @@ class Server:
                 # orphaned and released leases give no event when their sockets close, nor does a bare socket
                 # bound by its holder to a queue it was not granted: look at them every few seconds
                 poll = self.service.poll_seconds(ORPHAN_POLL_SECONDS)
+                # every round, not only after requests: a lease ended by a link event, a holder's exit or a settling
+                # release (in poll_seconds) is no reason to keep watching its holder
+                self._prune_pidfds()
                 if poll is None and self.holders.unwatched:  # holders it had no fd to watch: looked at again
                     poll = ORPHAN_POLL_SECONDS
                 due = [w[0] for w in self.waiting if not w[1].parked()]
@@ -194,8 +197,7 @@ class Server:
                 if poll is not None and time.monotonic() >= self._next_orphan_check:
                     self._next_orphan_check = time.monotonic() + ORPHAN_POLL_SECONDS
                     self.service.check_orphans()
-                    self.service.check_bare()
-                    self._prune_pidfds()  # leases the polls ended; holders it had no fd to watch, tried again
+                    self.service.check_bare()  # what the polls end is let go of at the next round's prune
                 if summary is not None:
                     flush_due(self.audit)
                 if self._idle_left() == 0.0:
@@ -415,7 +417,6 @@ class Server:
             return
         try:
             outcome = self.service.handle(who, data, truncated=bool(flags & MSG_TRUNC), fds=nfds)
-            self._prune_pidfds()
         except Exception as e:
             outcome = self._internal_error(who, e)
         if isinstance(outcome, Deferred):

@@ -61,6 +61,7 @@ def _lingering_attack_on(extra: list[str], figures) -> dict[str, Any]:  # type: 
     with bed(extra=extra) as (ns, b):
         RootProbe(b.socket_path).run(1)  # the XSK program is attached and cached: what the broker holds from now on
         before = b.settled_fds()
+        held = b.fd_targets()
         srv, cli = stuck_tcp(ns.name)
         try:
             attacker = spawn_unprivileged(lingering_fd_attack, b.socket_path, cli.fileno(), 100, uid=CONSUMER_UID)
@@ -76,7 +77,9 @@ def _lingering_attack_on(extra: list[str], figures) -> dict[str, Any]:  # type: 
         try:
             wait_for(lambda: b.open_fds() <= before, timeout=10.0, what="the broker's fds back at the baseline")
         except AssertionError:
-            raise AssertionError(f"broker fds {b.open_fds()} > {before}:\n" + "\n".join(b.fd_targets())) from None
+            now = b.fd_targets()
+            raise AssertionError(f"broker fds {b.open_fds()} > {before}: new {sorted(set(now) - set(held))}, gone "
+                                 f"{sorted(set(held) - set(now))}:\n" + "\n".join(now)) from None
     return result
 
 
