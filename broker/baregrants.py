@@ -12,7 +12,7 @@ from typing import Any
 
 from xskbroker.broker.core import Deferred, MemlockRaise, Outcome, Refused, refusal
 from xskbroker.broker.kernel import Program
-from xskbroker.broker.leases import MemlockRaiseRecord
+from xskbroker.broker.lease_record import MemlockRaiseRecord
 from xskbroker.broker.mapgrants import MapGrants
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.policy import Holding, Rule

@@ -15,7 +15,8 @@ from typing import Any
 from xskbroker.broker import limits
 from xskbroker.broker.closer import Closer
 from xskbroker.broker.kernel import Kernel, Program, QueueBusy
-from xskbroker.broker.leases import Lease, LeaseTable
+from xskbroker.broker.lease_record import Lease
+from xskbroker.broker.leases import LeaseTable
 from xskbroker.broker.netcache import NetCache
 from xskbroker.broker.peer import PeerInfo, user_name
 from xskbroker.broker.squat import SquatWatch

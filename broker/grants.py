@@ -22,7 +22,7 @@ from xskbroker.broker.kernel import (
     Program,
     bpf_blocked,
 )
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 from xskbroker.broker.peer import PeerInfo, cgroup_of
 from xskbroker.broker.workers import Job
 from xskbroker.policy import Holding, Request, Rule, decide

@@ -14,7 +14,7 @@ import signal
 import socket
 from collections.abc import Callable, Iterable
 
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 from xskbroker.broker.peer import peer_pidfd
 from xskbroker.common.procfs import has_exited, is_process, pidfd_open, pinned_start
 

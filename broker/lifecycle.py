@@ -13,7 +13,7 @@ from typing import Any
 from xskbroker.broker.core import MemlockRaise, Outcome, Refused
 from xskbroker.broker.holders import same_process
 from xskbroker.broker.kernel import NoSuchInterface
-from xskbroker.broker.leases import Lease, MemlockRaiseRecord
+from xskbroker.broker.lease_record import Lease, MemlockRaiseRecord
 from xskbroker.broker.linkwatch import LinkEvent
 from xskbroker.broker.mapgrants import MapGrants
 from xskbroker.broker.peer import PeerInfo

@@ -18,7 +18,7 @@ from typing import Any
 
 from xskbroker.broker.core import Core, Outcome, Refused
 from xskbroker.broker.kernel import ForeignProgram, Program
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.policy import Rule
 from xskbroker.wire import protocol as proto

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from xskbroker.wire.replies import HistogramInfo, MetricsInfo
 
 if TYPE_CHECKING:
-    from xskbroker.broker.leases import Lease
+    from xskbroker.broker.lease_record import Lease
 
 AuditFn = Callable[[dict[str, Any]], None]
 # seconds: a small grant is made in 1-6 ms, a large UMEM pinned on a worker takes up to seconds

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from xskbroker.broker import xskdiag
 from xskbroker.broker.kernel import Program, SlotProbe
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 
 
 class SquatWatch:

@@ -29,7 +29,7 @@ from xskbroker.broker.kernel import (
     NotCanonical,
     QueueBusy,
 )
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.service import Deferred, Outcome, Service
 from xskbroker.policy import Policy, parse_policy

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from xskbroker.broker.holders import Holders
-from xskbroker.broker.leases import Lease, LeaseTable
+from xskbroker.broker.lease_record import Lease
+from xskbroker.broker.leases import LeaseTable
 from xskbroker.common.procfs import pidfd_open
 
 PIDS = range(20_000, 21_000)

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xskbroker.broker import leases as leases_mod
-from xskbroker.broker.leases import STATE_VERSION, Lease, LeaseTable
+from xskbroker.broker.lease_record import Lease
+from xskbroker.broker.leases import STATE_VERSION, LeaseTable
 
 
 def table(path: Path | None) -> LeaseTable:

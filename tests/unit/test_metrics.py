@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 from xskbroker.broker.metrics import GRANT_BUCKETS, Histogram, Metrics, version
 from xskbroker.client import status_view
 from xskbroker.policy import parse_policy

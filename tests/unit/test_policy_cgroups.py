@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from xskbroker.broker.leases import Lease, LeaseTable
+from xskbroker.broker.lease_record import Lease
+from xskbroker.broker.leases import LeaseTable
 from xskbroker.policy.cli import add_policy_parser
 from xskbroker.policy.decide import USER_NOT_ALLOWED, Peer, Request, decide
 from xskbroker.policy.loader import PolicyError, parse_policy

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import open_sockets
 from xskbroker.common import records

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from xskbroker.broker.leases import Lease, LeaseTable
+from xskbroker.broker.lease_record import Lease
+from xskbroker.broker.leases import LeaseTable
 from xskbroker.common import safefiles
 
 FORGED = '{"version": 1}\n' + json.dumps({"lease": Lease("forged", 0, 1, 7, "eth1", (0,), "map", 0).record()}) + "\n"

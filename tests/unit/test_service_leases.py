@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from xskbroker.broker import faults, lifecycle
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 from xskbroker.broker.linkwatch import LinkEvent
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.service import Outcome

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from xskbroker.broker import squat, xskdiag
-from xskbroker.broker.leases import Lease
+from xskbroker.broker.lease_record import Lease
 
 # netdev family queue-get dump for ifindex 3 (a 2-queue veth), captured on Linux 6.18 while a bare socket
 # granted queue 0 was bound to queue 1: RX 0, RX 1 (with the empty NETDEV_A_QUEUE_XSK nest), TX 0, TX 1
