@@ -116,7 +116,7 @@ def build_parser(serve: Callable[[argparse.Namespace], int], demo: Callable[[arg
     if only_serve:
         return p
 
-    from xskbroker.broker.doctor import add_parser as add_doctor_parser
+    from xskbroker.broker.doctor_cli import add_parser as add_doctor_parser
     from xskbroker.client.cli import add_client_parsers
     from xskbroker.client.qmp_cli import add_qmp_parsers
     from xskbroker.policy.cli import add_policy_parser

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from xskbroker.broker import doctor
-from xskbroker.broker.doctor import DEGRADED, OK, UNKNOWN, UNUSABLE, Check, as_json, as_table, verdict
+from xskbroker.broker.doctor import DEGRADED, OK, UNKNOWN, UNUSABLE, Check, verdict
+from xskbroker.broker.doctor_cli import as_json, as_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
