@@ -36,12 +36,16 @@ from xskbroker.broker.listener import (
     refuse_passed_fds,
 )
 from xskbroker.broker.server import Server
-from xskbroker.common.records import record, replace
+from xskbroker.common.records import field, record, replace
 from xskbroker.wire import deviceplugin as dp
 from xskbroker.wire import protocol as proto
 
 DEFAULT_PATH = "/tmp/afxdp_dp/{iface}/afxdp.sock"  # DPDK's dp_path default
 MAX_CONNECTIONS = 32  # per endpoint: DPDK makes one per queue, one after the other
+# What DPDK sends after a /host_ok: counted with its /connect, so that a handshake is one request of the rate
+# limit, as a client's grant is (per message, a queue_count=N DPDK spent 4N, and a 20 req/s quota cut its
+# sixth queue short, after the lease was taken)
+_HANDSHAKE_REST = frozenset({b"/version", b"/xsk_map_fd", b"/fin"})
 
 
 @record(frozen=True)
@@ -105,6 +109,7 @@ class _Conn:
     lease: str | None = None
     fresh: bool = False  # its /connect made the lease (else it reused a live one of its holder's)
     handed: int = 0  # maps handed out on it
+    unpaid: set[bytes] = field(default_factory=lambda: set(_HANDSHAKE_REST))  # each once, after /host_ok
 
 
 class Endpoint:
@@ -213,7 +218,9 @@ class Endpoint:
             self._drop(c)  # orderly close
             return
         service = server.service
-        limited = service.limiter.allow(service.policy, quota_peer(c.who), service.clock())
+        limited = None
+        if not _paid(c, data, nfds, flags):
+            limited = service.limiter.allow(service.policy, quota_peer(c.who), service.clock())
         if limited:
             server.audit({"event": "rate-limited", "peer": c.who.as_dict(), "op": "device-plugin",
                           "code": limited.code, "reason": limited.reason})
@@ -329,6 +336,16 @@ class Endpoint:
         finally:
             if fd is not None:
                 server.closer.close([fd])
+
+
+def _paid(c: _Conn, data: bytes, nfds: int, flags: int) -> bool:
+    """Whether the message is the rest of a handshake whose /connect was counted: /version, /xsk_map_fd and
+    /fin after its /host_ok, once each (anything else, or again, counts)."""
+    word = data.split(b",", 1)[0]
+    if c.session.state != "connected" or nfds or flags & MSG_TRUNC or word not in c.unpaid:
+        return False
+    c.unpaid.discard(word)
+    return True
 
 
 def start_all(specs: list[EndpointSpec], server: Server, warn: Callable[[str], None]) -> list[Endpoint]:

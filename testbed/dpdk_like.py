@@ -29,17 +29,21 @@ def _request(sock: socket.socket, text: str) -> tuple[bytes, int | None]:
     return msg, fd
 
 
-def handshake(path: str, iface: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Run DPDK's exchange; returns every reply, the map fd (or None) and the time to it (ms)."""
+def handshake(path: str, iface: str, timeout: float = 10.0, hostname: str | None = None) -> dict[str, Any]:
+    """Run DPDK's exchange; returns every reply, the map fd (or None) and the time to it (ms). hostname: what
+    gethostname() would give (default: this host's)."""
     started = time.perf_counter()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(timeout)
     out: dict[str, Any] = {"fd": None}
     try:
         sock.connect(path)
-        out["connect"], _ = _request(sock, f"/connect,{socket.gethostname()}")
-        if out["connect"] != b"/host_ok":
-            return out  # DPDK gives up here: "Error in processing cmd"
+        host = socket.gethostname() if hostname is None else hostname
+        out["connect"], _ = _request(sock, f"/connect,{host}")
+        # check_response(): strncmp(response, "/host_ok", 8) < 0, so only a reply sorting below /host_ok
+        # (/host_nak, /error) stops it: "Unexpected response"
+        if out["connect"][:8] < b"/host_ok":
+            return out
         out["version"], _ = _request(sock, "/version")
         out["map"], out["fd"] = _request(sock, f"/xsk_map_fd,{iface}")
         out["ms"] = (time.perf_counter() - started) * 1000

@@ -10,7 +10,10 @@ at most 128, with room for one fd:
     /fin                           -> /fin_ack
     anything else                  -> /nak
 
-The hostname is the client's word and identifies nobody: it is parsed only to be recorded. A Session
+The hostname is the client's word and identifies nobody: it is parsed only to be recorded, so any bytes
+gethostname() can give (a space, UTF-8: Linux takes anything but NUL) are taken, and recorded escaped. A
+/connect is refused only with /host_nak: DPDK checks its reply with strncmp(reply, "/host_ok", 8) < 0, so
+/nak, which sorts after it, would read as success (it goes on and uses fd 0 as the map). A Session
 follows one connection: feed() takes each message (its bytes, whether it was cut short, how many fds came
 with it) and returns what to answer now, or the question the broker must decide first (Connect, MapFd,
 BusyPoll), whose answer() gives the bytes to send.
@@ -29,6 +32,7 @@ FIN_ACK, NAK = b"/fin_ack", b"/nak"
 BUSY_POLL_ACK, BUSY_POLL_NAK = b"/config_busy_poll_ack", b"/config_busy_poll_nak"
 _PRINTABLE = frozenset(range(0x21, 0x7F))  # no space, no control, no NUL, ASCII only
 IFNAMSIZ = 16
+CONNECT = b"/connect"
 
 
 @record(frozen=True)
@@ -72,6 +76,8 @@ class Session:
     def feed(self, data: bytes, *, truncated: bool = False, fds: int = 0) -> Step:
         if self._asked is not None:  # the loop must not read while a question is open
             raise RuntimeError("a question is still open")
+        if self.state == "new" and (data == CONNECT or data.startswith(CONNECT + b",")):
+            return self._connect(data, truncated, fds)
         words, why = _split(data, truncated)
         if words is None:
             return Step(NAK, refused=why)
@@ -85,14 +91,8 @@ class Session:
         if cmd == "/fin" and not args:
             self.state = "finished"
             return Step(FIN_ACK, done=True)
-        if cmd == "/connect":
-            if self.state != "new":
-                return Step(NAK, refused=f"/connect again ({self.state})")
-            if len(args) != 1 or not args[0]:
-                self.state = "refused"
-                return Step(HOST_NAK, refused="/connect needs exactly one hostname")
-            self.hostname = args[0]
-            return self._ask(Connect(args[0]))
+        if cmd == "/connect":  # a new session's went to _connect
+            return Step(NAK, refused=f"/connect again ({self.state})")
         if cmd == "/xsk_map_fd":
             if self.state != "connected":
                 return Step(FD_NAK, refused=f"/xsk_map_fd before /host_ok ({self.state})")
@@ -110,6 +110,20 @@ class Session:
             assert numbers[0] is not None and numbers[1] is not None
             return self._ask(BusyPoll(numbers[0], numbers[1]))
         return Step(NAK, refused=f"unknown request {cmd}")
+
+    def _connect(self, data: bytes, truncated: bool, fds: int) -> Step:
+        host = data[len(CONNECT) + 1:]
+        if truncated or len(data) > MAX_REQUEST:
+            why = f"longer than {MAX_REQUEST} bytes"
+        elif fds:
+            why = f"/connect: {fds} fd(s) attached where none belong"
+        elif not host or b"," in host or b"\0" in host:  # a comma: the plugin's parser refuses it too
+            why = "/connect needs exactly one hostname"
+        else:
+            self.hostname = _escaped(host)
+            return self._ask(Connect(self.hostname))
+        self.state = "refused"
+        return Step(HOST_NAK, refused=why)
 
     def answer(self, ok: bool) -> bytes:
         """The reply to the open question, as the broker decided it."""
@@ -140,6 +154,11 @@ def _split(data: bytes, truncated: bool) -> tuple[list[str] | None, str]:
     if not text.startswith("/"):
         return None, "not a /command"
     return text.split(","), ""
+
+
+def _escaped(raw: bytes) -> str:
+    """Printable ASCII as sent, every other byte as \\xNN: what the audit records of a client's word."""
+    return "".join(chr(b) if b in _PRINTABLE or b == 0x20 else f"\\x{b:02x}" for b in raw)
 
 
 def _uint(text: str) -> int | None:

@@ -49,10 +49,11 @@ def dpdk_tree() -> Path:
 
 
 # Runs as root in the test's netns, in a mount namespace of its own: $1 tree, $2 socket dir or "",
-# $3 uid ("" = stay root), $4 caps for setpriv, then testpmd's arguments.
+# $3 uid ("" = stay root), $4 caps for setpriv, $5 hostname ("" = the host's), then testpmd's arguments.
 _LAUNCH = r"""
 set -eu
-T=$1 DP=$2 U=$3 CAPS=$4; shift 4
+T=$1 DP=$2 U=$3 CAPS=$4 H=$5; shift 5
+if [ -n "$H" ]; then printf %s "$H" > /proc/sys/kernel/hostname; fi   # in a UTS namespace of its own
 mount --bind "$T" "$T" && mount -o remount,bind,ro "$T"
 mount --rbind /dev "$T/dev" && mount --rbind /proc "$T/proc" && mount --rbind /sys "$T/sys"
 mount -t tmpfs -o mode=1777,size=64m tmpfs "$T/tmp"
@@ -70,10 +71,11 @@ exec chroot "$T" setpriv --reuid="$U" --regid="$U" --clear-groups --inh-caps="$C
 
 
 def launch_argv(netns: str, tree: Path, eal: Sequence[str], app: Sequence[str], uid: int | None,
-                 sockdir: str | None = None, caps: str = "-all,+net_raw") -> list[str]:
+                 sockdir: str | None = None, caps: str = "-all,+net_raw", hostname: str = "") -> list[str]:
+    uts = ["--uts"] if hostname else []
     return ["ip", "netns", "exec", netns, "prlimit", f"--memlock={MEMLOCK}:{MEMLOCK}", "--",
-            "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _LAUNCH, "testpmd",
-            str(tree), sockdir or "", "" if uid is None else str(uid), caps, *eal, "--", *app]
+            "unshare", "--mount", *uts, "--propagation", "private", "--", "sh", "-c", _LAUNCH, "testpmd",
+            str(tree), sockdir or "", "" if uid is None else str(uid), caps, hostname, *eal, "--", *app]
 
 
 def af_xdp_vdev(iface: str, queue: int, dp_path: str | None) -> str:

@@ -167,6 +167,50 @@ def test_a_uid_the_policy_denies_is_refused_at_host_nak(veth: VethNamespace, bas
         assert spawn_unprivileged(_connect_only, path, uid=CONSUMER_UID).result() == "EACCES"
 
 
+def test_a_hostname_linux_allows_but_few_use_still_gets_the_map(veth: VethNamespace, base: str) -> None:
+    """gethostname() gives whatever sethostname(2) took (any byte but NUL): the name identifies nobody, so it
+    refuses nothing. Refused with /nak (which DPDK reads as /host_ok, sorting after it) DPDK went on and got
+    /fd_nak, which it reads as success too, with fd 0 as its map."""
+    path = f"{base}/odd/afxdp.sock"
+    with _broker(veth, *_endpoint(path)) as b:
+        for host, recorded in (("dpdk host", "dpdk host"), ("hôte\t1", "h\\xc3\\xb4te\\x091")):
+            got = spawn_unprivileged(handshake, path, "xsk0", 10.0, host, uid=CONSUMER_UID).result()
+            assert (got["connect"], got["map"], got["fd"] is not None) == (b"/host_ok", b"/fd_ack", True), got
+            connect = _events(b, "dp-connect")[-1]
+            assert connect["decision"] == "allow" and connect["hostname"] == recorded, connect
+            wait_for(lambda: not b.leases(), what="the lease to end with its holder")
+
+
+def _handshakes(path: str, count: int) -> list[Any]:
+    """DPDK with queue_count=COUNT: one handshake per queue, one after the other, in one process."""
+    out = []
+    for _ in range(count):
+        got = handshake(path, "xsk0")
+        out.append((got["connect"], got.get("map"), got["fd"] is not None))
+    return out
+
+
+def test_a_dpdk_handshake_costs_one_request_of_the_rate_limit(veth: VethNamespace, base: str) -> None:
+    """A handshake is /connect, /version, /xsk_map_fd, /fin: one request's worth, as a client's grant is.
+    Counted per message, a queue_count=N DPDK spent 4N, and a 20 req/s quota (docs/policy.md's example) cut
+    its sixth queue's handshake short, after the lease was taken."""
+    path = f"{base}/rate/afxdp.sock"
+    quota = f"""
+[[quota]]
+name = "rate"
+users = [{CONSUMER_UID}]
+max_requests_per_second = 4
+"""
+    with BrokerProcess(veth.name, POLICY + quota, _endpoint(path)) as b:
+        got = spawn_unprivileged(_handshakes, path, 4, uid=CONSUMER_UID).result()
+        assert got == [(b"/host_ok", b"/fd_ack", True)] * 4, got
+        assert not _events(b, "rate-limited")
+        # outside a handshake every message counts: the connection is cut off
+        more = spawn_unprivileged(_raw, path, [b"/version"] * 20, uid=CONSUMER_UID).result()
+        assert b"" in more or any(isinstance(x, str) for x in more), more
+        assert _events(b, "rate-limited")
+
+
 def _connect_only(path: str) -> str:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         try:
@@ -246,11 +290,12 @@ def test_garbage_gets_nak_and_leaves_no_trace(veth: VethNamespace, base: str) ->
         before = b.settled_fds()
         got = _raw(path, [b"/connect," + b"h" * 200, b"\x00\xff garbage", "/connect,hé".encode(), b"/connect,a\0",
                           b"/xsk_map_fd,xsk0", b"/nope", b"/config_busy_poll,10,64"])
-        assert got == [b"/nak", b"/nak", b"/nak", b"/nak", b"/fd_nak", b"/nak", b"/config_busy_poll_nak"]
+        # a /connect is refused with /host_nak whatever is wrong with it (DPDK would read /nak as /host_ok)
+        assert got == [b"/host_nak", b"/nak", b"/nak", b"/nak", b"/fd_nak", b"/nak", b"/config_busy_poll_nak"]
         # fds attached: the kernel refuses them at the send (SO_PASSRIGHTS=0, Linux 6.16); an older kernel
-        # delivers them and the broker closes them off its loop and answers /nak
+        # delivers them and the broker closes them off its loop and refuses the message
         with_fds = _raw(path, [b"/connect,h", b"/config_busy_poll,10,64"], fds=True)
-        assert with_fds in (["errno 1", "errno 1"], [b"/nak", b"/config_busy_poll_nak"]), with_fds
+        assert with_fds in (["errno 1", "errno 1"], [b"/host_nak", b"/config_busy_poll_nak"]), with_fds
         assert b.settled_fds() == before, b.fd_targets()
         assert not b.leases()
         refused = _events(b, "dp-refused")  # past a burst, counted in the throttle's summary (audit.NOISY)

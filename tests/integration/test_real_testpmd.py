@@ -149,12 +149,12 @@ def _program(veth: VethNamespace) -> int:
 
 
 def _tenant(veth: VethNamespace, sockdir: str | None, queue: int, uid: int | None, mode: str = "macswap",
-            iface: str = "xsk0", lcores: str | None = None) -> RunningPmd:
+            iface: str = "xsk0", lcores: str | None = None, hostname: str = "") -> RunningPmd:
     """testpmd on IFACE's queue: through the endpoint in SOCKDIR, or (None) loading its own program."""
     dp_path = "/tmp/dp/afxdp.sock" if sockdir else None
     eal = eal_args(f"xt{iface}{queue}", af_xdp_vdev(iface, queue, dp_path), lcores=lcores or f"{queue},{1 - queue}")
     app = ["-i", "--total-num-mbufs=2600", "--no-mlockall", f"--forward-mode={mode}", "--auto-start"]
-    return RunningPmd(launch_argv(veth.name, dpdk_tree(), eal, app, uid, sockdir))
+    return RunningPmd(launch_argv(veth.name, dpdk_tree(), eal, app, uid, sockdir, hostname=hostname))
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -246,6 +246,54 @@ def test_a_refused_testpmd_gets_nothing_and_the_broker_carries_on(veth: VethName
         deny = b.records("dp-connect")[-1]
         assert deny["decision"] == "deny" and deny["code"] == "user-not-allowed" and not b.leases()
         assert not b.records("dp-map-fd")
+
+
+def test_a_testpmd_on_a_host_named_with_a_space_gets_its_map(veth: VethNamespace, base: str) -> None:
+    """DPDK sends gethostname() as it is, and Linux takes any name (the plugin drops the spaces and goes on).
+    Refused with /nak, testpmd read it as /host_ok (its check is strncmp(reply, "/host_ok", 8) < 0), then read
+    /fd_nak as success too and went on with fd 0 as its map: "Failed to insert xsk in map", no port."""
+    args, sockdir = _endpoint(base, CONSUMER_UID, 0)
+    with BrokerProcess(veth.name, POLICY, args) as b:
+        peer = Peer(veth)
+        t = _tenant(veth, sockdir, 0, CONSUMER_UID, hostname="dpdk host")
+        try:
+            t.ready()
+            peer.first_reply(cpu=0)
+            got = peer.exchange(50, b"HOST", cpu=0)
+            assert got == {b"HOST": 50}, (got, t.text())
+            connect = b.records("dp-connect")[-1]
+            assert connect["decision"] == "allow" and connect["hostname"] == "dpdk host", connect
+        finally:
+            status = t.close()
+            peer.close()
+            print(t.text())
+        assert status == 0, t.text()
+
+
+def test_a_testpmd_under_a_one_request_a_second_quota_gets_its_map(veth: VethNamespace, base: str) -> None:
+    """testpmd's handshake (/connect, /version, /xsk_map_fd, /fin) is one request of the rate limit, as a
+    client's grant is: counted per message, a 1 req/s quota cut it off at /version ("Read error 0")."""
+    quota = f"""
+[[quota]]
+name = "rate"
+users = [{CONSUMER_UID}]
+max_requests_per_second = 1
+"""
+    args, sockdir = _endpoint(base, CONSUMER_UID, 0)
+    with BrokerProcess(veth.name, POLICY + quota, args) as b:
+        peer = Peer(veth)
+        t = _tenant(veth, sockdir, 0, CONSUMER_UID)
+        try:
+            t.ready()
+            peer.first_reply(cpu=0)
+            got = peer.exchange(50, b"RATE", cpu=0)
+            assert got == {b"RATE": 50}, (got, t.text())
+            assert not b.records("rate-limited")
+        finally:
+            status = t.close()
+            peer.close()
+            print(t.text())
+        assert status == 0, t.text()
 
 
 def test_two_testpmd_tenants_each_see_only_their_own_queue(veth: VethNamespace, base: str) -> None:

@@ -52,10 +52,7 @@ def test_a_refused_connect_refuses_the_map_without_asking() -> None:
     (b"version", b"/nak"),
     (b"/version,1", b"/nak"),
     (b"/fin,now", b"/nak"),
-    (b"/connect,h\x00", b"/nak"),  # NUL
-    (b"/connect,h\n", b"/nak"),  # control characters
-    (b"/connect,h o", b"/nak"),  # space
-    ("/connect,hé".encode(), b"/nak"),  # not ASCII
+    (b"/connect,h\x00", b"/host_nak"),  # NUL: DPDK's snprintf("%s") cannot send one
     (b"\xff\xfe\x00garbage", b"/nak"),
     (b"", b"/nak"),
 ])
@@ -64,12 +61,39 @@ def test_hostile_or_out_of_order_messages_get_a_refusal_and_no_question(msg: byt
     assert step.ask is None and step.reply == reply and step.refused
 
 
+@pytest.mark.parametrize("raw, recorded", [
+    (b"/connect,dpdk host", "dpdk host"),  # the plugin takes it too (it drops the spaces)
+    ("/connect,hôte".encode(), "h\\xc3\\xb4te"),
+    (b"/connect,h\n\x7f", "h\\x0a\\x7f"),
+])
+def test_any_hostname_linux_allows_is_taken_and_recorded_escaped(raw: bytes, recorded: str) -> None:
+    """sethostname(2) takes any bytes; the name identifies nobody, so none of them refuses a handshake."""
+    s = dp.Session()
+    assert s.feed(raw).ask == dp.Connect(recorded) and s.hostname == recorded
+    assert s.answer(True) == b"/host_ok"
+
+
+@pytest.mark.parametrize("msg, fds, truncated", [
+    (b"/connect,h", 1, False),
+    (b"/connect," + b"h" * 56, 0, False),  # 65 bytes
+    (b"/connect,h", 0, True),
+    (b"/connect,a,b", 0, False),
+    (b"/connect,h\x00", 0, False),
+])
+def test_every_connect_refusal_is_host_nak_which_dpdk_reads_as_failure(msg: bytes, fds: int, truncated: bool) -> None:
+    """DPDK's check is strncmp(reply, "/host_ok", 8) < 0: /nak sorts after /host_ok and would read as success
+    (DPDK then goes on to /xsk_map_fd, and uses fd 0 as its map on the /fd_nak it gets)."""
+    step = dp.Session().feed(msg, fds=fds, truncated=truncated)
+    assert step.reply == b"/host_nak" and step.ask is None and step.refused
+    assert step.reply < b"/host_ok" < b"/nak"
+
+
 def test_over_long_messages_are_refused_whatever_they_say() -> None:
     s = dp.Session()
     assert s.feed(b"/connect," + b"h" * 55).ask is not None  # 64 bytes: DPDK's most
     s2 = dp.Session()
-    assert s2.feed(b"/connect," + b"h" * 56).reply == b"/nak"  # 65
-    assert s2.feed(b"/connect,h", truncated=True).reply == b"/nak"  # the kernel cut it
+    assert s2.feed(b"/version" + b"x" * 57).reply == b"/nak"  # 65
+    assert s2.feed(b"/version", truncated=True).reply == b"/nak"  # the kernel cut it
     assert s2.state == "new"
 
 
@@ -77,7 +101,7 @@ def test_fds_attached_where_none_belong_are_refused() -> None:
     s = _connected()
     step = s.feed(b"/xsk_map_fd,eth1", fds=1)
     assert step.reply == b"/nak" and step.ask is None
-    assert dp.Session().feed(b"/connect,h", fds=3).reply == b"/nak"
+    assert dp.Session().feed(b"/connect,h", fds=3).reply == b"/host_nak"
 
 
 def test_busy_poll_needs_its_xsk_fd_and_two_numbers() -> None:
