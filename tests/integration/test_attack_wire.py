@@ -20,7 +20,7 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypothesis import HealthCheck, Phase, Verbosity, given, seed, settings
 from hypothesis import strategies as st
@@ -33,6 +33,9 @@ from .conftest import CONSUMER_UID, STRANGER_UID, wait_for
 from .loop_rig import SMALL, bed
 from .probe import RootProbe
 from .robustness import alive, assert_fds_back, census, close_all, connect, rss_kib, status
+
+if TYPE_CHECKING:
+    from .test_fuzz import FuzzClient
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
@@ -167,18 +170,23 @@ def _wrong_typed() -> list[bytes]:
     return out
 
 
+def _exchange_all(client: FuzzClient, payloads: list[bytes]) -> None:
+    """Each message, its reply checked; what a grant among them held released at once; then the batch's checks."""
+    for payload in payloads:
+        client.exchange(payload)
+        if client.held:
+            client.release(*client.held)
+            client.held = None
+    client.end_batch(0)
+
+
 def send_each(path: str, payloads: list[bytes], docs: str) -> dict[str, Any]:
     """Each message, its reply checked as the fuzzer checks it (one well-formed reply; never internal-error)."""
     from .test_fuzz import FuzzClient  # in the child: the checks the fuzzer makes
 
     client = FuzzClient(path, docs)
     try:
-        for payload in payloads:
-            client.exchange(payload)
-            if client.held:
-                client.release(*client.held)
-                client.held = None
-        client.end_batch(0)
+        _exchange_all(client, payloads)
     finally:
         client.close()
     return {"codes": dict(client.codes), "messages": client.counts["messages"]}
@@ -224,12 +232,7 @@ def compact_fuzz(path: str, examples: int, docs: str) -> dict[str, Any]:
               suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet)
     @given(st.lists(_edge_mutant(), min_size=10, max_size=10))
     def run(msgs: list[bytes]) -> None:
-        for payload in msgs:
-            client.exchange(payload)
-            if client.held:
-                client.release(*client.held)
-                client.held = None
-        client.end_batch(0)
+        _exchange_all(client, msgs)
 
     try:
         run()

@@ -21,21 +21,9 @@ from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns
 from xskbroker.wire import protocol as proto
 
 from .conftest import ns_name, wait_for
+from .grant_bed import SMALL, grant_held_in_bind, release, root_policy
 
-POLICY = """\
-version = 1
-
-[[allow]]
-name = "root"
-users = [0]
-interfaces = ["xsk*"]
-kinds = ["bound", "bare", "map"]
-max_umem = "16MiB"
-
-[admin]
-users = [0]
-"""
-SMALL = proto.Geometry(umem_size=1 << 20, fill=64, completion=64, rx=64, tx=64)
+POLICY = root_policy(("bound", "bare", "map"))
 
 
 def _index(ns: VethNamespace, dev: str) -> int:
@@ -52,28 +40,10 @@ def test_a_grant_whose_interface_was_renamed_while_it_bound_is_not_made(veth: Ve
     veth.add_veth("oth2", "oth2p", queues=2)
     judged = _index(veth, "xsk1")
     with BrokerProcess(veth.name, POLICY, env={"XSKBROKER_FAULT": f"before-bind:hold={gate}"}) as b:
-        with open(gate + ".armed", "w"):
-            pass
-        first: dict[str, Any] = {}
-
-        def held() -> None:
-            try:
-                first["reply"], first["fds"] = request_fds("xsk1", [0], kind="bound", geometry=SMALL,
-                                                           socket_path=b.socket_path, timeout=20)
-            except proto.BrokerError as e:
-                first["error"] = e.reply
-
-        t = threading.Thread(target=held)
-        t.start()
-        try:
-            wait_for(lambda: os.path.exists(gate + ".held"), what="the grant inside its bind")
+        with grant_held_in_bind(b, gate, "xsk1") as first:
             veth.rename("xsk1", "oth1")
             veth.rename("oth2", "xsk1")
             wait_for(lambda: b.records("interface-renamed"), what="the broker to see the rename")
-        finally:
-            with open(gate, "w"):
-                pass
-            t.join(20)
         for fd in first.get("fds", []):
             os.close(fd)
         leases = b.leases()
@@ -85,10 +55,7 @@ def test_a_grant_whose_interface_was_renamed_while_it_bound_is_not_made(veth: Ve
         # the interface that bears the name now is granted as any other
         reply, fds = request_fds("xsk1", [0], kind="bound", geometry=SMALL, socket_path=b.socket_path, timeout=10)
         assert reply["ifindex"] == _index(veth, "xsk1") != judged
-        for fd in fds:
-            os.close(fd)
-        with Connection(b.socket_path) as c:
-            c.call(proto.Release(reply["lease"]))
+        release(b, reply, fds)
         assert b.proc is not None and b.proc.poll() is None, b.log()
 
 

@@ -9,53 +9,25 @@ quota until that holder exited (or a restart dropped it), and listed by `status`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from xskbroker.broker import xdp_prog, xsk, xskdiag
-from xskbroker.broker.netdev import ifindex
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
 from .conftest import wait_for
+from .grant_bed import ROOT_POLICY, SMALL, bound_queues, occupied_slots, release
 
-POLICY = """\
-version = 1
-
-[[allow]]
-name = "root"
-users = [0]
-interfaces = ["xsk*"]
-kinds = ["bound"]
-max_umem = "16MiB"
-
+# root's policy, and a quota of one queue
+POLICY = ROOT_POLICY + """
 [[quota]]
 name = "one-queue"
 users = [0]
 max_queues = 1
-
-[admin]
-users = [0]
 """
-SMALL = proto.Geometry(umem_size=1 << 20, fill=64, completion=64, rx=64, tx=64)
-
-
-def _slots(ns: VethNamespace) -> list[int]:
-    with in_netns(ns.name):
-        prog = xdp_prog.find_or_attach(ifindex("xsk0"), "xsk0", 2)
-        try:
-            return xsk.occupied_slots(prog.map_fd, 2)
-        finally:
-            prog.close()
-
-
-def _bound(ns: VethNamespace) -> set[int]:
-    with in_netns(ns.name):
-        return xskdiag.xsk_queues(ifindex("xsk0"))
 
 
 def test_a_grant_failing_after_its_lease_was_saved_leaves_no_lease(veth: VethNamespace, tmp_path: Path) -> None:
@@ -71,12 +43,10 @@ def test_a_grant_failing_after_its_lease_was_saved_leaves_no_lease(veth: VethNam
         journal = [json.loads(line) for line in Path(b.workdir, "leases.jsonl").read_text().splitlines()]
         saved = [x["lease"]["id"] for x in journal if "lease" in x]
         assert len(saved) == 1 and {"end": saved[0]} in journal, journal
-        wait_for(lambda: _slots(veth) == [] and _bound(veth) == set(), what="the failed grant's socket gone")
+        wait_for(lambda: occupied_slots(veth) == [] and bound_queues(veth) == set(),
+                 what="the failed grant's socket gone")
         # its queue is on nobody's quota: another queue is granted under a quota of one
         reply, fds = request_fds("xsk0", [1], kind="bound", geometry=SMALL, socket_path=b.socket_path, timeout=10)
-        for fd in fds:
-            os.close(fd)
-        with Connection(b.socket_path) as c:
-            c.call(proto.Release(reply["lease"]))
+        release(b, reply, fds)
         assert b.leases() == []
         assert b.proc is not None and b.proc.poll() is None, b.log()

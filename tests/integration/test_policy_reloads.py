@@ -7,27 +7,11 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from xskbroker.client.connection import Connection
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, spawn_unprivileged
-from xskbroker.wire import protocol as proto
 
 from .conftest import CONSUMER_UID, wait_for
 from .consumers import hold_grant, try_grant
-
-BASE = f"""\
-version = 1
-
-[[allow]]
-name = "tenants"
-users = [{CONSUMER_UID}]
-interfaces = ["xsk*"]
-max_umem = "64MiB"
-"""
-
-
-def _status(b: BrokerProcess) -> dict:
-    with Connection(b.socket_path) as c:
-        return c.call(proto.Status())[0]
+from .test_leases import BASE, _status
 
 
 def test_a_reload_of_a_policy_nested_too_deeply_keeps_the_running_one(veth: VethNamespace) -> None:

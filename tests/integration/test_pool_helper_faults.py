@@ -17,58 +17,20 @@ from typing import Any
 
 import pytest
 
-from xskbroker.client.connection import Connection
-from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, child_pids
 from xskbroker.wire import protocol as proto
 
-from .conftest import CONSUMER_UID, ns_name, wait_for
+from .conftest import ns_name, wait_for
+from .grant_bed import TESTS_POLICY, MiB, grant_release, pool_metrics, umem_memfds
 
-POLICY = """\
-version = 1
-
-[[allow]]
-name = "tests"
-users = [0, {uid}]
-interfaces = ["xsk*"]
-queues = ["0-7"]
-kinds = ["bound"]
-max_umem = "16MiB"
-"""
-
-MiB = 1 << 20
 G = proto.Geometry(umem_size=4 * MiB, fill=256, completion=256, rx=256, tx=256)
 
 
 @pytest.fixture
 def bed() -> Iterator[tuple[VethNamespace, BrokerProcess]]:
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
-            BrokerProcess(ns.name, POLICY.format(uid=CONSUMER_UID), umem_pool="64MiB") as b:
+            BrokerProcess(ns.name, TESTS_POLICY, umem_pool="64MiB") as b:
         yield ns, b
-
-
-def _pool(b: BrokerProcess) -> dict[str, int]:
-    with Connection(b.socket_path) as c:
-        return dict(c.call(proto.Status())[0]["metrics"]["pool"])
-
-
-def _memfds(pid: int) -> list[int]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:xskbroker-umem"):
-                out.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
-        except OSError:
-            continue
-    return out
-
-
-def _grant_release(b: BrokerProcess, queue: int = 1) -> None:
-    reply, fds = request_fds("xsk0", [queue], kind="bound", geometry=G, socket_path=b.socket_path)
-    for fd in fds:
-        os.close(fd)
-    with Connection(b.socket_path) as c:
-        c.call(proto.Release(reply["lease"]))
 
 
 def _helpers(b: BrokerProcess) -> list[int]:
@@ -86,9 +48,26 @@ def _helper(b: BrokerProcess) -> int:
     return helpers[0]
 
 
-def _learned(b: BrokerProcess) -> None:
-    _grant_release(b)
-    wait_for(lambda: _memfds(b.pid).count(G.umem_size) >= 2, timeout=10, what="the pool making sockets ahead")
+def _stopped_helper(b: BrokerProcess) -> int:
+    """The pool taught G and making sockets ahead, its helper stopped (SIGSTOP): it reads and answers nothing."""
+    grant_release(b, G)
+    wait_for(lambda: umem_memfds(b.pid).count(G.umem_size) >= 2, timeout=10, what="the pool making sockets ahead")
+    helper = _helper(b)
+    os.kill(helper, signal.SIGSTOP)
+    return helper
+
+
+def _refill_under_way(b: BrokerProcess) -> None:
+    """One ready, one being made: counted, never answered."""
+    wait_for(lambda: pool_metrics(b)["sockets"] == 2 and umem_memfds(b.pid).count(G.umem_size) == 1,
+             what="a refill under way")
+
+
+def _refilled_by_the_broker(b: BrokerProcess) -> dict[str, int]:
+    """The pool's figures once the broker has made its own sockets ahead (the helper gone)."""
+    wait_for(lambda: umem_memfds(b.pid).count(G.umem_size) >= 2, timeout=10, what="the pool refilled by the broker")
+    time.sleep(0.2)
+    return pool_metrics(b)
 
 
 def _stat(pid: int) -> str:
@@ -100,13 +79,10 @@ def _stat(pid: int) -> str:
 
 def test_a_broker_whose_pool_helper_hangs_mid_make_still_stops(bed: Any) -> None:
     _, b = bed
-    _learned(b)
-    helper = _helper(b)
-    os.kill(helper, signal.SIGSTOP)
+    helper = _stopped_helper(b)
     try:
-        _grant_release(b)  # takes a pooled socket: the refill asks the stopped helper, and waits for its reply
-        # one ready, one being made: counted, never answered
-        wait_for(lambda: _pool(b)["sockets"] == 2 and _memfds(b.pid).count(G.umem_size) == 1, what="a refill under way")
+        grant_release(b, G)  # takes a pooled socket: the refill asks the stopped helper, and waits for its reply
+        _refill_under_way(b)
         time.sleep(0.3)
         b.signal(signal.SIGTERM)
         assert b.proc is not None
@@ -122,20 +98,17 @@ def test_a_broker_whose_pool_helper_hangs_mid_make_still_stops(bed: Any) -> None
 
 def test_a_pool_helper_that_stops_answering_is_given_up_and_the_pool_carries_on_true_to_its_count(bed: Any) -> None:
     _, b = bed
-    _learned(b)
-    helper = _helper(b)
-    os.kill(helper, signal.SIGSTOP)
+    helper = _stopped_helper(b)
     try:
-        _grant_release(b)  # the refill of what it took waits on the stopped helper
+        grant_release(b, G)  # the refill of what it took waits on the stopped helper
         # given up on after preparer.reply_seconds (about 5 s at this size): killed, and the broker makes its own
         wait_for(lambda: _stat(helper) in ("gone", "Z"), timeout=15, what="the hung helper ended")
-        wait_for(lambda: _memfds(b.pid).count(G.umem_size) >= 2, timeout=10, what="the pool refilled by the broker")
-        time.sleep(0.2)
-        pool = _pool(b)
-        assert pool["pinned_bytes"] == sum(_memfds(b.pid)) + pool["sockets"] * G.ring_bytes, (pool, _memfds(b.pid))
-        assert pool["sockets"] == len(_memfds(b.pid))
-        _grant_release(b, 0)  # and grants go on, from the pool
-        assert _pool(b)["taken"] == pool["taken"] + 1
+        pool = _refilled_by_the_broker(b)
+        assert pool["pinned_bytes"] == sum(umem_memfds(b.pid)) + pool["sockets"] * G.ring_bytes, \
+            (pool, umem_memfds(b.pid))
+        assert pool["sockets"] == len(umem_memfds(b.pid))
+        grant_release(b, G, 0)  # and grants go on, from the pool
+        assert pool_metrics(b)["taken"] == pool["taken"] + 1
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(helper, signal.SIGKILL)
@@ -143,20 +116,16 @@ def test_a_pool_helper_that_stops_answering_is_given_up_and_the_pool_carries_on_
 
 def test_a_pool_helper_killed_mid_make_leaves_no_fd_and_the_pool_true_to_its_count(bed: Any) -> None:
     _, b = bed
-    _learned(b)
-    helper = _helper(b)
-    os.kill(helper, signal.SIGSTOP)
+    helper = _stopped_helper(b)
     try:
-        _grant_release(b)
-        wait_for(lambda: _pool(b)["sockets"] == 2 and _memfds(b.pid).count(G.umem_size) == 1, what="a refill under way")
+        grant_release(b, G)
+        _refill_under_way(b)
     finally:
         os.kill(helper, signal.SIGKILL)  # it dies with the request read or not, the reply never sent
     wait_for(lambda: _stat(helper) in ("gone", "Z"), what="the helper dead")
-    wait_for(lambda: _memfds(b.pid).count(G.umem_size) >= 2, timeout=10, what="the pool refilled by the broker")
-    time.sleep(0.2)
-    pool = _pool(b)
-    assert pool["sockets"] == len(_memfds(b.pid)) and pool["pinned_bytes"] == \
-        sum(_memfds(b.pid)) + pool["sockets"] * G.ring_bytes, (pool, _memfds(b.pid))
+    pool = _refilled_by_the_broker(b)
+    assert pool["sockets"] == len(umem_memfds(b.pid)) and pool["pinned_bytes"] == \
+        sum(umem_memfds(b.pid)) + pool["sockets"] * G.ring_bytes, (pool, umem_memfds(b.pid))
     assert not _helpers(b)  # the broker makes its own now: no helper started again
 
 

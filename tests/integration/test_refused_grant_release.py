@@ -22,29 +22,14 @@ from typing import Any
 
 import pytest
 
-from xskbroker.broker import xdp_prog, xsk, xskdiag
-from xskbroker.broker.netdev import ifindex
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
 from .conftest import wait_for
+from .grant_bed import ROOT_POLICY, SMALL, bound_queues, occupied_slots, pool_metrics, release
 
-POLICY = """\
-version = 1
-
-[[allow]]
-name = "root"
-users = [0]
-interfaces = ["xsk*"]
-kinds = ["bound"]
-max_umem = "16MiB"
-
-[admin]
-users = [0]
-"""
-SMALL = proto.Geometry(umem_size=1 << 20, fill=64, completion=64, rx=64, tx=64)
 AF_XDP = 44
 SO_DOMAIN = 39
 SYS_PIDFD_GETFD = 438
@@ -53,18 +38,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def _grant(b: BrokerProcess, queue: int) -> tuple[dict[str, Any], list[int]]:
     return request_fds("xsk0", [queue], kind="bound", geometry=SMALL, socket_path=b.socket_path, timeout=10)
-
-
-def _release(b: BrokerProcess, reply: dict[str, Any], fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-    with Connection(b.socket_path) as c:
-        c.call(proto.Release(reply["lease"]))
-
-
-def _pool(b: BrokerProcess) -> dict[str, int]:
-    with Connection(b.socket_path) as c:
-        return dict(c.call(proto.Status())[0]["metrics"]["pool"])
 
 
 def _copy_xdp_sockets(pid: int) -> list[int]:
@@ -89,24 +62,11 @@ def _copy_xdp_sockets(pid: int) -> list[int]:
     return out
 
 
-def _bound(ns: VethNamespace) -> set[int]:
-    with in_netns(ns.name):
-        return xskdiag.xsk_queues(ifindex("xsk0"))
-
-
-def _slots(ns: VethNamespace) -> list[int]:
-    with in_netns(ns.name):
-        prog = xdp_prog.find_or_attach(ifindex("xsk0"), "xsk0", 2)
-        try:
-            return xsk.occupied_slots(prog.map_fd, 2)
-        finally:
-            prog.close()
-
-
 @pytest.fixture
 def bed(veth: VethNamespace, tmp_path: Path) -> Iterator[tuple[VethNamespace, BrokerProcess, Path]]:
     bug = tmp_path / "bug"
-    with BrokerProcess(veth.name, POLICY, umem_pool="16MiB", env={"XSKBROKER_FAULT": f"after-bind:raise={bug}"}) as b:
+    with BrokerProcess(veth.name, ROOT_POLICY, umem_pool="16MiB",
+                       env={"XSKBROKER_FAULT": f"after-bind:raise={bug}"}) as b:
         yield veth, b, bug
         assert b.proc is not None and b.proc.poll() is None, f"broker died:\n{b.log()}"
 
@@ -115,22 +75,22 @@ def test_a_queue_a_grant_refused_in_its_finish_bound_is_busy_not_squatted(bed) -
     ns, b, bug = bed
     # the pool learns the geometry on queue 1 (a lease that ends on queue 0 would be named for it instead)
     reply, fds = _grant(b, 1)
-    _release(b, reply, fds)
-    wait_for(lambda: _pool(b)["sockets"] >= 2, timeout=10, what="the pool making sockets ahead")
-    wait_for(lambda: b.leases() == [] and _bound(ns) == set(), what="queue 1's lease over, its socket closed")
+    release(b, reply, fds)
+    wait_for(lambda: pool_metrics(b)["sockets"] >= 2, timeout=10, what="the pool making sockets ahead")
+    wait_for(lambda: b.leases() == [] and bound_queues(ns) == set(), what="queue 1's lease over, its socket closed")
     copies = _copy_xdp_sockets(b.pid)
     try:
         assert copies, b.fd_targets()
-        taken = _pool(b)["taken"]
+        taken = pool_metrics(b)["taken"]
         bug.touch()
         with pytest.raises(proto.BrokerError) as refused, Connection(b.socket_path, timeout=10) as c:
             c.call(proto.Grant("xsk0", (0,), kind="bound", geometry=SMALL))
         assert "fault injected at after-bind" in str(refused.value.reply), refused.value.reply
         bug.unlink()
-        assert _pool(b)["taken"] == taken + 1, "the refused grant did not bind a socket the pool made"
+        assert pool_metrics(b)["taken"] == taken + 1, "the refused grant did not bind a socket the pool made"
         # the broker closed its socket and emptied its slot; the kernel still holds the queue for it
-        wait_for(lambda: _slots(ns) == [], what="the refused grant's slot emptied")
-        assert _bound(ns) == {0}
+        wait_for(lambda: occupied_slots(ns) == [], what="the refused grant's slot emptied")
+        assert bound_queues(ns) == {0}
         with pytest.raises(proto.BrokerError) as busy:
             _grant(b, 0)
         error = busy.value.reply["error"]
@@ -141,7 +101,7 @@ def test_a_queue_a_grant_refused_in_its_finish_bound_is_busy_not_squatted(bed) -
         for fd in copies:
             os.close(fd)
     # the release done, the queue is granted again, and nothing of the refused grants is left
-    wait_for(lambda: _bound(ns) == set(), what="the queue let go of")
+    wait_for(lambda: bound_queues(ns) == set(), what="the queue let go of")
     reply, fds = _grant(b, 0)
-    _release(b, reply, fds)
-    assert b.leases() == [] and _slots(ns) == []
+    release(b, reply, fds)
+    assert b.leases() == [] and occupied_slots(ns) == []

@@ -15,24 +15,12 @@ import pytest
 
 from xskbroker.broker.sent_copies import HUNG_SECONDS, LOOK_EVERY
 from xskbroker.client.connection import Connection
-from xskbroker.client.grant import request_fds
 from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, child_pids
 from xskbroker.wire import protocol as proto
 from xskbroker.wire.errors import ErrorCode
 
-from .conftest import CONSUMER_UID, ns_name, wait_for
-
-POLICY = """\
-version = 1
-
-[[allow]]
-name = "tests"
-users = [0, {uid}]
-interfaces = ["xsk*"]
-queues = ["0-7"]
-kinds = ["bound"]
-max_umem = "16MiB"
-"""
+from .conftest import ns_name, wait_for
+from .grant_bed import TESTS_POLICY, grant_release
 
 G = proto.Geometry(umem_size=1 << 20, fill=256, completion=256, rx=256, tx=256)
 
@@ -40,16 +28,8 @@ G = proto.Geometry(umem_size=1 << 20, fill=256, completion=256, rx=256, tx=256)
 @pytest.fixture
 def bed() -> Iterator[tuple[VethNamespace, BrokerProcess]]:
     with VethNamespace(ns_name(), inside="xsk0", peer="xsk0p", queues=2) as ns, \
-            BrokerProcess(ns.name, POLICY.format(uid=CONSUMER_UID)) as b:
+            BrokerProcess(ns.name, TESTS_POLICY) as b:
         yield ns, b
-
-
-def _grant_release(b: BrokerProcess, queue: int = 1) -> None:
-    reply, fds = request_fds("xsk0", [queue], kind="bound", geometry=G, socket_path=b.socket_path)
-    for fd in fds:
-        os.close(fd)
-    with Connection(b.socket_path) as c:
-        c.call(proto.Release(reply["lease"]))
 
 
 def _closing_helper(b: BrokerProcess) -> int | None:
@@ -73,23 +53,23 @@ def test_a_closing_helper_that_hangs_is_given_up_and_a_released_queue_is_granted
     closes them."""
     _, b = bed
     for _ in range(3):  # the first copies go to the broker's threads while the helper starts
-        _grant_release(b)
+        grant_release(b, G)
     wait_for(lambda: _closing_helper(b) is not None, what="the closing helper started")
     helper = _closing_helper(b)
     assert helper is not None
     # its closer's first thread is started just before it first answers (that it reads)
     wait_for(lambda: len(os.listdir(f"/proc/{helper}/task")) >= 2, what="the closing helper up")
     time.sleep(0.2)  # its first answer sent
-    _grant_release(b, 0)  # the broker has read that answer: copies go to the helper from now on
+    grant_release(b, G, 0)  # the broker has read that answer: copies go to the helper from now on
     os.kill(helper, signal.SIGSTOP)
     try:
         released = time.monotonic()
-        _grant_release(b)  # the broker's copies of its socket wait in the stopped helper's queue
+        grant_release(b, G)  # the broker's copies of its socket wait in the stopped helper's queue
         refused = 0
         bound = HUNG_SECONDS + 2 * LOOK_EVERY + 5.0  # then the helper's exit closes them (a grace period)
         while True:
             try:
-                _grant_release(b)
+                grant_release(b, G)
                 break
             except proto.BrokerError as e:
                 assert e.code in (ErrorCode.QUEUE_BUSY, ErrorCode.QUEUE_SQUATTED), e
@@ -105,7 +85,7 @@ def test_a_closing_helper_that_hangs_is_given_up_and_a_released_queue_is_granted
         with Connection(b.socket_path) as c:  # and the broker goes on, its threads closing the copies
             assert c.call(proto.Hello())[0]
         for _ in range(3):
-            _grant_release(b)
+            grant_release(b, G)
         print(f"queue granted again {took:.2f} s after its release ({refused} refused meanwhile)")
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -13,33 +13,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import threading
 from pathlib import Path
-from typing import Any
 
-from xskbroker.broker import xdp_prog, xsk, xskdiag
-from xskbroker.broker.netdev import ifindex
 from xskbroker.client.connection import Connection
 from xskbroker.client.grant import request_fds
-from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns
+from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace
 from xskbroker.wire import protocol as proto
 
 from .conftest import wait_for
+from .grant_bed import ROOT_POLICY, SMALL, bound_queues, grant_held_in_bind, occupied_slots, release
 
-POLICY = """\
-version = 1
-
-[[allow]]
-name = "root"
-users = [0]
-interfaces = ["xsk*"]
-kinds = ["bound"]
-max_umem = "16MiB"
-
-[admin]
-users = [0]
-"""
-SMALL = proto.Geometry(umem_size=1 << 20, fill=64, completion=64, rx=64, tx=64)
 XSKMAP = 17  # BPF_MAP_TYPE_XSKMAP
 
 
@@ -64,43 +47,15 @@ def _lowest_free(pid: int) -> int:
     return next(n for n in itertools.count() if n not in used)
 
 
-def _bound(ns: VethNamespace, dev: str) -> set[int]:
-    with in_netns(ns.name):
-        return xskdiag.xsk_queues(ifindex(dev))
-
-
-def _occupied(ns: VethNamespace, dev: str) -> list[int]:
-    with in_netns(ns.name):
-        prog = xdp_prog.find_or_attach(ifindex(dev), dev, 2)
-        try:
-            return xsk.occupied_slots(prog.map_fd, 2)
-        finally:
-            prog.close()
-
-
 def test_a_grant_on_a_removed_interface_leaves_another_interfaces_slots_alone(veth: VethNamespace,
                                                                                tmp_path: Path) -> None:
     gate = str(tmp_path / "gate")
     veth.add_veth("xsk1", "xsk1p", queues=2)
-    with BrokerProcess(veth.name, POLICY, env={"XSKBROKER_FAULT": f"before-bind:hold={gate}"}) as b:
-        with open(gate + ".armed", "w"):
-            pass
-        first: dict[str, Any] = {}
-
-        def held() -> None:
-            try:
-                first["reply"] = request_fds("xsk0", [0], kind="bound", geometry=SMALL, socket_path=b.socket_path,
-                                             timeout=20)
-            except proto.BrokerError as e:
-                first["error"] = e.reply
-
-        t = threading.Thread(target=held)
-        t.start()
+    with BrokerProcess(veth.name, ROOT_POLICY, env={"XSKBROKER_FAULT": f"before-bind:hold={gate}"}) as b:
         fds: list[int] = []
-        try:
-            wait_for(lambda: os.path.exists(gate + ".held"), what="the first grant inside its bind")
+        with grant_held_in_bind(b, gate, "xsk0") as first:
             # xsk1 runs the XSK program already: the broker adopts it, opening its map by id as the lowest free fd
-            _occupied(veth, "xsk1")
+            occupied_slots(veth, "xsk1")
             with contextlib.ExitStack() as held_open:
                 # connections fill the broker's free fd numbers below xsk0's map fd (each takes the lowest free):
                 # the fd number that map fd frees is then the lowest, as on a broker with no holes below it
@@ -116,18 +71,11 @@ def test_a_grant_on_a_removed_interface_leaves_another_interfaces_slots_alone(ve
             after = _xsk_map_fds(b.pid)
             # the case at hand: xsk1's map took the number xsk0's had
             assert list(after) == list(before) and after != before, (before, after)
-            assert _occupied(veth, "xsk1") == [0]
-        finally:
-            with open(gate, "w"):
-                pass
-            t.join(20)
+            assert occupied_slots(veth, "xsk1") == [0]
         assert "error" in first, first
         # the held grant failed; the lease on xsk1 keeps its slot, whatever fd number its map took
-        assert _occupied(veth, "xsk1") == [0], first
-        for fd in fds:
-            os.close(fd)
-        with Connection(b.socket_path) as c:
-            c.call(proto.Release(reply["lease"]))
+        assert occupied_slots(veth, "xsk1") == [0], first
+        release(b, reply, fds)
         assert b.leases() == []
         assert b.proc is not None and b.proc.poll() is None, b.log()
 
@@ -136,36 +84,15 @@ def test_a_grant_whose_program_was_replaced_while_it_bound_is_not_made(veth: Vet
     """The interface's XSK program detached while the grant is inside its bind: the socket would sit in the map of
     a program no longer attached, receiving nothing, and the reply would name that program."""
     gate = str(tmp_path / "gate")
-    with BrokerProcess(veth.name, POLICY, env={"XSKBROKER_FAULT": f"before-bind:hold={gate}"}) as b:
-        with open(gate + ".armed", "w"):
-            pass
-        first: dict[str, Any] = {}
-
-        def held() -> None:
-            try:
-                first["reply"] = request_fds("xsk0", [0], kind="bound", geometry=SMALL, socket_path=b.socket_path,
-                                             timeout=20)
-            except proto.BrokerError as e:
-                first["error"] = e.reply
-
-        t = threading.Thread(target=held)
-        t.start()
-        try:
-            wait_for(lambda: os.path.exists(gate + ".held"), what="the first grant inside its bind")
+    with BrokerProcess(veth.name, ROOT_POLICY, env={"XSKBROKER_FAULT": f"before-bind:hold={gate}"}) as b:
+        with grant_held_in_bind(b, gate, "xsk0") as first:
             veth.xdp_off("xsk0")
             wait_for(lambda: b.records("xdp-program-changed"), what="the broker to see the program go")
-        finally:
-            with open(gate, "w"):
-                pass
-            t.join(20)
         error = first.get("error", {}).get("error", {})
         assert error.get("code") == "kernel-error" and "detached or replaced" in error.get("message", ""), first
         assert b.leases() == []
-        wait_for(lambda: _bound(veth, "xsk0") == set(), what="the refused grant's socket closed")
+        wait_for(lambda: bound_queues(veth, "xsk0") == set(), what="the refused grant's socket closed")
         # the next grant attaches the program again, and is made
         reply, fds = request_fds("xsk0", [0], kind="bound", geometry=SMALL, socket_path=b.socket_path, timeout=10)
-        for fd in fds:
-            os.close(fd)
-        with Connection(b.socket_path) as c:
-            c.call(proto.Release(reply["lease"]))
+        release(b, reply, fds)
         assert b.proc is not None and b.proc.poll() is None, b.log()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_policy_cli import run
+from tests.unit.test_policy_trust import errors_of
 from xskbroker.broker import lastgood
 from xskbroker.broker.peer import PeerInfo
 from xskbroker.broker.service import Deferred
@@ -20,27 +21,10 @@ from xskbroker.policy import loader as policy_loader
 from xskbroker.policy.decide import CODES
 from xskbroker.wire import protocol as proto
 
+from .conftest import GOOD
 from .service_rig import ALICE, POLICY, SMALL, Rig, finish, make_rig
 
-GOOD = 'version = 1\n[[allow]]\nname = "a"\nusers = ["*"]\ninterfaces = ["eth1"]\n'
 NESTED = "version = 1\nx = " + "[" * 2000 + "]" * 2000 + "\n"
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    """A private directory (like /etc/xskbroker: 0755, ours) holding a good policy.toml."""
-    d = tmp_path / "etc"
-    d.mkdir(mode=0o755)
-    d.chmod(0o755)
-    (d / "policy.toml").write_text(GOOD)
-    (d / "policy.toml").chmod(0o644)
-    return d
-
-
-def errors_of(path: Path) -> list[str]:
-    with pytest.raises(PolicyError) as info:
-        load_policy(path)
-    return info.value.errors
 
 
 # ---- a policy nested too deeply --------------------------------------------------------------------------------

@@ -11,19 +11,9 @@ from tests.unit.test_policy_cli import run
 from xskbroker.policy import PolicyError, load_policy
 from xskbroker.policy.trust import dir_chain_problems, problem
 
-GOOD = 'version = 1\n[[allow]]\nname = "a"\nusers = ["*"]\ninterfaces = ["eth1"]\n'
+from .conftest import GOOD
+
 ADMIN = 'version = 1\n[admin]\nusers = ["*"]\n'
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    """A private directory (like /etc/xskbroker: 0755, ours) holding a good policy.toml."""
-    d = tmp_path / "etc"
-    d.mkdir(mode=0o755)
-    d.chmod(0o755)
-    (d / "policy.toml").write_text(GOOD)
-    (d / "policy.toml").chmod(0o644)
-    return d
 
 
 def errors_of(path: Path) -> list[str]:

@@ -69,6 +69,18 @@ def ready(sc: SentCopies) -> int:
     return pid
 
 
+def unread_answers(sc: SentCopies) -> None:
+    """A copy to close every 2 ms for a second, the helper's answers left unread; then every one closed."""
+    pipes = []
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        pipes.append(pipe(sc))
+        sc.close([pipes[-1][1]])
+        sc.flush()
+        time.sleep(0.002)
+    wait_for(lambda: all(closed(r) for r, _ in pipes), "every copy to be closed")
+
+
 def test_kept_copies_close_when_due_or_when_their_lease_ends(copies: SentCopies) -> None:
     ready(copies)
     (r1, w1), (r2, w2) = pipe(copies), pipe(copies)
@@ -199,14 +211,7 @@ def test_an_idle_helper_sleeps_even_when_the_broker_has_not_read_its_answers(cop
     """The broker reads the helper's answers only when it asks pending(): once its end is full, a helper that
     retried on a timer woke every 2 ms for as long as the broker stayed idle."""
     pid = ready(copies)
-    pipes = []
-    deadline = time.monotonic() + 1.0  # answers go at most every 2 ms: a few hundred fill the broker's end
-    while time.monotonic() < deadline:
-        pipes.append(pipe(copies))
-        copies.close([pipes[-1][1]])
-        copies.flush()
-        time.sleep(0.002)
-    wait_for(lambda: all(closed(r) for r, _ in pipes), "every copy to be closed")
+    unread_answers(copies)  # answers go at most every 2 ms: a few hundred fill the broker's end
     time.sleep(0.2)  # its closer threads are idle now
     before = voluntary_switches(pid)
     time.sleep(1.0)
@@ -411,14 +416,7 @@ def test_a_helper_that_keeps_copies_not_due_yet_or_whose_answers_were_not_read_i
     pid = ready(copies)
     r, w = pipe(copies)
     copies.close_later([w], 60.0, "kept")
-    pipes = []
-    deadline = time.monotonic() + 1.0  # answers every 2 ms, none read: the broker's end fills
-    while time.monotonic() < deadline:
-        pipes.append(pipe(copies))
-        copies.close([pipes[-1][1]])
-        copies.flush()
-        time.sleep(0.002)
-    wait_for(lambda: all(closed(r) for r, _ in pipes), "every copy to be closed")
+    unread_answers(copies)  # answers every 2 ms, none read: the broker's end fills
     time.sleep(HUNG_SECONDS)  # every one due long ago; what the broker has read of the count says far fewer
     t = time.monotonic()
     while time.monotonic() - t < 4 * LOOK_EVERY:
