@@ -417,27 +417,25 @@ class Rig:
         for _ in range(50):
             if not isinstance(out, Deferred) or len(self.service.judged) > before or not isinstance(req, proto.Grant):
                 return out
-            deadline = time.monotonic() + 5
-            while out.parked() and time.monotonic() < deadline:
-                time.sleep(0.001)
-            self.service.workers.drain()
-            done = out.step()
-            if done is not None:
-                return done
+            out = self.step(out)
         raise AssertionError("the grant was never judged")
+
+    def step(self, out: Deferred) -> Outcome | Deferred:
+        """One step of a waiting request as the server takes it: once a worker has done its kernel work (or 5 s),
+        the wake-ups drained, then stepped; what it became, or itself while it still waits."""
+        deadline = time.monotonic() + 5
+        while out.parked() and time.monotonic() < deadline:  # a worker thread does the kernel work
+            time.sleep(0.001)
+        self.service.workers.drain()
+        done = out.step()
+        return out if done is None else done
 
     def reply(self, peer: PeerInfo, req: proto.Request) -> tuple[dict[str, Any], Outcome]:
         out = self.ask(peer, req)
         for _ in range(50):  # bound grants bind on a worker: stepped as the server would
             if isinstance(out, Outcome):
                 break
-            deadline = time.monotonic() + 5
-            while out.parked() and time.monotonic() < deadline:
-                time.sleep(0.001)
-            self.service.workers.drain()
-            done = out.step()
-            if done is not None:
-                out = done
+            out = self.step(out)
         assert isinstance(out, Outcome), out
         return json.loads(out.reply.encode()), out
 
@@ -477,14 +475,8 @@ def finish(rig: Rig, out: Outcome | Deferred, steps: int = 50) -> dict[str, Any]
     for _ in range(steps):
         if isinstance(out, Outcome):
             return dict(json.loads(out.reply.encode()))
-        deadline = time.monotonic() + 5
-        while out.parked() and time.monotonic() < deadline:  # a worker thread does the kernel work
-            time.sleep(0.001)
-        rig.service.workers.drain()
         rig.now[0] += 0.001
-        done = out.step()
-        if done is not None:
-            out = done
+        out = rig.step(out)
     raise AssertionError("the grant never finished")
 
 
