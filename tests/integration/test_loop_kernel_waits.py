@@ -20,6 +20,7 @@ from xskbroker.testbed.sandbox import BrokerProcess, VethNamespace, in_netns
 from xskbroker.wire import protocol as proto
 
 from .conftest import wait_for
+from .grant_bed import SMALL
 
 POLICY = """\
 version = 1
@@ -31,7 +32,6 @@ interfaces = ["xsk*"]
 kinds = ["bound"]
 max_umem = "16MiB"
 """
-SMALL = proto.Geometry(umem_size=1 << 20, fill=64, completion=64, rx=64, tx=64)
 
 
 def _grant(path: str, out: dict[str, Any]) -> None:
@@ -44,6 +44,29 @@ def _grant(path: str, out: dict[str, Any]) -> None:
         out["error"] = e.reply["error"]
 
 
+def _hello_while_held(b: BrokerProcess, gate: str, what: str) -> tuple[dict[str, Any], float, dict[str, Any], bool]:
+    """A grant sent and held at the broker's hold point `gate` (inside a kernel call), another client's hello
+    meanwhile, then the gate opened: (the hello's reply, {} if none came; how long it took; the grant's outcome;
+    whether the grant is still unanswered)."""
+    Path(gate + ".armed").touch()
+    out: dict[str, Any] = {}
+    asker = threading.Thread(target=_grant, args=(b.socket_path, out), daemon=True)
+    asker.start()
+    try:
+        wait_for(lambda: os.path.exists(gate + ".held"), timeout=10, what=what)
+        started = time.perf_counter()
+        try:
+            with Connection(b.socket_path, timeout=2) as c:
+                hello = c.call(proto.Hello())[0]
+        except TimeoutError:
+            hello = {}
+        waited = time.perf_counter() - started
+    finally:
+        Path(gate).touch()
+        asker.join(10)
+    return hello, waited, out, asker.is_alive()
+
+
 def test_a_grant_whose_queue_stays_busy_asks_who_holds_it_off_the_loop(veth: VethNamespace, tmp_path: Path) -> None:
     """A socket the broker did not make holds queue 0: the grant retries its bind for BUSY_RETRY_SECONDS, then asks
     the kernel which queues are bound (a netdev queue dump, which takes rtnl on this kernel) to say why. Held inside
@@ -53,25 +76,10 @@ def test_a_grant_whose_queue_stays_busy_asks_who_holds_it_off_the_loop(veth: Vet
         stranger = xsk.create_bound(ifindex("xsk0"), 0, None, SMALL)  # bound to queue 0, in no broker map
     try:
         with BrokerProcess(veth.name, POLICY, env={"XSKBROKER_FAULT": f"queue-look:hold={gate}"}) as b:
-            Path(gate + ".armed").touch()
-            out: dict[str, Any] = {}
-            asker = threading.Thread(target=_grant, args=(b.socket_path, out), daemon=True)
-            asker.start()
-            try:
-                wait_for(lambda: os.path.exists(gate + ".held"), timeout=10, what="the look at the bound queues")
-                started = time.perf_counter()
-                try:
-                    with Connection(b.socket_path, timeout=2) as c:
-                        hello = c.call(proto.Hello())[0]
-                except TimeoutError:
-                    hello = {}
-                waited = time.perf_counter() - started
-            finally:
-                Path(gate).touch()
-                asker.join(10)
+            hello, waited, out, unanswered = _hello_while_held(b, gate, "the look at the bound queues")
             assert hello.get("ok"), f"no hello while the grant's look at the kernel waited ({waited:.2f} s)"
             assert waited < 1.0, waited
-            assert not asker.is_alive()
+            assert not unanswered
             error = out.get("error")
             assert error is not None and error["code"] == "queue-squatted", out
             assert "did not make" in error["message"], error
@@ -87,25 +95,10 @@ def test_a_grant_asks_for_the_queue_count_off_the_loop(veth: VethNamespace, tmp_
     another client's hello, and the grant is then made."""
     gate = str(tmp_path / "gate")
     with BrokerProcess(veth.name, POLICY, env={"XSKBROKER_FAULT": f"queue-count:hold={gate}"}) as b:
-        Path(gate + ".armed").touch()
-        out: dict[str, Any] = {}
-        asker = threading.Thread(target=_grant, args=(b.socket_path, out), daemon=True)
-        asker.start()
-        try:
-            wait_for(lambda: os.path.exists(gate + ".held"), timeout=10, what="the grant asking for the queue count")
-            started = time.perf_counter()
-            try:
-                with Connection(b.socket_path, timeout=2) as c:
-                    hello = c.call(proto.Hello())[0]
-            except TimeoutError:
-                hello = {}
-            waited = time.perf_counter() - started
-        finally:
-            Path(gate).touch()
-            asker.join(10)
+        hello, waited, out, unanswered = _hello_while_held(b, gate, "the grant asking for the queue count")
         assert hello.get("ok"), f"no hello while the grant's queue count waited ({waited:.2f} s)"
         assert waited < 1.0, waited
-        assert not asker.is_alive()
+        assert not unanswered
         reply = out.get("reply")
         assert reply is not None and reply["ok"], out
         assert [x["lease"] for x in b.leases()] == [reply["lease"]], b.leases()
